@@ -1,0 +1,56 @@
+"""Unsplit vs split decode speed on the same prompt and the same tokens.
+
+Both sessions are teacher-forced with one greedy continuation (computed once, unsplit), so they
+do identical work. Repeats alternate unsplit/split to spread machine noise over both; we report
+the median tok/s of each and overhead = 1 - split/unsplit.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..runtime.generate import SamplingConfig, encode_prompts, generate
+from ..runtime.session import Session, SplitSession, UnsplitSession
+
+DEFAULT_PROMPT = "The history of the city begins with a small settlement on the river, where"
+
+
+def _timed_decode(session: Session, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Prefill (untimed), then feed `tokens` one at a time; returns decode tokens per second."""
+    session.prefill(prompt_ids)
+    t0 = time.perf_counter()
+    for i in range(tokens.shape[1]):
+        session.forward(tokens[:, i : i + 1])
+    return tokens.shape[1] / (time.perf_counter() - t0)
+
+
+def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, prompt: str = DEFAULT_PROMPT,
+                 wire_factory=None, progress=None) -> dict:
+    ids, _ = encode_prompts(lm.tokenizer, [prompt])
+    ref = generate(UnsplitSession(lm.model), ids, None, SamplingConfig(max_new_tokens=n_tokens))
+    tokens = ref.tokens  # [1, n] — eos is not special here: we time a fixed token sequence
+    _timed_decode(UnsplitSession(lm.model), ids, tokens[:, :4])  # warm-up both paths
+    _timed_decode(SplitSession(lm.model, split_layer), ids, tokens[:, :4])
+    unsplit, split = [], []
+    for r in range(repeats):
+        wire = wire_factory() if wire_factory else None
+        unsplit.append(_timed_decode(UnsplitSession(lm.model), ids, tokens))
+        split.append(_timed_decode(SplitSession(lm.model, split_layer, wire=wire), ids, tokens))
+        if progress:
+            progress(r + 1, repeats)
+    u, s = statistics.median(unsplit), statistics.median(split)
+    return {
+        "model": lm.model_id,
+        "split_layer": split_layer,
+        "tokens": int(tokens.shape[1]),
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "unsplit_tok_s": u,
+        "split_tok_s": s,
+        "overhead": 1 - s / u,
+        "unsplit_tok_s_runs": unsplit,
+        "split_tok_s_runs": split,
+    }

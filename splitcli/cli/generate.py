@@ -1,0 +1,87 @@
+"""`splitllm generate`: edge -> wire -> cloud in one process, with per-step figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, write_json
+
+
+@cli_errors
+def generate_cmd(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    split_layer: int = typer.Option(15, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ), the cloud the rest."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="Prefill the prompt in chunks of this many tokens (0 = at once)."),
+    show_steps: bool = typer.Option(True, "--steps/--no-steps", help="Print the per-step table."),
+    json_out: Path = typer.Option(None, "--json", help="Also write text and per-step figures to this JSON file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
+):
+    """Generate text with the model split at ℓ: edge half -> hidden state on the wire -> cloud half."""
+    from ..model.split import decoder_parts, validate_split_layer
+    from ..runtime.generate import SamplingConfig, encode_prompts, generate
+    from ..runtime.session import SplitSession
+
+    check_output_path(json_out, force)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if prefill_chunk < 0:
+        from ..errors import SplitLLMError
+
+        raise SplitLLMError(f"--prefill-chunk must be >= 0, got {prefill_chunk}")
+    lm = load_model_with_status(model)
+    parts = decoder_parts(lm.model)
+    validate_split_layer(split_layer, parts.num_layers)
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    ids, mask = encode_prompts(lm.tokenizer, [prompt], chat=chat, context_length=context)
+    if context is not None and ids.shape[1] + max_new_tokens > context:
+        from ..errors import SplitLLMError
+
+        raise SplitLLMError(
+            f"prompt ({ids.shape[1]} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the context of {context} tokens"
+        )
+    session = SplitSession(lm.model, split_layer)
+    eos = {t for t in (lm.tokenizer.eos_token_id, getattr(lm.model.config, "eos_token_id", None)) if isinstance(t, int)}
+    result = generate(session, ids, mask, cfg, eos_token_ids=eos, prefill_chunk=prefill_chunk or None)
+    text = lm.tokenizer.decode(result.tokens[0], skip_special_tokens=True)
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+    rows = [("prefill", result.prefill)] + [(str(i + 1), s) for i, s in enumerate(result.steps)]
+    if show_steps:
+        table = Table(title=f"split at ℓ={split_layer} of {parts.num_layers} layers, wire={session.wire.name}")
+        for col in ("step", "tokens", "wire bytes", "edge ms", "encode ms", "decode ms", "cloud ms"):
+            table.add_column(col, justify="right")
+        for name, s in rows:
+            table.add_row(
+                name, str(s.tokens), str(s.wire_bytes), f"{s.edge_ms:.1f}", f"{s.encode_ms:.2f}",
+                f"{s.decode_ms:.2f}", f"{s.cloud_ms:.1f}",
+            )
+        err_console.print(table)
+    n = len(result.steps)
+    if n:
+        avg = sum(s.total_ms for s in result.steps) / n
+        err_console.print(
+            f"{result.tokens.shape[1]} tokens; decode {1000 / avg:.1f} tok/s; "
+            f"{sum(s.wire_bytes for s in result.steps) / n:.0f} wire bytes/step",
+            highlight=False,
+        )
+    if json_out is not None:
+        write_json(
+            json_out,
+            {
+                "model": lm.model_id,
+                "split_layer": split_layer,
+                "wire": session.wire.name,
+                "prompt": prompt,
+                "text": text,
+                "tokens": result.tokens[0].tolist(),
+                "steps": [dict(step=name, **vars(s)) for name, s in rows],
+            },
+            force,
+        )

@@ -1,0 +1,1 @@
+"""Model loading and the edge/cloud halves of a split decoder."""

@@ -1,0 +1,1 @@
+"""In-process sessions (unsplit and split), the wire between the halves, and generation."""

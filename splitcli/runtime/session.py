@@ -1,0 +1,149 @@
+"""Stateful inference sessions: the unsplit model, and edge -> wire -> cloud in one process.
+
+A session owns its KV cache(s), the running padding mask [B, S] and the per-row positions, so
+left-padded batches, chunked prefill and single-token decode all go through one `forward`.
+Positions follow Hugging Face `generate`: position = number of real tokens before this one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import SplitLLMError
+from ..model.split import CloudHalf, EdgeHalf, decoder_parts, new_cache
+from .wire import RawWire, Wire
+
+
+@dataclass
+class StepStats:
+    """What one forward cost. Split-only fields stay 0 for the unsplit model."""
+
+    tokens: int  # new positions processed (rows x T)
+    edge_ms: float = 0.0
+    encode_ms: float = 0.0
+    decode_ms: float = 0.0
+    cloud_ms: float = 0.0
+    wire_bytes: int = 0
+    total_ms: float = 0.0
+
+
+@dataclass
+class _State:
+    mask: torch.Tensor | None = None  # [B, S] 1 = real token
+    padded: bool = False
+    stats: list[StepStats] = field(default_factory=list)
+
+
+class Session:
+    """Base: bookkeeping of masks and positions; subclasses run the model."""
+
+    def __init__(self, context_length: int | None = None):
+        self.context_length = context_length
+        self._s = _State()
+
+    @property
+    def stats(self) -> list[StepStats]:
+        return self._s.stats
+
+    @property
+    def length(self) -> int:
+        return 0 if self._s.mask is None else self._s.mask.shape[1]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 1):
+        """Feed new tokens [B, T] (mask [B, T] for the new tokens; 0 = left padding). Returns logits [B, T', V]."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise SplitLLMError("forward needs a non-empty [batch, tokens] tensor of token ids")
+        b, t = input_ids.shape
+        new_mask = torch.ones(b, t, dtype=torch.long) if attention_mask is None else attention_mask.to(torch.long)
+        if self.context_length is not None and self.length + t > self.context_length:
+            raise SplitLLMError(
+                f"sequence of {self.length + t} tokens exceeds the model's context of {self.context_length}"
+            )
+        prev = self._s.mask
+        if prev is not None and prev.shape[0] != b:
+            raise SplitLLMError(f"batch size changed from {prev.shape[0]} to {b} within a session")
+        full = new_mask if prev is None else torch.cat([prev, new_mask], dim=1)  # [B, S]
+        # Positions: count of real tokens before each one (padding gets 1, as in HF generate).
+        positions = (full.cumsum(-1) - 1)[:, -t:].clamp_min(0)
+        positions = positions.masked_fill(new_mask == 0, 1)
+        self._s.mask = full
+        self._s.padded = self._s.padded or bool((new_mask == 0).any())
+        mask_arg = full if self._s.padded else None  # all-ones masks let SDPA take its causal fast path
+        stats = StepStats(tokens=b * t)
+        t0 = time.perf_counter()
+        logits = self._run(input_ids, positions, mask_arg, logits_to_keep, stats)
+        stats.total_ms = (time.perf_counter() - t0) * 1e3
+        self._s.stats.append(stats)
+        return logits
+
+    def prefill(self, input_ids, attention_mask=None, chunk_size: int | None = None, logits_to_keep: int = 1):
+        """Feed a prompt, optionally in chunks of `chunk_size` tokens; returns the last chunk's logits."""
+        t = input_ids.shape[1]
+        if not chunk_size or chunk_size >= t:
+            return self.forward(input_ids, attention_mask, logits_to_keep)
+        logits = None
+        for s in range(0, t, chunk_size):
+            m = None if attention_mask is None else attention_mask[:, s : s + chunk_size]
+            logits = self.forward(input_ids[:, s : s + chunk_size], m, logits_to_keep)
+        return logits
+
+    def _run(self, input_ids, positions, mask, logits_to_keep, stats):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _context_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+class UnsplitSession(Session):
+    """The whole model in one piece, through its own forward (the reference)."""
+
+    def __init__(self, model):
+        super().__init__(_context_length(model))
+        self.model = model
+        self.cache = new_cache(decoder_parts(model))
+
+    @torch.inference_mode()
+    def _run(self, input_ids, positions, mask, logits_to_keep, stats):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        return out.logits
+
+
+class SplitSession(Session):
+    """Edge half -> wire (encode, bytes, decode) -> cloud half, each with its own cache."""
+
+    def __init__(self, model, split_layer: int, wire: Wire | None = None, edge: EdgeHalf | None = None):
+        super().__init__(_context_length(model))
+        parts = decoder_parts(model)
+        self.edge = edge or EdgeHalf(parts, split_layer)
+        self.cloud = CloudHalf(parts, split_layer)
+        self.wire = wire or RawWire("fp32")
+        self.edge_cache = self.edge.new_cache()
+        self.cloud_cache = self.cloud.new_cache()
+
+    def _run(self, input_ids, positions, mask, logits_to_keep, stats):
+        clock = time.perf_counter
+        t0 = clock()
+        hidden = self.edge(input_ids, positions, mask, self.edge_cache)  # [B, T, H]
+        t1 = clock()
+        b, t, h = hidden.shape
+        frame = self.wire.encode(hidden.reshape(b * t, h))
+        t2 = clock()
+        received = self.wire.decode(frame).reshape(b, t, h).to(hidden.dtype)
+        t3 = clock()
+        logits = self.cloud(received, positions, mask, self.cloud_cache, logits_to_keep)
+        t4 = clock()
+        stats.edge_ms, stats.encode_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        stats.decode_ms, stats.cloud_ms = (t3 - t2) * 1e3, (t4 - t3) * 1e3
+        stats.wire_bytes = len(frame)
+        return logits
