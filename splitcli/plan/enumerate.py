@@ -1,0 +1,277 @@
+"""The planner of eq. (8): enumerate (l, l_w, Q_w, Q_a, q_bar, tau), keep what fits, rank the rest.
+
+How eq. (8) was read:
+- (8c) memory is the EDGE's memory only (DESIGN.md §1): embedding + OPSC weights of layers
+  [0, l) + the edge KV cache for W_bar tokens at Qa bits + the peak transient activation
+  (`splitcli.cost.memory.edge_memory`).
+- (8b) accuracy is supplied by the caller as a *drop* (lower is better, e.g. the relative
+  perplexity increase) via a callable or a table keyed by Candidate; a candidate passes when
+  drop <= max_accuracy_drop. Accuracy is the expensive part, so it is evaluated lazily: only for
+  memory-feasible candidates, best-ranked first, until one passes.
+- (8a) Psi(Q_a) = sum over all L layers of the activation bits that layer works from: Qa for the
+  edge layers [0, l) (their KV cache is kept at Qa bits) and q_bar for the cloud layers [l, L)
+  (they compute from the hidden state the TAB-Q codec cut to at most q_bar bits).
+- Ties on Psi go to the candidate using the edge more (larger l), then to fewer wire bytes per
+  token (hidden state only: the I_kv = 0 payload, which orders candidates the same way the
+  I_kv = 1 payload would for a fixed l), then to less edge memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Mapping
+
+from splitcli.cost.memory import EdgeMemory, edge_memory, hidden_token_bytes, layer_weight_bits
+from splitcli.errors import SplitLLMError
+from splitcli.plan.profile import Profile
+from splitcli.plan.schema import Budgets, CodecParams, Plan
+from splitcli.units import format_bytes
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search space (layers 0-based: the edge runs [0, split_layer))."""
+
+    split_layer: int
+    l_w: int
+    method: str
+    q_w1: int
+    q_w2: int | None
+    qa: int
+    q_bar: int
+    tau: float
+
+    def sort_key(self) -> tuple:
+        """A total order for deterministic ranking (q_w2 None sorts first)."""
+        return (self.split_layer, self.l_w, self.method, self.q_w1,
+                -1 if self.q_w2 is None else self.q_w2, self.qa, self.q_bar, self.tau)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The discrete choices to enumerate. `l_w` None means l_w = split_layer (one OPSC point at l)."""
+
+    split_layers: tuple[int, ...]
+    q_w: tuple[tuple[int, int | None], ...]
+    qa: tuple[int, ...]
+    q_bar: tuple[int, ...]
+    tau: tuple[float, ...]
+    l_w: tuple[int, ...] | None = None
+    methods: tuple[str, ...] = ("front",)
+    tau_is_quantile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("split_layers", "q_w", "qa", "q_bar", "tau", "methods"):
+            value = tuple(getattr(self, name))
+            object.__setattr__(self, name, value)
+            if not value:
+                raise SplitLLMError(f"search space {name} must not be empty")
+        if self.l_w is not None:
+            object.__setattr__(self, "l_w", tuple(self.l_w))
+        for method in self.methods:
+            if method not in ("front", "back"):
+                raise SplitLLMError(f"OPSC method must be 'front' or 'back', got {method!r}")
+
+    def candidates(self, n_layers: int) -> Iterable[Candidate]:
+        for l, method, (q_w1, q_w2), qa, q_bar, tau in itertools.product(
+            self.split_layers, self.methods, self.q_w, self.qa, self.q_bar, self.tau
+        ):
+            for l_w in (l,) if self.l_w is None else self.l_w:
+                yield Candidate(l, l_w, method, q_w1, q_w2, qa, q_bar, tau)
+
+
+Status = Literal["chosen", "lost", "rejected"]
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A candidate with its costs and why it won, lost or was rejected."""
+
+    candidate: Candidate
+    status: Status
+    reason: str
+    psi: float = 0.0
+    memory: EdgeMemory | None = None
+    wire_bytes_per_token: float = 0.0
+    accuracy_drop: float | None = None
+
+
+@dataclass(frozen=True)
+class PlanSearch:
+    """Outcome of eq. (8): the winner (None if nothing is feasible) and every candidate ranked.
+
+    `min_memory_bytes` is set when nothing is feasible: the smallest memory budget under which
+    some candidate would pass both constraints (None if no candidate passes accuracy at all).
+    """
+
+    winner: Ranked | None
+    ranked: tuple[Ranked, ...]
+    min_memory_bytes: int | None
+    accuracy_evaluations: int
+
+
+def psi(split_layer: int, n_layers: int, qa: float, q_bar: float) -> float:
+    """Psi(Q_a) = sum_k Q_a,k with Q_a,k = qa for k < l and q_bar for k >= l (module docstring)."""
+    return split_layer * qa + (n_layers - split_layer) * q_bar
+
+
+AccuracySource = Callable[[Candidate], float] | Mapping[Candidate, float]
+
+
+def _accuracy_fn(accuracy: AccuracySource) -> Callable[[Candidate], float]:
+    if callable(accuracy):
+        return accuracy
+    table = dict(accuracy)
+
+    def lookup(candidate: Candidate) -> float:
+        return table.get(candidate, math.nan)
+
+    return lookup
+
+
+def _wire_bytes(profile: Profile, cand: Candidate, tau_is_quantile: bool) -> float:
+    if profile.codec is not None:
+        for point in profile.codec.points:
+            if (point.q_bar, point.tau, point.tau_is_quantile) == (cand.q_bar, cand.tau, tau_is_quantile):
+                return point.bytes_per_token
+    # Unmeasured: the TAB-Q body at q_bar bits, ignoring the sparse part and the entropy coder.
+    return hidden_token_bytes(profile.hidden_size, cand.q_bar)
+
+
+def _objective_key(r: Ranked) -> tuple:
+    return (-r.psi, -r.candidate.split_layer, r.wire_bytes_per_token,
+            r.memory.total_bytes if r.memory else 0.0, r.candidate.sort_key())
+
+
+def _why_lost(r: Ranked, best: Ranked) -> str:
+    if r.psi != best.psi:
+        return f"lower Psi ({r.psi:g} < {best.psi:g})"
+    if r.candidate.split_layer != best.candidate.split_layer:
+        return f"same Psi, fewer edge layers ({r.candidate.split_layer} < {best.candidate.split_layer})"
+    if r.wire_bytes_per_token != best.wire_bytes_per_token:
+        return (f"same Psi and l, more wire bytes/token "
+                f"({r.wire_bytes_per_token:g} > {best.wire_bytes_per_token:g})")
+    return "tie on Psi, l and wire bytes; lost on memory / order"
+
+
+def search_plans(
+    profile: Profile,
+    space: SearchSpace,
+    budgets: Budgets,
+    max_tokens: int,
+    accuracy: AccuracySource,
+    evaluate_all: bool = False,
+) -> PlanSearch:
+    """Solve eq. (8) by enumeration (see module docstring for the readings).
+
+    accuracy(candidate) -> drop; NaN (or a table miss) counts as "not measured" and rejects.
+    evaluate_all: measure accuracy for every memory-feasible candidate, not just until the first
+    pass, so that every runner-up carries its drop.
+    """
+    L = profile.n_layers
+    if max_tokens < 1:
+        raise SplitLLMError(f"max_tokens (W_bar) must be >= 1, got {max_tokens}")
+    accuracy_of = _accuracy_fn(accuracy)
+    cache: dict[Candidate, float] = {}
+
+    def drop_of(cand: Candidate) -> float:
+        if cand not in cache:
+            cache[cand] = float(accuracy_of(cand))
+        return cache[cand]
+
+    invalid: list[Ranked] = []
+    costed: list[Ranked] = []
+    for cand in space.candidates(L):
+        if not 1 <= cand.split_layer <= L or not 0 <= cand.l_w <= L:
+            invalid.append(Ranked(cand, "rejected", f"invalid: l or l_w outside 1..{L}"))
+            continue
+        bits = layer_weight_bits(L, cand.l_w, cand.q_w1, cand.q_w2, cand.method)  # type: ignore[arg-type]
+        if any(b is None for b in bits[: cand.split_layer]):
+            invalid.append(Ranked(cand, "rejected", "invalid: an edge layer has no weights (q_w2 None)"))
+            continue
+        try:
+            memory = edge_memory(
+                profile.weight_table(), cand.split_layer, cand.l_w, cand.q_w1, cand.q_w2,
+                profile.kv_bytes_per_token(cand.qa), max_tokens, profile.activation_peaks(),
+                cand.method, profile.embedding.weight_bytes,  # type: ignore[arg-type]
+            )
+        except SplitLLMError as exc:
+            invalid.append(Ranked(cand, "rejected", f"invalid: {exc}"))
+            continue
+        costed.append(Ranked(cand, "lost", "", psi(cand.split_layer, L, cand.qa, cand.q_bar),
+                             memory, _wire_bytes(profile, cand, space.tau_is_quantile)))
+
+    budget = budgets.memory_bytes
+    fits = sorted((r for r in costed if r.memory.total_bytes <= budget), key=_objective_key)  # type: ignore[union-attr]
+    over = sorted((r for r in costed if r.memory.total_bytes > budget),  # type: ignore[union-attr]
+                  key=lambda r: (r.memory.total_bytes, r.candidate.sort_key()))  # type: ignore[union-attr]
+
+    winner: Ranked | None = None
+    ranked_fits: list[Ranked] = []
+    for r in fits:
+        if winner is not None and not evaluate_all:
+            ranked_fits.append(r)
+            continue
+        drop = drop_of(r.candidate)
+        r = Ranked(r.candidate, r.status, r.reason, r.psi, r.memory, r.wire_bytes_per_token, drop)
+        if math.isnan(drop):
+            ranked_fits.append(_with(r, "rejected", "accuracy: not measured"))
+        elif drop > budgets.max_accuracy_drop:
+            ranked_fits.append(_with(r, "rejected",
+                                     f"accuracy: drop {drop:.4g} > allowed {budgets.max_accuracy_drop:.4g}"))
+        elif winner is None:
+            winner = _with(r, "chosen", "highest Psi among feasible candidates")
+        else:
+            ranked_fits.append(r)
+    if winner is not None:
+        ranked_fits = [_with(r, "lost", _why_lost(r, winner)) if r.status == "lost" else r
+                       for r in ranked_fits]
+
+    over_ranked = [_with(r, "rejected", f"memory: {format_bytes(r.memory.total_bytes)} > budget "  # type: ignore[union-attr]
+                         f"{format_bytes(budget)}") for r in over]
+
+    min_memory = None
+    if winner is None:
+        for r in sorted(costed, key=lambda r: (r.memory.total_bytes, r.candidate.sort_key())):  # type: ignore[union-attr]
+            drop = drop_of(r.candidate)
+            if not math.isnan(drop) and drop <= budgets.max_accuracy_drop:
+                min_memory = int(math.ceil(r.memory.total_bytes))  # type: ignore[union-attr]
+                break
+
+    lost = [r for r in ranked_fits if r.status == "lost"]
+    rejected_acc = [r for r in ranked_fits if r.status == "rejected"]
+    ranked = tuple(([winner] if winner else []) + lost + rejected_acc + over_ranked + invalid)
+    return PlanSearch(winner, ranked, min_memory, len(cache))
+
+
+def _with(r: Ranked, status: Status, reason: str) -> Ranked:
+    return Ranked(r.candidate, status, reason, r.psi, r.memory, r.wire_bytes_per_token, r.accuracy_drop)
+
+
+def to_plan(
+    candidate: Candidate,
+    profile: Profile,
+    budgets: Budgets,
+    max_tokens: int,
+    *,
+    delta: float,
+    group_size: int,
+    tau_is_quantile: bool = False,
+    q_bar_min: int = 2,
+    i_kv: int = 1,
+    notes: dict | None = None,
+) -> Plan:
+    """The persisted Plan for a chosen candidate."""
+    codec = CodecParams(
+        q_bar=candidate.q_bar, delta=delta, q_bar_min=min(q_bar_min, candidate.q_bar),
+        tau=None if tau_is_quantile else candidate.tau,
+        tau_quantile=candidate.tau if tau_is_quantile else None,
+    )
+    return Plan(
+        model_id=profile.model_id, n_layers=profile.n_layers, split_layer=candidate.split_layer,
+        l_w=candidate.l_w, method=candidate.method, q_w1=candidate.q_w1, q_w2=candidate.q_w2,
+        qa=candidate.qa, codec=codec, group_size=group_size, max_tokens=max_tokens,
+        budgets=budgets, i_kv=i_kv, notes=dict(notes or {}),
+    )
