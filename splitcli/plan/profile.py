@@ -10,6 +10,7 @@ names: `_ms` milliseconds, `_bytes` bytes. Layer k is decoder layer k (0-based).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -260,3 +261,50 @@ class Profile:
             head=StageCost.from_dict(data["head"], "profile head"),
             codec=None if codec is None else CodecCost.from_dict(codec),
         )
+
+
+def profile_from_architecture(
+    model_id: str,
+    n_layers: int,
+    hidden_size: int,
+    n_kv_heads: int,
+    head_dim: int,
+    params_per_layer: int,
+    embedding_params: int,
+    weight_bits: tuple[int, ...] = (4, 8, 16, 32),
+    kv_bits: tuple[int, ...] = (4, 8, 16, 32),
+    group_size: int = 64,
+    activation_peak_bytes: float = 0.0,
+    decode_ms_per_layer: float = 0.0,
+    device: DeviceInfo | None = None,
+) -> Profile:
+    """An estimated Profile from architecture numbers, for planning before anything is measured.
+
+    Weight bytes at b < 16 bits: params * b / 8 plus one fp16 scale and one fp16 zero per group of
+    `group_size` weights; at b >= 16 just params * b / 8. KV bytes per token: 2 * n_kv_heads *
+    head_dim * qa / 8, plus an fp16 scale and zero per head for K and for V when qa < 16. The
+    embedding is kept at 16 bits. Timings are the given constants (0 by default): a measured
+    profile replaces every number here.
+    """
+    check_int(params_per_layer, "params_per_layer", 1)
+    check_int(group_size, "group_size", 1)
+
+    def weight(bits: int) -> float:
+        body = params_per_layer * bits / 8
+        return body + (math.ceil(params_per_layer / group_size) * 4 if bits < 16 else 0)
+
+    def kv(qa: int) -> float:
+        return 2 * n_kv_heads * head_dim * qa / 8 + (2 * n_kv_heads * 4 if qa < 16 else 0)
+
+    layer = LayerCost(
+        prefill_ms={1: decode_ms_per_layer}, decode_ms=decode_ms_per_layer,
+        weight_bytes={b: weight(b) for b in weight_bits},
+        kv_bytes_per_token={q: kv(q) for q in kv_bits},
+        activation_peak_bytes=activation_peak_bytes,
+    )
+    return Profile(
+        model_id=model_id, hidden_size=hidden_size, n_kv_heads=n_kv_heads, head_dim=head_dim,
+        device=device or DeviceInfo(name="estimate"), layers=(layer,) * n_layers,
+        embedding=StageCost(weight_bytes=embedding_params * 2.0),
+        head=StageCost(weight_bytes=embedding_params * 2.0),
+    )
