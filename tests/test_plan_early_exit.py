@@ -6,7 +6,9 @@ from hypothesis import strategies as st
 
 from splitcli.cost.latency import LinkModel
 from splitcli.errors import SplitLLMError
-from splitcli.plan.early_exit import ExitPolicy, Step, decide_step, max_tokens_under_deadline
+from splitcli.plan.early_exit import (
+    ExitPolicy, Step, decide_step, max_tokens_under_deadline, wire_bytes_model,
+)
 from splitcli.plan.schema import Budgets, CodecParams, Plan
 
 LINK = LinkModel(bandwidth_hz=1e6, snr=100.0, eps=0.01)
@@ -129,3 +131,32 @@ def test_max_tokens_under_deadline():
     assert max_tokens_under_deadline(0, lambda w: 0.0, 0.5) == 0
     with pytest.raises(SplitLLMError):
         max_tokens_under_deadline(-1, lambda w: 0.0, 0.5)
+
+
+def test_wire_bytes_model_and_end_to_end():
+    """Analytic SmolLM2 profile -> eq. (8) plan -> per-step wire model -> Algorithm 2."""
+    from splitcli.plan.enumerate import SearchSpace, search_plans, to_plan
+    from splitcli.plan.profile import CodecCost, CodecPoint, profile_from_architecture
+    import dataclasses
+
+    params = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+    profile = profile_from_architecture("smollm2", 30, 576, 3, 64, params, 49152 * 576)
+    profile = dataclasses.replace(profile, codec=CodecCost(0.0, 0.0, (CodecPoint(6, 0.99, 300.0, True),)))
+    space = SearchSpace(split_layers=tuple(range(1, 31)), q_w=((4, None), (4, 16)), qa=(8, 16),
+                        q_bar=(4, 6), tau=(0.99,), tau_is_quantile=True)
+    budgets = Budgets(memory_bytes=150 * 2**20, max_accuracy_drop=0.1, deadline_s=0.05)
+    result = search_plans(profile, space, budgets, 256, lambda c: 0.002 * c.split_layer)
+    best = result.winner.candidate
+    assert result.winner.memory.total_bytes <= budgets.memory_bytes
+    plan = to_plan(best, profile, budgets, 256, delta=0.5, group_size=64, tau_is_quantile=True)
+    wire_fn = wire_bytes_model(profile, plan)
+    cloud_kv = (30 - plan.split_layer) * 768.0
+    measured = 300.0 if plan.codec.q_bar == 6 else 576 * plan.codec.q_bar / 8
+    assert wire_fn(plan.codec.q_bar, 0, 1) == measured
+    assert wire_fn(plan.codec.q_bar, 1, 1) == measured + cloud_kv
+    assert wire_fn(4, 0, 1) == 576 * 4 / 8  # unmeasured point: hidden * q_bar / 8
+    policy = ExitPolicy.from_plan(plan, LINK)
+    assert decide_step(policy, rate_bps=5e6, w=1, compute_s=0.0, wire_bytes=wire_fn).step is Step.KEEP
+    assert decide_step(policy, rate_bps=0.0, w=1, compute_s=0.0, wire_bytes=wire_fn).step is Step.STOP
+    with pytest.raises(SplitLLMError, match="layers"):
+        wire_bytes_model(dataclasses.replace(profile, layers=profile.layers[:5]), plan)

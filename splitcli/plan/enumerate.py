@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, Mapping
 
-from splitcli.cost.memory import EdgeMemory, edge_memory, hidden_token_bytes, layer_weight_bits
+from splitcli.cost.memory import EdgeMemory, edge_memory, layer_weight_bits
 from splitcli.errors import SplitLLMError
 from splitcli.plan.profile import Profile
 from splitcli.plan.schema import Budgets, CodecParams, Plan
@@ -131,15 +131,6 @@ def _accuracy_fn(accuracy: AccuracySource) -> Callable[[Candidate], float]:
     return lookup
 
 
-def _wire_bytes(profile: Profile, cand: Candidate, tau_is_quantile: bool) -> float:
-    if profile.codec is not None:
-        for point in profile.codec.points:
-            if (point.q_bar, point.tau, point.tau_is_quantile) == (cand.q_bar, cand.tau, tau_is_quantile):
-                return point.bytes_per_token
-    # Unmeasured: the TAB-Q body at q_bar bits, ignoring the sparse part and the entropy coder.
-    return hidden_token_bytes(profile.hidden_size, cand.q_bar)
-
-
 def _objective_key(r: Ranked) -> tuple:
     return (-r.psi, -r.candidate.split_layer, r.wire_bytes_per_token,
             r.memory.total_bytes if r.memory else 0.0, r.candidate.sort_key())
@@ -181,27 +172,48 @@ def search_plans(
             cache[cand] = float(accuracy_of(cand))
         return cache[cand]
 
+    weight_table, activation_peaks = profile.weight_table(), profile.activation_peaks()
+    memory_cache: dict[tuple, EdgeMemory | str] = {}
+    kv_cache: dict[int, list[float]] = {}
+
+    def kv_of(qa: int) -> list[float]:
+        if qa not in kv_cache:
+            kv_cache[qa] = profile.kv_bytes_per_token(qa)
+        return kv_cache[qa]
+
     invalid: list[Ranked] = []
     costed: list[Ranked] = []
-    for cand in space.candidates(L):
+    def cost(cand: Candidate) -> EdgeMemory | str:
+        """Edge memory of a candidate, or why it is invalid."""
         if not 1 <= cand.split_layer <= L or not 0 <= cand.l_w <= L:
-            invalid.append(Ranked(cand, "rejected", f"invalid: l or l_w outside 1..{L}"))
-            continue
+            return f"l or l_w outside 1..{L}"
         bits = layer_weight_bits(L, cand.l_w, cand.q_w1, cand.q_w2, cand.method)  # type: ignore[arg-type]
         if any(b is None for b in bits[: cand.split_layer]):
-            invalid.append(Ranked(cand, "rejected", "invalid: an edge layer has no weights (q_w2 None)"))
-            continue
+            return "an edge layer has no weights (q_w2 None)"
         try:
-            memory = edge_memory(
-                profile.weight_table(), cand.split_layer, cand.l_w, cand.q_w1, cand.q_w2,
-                profile.kv_bytes_per_token(cand.qa), max_tokens, profile.activation_peaks(),
+            return edge_memory(
+                weight_table, cand.split_layer, cand.l_w, cand.q_w1, cand.q_w2,
+                kv_of(cand.qa), max_tokens, activation_peaks,
                 cand.method, profile.embedding.weight_bytes,  # type: ignore[arg-type]
             )
         except SplitLLMError as exc:
-            invalid.append(Ranked(cand, "rejected", f"invalid: {exc}"))
+            return str(exc)
+
+    wire_cache: dict[tuple[int, float], float] = {}
+    for cand in space.candidates(L):
+        # Memory does not depend on the codec choice: cost each (l, OPSC, Qa) once.
+        memory_key = (cand.split_layer, cand.l_w, cand.method, cand.q_w1, cand.q_w2, cand.qa)
+        if memory_key not in memory_cache:
+            memory_cache[memory_key] = cost(cand)
+        memory = memory_cache[memory_key]
+        if isinstance(memory, str):
+            invalid.append(Ranked(cand, "rejected", f"invalid: {memory}"))
             continue
+        if (cand.q_bar, cand.tau) not in wire_cache:
+            wire_cache[cand.q_bar, cand.tau] = profile.wire_bytes_per_token(
+                cand.q_bar, cand.tau, space.tau_is_quantile)
         costed.append(Ranked(cand, "lost", "", psi(cand.split_layer, L, cand.qa, cand.q_bar),
-                             memory, _wire_bytes(profile, cand, space.tau_is_quantile)))
+                             memory, wire_cache[cand.q_bar, cand.tau]))
 
     budget = budgets.memory_bytes
     fits = sorted((r for r in costed if r.memory.total_bytes <= budget), key=_objective_key)  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from splitcli.cost.memory import hidden_token_bytes
 from splitcli.errors import SplitLLMError
 from splitcli.plan._validate import (
     check_int, check_keys, check_number, check_table, check_version, require_mapping,
@@ -222,6 +223,16 @@ class Profile:
                 raise SplitLLMError(f"profile has no KV size for layer {k} at Qa={qa} bits")
             out.append(layer.kv_bytes_per_token[qa])
         return out
+
+    def wire_bytes_per_token(self, q_bar: int, tau: float, tau_is_quantile: bool = False) -> float:
+        """Hidden-state bytes per token on the wire at (q_bar, tau): the measured codec point, or
+        hidden * q_bar / 8 when unmeasured (the TAB-Q body alone, without the sparse outliers or
+        the entropy coder's gain: a rough estimate, good for ranking, not for a wire budget)."""
+        if self.codec is not None:
+            for point in self.codec.points:
+                if (point.q_bar, point.tau, point.tau_is_quantile) == (q_bar, tau, tau_is_quantile):
+                    return point.bytes_per_token
+        return hidden_token_bytes(self.hidden_size, q_bar)
 
     def activation_peaks(self) -> list[float]:
         return [layer.activation_peak_bytes for layer in self.layers]
