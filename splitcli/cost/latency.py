@@ -198,7 +198,7 @@ def total_latency(
 ) -> float:
     """Eq. (11): L_t = L_c(w) + L_eps(B_io, R); `io_bytes` is converted to bits here."""
     if not (math.isfinite(compute_s) and compute_s >= 0):
-        raise SplitLLMError(f"compute time L_c must be a finite number of seconds >= 0, got {compute_s!r}")
+        raise SplitLLMError(f"compute time L_c must be finite seconds >= 0, got {compute_s!r}")
     return compute_s + outage_latency(8.0 * io_bytes, rate, bandwidth_hz, snr, eps)
 
 

@@ -131,8 +131,8 @@ def decide_step(
                                 f"compression alone misses D; I_kv = 0 with q_bar {no_kv[0]} fits")
 
     floor = latency(policy.q_bar_min, 0)
-    return ExitDecision(Step.STOP, policy.q_bar_min, 0, math.inf,
-                        f"even q_bar {policy.q_bar_min} without KV takes {floor:.4g} s > D {deadline:.4g} s")
+    reason = f"even q_bar {policy.q_bar_min} without KV takes {floor:.4g} s > D {deadline:.4g} s"
+    return ExitDecision(Step.STOP, policy.q_bar_min, 0, math.inf, reason)
 
 
 def max_tokens_under_deadline(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Literal, Mapping
 
 from splitcli.cost.memory import EdgeMemory, edge_memory, layer_weight_bits
@@ -132,15 +132,16 @@ def _accuracy_fn(accuracy: AccuracySource) -> Callable[[Candidate], float]:
 
 
 def _objective_key(r: Ranked) -> tuple:
-    return (-r.psi, -r.candidate.split_layer, r.wire_bytes_per_token,
-            r.memory.total_bytes if r.memory else 0.0, r.candidate.sort_key())
+    return (-r.psi, -r.candidate.split_layer, r.wire_bytes_per_token, _total(r),
+            r.candidate.sort_key())
 
 
 def _why_lost(r: Ranked, best: Ranked) -> str:
     if r.psi != best.psi:
         return f"lower Psi ({r.psi:g} < {best.psi:g})"
     if r.candidate.split_layer != best.candidate.split_layer:
-        return f"same Psi, fewer edge layers ({r.candidate.split_layer} < {best.candidate.split_layer})"
+        return (f"same Psi, fewer edge layers "
+                f"({r.candidate.split_layer} < {best.candidate.split_layer})")
     if r.wire_bytes_per_token != best.wire_bytes_per_token:
         return (f"same Psi and l, more wire bytes/token "
                 f"({r.wire_bytes_per_token:g} > {best.wire_bytes_per_token:g})")
@@ -181,13 +182,12 @@ def search_plans(
             kv_cache[qa] = profile.kv_bytes_per_token(qa)
         return kv_cache[qa]
 
-    invalid: list[Ranked] = []
-    costed: list[Ranked] = []
     def cost(cand: Candidate) -> EdgeMemory | str:
         """Edge memory of a candidate, or why it is invalid."""
         if not 1 <= cand.split_layer <= L or not 0 <= cand.l_w <= L:
             return f"l or l_w outside 1..{L}"
-        bits = layer_weight_bits(L, cand.l_w, cand.q_w1, cand.q_w2, cand.method)  # type: ignore[arg-type]
+        method = cand.method  # "front" | "back", checked by SearchSpace
+        bits = layer_weight_bits(L, cand.l_w, cand.q_w1, cand.q_w2, method)  # type: ignore[arg-type]
         if any(b is None for b in bits[: cand.split_layer]):
             return "an edge layer has no weights (q_w2 None)"
         try:
@@ -199,6 +199,8 @@ def search_plans(
         except SplitLLMError as exc:
             return str(exc)
 
+    invalid: list[Ranked] = []
+    costed: list[Ranked] = []
     wire_cache: dict[tuple[int, float], float] = {}
     for cand in space.candidates(L):
         # Memory does not depend on the codec choice: cost each (l, OPSC, Qa) once.
@@ -215,51 +217,56 @@ def search_plans(
         costed.append(Ranked(cand, "lost", "", psi(cand.split_layer, L, cand.qa, cand.q_bar),
                              memory, wire_cache[cand.q_bar, cand.tau]))
 
-    budget = budgets.memory_bytes
-    fits = sorted((r for r in costed if r.memory.total_bytes <= budget), key=_objective_key)  # type: ignore[union-attr]
-    over = sorted((r for r in costed if r.memory.total_bytes > budget),  # type: ignore[union-attr]
-                  key=lambda r: (r.memory.total_bytes, r.candidate.sort_key()))  # type: ignore[union-attr]
+    budget, max_drop = budgets.memory_bytes, budgets.max_accuracy_drop
+    fits = sorted((r for r in costed if _total(r) <= budget), key=_objective_key)
+    over = sorted((r for r in costed if _total(r) > budget), key=_memory_key)
 
     winner: Ranked | None = None
-    ranked_fits: list[Ranked] = []
+    lost: list[Ranked] = []
+    failed: list[Ranked] = []
     for r in fits:
         if winner is not None and not evaluate_all:
-            ranked_fits.append(r)
+            lost.append(r)
             continue
-        drop = drop_of(r.candidate)
-        r = Ranked(r.candidate, r.status, r.reason, r.psi, r.memory, r.wire_bytes_per_token, drop)
-        if math.isnan(drop):
-            ranked_fits.append(_with(r, "rejected", "accuracy: not measured"))
-        elif drop > budgets.max_accuracy_drop:
-            ranked_fits.append(_with(r, "rejected",
-                                     f"accuracy: drop {drop:.4g} > allowed {budgets.max_accuracy_drop:.4g}"))
+        r = replace(r, accuracy_drop=drop_of(r.candidate))
+        if math.isnan(r.accuracy_drop):  # type: ignore[arg-type]
+            failed.append(replace(r, status="rejected", reason="accuracy: not measured"))
+        elif r.accuracy_drop > max_drop:  # type: ignore[operator]
+            reason = f"accuracy: drop {r.accuracy_drop:.4g} > allowed {max_drop:.4g}"
+            failed.append(replace(r, status="rejected", reason=reason))
         elif winner is None:
-            winner = _with(r, "chosen", "highest Psi among feasible candidates")
+            winner = replace(r, status="chosen", reason="highest Psi among feasible candidates")
         else:
-            ranked_fits.append(r)
+            lost.append(r)
     if winner is not None:
-        ranked_fits = [_with(r, "lost", _why_lost(r, winner)) if r.status == "lost" else r
-                       for r in ranked_fits]
+        lost = [replace(r, reason=_why_lost(r, winner)) for r in lost]
 
-    over_ranked = [_with(r, "rejected", f"memory: {format_bytes(r.memory.total_bytes)} > budget "  # type: ignore[union-attr]
-                         f"{format_bytes(budget)}") for r in over]
+    over_budget = [
+        replace(r, status="rejected",
+                reason=f"memory: {format_bytes(_total(r))} > budget {format_bytes(budget)}")
+        for r in over
+    ]
 
     min_memory = None
     if winner is None:
-        for r in sorted(costed, key=lambda r: (r.memory.total_bytes, r.candidate.sort_key())):  # type: ignore[union-attr]
+        # Accuracy does not depend on the budget: the cheapest candidate that passes it is the
+        # smallest budget that makes the problem feasible.
+        for r in sorted(costed, key=_memory_key):
             drop = drop_of(r.candidate)
-            if not math.isnan(drop) and drop <= budgets.max_accuracy_drop:
-                min_memory = int(math.ceil(r.memory.total_bytes))  # type: ignore[union-attr]
+            if not math.isnan(drop) and drop <= max_drop:
+                min_memory = int(math.ceil(_total(r)))
                 break
 
-    lost = [r for r in ranked_fits if r.status == "lost"]
-    rejected_acc = [r for r in ranked_fits if r.status == "rejected"]
-    ranked = tuple(([winner] if winner else []) + lost + rejected_acc + over_ranked + invalid)
+    ranked = tuple(([winner] if winner else []) + lost + failed + over_budget + invalid)
     return PlanSearch(winner, ranked, min_memory, len(cache))
 
 
-def _with(r: Ranked, status: Status, reason: str) -> Ranked:
-    return Ranked(r.candidate, status, reason, r.psi, r.memory, r.wire_bytes_per_token, r.accuracy_drop)
+def _total(r: Ranked) -> float:
+    return r.memory.total_bytes if r.memory is not None else math.inf
+
+
+def _memory_key(r: Ranked) -> tuple:
+    return (_total(r), r.candidate.sort_key())
 
 
 def to_plan(

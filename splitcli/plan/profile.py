@@ -79,7 +79,8 @@ class LayerCost:
     @classmethod
     def from_dict(cls, data: Any, where: str = "profile layer") -> "LayerCost":
         data = require_mapping(data, where)
-        keys = {"prefill_ms", "decode_ms", "weight_bytes", "kv_bytes_per_token", "activation_peak_bytes"}
+        keys = {"prefill_ms", "decode_ms", "weight_bytes", "kv_bytes_per_token",
+                "activation_peak_bytes"}
         check_keys(data, keys, set(), where)
         return cls(**data)
 
@@ -165,7 +166,8 @@ class CodecCost:
     @classmethod
     def from_dict(cls, data: Any) -> "CodecCost":
         data = require_mapping(data, "profile codec")
-        check_keys(data, {"encode_ms_per_token", "decode_ms_per_token", "points"}, set(), "profile codec")
+        required = {"encode_ms_per_token", "decode_ms_per_token", "points"}
+        check_keys(data, required, set(), "profile codec")
         if not isinstance(data["points"], list):
             raise SplitLLMError("profile codec points must be a list")
         points = []

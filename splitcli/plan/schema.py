@@ -141,7 +141,8 @@ class Plan:
     @property
     def edge_weight_bits(self) -> tuple[int | None, ...]:
         """Weight bits of each edge layer [0, split_layer)."""
-        bits = layer_weight_bits(self.n_layers, self.l_w, self.q_w1, self.q_w2, self.method)  # type: ignore[arg-type]
+        method = self.method  # validated in __post_init__
+        bits = layer_weight_bits(self.n_layers, self.l_w, self.q_w1, self.q_w2, method)  # type: ignore[arg-type]
         return bits[: self.split_layer]
 
     def to_dict(self) -> dict[str, Any]:
