@@ -137,3 +137,18 @@ def test_plan_from_dict_errors():
     data["budgets"]["memory_bytes"] = 0
     with pytest.raises(SplitLLMError, match="memory_bytes"):
         Plan.from_dict(data)
+
+
+def test_edge_prefill_interpolation():
+    profile = _profile()  # layers: {1: 0.5, 128: 9.0} ms; embedding: no points, decode 0.1 ms
+    assert profile.edge_prefill_ms(0, 10) == pytest.approx(1.0)  # embedding: 10 * 0.1
+    assert profile.edge_prefill_ms(1, 1) == pytest.approx(0.1 + 0.5)
+    assert profile.edge_prefill_ms(1, 128) == pytest.approx(12.8 + 9.0)
+    # Between points: 0.5 + (64 - 1) / 127 * 8.5 per layer.
+    mid = 0.5 + 63 / 127 * 8.5
+    assert profile.edge_prefill_ms(2, 64) == pytest.approx(6.4 + 2 * mid)
+    # Beyond the last point: ms per token held at 9 / 128.
+    assert profile.edge_prefill_ms(1, 256) == pytest.approx(25.6 + 18.0)
+    assert profile.edge_prefill_ms(2, 0) == 0.0
+    with pytest.raises(SplitLLMError):
+        profile.edge_prefill_ms(3, 1)

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
+
 from splitcli.cost.memory import hidden_token_bytes
 from splitcli.errors import SplitLLMError
 from splitcli.plan._validate import (
@@ -244,6 +246,19 @@ class Profile:
         check_int(l, "split layer l", 0, self.n_layers)
         return self.embedding.decode_ms + sum(layer.decode_ms for layer in self.layers[:l])
 
+    def edge_prefill_ms(self, l: int, n_tokens: int) -> float:
+        """Prefill of `n_tokens` on the edge (embedding + layers [0, l)), from the measured points.
+
+        Between measured token counts: linear interpolation. Outside them: scaled in proportion
+        to the nearest measured point (ms per token held constant), so 0 tokens cost 0 ms. A stage
+        without prefill points falls back to n_tokens * decode_ms.
+        """
+        check_int(l, "split layer l", 0, self.n_layers)
+        check_int(n_tokens, "n_tokens", 0)
+        stages = [self.embedding.prefill_ms or {1: self.embedding.decode_ms}]
+        stages += [layer.prefill_ms for layer in self.layers[:l]]
+        return float(sum(_interpolate_ms(points, n_tokens) for points in stages))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version, "model_id": self.model_id,
@@ -274,6 +289,15 @@ class Profile:
             head=StageCost.from_dict(data["head"], "profile head"),
             codec=None if codec is None else CodecCost.from_dict(codec),
         )
+
+
+def _interpolate_ms(points: Mapping[int, float], n_tokens: int) -> float:
+    counts = sorted(points)
+    if n_tokens <= counts[0]:
+        return points[counts[0]] * n_tokens / counts[0]
+    if n_tokens >= counts[-1]:
+        return points[counts[-1]] * n_tokens / counts[-1]
+    return float(np.interp(n_tokens, counts, [points[c] for c in counts]))
 
 
 def profile_from_architecture(
