@@ -1,0 +1,347 @@
+"""The persisted profile: measured per-layer costs of one model on one edge device.
+
+`splitllm profile` writes it (YAML via `splitcli.configio`), `splitllm plan` reads it. Units in the
+names: `_ms` milliseconds, `_bytes` bytes. Layer k is decoder layer k (0-based). Table keys:
+- prefill_ms: {token count: ms to prefill that many tokens through the layer}
+- weight_bytes: {bits: bytes of the layer's weights at that bit width} (eq. 1's B_w(k; Q))
+- kv_bytes_per_token: {Qa bits: bytes one token adds to the layer's KV cache, overhead included}
+- codec points: bytes per token the TS + TAB-Q + rANS codec produced at (q_bar, tau)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from splitcli.cost.memory import hidden_token_bytes
+from splitcli.errors import SplitLLMError
+from splitcli.plan._validate import (
+    check_int, check_keys, check_number, check_table, check_version, require_mapping,
+)
+
+PROFILE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Where the profile was measured (free-form except memory, which the planner may default to)."""
+
+    name: str
+    cpu: str = ""
+    threads: int = 0
+    memory_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SplitLLMError("device name must be a non-empty string")
+        check_int(self.threads, "device threads", 0)
+        check_int(self.memory_bytes, "device memory_bytes", 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "cpu": self.cpu, "threads": self.threads,
+                "memory_bytes": self.memory_bytes}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "DeviceInfo":
+        data = require_mapping(data, "profile device")
+        check_keys(data, {"name"}, {"cpu", "threads", "memory_bytes"}, "profile device")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Measured costs of one decoder layer."""
+
+    prefill_ms: dict[int, float]
+    decode_ms: float
+    weight_bytes: dict[int, float]
+    kv_bytes_per_token: dict[int, float]
+    activation_peak_bytes: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefill_ms", check_table(self.prefill_ms, "layer prefill_ms"))
+        check_number(self.decode_ms, "layer decode_ms")
+        object.__setattr__(self, "weight_bytes", check_table(self.weight_bytes, "layer weight_bytes"))
+        object.__setattr__(
+            self, "kv_bytes_per_token", check_table(self.kv_bytes_per_token, "layer kv_bytes_per_token")
+        )
+        check_number(self.activation_peak_bytes, "layer activation_peak_bytes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefill_ms": dict(self.prefill_ms), "decode_ms": self.decode_ms,
+            "weight_bytes": dict(self.weight_bytes),
+            "kv_bytes_per_token": dict(self.kv_bytes_per_token),
+            "activation_peak_bytes": self.activation_peak_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "profile layer") -> "LayerCost":
+        data = require_mapping(data, where)
+        keys = {"prefill_ms", "decode_ms", "weight_bytes", "kv_bytes_per_token",
+                "activation_peak_bytes"}
+        check_keys(data, keys, set(), where)
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Costs of a non-layer stage: the embedding (edge) or the final norm + LM head (cloud)."""
+
+    weight_bytes: float
+    decode_ms: float = 0.0
+    prefill_ms: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_number(self.weight_bytes, "stage weight_bytes")
+        check_number(self.decode_ms, "stage decode_ms")
+        if self.prefill_ms:
+            object.__setattr__(self, "prefill_ms", check_table(self.prefill_ms, "stage prefill_ms"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weight_bytes": self.weight_bytes, "decode_ms": self.decode_ms,
+                "prefill_ms": dict(self.prefill_ms)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "StageCost":
+        data = require_mapping(data, where)
+        check_keys(data, {"weight_bytes"}, {"decode_ms", "prefill_ms"}, where)
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class CodecPoint:
+    """Measured wire size of the codec at one (q_bar, tau); tau is absolute unless `tau_is_quantile`."""
+
+    q_bar: int
+    tau: float
+    bytes_per_token: float
+    tau_is_quantile: bool = False
+
+    def __post_init__(self) -> None:
+        check_int(self.q_bar, "codec q_bar", 2, 16)
+        check_number(self.tau, "codec tau")
+        check_number(self.bytes_per_token, "codec bytes_per_token")
+        if not isinstance(self.tau_is_quantile, bool):
+            raise SplitLLMError("codec tau_is_quantile must be true or false")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"q_bar": self.q_bar, "tau": self.tau, "bytes_per_token": self.bytes_per_token,
+                "tau_is_quantile": self.tau_is_quantile}
+
+
+@dataclass(frozen=True)
+class CodecCost:
+    """Codec timing per token and its wire size at each measured (q_bar, tau)."""
+
+    encode_ms_per_token: float
+    decode_ms_per_token: float
+    points: tuple[CodecPoint, ...]
+
+    def __post_init__(self) -> None:
+        check_number(self.encode_ms_per_token, "codec encode_ms_per_token")
+        check_number(self.decode_ms_per_token, "codec decode_ms_per_token")
+        object.__setattr__(self, "points", tuple(self.points))
+        seen = set()
+        for point in self.points:
+            if not isinstance(point, CodecPoint):
+                raise SplitLLMError("codec points must be CodecPoint entries")
+            key = (point.q_bar, point.tau, point.tau_is_quantile)
+            if key in seen:
+                raise SplitLLMError(f"duplicate codec point q_bar={point.q_bar}, tau={point.tau}")
+            seen.add(key)
+
+    def bytes_per_token(self, q_bar: int, tau: float, tau_is_quantile: bool = False) -> float:
+        for point in self.points:
+            if (point.q_bar, point.tau, point.tau_is_quantile) == (q_bar, tau, tau_is_quantile):
+                return point.bytes_per_token
+        raise SplitLLMError(f"profile has no codec measurement for q_bar={q_bar}, tau={tau}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"encode_ms_per_token": self.encode_ms_per_token,
+                "decode_ms_per_token": self.decode_ms_per_token,
+                "points": [p.to_dict() for p in self.points]}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "CodecCost":
+        data = require_mapping(data, "profile codec")
+        required = {"encode_ms_per_token", "decode_ms_per_token", "points"}
+        check_keys(data, required, set(), "profile codec")
+        if not isinstance(data["points"], list):
+            raise SplitLLMError("profile codec points must be a list")
+        points = []
+        for i, item in enumerate(data["points"]):
+            item = require_mapping(item, f"profile codec point {i}")
+            check_keys(item, {"q_bar", "tau", "bytes_per_token"}, {"tau_is_quantile"},
+                       f"profile codec point {i}")
+            points.append(CodecPoint(**item))
+        return cls(data["encode_ms_per_token"], data["decode_ms_per_token"], tuple(points))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Per-layer measured costs of `model_id` on `device` (see module docstring for units)."""
+
+    model_id: str
+    hidden_size: int
+    n_kv_heads: int
+    head_dim: int
+    device: DeviceInfo
+    layers: tuple[LayerCost, ...]
+    embedding: StageCost
+    head: StageCost
+    codec: CodecCost | None = None
+    format_version: int = PROFILE_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise SplitLLMError("profile model_id must be a non-empty string")
+        check_int(self.hidden_size, "profile hidden_size", 1)
+        check_int(self.n_kv_heads, "profile n_kv_heads", 1)
+        check_int(self.head_dim, "profile head_dim", 1)
+        if self.format_version != PROFILE_FORMAT_VERSION:
+            raise SplitLLMError(f"profile format_version must be {PROFILE_FORMAT_VERSION}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers:
+            raise SplitLLMError("profile must describe at least one layer")
+        for k, layer in enumerate(self.layers):
+            if not isinstance(layer, LayerCost):
+                raise SplitLLMError(f"profile layer {k} must be a LayerCost")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def weight_table(self) -> list[dict[int, float]]:
+        """bytes[layer][bits] for eq. (1)."""
+        return [layer.weight_bytes for layer in self.layers]
+
+    def kv_bytes_per_token(self, qa: int) -> list[float]:
+        """Per-layer KV bytes per token at `qa` bits; an unmeasured qa is an error."""
+        out = []
+        for k, layer in enumerate(self.layers):
+            if qa not in layer.kv_bytes_per_token:
+                raise SplitLLMError(f"profile has no KV size for layer {k} at Qa={qa} bits")
+            out.append(layer.kv_bytes_per_token[qa])
+        return out
+
+    def wire_bytes_per_token(self, q_bar: int, tau: float, tau_is_quantile: bool = False) -> float:
+        """Hidden-state bytes per token on the wire at (q_bar, tau): the measured codec point, or
+        hidden * q_bar / 8 when unmeasured (the TAB-Q body alone, without the sparse outliers or
+        the entropy coder's gain: a rough estimate, good for ranking, not for a wire budget)."""
+        if self.codec is not None:
+            for point in self.codec.points:
+                if (point.q_bar, point.tau, point.tau_is_quantile) == (q_bar, tau, tau_is_quantile):
+                    return point.bytes_per_token
+        return hidden_token_bytes(self.hidden_size, q_bar)
+
+    def activation_peaks(self) -> list[float]:
+        return [layer.activation_peak_bytes for layer in self.layers]
+
+    def edge_decode_ms(self, l: int) -> float:
+        """One decode step on the edge: embedding + layers [0, l) (codec time not included)."""
+        check_int(l, "split layer l", 0, self.n_layers)
+        return self.embedding.decode_ms + sum(layer.decode_ms for layer in self.layers[:l])
+
+    def edge_prefill_ms(self, l: int, n_tokens: int) -> float:
+        """Prefill of `n_tokens` on the edge (embedding + layers [0, l)), from the measured points.
+
+        Between measured token counts: linear interpolation. Outside them: scaled in proportion
+        to the nearest measured point (ms per token held constant), so 0 tokens cost 0 ms. A stage
+        without prefill points falls back to n_tokens * decode_ms.
+        """
+        check_int(l, "split layer l", 0, self.n_layers)
+        check_int(n_tokens, "n_tokens", 0)
+        stages = [self.embedding.prefill_ms or {1: self.embedding.decode_ms}]
+        stages += [layer.prefill_ms for layer in self.layers[:l]]
+        return float(sum(_interpolate_ms(points, n_tokens) for points in stages))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version, "model_id": self.model_id,
+            "hidden_size": self.hidden_size, "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "device": self.device.to_dict(),
+            "embedding": self.embedding.to_dict(), "head": self.head.to_dict(),
+            "codec": None if self.codec is None else self.codec.to_dict(),
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Profile":
+        data = require_mapping(data, "profile")
+        check_version(data, PROFILE_FORMAT_VERSION, "profile")
+        required = {"format_version", "model_id", "hidden_size", "n_kv_heads", "head_dim",
+                    "device", "layers", "embedding", "head"}
+        check_keys(data, required, {"codec"}, "profile")
+        if not isinstance(data["layers"], list):
+            raise SplitLLMError("profile layers must be a list")
+        codec = data.get("codec")
+        return cls(
+            model_id=data["model_id"], hidden_size=data["hidden_size"],
+            n_kv_heads=data["n_kv_heads"], head_dim=data["head_dim"],
+            device=DeviceInfo.from_dict(data["device"]),
+            layers=tuple(LayerCost.from_dict(item, f"profile layer {k}")
+                         for k, item in enumerate(data["layers"])),
+            embedding=StageCost.from_dict(data["embedding"], "profile embedding"),
+            head=StageCost.from_dict(data["head"], "profile head"),
+            codec=None if codec is None else CodecCost.from_dict(codec),
+        )
+
+
+def _interpolate_ms(points: Mapping[int, float], n_tokens: int) -> float:
+    counts = sorted(points)
+    if n_tokens <= counts[0]:
+        return points[counts[0]] * n_tokens / counts[0]
+    if n_tokens >= counts[-1]:
+        return points[counts[-1]] * n_tokens / counts[-1]
+    return float(np.interp(n_tokens, counts, [points[c] for c in counts]))
+
+
+def profile_from_architecture(
+    model_id: str,
+    n_layers: int,
+    hidden_size: int,
+    n_kv_heads: int,
+    head_dim: int,
+    params_per_layer: int,
+    embedding_params: int,
+    weight_bits: tuple[int, ...] = (4, 8, 16, 32),
+    kv_bits: tuple[int, ...] = (4, 8, 16, 32),
+    group_size: int = 64,
+    activation_peak_bytes: float = 0.0,
+    decode_ms_per_layer: float = 0.0,
+    device: DeviceInfo | None = None,
+) -> Profile:
+    """An estimated Profile from architecture numbers, for planning before anything is measured.
+
+    Weight bytes at b < 16 bits: params * b / 8 plus one fp16 scale and one fp16 zero per group of
+    `group_size` weights; at b >= 16 just params * b / 8. KV bytes per token: 2 * n_kv_heads *
+    head_dim * qa / 8, plus an fp16 scale and zero per head for K and for V when qa < 16. The
+    embedding is kept at 16 bits. Timings are the given constants (0 by default): a measured
+    profile replaces every number here.
+    """
+    check_int(params_per_layer, "params_per_layer", 1)
+    check_int(group_size, "group_size", 1)
+
+    def weight(bits: int) -> float:
+        body = params_per_layer * bits / 8
+        return body + (math.ceil(params_per_layer / group_size) * 4 if bits < 16 else 0)
+
+    def kv(qa: int) -> float:
+        return 2 * n_kv_heads * head_dim * qa / 8 + (2 * n_kv_heads * 4 if qa < 16 else 0)
+
+    layer = LayerCost(
+        prefill_ms={1: decode_ms_per_layer}, decode_ms=decode_ms_per_layer,
+        weight_bytes={b: weight(b) for b in weight_bits},
+        kv_bytes_per_token={q: kv(q) for q in kv_bits},
+        activation_peak_bytes=activation_peak_bytes,
+    )
+    return Profile(
+        model_id=model_id, hidden_size=hidden_size, n_kv_heads=n_kv_heads, head_dim=head_dim,
+        device=device or DeviceInfo(name="estimate"), layers=(layer,) * n_layers,
+        embedding=StageCost(weight_bytes=embedding_params * 2.0),
+        head=StageCost(weight_bytes=embedding_params * 2.0),
+    )

@@ -1,0 +1,175 @@
+"""The persisted plan: everything the edge and cloud runtimes need to run one split configuration.
+
+Layers are 0-based: the edge runs decoder layers [0, split_layer), the cloud [split_layer, L).
+OPSC (eq. 1): with method "front", layers [0, l_w) hold q_w1-bit weights and the rest q_w2; with
+"back", the last l_w layers hold q_w1 and the rest q_w2. q_w2 = None means those layers are not
+kept on the edge, which is only valid when every edge layer falls in the q_w1 segment.
+Weight bits of 16 or more mean "not quantized" (kept in the model's float type).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitcli.configio import load_config, write_yaml
+from splitcli.cost.memory import layer_weight_bits
+from splitcli.errors import SplitLLMError
+from splitcli.plan._validate import (
+    check_int, check_keys, check_number, check_version, require_mapping,
+)
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    """TS + TAB-Q settings: threshold tau (absolute) or tau_quantile (of |x|, calibrated once),
+    maximum bits q_bar, distortion tolerance delta (Algorithm 1) and the lowest q_bar the early-exit
+    policy may fall back to."""
+
+    q_bar: int
+    delta: float
+    tau: float | None = None
+    tau_quantile: float | None = None
+    q_bar_min: int = 2
+
+    def __post_init__(self) -> None:
+        check_int(self.q_bar, "codec q_bar", 2, 16)
+        check_int(self.q_bar_min, "codec q_bar_min", 2, self.q_bar)
+        check_number(self.delta, "codec delta")
+        if (self.tau is None) == (self.tau_quantile is None):
+            raise SplitLLMError("codec needs exactly one of tau (absolute) or tau_quantile")
+        if self.tau is not None:
+            check_number(self.tau, "codec tau")
+        if self.tau_quantile is not None:
+            check_number(self.tau_quantile, "codec tau_quantile")
+            if not 0 < self.tau_quantile <= 1:
+                raise SplitLLMError(f"codec tau_quantile must lie in (0, 1], got {self.tau_quantile}")
+
+    @property
+    def tau_value(self) -> float:
+        """The tau number (absolute or quantile) as profile codec points key it."""
+        return self.tau if self.tau is not None else self.tau_quantile  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"q_bar": self.q_bar, "q_bar_min": self.q_bar_min, "delta": self.delta,
+                "tau": self.tau, "tau_quantile": self.tau_quantile}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "CodecParams":
+        data = require_mapping(data, "plan codec")
+        check_keys(data, {"q_bar", "delta"}, {"tau", "tau_quantile", "q_bar_min"}, "plan codec")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """The constraints the plan was made for: edge memory (eq. 8c), accuracy drop (8b), deadline."""
+
+    memory_bytes: int
+    max_accuracy_drop: float
+    deadline_s: float | None = None
+
+    def __post_init__(self) -> None:
+        check_int(self.memory_bytes, "budget memory_bytes", 1)
+        check_number(self.max_accuracy_drop, "budget max_accuracy_drop")
+        if self.deadline_s is not None:
+            check_number(self.deadline_s, "budget deadline_s", strict=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"memory_bytes": self.memory_bytes, "max_accuracy_drop": self.max_accuracy_drop,
+                "deadline_s": self.deadline_s}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Budgets":
+        data = require_mapping(data, "plan budgets")
+        check_keys(data, {"memory_bytes", "max_accuracy_drop"}, {"deadline_s"}, "plan budgets")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One split configuration (the solution of eq. 8) plus the budgets it was chosen under."""
+
+    model_id: str
+    n_layers: int
+    split_layer: int
+    l_w: int
+    method: str
+    q_w1: int
+    q_w2: int | None
+    qa: int
+    codec: CodecParams
+    group_size: int
+    max_tokens: int
+    budgets: Budgets
+    i_kv: int = 1
+    format_version: int = PLAN_FORMAT_VERSION
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise SplitLLMError("plan model_id must be a non-empty string")
+        if self.format_version != PLAN_FORMAT_VERSION:
+            raise SplitLLMError(f"plan format_version must be {PLAN_FORMAT_VERSION}")
+        check_int(self.n_layers, "plan n_layers", 1)
+        check_int(self.split_layer, "plan split_layer", 1, self.n_layers)
+        check_int(self.l_w, "plan l_w", 0, self.n_layers)
+        if self.method not in ("front", "back"):
+            raise SplitLLMError(f"plan method must be 'front' or 'back', got {self.method!r}")
+        check_int(self.q_w1, "plan q_w1", 1, 32)
+        if self.q_w2 is not None:
+            check_int(self.q_w2, "plan q_w2", 1, 32)
+        check_int(self.qa, "plan qa", 1, 32)
+        check_int(self.group_size, "plan group_size", 1)
+        check_int(self.max_tokens, "plan max_tokens", 1)
+        if self.i_kv not in (0, 1) or isinstance(self.i_kv, bool):
+            raise SplitLLMError(f"plan i_kv must be 0 or 1, got {self.i_kv!r}")
+        if not isinstance(self.codec, CodecParams) or not isinstance(self.budgets, Budgets):
+            raise SplitLLMError("plan codec and budgets must be CodecParams and Budgets")
+        if not isinstance(self.notes, dict):
+            raise SplitLLMError("plan notes must be a mapping")
+        missing = [k for k, b in enumerate(self.edge_weight_bits) if b is None]
+        if missing:
+            raise SplitLLMError(
+                f"plan keeps no weights (q_w2 is None) for edge layers {missing[0]}..{missing[-1]};"
+                f" raise l_w or set q_w2"
+            )
+
+    @property
+    def edge_weight_bits(self) -> tuple[int | None, ...]:
+        """Weight bits of each edge layer [0, split_layer)."""
+        method = self.method  # validated in __post_init__
+        bits = layer_weight_bits(self.n_layers, self.l_w, self.q_w1, self.q_w2, method)  # type: ignore[arg-type]
+        return bits[: self.split_layer]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version, "model_id": self.model_id,
+            "n_layers": self.n_layers, "split_layer": self.split_layer, "l_w": self.l_w,
+            "method": self.method, "q_w1": self.q_w1, "q_w2": self.q_w2, "qa": self.qa,
+            "i_kv": self.i_kv, "group_size": self.group_size, "max_tokens": self.max_tokens,
+            "codec": self.codec.to_dict(), "budgets": self.budgets.to_dict(),
+            "notes": dict(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Plan":
+        data = require_mapping(data, "plan")
+        check_version(data, PLAN_FORMAT_VERSION, "plan")
+        required = {"format_version", "model_id", "n_layers", "split_layer", "l_w", "method",
+                    "q_w1", "q_w2", "qa", "group_size", "max_tokens", "codec", "budgets"}
+        check_keys(data, required, {"i_kv", "notes"}, "plan")
+        fields = {k: v for k, v in data.items() if k not in ("codec", "budgets")}
+        fields["notes"] = dict(require_mapping(fields.get("notes") or {}, "plan notes"))
+        return cls(codec=CodecParams.from_dict(data["codec"]),
+                   budgets=Budgets.from_dict(data["budgets"]), **fields)
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        write_yaml(path, self.to_dict(), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Plan":
+        return cls.from_dict(load_config(path))
