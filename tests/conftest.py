@@ -53,3 +53,20 @@ def real_lm():
     from splitcli.model.loader import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face directory with the real tokenizer (vocab 49152)."""
+    import transformers as tf
+
+    from splitcli.model.loader import materialize, resolve_model
+
+    real_dir, _ = materialize(resolve_model("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(**{**TINY, "vocab_size": 49152, "max_position_embeddings": 512})
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tf.AutoTokenizer.from_pretrained(str(real_dir)).save_pretrained(out)
+    return out

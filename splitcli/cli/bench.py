@@ -17,7 +17,7 @@ app = typer.Typer(help="Benchmarks (medians of repeats, measured side by side, J
 def decode_cmd(
     json_out: Path = typer.Option(..., "--json", help="Where to write the results."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
-    split_layer: int = typer.Option(15, "--split-layer", "-l", help="ℓ for the split run."),
+    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ for the split run (default: L // 2)."),
     tokens: int = typer.Option(64, "--tokens", help="Decode steps per run."),
     repeats: int = typer.Option(5, "--repeats", help="Alternating unsplit/split runs; medians are reported."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
@@ -31,7 +31,8 @@ def decode_cmd(
     if tokens < 4 or repeats < 1:
         raise SplitLLMError("--tokens must be >= 4 and --repeats >= 1")
     lm = load_model_with_status(model)
-    validate_split_layer(split_layer, decoder_parts(lm.model).num_layers)
+    n_layers = decoder_parts(lm.model).num_layers
+    split_layer = validate_split_layer(n_layers // 2 if split_layer is None else split_layer, n_layers)
     with Progress(console=console, transient=False) as bar:
         task = bar.add_task("decode runs", total=repeats)
         result = bench_decode(lm, split_layer, tokens, repeats, progress=lambda done, _: bar.update(task, completed=done))

@@ -14,7 +14,7 @@ from .common import check_output_path, cli_errors, console, err_console, load_mo
 def generate_cmd(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
-    split_layer: int = typer.Option(15, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ), the cloud the rest."),
+    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ), the cloud the rest (default: L // 2)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
@@ -26,24 +26,24 @@ def generate_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
 ):
     """Generate text with the model split at ℓ: edge half -> hidden state on the wire -> cloud half."""
+    from ..errors import SplitLLMError
     from ..model.split import decoder_parts, validate_split_layer
     from ..runtime.generate import SamplingConfig, encode_prompts, generate
     from ..runtime.session import SplitSession
 
+    # Cheap checks first, so bad input fails before the model loads.
     check_output_path(json_out, force)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if not prompt.strip():
+        raise SplitLLMError("the prompt is empty: give some text with --prompt")
     if prefill_chunk < 0:
-        from ..errors import SplitLLMError
-
         raise SplitLLMError(f"--prefill-chunk must be >= 0, got {prefill_chunk}")
     lm = load_model_with_status(model)
     parts = decoder_parts(lm.model)
-    validate_split_layer(split_layer, parts.num_layers)
+    split_layer = validate_split_layer(parts.num_layers // 2 if split_layer is None else split_layer, parts.num_layers)
     context = getattr(lm.model.config, "max_position_embeddings", None)
     ids, mask = encode_prompts(lm.tokenizer, [prompt], chat=chat, context_length=context)
     if context is not None and ids.shape[1] + max_new_tokens > context:
-        from ..errors import SplitLLMError
-
         raise SplitLLMError(
             f"prompt ({ids.shape[1]} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the context of {context} tokens"
         )

@@ -25,6 +25,16 @@ from ..errors import SplitLLMError  # noqa: E402
 
 CACHE_FORMAT_VERSION = 1
 
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a corrupt or foreign model file can raise inside transformers / gguf / safetensors."""
+    import struct
+
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError, AttributeError,
+            NotImplementedError, struct.error, SafetensorError)
+
 # name -> (PyPI distribution, file inside it, pip spec that provides it)
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": (
@@ -122,7 +132,7 @@ def _convert_gguf(src: Path, dest: Path, progress=None) -> None:
             gguf_model = AutoModelForCausalLM.from_pretrained(
                 str(src.parent), gguf_file=src.name, dtype=torch.float32
             )
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        except _load_errors() as e:
             raise SplitLLMError(f"cannot read GGUF model {src}: {str(e).splitlines()[0][:200]}") from None
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from a clean config.
     config_dict = gguf_model.config.to_dict()
@@ -190,11 +200,11 @@ def load_model(spec: str = DEFAULT_MODEL, progress=None) -> LoadedModel:
         warnings.simplefilter("ignore")
         try:
             model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        except _load_errors() as e:
             raise SplitLLMError(f"cannot load model from {directory}: {str(e).splitlines()[0][:200]}") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        except _load_errors() as e:
             raise SplitLLMError(f"cannot load the tokenizer from {directory}: {str(e).splitlines()[0][:200]}") from None
     model.eval()
     model_id = spec if spec in BUILTIN_MODELS else str(source.path)
