@@ -1,0 +1,8 @@
+"""Intermediate-output codec (paper §2.3): threshold splitting + TAB-Q + rANS, as a byte frame."""
+
+from splitcli.codec.config import FORMAT_VERSION, CodecConfig
+from splitcli.codec.frame import CodecStats, FrameError, decode, encode, encode_with_stats
+from splitcli.codec.threshold import calibrate_channel_scale, calibrate_tau
+
+__all__ = ["FORMAT_VERSION", "CodecConfig", "CodecStats", "FrameError", "calibrate_channel_scale", "calibrate_tau", "decode",
+           "encode", "encode_with_stats"]

@@ -1,0 +1,98 @@
+"""Codec parameters: one frozen, validated dataclass shared by encoder, benchmark and plan."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from splitcli.errors import SplitLLMError
+
+#: Wire-format version written into every frame and carried by persisted configs.
+FORMAT_VERSION = 1
+
+#: Widest TAB-Q code (sign included); symbols then fit one byte.
+MAX_Q_BAR = 8
+#: Narrowest TAB-Q code: one sign bit and one magnitude bit (levels {0, 1}).
+MIN_Q = 2
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Parameters of the intermediate-output codec (paper §2.3).
+
+    tau / tau_quantile: threshold splitting (eq. 4). Give exactly one. `tau` is an absolute
+        magnitude (`math.inf` disables threshold splitting, i.e. "TAB-Q only"); `tau_quantile`
+        q in [0, 1] puts tau at the q-quantile of |x| of each encoded tensor, so roughly a
+        fraction 1 - q of the entries travels losslessly. Per-frame quantiles are meant for
+        experiments; a deployment calibrates once with `calibrate_tau` and stores `tau`.
+    q_bar: the widest TAB-Q code in bits, sign bit included (the paper's Q̄).
+    q_min: the narrowest code TAB-Q may lower a token to (the paper's underlined Q).
+    delta: distortion tolerance Δ: the per-token relative L2 error of the TAB-Q part, see
+        `splitcli.codec.tabq.tab_q`.
+    entropy: allow rANS coding of the symbols; when off (or when it would not pay) the
+        symbols are bit-packed at their width.
+    channel_scale: optional per-channel divisor c [hidden] applied to T_below before TAB-Q's
+        per-token step (and multiplied back after eq. 7). Not part of the paper's recipe
+        (None = the paper's recipe): on SmolLM2 a few channels carry most of T_below's energy,
+        so one token's range is set by them and every other channel lands on a few levels.
+        Calibrate once with `calibrate_channel_scale` and persist it with the config; frames
+        carry only its crc32, and `decode` must be given the same vector.
+    """
+
+    tau: float | None = None
+    tau_quantile: float | None = 0.999
+    q_bar: int = 6
+    q_min: int = MIN_Q
+    delta: float = 0.1
+    entropy: bool = True
+    channel_scale: tuple[float, ...] | None = None
+    version: int = FORMAT_VERSION
+    _scale: np.ndarray | None = field(init=False, repr=False, compare=False, default=None)
+    _scale_crc: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        if self.version != FORMAT_VERSION:
+            raise SplitLLMError(f"codec config version {self.version} is not supported "
+                                f"(this build writes version {FORMAT_VERSION})")
+        if (self.tau is None) == (self.tau_quantile is None):
+            raise SplitLLMError("codec config needs exactly one of tau and tau_quantile")
+        if self.tau is not None and not (isinstance(self.tau, (int, float))
+                                         and self.tau >= 0 and not math.isnan(self.tau)):
+            raise SplitLLMError(f"codec tau must be a number >= 0 (inf disables it), got {self.tau!r}")
+        if self.tau_quantile is not None and not (isinstance(self.tau_quantile, (int, float))
+                                                  and 0.0 <= self.tau_quantile <= 1.0):
+            raise SplitLLMError(f"codec tau_quantile must lie in [0, 1], got {self.tau_quantile!r}")
+        for name in ("q_bar", "q_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SplitLLMError(f"codec {name} must be an integer, got {value!r}")
+        if not MIN_Q <= self.q_min <= self.q_bar <= MAX_Q_BAR:
+            raise SplitLLMError(f"codec bit widths need {MIN_Q} <= q_min <= q_bar <= {MAX_Q_BAR}, "
+                                f"got q_min={self.q_min}, q_bar={self.q_bar}")
+        if not (isinstance(self.delta, (int, float)) and math.isfinite(self.delta) and self.delta >= 0):
+            raise SplitLLMError(f"codec delta must be a finite number >= 0, got {self.delta!r}")
+        if not isinstance(self.entropy, bool):
+            raise SplitLLMError(f"codec entropy must be true or false, got {self.entropy!r}")
+        if self.channel_scale is not None:
+            scale, crc = channel_scale_array(self.channel_scale)
+            # cached on the frozen instance: encode runs per decode step and must stay cheap
+            object.__setattr__(self, "channel_scale", tuple(float(v) for v in scale))
+            object.__setattr__(self, "_scale", scale)
+            object.__setattr__(self, "_scale_crc", crc)
+
+
+def channel_scale_array(channel_scale) -> tuple[np.ndarray, int]:
+    """Validated float32 channel scale and its crc32 (what a frame records to match it)."""
+    try:
+        scale = np.asarray(channel_scale, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise SplitLLMError(f"codec channel_scale must be a list of numbers: {exc}") from exc
+    if scale.ndim != 1 or scale.size == 0 or scale.size > 0xFFFF:
+        raise SplitLLMError(f"codec channel_scale must be a non-empty 1-D list, got shape {scale.shape}")
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise SplitLLMError("codec channel_scale entries must be finite and > 0")
+    scale = np.ascontiguousarray(scale, dtype="<f4")
+    return scale, zlib.crc32(scale.tobytes())

@@ -1,0 +1,315 @@
+"""The wire frame: encode a hidden state [tokens, hidden] to self-describing bytes and back.
+
+Layout, little-endian (version 1):
+
+    header   magic "SLCF" | version u8 | dtype u8 | flags u8 | q_bar u8 | q_min u8 | 0 u8
+             | tokens u32 | hidden u32 | tau f32 | delta f32 | n_outliers u32 | body_len u32
+             | crc32 of the channel scale u32 (only if FLAG_CHANNEL_SCALE)
+    per token  widths u8[tokens] | scales f32[tokens] | zeros i32[tokens] (only if FLAG_ZEROS)
+    sparse   counts u16[tokens] (CSR row pointers = their prefix sums) | cols u16[n_outliers]
+             | values dtype[n_outliers] (the input's exact bits)
+    models   rANS path only: per width present, ascending: lo u8 | hi u8 | counts u16[hi-lo+1]
+    body     body_len bytes: rANS uint32 words, or per width group the symbols bit-packed
+    crc32    u32 over everything above
+
+tau and delta are informational (decoding does not need them). Reconstruction is eq. 7 with one
+reading: at outlier positions the output is the exact outlier value (the quantized residual of
+T_below there is a zero and is dropped rather than added), so outliers round-trip bit for bit.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitcli.codec.config import FORMAT_VERSION, MAX_Q_BAR, MIN_Q, CodecConfig, channel_scale_array
+from splitcli.codec.entropy import (GroupModel, fit_group_model, group_tokens, pack_bits, packed_size,
+                                    rans_decode, rans_encode, unpack_bits)
+from splitcli.codec.tabq import reconstruct, tab_q
+from splitcli.codec.threshold import calibrate_tau, split_threshold
+from splitcli.errors import SplitLLMError
+
+MAGIC = b"SLCF"
+_HEADER = struct.Struct("<4sBBBBBBIIffII")
+_CRC = struct.Struct("<I")
+FLAG_RANS = 1
+FLAG_ZEROS = 2
+FLAG_CHANNEL_SCALE = 4
+_KNOWN_FLAGS = FLAG_RANS | FLAG_ZEROS | FLAG_CHANNEL_SCALE
+
+# dtype code -> (torch dtype, numpy dtype holding its raw bits)
+_DTYPES = {0: (torch.float32, np.dtype("<u4")), 1: (torch.float16, np.dtype("<u2")),
+           2: (torch.bfloat16, np.dtype("<u2"))}
+_DTYPE_CODES = {td: code for code, (td, _) in _DTYPES.items()}
+_BITS_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+#: Wire-format cap on the hidden size (columns travel as uint16).
+MAX_HIDDEN = 0xFFFF
+DEFAULT_MAX_TOKENS = 1 << 16
+DEFAULT_MAX_ELEMENTS = 1 << 26      # 256 MiB of float32 output
+_MAX_ABS_ZERO = 1 << 21             # tabq keeps |z| <= 2^20
+
+
+class FrameError(SplitLLMError):
+    """The only error `decode` raises: the bytes are not a valid frame (truncated, corrupted,
+    from another version, or beyond the caller's size caps)."""
+
+
+@dataclass(frozen=True)
+class CodecStats:
+    """What one encoded frame is made of. Bits are totals over the frame."""
+
+    frame_bytes: int
+    tokens: int
+    hidden: int
+    n_outliers: int
+    path: str              # "rans" or "raw"
+    meta_bytes: int        # header + per-token widths/scales/zeros + crc
+    sparse_bytes: int
+    model_bytes: int
+    body_bytes: int
+    entropy_bits: float    # empirical entropy of the symbols, per width group
+    mean_width: float
+    max_distortion: float  # largest per-token δ (relative L2 of the TAB-Q part)
+    tau: float
+
+    @property
+    def n_symbols(self) -> int:
+        return self.tokens * self.hidden
+
+    @property
+    def coded_bits(self) -> int:
+        return 8 * self.body_bytes
+
+    @property
+    def entropy_overhead(self) -> float:
+        """coded_bits / entropy_bits - 1 of the symbol body (models excluded)."""
+        return self.coded_bits / self.entropy_bits - 1 if self.entropy_bits > 0 else 0.0
+
+    @property
+    def entropy_overhead_with_model(self) -> float:
+        bits = 8 * (self.body_bytes + self.model_bytes)
+        return bits / self.entropy_bits - 1 if self.entropy_bits > 0 else 0.0
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise SplitLLMError(f"codec input must be a tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise SplitLLMError(f"codec input must have shape [tokens, hidden], got {tuple(x.shape)}")
+    if x.dtype not in _DTYPE_CODES:
+        raise SplitLLMError(f"codec input dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.shape[1] > MAX_HIDDEN:
+        raise SplitLLMError(f"codec hidden size {x.shape[1]} exceeds the format's {MAX_HIDDEN}")
+    if x.shape[0] > 0xFFFFFFFF:
+        raise SplitLLMError("codec input has too many tokens for one frame")
+    return x.detach().to("cpu").contiguous()
+
+
+def encode_with_stats(x, cfg: CodecConfig) -> tuple[bytes, CodecStats]:
+    """Encode x [tokens, hidden] (float32/float16/bfloat16) into one frame; see module docstring."""
+    x = _as_tensor(x)
+    x32 = x.to(torch.float32).numpy()                                     # [tokens, hidden]
+    if not np.isfinite(x32).all():
+        raise SplitLLMError("codec input contains NaN or Inf; refusing to encode it")
+    tokens, hidden = x32.shape
+    tau = cfg.tau if cfg.tau is not None else calibrate_tau(x32, cfg.tau_quantile)
+    sparse, below = split_threshold(x32, tau)
+    if cfg._scale is not None:
+        if cfg._scale.size != hidden:
+            raise SplitLLMError(f"codec channel_scale has {cfg._scale.size} entries, the input {hidden} channels")
+        below = below / cfg._scale                                        # [tokens, hidden]
+    tq = tab_q(below, cfg.q_bar, cfg.q_min, cfg.delta)
+
+    raw_bits = x.view(_BITS_VIEW[x.dtype]).numpy()
+    values = raw_bits[sparse.rows, sparse.cols.astype(np.intp)].astype(_DTYPES[_DTYPE_CODES[x.dtype]][1])
+
+    groups = [(w, idx, tq.symbols[idx]) for w, idx in group_tokens(tq.widths)]
+    fits = [fit_group_model(w, sym) for w, _, sym in groups]
+    entropy_bits = sum(e for _, e in fits)
+    raw_bytes = sum(packed_size(sym.size, w) for w, _, sym in groups)
+    use_rans = False
+    if cfg.entropy and groups:
+        model_bytes = sum(2 + 2 * len(m.counts) for m, _ in fits)
+        if model_bytes + entropy_bits / 8 < raw_bytes:
+            words = rans_encode([(m, sym) for (m, _), (_, _, sym) in zip(fits, groups)])
+            use_rans = model_bytes + 4 * words.size < raw_bytes   # it may still not pay
+    if use_rans:
+        models = b"".join(struct.pack("<BB", m.lo, m.hi) + m.counts.astype("<u2").tobytes() for m, _ in fits)
+        body = words.astype("<u4").tobytes()
+    else:
+        models = b""
+        body = b"".join(pack_bits(sym, w) for w, _, sym in groups)
+
+    has_zeros = bool(tq.zeros.any())
+    flags = (FLAG_RANS if use_rans else 0) | (FLAG_ZEROS if has_zeros else 0) | \
+        (FLAG_CHANNEL_SCALE if cfg._scale is not None else 0)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[x.dtype], flags, cfg.q_bar, cfg.q_min, 0,
+                          tokens, hidden, tau, cfg.delta, int(sparse.cols.size), len(body))
+    if cfg._scale is not None:
+        header += _CRC.pack(cfg._scale_crc)
+    meta = tq.widths.tobytes() + tq.scales.astype("<f4").tobytes() + \
+        (tq.zeros.astype("<i4").tobytes() if has_zeros else b"")
+    sparse_blob = sparse.counts.astype("<u2").tobytes() + sparse.cols.astype("<u2").tobytes() + values.tobytes()
+    payload = b"".join((header, meta, sparse_blob, models, body))
+    frame = payload + _CRC.pack(zlib.crc32(payload))
+    stats = CodecStats(frame_bytes=len(frame), tokens=tokens, hidden=hidden, n_outliers=int(sparse.cols.size),
+                       path="rans" if use_rans else "raw", meta_bytes=len(header) + len(meta) + _CRC.size,
+                       sparse_bytes=len(sparse_blob), model_bytes=len(models), body_bytes=len(body),
+                       entropy_bits=entropy_bits,
+                       mean_width=float(tq.widths.mean()) if tokens else 0.0,
+                       max_distortion=float(tq.distortion.max()) if tokens else 0.0, tau=float(tau))
+    return frame, stats
+
+
+def encode(x, cfg: CodecConfig) -> bytes:
+    """Encode x [tokens, hidden] into a frame (bytes)."""
+    return encode_with_stats(x, cfg)[0]
+
+
+class _Reader:
+    """Bounds-checked cursor: every read is validated against the frame before it is made."""
+
+    def __init__(self, buf: memoryview, end: int):
+        self.buf, self.pos, self.end = buf, 0, end
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > self.end:
+            raise FrameError(f"codec frame is truncated: {what} needs {n} bytes, "
+                             f"{self.end - self.pos} left")
+        view = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return view
+
+    def array(self, dtype: str, count: int, what: str) -> np.ndarray:
+        dt = np.dtype(dtype)
+        return np.frombuffer(self.take(count * dt.itemsize, what), dt)
+
+
+def decode(frame: bytes, *, channel_scale=None, max_tokens: int = DEFAULT_MAX_TOKENS,
+           max_hidden: int = MAX_HIDDEN, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+    """Decode a frame into a tensor [tokens, hidden] of the encoded dtype.
+
+    `channel_scale` (a sequence, or the `CodecConfig` used to encode) must be given exactly when
+    the frame was encoded with one; its crc32 must match the frame's. Every length and count is
+    checked against the frame and against the caps before anything is allocated; any invalid
+    frame raises `FrameError` and nothing else."""
+    try:
+        if isinstance(channel_scale, CodecConfig):
+            scale = (channel_scale._scale, channel_scale._scale_crc) if channel_scale._scale is not None else None
+        else:
+            scale = channel_scale_array(channel_scale) if channel_scale is not None else None
+    except SplitLLMError as exc:
+        raise FrameError(f"codec channel scale given to decode is invalid: {exc}") from exc
+    try:
+        return _decode(frame, scale, max_tokens, max_hidden, max_elements)
+    except FrameError:
+        raise
+    except (ValueError, TypeError, OverflowError, struct.error, MemoryError) as exc:
+        # constriction reports invalid streams as ValueError; anything else here is a frame
+        # this function failed to vet, and it still must not escape as another type.
+        raise FrameError(f"codec frame is invalid: {exc}") from exc
+
+
+def _decode(frame: bytes, scale, max_tokens: int, max_hidden: int, max_elements: int) -> torch.Tensor:
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise FrameError(f"codec frame must be bytes, got {type(frame).__name__}")
+    buf = memoryview(frame).cast("B")
+    if len(buf) < _HEADER.size + _CRC.size:
+        raise FrameError(f"codec frame is truncated: {len(buf)} bytes is shorter than a header")
+    end = len(buf) - _CRC.size
+    if zlib.crc32(buf[:end]) != _CRC.unpack_from(buf, end)[0]:
+        raise FrameError("codec frame checksum mismatch (corrupted or truncated)")
+    rd = _Reader(buf, end)
+    (magic, version, dtype_code, flags, q_bar, q_min, reserved, tokens, hidden, _tau, _delta,
+     n_outliers, body_len) = _HEADER.unpack(rd.take(_HEADER.size, "header"))
+    if magic != MAGIC:
+        raise FrameError("not a codec frame (bad magic)")
+    if version != FORMAT_VERSION:
+        raise FrameError(f"codec frame version {version} is not supported (expected {FORMAT_VERSION})")
+    if dtype_code not in _DTYPES or flags & ~_KNOWN_FLAGS or reserved != 0:
+        raise FrameError("codec frame header has an unknown dtype or flag")
+    if not MIN_Q <= q_min <= q_bar <= MAX_Q_BAR:
+        raise FrameError(f"codec frame has invalid bit widths q_min={q_min} q_bar={q_bar}")
+    if tokens > max_tokens or hidden > min(max_hidden, MAX_HIDDEN) or tokens * hidden > max_elements:
+        raise FrameError(f"codec frame shape [{tokens}, {hidden}] exceeds the decoder's caps")
+    if n_outliers > tokens * hidden:
+        raise FrameError("codec frame claims more outliers than entries")
+    if flags & FLAG_CHANNEL_SCALE:
+        (scale_crc,) = _CRC.unpack(rd.take(_CRC.size, "channel scale crc"))
+        if scale is None:
+            raise FrameError("codec frame was encoded with a channel scale; decode needs the same one")
+        if scale_crc != scale[1] or scale[0].size != hidden:
+            raise FrameError("codec frame's channel scale does not match the one given to decode")
+    elif scale is not None:
+        raise FrameError("codec frame has no channel scale but decode was given one")
+    torch_dtype, bits_dtype = _DTYPES[dtype_code]
+    has_zeros = bool(flags & FLAG_ZEROS)
+    fixed = tokens * (1 + 4 + (4 if has_zeros else 0) + 2) + n_outliers * (2 + bits_dtype.itemsize)
+    if fixed + body_len > end - rd.pos:
+        raise FrameError("codec frame is shorter than its header says")
+
+    widths = rd.array("u1", tokens, "widths")
+    scales = rd.array("<f4", tokens, "scales")
+    zeros = rd.array("<i4", tokens, "zeros") if has_zeros else np.zeros(tokens, np.int32)
+    if tokens and (widths.min() < q_min or widths.max() > q_bar):
+        raise FrameError("codec frame has a token width outside [q_min, q_bar]")
+    if not (np.isfinite(scales).all() and (scales >= 0).all()):
+        raise FrameError("codec frame has a negative or non-finite scale")
+    if tokens and (zeros.max() > 0 or zeros.min() < -_MAX_ABS_ZERO):
+        raise FrameError("codec frame has an out-of-range zero point")
+    counts = rd.array("<u2", tokens, "sparse row counts")
+    cols = rd.array("<u2", n_outliers, "sparse columns")
+    values = rd.array(bits_dtype.str, n_outliers, "sparse values")
+    if int(counts.sum(dtype=np.int64)) != n_outliers or (tokens and counts.max() > hidden):
+        raise FrameError("codec frame sparse row counts do not match its outlier count")
+    rows = np.repeat(np.arange(tokens), counts)
+    if n_outliers and cols.max() >= hidden:
+        raise FrameError("codec frame has a sparse column outside the hidden size")
+    if n_outliers > 1 and not (np.diff(rows * (hidden + 1) + cols.astype(np.int64)) > 0).all():
+        raise FrameError("codec frame sparse columns are not strictly ascending within a row")
+
+    groups = group_tokens(widths)
+    if flags & FLAG_RANS:
+        models = []
+        for w, idx in groups:
+            lo, hi = rd.take(2, "model range")
+            if not lo <= hi < (1 << w):
+                raise FrameError(f"codec frame model range [{lo}, {hi}] invalid for width {w}")
+            model_counts = rd.array("<u2", hi - lo + 1, "model counts").copy()
+            if hi > lo and not model_counts.any():
+                raise FrameError("codec frame has an all-zero symbol model")
+            models.append((GroupModel(w, lo, model_counts), idx.size * hidden))
+        if body_len % 4:
+            raise FrameError("codec frame rANS body is not whole words")
+        words = rd.array("<u4", body_len // 4, "rANS body").astype(np.uint32)
+        decoded = rans_decode(words, models)
+    else:
+        expected = sum(packed_size(idx.size * hidden, w) for w, idx in groups)
+        if body_len != expected:
+            raise FrameError(f"codec frame raw body is {body_len} bytes, expected {expected}")
+        decoded = [unpack_bits(rd.take(packed_size(idx.size * hidden, w), "raw body"), idx.size * hidden, w)
+                   for w, idx in groups]
+    if rd.pos != end:
+        raise FrameError(f"codec frame has {end - rd.pos} unexpected trailing bytes")
+
+    symbols = np.empty((tokens, hidden), np.uint8)                       # [tokens, hidden]
+    for (w, idx), sym in zip(groups, decoded):
+        if int(sym.max(initial=0)) >= (1 << w):
+            raise FrameError("codec frame decoded a symbol outside its width")
+        symbols[idx] = sym.reshape(idx.size, hidden)
+    below = reconstruct(symbols, widths, scales, zeros)                  # [tokens, hidden]
+    if scale is not None:
+        below *= scale[0]
+    out = torch.from_numpy(below).to(torch_dtype)
+    if n_outliers:
+        exact = torch.from_numpy(values.astype(bits_dtype.newbyteorder("=")).view(
+            np.int32 if bits_dtype.itemsize == 4 else np.int16).copy()).view(torch_dtype)
+        out[torch.from_numpy(rows), torch.from_numpy(cols.astype(np.int64))] = exact
+    return out
