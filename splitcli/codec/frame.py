@@ -304,9 +304,12 @@ def _decode(frame: bytes, scale, max_tokens: int, max_hidden: int, max_elements:
         if int(sym.max(initial=0)) >= (1 << w):
             raise FrameError("codec frame decoded a symbol outside its width")
         symbols[idx] = sym.reshape(idx.size, hidden)
-    below = reconstruct(symbols, widths, scales, zeros)                  # [tokens, hidden]
-    if scale is not None:
-        below *= scale[0]
+    with np.errstate(over="ignore", invalid="ignore"):
+        below = reconstruct(symbols, widths, scales, zeros)              # [tokens, hidden]
+        if scale is not None:
+            below *= scale[0]
+    if not np.isfinite(below).all():   # an encoder never writes this; a forged scale can
+        raise FrameError("codec frame reconstructs to non-finite values")
     out = torch.from_numpy(below).to(torch_dtype)
     if n_outliers:
         exact = torch.from_numpy(values.astype(bits_dtype.newbyteorder("=")).view(
