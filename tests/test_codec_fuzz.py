@@ -7,27 +7,29 @@ import zlib
 import numpy as np
 import torch
 
-from splitcli.codec import CodecConfig, FrameError, calibrate_channel_scale, decode, encode
+from splitcli.codec import CodecConfig, FrameError, calibrate_channel_class, calibrate_channel_scale, decode, encode
 
-CAPS = dict(max_tokens=64, max_hidden=64, max_elements=4096)
+CAPS = dict(max_tokens=128, max_hidden=64, max_elements=8192)
 
 
 def _seed_frames():
     g = torch.Generator().manual_seed(7)
     x = torch.randn(12, 16, generator=g) * 3
     x[2, 5] = 900.0
-    scale = calibrate_channel_scale(x, 5.0)
+    calibrated = CodecConfig(tau=5.0, tau_quantile=None, q_bar=6, channel_scale=calibrate_channel_scale(x, 5.0),
+                             channel_class=calibrate_channel_class(x, 5.0, 4))
     frames = [
         (encode(x, CodecConfig(tau=5.0, tau_quantile=None, q_bar=5, delta=0.2)), None),
         (encode(x, CodecConfig(tau=5.0, tau_quantile=None, q_bar=4, entropy=False)), None),
         (encode(x.bfloat16(), CodecConfig(tau=2.0, tau_quantile=None, q_bar=8, q_min=3, delta=0.05)), None),
         (encode(x[:1] + 50, CodecConfig(tau=float("inf"), tau_quantile=None, q_bar=6)), None),   # zero points
         (encode(x[:0], CodecConfig(tau=1.0, tau_quantile=None)), None),
-        (encode(x, CodecConfig(tau=5.0, tau_quantile=None, q_bar=6, channel_scale=scale)), scale),
+        (encode(x, calibrated), calibrated),
+        (encode(x.repeat(8, 1), calibrated), calibrated),
         (encode(torch.zeros(4, 8), CodecConfig(tau=1.0, tau_quantile=None)), None),
     ]
     for f, s in frames:   # the seeds themselves are valid
-        decode(f, channel_scale=s, **CAPS)
+        decode(f, s, **CAPS)
     return frames
 
 
@@ -74,7 +76,7 @@ def test_fuzzed_frames_only_raise_frame_error():
         frame, scale = seeds[i % len(seeds)]
         for mutant in _mutants(rng, frame):
             try:
-                y = decode(mutant, channel_scale=scale, **CAPS)
+                y = decode(mutant, scale, **CAPS)
             except FrameError:
                 counts["rejected"] += 1
             else:

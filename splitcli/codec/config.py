@@ -17,6 +17,8 @@ FORMAT_VERSION = 1
 MAX_Q_BAR = 8
 #: Narrowest TAB-Q code: one sign bit and one magnitude bit (levels {0, 1}).
 MIN_Q = 2
+#: Most channel classes (one entropy model per width and class).
+MAX_CLASSES = 16
 
 
 @dataclass(frozen=True)
@@ -39,19 +41,25 @@ class CodecConfig:
         (None = the paper's recipe): on SmolLM2 a few channels carry most of T_below's energy,
         so one token's range is set by them and every other channel lands on a few levels.
         Calibrate once with `calibrate_channel_scale` and persist it with the config; frames
-        carry only its crc32, and `decode` must be given the same vector.
+        carry only its crc32, and `decode` must be given the same config.
+    channel_class: optional class id (0..15) per channel; the entropy coder may then keep one
+        symbol model per (width, class) instead of per width (see `calibrate.py`). Lossless;
+        persisted like channel_scale, frames carry its crc32.
     """
 
     tau: float | None = None
     tau_quantile: float | None = 0.999
     q_bar: int = 6
     q_min: int = MIN_Q
-    delta: float = 0.1
+    delta: float = 0.05
     entropy: bool = True
     channel_scale: tuple[float, ...] | None = None
+    channel_class: tuple[int, ...] | None = None
     version: int = FORMAT_VERSION
     _scale: np.ndarray | None = field(init=False, repr=False, compare=False, default=None)
     _scale_crc: int = field(init=False, repr=False, compare=False, default=0)
+    _class_cols: list | None = field(init=False, repr=False, compare=False, default=None)
+    _class_crc: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         if self.version != FORMAT_VERSION:
@@ -82,6 +90,29 @@ class CodecConfig:
             object.__setattr__(self, "channel_scale", tuple(float(v) for v in scale))
             object.__setattr__(self, "_scale", scale)
             object.__setattr__(self, "_scale_crc", crc)
+        if self.channel_class is not None:
+            cols, crc = channel_class_columns(self.channel_class)
+            object.__setattr__(self, "channel_class", tuple(int(c) for c in self.channel_class))
+            object.__setattr__(self, "_class_cols", cols)
+            object.__setattr__(self, "_class_crc", crc)
+        if self.channel_scale is not None and self.channel_class is not None \
+                and len(self.channel_scale) != len(self.channel_class):
+            raise SplitLLMError("codec channel_scale and channel_class must have the same length")
+
+
+def channel_class_columns(channel_class) -> tuple[list[np.ndarray], int]:
+    """Columns of each class (empty classes included, index = class id) and the crc32 a frame
+    records to match the class vector."""
+    try:
+        cls = np.asarray(channel_class)
+    except (TypeError, ValueError) as exc:
+        raise SplitLLMError(f"codec channel_class must be a list of integers: {exc}") from exc
+    if cls.ndim != 1 or cls.size == 0 or cls.size > 0xFFFF or cls.dtype.kind not in "iu":
+        raise SplitLLMError("codec channel_class must be a non-empty 1-D list of integers")
+    if cls.min() < 0 or cls.max() >= MAX_CLASSES:
+        raise SplitLLMError(f"codec channel_class entries must lie in [0, {MAX_CLASSES})")
+    cls = cls.astype(np.uint8)
+    return [np.flatnonzero(cls == c) for c in range(int(cls.max()) + 1)], zlib.crc32(cls.tobytes())
 
 
 def channel_scale_array(channel_scale) -> tuple[np.ndarray, int]:

@@ -1,10 +1,14 @@
-"""Lossless coding of TAB-Q symbols: rANS (constriction) with a per-width model, or bit packing.
+"""Lossless coding of TAB-Q symbols: rANS (constriction) with per-group models, or bit packing.
 
-Tokens are grouped by their TAB-Q width; every group has its own categorical model, sent in the
-frame as the symbol range [lo, hi] plus counts normalized to `COUNT_TOTAL` (uint16 each), which
-is all the decoder needs to rebuild exactly the same model. A group whose symbols are all equal
-(lo == hi) costs no body bits at all. Groups are coded back to back on one rANS stack, in
-ascending width order as decoded.
+Tokens are grouped by their TAB-Q width and, when the config carries channel classes, further
+split by channel class; every group has its own categorical model, sent in the frame as the
+symbol range [lo, hi] plus counts normalized to `COUNT_TOTAL` (uint16 each), which is all the
+decoder needs to rebuild exactly the same model. A group whose symbols are all equal (lo == hi)
+costs no body bits. Groups are coded back to back on one rANS stack in the order of
+`symbol_groups` (width ascending, then class ascending). The encoder picks whichever of
+{bit packing, rANS per width, rANS per width and class} is smallest, estimating the rANS size
+from the empirical entropy, so tiny decode-step frames fall back to bit packing when models
+would cost more than they save.
 """
 
 from __future__ import annotations
@@ -99,3 +103,108 @@ def unpack_bits(data: bytes | memoryview, n: int, width: int) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(data, np.uint8), count=n * width, bitorder="little")
     weights = (1 << np.arange(width, dtype=np.uint16)).astype(np.uint16)
     return (bits.reshape(n, width).astype(np.uint16) @ weights).astype(np.uint8)
+
+
+MODE_RAW, MODE_RANS, MODE_RANS_CLASSES = 0, 1, 2
+#: Below this many tokens per-class models cost more than they save (one model per class and
+#: width); skipping the option keeps decode-step encoding fast.
+MIN_TOKENS_FOR_CLASSES = 16
+
+
+@dataclass(frozen=True)
+class Group:
+    """Symbols of `tokens` x `cols` (None = every column) coded with one model."""
+
+    width: int
+    tokens: np.ndarray          # [n] token indices
+    cols: np.ndarray | None     # [m] column indices of one channel class
+
+    def take(self, symbols: np.ndarray) -> np.ndarray:
+        rows = symbols[self.tokens]
+        return rows if self.cols is None else rows[:, self.cols]
+
+    def size(self, hidden: int) -> int:
+        return self.tokens.size * (hidden if self.cols is None else self.cols.size)
+
+
+def symbol_groups(widths: np.ndarray, class_cols: list[np.ndarray] | None) -> list[Group]:
+    groups = []
+    for w, idx in group_tokens(widths):
+        if class_cols is None:
+            groups.append(Group(w, idx, None))
+        else:
+            groups.extend(Group(w, idx, cols) for cols in class_cols if cols.size)
+    return groups
+
+
+@dataclass(frozen=True)
+class Body:
+    mode: int
+    models: bytes
+    body: bytes
+    entropy_bits: float   # empirical entropy of the symbols under the chosen grouping
+
+
+def _models_blob(models: list[GroupModel]) -> bytes:
+    return b"".join(bytes((m.lo, m.hi)) + m.counts.astype("<u2").tobytes() for m in models)
+
+
+def encode_body(symbols: np.ndarray, widths: np.ndarray, class_cols: list[np.ndarray] | None,
+                allow_rans: bool) -> Body:
+    """Code symbols [tokens, hidden] by the cheapest of the modes (see module docstring)."""
+    pooled = symbol_groups(widths, None)
+    hidden = symbols.shape[1]
+    raw_size = sum(packed_size(g.size(hidden), g.width) for g in pooled)
+    options = [(MODE_RANS, pooled)]
+    if class_cols is not None and widths.size >= MIN_TOKENS_FOR_CLASSES:
+        options.append((MODE_RANS_CLASSES, symbol_groups(widths, class_cols)))
+    fitted = []
+    for mode, groups in options:
+        parts = [fit_group_model(g.width, g.take(symbols)) for g in groups]
+        models = [m for m, _ in parts]
+        bits = sum(e for _, e in parts)
+        fitted.append((2 * len(models) + 2 * sum(len(m.counts) for m in models) + bits / 8, mode, groups, models, bits))
+    estimate, mode, groups, models, bits = min(fitted, key=lambda f: f[0])
+    if allow_rans and pooled and estimate < raw_size:
+        words = rans_encode([(m, g.take(symbols)) for m, g in zip(models, groups)])
+        blob = _models_blob(models)
+        if len(blob) + 4 * words.size < raw_size:     # the estimate can be off by a word or two
+            return Body(mode, blob, words.astype("<u4").tobytes(), bits)
+    raw = b"".join(pack_bits(g.take(symbols), g.width) for g in pooled)
+    return Body(MODE_RAW, b"", raw, fitted[0][4])
+
+
+def decode_body(rd, mode: int, widths: np.ndarray, hidden: int, class_cols: list[np.ndarray] | None,
+                body_len: int) -> np.ndarray:
+    """Read models + body through `rd` (a bounds-checked reader) and return symbols
+    [tokens, hidden] uint8, each < 2^width of its token. Raises ValueError on invalid data."""
+    groups = symbol_groups(widths, class_cols if mode == MODE_RANS_CLASSES else None)
+    if mode == MODE_RAW:
+        expected = sum(packed_size(g.size(hidden), g.width) for g in groups)
+        if body_len != expected:
+            raise ValueError(f"raw body is {body_len} bytes, expected {expected}")
+        decoded = [unpack_bits(rd.take(packed_size(g.size(hidden), g.width), "raw body"), g.size(hidden), g.width)
+                   for g in groups]
+    else:
+        models = []
+        for g in groups:
+            lo, hi = rd.take(2, "model range")
+            if not lo <= hi < (1 << g.width):
+                raise ValueError(f"model range [{lo}, {hi}] invalid for width {g.width}")
+            counts = rd.array("<u2", hi - lo + 1, "model counts").copy()
+            if hi > lo and not counts.any():
+                raise ValueError("a symbol model has all-zero counts")
+            models.append((GroupModel(g.width, lo, counts), g.size(hidden)))
+        if body_len % 4:
+            raise ValueError("rANS body is not whole words")
+        words = rd.array("<u4", body_len // 4, "rANS body").astype(np.uint32)
+        decoded = rans_decode(words, models)
+    symbols = np.empty((widths.size, hidden), np.uint8)                 # [tokens, hidden]
+    for g, sym in zip(groups, decoded):
+        if int(sym.max(initial=0)) >= (1 << g.width):
+            raise ValueError("decoded a symbol outside its width")
+        if g.cols is None:
+            symbols[g.tokens] = sym.reshape(g.tokens.size, hidden)
+        else:
+            symbols[np.ix_(g.tokens, g.cols)] = sym.reshape(g.tokens.size, g.cols.size)
+    return symbols

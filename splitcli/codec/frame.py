@@ -5,10 +5,12 @@ Layout, little-endian (version 1):
     header   magic "SLCF" | version u8 | dtype u8 | flags u8 | q_bar u8 | q_min u8 | 0 u8
              | tokens u32 | hidden u32 | tau f32 | delta f32 | n_outliers u32 | body_len u32
              | crc32 of the channel scale u32 (only if FLAG_CHANNEL_SCALE)
+             | crc32 of the channel classes u32 (only if FLAG_CHANNEL_CLASS)
     per token  widths u8[tokens] | scales f32[tokens] | zeros i32[tokens] (only if FLAG_ZEROS)
     sparse   counts u16[tokens] (CSR row pointers = their prefix sums) | cols u16[n_outliers]
              | values dtype[n_outliers] (the input's exact bits)
-    models   rANS path only: per width present, ascending: lo u8 | hi u8 | counts u16[hi-lo+1]
+    models   rANS paths only, per group (width ascending, then channel class ascending when
+             FLAG_CLASS_MODELS): lo u8 | hi u8 | counts u16[hi-lo+1]
     body     body_len bytes: rANS uint32 words, or per width group the symbols bit-packed
     crc32    u32 over everything above
 
@@ -26,9 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splitcli.codec.config import FORMAT_VERSION, MAX_Q_BAR, MIN_Q, CodecConfig, channel_scale_array
-from splitcli.codec.entropy import (GroupModel, fit_group_model, group_tokens, pack_bits, packed_size,
-                                    rans_decode, rans_encode, unpack_bits)
+from splitcli.codec.config import FORMAT_VERSION, MAX_Q_BAR, MIN_Q, CodecConfig
+from splitcli.codec.entropy import MODE_RANS, MODE_RANS_CLASSES, MODE_RAW, decode_body, encode_body
 from splitcli.codec.tabq import reconstruct, tab_q
 from splitcli.codec.threshold import calibrate_tau, split_threshold
 from splitcli.errors import SplitLLMError
@@ -39,11 +40,14 @@ _CRC = struct.Struct("<I")
 FLAG_RANS = 1
 FLAG_ZEROS = 2
 FLAG_CHANNEL_SCALE = 4
-_KNOWN_FLAGS = FLAG_RANS | FLAG_ZEROS | FLAG_CHANNEL_SCALE
+FLAG_CHANNEL_CLASS = 8
+FLAG_CLASS_MODELS = 16
+_KNOWN_FLAGS = FLAG_RANS | FLAG_ZEROS | FLAG_CHANNEL_SCALE | FLAG_CHANNEL_CLASS | FLAG_CLASS_MODELS
 
 # dtype code -> (torch dtype, numpy dtype holding its raw bits)
 _DTYPES = {0: (torch.float32, np.dtype("<u4")), 1: (torch.float16, np.dtype("<u2")),
            2: (torch.bfloat16, np.dtype("<u2"))}
+_PATHS = {MODE_RAW: "raw", MODE_RANS: "rans", MODE_RANS_CLASSES: "rans-class"}
 _DTYPE_CODES = {td: code for code, (td, _) in _DTYPES.items()}
 _BITS_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -67,12 +71,12 @@ class CodecStats:
     tokens: int
     hidden: int
     n_outliers: int
-    path: str              # "rans" or "raw"
+    path: str              # "raw", "rans" (a model per width) or "rans-class" (per width and class)
     meta_bytes: int        # header + per-token widths/scales/zeros + crc
     sparse_bytes: int
     model_bytes: int
     body_bytes: int
-    entropy_bits: float    # empirical entropy of the symbols, per width group
+    entropy_bits: float    # empirical entropy of the symbols under the path's grouping
     mean_width: float
     max_distortion: float  # largest per-token δ (relative L2 of the TAB-Q part)
     tau: float
@@ -130,39 +134,30 @@ def encode_with_stats(x, cfg: CodecConfig) -> tuple[bytes, CodecStats]:
     raw_bits = x.view(_BITS_VIEW[x.dtype]).numpy()
     values = raw_bits[sparse.rows, sparse.cols.astype(np.intp)].astype(_DTYPES[_DTYPE_CODES[x.dtype]][1])
 
-    groups = [(w, idx, tq.symbols[idx]) for w, idx in group_tokens(tq.widths)]
-    fits = [fit_group_model(w, sym) for w, _, sym in groups]
-    entropy_bits = sum(e for _, e in fits)
-    raw_bytes = sum(packed_size(sym.size, w) for w, _, sym in groups)
-    use_rans = False
-    if cfg.entropy and groups:
-        model_bytes = sum(2 + 2 * len(m.counts) for m, _ in fits)
-        if model_bytes + entropy_bits / 8 < raw_bytes:
-            words = rans_encode([(m, sym) for (m, _), (_, _, sym) in zip(fits, groups)])
-            use_rans = model_bytes + 4 * words.size < raw_bytes   # it may still not pay
-    if use_rans:
-        models = b"".join(struct.pack("<BB", m.lo, m.hi) + m.counts.astype("<u2").tobytes() for m, _ in fits)
-        body = words.astype("<u4").tobytes()
-    else:
-        models = b""
-        body = b"".join(pack_bits(sym, w) for w, _, sym in groups)
+    if cfg._class_cols is not None and len(cfg.channel_class) != hidden:
+        raise SplitLLMError(f"codec channel_class has {len(cfg.channel_class)} entries, the input {hidden} channels")
+    body = encode_body(tq.symbols, tq.widths, cfg._class_cols, cfg.entropy)
 
     has_zeros = bool(tq.zeros.any())
-    flags = (FLAG_RANS if use_rans else 0) | (FLAG_ZEROS if has_zeros else 0) | \
-        (FLAG_CHANNEL_SCALE if cfg._scale is not None else 0)
+    flags = (FLAG_RANS if body.mode != MODE_RAW else 0) | (FLAG_ZEROS if has_zeros else 0) | \
+        (FLAG_CHANNEL_SCALE if cfg._scale is not None else 0) | \
+        (FLAG_CHANNEL_CLASS if cfg._class_cols is not None else 0) | \
+        (FLAG_CLASS_MODELS if body.mode == MODE_RANS_CLASSES else 0)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[x.dtype], flags, cfg.q_bar, cfg.q_min, 0,
-                          tokens, hidden, tau, cfg.delta, int(sparse.cols.size), len(body))
+                          tokens, hidden, tau, cfg.delta, int(sparse.cols.size), len(body.body))
     if cfg._scale is not None:
         header += _CRC.pack(cfg._scale_crc)
+    if cfg._class_cols is not None:
+        header += _CRC.pack(cfg._class_crc)
     meta = tq.widths.tobytes() + tq.scales.astype("<f4").tobytes() + \
         (tq.zeros.astype("<i4").tobytes() if has_zeros else b"")
     sparse_blob = sparse.counts.astype("<u2").tobytes() + sparse.cols.astype("<u2").tobytes() + values.tobytes()
-    payload = b"".join((header, meta, sparse_blob, models, body))
+    payload = b"".join((header, meta, sparse_blob, body.models, body.body))
     frame = payload + _CRC.pack(zlib.crc32(payload))
     stats = CodecStats(frame_bytes=len(frame), tokens=tokens, hidden=hidden, n_outliers=int(sparse.cols.size),
-                       path="rans" if use_rans else "raw", meta_bytes=len(header) + len(meta) + _CRC.size,
-                       sparse_bytes=len(sparse_blob), model_bytes=len(models), body_bytes=len(body),
-                       entropy_bits=entropy_bits,
+                       path=_PATHS[body.mode], meta_bytes=len(header) + len(meta) + _CRC.size,
+                       sparse_bytes=len(sparse_blob), model_bytes=len(body.models), body_bytes=len(body.body),
+                       entropy_bits=body.entropy_bits,
                        mean_width=float(tq.widths.mean()) if tokens else 0.0,
                        max_distortion=float(tq.distortion.max()) if tokens else 0.0, tau=float(tau))
     return frame, stats
@@ -192,32 +187,37 @@ class _Reader:
         return np.frombuffer(self.take(count * dt.itemsize, what), dt)
 
 
-def decode(frame: bytes, *, channel_scale=None, max_tokens: int = DEFAULT_MAX_TOKENS,
+def decode(frame: bytes, cfg: CodecConfig | None = None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
            max_hidden: int = MAX_HIDDEN, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
     """Decode a frame into a tensor [tokens, hidden] of the encoded dtype.
 
-    `channel_scale` (a sequence, or the `CodecConfig` used to encode) must be given exactly when
-    the frame was encoded with one; its crc32 must match the frame's. Every length and count is
+    `cfg` is needed only for frames encoded with per-channel calibration (channel_scale or
+    channel_class): it must carry the same vectors (checked by crc32). Every length and count is
     checked against the frame and against the caps before anything is allocated; any invalid
     frame raises `FrameError` and nothing else."""
+    if cfg is not None and not isinstance(cfg, CodecConfig):
+        raise FrameError(f"decode's cfg must be a CodecConfig, got {type(cfg).__name__}")
     try:
-        if isinstance(channel_scale, CodecConfig):
-            scale = (channel_scale._scale, channel_scale._scale_crc) if channel_scale._scale is not None else None
-        else:
-            scale = channel_scale_array(channel_scale) if channel_scale is not None else None
-    except SplitLLMError as exc:
-        raise FrameError(f"codec channel scale given to decode is invalid: {exc}") from exc
-    try:
-        return _decode(frame, scale, max_tokens, max_hidden, max_elements)
+        return _decode(frame, cfg, max_tokens, max_hidden, max_elements)
     except FrameError:
         raise
     except (ValueError, TypeError, OverflowError, struct.error, MemoryError) as exc:
-        # constriction reports invalid streams as ValueError; anything else here is a frame
-        # this function failed to vet, and it still must not escape as another type.
+        # constriction and decode_body report invalid streams as ValueError; anything else here
+        # is a frame this function failed to vet, and it still must not escape as another type.
         raise FrameError(f"codec frame is invalid: {exc}") from exc
 
 
-def _decode(frame: bytes, scale, max_tokens: int, max_hidden: int, max_elements: int) -> torch.Tensor:
+def _check_calibration(rd: _Reader, present: bool, crc_expected: int | None, size: int | None,
+                       hidden: int, what: str) -> None:
+    if present:
+        (crc,) = _CRC.unpack(rd.take(_CRC.size, f"{what} crc"))
+        if crc_expected is None:
+            raise FrameError(f"codec frame was encoded with a {what}; decode needs the same config")
+        if crc != crc_expected or size != hidden:
+            raise FrameError(f"codec frame's {what} does not match the config given to decode")
+
+
+def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: int, max_elements: int) -> torch.Tensor:
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise FrameError(f"codec frame must be bytes, got {type(frame).__name__}")
     buf = memoryview(frame).cast("B")
@@ -241,14 +241,14 @@ def _decode(frame: bytes, scale, max_tokens: int, max_hidden: int, max_elements:
         raise FrameError(f"codec frame shape [{tokens}, {hidden}] exceeds the decoder's caps")
     if n_outliers > tokens * hidden:
         raise FrameError("codec frame claims more outliers than entries")
-    if flags & FLAG_CHANNEL_SCALE:
-        (scale_crc,) = _CRC.unpack(rd.take(_CRC.size, "channel scale crc"))
-        if scale is None:
-            raise FrameError("codec frame was encoded with a channel scale; decode needs the same one")
-        if scale_crc != scale[1] or scale[0].size != hidden:
-            raise FrameError("codec frame's channel scale does not match the one given to decode")
-    elif scale is not None:
-        raise FrameError("codec frame has no channel scale but decode was given one")
+    scale = cfg._scale if cfg is not None else None
+    class_cols = cfg._class_cols if cfg is not None else None
+    _check_calibration(rd, bool(flags & FLAG_CHANNEL_SCALE), cfg._scale_crc if scale is not None else None,
+                       scale.size if scale is not None else None, hidden, "channel scale")
+    _check_calibration(rd, bool(flags & FLAG_CHANNEL_CLASS), cfg._class_crc if class_cols is not None else None,
+                       len(cfg.channel_class) if class_cols is not None else None, hidden, "channel class")
+    if flags & FLAG_CLASS_MODELS and not (flags & FLAG_CHANNEL_CLASS and flags & FLAG_RANS):
+        raise FrameError("codec frame has per-class models without channel classes")
     torch_dtype, bits_dtype = _DTYPES[dtype_code]
     has_zeros = bool(flags & FLAG_ZEROS)
     fixed = tokens * (1 + 4 + (4 if has_zeros else 0) + 2) + n_outliers * (2 + bits_dtype.itemsize)
@@ -275,39 +275,14 @@ def _decode(frame: bytes, scale, max_tokens: int, max_hidden: int, max_elements:
     if n_outliers > 1 and not (np.diff(rows * (hidden + 1) + cols.astype(np.int64)) > 0).all():
         raise FrameError("codec frame sparse columns are not strictly ascending within a row")
 
-    groups = group_tokens(widths)
-    if flags & FLAG_RANS:
-        models = []
-        for w, idx in groups:
-            lo, hi = rd.take(2, "model range")
-            if not lo <= hi < (1 << w):
-                raise FrameError(f"codec frame model range [{lo}, {hi}] invalid for width {w}")
-            model_counts = rd.array("<u2", hi - lo + 1, "model counts").copy()
-            if hi > lo and not model_counts.any():
-                raise FrameError("codec frame has an all-zero symbol model")
-            models.append((GroupModel(w, lo, model_counts), idx.size * hidden))
-        if body_len % 4:
-            raise FrameError("codec frame rANS body is not whole words")
-        words = rd.array("<u4", body_len // 4, "rANS body").astype(np.uint32)
-        decoded = rans_decode(words, models)
-    else:
-        expected = sum(packed_size(idx.size * hidden, w) for w, idx in groups)
-        if body_len != expected:
-            raise FrameError(f"codec frame raw body is {body_len} bytes, expected {expected}")
-        decoded = [unpack_bits(rd.take(packed_size(idx.size * hidden, w), "raw body"), idx.size * hidden, w)
-                   for w, idx in groups]
+    mode = MODE_RAW if not flags & FLAG_RANS else MODE_RANS_CLASSES if flags & FLAG_CLASS_MODELS else MODE_RANS
+    symbols = decode_body(rd, mode, widths, hidden, class_cols, body_len)   # [tokens, hidden]
     if rd.pos != end:
         raise FrameError(f"codec frame has {end - rd.pos} unexpected trailing bytes")
-
-    symbols = np.empty((tokens, hidden), np.uint8)                       # [tokens, hidden]
-    for (w, idx), sym in zip(groups, decoded):
-        if int(sym.max(initial=0)) >= (1 << w):
-            raise FrameError("codec frame decoded a symbol outside its width")
-        symbols[idx] = sym.reshape(idx.size, hidden)
     with np.errstate(over="ignore", invalid="ignore"):
         below = reconstruct(symbols, widths, scales, zeros)              # [tokens, hidden]
-        if scale is not None:
-            below *= scale[0]
+        if flags & FLAG_CHANNEL_SCALE:
+            below *= scale
     if not np.isfinite(below).all():   # an encoder never writes this; a forged scale can
         raise FrameError("codec frame reconstructs to non-finite values")
     out = torch.from_numpy(below).to(torch_dtype)

@@ -88,7 +88,7 @@ def measure_codec(hidden, cfg: CodecConfig, *, repeats: int = 50, prefill_tokens
     fp16 = x.half()
     zstd_bytes = len(zstandard.ZstdCompressor(level=3).compress(fp16.numpy().tobytes()))
     frame, stats = encode_with_stats(x, cfg)
-    y = decode(frame)
+    y = decode(frame, cfg)
     fp16_bpt = 2 * width
     rows = [
         MethodRow("fp32", 4 * width, 0.5, 0.0),
@@ -101,7 +101,7 @@ def measure_codec(hidden, cfg: CodecConfig, *, repeats: int = 50, prefill_tokens
     counter = iter(range(1 << 62))
     token_frames = [encode(x[i:i + 1], cfg) for i in range(min(tokens, 64))]
     enc_ms = _median_ms(lambda: encode(x[next(counter) % tokens:][:1], cfg), repeats)
-    dec_ms = _median_ms(lambda: decode(token_frames[next(counter) % len(token_frames)]), repeats)
+    dec_ms = _median_ms(lambda: decode(token_frames[next(counter) % len(token_frames)], cfg), repeats)
     _, token_stats = encode_with_stats(x[:1], cfg)
 
     reps = -(-prefill_tokens // tokens)
@@ -129,7 +129,7 @@ def sweep_codec(hidden, base: CodecConfig, *, tau_quantiles=(0.99, 0.995, 0.999,
             frame, stats = encode_with_stats(x, cfg)
             out.append(dict(tau_quantile=tq, tau=tau, q_bar=q_bar, delta=cfg.delta,
                             bytes_per_token=len(frame) / x.shape[0],
-                            ratio_vs_fp16=2 * x.numel() / len(frame), rel_l2=_rel_l2(decode(frame), x),
+                            ratio_vs_fp16=2 * x.numel() / len(frame), rel_l2=_rel_l2(decode(frame, cfg), x),
                             mean_width=stats.mean_width, outliers_per_token=stats.n_outliers / x.shape[0],
                             entropy_overhead=stats.entropy_overhead, path=stats.path))
     return out

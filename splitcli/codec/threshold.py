@@ -60,25 +60,3 @@ def split_threshold(x: np.ndarray, tau: float) -> tuple[SparsePart, np.ndarray]:
     below = np.where(mask, np.float32(0), x) if rows.size else x
     return SparsePart(counts=counts, cols=cols.astype(np.uint16), rows=rows), below
 
-
-def calibrate_channel_scale(samples: torch.Tensor | np.ndarray | Iterable, tau: float) -> tuple[float, ...]:
-    """Per-channel RMS of T_below (entries with |x| < tau) over calibration samples [.., hidden],
-    for `CodecConfig.channel_scale`. Channels that are empty or all-zero below tau get the
-    median scale, so no channel is divided by zero."""
-    if isinstance(samples, (torch.Tensor, np.ndarray)):
-        samples = [samples]
-    sq, n = None, None
-    for s in samples:
-        a = s.detach().to("cpu", torch.float32).numpy() if isinstance(s, torch.Tensor) else np.asarray(s, np.float32)
-        a = a.reshape(-1, a.shape[-1]).astype(np.float64)                     # [rows, hidden]
-        if not np.isfinite(a).all():
-            raise SplitLLMError("cannot calibrate channel scale: the samples contain NaN or Inf")
-        keep = np.abs(a) < tau
-        part_sq, part_n = np.where(keep, a * a, 0).sum(0), keep.sum(0)
-        sq, n = (part_sq, part_n) if sq is None else (sq + part_sq, n + part_n)
-    if sq is None or sq.size == 0:
-        raise SplitLLMError("cannot calibrate channel scale from empty samples")
-    rms = np.sqrt(np.divide(sq, n, out=np.zeros_like(sq), where=n > 0))
-    good = rms[rms > 0]
-    fill = float(np.median(good)) if good.size else 1.0
-    return tuple(float(v) for v in np.where(rms > 0, rms, fill).astype(np.float32))

@@ -1,0 +1,60 @@
+"""Per-channel calibration and class-conditional entropy coding."""
+
+import numpy as np
+import pytest
+import torch
+
+from splitcli.codec import (CodecConfig, FrameError, calibrate_channel_class, calibrate_channel_scale,
+                            calibrate_config, decode, encode_with_stats)
+from splitcli.errors import SplitLLMError
+
+
+def _hidden(tokens=256):
+    g = torch.Generator().manual_seed(11)
+    spread = torch.logspace(-1, 1.5, 48)                      # channels from quiet to loud
+    return torch.randn(tokens, 48, generator=g) * spread
+
+
+def test_channel_rms_and_classes_hand_checked():
+    x = torch.tensor([[1.0, 3.0, 100.0], [-1.0, -3.0, 0.0]])
+    scale = calibrate_channel_scale(x, tau=50.0)              # the 100 is an outlier, excluded
+    assert scale == pytest.approx((1.0, 3.0, 2.0))            # empty channel -> median of 1 and 3
+    assert calibrate_channel_class(torch.tensor([[1.0, 2.0, 4.0, 8.0]]), 1e9, 2) == (0, 0, 1, 1)
+
+
+def test_class_models_are_lossless_and_smaller():
+    x = _hidden()
+    cfg = calibrate_config(x, CodecConfig(q_bar=6, delta=0.0), tau_quantile=0.999, n_classes=8)
+    assert cfg.tau_quantile is None and len(cfg.channel_class) == 48
+    pooled = CodecConfig(tau=cfg.tau, tau_quantile=None, q_bar=6, delta=0.0)
+    f_cls, s_cls = encode_with_stats(x, cfg)
+    f_pool, s_pool = encode_with_stats(x, pooled)
+    assert s_cls.path == "rans-class" and s_pool.path == "rans"
+    assert len(f_cls) < len(f_pool)
+    assert torch.equal(decode(f_cls, cfg), decode(f_pool))    # same quantization, other coder
+    with pytest.raises(FrameError):
+        decode(f_cls)                                         # needs the classes
+    other = CodecConfig(tau=cfg.tau, tau_quantile=None, channel_class=tuple(reversed(cfg.channel_class)))
+    with pytest.raises(FrameError):
+        decode(f_cls, other)
+
+
+def test_single_token_frames_skip_class_models():
+    x = _hidden()
+    cfg = calibrate_config(x, n_classes=4)
+    _, stats = encode_with_stats(x[:1], cfg)
+    assert stats.path in ("raw", "rans")
+
+
+@pytest.mark.parametrize("bad", [(), (0, 16), (-1, 0), (0.5, 1.0), ((0, 1),)])
+def test_bad_channel_class_is_rejected(bad):
+    with pytest.raises(SplitLLMError):
+        CodecConfig(channel_class=bad)
+
+
+def test_class_and_scale_lengths_must_agree():
+    with pytest.raises(SplitLLMError):
+        CodecConfig(channel_class=(0, 1), channel_scale=(1.0, 2.0, 3.0))
+    with pytest.raises(SplitLLMError):
+        encode_with_stats(torch.zeros(2, 3), CodecConfig(channel_class=(0, 1)))
+    assert np.isfinite(calibrate_channel_scale(_hidden(4), 1e9)).all()
