@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from splitcli.codec import (CodecConfig, FrameError, calibrate_channel_class, calibrate_channel_scale,
-                            calibrate_config, decode, encode_with_stats)
+                            calibrate_config, calibrate_symbol_model, decode, encode_with_stats)
 from splitcli.errors import SplitLLMError
 
 
@@ -24,7 +24,7 @@ def test_channel_rms_and_classes_hand_checked():
 
 def test_class_models_are_lossless_and_smaller():
     x = _hidden()
-    cfg = calibrate_config(x, CodecConfig(q_bar=6, delta=0.0), tau_quantile=0.999, n_classes=8)
+    cfg = calibrate_config(x, CodecConfig(q_bar=6, delta=0.0), tau_quantile=0.999, n_classes=8, symbol_model=False)
     assert cfg.tau_quantile is None and len(cfg.channel_class) == 48
     pooled = CodecConfig(tau=cfg.tau, tau_quantile=None, q_bar=6, delta=0.0)
     f_cls, s_cls = encode_with_stats(x, cfg)
@@ -43,7 +43,7 @@ def test_single_token_frames_skip_class_models():
     x = _hidden()
     cfg = calibrate_config(x, n_classes=4)
     _, stats = encode_with_stats(x[:1], cfg)
-    assert stats.path in ("raw", "rans")
+    assert stats.path in ("raw", "rans", "rans-static")
 
 
 @pytest.mark.parametrize("bad", [(), (0, 16), (-1, 0), (0.5, 1.0), ((0, 1),)])
@@ -58,3 +58,30 @@ def test_class_and_scale_lengths_must_agree():
     with pytest.raises(SplitLLMError):
         encode_with_stats(torch.zeros(2, 3), CodecConfig(channel_class=(0, 1)))
     assert np.isfinite(calibrate_channel_scale(_hidden(4), 1e9)).all()
+
+
+def test_static_model_makes_decode_step_frames_smaller():
+    x = _hidden()
+    cfg = calibrate_config(x[:200], CodecConfig(q_bar=5, q_min=3, delta=0.0), n_classes=None)
+    assert [len(m) for m in cfg.symbol_model] == [8, 16, 32]
+    plain = CodecConfig(tau=cfg.tau, tau_quantile=None, q_bar=5, q_min=3, delta=0.0)
+    for i in range(200, 210):
+        f_static, s_static = encode_with_stats(x[i:i + 1], cfg)
+        f_plain, _ = encode_with_stats(x[i:i + 1], plain)
+        assert s_static.path == "rans-static" and s_static.model_bytes == 0
+        assert len(f_static) < len(f_plain)
+        assert torch.equal(decode(f_static, cfg), decode(f_plain))
+    with pytest.raises(FrameError):
+        decode(f_static)
+    with pytest.raises(FrameError):
+        decode(f_static, calibrate_config(x[:100], CodecConfig(q_bar=5, q_min=3, delta=0.0), n_classes=None))
+
+
+def test_symbol_model_needs_absolute_tau_and_valid_counts():
+    with pytest.raises(SplitLLMError):
+        calibrate_symbol_model(_hidden(8), CodecConfig())
+    good = calibrate_symbol_model(_hidden(8), CodecConfig(tau=10.0, tau_quantile=None, q_bar=3, q_min=2))
+    assert CodecConfig(tau=10.0, tau_quantile=None, q_bar=3, q_min=2, symbol_model=good).symbol_model == good
+    for bad in (good[:1], (good[0], good[1][:-1]), (good[0], (0,) * 8), (good[0], (70000,) * 8)):
+        with pytest.raises(SplitLLMError):
+            CodecConfig(tau=10.0, tau_quantile=None, q_bar=3, q_min=2, symbol_model=bad)

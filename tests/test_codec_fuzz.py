@@ -7,9 +7,10 @@ import zlib
 import numpy as np
 import torch
 
-from splitcli.codec import CodecConfig, FrameError, calibrate_channel_class, calibrate_channel_scale, decode, encode
+from splitcli.codec import (CodecConfig, FrameError, calibrate_channel_class, calibrate_channel_scale, calibrate_config,
+                            decode, encode)
 
-CAPS = dict(max_tokens=128, max_hidden=64, max_elements=8192)
+CAPS = dict(max_tokens=128, max_hidden=256, max_elements=8192)
 
 
 def _seed_frames():
@@ -18,6 +19,8 @@ def _seed_frames():
     x[2, 5] = 900.0
     calibrated = CodecConfig(tau=5.0, tau_quantile=None, q_bar=6, channel_scale=calibrate_channel_scale(x, 5.0),
                              channel_class=calibrate_channel_class(x, 5.0, 4))
+    wide = torch.randn(32, 256, generator=g) * 3
+    static = calibrate_config(wide, CodecConfig(q_bar=6, delta=0.0), n_classes=None)
     frames = [
         (encode(x, CodecConfig(tau=5.0, tau_quantile=None, q_bar=5, delta=0.2)), None),
         (encode(x, CodecConfig(tau=5.0, tau_quantile=None, q_bar=4, entropy=False)), None),
@@ -26,6 +29,7 @@ def _seed_frames():
         (encode(x[:0], CodecConfig(tau=1.0, tau_quantile=None)), None),
         (encode(x, calibrated), calibrated),
         (encode(x.repeat(8, 1), calibrated), calibrated),
+        (encode(wide[:1], static), static),      # rans-static
         (encode(torch.zeros(4, 8), CodecConfig(tau=1.0, tau_quantile=None)), None),
     ]
     for f, s in frames:   # the seeds themselves are valid

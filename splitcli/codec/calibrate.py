@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from splitcli.codec.config import MAX_CLASSES, CodecConfig
-from splitcli.codec.threshold import calibrate_tau
+from splitcli.codec.entropy import COUNT_TOTAL
+from splitcli.codec.tabq import tab_q
+from splitcli.codec.threshold import calibrate_tau, split_threshold
 from splitcli.errors import SplitLLMError
 
 
@@ -57,12 +59,39 @@ def calibrate_channel_class(samples, tau: float, n_classes: int = 8) -> tuple[in
     return tuple(int(c) for c in np.searchsorted(edges, log_rms, side="right"))
 
 
+def calibrate_symbol_model(samples, cfg: CodecConfig) -> tuple[tuple[int, ...], ...]:
+    """Symbol counts per width q_min..q_bar for `CodecConfig.symbol_model`: the samples are
+    split at cfg's tau (which must be absolute), scaled by its channel_scale if any, and
+    quantized at each width in turn; counts get +1 (every symbol stays cheap enough to code)
+    and are normalized to the entropy coder's COUNT_TOTAL."""
+    if cfg.tau is None:
+        raise SplitLLMError("calibrate the symbol model with an absolute tau (calibrate tau first)")
+    if isinstance(samples, (torch.Tensor, np.ndarray)):
+        samples = [samples]
+    rows = [s.detach().to("cpu", torch.float32).numpy() if isinstance(s, torch.Tensor) else np.asarray(s, np.float32)
+            for s in samples]
+    x = np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])              # [tokens, hidden]
+    if x.size == 0 or not np.isfinite(x).all():
+        raise SplitLLMError("cannot calibrate the symbol model from empty or non-finite samples")
+    _, below = split_threshold(x, cfg.tau)
+    if cfg._scale is not None:
+        below = below / cfg._scale
+    model = []
+    for width in range(cfg.q_min, cfg.q_bar + 1):
+        symbols = tab_q(below, width, width, 0.0).symbols
+        hist = np.bincount(symbols.reshape(-1), minlength=1 << width).astype(np.float64) + 1
+        model.append(tuple(int(c) for c in np.maximum(np.rint(hist * COUNT_TOTAL / hist.sum()), 1)))
+    return tuple(model)
+
+
 def calibrate_config(samples, base: CodecConfig | None = None, *, tau_quantile: float = 0.999,
-                     n_classes: int | None = 8) -> CodecConfig:
+                     n_classes: int | None = 8, symbol_model: bool = True) -> CodecConfig:
     """The deployment recipe: `base` with tau fixed at the `tau_quantile` of |x| over the
-    samples and (unless n_classes is None) channel classes for class-conditional rANS.
+    samples, (unless n_classes is None) channel classes for class-conditional rANS of large
+    frames, and (if symbol_model) a static symbol model for small ones.
     Measured on SmolLM2-135M at l = 15 (see the codec report): 0.999 / q_bar 6 / 8 classes."""
     base = base if base is not None else CodecConfig()
     tau = calibrate_tau(samples, tau_quantile)
     classes = calibrate_channel_class(samples, tau, n_classes) if n_classes is not None else None
-    return replace(base, tau=tau, tau_quantile=None, channel_class=classes)
+    cfg = replace(base, tau=tau, tau_quantile=None, channel_class=classes, symbol_model=None)
+    return replace(cfg, symbol_model=calibrate_symbol_model(samples, cfg)) if symbol_model else cfg

@@ -45,6 +45,9 @@ class CodecConfig:
     channel_class: optional class id (0..15) per channel; the entropy coder may then keep one
         symbol model per (width, class) instead of per width (see `calibrate.py`). Lossless;
         persisted like channel_scale, frames carry its crc32.
+    symbol_model: optional calibrated symbol counts per width q_min..q_bar (each of length
+        2^width, entries 0..65535), held by both sides so that small (decode-step) frames need
+        not carry a model. Lossless; see `calibrate_symbol_model`. Frames carry its crc32.
     """
 
     tau: float | None = None
@@ -55,11 +58,14 @@ class CodecConfig:
     entropy: bool = True
     channel_scale: tuple[float, ...] | None = None
     channel_class: tuple[int, ...] | None = None
+    symbol_model: tuple[tuple[int, ...], ...] | None = None
     version: int = FORMAT_VERSION
     _scale: np.ndarray | None = field(init=False, repr=False, compare=False, default=None)
     _scale_crc: int = field(init=False, repr=False, compare=False, default=0)
     _class_cols: list | None = field(init=False, repr=False, compare=False, default=None)
     _class_crc: int = field(init=False, repr=False, compare=False, default=0)
+    _static: dict | None = field(init=False, repr=False, compare=False, default=None)
+    _static_crc: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         if self.version != FORMAT_VERSION:
@@ -95,6 +101,11 @@ class CodecConfig:
             object.__setattr__(self, "channel_class", tuple(int(c) for c in self.channel_class))
             object.__setattr__(self, "_class_cols", cols)
             object.__setattr__(self, "_class_crc", crc)
+        if self.symbol_model is not None:
+            models, crc = static_models(self.symbol_model, self.q_min, self.q_bar)
+            object.__setattr__(self, "symbol_model", tuple(tuple(int(c) for c in m) for m in self.symbol_model))
+            object.__setattr__(self, "_static", models)
+            object.__setattr__(self, "_static_crc", crc)
         if self.channel_scale is not None and self.channel_class is not None \
                 and len(self.channel_scale) != len(self.channel_class):
             raise SplitLLMError("codec channel_scale and channel_class must have the same length")
@@ -127,3 +138,25 @@ def channel_scale_array(channel_scale) -> tuple[np.ndarray, int]:
         raise SplitLLMError("codec channel_scale entries must be finite and > 0")
     scale = np.ascontiguousarray(scale, dtype="<f4")
     return scale, zlib.crc32(scale.tobytes())
+
+
+def static_models(symbol_model, q_min: int, q_bar: int) -> tuple[dict, int]:
+    """Validated static models {width: GroupModel over [0, 2^width)} and their crc32."""
+    from splitcli.codec.entropy import GroupModel   # entropy imports nothing from here at runtime
+
+    if len(symbol_model) != q_bar - q_min + 1:
+        raise SplitLLMError(f"codec symbol_model needs one count list per width {q_min}..{q_bar}")
+    models, crc = {}, 0
+    for width, counts in zip(range(q_min, q_bar + 1), symbol_model):
+        try:
+            arr = np.asarray(counts)
+        except (TypeError, ValueError) as exc:
+            raise SplitLLMError(f"codec symbol_model counts must be integers: {exc}") from exc
+        if arr.shape != (1 << width,) or arr.dtype.kind not in "iu" or arr.min() < 0 \
+                or arr.max() > 0xFFFF or arr.sum() == 0:
+            raise SplitLLMError(f"codec symbol_model for width {width} needs {1 << width} "
+                                "integer counts in 0..65535, not all zero")
+        arr = arr.astype("<u2")
+        crc = zlib.crc32(arr.tobytes(), crc)
+        models[width] = GroupModel(width, 0, arr)
+    return models, crc

@@ -14,6 +14,7 @@ would cost more than they save.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import constriction
 import numpy as np
@@ -37,8 +38,16 @@ class GroupModel:
     def hi(self) -> int:
         return self.lo + len(self.counts) - 1
 
+    @cached_property
     def categorical(self):
+        # cached: a static model (from the config) is reused for every decode-step frame
         return _Categorical(self.counts.astype(np.float64), perfect=False)
+
+    @cached_property
+    def code_lengths(self) -> np.ndarray:
+        """-log2 p per symbol (zero counts get constriction's leaky minimum, ~1/2^24)."""
+        p = np.maximum(self.counts / self.counts.sum(), 2.0 ** -24)
+        return -np.log2(p)
 
 
 def group_tokens(widths: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -67,7 +76,7 @@ def rans_encode(groups: list[tuple[GroupModel, np.ndarray]]) -> np.ndarray:
     coder = _AnsCoder()
     for model, symbols in reversed(groups):   # a stack: the last group pushed is read first
         if len(model.counts) > 1:
-            coder.encode_reverse(symbols.reshape(-1).astype(np.int32) - model.lo, model.categorical())
+            coder.encode_reverse(symbols.reshape(-1).astype(np.int32) - model.lo, model.categorical)
     return coder.get_compressed()
 
 
@@ -82,7 +91,7 @@ def rans_decode(words: np.ndarray, groups: list[tuple[GroupModel, int]]) -> list
             continue
         if coder is None:
             raise ValueError("rANS body is empty but a group needs coded symbols")
-        out.append((coder.decode(model.categorical(), n) + model.lo).astype(np.uint8))
+        out.append((coder.decode(model.categorical, n) + model.lo).astype(np.uint8))
     if coder is not None and not coder.is_empty():
         raise ValueError("rANS body has words left over after the last symbol")
     return out
@@ -105,7 +114,7 @@ def unpack_bits(data: bytes | memoryview, n: int, width: int) -> np.ndarray:
     return (bits.reshape(n, width).astype(np.uint16) @ weights).astype(np.uint8)
 
 
-MODE_RAW, MODE_RANS, MODE_RANS_CLASSES = 0, 1, 2
+MODE_RAW, MODE_RANS, MODE_RANS_CLASSES, MODE_RANS_STATIC = 0, 1, 2, 3
 #: Below this many tokens per-class models cost more than they save (one model per class and
 #: width); skipping the option keeps decode-step encoding fast.
 MIN_TOKENS_FOR_CLASSES = 16
@@ -150,8 +159,10 @@ def _models_blob(models: list[GroupModel]) -> bytes:
 
 
 def encode_body(symbols: np.ndarray, widths: np.ndarray, class_cols: list[np.ndarray] | None,
-                allow_rans: bool) -> Body:
-    """Code symbols [tokens, hidden] by the cheapest of the modes (see module docstring)."""
+                allow_rans: bool, static: dict[int, GroupModel] | None = None) -> Body:
+    """Code symbols [tokens, hidden] by the cheapest of the modes (see module docstring).
+    `static` maps width -> a calibrated model over the full alphabet [0, 2^width) that both
+    sides hold (MODE_RANS_STATIC: no model bytes in the frame)."""
     pooled = symbol_groups(widths, None)
     hidden = symbols.shape[1]
     raw_size = sum(packed_size(g.size(hidden), g.width) for g in pooled)
@@ -164,10 +175,14 @@ def encode_body(symbols: np.ndarray, widths: np.ndarray, class_cols: list[np.nda
         models = [m for m, _ in parts]
         bits = sum(e for _, e in parts)
         fitted.append((2 * len(models) + 2 * sum(len(m.counts) for m in models) + bits / 8, mode, groups, models, bits))
+    if static is not None:
+        cross_bits = sum(float(static[g.width].code_lengths[g.take(symbols).reshape(-1)].sum()) for g in pooled)
+        fitted.append((cross_bits / 8, MODE_RANS_STATIC, pooled, [static[g.width] for g in pooled],
+                       fitted[0][4]))
     estimate, mode, groups, models, bits = min(fitted, key=lambda f: f[0])
     if allow_rans and pooled and estimate < raw_size:
         words = rans_encode([(m, g.take(symbols)) for m, g in zip(models, groups)])
-        blob = _models_blob(models)
+        blob = _models_blob(models) if mode != MODE_RANS_STATIC else b""
         if len(blob) + 4 * words.size < raw_size:     # the estimate can be off by a word or two
             return Body(mode, blob, words.astype("<u4").tobytes(), bits)
     raw = b"".join(pack_bits(g.take(symbols), g.width) for g in pooled)
@@ -175,7 +190,7 @@ def encode_body(symbols: np.ndarray, widths: np.ndarray, class_cols: list[np.nda
 
 
 def decode_body(rd, mode: int, widths: np.ndarray, hidden: int, class_cols: list[np.ndarray] | None,
-                body_len: int) -> np.ndarray:
+                body_len: int, static: dict[int, GroupModel] | None = None) -> np.ndarray:
     """Read models + body through `rd` (a bounds-checked reader) and return symbols
     [tokens, hidden] uint8, each < 2^width of its token. Raises ValueError on invalid data."""
     groups = symbol_groups(widths, class_cols if mode == MODE_RANS_CLASSES else None)
@@ -188,6 +203,9 @@ def decode_body(rd, mode: int, widths: np.ndarray, hidden: int, class_cols: list
     else:
         models = []
         for g in groups:
+            if mode == MODE_RANS_STATIC:
+                models.append((static[g.width], g.size(hidden)))
+                continue
             lo, hi = rd.take(2, "model range")
             if not lo <= hi < (1 << g.width):
                 raise ValueError(f"model range [{lo}, {hi}] invalid for width {g.width}")

@@ -6,11 +6,12 @@ Layout, little-endian (version 1):
              | tokens u32 | hidden u32 | tau f32 | delta f32 | n_outliers u32 | body_len u32
              | crc32 of the channel scale u32 (only if FLAG_CHANNEL_SCALE)
              | crc32 of the channel classes u32 (only if FLAG_CHANNEL_CLASS)
+             | crc32 of the static symbol model u32 (only if FLAG_STATIC_MODEL)
     per token  widths u8[tokens] | scales f32[tokens] | zeros i32[tokens] (only if FLAG_ZEROS)
     sparse   counts u16[tokens] (CSR row pointers = their prefix sums) | cols u16[n_outliers]
              | values dtype[n_outliers] (the input's exact bits)
-    models   rANS paths only, per group (width ascending, then channel class ascending when
-             FLAG_CLASS_MODELS): lo u8 | hi u8 | counts u16[hi-lo+1]
+    models   rANS paths without FLAG_STATIC_MODEL, per group (width ascending, then channel
+             class ascending when FLAG_CLASS_MODELS): lo u8 | hi u8 | counts u16[hi-lo+1]
     body     body_len bytes: rANS uint32 words, or per width group the symbols bit-packed
     crc32    u32 over everything above
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from splitcli.codec.config import FORMAT_VERSION, MAX_Q_BAR, MIN_Q, CodecConfig
-from splitcli.codec.entropy import MODE_RANS, MODE_RANS_CLASSES, MODE_RAW, decode_body, encode_body
+from splitcli.codec.entropy import MODE_RANS, MODE_RANS_CLASSES, MODE_RANS_STATIC, MODE_RAW, decode_body, encode_body
 from splitcli.codec.tabq import reconstruct, tab_q
 from splitcli.codec.threshold import calibrate_tau, split_threshold
 from splitcli.errors import SplitLLMError
@@ -42,12 +43,13 @@ FLAG_ZEROS = 2
 FLAG_CHANNEL_SCALE = 4
 FLAG_CHANNEL_CLASS = 8
 FLAG_CLASS_MODELS = 16
-_KNOWN_FLAGS = FLAG_RANS | FLAG_ZEROS | FLAG_CHANNEL_SCALE | FLAG_CHANNEL_CLASS | FLAG_CLASS_MODELS
+FLAG_STATIC_MODEL = 32
+_KNOWN_FLAGS = FLAG_RANS | FLAG_ZEROS | FLAG_CHANNEL_SCALE | FLAG_CHANNEL_CLASS | FLAG_CLASS_MODELS | FLAG_STATIC_MODEL
 
 # dtype code -> (torch dtype, numpy dtype holding its raw bits)
 _DTYPES = {0: (torch.float32, np.dtype("<u4")), 1: (torch.float16, np.dtype("<u2")),
            2: (torch.bfloat16, np.dtype("<u2"))}
-_PATHS = {MODE_RAW: "raw", MODE_RANS: "rans", MODE_RANS_CLASSES: "rans-class"}
+_PATHS = {MODE_RAW: "raw", MODE_RANS: "rans", MODE_RANS_CLASSES: "rans-class", MODE_RANS_STATIC: "rans-static"}
 _DTYPE_CODES = {td: code for code, (td, _) in _DTYPES.items()}
 _BITS_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -71,7 +73,8 @@ class CodecStats:
     tokens: int
     hidden: int
     n_outliers: int
-    path: str              # "raw", "rans" (a model per width) or "rans-class" (per width and class)
+    path: str              # "raw", "rans" (a model per width), "rans-class" (per width and
+                           # class) or "rans-static" (the config's calibrated model)
     meta_bytes: int        # header + per-token widths/scales/zeros + crc
     sparse_bytes: int
     model_bytes: int
@@ -136,19 +139,22 @@ def encode_with_stats(x, cfg: CodecConfig) -> tuple[bytes, CodecStats]:
 
     if cfg._class_cols is not None and len(cfg.channel_class) != hidden:
         raise SplitLLMError(f"codec channel_class has {len(cfg.channel_class)} entries, the input {hidden} channels")
-    body = encode_body(tq.symbols, tq.widths, cfg._class_cols, cfg.entropy)
+    body = encode_body(tq.symbols, tq.widths, cfg._class_cols, cfg.entropy, cfg._static)
 
     has_zeros = bool(tq.zeros.any())
     flags = (FLAG_RANS if body.mode != MODE_RAW else 0) | (FLAG_ZEROS if has_zeros else 0) | \
         (FLAG_CHANNEL_SCALE if cfg._scale is not None else 0) | \
         (FLAG_CHANNEL_CLASS if cfg._class_cols is not None else 0) | \
-        (FLAG_CLASS_MODELS if body.mode == MODE_RANS_CLASSES else 0)
+        (FLAG_CLASS_MODELS if body.mode == MODE_RANS_CLASSES else 0) | \
+        (FLAG_STATIC_MODEL if body.mode == MODE_RANS_STATIC else 0)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[x.dtype], flags, cfg.q_bar, cfg.q_min, 0,
                           tokens, hidden, tau, cfg.delta, int(sparse.cols.size), len(body.body))
     if cfg._scale is not None:
         header += _CRC.pack(cfg._scale_crc)
     if cfg._class_cols is not None:
         header += _CRC.pack(cfg._class_crc)
+    if body.mode == MODE_RANS_STATIC:
+        header += _CRC.pack(cfg._static_crc)
     meta = tq.widths.tobytes() + tq.scales.astype("<f4").tobytes() + \
         (tq.zeros.astype("<i4").tobytes() if has_zeros else b"")
     sparse_blob = sparse.counts.astype("<u2").tobytes() + sparse.cols.astype("<u2").tobytes() + values.tobytes()
@@ -247,8 +253,15 @@ def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: 
                        scale.size if scale is not None else None, hidden, "channel scale")
     _check_calibration(rd, bool(flags & FLAG_CHANNEL_CLASS), cfg._class_crc if class_cols is not None else None,
                        len(cfg.channel_class) if class_cols is not None else None, hidden, "channel class")
+    static = cfg._static if cfg is not None else None
+    if flags & FLAG_STATIC_MODEL:
+        (crc,) = _CRC.unpack(rd.take(_CRC.size, "symbol model crc"))
+        if static is None or crc != cfg._static_crc or (cfg.q_min, cfg.q_bar) != (q_min, q_bar):
+            raise FrameError("codec frame needs the config's static symbol model, which does not match")
     if flags & FLAG_CLASS_MODELS and not (flags & FLAG_CHANNEL_CLASS and flags & FLAG_RANS):
         raise FrameError("codec frame has per-class models without channel classes")
+    if flags & FLAG_STATIC_MODEL and (flags & FLAG_CLASS_MODELS or not flags & FLAG_RANS):
+        raise FrameError("codec frame combines a static model with another model path")
     torch_dtype, bits_dtype = _DTYPES[dtype_code]
     has_zeros = bool(flags & FLAG_ZEROS)
     fixed = tokens * (1 + 4 + (4 if has_zeros else 0) + 2) + n_outliers * (2 + bits_dtype.itemsize)
@@ -275,8 +288,9 @@ def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: 
     if n_outliers > 1 and not (np.diff(rows * (hidden + 1) + cols.astype(np.int64)) > 0).all():
         raise FrameError("codec frame sparse columns are not strictly ascending within a row")
 
-    mode = MODE_RAW if not flags & FLAG_RANS else MODE_RANS_CLASSES if flags & FLAG_CLASS_MODELS else MODE_RANS
-    symbols = decode_body(rd, mode, widths, hidden, class_cols, body_len)   # [tokens, hidden]
+    mode = (MODE_RAW if not flags & FLAG_RANS else MODE_RANS_CLASSES if flags & FLAG_CLASS_MODELS
+            else MODE_RANS_STATIC if flags & FLAG_STATIC_MODEL else MODE_RANS)
+    symbols = decode_body(rd, mode, widths, hidden, class_cols, body_len, static)   # [tokens, hidden]
     if rd.pos != end:
         raise FrameError(f"codec frame has {end - rd.pos} unexpected trailing bytes")
     with np.errstate(over="ignore", invalid="ignore"):
