@@ -26,6 +26,7 @@ def test_measure_reports_every_method():
     assert rows["codec"].ratio_vs_fp16 == pytest.approx(96 / rows["codec"].bytes_per_token)
     assert rep.encode_ms_token > 0 and rep.decode_ms_token > 0 and rep.prefill_encode_mb_s > 0
     assert rep.prefill_tokens == 64 and rep.codec_path in ("rans", "raw")
+    assert rep.token_ratio_vs_fp16 == pytest.approx(96 / rep.token_bytes)
 
 
 def test_sweep_rows_cover_the_grid():
@@ -39,3 +40,10 @@ def test_sweep_rows_cover_the_grid():
 def test_measure_rejects_empty_input():
     with pytest.raises(SplitLLMError):
         measure_codec(torch.zeros(0, 8), CodecConfig())
+
+
+def test_sweep_accepts_a_calibrated_base():
+    from splitcli.codec import calibrate_config
+    x = _hidden()
+    rows = sweep_codec(x, calibrate_config(x, n_classes=2), tau_quantiles=(0.99,), q_bars=(3, 4))
+    assert len(rows) == 2 and all(r["ratio_vs_fp16"] > 1 for r in rows)

@@ -38,8 +38,10 @@ class CodecReport:
     prefill_encode_mb_s: float   # MB (1e6 bytes) of fp32 input per second, `prefill_tokens` tokens
     prefill_tokens: int
     entropy_overhead: float      # coded_bits / entropy_bits - 1 over the prefill frame's body
-    codec_path: str              # "rans" or "raw" on the prefill frame
-    token_path: str              # the path a single token took
+    codec_path: str              # the body path of the all-tokens frame
+    token_bytes: float           # mean size of a one-token (decode-step) frame
+    token_ratio_vs_fp16: float
+    token_path: str              # the path the first single token took
     tau: float
     mean_width: float
     outliers_per_token: float
@@ -81,8 +83,11 @@ def measure_codec(hidden, cfg: CodecConfig, *, repeats: int = 50, prefill_tokens
                   prefill_repeats: int = 3) -> CodecReport:
     """Compare fp32, fp16, int8 (per-token absmax), zstd-3(fp16) and the codec on `hidden`.
 
-    Sizes and errors are over all of `hidden` (one frame). The decode-step timing encodes single
-    rows in turn; prefill throughput encodes `prefill_tokens` rows (tiled if fewer are given)."""
+    Sizes and errors are over all of `hidden` (one frame). The decode-step timing and size use
+    single-row frames; prefill throughput encodes `prefill_tokens` rows (tiled if fewer are
+    given). Pass a calibrated config (`calibrate_config` on other samples) for deployment numbers;
+    entropy_overhead compares the all-tokens frame's coded body with the empirical entropy of its
+    symbols under the grouping its path used."""
     x = _prepare(hidden)                                                  # [tokens, hidden]
     tokens, width = x.shape
     fp16 = x.half()
@@ -103,6 +108,7 @@ def measure_codec(hidden, cfg: CodecConfig, *, repeats: int = 50, prefill_tokens
     enc_ms = _median_ms(lambda: encode(x[next(counter) % tokens:][:1], cfg), repeats)
     dec_ms = _median_ms(lambda: decode(token_frames[next(counter) % len(token_frames)], cfg), repeats)
     _, token_stats = encode_with_stats(x[:1], cfg)
+    token_bytes = sum(len(f) for f in token_frames) / len(token_frames)
 
     reps = -(-prefill_tokens // tokens)
     prefill = x.repeat(reps, 1)[:prefill_tokens].contiguous()
@@ -110,7 +116,8 @@ def measure_codec(hidden, cfg: CodecConfig, *, repeats: int = 50, prefill_tokens
     return CodecReport(methods=rows, encode_ms_token=enc_ms, decode_ms_token=dec_ms,
                        prefill_encode_mb_s=prefill.numel() * 4 / 1e6 / (pre_ms / 1e3),
                        prefill_tokens=prefill_tokens, entropy_overhead=stats.entropy_overhead,
-                       codec_path=stats.path, token_path=token_stats.path, tau=stats.tau,
+                       codec_path=stats.path, token_bytes=token_bytes, token_ratio_vs_fp16=fp16_bpt / token_bytes,
+                       token_path=token_stats.path, tau=stats.tau,
                        mean_width=stats.mean_width, outliers_per_token=stats.n_outliers / tokens)
 
 
@@ -125,7 +132,8 @@ def sweep_codec(hidden, base: CodecConfig, *, tau_quantiles=(0.99, 0.995, 0.999,
     for tq in tau_quantiles:
         tau = calibrate_tau(calib, tq)
         for q_bar in q_bars:
-            cfg = replace(base, tau=tau, tau_quantile=None, q_bar=q_bar, q_min=min(base.q_min, q_bar))
+            cfg = replace(base, tau=tau, tau_quantile=None, q_bar=q_bar, q_min=min(base.q_min, q_bar),
+                          symbol_model=None)   # a static model is per q range; frames here are large
             frame, stats = encode_with_stats(x, cfg)
             out.append(dict(tau_quantile=tq, tau=tau, q_bar=q_bar, delta=cfg.delta,
                             bytes_per_token=len(frame) / x.shape[0],
