@@ -115,9 +115,10 @@ def unpack_bits(data: bytes | memoryview, n: int, width: int) -> np.ndarray:
 
 
 MODE_RAW, MODE_RANS, MODE_RANS_CLASSES, MODE_RANS_STATIC = 0, 1, 2, 3
-#: Below this many tokens per-class models cost more than they save (one model per class and
-#: width); skipping the option keeps decode-step encoding fast.
-MIN_TOKENS_FOR_CLASSES = 16
+#: Frames with fewer tokens are "small": per-class models would cost more than they save (one
+#: model per class and width), while a static model (no bytes) pays; larger frames are the
+#: other way round. Trying only the options that can win keeps both encode paths fast.
+SMALL_FRAME_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,9 @@ class Group:
     cols: np.ndarray | None     # [m] column indices of one channel class
 
     def take(self, symbols: np.ndarray) -> np.ndarray:
-        rows = symbols[self.tokens]
-        return rows if self.cols is None else rows[:, self.cols]
+        if self.cols is not None:
+            return symbols[np.ix_(self.tokens, self.cols)]
+        return symbols if self.tokens.size == symbols.shape[0] else symbols[self.tokens]
 
     def size(self, hidden: int) -> int:
         return self.tokens.size * (hidden if self.cols is None else self.cols.size)
@@ -167,25 +169,28 @@ def encode_body(symbols: np.ndarray, widths: np.ndarray, class_cols: list[np.nda
     hidden = symbols.shape[1]
     raw_size = sum(packed_size(g.size(hidden), g.width) for g in pooled)
     options = [(MODE_RANS, pooled)]
-    if class_cols is not None and widths.size >= MIN_TOKENS_FOR_CLASSES:
+    small = widths.size < SMALL_FRAME_TOKENS
+    if class_cols is not None and not small:
         options.append((MODE_RANS_CLASSES, symbol_groups(widths, class_cols)))
     fitted = []
     for mode, groups in options:
-        parts = [fit_group_model(g.width, g.take(symbols)) for g in groups]
+        data = [g.take(symbols) for g in groups]
+        parts = [fit_group_model(g.width, d) for g, d in zip(groups, data)]
         models = [m for m, _ in parts]
         bits = sum(e for _, e in parts)
-        fitted.append((2 * len(models) + 2 * sum(len(m.counts) for m in models) + bits / 8, mode, groups, models, bits))
-    if static is not None:
-        cross_bits = sum(float(static[g.width].code_lengths[g.take(symbols).reshape(-1)].sum()) for g in pooled)
-        fitted.append((cross_bits / 8, MODE_RANS_STATIC, pooled, [static[g.width] for g in pooled],
-                       fitted[0][4]))
-    estimate, mode, groups, models, bits = min(fitted, key=lambda f: f[0])
+        fitted.append((2 * len(models) + 2 * sum(len(m.counts) for m in models) + bits / 8, mode, data,
+                       models, bits))
+    if static is not None and small:
+        data = fitted[0][2]
+        cross_bits = sum(float(static[g.width].code_lengths[d.reshape(-1)].sum()) for g, d in zip(pooled, data))
+        fitted.append((cross_bits / 8, MODE_RANS_STATIC, data, [static[g.width] for g in pooled], fitted[0][4]))
+    estimate, mode, data, models, bits = min(fitted, key=lambda f: f[0])
     if allow_rans and pooled and estimate < raw_size:
-        words = rans_encode([(m, g.take(symbols)) for m, g in zip(models, groups)])
+        words = rans_encode(list(zip(models, data)))
         blob = _models_blob(models) if mode != MODE_RANS_STATIC else b""
         if len(blob) + 4 * words.size < raw_size:     # the estimate can be off by a word or two
             return Body(mode, blob, words.astype("<u4").tobytes(), bits)
-    raw = b"".join(pack_bits(g.take(symbols), g.width) for g in pooled)
+    raw = b"".join(pack_bits(d, g.width) for g, d in zip(pooled, fitted[0][2]))
     return Body(MODE_RAW, b"", raw, fitted[0][4])
 
 

@@ -15,7 +15,9 @@ Layout, little-endian (version 1):
     body     body_len bytes: rANS uint32 words, or per width group the symbols bit-packed
     crc32    u32 over everything above
 
-tau and delta are informational (decoding does not need them). Reconstruction is eq. 7 with one
+tau and delta are informational (decoding does not need them). Frames encoded with per-channel
+calibration (channel_scale / channel_class / symbol_model, see calibrate.py) decode only with the
+same CodecConfig; the header's crc32s make a mismatch a FrameError rather than garbage. Reconstruction is eq. 7 with one
 reading: at outlier positions the output is the exact outlier value (the quantized residual of
 T_below there is a zero and is dropped rather than added), so outliers round-trip bit for bit.
 """

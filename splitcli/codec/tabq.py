@@ -93,11 +93,15 @@ def tab_q(below: np.ndarray, q_bar: int, q_min: int, delta: float) -> TabQ:
         widths[alive] = q
         distortion[alive] = err[ok]
 
-    qmax = q_max(widths)                                         # [tokens]
-    level, s, z = _aiq_unit(u, umin, qmax)
-    negative = (below < 0) & (level - z[:, None] > 0)
-    qm = qmax[:, None].astype(np.float32)
-    symbols = np.where(negative, qm - level, qm + 1 + level).astype(np.uint8)
+    changed = np.flatnonzero(widths != q_bar)   # the Q̄ pass above already quantized the rest
+    if changed.size:
+        lv, sc, zc = _aiq_unit(u[changed], umin[changed], q_max(widths[changed]))
+        level[changed], s[changed], z[changed] = lv, sc, zc
+    level8 = level.astype(np.uint8)                              # [tokens, hidden]
+    # level - z > 0 with z <= 0: a nonzero level, or a token whose zero point lifts level 0
+    negative = (below < 0) & ((level8 > 0) | (z < 0)[:, None])
+    qm = q_max(widths).astype(np.uint8)[:, None]                 # [tokens, 1]
+    symbols = np.where(negative, qm - level8, qm + 1 + level8)
     return TabQ(widths=widths, scales=(s * tmax).astype(np.float32), zeros=z.astype(np.int32),
                 symbols=symbols, distortion=distortion)
 
