@@ -60,10 +60,11 @@ def test_class_and_scale_lengths_must_agree():
     assert np.isfinite(calibrate_channel_scale(_hidden(4), 1e9)).all()
 
 
-def test_static_model_makes_decode_step_frames_smaller():
+@pytest.mark.parametrize("n_classes", [None, 4])
+def test_static_model_makes_decode_step_frames_smaller(n_classes):
     x = _hidden()
-    cfg = calibrate_config(x[:200], CodecConfig(q_bar=5, q_min=3, delta=0.0), n_classes=None)
-    assert [len(m) for m in cfg.symbol_model] == [8, 16, 32]
+    cfg = calibrate_config(x[:200], CodecConfig(q_bar=5, q_min=3, delta=0.0), n_classes=n_classes)
+    assert [len(m) for m in cfg.symbol_model] == [w for w in (8, 16, 32) for _ in range(n_classes or 1)]
     plain = CodecConfig(tau=cfg.tau, tau_quantile=None, q_bar=5, q_min=3, delta=0.0)
     for i in range(200, 210):
         f_static, s_static = encode_with_stats(x[i:i + 1], cfg)
@@ -74,7 +75,7 @@ def test_static_model_makes_decode_step_frames_smaller():
     with pytest.raises(FrameError):
         decode(f_static)
     with pytest.raises(FrameError):
-        decode(f_static, calibrate_config(x[:100], CodecConfig(q_bar=5, q_min=3, delta=0.0), n_classes=None))
+        decode(f_static, calibrate_config(x[:100], CodecConfig(q_bar=5, q_min=3, delta=0.0), n_classes=n_classes))
 
 
 def test_symbol_model_needs_absolute_tau_and_valid_counts():

@@ -21,6 +21,7 @@ def _seed_frames():
                              channel_class=calibrate_channel_class(x, 5.0, 4))
     wide = torch.randn(32, 256, generator=g) * 3
     static = calibrate_config(wide, CodecConfig(q_bar=6, delta=0.0), n_classes=None)
+    static_cls = calibrate_config(wide * torch.linspace(0.2, 5, 256), CodecConfig(q_bar=6, delta=0.0), n_classes=4)
     frames = [
         (encode(x, CodecConfig(tau=5.0, tau_quantile=None, q_bar=5, delta=0.2)), None),
         (encode(x, CodecConfig(tau=5.0, tau_quantile=None, q_bar=4, entropy=False)), None),
@@ -30,6 +31,7 @@ def _seed_frames():
         (encode(x, calibrated), calibrated),
         (encode(x.repeat(8, 1), calibrated), calibrated),
         (encode(wide[:1], static), static),      # rans-static
+        (encode(wide[:1] * torch.linspace(0.2, 5, 256), static_cls), static_cls),   # rans-static per class
         (encode(torch.zeros(4, 8), CodecConfig(tau=1.0, tau_quantile=None)), None),
     ]
     for f, s in frames:   # the seeds themselves are valid

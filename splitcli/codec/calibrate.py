@@ -60,7 +60,7 @@ def calibrate_channel_class(samples, tau: float, n_classes: int = 8) -> tuple[in
 
 
 def calibrate_symbol_model(samples, cfg: CodecConfig) -> tuple[tuple[int, ...], ...]:
-    """Symbol counts per width q_min..q_bar for `CodecConfig.symbol_model`: the samples are
+    """Symbol counts per (width, channel class) for `CodecConfig.symbol_model`: the samples are
     split at cfg's tau (which must be absolute), scaled by its channel_scale if any, and
     quantized at each width in turn; counts get +1 (every symbol stays cheap enough to code)
     and are normalized to the entropy coder's COUNT_TOTAL."""
@@ -76,11 +76,13 @@ def calibrate_symbol_model(samples, cfg: CodecConfig) -> tuple[tuple[int, ...], 
     _, below = split_threshold(x, cfg.tau)
     if cfg._scale is not None:
         below = below / cfg._scale
+    class_cols = cfg._class_cols if cfg._class_cols is not None else [np.arange(x.shape[1])]
     model = []
     for width in range(cfg.q_min, cfg.q_bar + 1):
         symbols = tab_q(below, width, width, 0.0).symbols
-        hist = np.bincount(symbols.reshape(-1), minlength=1 << width).astype(np.float64) + 1
-        model.append(tuple(int(c) for c in np.maximum(np.rint(hist * COUNT_TOTAL / hist.sum()), 1)))
+        for cols in class_cols:
+            hist = np.bincount(symbols[:, cols].reshape(-1), minlength=1 << width).astype(np.float64) + 1
+            model.append(tuple(int(c) for c in np.maximum(np.rint(hist * COUNT_TOTAL / hist.sum()), 1)))
     return tuple(model)
 
 

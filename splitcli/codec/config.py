@@ -45,9 +45,11 @@ class CodecConfig:
     channel_class: optional class id (0..15) per channel; the entropy coder may then keep one
         symbol model per (width, class) instead of per width (see `calibrate.py`). Lossless;
         persisted like channel_scale, frames carry its crc32.
-    symbol_model: optional calibrated symbol counts per width q_min..q_bar (each of length
-        2^width, entries 0..65535), held by both sides so that small (decode-step) frames need
-        not carry a model. Lossless; see `calibrate_symbol_model`. Frames carry its crc32.
+    symbol_model: optional calibrated symbol counts, one list per (width, class), width-major:
+        widths q_min..q_bar, classes 0..max(channel_class) (one class without channel_class);
+        each list has 2^width entries in 0..65535. Held by both sides so that small
+        (decode-step) frames need not carry a model. Lossless; see `calibrate_symbol_model`.
+        Frames carry its crc32.
     """
 
     tau: float | None = None
@@ -102,7 +104,8 @@ class CodecConfig:
             object.__setattr__(self, "_class_cols", cols)
             object.__setattr__(self, "_class_crc", crc)
         if self.symbol_model is not None:
-            models, crc = static_models(self.symbol_model, self.q_min, self.q_bar)
+            n_classes = max(self.channel_class) + 1 if self.channel_class is not None else 1
+            models, crc = static_models(self.symbol_model, self.q_min, self.q_bar, n_classes)
             object.__setattr__(self, "symbol_model", tuple(tuple(int(c) for c in m) for m in self.symbol_model))
             object.__setattr__(self, "_static", models)
             object.__setattr__(self, "_static_crc", crc)
@@ -140,14 +143,16 @@ def channel_scale_array(channel_scale) -> tuple[np.ndarray, int]:
     return scale, zlib.crc32(scale.tobytes())
 
 
-def static_models(symbol_model, q_min: int, q_bar: int) -> tuple[dict, int]:
-    """Validated static models {width: GroupModel over [0, 2^width)} and their crc32."""
+def static_models(symbol_model, q_min: int, q_bar: int, n_classes: int) -> tuple[dict, int]:
+    """Validated static models {(width, class): GroupModel over [0, 2^width)} and their crc32."""
     from splitcli.codec.entropy import GroupModel   # entropy imports nothing from here at runtime
 
-    if len(symbol_model) != q_bar - q_min + 1:
-        raise SplitLLMError(f"codec symbol_model needs one count list per width {q_min}..{q_bar}")
+    keys = [(w, c) for w in range(q_min, q_bar + 1) for c in range(n_classes)]
+    if len(symbol_model) != len(keys):
+        raise SplitLLMError(f"codec symbol_model needs {len(keys)} count lists: widths {q_min}..{q_bar} "
+                            f"x {n_classes} channel classes")
     models, crc = {}, 0
-    for width, counts in zip(range(q_min, q_bar + 1), symbol_model):
+    for (width, cls), counts in zip(keys, symbol_model):
         try:
             arr = np.asarray(counts)
         except (TypeError, ValueError) as exc:
@@ -158,5 +163,5 @@ def static_models(symbol_model, q_min: int, q_bar: int) -> tuple[dict, int]:
                                 "integer counts in 0..65535, not all zero")
         arr = arr.astype("<u2")
         crc = zlib.crc32(arr.tobytes(), crc)
-        models[width] = GroupModel(width, 0, arr)
+        models[width, cls] = GroupModel(width, 0, arr)
     return models, crc

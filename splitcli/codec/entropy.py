@@ -128,11 +128,17 @@ class Group:
     width: int
     tokens: np.ndarray          # [n] token indices
     cols: np.ndarray | None     # [m] column indices of one channel class
+    cls: int = 0                # that class's id (0 when pooled)
+
+    def rows(self, n_tokens: int):
+        """Row index for fancy indexing: a slice when the group has every token (no copy)."""
+        if self.tokens.size == n_tokens:
+            return slice(None)
+        return self.tokens if self.cols is None else self.tokens[:, None]
 
     def take(self, symbols: np.ndarray) -> np.ndarray:
-        if self.cols is not None:
-            return symbols[np.ix_(self.tokens, self.cols)]
-        return symbols if self.tokens.size == symbols.shape[0] else symbols[self.tokens]
+        rows = self.rows(symbols.shape[0])
+        return symbols[rows] if self.cols is None else symbols[rows, self.cols]
 
     def size(self, hidden: int) -> int:
         return self.tokens.size * (hidden if self.cols is None else self.cols.size)
@@ -144,7 +150,7 @@ def symbol_groups(widths: np.ndarray, class_cols: list[np.ndarray] | None) -> li
         if class_cols is None:
             groups.append(Group(w, idx, None))
         else:
-            groups.extend(Group(w, idx, cols) for cols in class_cols if cols.size)
+            groups.extend(Group(w, idx, cols, c) for c, cols in enumerate(class_cols) if cols.size)
     return groups
 
 
@@ -161,10 +167,11 @@ def _models_blob(models: list[GroupModel]) -> bytes:
 
 
 def encode_body(symbols: np.ndarray, widths: np.ndarray, class_cols: list[np.ndarray] | None,
-                allow_rans: bool, static: dict[int, GroupModel] | None = None) -> Body:
+                allow_rans: bool, static: dict[tuple[int, int], GroupModel] | None = None) -> Body:
     """Code symbols [tokens, hidden] by the cheapest of the modes (see module docstring).
-    `static` maps width -> a calibrated model over the full alphabet [0, 2^width) that both
-    sides hold (MODE_RANS_STATIC: no model bytes in the frame)."""
+    `static` maps (width, class) -> a calibrated model over the full alphabet [0, 2^width) that
+    both sides hold (MODE_RANS_STATIC: no model bytes in the frame); its groups are the class
+    groups when `class_cols` is given, else class 0 covers every column."""
     pooled = symbol_groups(widths, None)
     hidden = symbols.shape[1]
     raw_size = sum(packed_size(g.size(hidden), g.width) for g in pooled)
@@ -181,9 +188,11 @@ def encode_body(symbols: np.ndarray, widths: np.ndarray, class_cols: list[np.nda
         fitted.append((2 * len(models) + 2 * sum(len(m.counts) for m in models) + bits / 8, mode, data,
                        models, bits))
     if static is not None and small:
-        data = fitted[0][2]
-        cross_bits = sum(float(static[g.width].code_lengths[d.reshape(-1)].sum()) for g, d in zip(pooled, data))
-        fitted.append((cross_bits / 8, MODE_RANS_STATIC, data, [static[g.width] for g in pooled], fitted[0][4]))
+        groups = symbol_groups(widths, class_cols)
+        data = [g.take(symbols) for g in groups] if class_cols is not None else fitted[0][2]
+        models = [static[g.width, g.cls] for g in groups]
+        cross_bits = sum(float(m.code_lengths[d.reshape(-1)].sum()) for m, d in zip(models, data))
+        fitted.append((cross_bits / 8, MODE_RANS_STATIC, data, models, fitted[0][4]))
     estimate, mode, data, models, bits = min(fitted, key=lambda f: f[0])
     if allow_rans and pooled and estimate < raw_size:
         words = rans_encode(list(zip(models, data)))
@@ -195,10 +204,11 @@ def encode_body(symbols: np.ndarray, widths: np.ndarray, class_cols: list[np.nda
 
 
 def decode_body(rd, mode: int, widths: np.ndarray, hidden: int, class_cols: list[np.ndarray] | None,
-                body_len: int, static: dict[int, GroupModel] | None = None) -> np.ndarray:
+                body_len: int, static: dict[tuple[int, int], GroupModel] | None = None) -> np.ndarray:
     """Read models + body through `rd` (a bounds-checked reader) and return symbols
     [tokens, hidden] uint8, each < 2^width of its token. Raises ValueError on invalid data."""
-    groups = symbol_groups(widths, class_cols if mode == MODE_RANS_CLASSES else None)
+    grouped = mode == MODE_RANS_CLASSES or (mode == MODE_RANS_STATIC and class_cols is not None)
+    groups = symbol_groups(widths, class_cols if grouped else None)
     if mode == MODE_RAW:
         expected = sum(packed_size(g.size(hidden), g.width) for g in groups)
         if body_len != expected:
@@ -209,7 +219,7 @@ def decode_body(rd, mode: int, widths: np.ndarray, hidden: int, class_cols: list
         models = []
         for g in groups:
             if mode == MODE_RANS_STATIC:
-                models.append((static[g.width], g.size(hidden)))
+                models.append((static[g.width, g.cls], g.size(hidden)))
                 continue
             lo, hi = rd.take(2, "model range")
             if not lo <= hi < (1 << g.width):
@@ -226,8 +236,9 @@ def decode_body(rd, mode: int, widths: np.ndarray, hidden: int, class_cols: list
     for g, sym in zip(groups, decoded):
         if int(sym.max(initial=0)) >= (1 << g.width):
             raise ValueError("decoded a symbol outside its width")
+        rows = g.rows(widths.size)
         if g.cols is None:
-            symbols[g.tokens] = sym.reshape(g.tokens.size, hidden)
+            symbols[rows] = sym.reshape(g.tokens.size, hidden)
         else:
-            symbols[np.ix_(g.tokens, g.cols)] = sym.reshape(g.tokens.size, g.cols.size)
+            symbols[rows, g.cols] = sym.reshape(g.tokens.size, g.cols.size)
     return symbols
