@@ -82,3 +82,13 @@ def test_delta_bound_property(below, q_bar, delta):
     assert ok.all()
     assert ((tq.widths >= 2) & (tq.widths <= q_bar)).all()
     assert (tq.symbols.astype(int) < (1 << tq.widths.astype(int))[:, None]).all()
+
+
+def test_subnormal_token_keeps_q_bar_and_reports_true_distortion():
+    # found by hypothesis: s * max underflowed to 0 while δ (measured on max-normalized values)
+    # said 0; the scale is now kept a normal float and δ stays honest.
+    below = np.array([[1e-45, 0.0]], np.float32)
+    tq = tab_q(below, q_bar=3, q_min=2, delta=0.0)
+    err = _rel_err(below, tq)
+    assert tq.widths[0] == 3 and np.isfinite(tq.scales).all()
+    assert tq.distortion[0] == pytest.approx(err[0], abs=1e-6)

@@ -76,7 +76,7 @@ def rans_encode(groups: list[tuple[GroupModel, np.ndarray]]) -> np.ndarray:
     coder = _AnsCoder()
     for model, symbols in reversed(groups):   # a stack: the last group pushed is read first
         if len(model.counts) > 1:
-            coder.encode_reverse(symbols.reshape(-1).astype(np.int32) - model.lo, model.categorical)
+            coder.encode_reverse(np.subtract(symbols.reshape(-1), model.lo, dtype=np.int32), model.categorical)
     return coder.get_compressed()
 
 
@@ -119,6 +119,9 @@ MODE_RAW, MODE_RANS, MODE_RANS_CLASSES, MODE_RANS_STATIC = 0, 1, 2, 3
 #: model per class and width), while a static model (no bytes) pays; larger frames are the
 #: other way round. Trying only the options that can win keeps both encode paths fast.
 SMALL_FRAME_TOKENS = 16
+#: From this many tokens on, per-class models always win when classes are configured (their
+#: extra model bytes are < 1% of the body), so pooled models are not even fitted.
+LARGE_FRAME_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,8 @@ def encode_body(symbols: np.ndarray, widths: np.ndarray, class_cols: list[np.nda
     pooled = symbol_groups(widths, None)
     hidden = symbols.shape[1]
     raw_size = sum(packed_size(g.size(hidden), g.width) for g in pooled)
-    options = [(MODE_RANS, pooled)]
     small = widths.size < SMALL_FRAME_TOKENS
+    options = [] if class_cols is not None and widths.size >= LARGE_FRAME_TOKENS else [(MODE_RANS, pooled)]
     if class_cols is not None and not small:
         options.append((MODE_RANS_CLASSES, symbol_groups(widths, class_cols)))
     fitted = []
@@ -199,7 +202,7 @@ def encode_body(symbols: np.ndarray, widths: np.ndarray, class_cols: list[np.nda
         blob = _models_blob(models) if mode != MODE_RANS_STATIC else b""
         if len(blob) + 4 * words.size < raw_size:     # the estimate can be off by a word or two
             return Body(mode, blob, words.astype("<u4").tobytes(), bits)
-    raw = b"".join(pack_bits(d, g.width) for g, d in zip(pooled, fitted[0][2]))
+    raw = b"".join(pack_bits(g.take(symbols), g.width) for g in pooled)
     return Body(MODE_RAW, b"", raw, fitted[0][4])
 
 

@@ -24,7 +24,9 @@ How the paper was read (it is ambiguous in places):
 
 Numerics: each token is divided by its max magnitude first so that huge inputs (up to the
 float32 limit) do not overflow the error sums; s is clamped to >= 2^-20 of that max so that
-|z| <= 2^20 and (level - z) stays exact in float32 (this also makes constant tokens exact).
+|z| <= 2^20 and (level - z) stays exact in float32 (this also makes constant tokens exact), and
+to the smallest normal float32, so tokens whose magnitudes are all below ~1e-32 reconstruct
+coarsely (they keep Q̄ and report their true δ).
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ def q_max(q: np.ndarray | int) -> np.ndarray | int:
     return (1 << (np.asarray(q, np.int32) - 1)) - 1 if isinstance(q, np.ndarray) else (1 << (q - 1)) - 1
 
 
-def _aiq_unit(u: np.ndarray, umin: np.ndarray, qmax: np.ndarray | int):
+def _aiq_unit(u: np.ndarray, umin: np.ndarray, qmax: np.ndarray | int, s_floor: np.ndarray):
     """AIQ of magnitudes u in [0, 1] (rows already divided by their max), eqs. 5-6."""
-    s = np.maximum((np.float32(1) - umin) / np.float32(qmax), _MIN_REL_SCALE)   # [tokens]
+    s = np.maximum((np.float32(1) - umin) / np.float32(qmax), s_floor)          # [tokens]
     z = -np.rint(umin / s)                                                     # [tokens]
     level = np.rint(u / s[:, None] + z[:, None])                              # [tokens, hidden]
     np.clip(level, 0, np.asarray(qmax, np.float32)[..., None] if isinstance(qmax, np.ndarray) else qmax,
@@ -77,16 +79,19 @@ def tab_q(below: np.ndarray, q_bar: int, q_min: int, delta: float) -> TabQ:
     u = mag / tmax[:, None]                                      # [tokens, hidden] in [0, 1]
     umin = u.min(axis=1) if u.shape[1] else np.zeros(u.shape[0], np.float32)
     norm = np.sqrt(np.einsum("ij,ij->i", u, u))                  # [tokens]
+    # the scale sent is s * tmax in float32: keep it a normal float so that what the decoder
+    # rebuilds is what δ was measured on (matters only for tokens below ~1e-32)
+    s_floor = np.maximum(_MIN_REL_SCALE, np.finfo(np.float32).tiny / tmax)    # [tokens]
 
     widths = np.full(u.shape[0], q_bar, np.uint8)
-    level, s, z = _aiq_unit(u, umin, q_max(q_bar))
+    level, s, z = _aiq_unit(u, umin, q_max(q_bar), s_floor)
     distortion = _rel_error(level, s, z, u, norm).astype(np.float32)
     alive = np.arange(u.shape[0])        # tokens whose every width so far kept δ <= Δ
     for q in range(q_bar - 1, q_min - 1, -1):
         if alive.size == 0:
             break
         ua, umina = u[alive], umin[alive]
-        lv, sa, za = _aiq_unit(ua, umina, q_max(q))
+        lv, sa, za = _aiq_unit(ua, umina, q_max(q), s_floor[alive])
         err = _rel_error(lv, sa, za, ua, norm[alive])
         ok = err <= delta
         alive = alive[ok]
@@ -95,7 +100,7 @@ def tab_q(below: np.ndarray, q_bar: int, q_min: int, delta: float) -> TabQ:
 
     changed = np.flatnonzero(widths != q_bar)   # the Q̄ pass above already quantized the rest
     if changed.size:
-        lv, sc, zc = _aiq_unit(u[changed], umin[changed], q_max(widths[changed]))
+        lv, sc, zc = _aiq_unit(u[changed], umin[changed], q_max(widths[changed]), s_floor[changed])
         level[changed], s[changed], z[changed] = lv, sc, zc
     level8 = level.astype(np.uint8)                              # [tokens, hidden]
     # level - z > 0 with z <= 0: a nonzero level, or a token whose zero point lifts level 0
