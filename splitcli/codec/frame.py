@@ -129,19 +129,18 @@ def encode_with_stats(x, cfg: CodecConfig) -> tuple[bytes, CodecStats]:
     if not np.isfinite(x32).all():
         raise SplitLLMError("codec input contains NaN or Inf; refusing to encode it")
     tokens, hidden = x32.shape
+    for name, vec in (("channel_scale", cfg.channel_scale), ("channel_class", cfg.channel_class)):
+        if vec is not None and len(vec) != hidden:
+            raise SplitLLMError(f"codec {name} has {len(vec)} entries, the input {hidden} channels")
     tau = cfg.tau if cfg.tau is not None else calibrate_tau(x32, cfg.tau_quantile)
     sparse, below = split_threshold(x32, tau)
     if cfg._scale is not None:
-        if cfg._scale.size != hidden:
-            raise SplitLLMError(f"codec channel_scale has {cfg._scale.size} entries, the input {hidden} channels")
         below = below / cfg._scale                                        # [tokens, hidden]
     tq = tab_q(below, cfg.q_bar, cfg.q_min, cfg.delta)
 
     raw_bits = x.view(_BITS_VIEW[x.dtype]).numpy()
     values = raw_bits[sparse.rows, sparse.cols.astype(np.intp)].astype(_DTYPES[_DTYPE_CODES[x.dtype]][1])
 
-    if cfg._class_cols is not None and len(cfg.channel_class) != hidden:
-        raise SplitLLMError(f"codec channel_class has {len(cfg.channel_class)} entries, the input {hidden} channels")
     body = encode_body(tq.symbols, tq.widths, cfg._class_cols, cfg.entropy, cfg._static)
 
     has_zeros = bool(tq.zeros.any())
