@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -113,6 +113,40 @@ class CodecConfig:
                 and len(self.channel_scale) != len(self.channel_class):
             raise SplitLLMError("codec channel_scale and channel_class must have the same length")
 
+
+    def to_dict(self) -> dict:
+        """Plain data for a plan file (JSON/YAML): the constructor's fields only, tuples as lists."""
+        out = {}
+        for f in fields(self):
+            if not f.init:
+                continue
+            v = getattr(self, f.name)
+            if f.name == "symbol_model" and v is not None:
+                v = [list(m) for m in v]
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CodecConfig":
+        """Inverse of `to_dict`; unknown keys or bad values raise SplitLLMError."""
+        if not isinstance(data, dict):
+            raise SplitLLMError(f"codec config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SplitLLMError(f"codec config has unknown keys: {', '.join(map(str, unknown))}")
+        kw = dict(data)
+        for name in ("channel_scale", "channel_class"):
+            if kw.get(name) is not None:
+                kw[name] = tuple(kw[name])
+        if kw.get("symbol_model") is not None:
+            kw["symbol_model"] = tuple(tuple(m) for m in kw["symbol_model"])
+        try:
+            return cls(**kw)
+        except TypeError as exc:
+            raise SplitLLMError(f"codec config is invalid: {exc}") from exc
 
 def channel_class_columns(channel_class) -> tuple[list[np.ndarray], int]:
     """Columns of each class (empty classes included, index = class id) and the crc32 a frame
