@@ -51,7 +51,7 @@ def test_interrupted_run_resumes_per_example(tmp_path, task):
     dying = CountingFn(fail_after=6)
     with pytest.raises(KeyboardInterrupt):
         evaluate_task(task, dying, tok, **kw)
-    entry = next((tmp_path / "cache" / "t").rglob("*.partial.jsonl"))
+    entry = next((tmp_path / "cache" / "t").rglob("*.examples.jsonl"))
     saved = [json.loads(line)["i"] for line in entry.read_text().splitlines()]
     assert saved and len(saved) < 25 and saved == list(range(len(saved)))
     progress = []
@@ -59,9 +59,19 @@ def test_interrupted_run_resumes_per_example(tmp_path, task):
     resumed = evaluate_task(task, fn, tok, progress=lambda t, d, n: progress.append(d), **kw)
     assert progress[0] == len(saved) and progress[-1] == 25  # restored examples count as done
     assert resumed.metrics == pytest.approx(reference.metrics)
-    assert not entry.exists()  # partial file removed once the result is saved
     again = CountingFn()
     assert evaluate_task(task, again, tok, **kw) == resumed and again.calls == 0
+
+
+def test_a_smaller_limit_reuses_the_examples_store(tmp_path, task):
+    kw = dict(data_dir=tmp_path, batch_size=4, cache=ResultCache(tmp_path / "cache"), config="k")
+    tok = CharTokenizer()
+    full = evaluate_task(task, CountingFn(), tok, **kw)
+    fn = CountingFn()
+    part = evaluate_task(task, fn, tok, limit=7, **kw)
+    assert fn.calls == 0 and part.n == 7 and part.limit == 7 and full.n == 25
+    ref = evaluate_task(task, CountingFn(), tok, data_dir=tmp_path, limit=7)
+    assert part.metrics == pytest.approx(ref.metrics)
 
 
 def test_torn_last_line_is_ignored_and_not_glued_to(tmp_path):
@@ -78,7 +88,7 @@ def test_keys_separate_config_limit_and_spec(tmp_path, task):
     cache = ResultCache(tmp_path / "cache")
     tok = CharTokenizer()
     evaluate_task(task, CountingFn(), tok, data_dir=tmp_path, limit=10, cache=cache, config="a")
-    for kw in ({"limit": 10, "config": "b"}, {"limit": 11, "config": "a"}, {"limit": 10, "config": "a", "max_length": 4}):
+    for kw in ({"limit": 10, "config": "b"}, {"limit": 11, "config": "a"}, {"limit": 11, "config": "a", "max_length": 4}):
         fn = CountingFn()
         evaluate_task(task, fn, tok, data_dir=tmp_path, cache=cache, **kw)
         assert fn.calls > 0, kw

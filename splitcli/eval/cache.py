@@ -2,13 +2,16 @@
 
 Layout under the cache root::
 
-    <task>/<config_hash>/<limit>-<settings>.json           the finished TaskResult
-    <task>/<config_hash>/<limit>-<settings>.partial.jsonl  one line per scored example / window
+    <task>/<config_hash>/<limit>-<settings>.json       the finished TaskResult for that limit
+    <task>/<config_hash>/<settings>.examples.jsonl     one line per scored example / window
 
 ``config_hash`` identifies the pipeline (model, split point, bit widths, codec...): the caller
 hashes whatever defines it with ``config_hash()``. ``settings`` fingerprints the task spec and the
 scoring settings that change numbers (max_length), so editing a spec never reuses stale results.
-The partial file is append-only; a torn last line (a kill mid-write) is ignored on resume.
+Example i (window i) is the same whatever the limit (limits take the first N in file order), so
+the per-example store is shared across limits: a run with ``limit=100`` followed by a full run
+scores only the remaining examples. The store is append-only and kept after a result is saved; a
+torn last line (a kill mid-write) is ignored on resume.
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ def _safe(name: str) -> str:
 class CacheEntry:
     """Files of one (task, config, limit, settings) run."""
 
-    def __init__(self, folder: Path, stem: str):
-        self.result_path = folder / f"{stem}.json"
-        self.partial_path = folder / f"{stem}.partial.jsonl"
+    def __init__(self, folder: Path, limit: int | None, settings: str):
+        self.result_path = folder / f"{'all' if limit is None else f'limit{limit}'}-{settings}.json"
+        self.partial_path = folder / f"{settings}.examples.jsonl"
 
     def load_result(self) -> TaskResult | None:
         if not self.result_path.is_file():
@@ -93,9 +96,6 @@ class CacheEntry:
             f.flush()
             os.fsync(f.fileno())
 
-    def clear_partial(self) -> None:
-        self.partial_path.unlink(missing_ok=True)
-
 
 class ResultCache:
     """JSON results under ``root``, keyed by task, pipeline config hash, limit and settings."""
@@ -106,5 +106,4 @@ class ResultCache:
             raise SplitLLMError(f"cache directory {self.root} exists and is not a directory")
 
     def entry(self, task: str, config: str, limit: int | None, settings: str) -> CacheEntry:
-        stem = f"{'all' if limit is None else f'limit{limit}'}-{_safe(settings)}"
-        return CacheEntry(self.root / _safe(task) / _safe(config), stem)
+        return CacheEntry(self.root / _safe(task) / _safe(config), limit, _safe(settings))

@@ -188,7 +188,6 @@ def evaluate_task(
             result = _mc_result(spec, examples, done, limit)  # type: ignore[arg-type]
     if entry is not None:
         entry.save_result(result)
-        entry.clear_partial()
     return result
 
 
