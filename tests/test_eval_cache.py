@@ -135,3 +135,30 @@ def test_config_hash_is_stable_and_order_free():
     assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
     assert len(config_hash("x")) == 16 and config_hash(b"x") == config_hash("x")
+
+
+def test_empty_task_file_is_a_clear_error(tmp_path):
+    from splitcli.errors import SplitLLMError
+
+    (tmp_path / "e.jsonl").write_text("\n")
+    spec = task_spec_from_dict({"name": "e", "format": "cloze_jsonl", "file": "e.jsonl", "context": "{c}",
+                                "continuation": "x", "metric": "acc"})
+    with pytest.raises(SplitLLMError, match="holds no examples"):
+        evaluate_task(spec, CountingFn(), CharTokenizer(), data_dir=tmp_path)
+
+
+def test_cloze_metrics_by_hand(tmp_path):
+    """Two one-token continuations under a known bigram table: ppl = exp(-mean ll), acc = greedy."""
+    fn = CountingFn()
+    tok = CharTokenizer()
+    rows = [{"c": "ab", "x": "c"}, {"c": "ba", "x": "d"}]
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = task_spec_from_dict({"name": "l", "format": "cloze_jsonl", "file": "l.jsonl", "context": "{c}",
+                                "continuation": "x", "target_delimiter": "", "metric": "acc"})
+    r = evaluate_task(spec, fn, tok, data_dir=tmp_path)
+    logp = fn.table.log_softmax(-1)
+    ids = lambda s: tok(s)["input_ids"]  # noqa: E731
+    ll = [logp[ids("b")[0], ids("c")[0]].item(), logp[ids("a")[0], ids("d")[0]].item()]
+    greedy = [int(logp[ids("b")[0]].argmax()) == ids("c")[0], int(logp[ids("a")[0]].argmax()) == ids("d")[0]]
+    assert r.metrics["ppl"] == pytest.approx(math.exp(-sum(ll) / 2))
+    assert r.metrics["acc"] == pytest.approx(sum(greedy) / 2)

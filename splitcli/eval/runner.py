@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from splitcli.data import data_file
+from splitcli.errors import SplitLLMError
 from splitcli.eval.cache import CacheEntry, ResultCache
 from splitcli.eval.loaders import ClozeExample, MCExample, load_examples, load_text
-from splitcli.eval.metrics import mc_correct, mean, mean_stderr
+from splitcli.eval.metrics import mc_correct, mean, mean_stderr, ppl_from_nll
 from splitcli.eval.perplexity import perplexity
 from splitcli.eval.protocols import LogitsFn, ProgressFn, Tokenizer, encode
 from splitcli.eval.results import TaskResult
@@ -44,8 +44,7 @@ def _cloze_result(spec: TaskSpec, n: int, done: dict[int, Any], limit: int | Non
     ll = [done[i]["ll"] for i in range(n)]
     greedy = [float(done[i]["greedy"]) for i in range(n)]
     # Harness aggregation for LAMBADA: exp(-mean of per-example log-likelihoods).
-    rate = -mean(ll)
-    ppl = math.exp(rate) if rate < 709.0 else float("inf")
+    ppl = ppl_from_nll(-sum(ll), n)
     return TaskResult(
         spec.name, spec.metric, {"ppl": ppl, "acc": mean(greedy)}, {"ppl": None, "acc": mean_stderr(greedy)}, n, limit
     )
@@ -178,6 +177,8 @@ def evaluate_task(
         result = _evaluate_ppl(spec, logits_fn, tokenizer, entry, progress, data_dir, limit, per_call)
     else:
         examples = load_examples(spec, data_dir, limit)
+        if not examples:
+            raise SplitLLMError(f"task {spec.name}: {data_file(spec.file, data_dir)} holds no examples")
         done = _score_examples(
             spec, examples, logits_fn, tokenizer, entry, progress,
             max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens, chunk_size=chunk_size,
