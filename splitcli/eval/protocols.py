@@ -59,3 +59,12 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     if ids and isinstance(ids[0], Sequence):  # a batched tokenizer call on a single string
         raise TypeError("tokenizer returned a batch for a single string")
     return [int(i) for i in ids]
+
+
+def hf_logits_fn(model: Any) -> LogitsFn:
+    """The LogitsFn of a Hugging Face causal LM (anything returning ``.logits``)."""
+
+    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
+
+    return fn

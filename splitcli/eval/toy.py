@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from splitcli.eval.protocols import hf_logits_fn
+
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Question: What is the capital of France?\nAnswer: Paris",
@@ -54,9 +56,5 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64
 
 
 def logits_fn_for(model):
-    """The LogitsFn of a Hugging Face causal LM."""
-
-    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    return fn
+    """The LogitsFn of a Hugging Face causal LM (kept for test readability)."""
+    return hf_logits_fn(model)
