@@ -93,6 +93,7 @@ def test_generic_yaml_spec_end_to_end(tmp_path, toy):
         assert r.stderr[m] == pytest.approx(math.sqrt(p * (1 - p) / 19))
     assert seen[0] == ("mine", 0, 20) and seen[-1] == ("mine", 20, 20)
     assert [d for _, d, _ in seen] == sorted(d for _, d, _ in seen)
+    assert 8 in [d for _, d, _ in seen] and len(seen) > 4  # chunk boundaries and per-batch updates
     # A cache hit returns the same numbers without calling the model.
     cache = ResultCache(tmp_path / "cache")
     key = config_hash({"model": "toy"})

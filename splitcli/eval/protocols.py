@@ -45,7 +45,8 @@ class ProgressFn(Protocol):
     """Called as work completes: ``progress(task, done, total)``.
 
     Units are examples for multiple-choice / cloze tasks and windows for perplexity. ``done`` is
-    monotone and ends at ``total``; examples restored from the result cache count as done.
+    monotone (repeats are possible) and ends at ``total``; examples restored from the result cache
+    count as done, and examples of the chunk being scored are credited as its model calls finish.
     """
 
     def __call__(self, task: str, done: int, total: int) -> None: ...

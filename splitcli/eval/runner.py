@@ -82,8 +82,16 @@ def _score_examples(
             else:
                 requests.append((ex.context, ex.continuation, i))
                 owners.append(i)
+        base = len(done)
+
+        def on_batch(rows_done: int, rows_total: int, base: int = base, size: int = len(chunk)) -> None:
+            # Display only: the chunk's examples are credited in proportion to the model calls made.
+            if progress is not None:
+                progress(spec.name, base + size * rows_done // max(rows_total, 1), n)
+
         scored = score_requests(
-            logits_fn, tokenizer, requests, max_length=max_length, batch_size=batch_size, max_batch_tokens=max_batch_tokens
+            logits_fn, tokenizer, requests, max_length=max_length, batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens, on_batch=on_batch,
         )
         records: dict[int, Any] = {}
         for i, res in zip(owners, scored):
