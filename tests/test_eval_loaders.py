@@ -1,5 +1,6 @@
 """Loaders for every format in the shared data directory, and their preprocessing."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -80,11 +81,21 @@ def test_lambada_and_hellaswag_first_rows():
 
 
 @needs_data
-def test_wikitext_is_read_byte_exact():
-    text = load_text(get_task_spec("wikitext2"), DATA)
+def test_wikitext_line_ends_normalized_by_default_or_kept_exactly():
     raw = (DATA / "wikitext2" / "wiki.test.raw").read_bytes()
-    assert text.encode("utf-8") == raw and len(raw) == 1_290_547
-    assert text.startswith(" = Robert Boulter = \r\n")
+    assert len(raw) == 1_290_547
+    spec = get_task_spec("wikitext2")
+    text = load_text(spec, DATA)
+    assert "\r" not in text and text.startswith(" = Robert Boulter = \n Robert Boulter is")
+    assert text == raw.decode("utf-8").replace("\r\n", "\n")
+    exact = load_text(dataclasses.replace(spec, normalize_newlines=False), DATA)
+    assert exact.encode("utf-8") == raw
+
+
+def test_lone_carriage_returns_become_newlines(tmp_path):
+    (tmp_path / "t.raw").write_bytes(b"a\r\nb\rc\n")
+    spec = task_spec_from_dict({"name": "t", "format": "text_ppl", "file": "t.raw", "seqlen": 2, "metric": "ppl"})
+    assert load_text(spec, tmp_path) == "a\nb\nc\n"
 
 
 def test_hellaswag_preprocessing_hand_example():

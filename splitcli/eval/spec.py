@@ -16,6 +16,7 @@ Formats (the ``format`` key):
   (exp of minus the mean per-example log-likelihood, as the harness aggregates it) and acc (the
   continuation is the greedy argmax at every position).
 - ``text_ppl``: one raw text file, windowed perplexity (GPTQ convention) with ``seqlen``.
+  ``normalize_newlines`` (default true) reads CRLF / CR line ends as LF, like Python's text mode.
 
 Every scored continuation is ``target_delimiter + choice`` (default ``" "``).
 """
@@ -48,7 +49,7 @@ FORMAT_METRICS: dict[str, tuple[str, ...]] = {
 _KNOWN_KEYS = {
     "spec_version", "name", "format", "file", "metric", "description", "context", "choices",
     "gold", "labels_file", "target_delimiter", "remove_prefix", "contexts", "continuation",
-    "seqlen",
+    "seqlen", "normalize_newlines",
 }
 
 
@@ -83,6 +84,7 @@ class TaskSpec:
     contexts: str | None = None
     continuation: str | None = None
     seqlen: int | None = None
+    normalize_newlines: bool = True
     spec_version: int = SPEC_VERSION
     source: str = field(default="", compare=False)
 
@@ -122,6 +124,8 @@ class TaskSpec:
             raise ValueError(f"{where}: format mc_partial_jsonl needs 'gold'")
         if self.context is not None:
             _template_fields(self.context)
+        if not isinstance(self.normalize_newlines, bool):
+            raise ValueError(f"{where}: normalize_newlines must be true or false")
         if self.seqlen is not None and (not isinstance(self.seqlen, int) or self.seqlen < 2):
             raise ValueError(f"{where}: seqlen must be an integer >= 2")
 
