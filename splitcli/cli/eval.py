@@ -1,0 +1,153 @@
+"""`splitllm eval`: perplexity and zero-shot accuracy of a pipeline (fp, split, local, baselines)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, write_json
+
+DEFAULT_TASKS = "wikitext2,lambada,hellaswag,piqa,arc_easy,boolq,winogrande"
+
+
+def _task_specs(tasks: str, task_files: list[Path]):
+    from ..errors import SplitLLMError
+    from ..eval.spec import get_task_spec, load_task_spec
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    specs = [get_task_spec(n) for n in names] + [load_task_spec(p) for p in task_files]
+    if not specs:
+        raise SplitLLMError("no tasks: give --tasks and/or --task-file")
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise SplitLLMError(f"task {s.name!r} is given twice")
+        seen.add(s.name)
+    return specs
+
+
+def _check_data(specs, data_dir, needs_wikitext: bool) -> None:
+    """Every data file exists (one-line error naming the first missing one), before the model loads."""
+    from ..data import data_file
+
+    for s in specs:
+        data_file(s.file, data_dir)
+        if getattr(s, "labels_file", None):
+            data_file(s.labels_file, data_dir)
+    if needs_wikitext:  # codec and baseline calibration read WikiText-2's tail
+        data_file("wikitext2/wiki.test.raw", data_dir)
+
+
+def _json_safe(x):
+    """Strict JSON has no Infinity (tau = inf): write non-finite floats as strings."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _fmt(value: float, metric: str) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.3f}" if metric == "ppl" else f"{100 * value:.2f}"
+
+
+@cli_errors
+def eval_cmd(
+    tasks: str = typer.Option(DEFAULT_TASKS, "--tasks", "-t", help="Comma-separated built-in task names ('' for none)."),
+    task_files: list[Path] = typer.Option([], "--task-file", help="A task spec YAML file (repeatable)."),
+    limit: int = typer.Option(None, "--limit", help="First N examples per task (perplexity: first N windows)."),
+    pipeline: str = typer.Option(None, "--pipeline", help="fp | split | local | rtn-w4a16 | atom-w4a4 | atom-w4a3 | smoothquant-w4a4 | smoothquant-w4a3 (default: split with --config, else fp)."),
+    config: Path = typer.Option(None, "--config", help="A plan YAML (splitllm plan) whose split, OPSC and codec settings to evaluate."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ for split/local (default: the plan's, else L // 2)."),
+    q_w1: int = typer.Option(None, "--q-w1", help="OPSC weight bits of the front segment (default 4; 16 = unquantized)."),
+    q_w2: int = typer.Option(None, "--q-w2", help="OPSC weight bits after l_w (default 16 = unquantized)."),
+    l_w: int = typer.Option(None, "--l-w", help="OPSC split l_w (default: ℓ)."),
+    group_size: int = typer.Option(None, "--group-size", help="Weight quantization group (default: 64 on the default model)."),
+    codec: str = typer.Option(None, "--codec", help="Wire of the split pipeline: tabq | none (raw fp32) | fp16 (default tabq)."),
+    tau: float = typer.Option(None, "--tau", help="Absolute threshold τ (inf = TAB-Q alone; default: calibrated 0.999 quantile)."),
+    tau_quantile: float = typer.Option(None, "--tau-quantile", help="Calibrate τ at this quantile of |x|."),
+    q_bar: int = typer.Option(None, "--max-bits", help="Q̄a: widest TAB-Q code in bits (default 6)."),
+    delta: float = typer.Option(None, "--delta", help="TAB-Q distortion tolerance Δ (default 0.05)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Evaluation data directory (default: $SPLITLLM_DATA, else ../shared/data)."),
+    json_out: Path = typer.Option(..., "--json", help="Where to write the results."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Result cache (default: the splitllm cache's eval/)."),
+    use_cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse and resume cached per-example results."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Rows per model call."),
+):
+    """Score a pipeline on perplexity / zero-shot tasks; results are cached so an interrupted sweep resumes."""
+    from ..errors import SplitLLMError
+    from ..eval import ResultCache, evaluate_task
+    from ..eval.pipelines import (BASELINES, LazyLogitsFn, PipelineConfig, build_pipeline, cache_key,
+                                  pipeline_from_plan, resolve)
+    from ..model.loader import cache_root
+
+    check_output_path(json_out, force)
+    if limit is not None and limit < 1:
+        raise SplitLLMError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise SplitLLMError(f"--batch-size must be >= 1, got {batch_size}")
+    given = dict(split_layer=split_layer, q_w1=q_w1, q_w2=q_w2, l_w=l_w, group_size=group_size, codec=codec,
+                 tau=tau, tau_quantile=tau_quantile, q_bar=q_bar, delta=delta)
+    if config is not None:
+        from ..plan.schema import Plan
+
+        cfg = pipeline_from_plan(Plan.load(config), pipeline=pipeline, **given)
+    else:
+        cfg = PipelineConfig(pipeline=pipeline or "fp", **{k: v for k, v in given.items() if v is not None})
+    if cfg.pipeline not in ("split", "local"):
+        stray = [f"--{k.replace('_', '-')}" for k in ("split_layer", "q_w1", "q_w2", "l_w") if given[k] is not None]
+        if stray:
+            raise SplitLLMError(f"{', '.join(stray)} apply to --pipeline split/local, not {cfg.pipeline}")
+    if cfg.pipeline != "split":
+        stray = [o for o, v in (("--codec", codec), ("--tau", tau), ("--tau-quantile", tau_quantile),
+                                ("--max-bits", q_bar), ("--delta", delta)) if v is not None]
+        if stray:
+            raise SplitLLMError(f"{', '.join(stray)} apply to --pipeline split only")
+    specs = _task_specs(tasks, task_files)
+    needs_calib = (cfg.pipeline == "split" and cfg.codec == "tabq") or cfg.pipeline in BASELINES[1:]
+    _check_data(specs, data_dir, needs_calib)
+    cache = None
+    if use_cache:
+        cache = ResultCache(cache_dir if cache_dir is not None else cache_root() / "eval")
+
+    lm = load_model_with_status(model)
+    cfg = resolve(cfg, lm.model)
+    key = cache_key(cfg, lm.sha256)
+    fn = LazyLogitsFn(lambda: build_pipeline(lm, cfg, data_dir, progress=lambda m: err_console.print(m)))
+    results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=False) as bar:
+        ids = {s.name: bar.add_task(s.name, total=None) for s in specs}
+
+        def progress(task: str, done: int, total: int) -> None:
+            bar.update(ids[task], completed=done, total=total)
+
+        for s in specs:
+            results.append(evaluate_task(s, fn, lm.tokenizer, data_dir=data_dir, limit=limit, batch_size=batch_size,
+                                         cache=cache, config=key if cache else None, progress=progress))
+    info = fn.pipeline.info if fn.pipeline is not None else {}
+    table = Table(title=f"{cfg.pipeline} on {lm.model_id}" + (f", ℓ={cfg.split_layer}" if cfg.split_layer else ""))
+    for col in ("task", "metric", "value", "± stderr", "n", "note"):
+        table.add_column(col, justify="left" if col in ("task", "metric", "note") else "right")
+    for r in results:
+        for m, v in r.metrics.items():
+            se = r.stderr.get(m)
+            note = f"seqlen {r.details['seqlen']}" if "seqlen" in r.details else ""
+            table.add_row(r.task, m + (" *" if m == r.metric else ""), _fmt(v, m),
+                          "" if se is None else _fmt(se, m), str(r.n), note)
+    console.print(table)
+    console.print("* headline metric; accuracies in %", style="dim")
+    write_json(json_out, {
+        "model": lm.model_id, "model_sha256": lm.sha256, "pipeline": _json_safe(cfg.relevant()), "config_hash": key,
+        "limit": limit, "info": _json_safe(info), "results": [r.to_json() for r in results],
+    }, force)

@@ -1,0 +1,259 @@
+"""The pipelines `splitllm eval` scores, each built into a LogitsFn from a loaded model.
+
+- ``fp``: the unsplit model (through `UnsplitSession`, the same runtime path as everything else).
+- ``split``: `SplitSession` at ℓ: the edge runs layers [0, ℓ) with OPSC weights (eq. 1: layers
+  [0, l_w) at q_w1 bits, the rest of the edge at q_w2), the hidden state crosses the wire (the
+  calibrated TS + TAB-Q codec, or the raw fp32 wire with ``codec="none"``), the cloud runs
+  [ℓ, L) in full precision.
+- ``local``: the whole OPSC model (bits from `opsc_bits(L, l_w, q_w1, q_w2)`) on the edge, no
+  wire, no cloud.
+- ``rtn-w4a16``, ``smoothquant-w4a{4,3}``, ``atom-w4a{4,3}``: full-model simulated-quantization
+  baselines, see `splitcli.eval.baselines`.
+
+How the paper was read:
+- l_w defaults to ℓ (every edge layer at q_w1) and q_w2 to 16 (unquantized), so with the default
+  ``split`` the cloud is full precision and the edge all q_w1 bits, as in Tables 2 and 3.
+- Entropy coding (rANS) is lossless, so it cannot change a logit; the evaluator turns it off by
+  default (``entropy=False``) because it only costs time here. The decoded hidden states are those
+  of the deployed codec with the same tau / q_bar / delta.
+- The codec is calibrated as `splitllm generate` calibrates it (`splitcli.codec.deploy`:
+  tau at the 0.999 quantile of |x| of the full-precision model's hidden state at ℓ over the last
+  2048 tokens of WikiText-2, cached on disk). Evaluation windows are the first ones of that text.
+- Codecs: ``tabq`` = threshold splitting + TAB-Q (tau = inf: TAB-Q alone, Table 5's
+  "Baseline + TAB-Q"); ``fp16`` = the raw wire in fp16, read as "threshold splitting without
+  TAB-Q" (values above tau travel exactly either way, the body at 16 bits); ``none`` = raw fp32.
+- KV-cache quantization (Q_a of eq. 2) is not simulated: scoring is a single prefill per request,
+  where the current tokens' keys and values are used as computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from splitcli.errors import SplitLLMError
+from splitcli.eval.protocols import LogitsFn
+
+PIPELINE_FORMAT_VERSION = 1
+BASELINES = ("rtn-w4a16", "atom-w4a4", "atom-w4a3", "smoothquant-w4a4", "smoothquant-w4a3")
+PIPELINES = ("fp", "split", "local") + BASELINES
+CODECS = ("tabq", "none", "fp16")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What defines one evaluated pipeline (hashed, with the model's sha256, into the result cache).
+
+    split_layer / l_w / group_size: None = the model-dependent default (ℓ = L // 2, l_w = ℓ,
+    group = `default_group_size`, 64 on SmolLM2-135M); `resolve` fills them in.
+    tau / tau_quantile / q_bar / delta: the codec (``split`` with ``codec="tabq"``), as in
+    `splitcli.codec.deploy.CodecParams` (neither tau given: tau_quantile 0.999).
+    calib_tokens / alpha / keep_channels: the baselines' calibration (see `baselines`).
+    """
+
+    pipeline: str = "fp"
+    split_layer: int | None = None
+    q_w1: int = 4
+    q_w2: int = 16
+    l_w: int | None = None
+    method: str = "front"
+    group_size: int | None = None
+    codec: str = "tabq"
+    tau: float | None = None
+    tau_quantile: float | None = None
+    q_bar: int = 6
+    delta: float = 0.05
+    entropy: bool = False
+    calib_tokens: int = 512
+    alpha: float = 0.5
+    keep_channels: int | None = None
+    format_version: int = PIPELINE_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.pipeline not in PIPELINES:
+            raise SplitLLMError(f"unknown pipeline {self.pipeline!r}; choose one of {', '.join(PIPELINES)}")
+        if self.codec not in CODECS:
+            raise SplitLLMError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.method not in ("front", "back"):
+            raise SplitLLMError(f"OPSC method must be 'front' or 'back', got {self.method!r}")
+        if self.split_layer is not None and self.split_layer < 1:
+            raise SplitLLMError(f"--split-layer must be >= 1, got {self.split_layer}")
+        if self.group_size is not None and self.group_size < 1:
+            raise SplitLLMError(f"group size must be >= 1, got {self.group_size}")
+        if self.tau is not None and self.tau_quantile is not None:
+            raise SplitLLMError("give either tau or tau_quantile, not both")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise SplitLLMError(f"SmoothQuant alpha must lie in [0, 1], got {self.alpha}")
+        if self.calib_tokens < 1:
+            raise SplitLLMError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
+        if self.keep_channels is not None and self.keep_channels < 0:
+            raise SplitLLMError(f"keep_channels must be >= 0, got {self.keep_channels}")
+        if self.format_version != PIPELINE_FORMAT_VERSION:
+            raise SplitLLMError(f"pipeline config version {self.format_version} is not supported")
+
+    @property
+    def compression_off(self) -> bool:
+        """``split`` with nothing lossy: unquantized edge weights and the raw wire."""
+        return self.q_w1 == 16 and self.q_w2 == 16 and self.codec == "none"
+
+    def relevant(self) -> dict[str, Any]:
+        """The fields that change this pipeline's numbers (the cache key; other fields are ignored)."""
+        d = asdict(self)
+        keep = {"pipeline", "format_version"}
+        if self.pipeline in ("split", "local"):
+            keep |= {"split_layer", "q_w1", "q_w2", "l_w", "method", "group_size"}
+        if self.pipeline == "split":
+            keep |= {"codec"} | ({"tau", "tau_quantile", "q_bar", "delta"} if self.codec == "tabq" else set())
+        if self.pipeline in BASELINES:
+            keep |= {"group_size"}
+            if self.pipeline != "rtn-w4a16":
+                keep |= {"calib_tokens"} | ({"alpha"} if "smoothquant" in self.pipeline else {"keep_channels"})
+        return {k: v for k, v in d.items() if k in keep}
+
+
+def default_keep_channels(hidden: int) -> int:
+    """Atom keeps 128 of 4096 input channels (3.125%) at 8 bits: the same share of ``hidden``
+    (18 of 576 on SmolLM2-135M)."""
+    return max(1, round(hidden * 128 / 4096))
+
+
+def resolve(cfg: PipelineConfig, model) -> PipelineConfig:
+    """Fill in the model-dependent defaults and check them against the model."""
+    from splitcli.model.split import decoder_parts, validate_split_layer
+    from splitcli.quant import default_group_size, layer_shapes_of
+
+    parts = decoder_parts(model)
+    n = parts.num_layers
+    upd: dict[str, Any] = {}
+    if cfg.pipeline in ("split", "local"):
+        ell = validate_split_layer(n // 2 if cfg.split_layer is None else cfg.split_layer, n)
+        l_w = ell if cfg.l_w is None else cfg.l_w
+        if not 0 <= l_w <= n:
+            raise SplitLLMError(f"l_w={l_w} must lie in [0, {n}]")
+        upd.update(split_layer=ell, l_w=l_w)
+    if cfg.group_size is None:
+        upd["group_size"] = default_group_size(layer_shapes_of(parts.layers[0]))
+    if cfg.pipeline.startswith("atom") and cfg.keep_channels is None:
+        upd["keep_channels"] = default_keep_channels(model.config.hidden_size)
+    return replace(cfg, **upd)
+
+
+@dataclass
+class Pipeline:
+    """A built pipeline: its LogitsFn, the resolved config and what building it found out."""
+
+    config: PipelineConfig
+    logits_fn: LogitsFn
+    info: dict[str, Any]
+
+
+def _session_logits_fn(make_session: Callable[[], Any]) -> LogitsFn:
+    """A LogitsFn that runs each call through a fresh session (all logits kept)."""
+
+    @torch.inference_mode()
+    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return make_session().forward(input_ids, attention_mask, logits_to_keep=0)  # [B, T, V]
+
+    return fn
+
+
+def _opsc_copy(model, bits: list[int | None], group_size: int):
+    """A copy of `model` whose decoder layer i holds bits[i]-bit weights (16/None: untouched)."""
+    from splitcli.model.split import decoder_parts
+    from splitcli.quant import quantize_layers_
+
+    qmodel = copy.deepcopy(model)
+    layers = decoder_parts(qmodel).layers
+    quantize_layers_(layers, list(range(len(bits))), bits, group_size)
+    return qmodel
+
+
+def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[str], None] | None = None) -> Pipeline:
+    """Build the LogitsFn of `cfg` on the loaded model `lm` (a `LoadedModel`); `lm.model` is not changed."""
+    from splitcli.model.split import decoder_parts
+    from splitcli.runtime.session import SplitSession, UnsplitSession
+
+    cfg = resolve(cfg, lm.model)
+    n = decoder_parts(lm.model).num_layers
+    info: dict[str, Any] = {"n_layers": n}
+    if cfg.pipeline == "fp":
+        model = lm.model
+        return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(model)), info)
+    if cfg.pipeline in ("split", "local"):
+        from splitcli.quant import opsc_bits
+
+        assert cfg.split_layer is not None and cfg.l_w is not None and cfg.group_size is not None
+        bits = opsc_bits(n, cfg.l_w, cfg.q_w1, cfg.q_w2, cfg.method)
+        if cfg.pipeline == "split":
+            bits = bits[: cfg.split_layer] + [None] * (n - cfg.split_layer)  # the cloud stays full precision
+        info["weight_bits"] = bits
+        qmodel = _opsc_copy(lm.model, bits, cfg.group_size) if any(b not in (None, 16) for b in bits) else lm.model
+        if cfg.pipeline == "local":
+            return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(qmodel)), info)
+        wire = _build_wire(lm, cfg, data_dir, progress, info)
+        ell = cfg.split_layer
+        return Pipeline(cfg, _session_logits_fn(lambda: SplitSession(qmodel, ell, wire=wire)), info)
+    from splitcli.eval.baselines import build_baseline
+
+    model, binfo = build_baseline(lm, cfg, data_dir)
+    info.update(binfo)
+    return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(model)), info)
+
+
+def _build_wire(lm, cfg: PipelineConfig, data_dir, progress, info: dict[str, Any]):
+    from splitcli.runtime.wire import RawWire
+
+    if cfg.codec in ("none", "fp16"):
+        wire = RawWire("fp32" if cfg.codec == "none" else "fp16")
+        info["wire"] = wire.name
+        return wire
+    from splitcli.codec.deploy import CodecParams, calibrated_config
+    from splitcli.runtime.codec_wire import CodecWire
+
+    params = CodecParams(tau=cfg.tau, tau_quantile=cfg.tau_quantile, q_bar=cfg.q_bar, delta=cfg.delta,
+                         entropy=cfg.entropy)
+    assert cfg.split_layer is not None
+    codec_cfg, cinfo = calibrated_config(lm, cfg.split_layer, params, data_dir, progress)
+    info["wire"] = "tabq"
+    info["codec"] = {"tau": codec_cfg.tau, "q_bar": codec_cfg.q_bar, "delta": codec_cfg.delta,
+                     "entropy": codec_cfg.entropy, "calibration": cinfo.get("calib_slice", "none")}
+    if codec_cfg.tau is not None and math.isinf(codec_cfg.tau):
+        info["codec"]["tau"] = "inf"
+    return CodecWire(codec_cfg, keep_stats=False)
+
+
+def cache_key(cfg: PipelineConfig, model_sha256: str) -> str:
+    """The result-cache config hash of a RESOLVED config on the model with these weights."""
+    from splitcli.eval.cache import config_hash
+
+    return config_hash({"model": model_sha256, **cfg.relevant()})
+
+
+class LazyLogitsFn:
+    """A LogitsFn that builds its pipeline on the first call, so a fully cached sweep never
+    pays for quantizing or calibrating."""
+
+    def __init__(self, build: Callable[[], Pipeline]):
+        self._build = build
+        self.pipeline: Pipeline | None = None
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pipeline is None:
+            self.pipeline = self._build()
+        return self.pipeline.logits_fn(input_ids, attention_mask)
+
+
+def pipeline_from_plan(plan, **overrides: Any) -> PipelineConfig:
+    """``split`` (or ``overrides['pipeline']``) with a `splitcli.plan.schema.Plan`'s settings."""
+    fields: dict[str, Any] = dict(
+        pipeline="split", split_layer=plan.split_layer, l_w=plan.l_w, method=plan.method,
+        q_w1=plan.q_w1, q_w2=16 if plan.q_w2 is None else plan.q_w2, group_size=plan.group_size,
+        tau=plan.codec.tau, tau_quantile=plan.codec.tau_quantile, q_bar=plan.codec.q_bar, delta=plan.codec.delta,
+    )
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return PipelineConfig(**fields)
