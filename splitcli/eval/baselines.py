@@ -159,12 +159,23 @@ def _baseline_bits(pipeline: str) -> tuple[str, int | None]:
     return kind, None if a >= 16 else a
 
 
-def calibration_slice(tokenizer, data_dir, n_tokens: int) -> list[int]:
-    """The first `n_tokens` of the codec's calibration slice (same text, never the evaluated windows)."""
-    from splitcli.codec.deploy import CALIB_TOKENS, calibration_ids, read_wikitext
+#: The codec's calibration slice (`splitcli.codec.deploy`): the last 2048 tokens of WikiText-2's
+#: test text, found in its last 64 characters per token.
+CALIB_SLICE_TOKENS = 2048
 
-    text, _ = read_wikitext(data_dir)
-    return calibration_ids(tokenizer, text, max(n_tokens, CALIB_TOKENS))[:n_tokens]
+
+def calibration_slice(tokenizer, data_dir, n_tokens: int) -> list[int]:
+    """The first `n_tokens` of the codec's calibration slice (the same text; the evaluated
+    perplexity windows are the first ones of the file, so the two never overlap)."""
+    from splitcli.eval.loaders import load_text
+    from splitcli.eval.protocols import encode
+    from splitcli.eval.spec import get_task_spec
+
+    text = load_text(get_task_spec("wikitext2"), data_dir)
+    ids = encode(tokenizer, text[-64 * CALIB_SLICE_TOKENS:])[-CALIB_SLICE_TOKENS:]
+    if len(ids) < n_tokens:
+        raise SplitLLMError(f"the calibration text has {len(ids)} tokens, fewer than the {n_tokens} needed")
+    return ids[:n_tokens]
 
 
 def apply_baseline_(model, pipeline: str, group_size: int, stats: dict | None = None, alpha: float = 0.5,
