@@ -78,6 +78,28 @@ def test_generic_task_file_end_to_end(tiny_model_dir, spec_file, data_dir, tmp_p
     assert not json.loads(fp_out.read_text())["info"]  # the pipeline was never built
 
 
+def test_plan_config(tiny_model_dir, spec_file, data_dir, tmp_path):
+    from splitcli.plan.schema import Budgets, CodecParams, Plan
+
+    def plan(n_layers):
+        p = tmp_path / f"plan{n_layers}.yaml"
+        Plan(model_id="tiny", n_layers=n_layers, split_layer=2, l_w=2, method="front", q_w1=16, q_w2=None, qa=16,
+             codec=CodecParams(q_bar=4, delta=0.05, tau_quantile=0.999), group_size=64, max_tokens=64,
+             budgets=Budgets(memory_bytes=2**30, max_accuracy_drop=0.05)).save(p)
+        return p
+
+    fp_out, plan_out = tmp_path / "fp.json", tmp_path / "plan.json"
+    assert _eval(tiny_model_dir, spec_file, data_dir, fp_out, tmp_path / "c").exit_code == 0
+    r = _eval(tiny_model_dir, spec_file, data_dir, plan_out, tmp_path / "c", "--config", str(plan(4)), "--codec", "none")
+    assert r.exit_code == 0, r.output
+    got = json.loads(plan_out.read_text())
+    assert got["pipeline"]["pipeline"] == "split" and got["pipeline"]["split_layer"] == 2
+    assert got["pipeline"]["q_w1"] == 16 and got["pipeline"]["codec"] == "none"  # the option overrides the plan
+    assert got["results"][0]["metrics"] == json.loads(fp_out.read_text())["results"][0]["metrics"]
+    r = _eval(tiny_model_dir, spec_file, data_dir, tmp_path / "x.json", tmp_path / "c", "--config", str(plan(30)), "--codec", "none")
+    _one_line_error(r, "plan for 30 layers but the model has 4")
+
+
 def test_missing_data_file_is_one_line_error(tiny_model_dir, spec_file, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -98,10 +98,12 @@ def eval_cmd(
         raise SplitLLMError(f"--batch-size must be >= 1, got {batch_size}")
     given = dict(split_layer=split_layer, q_w1=q_w1, q_w2=q_w2, l_w=l_w, group_size=group_size, codec=codec,
                  tau=tau, tau_quantile=tau_quantile, q_bar=q_bar, delta=delta)
+    plan = None
     if config is not None:
         from ..plan.schema import Plan
 
-        cfg = pipeline_from_plan(Plan.load(config), pipeline=pipeline, **given)
+        plan = Plan.load(config)
+        cfg = pipeline_from_plan(plan, pipeline=pipeline, **given)
     else:
         cfg = PipelineConfig(pipeline=pipeline or "fp", **{k: v for k, v in given.items() if v is not None})
     if cfg.pipeline not in ("split", "local"):
@@ -121,6 +123,12 @@ def eval_cmd(
         cache = ResultCache(cache_dir if cache_dir is not None else cache_root() / "eval")
 
     lm = load_model_with_status(model)
+    if plan is not None:
+        from ..model.split import decoder_parts
+
+        n_layers = decoder_parts(lm.model).num_layers
+        if plan.n_layers != n_layers:
+            raise SplitLLMError(f"{config} is a plan for {plan.n_layers} layers but the model has {n_layers}")
     cfg = resolve(cfg, lm.model)
     key = cache_key(cfg, lm.sha256)
     fn = LazyLogitsFn(lambda: build_pipeline(lm, cfg, data_dir, progress=lambda m: err_console.print(m)))
