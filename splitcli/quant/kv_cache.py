@@ -10,6 +10,10 @@ hold recent tokens in full precision until a group fills). We do not use its qua
 Reading of "the cache holds Q_a-bit activations": attention always sees the dequantized stored
 values, including the tokens of the current step, so a prefill and a token-by-token decode of the
 same text see the same keys and values.
+
+Memory: what is held between steps is exactly `kv_bytes_per_token` x tokens (see `nbytes`). Each
+`update` additionally makes one layer's dequantized K/V (float, freed after that layer's
+attention), which belongs to the transient-activation term of the edge memory model.
 """
 
 from __future__ import annotations
