@@ -62,9 +62,12 @@ def int4pack_to_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """Linear layer with group-wise `bits`-bit weights, dequantized at every forward.
 
-    Only the packed codes, scales and zeros are held, so memory is the stored size. Dequantizing
-    per call costs time; measured on SmolLM2 shapes it is cheaper than keeping a float copy in
-    an edge device's memory budget (see the module report). Output dtype follows the input.
+    Only the packed codes, scales and zeros are held, so resident memory equals the stored size
+    (what eq. (1) counts). Dequantizing per call is slow — measured at batch 1 on this 2-core
+    host, 576x576 at 8 bits: 0.20 ms vs 0.027 ms for fp32 (best of repeats) — but a cached float
+    copy would hold 4 bytes per weight, more than the unquantized layer, which defeats OPSC on
+    the edge. So no cache: 4-bit layers go through Int4Linear instead, and a fused kernel for the
+    other widths is future work. Output dtype follows the input.
     """
 
     def __init__(
