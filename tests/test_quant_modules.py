@@ -204,3 +204,13 @@ def test_int4_linear_empty_batch_and_export_round_trip():
     e = m.export()
     m2 = Int4Linear.from_portable(64, 128, 32, e["codes"], e["scales"], e["zeros"], e["bias"])
     assert torch.equal(m2.packed, m.packed) and torch.equal(m2.scales_and_zeros, m.scales_and_zeros)
+
+
+def test_default_group_size():
+    from splitcli.quant import default_group_size
+
+    smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)
+    assert default_group_size(llama_layer_shapes(smol)) == 64
+    assert default_group_size(llama_layer_shapes(tiny_config(hidden_size=256, intermediate_size=512))) == 128
+    with pytest.raises(SplitLLMError, match="none of the group sizes"):
+        default_group_size(llama_layer_shapes(tiny_config(hidden_size=96, intermediate_size=192)))

@@ -14,6 +14,7 @@ from splitcli.quant.rtn import (
 )
 from splitcli.quant.transform import (
     LayerShapes,
+    default_group_size,
     layer_shapes_of,
     layer_weight_bytes,
     llama_layer_shapes,

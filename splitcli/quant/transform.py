@@ -143,6 +143,20 @@ def opsc_weight_bytes(
     return sum(layer_weight_bytes(s, b, group_size, float_bytes) for s, b in zip(per, bits_per_layer))
 
 
+def default_group_size(shapes: LayerShapes, preferred: tuple[int, ...] = (128, 64)) -> int:
+    """Largest preferred group size dividing every linear's input width (64 for SmolLM2-135M,
+    whose 576 is not a multiple of 128). 32 is deliberately not preferred: that model's GGUF
+    weights already sit on a 4-bit grid of blocks of 32, so group 32 is nearly lossless there
+    (measured +0.1% ppl at 4 bits on all 30 layers) and would flatter OPSC."""
+    widths = {in_f for _, _, in_f, _ in shapes.linears}
+    for g in preferred:
+        if all(w % g == 0 for w in widths):
+            return g
+    raise SplitLLMError(
+        f"none of the group sizes {preferred} divides every input width {sorted(widths)}; pass one explicitly"
+    )
+
+
 def _quantize_linear(linear: nn.Linear, bits: int, group_size: int, use_int4_kernel: bool) -> nn.Module:
     if bits == 4 and use_int4_kernel and int4_kernel_supports(linear.out_features, linear.in_features, group_size):
         return Int4Linear.from_linear(linear, group_size)
