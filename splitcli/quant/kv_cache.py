@@ -1,0 +1,164 @@
+"""Quantized KV cache for the edge at Q_a bits (paper eq. (2)), pluggable into transformers 5.x.
+
+Keys and values [batch, kv_heads, tokens, head_dim] are quantized per token in groups along
+head_dim (asymmetric RTN from splitcli.quant.rtn, group = head_dim by default) and only the packed
+codes plus scales/zeros are kept. Per-token groups never change once written, so new tokens are
+appended without re-quantizing old ones and no full-precision residual window is needed for
+correctness (unlike transformers' KIVI-style `QuantizedLayer`, which groups per channel and has to
+hold recent tokens in full precision until a group fills). We do not use its quanto/hqq backends.
+
+Reading of "the cache holds Q_a-bit activations": attention always sees the dequantized stored
+values, including the tokens of the current step, so a prefill and a token-by-token decode of the
+same text see the same keys and values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from splitcli.errors import SplitLLMError
+from splitcli.quant.rtn import check_group_size, dequantize_groupwise, pack_codes, packed_width, quantize_groupwise, unpack_codes
+
+KV_FORMAT_VERSION = 1
+_SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class KVQuantConfig:
+    """Q_a and its layout. group_size None means one group per head (group = head_dim).
+
+    fp16 scales/zeros are the default; float32 exists for models whose keys exceed fp16's range.
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    scale_dtype: str = "float16"
+    version: int = KV_FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 8):
+            raise SplitLLMError(f"KV cache bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise SplitLLMError(f"KV group size must be positive, got {self.group_size}")
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise SplitLLMError(f"KV scale dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype}")
+        if self.version != KV_FORMAT_VERSION:
+            raise SplitLLMError(f"KV quantization format version {self.version} is not supported")
+
+    def group_for(self, head_dim: int) -> int:
+        g = head_dim if self.group_size is None else self.group_size
+        check_group_size(head_dim, g)
+        return g
+
+
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, cfg: KVQuantConfig) -> int:
+    """Exact stored bytes one token adds to the quantized cache of `n_layers` layers (K and V)."""
+    g = cfg.group_for(head_dim)
+    scale_bytes = torch.empty((), dtype=_SCALE_DTYPES[cfg.scale_dtype]).element_size()
+    per_head = packed_width(head_dim, cfg.bits) + 2 * (head_dim // g) * scale_bytes
+    return n_layers * 2 * n_kv_heads * per_head
+
+
+def fp_kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, bytes_per_value: int = 4) -> int:
+    """Bytes per token of an unquantized cache (4 for float32 DynamicCache, 2 for fp16)."""
+    return n_layers * 2 * n_kv_heads * head_dim * bytes_per_value
+
+
+class _Stored:
+    """Packed codes [B, H, T, P] uint8 + scales/zeros [B, H, T, G] of one of K or V."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+        self.codes, self.scales, self.zeros = codes, scales, zeros
+
+    def cat(self, other: "_Stored") -> "_Stored":
+        return _Stored(*(torch.cat([a, b], dim=-2) for a, b in zip(self.tensors(), other.tensors())))
+
+    def map(self, fn) -> "_Stored":
+        return _Stored(*(fn(t) for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.codes, self.scales, self.zeros
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One layer's K/V stored at `cfg.bits`; `update` returns dequantized K/V for attention."""
+
+    is_croppable = True
+
+    def __init__(self, cfg: KVQuantConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or KVQuantConfig()
+        self._k: _Stored | None = None
+        self._v: _Stored | None = None
+        self._head_dim = 0
+
+    def _quantize(self, x: torch.Tensor) -> _Stored:
+        g = self.cfg.group_for(x.shape[-1])
+        q, s, z = quantize_groupwise(x, self.cfg.bits, g, _SCALE_DTYPES[self.cfg.scale_dtype])
+        return _Stored(pack_codes(q, self.cfg.bits), s, z)
+
+    def _dequantize(self, st: _Stored, dtype: torch.dtype) -> torch.Tensor:
+        q = unpack_codes(st.codes, self.cfg.bits, self._head_dim)  # [B, H, T, head_dim]
+        return dequantize_groupwise(q, st.scales, st.zeros, self.cfg.bits, dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)  # sets keys/values to empty (dtype, device)
+            self._head_dim = key_states.shape[-1]
+            self._k, self._v = self._quantize(key_states), self._quantize(value_states)
+        else:
+            self._k = self._k.cat(self._quantize(key_states))
+            self._v = self._v.cat(self._quantize(value_states))
+        return self._dequantize(self._k, key_states.dtype), self._dequantize(self._v, value_states.dtype)
+
+    def get_seq_length(self) -> int:
+        return 0 if self._k is None else self._k.codes.shape[-2]
+
+    def nbytes(self) -> int:
+        """Bytes actually held for this layer's quantized K and V."""
+        return 0 if self._k is None else self._k.nbytes() + self._v.nbytes()
+
+    def reset(self) -> None:
+        super().reset()
+        self._k = self._v = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise SplitLLMError("crop takes a negative number of tokens to remove")
+        if tokens_to_remove == 0 or self._k is None:
+            return
+        keep = self.get_seq_length() + tokens_to_remove
+        self._k = self._k.map(lambda t: t[..., :keep, :])
+        self._v = self._v.map(lambda t: t[..., :keep, :])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._k is not None:
+            self._k = self._k.map(lambda t: t[indices])
+            self._v = self._v.map(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._k is not None:
+            self._k = self._k.map(lambda t: t.repeat_interleave(repeats, dim=0))
+            self._v = self._v.map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+
+class QuantizedKVCache(Cache):
+    """Drop-in for DynamicCache (full-attention models): layers appear lazily at the global
+    `layer_idx` transformers passes to `update`, so an edge half running layers [0, l) works."""
+
+    def __init__(self, cfg: KVQuantConfig | None = None):
+        self.cfg = cfg or KVQuantConfig()
+        super().__init__(layer_class_to_replicate=partial(QuantizedKVLayer, self.cfg))
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
