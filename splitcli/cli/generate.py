@@ -58,6 +58,9 @@ def generate_cmd(
         raise SplitLLMError(
             f"prompt ({ids.shape[1]} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the context of {context} tokens"
         )
+    if plan is not None and ids.shape[1] + max_new_tokens > plan.max_tokens:
+        err_console.print(f"[yellow]note:[/] {ids.shape[1] + max_new_tokens} tokens exceed the plan's W̄ = "
+                          f"{plan.max_tokens} (its edge memory was sized for that many)")
     session = SplitSession(lm.model, split_layer, edge=edge)
     eos = {t for t in (lm.tokenizer.eos_token_id, getattr(lm.model.config, "eos_token_id", None)) if isinstance(t, int)}
     result = generate(session, ids, mask, cfg, eos_token_ids=eos, prefill_chunk=prefill_chunk or None)

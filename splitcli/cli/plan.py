@@ -36,7 +36,7 @@ def plan_cmd(
     from ..cost.latency import LinkModel
     from ..errors import SplitLLMError
     from ..plan.accuracy import AccuracyTable, PerplexityProxy, calibration_windows, resolve_data_dir
-    from ..plan.advise import default_rate, default_space, step_latency
+    from ..plan.advise import canonical, default_rate, default_space, step_latency
     from ..plan.enumerate import search_plans, to_plan
     from ..plan.profile import Profile
     from ..plan.schema import Budgets
@@ -101,7 +101,7 @@ def plan_cmd(
         "predicted_step_ms": latency.total_s * 1e3 if link is not None else None,
         "rate_bps": rate, "profile": str(profile_path), "profile_device": profile.device.name,
     }
-    plan = to_plan(winner.candidate, profile, budgets, max_tokens, delta=0.05, group_size=profile.group_size or 64,
+    plan = to_plan(canonical(winner.candidate, profile.n_layers), profile, budgets, max_tokens, delta=0.05, group_size=profile.group_size or 64,
                    tau_is_quantile=True, notes=notes)
     if deadline_s is not None and latency.total_s > deadline_s:
         err_console.print(f"[yellow]note:[/] the plan's predicted step ({latency.total_s * 1e3:.1f} ms) misses the "

@@ -125,8 +125,8 @@ class PerplexityProxy:
     def _evaluate(self, weights: tuple[tuple[int, int], ...], qa: int, kv_layers: int) -> float:
         self.evaluations += 1
         if self.progress:
-            what = ", ".join(f"{k}:{b}" for k, b in weights) or "none"
-            self.progress(f"proxy perplexity #{self.evaluations} (quantized layers {what}; Qa={qa})")
+            self.progress(f"proxy perplexity #{self.evaluations}: weights {_runs(weights) or 'as loaded'}; "
+                          f"KV {f'{qa}b on layers 0-{kv_layers - 1}' if kv_layers else 'float'}")
         originals: list[tuple[torch.nn.Linear, torch.Tensor]] = []
         try:
             for k, b in weights:
@@ -154,6 +154,18 @@ class PerplexityProxy:
             nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
             total, count = total + float(nll), count + ids.shape[1] - 1
         return math.exp(total / count)
+
+
+def _runs(weights: tuple[tuple[int, int], ...]) -> str:
+    """((0, 4), (1, 4), (2, 8)) -> 'layers 0-1 at 4b, 2 at 8b'."""
+    runs: list[list[int]] = []
+    for k, b in weights:
+        if runs and runs[-1][2] == b and runs[-1][1] == k - 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k, b])
+    return ", ".join(f"{'layers ' if i == 0 else ''}{a}{f'-{z}' if z != a else ''} at {b}b"
+                     for i, (a, z, b) in enumerate(runs))
 
 
 class AccuracyTable:

@@ -17,7 +17,7 @@ Readings:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from splitcli.cost.latency import LinkModel
@@ -54,6 +54,15 @@ def edge_weight_bits(candidate: Candidate, n_layers: int) -> tuple[int | None, .
 
     bits = layer_weight_bits(n_layers, candidate.l_w, candidate.q_w1, candidate.q_w2, candidate.method)  # type: ignore[arg-type]
     return bits[: candidate.split_layer]
+
+
+def canonical(candidate: Candidate, n_layers: int) -> Candidate:
+    """The same edge configuration in its plainest OPSC spelling: a uniform edge (e.g. l_w = 0
+    with (4, 8), i.e. every edge layer at 8 bits) becomes l_w = L, q_w1 = that width, q_w2 None."""
+    bits = edge_weight_bits(candidate, n_layers)
+    if len(set(bits)) == 1 and bits[0] is not None:
+        return replace(candidate, l_w=n_layers, q_w1=bits[0], q_w2=None)
+    return candidate
 
 
 def describe_weights(bits: tuple[int | None, ...]) -> str:

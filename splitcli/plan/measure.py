@@ -1,14 +1,17 @@
 """Measure a `Profile` of a loaded model on this machine (what `splitllm profile` writes).
 
 Per decoder layer k, each timed on its own through `LayerRange(parts, k, k + 1)` (so masks and
-rotary embeddings are built the way the runtime builds them), median of `repeats` after one
-warm-up call:
+rotary embeddings are built the way the runtime builds them) on the real output of layer k - 1,
+median of `repeats` samples after one warm-up; samples are taken in rounds over all layers so
+that a burst of load on a shared machine spreads over many layers:
 - prefill_ms[T]: T tokens into an empty KV cache;
 - decode_ms: one token after a prefix of max(tokens) tokens already in the cache (each call gets
   a fresh copy of that cache, so every call sees the same context);
 - both again with the layer's weights at each bit width (`decode_ms_by_bits`,
   `prefill_ms_by_bits`; 16 = the layer as loaded), because the 4-bit CPU kernel runs at its own
-  speed. Layers are quantized one at a time on a copy, so the model itself is never changed.
+  speed. Quantized layers are copies swapped in and back out, so the model is left as it was.
+The masks and rotary embeddings LayerRange builds are paid once per edge forward: their cost
+(timed with pass-through layers) is subtracted from each layer and added to the embedding stage.
 Sizes are exact, from `splitcli.quant`'s byte accounting: weight bytes at each bit width (16 = not
 quantized, held in the model's float dtype, i.e. 4 bytes per value on this fp32 runtime) and KV
 bytes one token adds at each Qa (16 = the runtime's float cache, 4 bytes per value).
@@ -142,14 +145,12 @@ def weight_bytes_table(layer: torch.nn.Module, bits: tuple[int, ...], group_size
     return {b: float(layer_weight_bytes(shapes, min(b, KEEP_BITS), group_size, float_bytes=4)) for b in bits}
 
 
-def median_ms(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None) -> float:
-    """Median wall time of `fn()` in ms over `repeats` calls after one warm-up; `setup()` runs
-    untimed before each call and its result is passed to `fn` when it returns something."""
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn()` in ms over `repeats` calls after one warm-up call."""
     times = []
     for i in range(repeats + 1):
-        arg = setup() if setup else None
         t0 = time.perf_counter()
-        fn() if arg is None else fn(arg)  # type: ignore[call-arg]
+        fn()
         if i:
             times.append((time.perf_counter() - t0) * 1e3)
     return float(statistics.median(times))
@@ -163,23 +164,66 @@ def _variant(layer: torch.nn.Module, bits: int, group_size: int) -> torch.nn.Mod
     return clone
 
 
-def _time_layer(parts, k: int, hidden, positions, settings: ProfileSettings):
-    """(prefill_ms {T: ms}, decode_ms) of layer k as it currently sits in parts.layers."""
-    layer_range = LayerRange(parts, k, k + 1)
-    prefill: dict[int, float] = {}
-    for t in settings.tokens:
-        x, pos = hidden[:, :t], positions[:, :t]
-        prefill[t] = median_ms(lambda c: layer_range(x, pos, None, c), settings.repeats,
-                               setup=lambda: new_cache(parts))
-    prefix = settings.tokens[-1]
-    filled = new_cache(parts)
-    layer_range(hidden[:, :prefix], positions[:, :prefix], None, filled)
-    x1, pos1 = hidden[:, prefix:prefix + 1], positions[:, prefix:prefix + 1]
-    # A fresh copy of the filled cache per call: every call sees the same prefix (transformers'
-    # crop does not serve sliding-window layers).
-    decode = median_ms(lambda c: layer_range(x1, pos1, None, c), settings.repeats,
-                       setup=lambda: copy.deepcopy(filled))
-    return prefill, decode
+class _PassThrough(torch.nn.Module):
+    """Stands in for a decoder layer to time what LayerRange does around it (masks, rotary)."""
+
+    def forward(self, hidden, **_):
+        return hidden
+
+
+class _Timer:
+    """Samples for each layer, taken in rounds over all layers so a burst of machine load lands
+    on one sample of many layers rather than on every sample of one layer."""
+
+    def __init__(self, parts, inputs: list[torch.Tensor], positions: torch.Tensor, settings: ProfileSettings):
+        self.parts, self.inputs, self.positions, self.settings = parts, inputs, positions, settings
+        self.prefix = settings.tokens[-1]
+        self.filled: dict[int, object] = {}
+
+    def _fill(self, k: int):
+        """Layer k's cache after the prefix (rebuilt per layer variant)."""
+        cache = new_cache(self.parts)
+        LayerRange(self.parts, k, k + 1)(self.inputs[k][:, :self.prefix], self.positions[:, :self.prefix], None, cache)
+        return cache
+
+    def sample(self, k: int, filled) -> tuple[dict[int, float], float]:
+        """One timed prefill per token count and one timed decode step of layer k."""
+        layer_range, h, pos = LayerRange(self.parts, k, k + 1), self.inputs[k], self.positions
+        prefill = {}
+        for t in self.settings.tokens:
+            cache = new_cache(self.parts)
+            t0 = time.perf_counter()
+            layer_range(h[:, :t], pos[:, :t], None, cache)
+            prefill[t] = (time.perf_counter() - t0) * 1e3
+        # A fresh copy of the filled cache per call: every call sees the same prefix (transformers'
+        # crop does not serve sliding-window layers).
+        cache, p = copy.deepcopy(filled), self.prefix
+        t0 = time.perf_counter()
+        layer_range(h[:, p:p + 1], pos[:, p:p + 1], None, cache)
+        return prefill, (time.perf_counter() - t0) * 1e3
+
+    def time_all(self, layers: list[torch.nn.Module], tick: Callable[[str], None], what: str):
+        """Per layer: ({T: median prefill ms}, median decode ms) with `layers` swapped in."""
+        n, originals = len(layers), list(self.parts.layers)
+        prefill = [{t: [] for t in self.settings.tokens} for _ in range(n)]
+        decode: list[list[float]] = [[] for _ in range(n)]
+        try:
+            for k, layer in enumerate(layers):
+                self.parts.layers[k] = layer
+            filled = [self._fill(k) for k in range(n)]
+            for r in range(self.settings.repeats + 1):  # round 0 warms up
+                for k in range(n):
+                    p, d = self.sample(k, filled[k])
+                    if r:
+                        for t, ms in p.items():
+                            prefill[k][t].append(ms)
+                        decode[k].append(d)
+                tick(f"{what}, round {r}/{self.settings.repeats}")
+        finally:
+            for k, layer in enumerate(originals):
+                self.parts.layers[k] = layer
+        return [({t: statistics.median(v) for t, v in prefill[k].items()}, statistics.median(decode[k]))
+                for k in range(n)]
 
 
 def default_codec_hook(hidden: torch.Tensor, repeats: int) -> CodecCost | None:
@@ -231,7 +275,7 @@ def measure_profile(
     ids = torch.randint(0, vocab, (1, needed), generator=gen)  # [1, T+1]
     positions = torch.arange(needed)[None]  # [1, T+1]
     n_kv, head_dim = head_dims(config)
-    total = n_layers * len(settings.bits) + 2
+    total = (len(settings.bits) + 1) * (settings.repeats + 1) + 2
     done = 0
 
     def tick(what: str) -> None:
@@ -241,41 +285,44 @@ def measure_profile(
             progress(done, total, what)
 
     emb_prefill = {t: median_ms(lambda: parts.embed_tokens(ids[:, :t]), settings.repeats) for t in settings.tokens}
+    emb_decode = median_ms(lambda: parts.embed_tokens(ids[:, :1]), settings.repeats)
+    tick("embedding")
+    inputs = [parts.embed_tokens(ids)]  # inputs[k]: what layer k sees, [1, T+1, H]
+    for k in range(n_layers):
+        inputs.append(LayerRange(parts, k, k + 1)(inputs[k], positions, None, None))
+    timer = _Timer(parts, inputs, positions, settings)
+    # What LayerRange costs around the layers (masks, rotary) is paid once per edge forward, not
+    # once per layer: measured with pass-through layers, subtracted from each layer and charged
+    # to the embedding stage, which runs once per forward too.
+    overhead = timer.time_all([_PassThrough() for _ in range(n_layers)], tick, "masks + rotary")
+    over_prefill = {t: statistics.median(o[0][t] for o in overhead) for t in settings.tokens}
+    over_decode = statistics.median(o[1] for o in overhead)
+    by_bits = {}
+    for b in settings.bits:
+        variants = [_variant(layer, b, settings.group_size) for layer in parts.layers]
+        by_bits[b] = timer.time_all(variants, tick, f"{b}-bit layers")
+        del variants
     embedding = StageCost(
         weight_bytes=float(sum(p.numel() * p.element_size() for p in parts.embed_tokens.parameters())),
-        decode_ms=median_ms(lambda: parts.embed_tokens(ids[:, :1]), settings.repeats),
-        prefill_ms=emb_prefill,
+        decode_ms=emb_decode + over_decode,
+        prefill_ms={t: emb_prefill[t] + over_prefill[t] for t in settings.tokens},
     )
-    tick("embedding")
-    hidden = parts.embed_tokens(ids)  # [1, T+1, H]
     peak = activation_peak_bytes(config, settings.tokens[-1])
     kv_table = kv_bytes_table(config, settings.kv_bits)
-    layers, middle_hidden = [], hidden
+    layers = []
     for k in range(n_layers):
-        original = parts.layers[k]
-        prefill_by_bits: dict[int, dict[int, float]] = {}
-        decode_by_bits: dict[int, float] = {}
-        try:
-            for b in settings.bits:
-                parts.layers[k] = _variant(original, b, settings.group_size)
-                prefill_by_bits[b], decode_by_bits[b] = _time_layer(parts, k, hidden, positions, settings)
-                tick(f"layer {k} @ {b} bit")
-        finally:
-            parts.layers[k] = original
-        if KEEP_BITS in decode_by_bits:
-            prefill, decode = prefill_by_bits[KEEP_BITS], decode_by_bits[KEEP_BITS]
-        else:
-            prefill, decode = _time_layer(parts, k, hidden, positions, settings)
+        prefill_by_bits = {b: {t: max(0.0, ms - over_prefill[t]) for t, ms in by_bits[b][k][0].items()}
+                           for b in settings.bits}
+        decode_by_bits = {b: max(0.0, by_bits[b][k][1] - over_decode) for b in settings.bits}
+        as_loaded = KEEP_BITS if KEEP_BITS in settings.bits else settings.bits[-1]
         layers.append(LayerCost(
-            prefill_ms=prefill, decode_ms=decode,
-            weight_bytes=weight_bytes_table(original, settings.bits, settings.group_size),
+            prefill_ms=prefill_by_bits[as_loaded], decode_ms=decode_by_bits[as_loaded],
+            weight_bytes=weight_bytes_table(parts.layers[k], settings.bits, settings.group_size),
             kv_bytes_per_token=kv_table, activation_peak_bytes=peak,
             decode_ms_by_bits=decode_by_bits, prefill_ms_by_bits=prefill_by_bits,
         ))
-        # The next layer is timed on this layer's real output, not on embeddings.
-        hidden = LayerRange(parts, k, k + 1)(hidden, positions, None, None)
-        if k == n_layers // 2 - 1:
-            middle_hidden = hidden
+    hidden = inputs[-1]
+    middle_hidden = inputs[n_layers // 2]
     x_last = hidden[:, -1:]
 
     def head_step():
