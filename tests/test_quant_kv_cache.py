@@ -3,7 +3,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from splitcli.errors import SplitLLMError
-from splitcli.quant.kv_cache import (
+from splitcli.quant import (
     KVQuantConfig,
     QuantizedKVCache,
     QuantizedKVLayer,

@@ -183,3 +183,24 @@ def test_load_rejects_bad_state_dict():
     partial = {k: v for k, v in sd.items() if not k.startswith("2.")}
     with pytest.raises(SplitLLMError, match="missing"):
         load_quantized_(tiny_model().model.layers, partial)
+
+
+def test_quantize_layers_noops_and_bad_ids():
+    m = tiny_model()
+    quantize_layers_(m.model.layers, [0, 1], [16, None], 32)
+    quantize_layers_(m.model.layers, [], 4, 32)
+    assert sum(isinstance(x, (QuantLinear, Int4Linear)) for x in m.modules()) == 0
+    with pytest.raises(SplitLLMError, match="does not exist"):
+        quantize_layers_(m.model.layers, [3], 4, 32)
+    with pytest.raises(SplitLLMError):
+        quantize_layers_(m.model.layers, [0, 1], [4], 32)
+
+
+def test_int4_linear_empty_batch_and_export_round_trip():
+    torch.manual_seed(4)
+    m = Int4Linear.from_linear(nn.Linear(64, 128), 32)
+    with torch.no_grad():
+        assert m(torch.zeros(0, 64)).shape == (0, 128)
+    e = m.export()
+    m2 = Int4Linear.from_portable(64, 128, 32, e["codes"], e["scales"], e["zeros"], e["bias"])
+    assert torch.equal(m2.packed, m.packed) and torch.equal(m2.scales_and_zeros, m.scales_and_zeros)

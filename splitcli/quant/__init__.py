@@ -1,12 +1,6 @@
 """Weight quantization (OPSC, paper eq. (1)) and KV-cache quantization (eq. (2)) for the edge."""
 
-from splitcli.quant.kv_cache import (
-    KVQuantConfig,
-    QuantizedKVCache,
-    QuantizedKVLayer,
-    fp_kv_bytes_per_token,
-    kv_bytes_per_token,
-)
+from splitcli.quant.kv_format import KVQuantConfig, fp_kv_bytes_per_token, kv_bytes_per_token
 from splitcli.quant.modules import Int4Linear, QuantEmbedding, QuantLinear, int4_kernel_supports
 from splitcli.quant.rtn import (
     KEEP_BITS,
@@ -32,4 +26,15 @@ from splitcli.quant.transform import (
     quantized_state_dict,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+_LAZY = {"QuantizedKVCache", "QuantizedKVLayer"}  # need transformers: imported on first use
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from splitcli.quant import kv_cache
+
+        return getattr(kv_cache, name)
+    raise AttributeError(f"module 'splitcli.quant' has no attribute {name!r}")
+
+
+__all__ = sorted([name for name in dir() if not name.startswith("_")] + list(_LAZY))

@@ -95,7 +95,8 @@ class QuantLinear(nn.Module):
         return cls(linear.in_features, linear.out_features, bits, group_size, pack_codes(q, bits), s, z, bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = unpack_codes(self.codes, self.bits, self.in_features)  # [N, K]
+        # 8-bit codes are stored unpacked: skip the copy unpack_codes would make
+        q = self.codes if self.bits == 8 else unpack_codes(self.codes, self.bits, self.in_features)  # [N, K]
         return dequantize_groupwise(q, self.scales, self.zeros, self.bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
