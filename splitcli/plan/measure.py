@@ -173,12 +173,14 @@ class _PassThrough(torch.nn.Module):
 
 class _Timer:
     """Samples for each layer, taken in rounds over all layers so a burst of machine load lands
-    on one sample of many layers rather than on every sample of one layer."""
+    on one sample of many layers rather than on every sample of one layer. Within a round the
+    decode steps of all layers run back to back, as in a real edge forward, before the prefills:
+    a short decode call timed right after a long prefill would pay for the prefill's time slice
+    on a shared machine."""
 
     def __init__(self, parts, inputs: list[torch.Tensor], positions: torch.Tensor, settings: ProfileSettings):
         self.parts, self.inputs, self.positions, self.settings = parts, inputs, positions, settings
         self.prefix = settings.tokens[-1]
-        self.filled: dict[int, object] = {}
 
     def _fill(self, k: int):
         """Layer k's cache after the prefix (rebuilt per layer variant)."""
@@ -186,21 +188,27 @@ class _Timer:
         LayerRange(self.parts, k, k + 1)(self.inputs[k][:, :self.prefix], self.positions[:, :self.prefix], None, cache)
         return cache
 
-    def sample(self, k: int, filled) -> tuple[dict[int, float], float]:
-        """One timed prefill per token count and one timed decode step of layer k."""
-        layer_range, h, pos = LayerRange(self.parts, k, k + 1), self.inputs[k], self.positions
-        prefill = {}
-        for t in self.settings.tokens:
-            cache = new_cache(self.parts)
+    def _round(self, ranges: list[LayerRange], filled: list) -> tuple[list[float], list[dict[int, float]]]:
+        """One decode step per layer (back to back), then one prefill per token count per layer."""
+        h, pos, p = self.inputs, self.positions, self.prefix
+        # A fresh copy of each filled cache: every call sees the same prefix (transformers' crop
+        # does not serve sliding-window layers).
+        caches = [copy.deepcopy(c) for c in filled]
+        decode = []
+        for k, layer_range in enumerate(ranges):
             t0 = time.perf_counter()
-            layer_range(h[:, :t], pos[:, :t], None, cache)
-            prefill[t] = (time.perf_counter() - t0) * 1e3
-        # A fresh copy of the filled cache per call: every call sees the same prefix (transformers'
-        # crop does not serve sliding-window layers).
-        cache, p = copy.deepcopy(filled), self.prefix
-        t0 = time.perf_counter()
-        layer_range(h[:, p:p + 1], pos[:, p:p + 1], None, cache)
-        return prefill, (time.perf_counter() - t0) * 1e3
+            layer_range(h[k][:, p:p + 1], pos[:, p:p + 1], None, caches[k])
+            decode.append((time.perf_counter() - t0) * 1e3)
+        prefill = []
+        for k, layer_range in enumerate(ranges):
+            row = {}
+            for t in self.settings.tokens:
+                cache = new_cache(self.parts)
+                t0 = time.perf_counter()
+                layer_range(h[k][:, :t], pos[:, :t], None, cache)
+                row[t] = (time.perf_counter() - t0) * 1e3
+            prefill.append(row)
+        return decode, prefill
 
     def time_all(self, layers: list[torch.nn.Module], tick: Callable[[str], None], what: str):
         """Per layer: ({T: median prefill ms}, median decode ms) with `layers` swapped in."""
@@ -211,13 +219,14 @@ class _Timer:
             for k, layer in enumerate(layers):
                 self.parts.layers[k] = layer
             filled = [self._fill(k) for k in range(n)]
+            ranges = [LayerRange(self.parts, k, k + 1) for k in range(n)]
             for r in range(self.settings.repeats + 1):  # round 0 warms up
-                for k in range(n):
-                    p, d = self.sample(k, filled[k])
-                    if r:
-                        for t, ms in p.items():
+                d_round, p_round = self._round(ranges, filled)
+                if r:
+                    for k in range(n):
+                        decode[k].append(d_round[k])
+                        for t, ms in p_round[k].items():
                             prefill[k][t].append(ms)
-                        decode[k].append(d)
                 tick(f"{what}, round {r}/{self.settings.repeats}")
         finally:
             for k, layer in enumerate(originals):
