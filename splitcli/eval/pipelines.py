@@ -52,7 +52,7 @@ class PipelineConfig:
     split_layer / l_w / group_size: None = the model-dependent default (ℓ = L // 2, l_w = ℓ,
     group = `default_group_size`, 64 on SmolLM2-135M); `resolve` fills them in.
     tau / tau_quantile / q_bar / delta: the codec (``split`` with ``codec="tabq"``), as in
-    `splitcli.codec.deploy.CodecParams` (neither tau given: tau_quantile 0.999).
+    `splitcli.codec.deploy.CodecOptions` (neither tau given: tau_quantile 0.999).
     calib_tokens / alpha / keep_channels: the baselines' calibration (see `baselines`).
     """
 
@@ -212,10 +212,10 @@ def _build_wire(lm, cfg: PipelineConfig, data_dir, progress, info: dict[str, Any
         wire = RawWire("fp32" if cfg.codec == "none" else "fp16")
         info["wire"] = wire.name
         return wire
-    from splitcli.codec.deploy import CodecParams, calibrated_config
+    from splitcli.codec.deploy import CodecOptions, calibrated_config
     from splitcli.runtime.codec_wire import CodecWire
 
-    params = CodecParams(tau=cfg.tau, tau_quantile=cfg.tau_quantile, q_bar=cfg.q_bar, delta=cfg.delta,
+    params = CodecOptions(tau=cfg.tau, tau_quantile=cfg.tau_quantile, q_bar=cfg.q_bar, delta=cfg.delta,
                          entropy=cfg.entropy)
     assert cfg.split_layer is not None
     codec_cfg, cinfo = calibrated_config(lm, cfg.split_layer, params, data_dir, progress)
