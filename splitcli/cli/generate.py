@@ -21,6 +21,13 @@ def generate_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="Prefill the prompt in chunks of this many tokens (0 = at once)."),
+    codec: str = typer.Option("none", "--codec", help="Hidden-state wire: none (raw fp32) or tabq (threshold + TAB-Q + rANS)."),
+    tau: float = typer.Option(None, "--tau", help="tabq: absolute outlier threshold τ (default: calibrated from --tau-quantile)."),
+    tau_quantile: float = typer.Option(None, "--tau-quantile", help="tabq: τ at this quantile of |x| on the calibration slice [default: 0.999]."),
+    max_bits: int = typer.Option(None, "--max-bits", help="tabq: widest code Q̄ in bits, sign included [default: 6]."),
+    delta: float = typer.Option(None, "--delta", help="tabq: per-token distortion tolerance Δ [default: 0.05]."),
+    no_entropy: bool = typer.Option(False, "--no-entropy", help="tabq: bit-pack the symbols instead of rANS coding them."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Data directory for codec calibration (default: $SPLITLLM_DATA, ../shared/data)."),
     show_steps: bool = typer.Option(True, "--steps/--no-steps", help="Print the per-step table."),
     json_out: Path = typer.Option(None, "--json", help="Also write text and per-step figures to this JSON file."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
@@ -29,6 +36,7 @@ def generate_cmd(
     from ..errors import SplitLLMError
     from ..model.split import decoder_parts, validate_split_layer
     from ..runtime.generate import SamplingConfig, encode_prompts, generate
+    from ..runtime.codec_wire import build_wire, codec_params
     from ..runtime.session import SplitSession
 
     # Cheap checks first, so bad input fails before the model loads.
@@ -38,6 +46,7 @@ def generate_cmd(
         raise SplitLLMError("the prompt is empty: give some text with --prompt")
     if prefill_chunk < 0:
         raise SplitLLMError(f"--prefill-chunk must be >= 0, got {prefill_chunk}")
+    params = codec_params(codec, tau, tau_quantile, max_bits, delta, not no_entropy, data_dir)
     lm = load_model_with_status(model)
     parts = decoder_parts(lm.model)
     split_layer = validate_split_layer(parts.num_layers // 2 if split_layer is None else split_layer, parts.num_layers)
@@ -47,7 +56,8 @@ def generate_cmd(
         raise SplitLLMError(
             f"prompt ({ids.shape[1]} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the context of {context} tokens"
         )
-    session = SplitSession(lm.model, split_layer)
+    wire = build_wire(codec, params, lm, split_layer, data_dir, progress=lambda m: err_console.print(m, highlight=False))
+    session = SplitSession(lm.model, split_layer, wire=wire)
     eos = {t for t in (lm.tokenizer.eos_token_id, getattr(lm.model.config, "eos_token_id", None)) if isinstance(t, int)}
     result = generate(session, ids, mask, cfg, eos_token_ids=eos, prefill_chunk=prefill_chunk or None)
     text = lm.tokenizer.decode(result.tokens[0], skip_special_tokens=True)
