@@ -98,9 +98,11 @@ def _frame_summary(wire: CodecWire, probe: _Probe, hidden: int) -> dict:
     stats = wire.stats
     coded = sum(8 * s.body_bytes for s in stats)
     entropy = sum(s.entropy_bits for s in stats)
+    models = sum(8 * s.model_bytes for s in stats)
     total = sum(probe.frame_bytes)
     return dict(bytes_per_token=total / probe.tokens, ratio_vs_fp16=2 * hidden * probe.tokens / total,
                 rel_l2=probe.rel_l2, entropy_overhead=coded / entropy - 1 if entropy > 0 else 0.0,
+                entropy_overhead_with_models=(coded + models) / entropy - 1 if entropy > 0 else 0.0,
                 mean_width=sum(s.mean_width * s.tokens for s in stats) / probe.tokens,
                 outliers_per_token=sum(s.n_outliers for s in stats) / probe.tokens,
                 paths=sorted({s.path for s in stats}))
@@ -147,7 +149,8 @@ def bench_codec(lm, split_layer: int, params: CodecParams, *, data_dir=None, win
                   "window's prefill; timings are medians on a shared machine"),
         ratio_vs_fp16=frames["ratio_vs_fp16"], rel_l2_error=frames["rel_l2"], ppl_fp=ppl_fp, ppl_codec=ppl_codec,
         ppl_ratio=ppl_codec / ppl_fp, bytes_per_token=frames["bytes_per_token"],
-        entropy_overhead=frames["entropy_overhead"], mean_width=frames["mean_width"],
+        entropy_overhead=frames["entropy_overhead"],
+        entropy_overhead_with_models=frames["entropy_overhead_with_models"], mean_width=frames["mean_width"],
         outliers_per_token=frames["outliers_per_token"], frame_paths=frames["paths"],
         encode_ms_decode_step=report.encode_ms_token, decode_ms_decode_step=report.decode_ms_token,
         decode_step_frame_bytes=report.token_bytes, decode_step_ratio_vs_fp16=report.token_ratio_vs_fp16,
