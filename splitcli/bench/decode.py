@@ -1,8 +1,9 @@
 """Unsplit vs split decode speed on the same prompt and the same tokens.
 
 Both sessions are teacher-forced with one greedy continuation (computed once, unsplit), so they
-do identical work. Repeats alternate unsplit/split to spread machine noise over both; we report
-the median tok/s of each and overhead = 1 - split/unsplit.
+do identical work. Repeats run in adjacent pairs whose order alternates (u,s then s,u) so drifting
+machine load hits both alike; we report the median tok/s of each, overhead = 1 - split/unsplit from
+those medians, and the median of the per-pair ratios (steadier when the load drifts).
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     unsplit, split = [], []
     for r in range(repeats):
         wire = wire_factory() if wire_factory else None
-        unsplit.append(_timed_decode(UnsplitSession(lm.model), ids, tokens))
-        split.append(_timed_decode(SplitSession(lm.model, split_layer, wire=wire), ids, tokens))
+        run_u = lambda: unsplit.append(_timed_decode(UnsplitSession(lm.model), ids, tokens))  # noqa: E731
+        run_s = lambda: split.append(_timed_decode(SplitSession(lm.model, split_layer, wire=wire), ids, tokens))  # noqa: E731
+        for run in ((run_u, run_s) if r % 2 == 0 else (run_s, run_u)):
+            run()
         if progress:
             progress(r + 1, repeats)
     u, s = statistics.median(unsplit), statistics.median(split)
@@ -51,6 +54,7 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "unsplit_tok_s": u,
         "split_tok_s": s,
         "overhead": 1 - s / u,
+        "overhead_paired_median": 1 - statistics.median(b / a for a, b in zip(unsplit, split)),
         "unsplit_tok_s_runs": unsplit,
         "split_tok_s_runs": split,
     }

@@ -20,6 +20,7 @@ def decode_cmd(
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ for the split run (default: L // 2)."),
     tokens: int = typer.Option(64, "--tokens", help="Decode steps per run."),
     repeats: int = typer.Option(5, "--repeats", help="Alternating unsplit/split runs; medians are reported."),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = torch's default); 1 is steadiest on a busy machine."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
 ):
     """Decode tok/s of the unsplit model vs the split model in one process (compression off)."""
@@ -28,8 +29,12 @@ def decode_cmd(
     from ..model.split import decoder_parts, validate_split_layer
 
     check_output_path(json_out, force)
-    if tokens < 4 or repeats < 1:
-        raise SplitLLMError("--tokens must be >= 4 and --repeats >= 1")
+    if tokens < 4 or repeats < 1 or threads < 0:
+        raise SplitLLMError("--tokens must be >= 4, --repeats >= 1 and --threads >= 0")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     lm = load_model_with_status(model)
     n_layers = decoder_parts(lm.model).num_layers
     split_layer = validate_split_layer(n_layers // 2 if split_layer is None else split_layer, n_layers)

@@ -57,7 +57,6 @@ def generate(
     cfg: SamplingConfig,
     eos_token_ids: set[int] | None = None,
     prefill_chunk: int | None = None,
-    on_step=None,
 ) -> GenerationResult:
     """Prefill the prompt [B, T], then decode up to cfg.max_new_tokens tokens one at a time."""
     eos = set(eos_token_ids or ())
@@ -74,8 +73,6 @@ def generate(
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out.append(nxt)
         done |= torch.tensor([int(t) in eos for t in nxt], dtype=torch.bool)
-        if on_step:
-            on_step(i, nxt, session.stats[-1] if i else prefill)
         if bool(done.all()) or i == cfg.max_new_tokens - 1:
             break
         logits = session.forward(nxt[:, None])[:, -1]

@@ -1,0 +1,171 @@
+"""Group-wise asymmetric round-to-nearest (RTN) integer quantization and bit packing.
+
+Used for the OPSC weight bits Q_w of paper eq. (1) and, per token, for the KV cache bits Q_a of
+eq. (2).
+
+Number format (one group of `group_size` consecutive values along the last axis):
+
+    w_hat = (q - mid) * scale + zero,   q in [0, 2**bits - 1],   mid = 2**(bits - 1)
+
+`zero` is the value the *middle* code stands for (not the group minimum). That is the layout
+torch's CPU int4 kernel consumes directly (it subtracts 8 from each nibble), so one stored format
+serves every bit width and the 4-bit kernel without recomputing anything at load time.
+
+Scales and zeros are stored in a low-precision float (`scale_dtype`, bf16 for weights). Rounding
+them naively could push the group's extreme values outside the representable range, so the
+stored zero is rounded to nearest first and the stored scale is then rounded *up* until the code
+range covers [min, max]. Codes are computed against the stored (rounded) values, so every element
+is reconstructed within half a stored step: |w - w_hat| <= scale / 2. A constant group gets
+scale 0 when its value is representable in `scale_dtype` and is then reconstructed exactly.
+
+Packing: codes are packed along the last axis into uint8, little-endian within a chunk. A chunk
+is lcm(bits, 8) bits: 2-bit packs 4 codes per byte, 4-bit 2 per byte, 8-bit 1 per byte, and
+3-bit packs 8 codes into 3 bytes (exactly 3 bits per code). The last axis is zero-padded to a
+whole chunk; `unpack_codes` needs the original length to drop the padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from splitcli.errors import SplitLLMError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+KEEP_BITS = 16  # "16 bits" in the paper's tables means: not quantized
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise SplitLLMError(
+            f"unsupported quantization bit width {bits}; choose one of "
+            f"{', '.join(map(str, SUPPORTED_BITS))} (or {KEEP_BITS} to keep the layer unquantized)"
+        )
+
+
+def valid_group_sizes(width: int) -> list[int]:
+    """All group sizes that divide `width` (the input width of a weight, or head_dim)."""
+    return [g for g in range(1, width + 1) if width % g == 0]
+
+
+def check_group_size(width: int, group_size: int) -> None:
+    if group_size <= 0 or width <= 0 or width % group_size != 0:
+        raise SplitLLMError(
+            f"group size {group_size} does not divide the input width {width}; "
+            f"valid group sizes: {', '.join(map(str, valid_group_sizes(width)))}"
+        )
+
+
+def _round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Smallest value of `dtype` that is >= x (x is float64)."""
+    r = x.to(dtype)
+    low = r.double() < x
+    if bool(low.any()):
+        r = torch.where(low, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
+    return r
+
+
+def quantize_groupwise(
+    w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric RTN of `w` [..., width] in groups of `group_size` along the last axis.
+
+    Returns (q, scale, zero): q uint8 [..., width] codes, scale and zero [..., width/group_size]
+    in `scale_dtype`. Raises SplitLLMError for a bad bit width, a group size that does not divide
+    the width, or non-finite input.
+    """
+    check_bits(bits)
+    width = w.shape[-1]
+    check_group_size(width, group_size)
+    # float64 so that hi - lo cannot overflow for values near the float32 limit
+    x = w.detach().double()
+    if not bool(torch.isfinite(x).all()):
+        raise SplitLLMError("cannot quantize a tensor that holds NaN or Inf values")
+    qmax = 2**bits - 1
+    mid = 2 ** (bits - 1)
+    g = x.reshape(*x.shape[:-1], width // group_size, group_size)  # [..., groups, group_size]
+    lo = g.amin(dim=-1)  # [..., groups]
+    hi = g.amax(dim=-1)
+    zero = (lo + mid * (hi - lo) / qmax).to(scale_dtype)
+    z = zero.double()
+    # the step must reach down to lo from the middle code and up to hi from it
+    need = torch.maximum((z - lo) / mid, (hi - z) / (qmax - mid))
+    scale = _round_up_to(need, scale_dtype)
+    if not bool(torch.isfinite(scale).all()) or not bool(torch.isfinite(zero).all()):
+        raise SplitLLMError(f"value range too large for {scale_dtype} scales")
+    s = scale.double().unsqueeze(-1)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round((g - z.unsqueeze(-1)) / safe) + mid
+    q = torch.where(s > 0, q, torch.full_like(q, mid)).clamp_(0, qmax)
+    return q.to(torch.uint8).reshape(x.shape), scale, zero
+
+
+def dequantize_groupwise(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of `quantize_groupwise`: q [..., width] codes -> [..., width] in `dtype`."""
+    groups = scale.shape[-1]
+    width = q.shape[-1]
+    g = q.reshape(*q.shape[:-1], groups, width // groups).to(dtype)  # [..., groups, group_size]
+    s = scale.to(dtype).unsqueeze(-1)  # [..., groups, 1]
+    # one fused pass over the big tensor: w = q * s + (zero - mid * s)
+    w = torch.addcmul(zero.to(dtype).unsqueeze(-1) - 2 ** (bits - 1) * s, g, s)
+    return w.reshape(q.shape)
+
+
+def _chunk(bits: int) -> tuple[int, int]:
+    """(codes per chunk, bytes per chunk)."""
+    chunk_bits = math.lcm(bits, 8)
+    return chunk_bits // bits, chunk_bits // 8
+
+
+def packed_width(n: int, bits: int) -> int:
+    """Bytes that `n` codes of `bits` bits occupy after `pack_codes` (padding included)."""
+    check_bits(bits)
+    per, nbytes = _chunk(bits)
+    return -(-n // per) * nbytes
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes q [..., n] (values < 2**bits) into uint8 [..., packed_width(n, bits)]."""
+    check_bits(bits)
+    per, nbytes = _chunk(bits)
+    n = q.shape[-1]
+    if bits == 8:
+        return q.to(torch.uint8).clone()
+    # int32 holds a whole chunk (at most 24 bits) and is far faster than int64 here
+    x = q.to(torch.int32)
+    if bool((x < 0).any()) or bool((x >= 2**bits).any()):
+        raise SplitLLMError(f"codes out of range for {bits}-bit packing")
+    pad = -n % per
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    chunks = (n + pad) // per
+    x = x.reshape(*x.shape[:-1], chunks, per)  # [..., chunks, per]
+    word = x[..., 0].clone()  # [..., chunks]
+    for i in range(1, per):
+        word |= x[..., i] << (i * bits)
+    out = torch.stack([(word >> (8 * j)) & 0xFF for j in range(nbytes)], dim=-1)  # [..., chunks, nbytes]
+    return out.reshape(*q.shape[:-1], chunks * nbytes).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 [..., packed_width(n, bits)] -> uint8 codes [..., n]."""
+    check_bits(bits)
+    per, nbytes = _chunk(bits)
+    if packed.shape[-1] != packed_width(n, bits):
+        raise SplitLLMError(
+            f"packed width {packed.shape[-1]} does not match {n} codes at {bits} bits"
+        )
+    if bits == 8:
+        return packed.to(torch.uint8).clone()
+    chunks = packed.shape[-1] // nbytes
+    mask = 2**bits - 1
+    if nbytes == 1:  # 2- and 4-bit: every code sits inside one byte, stay in uint8
+        word = packed
+    else:  # 3-bit: three bytes hold 8 codes
+        b = packed.reshape(*packed.shape[:-1], chunks, nbytes).to(torch.int32)  # [..., chunks, 3]
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # [..., chunks]
+    x = torch.stack([(word >> (i * bits)) & mask for i in range(per)], dim=-1)  # [..., chunks, per]
+    return x.reshape(*packed.shape[:-1], chunks * per)[..., :n].to(torch.uint8)
