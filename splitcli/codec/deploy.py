@@ -30,7 +30,7 @@ CALIB_TOKENS = 2048
 #: Characters read from the end of the text to find the calibration slice: plenty for
 #: CALIB_TOKENS tokens, and tokenizing it is cheap compared with the whole file.
 _CALIB_CHARS = 64 * CALIB_TOKENS
-WIKITEXT_FILE = "wikitext2/wiki.test.raw"
+WIKITEXT_TASK = "wikitext2"   # the evaluation library's task: file wikitext2/wiki.test.raw
 _CACHE_SCHEMA = 1
 
 
@@ -87,20 +87,19 @@ def calibrate_from_samples(samples: torch.Tensor, params: CodecParams) -> CodecC
 def wikitext_path(data_dir=None) -> Path:
     """wiki.test.raw in the data directory (explicit > $SPLITLLM_DATA > ../shared/data), or raise."""
     from splitcli.data import data_file
+    from splitcli.eval.spec import get_task_spec
 
-    return data_file(WIKITEXT_FILE, data_dir)
+    return data_file(get_task_spec(WIKITEXT_TASK).file, data_dir)
 
 
 def read_wikitext(data_dir=None) -> tuple[str, str]:
-    """WikiText-2 test text with LF line ends (as the evaluation library reads it) and the
-    sha256 of the file's bytes."""
-    path = wikitext_path(data_dir)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SplitLLMError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
-    return text.replace("\r\n", "\n").replace("\r", "\n"), hashlib.sha256(raw).hexdigest()
+    """WikiText-2 test text exactly as the evaluation library reads it (`load_text`: LF line
+    ends) and the sha256 of the file's bytes (part of the calibration cache key)."""
+    from splitcli.eval.loaders import load_text
+    from splitcli.eval.spec import get_task_spec
+
+    raw = wikitext_path(data_dir).read_bytes()
+    return load_text(get_task_spec(WIKITEXT_TASK), data_dir), hashlib.sha256(raw).hexdigest()
 
 
 def calibration_ids(tokenizer, text: str, n_tokens: int) -> list[int]:
@@ -150,7 +149,7 @@ def calibrated_config(lm, split_layer: int, params: CodecParams, data_dir=None,
     n_tokens = calib_tokens_for(lm.model)
     key = cache_key(lm.sha256, split_layer, params, text_sha, n_tokens)
     path = cache_dir() / f"{key}.json"
-    info = dict(path=str(path), calib_tokens=n_tokens, calib_slice=f"last {n_tokens} tokens of {WIKITEXT_FILE}")
+    info = dict(path=str(path), calib_tokens=n_tokens, calib_slice=f"last {n_tokens} tokens of wikitext2/wiki.test.raw")
     if path.is_file():
         try:
             cfg = CodecConfig.from_dict(json.loads(path.read_text())["config"])
