@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -138,12 +138,12 @@ def bench_codec(lm, split_layer: int, params: CodecParams, *, data_dir=None, win
     hidden = torch.cat(raw.hidden)                                              # [windows * seqlen, H]
     report = measure_codec(hidden, cfg, repeats=repeats, prefill_tokens=seqlen, prefill_repeats=7)
     tick("timings", 1)(1)
-    methods = [m.__dict__ for m in report.methods if m.method != "codec"]
+    methods = [asdict(m) for m in report.methods if m.method != "codec"]
     methods.append(dict(method="codec", bytes_per_token=frames["bytes_per_token"],
                         ratio_vs_fp16=frames["ratio_vs_fp16"], rel_l2=frames["rel_l2"]))
     result = dict(
         model=lm.model_id, model_sha256=lm.sha256, split_layer=split_layer, hidden=hidden_size,
-        windows=windows, seqlen=seqlen, params=params.__dict__, codec_config=cfg.to_dict(),
+        windows=windows, seqlen=seqlen, params=asdict(params), codec_config=cfg.to_dict(),
         calibration=dict(calib_info, text_sha256=text_sha),
         protocol=("calibration on the last window of wiki.test.raw; ppl on the first windows; one frame per "
                   "window's prefill; timings are medians on a shared machine"),

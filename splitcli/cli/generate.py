@@ -35,8 +35,8 @@ def generate_cmd(
     """Generate text with the model split at ℓ: edge half -> hidden state on the wire -> cloud half."""
     from ..errors import SplitLLMError
     from ..model.split import decoder_parts, validate_split_layer
-    from ..runtime.generate import SamplingConfig, encode_prompts, generate
     from ..runtime.codec_wire import build_wire, codec_params
+    from ..runtime.generate import SamplingConfig, encode_prompts, generate
     from ..runtime.session import SplitSession
 
     # Cheap checks first, so bad input fails before the model loads.
