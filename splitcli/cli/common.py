@@ -61,3 +61,15 @@ def write_json(path: Path, data: dict, force: bool) -> None:
 
 def stdin_is_tty() -> bool:
     return sys.stdin.isatty()
+
+
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+    """'4,8,16' -> (4, 8, 16); anything else is a one-line error naming the option."""
+    items = [t.strip() for t in text.split(",")] if text else []
+    try:
+        values = tuple(int(t) for t in items)
+    except ValueError:
+        values = ()
+    if not values:
+        raise SplitLLMError(f"{option} expects comma-separated integers like 4,8,16, got {text!r}")
+    return values

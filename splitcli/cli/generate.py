@@ -13,8 +13,9 @@ from .common import check_output_path, cli_errors, console, err_console, load_mo
 @cli_errors
 def generate_cmd(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
-    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ), the cloud the rest (default: L // 2)."),
+    model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),
+    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ), the cloud the rest (default: the plan's, else L // 2)."),
+    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ, edge weight bits and Qa; explicit flags win."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
@@ -34,9 +35,12 @@ def generate_cmd(
 ):
     """Generate text with the model split at ℓ: edge half -> hidden state on the wire -> cloud half."""
     from ..errors import SplitLLMError
+    from ..model.loader import DEFAULT_MODEL
     from ..model.split import decoder_parts, validate_split_layer
+    from ..plan.schema import Plan
     from ..runtime.codec_wire import build_wire, codec_params
     from ..runtime.generate import SamplingConfig, encode_prompts, generate
+    from ..runtime.planned import planned_edge, with_split_layer
     from ..runtime.session import SplitSession
 
     # Cheap checks first, so bad input fails before the model loads.
@@ -47,24 +51,35 @@ def generate_cmd(
     if prefill_chunk < 0:
         raise SplitLLMError(f"--prefill-chunk must be >= 0, got {prefill_chunk}")
     params = codec_params(codec, tau, tau_quantile, max_bits, delta, not no_entropy, data_dir)
-    lm = load_model_with_status(model)
+    plan = Plan.load(config) if config is not None else None
+    lm = load_model_with_status(model or (plan.model_id if plan else DEFAULT_MODEL))
     parts = decoder_parts(lm.model)
-    split_layer = validate_split_layer(parts.num_layers // 2 if split_layer is None else split_layer, parts.num_layers)
+    if split_layer is None:
+        split_layer = plan.split_layer if plan is not None else parts.num_layers // 2
+    split_layer = validate_split_layer(split_layer, parts.num_layers)
+    edge = None
+    if plan is not None:
+        plan = with_split_layer(plan, split_layer)
+        edge = planned_edge(lm.model, plan)
     context = getattr(lm.model.config, "max_position_embeddings", None)
     ids, mask = encode_prompts(lm.tokenizer, [prompt], chat=chat, context_length=context)
     if context is not None and ids.shape[1] + max_new_tokens > context:
         raise SplitLLMError(
             f"prompt ({ids.shape[1]} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the context of {context} tokens"
         )
+    if plan is not None and ids.shape[1] + max_new_tokens > plan.max_tokens:
+        err_console.print(f"[yellow]note:[/] {ids.shape[1] + max_new_tokens} tokens exceed the plan's W̄ = "
+                          f"{plan.max_tokens} (its edge memory was sized for that many)")
     wire = build_wire(codec, params, lm, split_layer, data_dir, progress=lambda m: err_console.print(m, highlight=False))
-    session = SplitSession(lm.model, split_layer, wire=wire)
+    session = SplitSession(lm.model, split_layer, wire=wire, edge=edge)
     eos = {t for t in (lm.tokenizer.eos_token_id, getattr(lm.model.config, "eos_token_id", None)) if isinstance(t, int)}
     result = generate(session, ids, mask, cfg, eos_token_ids=eos, prefill_chunk=prefill_chunk or None)
     text = lm.tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     console.print(text, highlight=False, markup=False, soft_wrap=True)
     rows = [("prefill", result.prefill)] + [(str(i + 1), s) for i, s in enumerate(result.steps)]
     if show_steps:
-        table = Table(title=f"split at ℓ={split_layer} of {parts.num_layers} layers, wire={session.wire.name}")
+        planned = f", plan {config}" if plan is not None else ""
+        table = Table(title=f"split at ℓ={split_layer} of {parts.num_layers} layers, wire={session.wire.name}{planned}")
         for col in ("step", "tokens", "wire bytes", "edge ms", "encode ms", "decode ms", "cloud ms"):
             table.add_column(col, justify="right")
         for name, s in rows:
@@ -87,6 +102,7 @@ def generate_cmd(
             {
                 "model": lm.model_id,
                 "split_layer": split_layer,
+                "plan": None if plan is None else plan.to_dict(),
                 "wire": session.wire.name,
                 "prompt": prompt,
                 "text": text,

@@ -6,6 +6,9 @@ names: `_ms` milliseconds, `_bytes` bytes. Layer k is decoder layer k (0-based).
 - weight_bytes: {bits: bytes of the layer's weights at that bit width} (eq. 1's B_w(k; Q))
 - kv_bytes_per_token: {Qa bits: bytes one token adds to the layer's KV cache, overhead included}
 - codec points: bytes per token the TS + TAB-Q + rANS codec produced at (q_bar, tau)
+- decode_ms_by_bits / prefill_ms_by_bits (optional): the same timings with the layer's weights at
+  that bit width (16 = not quantized), since a 4-bit kernel runs at another speed than fp32;
+  `decode_ms` / `prefill_ms` stay the timings of the layer as loaded.
 """
 
 from __future__ import annotations
@@ -60,9 +63,18 @@ class LayerCost:
     weight_bytes: dict[int, float]
     kv_bytes_per_token: dict[int, float]
     activation_peak_bytes: float
+    decode_ms_by_bits: dict[int, float] = field(default_factory=dict)
+    prefill_ms_by_bits: dict[int, dict[int, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prefill_ms", check_table(self.prefill_ms, "layer prefill_ms"))
+        if self.decode_ms_by_bits:
+            object.__setattr__(self, "decode_ms_by_bits",
+                               check_table(self.decode_ms_by_bits, "layer decode_ms_by_bits"))
+        by_bits = require_mapping(self.prefill_ms_by_bits, "layer prefill_ms_by_bits")
+        object.__setattr__(self, "prefill_ms_by_bits", {
+            check_int(b, "key of layer prefill_ms_by_bits", 1):
+                check_table(t, f"layer prefill_ms_by_bits[{b}]") for b, t in by_bits.items()})
         check_number(self.decode_ms, "layer decode_ms")
         object.__setattr__(self, "weight_bytes", check_table(self.weight_bytes, "layer weight_bytes"))
         object.__setattr__(
@@ -76,6 +88,8 @@ class LayerCost:
             "weight_bytes": dict(self.weight_bytes),
             "kv_bytes_per_token": dict(self.kv_bytes_per_token),
             "activation_peak_bytes": self.activation_peak_bytes,
+            "decode_ms_by_bits": dict(self.decode_ms_by_bits),
+            "prefill_ms_by_bits": {b: dict(t) for b, t in self.prefill_ms_by_bits.items()},
         }
 
     @classmethod
@@ -83,8 +97,15 @@ class LayerCost:
         data = require_mapping(data, where)
         keys = {"prefill_ms", "decode_ms", "weight_bytes", "kv_bytes_per_token",
                 "activation_peak_bytes"}
-        check_keys(data, keys, set(), where)
+        check_keys(data, keys, {"decode_ms_by_bits", "prefill_ms_by_bits"}, where)
         return cls(**data)
+
+    def decode_ms_at(self, bits: int | None) -> float:
+        """Decode time with weights at `bits` (the as-loaded time when that width is unmeasured)."""
+        return self.decode_ms_by_bits.get(bits, self.decode_ms) if bits is not None else self.decode_ms
+
+    def prefill_ms_at(self, bits: int | None) -> dict[int, float]:
+        return self.prefill_ms_by_bits.get(bits, self.prefill_ms) if bits is not None else self.prefill_ms
 
 
 @dataclass(frozen=True)
@@ -194,11 +215,14 @@ class Profile:
     embedding: StageCost
     head: StageCost
     codec: CodecCost | None = None
+    group_size: int | None = None  # weight quantization group the weight_bytes were counted for
     format_version: int = PROFILE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise SplitLLMError("profile model_id must be a non-empty string")
+        if self.group_size is not None:
+            check_int(self.group_size, "profile group_size", 1)
         check_int(self.hidden_size, "profile hidden_size", 1)
         check_int(self.n_kv_heads, "profile n_kv_heads", 1)
         check_int(self.head_dim, "profile head_dim", 1)
@@ -246,6 +270,24 @@ class Profile:
         check_int(l, "split layer l", 0, self.n_layers)
         return self.embedding.decode_ms + sum(layer.decode_ms for layer in self.layers[:l])
 
+    def edge_decode_ms_at(self, weight_bits: "tuple[int | None, ...] | list[int | None]") -> float:
+        """One decode step on the edge whose layers [0, len(weight_bits)) hold those weight bits
+        (e.g. `Plan.edge_weight_bits`); per-bit timings where measured (codec time not included)."""
+        l = len(weight_bits)
+        check_int(l, "split layer l", 0, self.n_layers)
+        return self.embedding.decode_ms + sum(
+            layer.decode_ms_at(b) for layer, b in zip(self.layers[:l], weight_bits))
+
+    def edge_prefill_ms_at(self, weight_bits: "tuple[int | None, ...] | list[int | None]",
+                           n_tokens: int) -> float:
+        """`edge_prefill_ms` with per-bit layer timings (see `edge_decode_ms_at`)."""
+        l = len(weight_bits)
+        check_int(l, "split layer l", 0, self.n_layers)
+        check_int(n_tokens, "n_tokens", 0)
+        stages = [self.embedding.prefill_ms or {1: self.embedding.decode_ms}]
+        stages += [layer.prefill_ms_at(b) for layer, b in zip(self.layers[:l], weight_bits)]
+        return float(sum(_interpolate_ms(points, n_tokens) for points in stages))
+
     def edge_prefill_ms(self, l: int, n_tokens: int) -> float:
         """Prefill of `n_tokens` on the edge (embedding + layers [0, l)), from the measured points.
 
@@ -266,6 +308,7 @@ class Profile:
             "head_dim": self.head_dim, "device": self.device.to_dict(),
             "embedding": self.embedding.to_dict(), "head": self.head.to_dict(),
             "codec": None if self.codec is None else self.codec.to_dict(),
+            "group_size": self.group_size,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -275,7 +318,7 @@ class Profile:
         check_version(data, PROFILE_FORMAT_VERSION, "profile")
         required = {"format_version", "model_id", "hidden_size", "n_kv_heads", "head_dim",
                     "device", "layers", "embedding", "head"}
-        check_keys(data, required, {"codec"}, "profile")
+        check_keys(data, required, {"codec", "group_size"}, "profile")
         if not isinstance(data["layers"], list):
             raise SplitLLMError("profile layers must be a list")
         codec = data.get("codec")
@@ -288,6 +331,7 @@ class Profile:
             embedding=StageCost.from_dict(data["embedding"], "profile embedding"),
             head=StageCost.from_dict(data["head"], "profile head"),
             codec=None if codec is None else CodecCost.from_dict(codec),
+            group_size=data.get("group_size"),
         )
 
 

@@ -1,0 +1,166 @@
+"""`splitllm plan`: choose ℓ, weight bits, Qa and the codec setting under a memory budget (eq. 8)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, parse_int_list
+
+
+@cli_errors
+def plan_cmd(
+    profile_path: Path = typer.Option(..., "--profile", help="Profile YAML from `splitllm profile`."),
+    mem: str = typer.Option(..., "--mem", help="Edge memory for weights + KV + activations, e.g. 512MB, 1.5GiB."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="W̄: tokens the edge keeps KV for (prompt + generated)."),
+    model: str = typer.Option(None, "--model", "-m", help="Model for the accuracy proxy (default: the profile's)."),
+    deadline: str = typer.Option(None, "--deadline", help="Per-token deadline D, e.g. 200ms (reported; enforced at run time by Algorithm 2)."),
+    bandwidth: str = typer.Option(None, "--bandwidth", help="Link bandwidth W, e.g. 10MHz (no link: compute only)."),
+    snr: str = typer.Option("10dB", "--snr", help="Mean link SNR, e.g. 10dB."),
+    eps: float = typer.Option(1e-3, "--eps", help="Outage target ε of eq. (9)."),
+    accuracy_drop: str = typer.Option("1%", "--accuracy-drop", help="Largest accepted accuracy drop (relative), e.g. 1%."),
+    accuracy_table: Path = typer.Option(None, "--accuracy-table", help="JSON results per configuration (else a perplexity proxy)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Data directory with wikitext2/ (default: $SPLITLLM_DATA, ../shared/data)."),
+    proxy_windows: int = typer.Option(1, "--proxy-windows", help="Proxy: WikiText-2 windows to score."),
+    proxy_seqlen: int = typer.Option(512, "--proxy-seqlen", help="Proxy: tokens per window."),
+    q_bars: str = typer.Option("4,6,8", "--q-bar", help="Codec q̄ values to consider."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the chosen plan here (YAML)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    sweep: str = typer.Option(None, "--sweep", help="Also print a sweep table; only 'max-tokens' (W̄) is supported."),
+):
+    """Pick the split layer, weight bits, KV bits and codec q̄ that maximize Ψ under the budgets (eq. 8)."""
+    from ..configio import load_config
+    from ..cost.latency import LinkModel
+    from ..errors import SplitLLMError
+    from ..plan.accuracy import AccuracyTable, PerplexityProxy, calibration_windows, resolve_data_dir
+    from ..plan.advise import canonical, default_rate, default_space, step_latency
+    from ..plan.enumerate import search_plans, to_plan
+    from ..plan.profile import Profile
+    from ..plan.schema import Budgets
+    from ..units import parse_frequency, parse_percent, parse_size, parse_snr, parse_time
+
+    # Everything cheap is checked before the model loads.
+    memory = parse_size(mem)
+    if memory < 1:
+        raise SplitLLMError("--mem must be at least 1 byte")
+    drop = parse_percent(accuracy_drop)
+    deadline_s = parse_time(deadline) if deadline is not None else None
+    if deadline_s is not None and deadline_s <= 0:
+        raise SplitLLMError("--deadline must be > 0")
+    snr_linear = parse_snr(snr)
+    link = LinkModel(parse_frequency(bandwidth), snr_linear, eps) if bandwidth is not None else None
+    if max_tokens < 1:
+        raise SplitLLMError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if sweep not in (None, "max-tokens"):
+        raise SplitLLMError(f"--sweep supports only 'max-tokens', got {sweep!r}")
+    check_output_path(out, force)
+    profile = Profile.from_dict(load_config(profile_path))
+    space = default_space(profile, parse_int_list(q_bars, "--q-bar"))
+    budgets = Budgets(memory_bytes=memory, max_accuracy_drop=drop, deadline_s=deadline_s)
+
+    if accuracy_table is not None:
+        table = AccuracyTable.load(accuracy_table)
+        accuracy, source = table.drop, f"table {accuracy_table} ({table.metric})"
+    else:
+        directory = resolve_data_dir(data_dir)
+        lm = load_model_with_status(model or profile.model_id)
+        windows = calibration_windows(lm.tokenizer, directory, proxy_windows, proxy_seqlen)
+        proxy = PerplexityProxy(lm.model, windows, profile.group_size or 64,
+                                progress=lambda msg: err_console.print(msg, highlight=False))
+        if proxy.n_layers != profile.n_layers:
+            raise SplitLLMError(f"the profile has {profile.n_layers} layers but model {lm.model_id} has {proxy.n_layers}")
+        accuracy = proxy.drop
+        source = (f"PROXY: WikiText-2 perplexity increase over {proxy_windows} x {proxy_seqlen} tokens "
+                  f"(edge weights + KV quantized; codec not modeled), not task accuracy")
+    search = search_plans(profile, space, budgets, max_tokens, accuracy)
+    rate = default_rate(link) if link is not None else None
+    _print_ranking(search, profile, link, rate, budgets)
+    err_console.print(f"accuracy: {source}", highlight=False)
+    if search.winner is None:
+        from ..units import format_bytes
+
+        if search.min_memory_bytes is None:
+            raise SplitLLMError(f"no configuration passes the accuracy drop of {drop:.4g} at any memory: "
+                                "raise --accuracy-drop", exit_code=3)
+        raise SplitLLMError(
+            f"no configuration fits {format_bytes(memory)}; the smallest budget that works is "
+            f"{format_bytes(search.min_memory_bytes)} ({search.min_memory_bytes} bytes)", exit_code=3)
+
+    winner = search.winner
+    latency = step_latency(profile, winner.candidate, link, rate)
+    if sweep == "max-tokens":
+        _print_sweep(profile, winner.candidate, memory, max_tokens)
+    notes = {
+        "accuracy": source, "accuracy_drop": winner.accuracy_drop, "psi": winner.psi,
+        "edge_memory_bytes": winner.memory.total_bytes if winner.memory else None,
+        "predicted_edge_ms_per_token": latency.compute_s * 1e3,
+        "predicted_wire_bytes_per_token": latency.wire_bytes,
+        "predicted_step_ms": latency.total_s * 1e3 if link is not None else None,
+        "rate_bps": rate, "profile": str(profile_path), "profile_device": profile.device.name,
+    }
+    plan = to_plan(canonical(winner.candidate, profile.n_layers), profile, budgets, max_tokens, delta=0.05, group_size=profile.group_size or 64,
+                   tau_is_quantile=True, notes=notes)
+    if deadline_s is not None and latency.total_s > deadline_s:
+        err_console.print(f"[yellow]note:[/] the plan's predicted step ({latency.total_s * 1e3:.1f} ms) misses the "
+                          f"deadline of {deadline_s * 1e3:.1f} ms: Algorithm 2 will compress harder, drop KV or stop early")
+    if out is not None:
+        plan.save(out, overwrite=force)
+        console.print(f"wrote {out}", highlight=False)
+
+
+def _print_ranking(search, profile, link, rate, budgets) -> None:
+    from ..plan.advise import describe_weights, edge_weight_bits, step_latency, summary_rows
+    from ..units import format_bytes
+
+    title = f"eq. (8) over {len(search.ranked)} candidates, {search.accuracy_evaluations} accuracy evaluations"
+    table = Table(title=title)
+    for col in ("#", "", "ℓ", "edge weights", "Qa", "q̄", "edge memory", "Ψ", "acc. drop", "edge ms/token",
+                "step ms" if link is not None else "wire B/token"):
+        table.add_column(col, justify="left" if col in ("edge weights", "") else "right")
+    rows = summary_rows(search, profile.n_layers)
+    for i, r in enumerate(rows, 1):
+        c = r.candidate
+        lat = step_latency(profile, c, link, rate)
+        mark = {"chosen": "[bold green]chosen[/]", "lost": "lost", "rejected": "[red]rejected[/]"}[r.status]
+        table.add_row(
+            str(i), mark, str(c.split_layer), describe_weights(edge_weight_bits(c, profile.n_layers)), str(c.qa), str(c.q_bar),
+            format_bytes(r.memory.total_bytes) if r.memory else "-", f"{r.psi:g}",
+            "-" if r.accuracy_drop is None or math.isnan(r.accuracy_drop) else f"{100 * r.accuracy_drop:.2f}%",
+            f"{lat.compute_s * 1e3:.1f}",
+            f"{lat.total_s * 1e3:.1f}" if link is not None else f"{lat.wire_bytes:.0f}",
+        )
+    err_console.print(table)
+    for i, r in enumerate(rows, 1):
+        err_console.print(f"  #{i} {r.status}: {r.reason}", highlight=False)
+    w = search.winner
+    if w is not None and w.memory is not None:
+        m = w.memory
+        rate_text = f"; link rate R* {rate / 1e6:.2f} Mbit/s" if rate else ""
+        console.print(
+            f"plan: ℓ = {w.candidate.split_layer} of {profile.n_layers}, weights "
+            f"{describe_weights(edge_weight_bits(w.candidate, profile.n_layers))}, Qa {w.candidate.qa}, q̄ {w.candidate.q_bar}; "
+            f"edge memory {format_bytes(m.total_bytes)} of {format_bytes(budgets.memory_bytes)} (weights "
+            f"{format_bytes(m.weights_bytes)}, KV {format_bytes(m.kv_bytes)}, activations {format_bytes(m.activation_bytes)})"
+            f"{rate_text}",
+            highlight=False,
+        )
+
+
+def _print_sweep(profile, candidate, memory: int, max_tokens: int) -> None:
+    from ..plan.advise import sweep_rows
+    from ..units import format_bytes
+
+    rows = sweep_rows(profile, candidate, memory, max_tokens)
+    table = Table(title=f"W̄ sweep for {max_tokens} generated tokens (Fig. 5(b)/6 style; baseline = fp16 hidden state)")
+    for col in ("W̄", "edge tokens", "cloud tokens", "cloud-only tokens", "wire bytes", "baseline bytes",
+                "edge memory", "fits"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        p = row.point
+        table.add_row(str(p.w_bar), str(p.edge_tokens), str(p.cloud_tokens), str(p.cloud_only_tokens),
+                      format_bytes(p.wire_bytes), format_bytes(p.baseline_wire_bytes),
+                      format_bytes(row.edge_memory_bytes), "yes" if row.fits else "no")
+    console.print(table)

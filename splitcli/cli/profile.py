@@ -1,0 +1,81 @@
+"""`splitllm profile`: measure per-layer costs of a model on this machine into a profile YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, parse_int_list
+
+
+@cli_errors
+def profile_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the profile YAML."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    bits: str = typer.Option("4,8,16", "--bits", help="Weight bit widths to size and time (16 = not quantized)."),
+    kv_bits: str = typer.Option("4,8,16", "--kv-bits", help="KV-cache bit widths Qa to size (16 = float cache)."),
+    tokens: str = typer.Option("1,32,256", "--tokens", help="Prefill token counts to time; decode runs after the largest."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed calls per measurement (median, after one warm-up)."),
+    group_size: int = typer.Option(64, "--group-size", help="Weight quantization group size."),
+    threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch's default); recorded in the profile."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+):
+    """Measure per-layer latency (prefill, decode, at each weight bit width) and exact sizes on this machine."""
+    import torch
+
+    from ..configio import write_yaml
+    from ..errors import SplitLLMError
+    from ..plan.measure import ProfileSettings, measure_profile
+    from ..units import format_bytes
+
+    check_output_path(out, force)
+    settings = ProfileSettings(
+        bits=parse_int_list(bits, "--bits"), kv_bits=parse_int_list(kv_bits, "--kv-bits"),
+        tokens=parse_int_list(tokens, "--tokens"), repeats=repeats, group_size=group_size,
+    )
+    if threads < 0:
+        raise SplitLLMError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    lm = load_model_with_status(model)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console) as bar:
+        task = bar.add_task("profiling", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"profiling {what}")
+
+        profile = measure_profile(lm.model, lm.model_id, settings, progress=progress)
+    write_yaml(out, profile.to_dict(), overwrite=force)
+
+    bits_label = "/".join(f"{b}b" for b in settings.bits)
+    table = Table(title=f"{lm.model_id} on {profile.device.cpu} ({profile.device.threads} threads)")
+    for col in ("layer", f"decode ms {bits_label}", f"prefill {settings.tokens[-1]} ms",
+                f"weights {bits_label}", "KV B/token Qa " + "/".join(map(str, settings.kv_bits))):
+        table.add_column(col, justify="right")
+    for k, layer in enumerate(profile.layers):
+        table.add_row(
+            str(k), " / ".join(f"{layer.decode_ms_by_bits[b]:.2f}" for b in settings.bits),
+            f"{layer.prefill_ms[settings.tokens[-1]]:.1f}",
+            " / ".join(format_bytes(layer.weight_bytes[b]) for b in settings.bits),
+            " / ".join(f"{layer.kv_bytes_per_token[q]:g}" for q in settings.kv_bits),
+        )
+    table.add_row(
+        "all", " / ".join(f"{sum(x.decode_ms_by_bits[b] for x in profile.layers):.1f}" for b in settings.bits),
+        f"{sum(x.prefill_ms[settings.tokens[-1]] for x in profile.layers):.1f}",
+        " / ".join(format_bytes(sum(x.weight_bytes[b] for x in profile.layers)) for b in settings.bits), "",
+    )
+    err_console.print(table)
+    codec = "none (no splitcli.codec)" if profile.codec is None else (
+        f"encode {profile.codec.encode_ms_per_token:.2f} ms/token, decode {profile.codec.decode_ms_per_token:.2f} ms/token")
+    err_console.print(
+        f"embedding {format_bytes(profile.embedding.weight_bytes)}, {profile.embedding.decode_ms:.3f} ms/token; "
+        f"head {format_bytes(profile.head.weight_bytes)}, {profile.head.decode_ms:.2f} ms/token; "
+        f"activation peak (estimate, {settings.tokens[-1]} tokens) {format_bytes(profile.layers[0].activation_peak_bytes)}; "
+        f"codec {codec}",
+        highlight=False,
+    )
+    console.print(f"wrote {out}", highlight=False)

@@ -1,0 +1,162 @@
+"""What `splitllm plan` computes around eq. (8): the default search space, per-candidate latency
+(eq. 11 with the rate of eq. 13), a readable summary of the ranking, and the W_bar sweep table.
+
+Readings:
+- Search space: ℓ over 1..L-1; OPSC "front" weights with every profiled bit width used alone
+  (q_w2 None, all edge layers at q_w1) and every pair q_w1 < q_w2 (the first l_w layers quantized
+  harder), l_w on a grid of step max(1, L // 6) so the accuracy proxy stays cheap; Qa over the
+  profiled KV bit widths; q_bar over `q_bars` at one tau quantile.
+- Link: without a measured rate the planner assumes the eq. (13) rate R* on
+  [W / 1000, 2 W log2(1 + gamma)], i.e. around the link's capacity.
+- Edge latency per token: embedding + the edge layers at their weight bits (per-bit timings from
+  the profile) + the codec's encode time when the profile has one; the wire carries the hidden
+  state of one token (codec size, or hidden * q_bar / 8) plus, with I_kv = 1, the new token's KV
+  for the cloud layers at 16 bits (`io_bytes_per_step`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+from splitcli.cost.latency import LinkModel
+from splitcli.cost.memory import edge_memory, io_bytes_per_step
+from splitcli.errors import SplitLLMError
+from splitcli.plan.enumerate import Candidate, PlanSearch, Ranked, SearchSpace
+from splitcli.plan.profile import Profile
+from splitcli.plan.sweep import SweepPoint, sweep_max_tokens
+
+
+def default_space(profile: Profile, q_bars: Iterable[int] = (4, 6, 8), tau_quantile: float = 0.999) -> SearchSpace:
+    """The search space `splitllm plan` enumerates (module docstring)."""
+    L = profile.n_layers
+    if L < 2:
+        raise SplitLLMError("a split needs a model with at least 2 layers")
+    bits = sorted(set.intersection(*(set(layer.weight_bytes) for layer in profile.layers)))
+    qas = sorted(set.intersection(*(set(layer.kv_bytes_per_token) for layer in profile.layers)))
+    q_w: list[tuple[int, int | None]] = [(b, None) for b in bits]
+    q_w += [(lo, hi) for lo in bits for hi in bits if lo < hi]
+    step = max(1, L // 6)
+    l_ws = tuple(sorted(set(range(0, L + 1, step)) | {L}))
+    return SearchSpace(split_layers=tuple(range(1, L)), q_w=tuple(q_w), qa=tuple(qas),
+                       q_bar=tuple(q_bars), tau=(tau_quantile,), l_w=l_ws, tau_is_quantile=True)
+
+
+def default_rate(link: LinkModel) -> float:
+    """R* of eq. (13) on [W / 1000, 2 W log2(1 + gamma)] (bit/s)."""
+    r_max = 2 * link.bandwidth_hz * math.log2(1 + link.snr)
+    return link.optimal_rate(link.bandwidth_hz / 1000, r_max)
+
+
+def edge_weight_bits(candidate: Candidate, n_layers: int) -> tuple[int | None, ...]:
+    from splitcli.cost.memory import layer_weight_bits
+
+    bits = layer_weight_bits(n_layers, candidate.l_w, candidate.q_w1, candidate.q_w2, candidate.method)  # type: ignore[arg-type]
+    return bits[: candidate.split_layer]
+
+
+def canonical(candidate: Candidate, n_layers: int) -> Candidate:
+    """The same edge configuration in its plainest OPSC spelling: a uniform edge (e.g. l_w = 0
+    with (4, 8), i.e. every edge layer at 8 bits) becomes l_w = L, q_w1 = that width, q_w2 None."""
+    bits = edge_weight_bits(candidate, n_layers)
+    if len(set(bits)) == 1 and bits[0] is not None:
+        return replace(candidate, l_w=n_layers, q_w1=bits[0], q_w2=None)
+    return candidate
+
+
+def describe_weights(bits: tuple[int | None, ...]) -> str:
+    """'4b x 10 + 8b x 5': runs of equal bit widths over the edge layers ('float': unquantized)."""
+    runs: list[list] = []
+    for b in bits:
+        if runs and runs[-1][0] == b:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1])
+    return " + ".join(f"{'float' if b is None or b >= 16 else f'{b}b'} x {n}" for b, n in runs)
+
+
+@dataclass(frozen=True)
+class StepLatency:
+    """Predicted per-token latency of one decode step (seconds)."""
+
+    compute_s: float
+    wire_bytes: float
+    comm_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+
+def cloud_kv_bytes_per_token(profile: Profile, split_layer: int) -> float:
+    qa = 16 if all(16 in layer.kv_bytes_per_token for layer in profile.layers) else max(profile.layers[0].kv_bytes_per_token)
+    return float(sum(profile.kv_bytes_per_token(qa)[split_layer:]))
+
+
+def step_latency(profile: Profile, candidate: Candidate, link: LinkModel | None, rate_bps: float | None,
+                 i_kv: int = 1, tau_is_quantile: bool = True) -> StepLatency:
+    """Eq. (11) for one decode step of `candidate` (module docstring)."""
+    compute = profile.edge_decode_ms_at(edge_weight_bits(candidate, profile.n_layers)) / 1e3
+    if profile.codec is not None:
+        compute += profile.codec.encode_ms_per_token / 1e3
+    hidden = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, tau_is_quantile)
+    wire = io_bytes_per_step(i_kv, 1, hidden, cloud_kv_bytes_per_token(profile, candidate.split_layer))
+    comm = link.comm_seconds(wire, rate_bps) if link is not None and rate_bps else 0.0
+    return StepLatency(compute, wire, comm)
+
+
+def config_key(r: Ranked, n_layers: int) -> tuple:
+    """Candidates that run identically on the edge (e.g. every l_w >= l) share this key."""
+    c = r.candidate
+    return (c.split_layer, edge_weight_bits(c, n_layers), c.qa, c.q_bar, c.tau)
+
+
+def summary_rows(search: PlanSearch, n_layers: int, runner_ups: int = 5, rejected: int = 3) -> list[Ranked]:
+    """Winner, then the runner-ups (accuracy-rejected ones that ranked higher first), then the
+    cheapest over-budget candidates; one row per distinct edge configuration."""
+    seen: set[tuple] = set()
+    rows: list[Ranked] = []
+
+    def take(items: Iterable[Ranked], limit: int) -> None:
+        n = 0
+        for r in items:
+            key = config_key(r, n_layers)
+            if n >= limit or key in seen:
+                continue
+            seen.add(key)
+            rows.append(r)
+            n += 1
+
+    if search.winner is not None:
+        take([search.winner], 1)
+    take((r for r in search.ranked if r.status == "rejected" and r.reason.startswith("accuracy")), runner_ups)
+    take((r for r in search.ranked if r.status == "lost"), runner_ups)
+    take((r for r in search.ranked if r.status == "rejected" and r.reason.startswith("memory")), rejected)
+    return rows
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    point: SweepPoint
+    edge_memory_bytes: float
+    fits: bool
+
+
+def sweep_rows(profile: Profile, candidate: Candidate, memory_budget: int, total_tokens: int,
+               w_bars: Iterable[int] | None = None) -> list[SweepRow]:
+    """Fig. 5(b)/6-style rows for the chosen configuration: per W_bar, who generates how many of
+    `total_tokens`, the wire bytes (vs an fp16 hidden state) and whether edge memory still fits."""
+    if w_bars is None:
+        w_bars = sorted({0, total_tokens // 8, total_tokens // 4, total_tokens // 2, total_tokens, 2 * total_tokens})
+    w_bars = list(w_bars)
+    per_token = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, True)
+    points = sweep_max_tokens(w_bars, total_tokens, per_token, profile.hidden_size * 2.0)
+    kv = profile.kv_bytes_per_token(candidate.qa)
+    rows = []
+    for point in points:
+        memory = edge_memory(profile.weight_table(), candidate.split_layer, candidate.l_w, candidate.q_w1,
+                             candidate.q_w2, kv, point.w_bar, profile.activation_peaks(), candidate.method,  # type: ignore[arg-type]
+                             profile.embedding.weight_bytes).total_bytes
+        rows.append(SweepRow(point, memory, memory <= memory_budget))
+    return rows

@@ -1,0 +1,349 @@
+"""Measure a `Profile` of a loaded model on this machine (what `splitllm profile` writes).
+
+Per decoder layer k, each timed on its own through `LayerRange(parts, k, k + 1)` (so masks and
+rotary embeddings are built the way the runtime builds them) on the real output of layer k - 1,
+median of `repeats` samples after one warm-up; samples are taken in rounds over all layers so
+that a burst of load on a shared machine spreads over many layers:
+- prefill_ms[T]: T tokens into an empty KV cache;
+- decode_ms: one token after a prefix of max(tokens) tokens already in the cache (each call gets
+  a fresh copy of that cache, so every call sees the same context);
+- both again with the layer's weights at each bit width (`decode_ms_by_bits`,
+  `prefill_ms_by_bits`; 16 = the layer as loaded), because the 4-bit CPU kernel runs at its own
+  speed. Quantized layers are copies swapped in and back out, so the model is left as it was.
+The masks and rotary embeddings LayerRange builds are paid once per edge forward: their cost
+(timed with pass-through layers) is subtracted from each layer and added to the embedding stage.
+Sizes are exact, from `splitcli.quant`'s byte accounting: weight bytes at each bit width (16 = not
+quantized, held in the model's float dtype, i.e. 4 bytes per value on this fp32 runtime) and KV
+bytes one token adds at each Qa (16 = the runtime's float cache, 4 bytes per value).
+
+Reading of "peak activation bytes": the CPU allocator keeps no peak counter, so the transient
+peak of one layer is estimated from tensor shapes at the largest profiled token count
+(`activation_peak_bytes`); it is an estimate, the rest are measurements.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from splitcli.errors import SplitLLMError
+from splitcli.model.split import LayerRange, decoder_parts, new_cache
+from splitcli.plan.profile import CodecCost, DeviceInfo, LayerCost, Profile, StageCost
+from splitcli.quant import (
+    KEEP_BITS, SUPPORTED_BITS, KVQuantConfig, fp_kv_bytes_per_token, kv_bytes_per_token,
+    layer_shapes_of, layer_weight_bytes, quantize_layers_,
+)
+
+Progress = Callable[[int, int, str], None]
+"""progress(done, total, what) after each timed unit of work."""
+
+CodecHook = Callable[[torch.Tensor, int], "CodecCost | None"]
+"""codec_hook(hidden [N, H] at the middle layer, repeats) -> codec timings and sizes, or None."""
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What to measure: weight bit widths, KV bit widths (Qa), prefill token counts, repeats."""
+
+    bits: tuple[int, ...] = (4, 8, 16)
+    kv_bits: tuple[int, ...] = (4, 8, 16)
+    tokens: tuple[int, ...] = (1, 32, 256)
+    repeats: int = 5
+    group_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "kv_bits", "tokens"):
+            value = tuple(sorted(set(getattr(self, name))))
+            object.__setattr__(self, name, value)
+            if not value:
+                raise SplitLLMError(f"profile {name} must not be empty")
+        for b in self.bits:
+            if b not in SUPPORTED_BITS + (KEEP_BITS,):
+                raise SplitLLMError(f"weight bits {b} not supported: choose from "
+                                    f"{', '.join(map(str, SUPPORTED_BITS + (KEEP_BITS,)))}")
+        for b in self.kv_bits:
+            if b not in (2, 3, 4, 8, KEEP_BITS):
+                raise SplitLLMError(f"KV bits {b} not supported: choose from 2, 3, 4, 8, 16")
+        if self.tokens[0] < 1:
+            raise SplitLLMError(f"token counts must be >= 1, got {self.tokens[0]}")
+        if self.repeats < 1:
+            raise SplitLLMError(f"repeats must be >= 1, got {self.repeats}")
+        if self.group_size < 1:
+            raise SplitLLMError(f"group size must be >= 1, got {self.group_size}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or platform's answer elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info() -> DeviceInfo:
+    """This machine: name carries cores and the torch version (the schema has no other slot)."""
+    import psutil
+
+    cores = os.cpu_count() or 0
+    name = f"{platform.node() or 'cpu'} ({cores} cores, torch {torch.__version__}, {platform.system()})"
+    return DeviceInfo(name=name, cpu=cpu_model(), threads=torch.get_num_threads(),
+                      memory_bytes=int(psutil.virtual_memory().total))
+
+
+def head_dims(config) -> tuple[int, int]:
+    """(n_kv_heads, head_dim) of a transformers config."""
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return n_kv, head_dim
+
+
+def activation_peak_bytes(config, n_tokens: int, float_bytes: int = 4) -> float:
+    """Shape estimate of one decoder layer's transient peak for a prefill of `n_tokens` (bytes).
+
+    residual [T, H] kept throughout, plus the larger of
+    attention: normed input [T, H] + q, k, v [T, (n_heads + 2 n_kv) d] + k, v repeated to every
+      head [2, T, n_heads d] + scores [n_heads, T, T] + attention output [T, n_heads d];
+    MLP: normed input [T, H] + gate, up and their product [3, T, I].
+    """
+    t, h = n_tokens, config.hidden_size
+    n_heads = config.num_attention_heads
+    n_kv, d = head_dims(config)
+    inter = getattr(config, "intermediate_size", 4 * h)
+    attention = t * h + t * (n_heads + 2 * n_kv) * d + 2 * t * n_heads * d + n_heads * t * t + t * n_heads * d
+    mlp = t * h + 3 * t * inter
+    return float((t * h + max(attention, mlp)) * float_bytes)
+
+
+def kv_bytes_table(config, kv_bits: tuple[int, ...]) -> dict[int, float]:
+    """Bytes one token adds to one layer's cache at each Qa (16: the runtime's fp32 cache)."""
+    n_kv, d = head_dims(config)
+    out: dict[int, float] = {}
+    for qa in kv_bits:
+        if qa >= KEEP_BITS:
+            out[qa] = float(fp_kv_bytes_per_token(1, n_kv, d, 4))
+        else:
+            out[qa] = float(kv_bytes_per_token(1, n_kv, d, KVQuantConfig(bits=qa)))
+    return out
+
+
+def weight_bytes_table(layer: torch.nn.Module, bits: tuple[int, ...], group_size: int) -> dict[int, float]:
+    """Exact stored bytes of `layer` at each weight bit width (16: unquantized fp32)."""
+    shapes = layer_shapes_of(layer)
+    return {b: float(layer_weight_bytes(shapes, min(b, KEEP_BITS), group_size, float_bytes=4)) for b in bits}
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn()` in ms over `repeats` calls after one warm-up call."""
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        fn()
+        if i:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def _variant(layer: torch.nn.Module, bits: int, group_size: int) -> torch.nn.Module:
+    if bits >= KEEP_BITS:
+        return layer
+    clone = copy.deepcopy(layer)
+    quantize_layers_(torch.nn.ModuleList([clone]), [0], bits, group_size)
+    return clone
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a decoder layer to time what LayerRange does around it (masks, rotary)."""
+
+    def forward(self, hidden, **_):
+        return hidden
+
+
+class _Timer:
+    """Samples for each layer, taken in rounds over all layers so a burst of machine load lands
+    on one sample of many layers rather than on every sample of one layer. Within a round the
+    decode steps of all layers run back to back, as in a real edge forward, before the prefills:
+    a short decode call timed right after a long prefill would pay for the prefill's time slice
+    on a shared machine."""
+
+    def __init__(self, parts, inputs: list[torch.Tensor], positions: torch.Tensor, settings: ProfileSettings):
+        self.parts, self.inputs, self.positions, self.settings = parts, inputs, positions, settings
+        self.prefix = settings.tokens[-1]
+
+    def _fill(self, k: int):
+        """Layer k's cache after the prefix (rebuilt per layer variant)."""
+        cache = new_cache(self.parts)
+        LayerRange(self.parts, k, k + 1)(self.inputs[k][:, :self.prefix], self.positions[:, :self.prefix], None, cache)
+        return cache
+
+    def _round(self, ranges: list[LayerRange], filled: list) -> tuple[list[float], list[dict[int, float]]]:
+        """One decode step per layer (back to back), then one prefill per token count per layer."""
+        h, pos, p = self.inputs, self.positions, self.prefix
+        # A fresh copy of each filled cache: every call sees the same prefix (transformers' crop
+        # does not serve sliding-window layers).
+        caches = [copy.deepcopy(c) for c in filled]
+        decode = []
+        for k, layer_range in enumerate(ranges):
+            t0 = time.perf_counter()
+            layer_range(h[k][:, p:p + 1], pos[:, p:p + 1], None, caches[k])
+            decode.append((time.perf_counter() - t0) * 1e3)
+        prefill = []
+        for k, layer_range in enumerate(ranges):
+            row = {}
+            for t in self.settings.tokens:
+                cache = new_cache(self.parts)
+                t0 = time.perf_counter()
+                layer_range(h[k][:, :t], pos[:, :t], None, cache)
+                row[t] = (time.perf_counter() - t0) * 1e3
+            prefill.append(row)
+        return decode, prefill
+
+    def time_all(self, layers: list[torch.nn.Module], tick: Callable[[str], None], what: str):
+        """Per layer: ({T: median prefill ms}, median decode ms) with `layers` swapped in."""
+        n, originals = len(layers), list(self.parts.layers)
+        prefill = [{t: [] for t in self.settings.tokens} for _ in range(n)]
+        decode: list[list[float]] = [[] for _ in range(n)]
+        try:
+            for k, layer in enumerate(layers):
+                self.parts.layers[k] = layer
+            filled = [self._fill(k) for k in range(n)]
+            ranges = [LayerRange(self.parts, k, k + 1) for k in range(n)]
+            for r in range(self.settings.repeats + 1):  # round 0 warms up
+                d_round, p_round = self._round(ranges, filled)
+                if r:
+                    for k in range(n):
+                        decode[k].append(d_round[k])
+                        for t, ms in p_round[k].items():
+                            prefill[k][t].append(ms)
+                tick(f"{what}, round {r}/{self.settings.repeats}")
+        finally:
+            for k, layer in enumerate(originals):
+                self.parts.layers[k] = layer
+        return [({t: statistics.median(v) for t, v in prefill[k].items()}, statistics.median(decode[k]))
+                for k in range(n)]
+
+
+def default_codec_hook(hidden: torch.Tensor, repeats: int) -> CodecCost | None:
+    """Codec timing per token and frame sizes at a few q_bar, if `splitcli.codec` is installed.
+
+    Hook point: returns None when the codec package is absent (the profile then has no codec
+    section and the planner estimates wire bytes as hidden * q_bar / 8).
+    """
+    try:
+        from splitcli import codec  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    from splitcli.plan.profile import CodecPoint
+
+    samples = hidden.reshape(-1, hidden.shape[-1]).float()  # [N, H]
+    one = samples[-1:]  # a decode step sends one token
+    points, enc, dec = [], [], []
+    for q_bar in (4, 6, 8):
+        cfg = codec.calibrate_config(samples, codec.CodecConfig(q_bar=q_bar), tau_quantile=0.999)
+        frame = codec.encode(one, cfg)
+        enc.append(median_ms(lambda: codec.encode(one, cfg), repeats))
+        dec.append(median_ms(lambda: codec.decode(frame, cfg), repeats))
+        points.append(CodecPoint(q_bar=q_bar, tau=0.999, bytes_per_token=float(len(frame)),
+                                 tau_is_quantile=True))
+    return CodecCost(statistics.median(enc), statistics.median(dec), tuple(points))
+
+
+@torch.inference_mode()
+def measure_profile(
+    model,
+    model_id: str,
+    settings: ProfileSettings = ProfileSettings(),
+    progress: Progress | None = None,
+    codec_hook: CodecHook | None = default_codec_hook,
+) -> Profile:
+    """Measure `model` (fp32, eval mode) on this machine; see the module docstring."""
+    parts = decoder_parts(model)
+    config = parts.config
+    n_layers = parts.num_layers
+    context = getattr(config, "max_position_embeddings", None)
+    needed = settings.tokens[-1] + 1
+    if context is not None and needed > context:
+        raise SplitLLMError(f"largest token count {settings.tokens[-1]} + 1 exceeds the model's context of {context}")
+    for b in settings.bits:
+        if b < KEEP_BITS:
+            weight_bytes_table(parts.layers[0], (b,), settings.group_size)  # group size check up front
+    gen = torch.Generator().manual_seed(settings.seed)
+    vocab = parts.embed_tokens.num_embeddings
+    ids = torch.randint(0, vocab, (1, needed), generator=gen)  # [1, T+1]
+    positions = torch.arange(needed)[None]  # [1, T+1]
+    n_kv, head_dim = head_dims(config)
+    total = (len(settings.bits) + 1) * (settings.repeats + 1) + 2
+    done = 0
+
+    def tick(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total, what)
+
+    emb_prefill = {t: median_ms(lambda: parts.embed_tokens(ids[:, :t]), settings.repeats) for t in settings.tokens}
+    emb_decode = median_ms(lambda: parts.embed_tokens(ids[:, :1]), settings.repeats)
+    tick("embedding")
+    inputs = [parts.embed_tokens(ids)]  # inputs[k]: what layer k sees, [1, T+1, H]
+    for k in range(n_layers):
+        inputs.append(LayerRange(parts, k, k + 1)(inputs[k], positions, None, None))
+    timer = _Timer(parts, inputs, positions, settings)
+    # What LayerRange costs around the layers (masks, rotary) is paid once per edge forward, not
+    # once per layer: measured with pass-through layers, subtracted from each layer and charged
+    # to the embedding stage, which runs once per forward too.
+    overhead = timer.time_all([_PassThrough() for _ in range(n_layers)], tick, "masks + rotary")
+    over_prefill = {t: statistics.median(o[0][t] for o in overhead) for t in settings.tokens}
+    over_decode = statistics.median(o[1] for o in overhead)
+    by_bits = {}
+    for b in settings.bits:
+        variants = [_variant(layer, b, settings.group_size) for layer in parts.layers]
+        by_bits[b] = timer.time_all(variants, tick, f"{b}-bit layers")
+        del variants
+    embedding = StageCost(
+        weight_bytes=float(sum(p.numel() * p.element_size() for p in parts.embed_tokens.parameters())),
+        decode_ms=emb_decode + over_decode,
+        prefill_ms={t: emb_prefill[t] + over_prefill[t] for t in settings.tokens},
+    )
+    peak = activation_peak_bytes(config, settings.tokens[-1])
+    kv_table = kv_bytes_table(config, settings.kv_bits)
+    layers = []
+    for k in range(n_layers):
+        prefill_by_bits = {b: {t: max(0.0, ms - over_prefill[t]) for t, ms in by_bits[b][k][0].items()}
+                           for b in settings.bits}
+        decode_by_bits = {b: max(0.0, by_bits[b][k][1] - over_decode) for b in settings.bits}
+        as_loaded = KEEP_BITS if KEEP_BITS in settings.bits else settings.bits[-1]
+        layers.append(LayerCost(
+            prefill_ms=prefill_by_bits[as_loaded], decode_ms=decode_by_bits[as_loaded],
+            weight_bytes=weight_bytes_table(parts.layers[k], settings.bits, settings.group_size),
+            kv_bytes_per_token=kv_table, activation_peak_bytes=peak,
+            decode_ms_by_bits=decode_by_bits, prefill_ms_by_bits=prefill_by_bits,
+        ))
+    hidden = inputs[-1]
+    middle_hidden = inputs[n_layers // 2]
+    x_last = hidden[:, -1:]
+
+    def head_step():
+        return parts.lm_head(parts.norm(x_last))
+
+    head_bytes = {id(p): p.numel() * p.element_size()
+                  for m in (parts.norm, parts.lm_head) for p in m.parameters()}
+    head = StageCost(weight_bytes=float(sum(head_bytes.values())), decode_ms=median_ms(head_step, settings.repeats))
+    tick("head")
+    codec = codec_hook(middle_hidden[0], settings.repeats) if codec_hook else None
+    return Profile(
+        model_id=model_id, hidden_size=config.hidden_size, n_kv_heads=n_kv, head_dim=head_dim,
+        device=device_info(), layers=tuple(layers), embedding=embedding, head=head, codec=codec,
+        group_size=settings.group_size,
+    )
