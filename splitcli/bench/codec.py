@@ -25,7 +25,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from ..codec.deploy import (CodecParams, calib_tokens_for, calibrate_from_samples, calibrated_config,
+from ..codec.deploy import (CodecOptions, calib_tokens_for, calibrate_from_samples, calibrated_config,
                             calibration_ids, edge_hidden, read_wikitext)
 from ..codec.measure import measure_codec
 from ..errors import SplitLLMError
@@ -108,7 +108,7 @@ def _frame_summary(wire: CodecWire, probe: _Probe, hidden: int) -> dict:
                 paths=sorted({s.path for s in stats}))
 
 
-def bench_codec(lm, split_layer: int, params: CodecParams, *, data_dir=None, windows: int = 8,
+def bench_codec(lm, split_layer: int, params: CodecOptions, *, data_dir=None, windows: int = 8,
                 seqlen: int = 2048, sweep: bool = True, sweep_windows: int = 2, sweep_seqlen: int = 512,
                 repeats: int = 200, progress: Progress | None = None,
                 log: Callable[[str], None] | None = None) -> dict:
@@ -165,7 +165,7 @@ def bench_codec(lm, split_layer: int, params: CodecParams, *, data_dir=None, win
     return result
 
 
-def sweep_codec_ppl(lm, split_layer, params: CodecParams, calib: torch.Tensor, eval_hidden: list[torch.Tensor],
+def sweep_codec_ppl(lm, split_layer, params: CodecOptions, calib: torch.Tensor, eval_hidden: list[torch.Tensor],
                     ids, windows: int, seqlen: int, tick) -> dict:
     """tau quantile x q_bar grid: size and rel_l2 over the evaluation frames, ppl on
     `windows` x `seqlen` tokens (fewer than the headline, said in the output)."""

@@ -35,7 +35,7 @@ _CACHE_SCHEMA = 1
 
 
 @dataclass(frozen=True)
-class CodecParams:
+class CodecOptions:
     """What a user chooses (the CLI's codec options); calibration turns it into a CodecConfig.
 
     tau (absolute) and tau_quantile are exclusive; with neither, tau_quantile = 0.999.
@@ -72,7 +72,7 @@ class CodecParams:
         return self.tau is None or self.entropy
 
 
-def calibrate_from_samples(samples: torch.Tensor, params: CodecParams) -> CodecConfig:
+def calibrate_from_samples(samples: torch.Tensor, params: CodecOptions) -> CodecConfig:
     """The deployment config from hidden states [tokens, hidden]: tau fixed (from the quantile,
     or as given), and, with entropy coding, channel classes + a static symbol model."""
     cfg = params.base_config()
@@ -125,7 +125,7 @@ def calib_tokens_for(model) -> int:
     return min(CALIB_TOKENS, int(context))
 
 
-def cache_key(model_sha256: str, split_layer: int, params: CodecParams, text_sha256: str, n_tokens: int) -> str:
+def cache_key(model_sha256: str, split_layer: int, params: CodecOptions, text_sha256: str, n_tokens: int) -> str:
     fields = dict(schema=_CACHE_SCHEMA, format=FORMAT_VERSION, model=model_sha256, split_layer=split_layer,
                   params=asdict(params), text=text_sha256, calib_tokens=n_tokens, slice="tail")
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
@@ -137,7 +137,7 @@ def cache_dir() -> Path:
     return cache_root() / "codec"
 
 
-def calibrated_config(lm, split_layer: int, params: CodecParams, data_dir=None,
+def calibrated_config(lm, split_layer: int, params: CodecOptions, data_dir=None,
                       progress: Callable[[str], None] | None = None) -> tuple[CodecConfig, dict]:
     """The CodecConfig for (lm's weights, split layer, params), from the cache or calibrated now.
 

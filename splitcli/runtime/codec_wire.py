@@ -39,7 +39,7 @@ CODECS = ("none", "tabq")
 
 def build_wire(codec: str, params, lm, split_layer: int, data_dir=None, progress=None):
     """The wire for `--codec`: RawWire for "none", a calibrated CodecWire for "tabq".
-    `params` is a `splitcli.codec.deploy.CodecParams` (ignored for "none")."""
+    `params` is a `splitcli.codec.deploy.CodecOptions` (ignored for "none")."""
     from ..codec.deploy import calibrated_config
     from ..errors import SplitLLMError
     from .wire import RawWire
@@ -54,10 +54,10 @@ def build_wire(codec: str, params, lm, split_layer: int, data_dir=None, progress
 
 def codec_params(codec: str, tau: float | None = None, tau_quantile: float | None = None,
                  q_bar: int | None = None, delta: float | None = None, entropy: bool = True, data_dir=None):
-    """Validated CodecParams from the CLI's codec options (None = the default), before any
+    """Validated CodecOptions from the CLI's codec options (None = the default), before any
     model loads; codec options with `--codec none` are an error rather than silently ignored,
     and a missing calibration text is reported now rather than after loading the model."""
-    from ..codec.deploy import CodecParams, wikitext_path
+    from ..codec.deploy import CodecOptions, wikitext_path
     from ..errors import SplitLLMError
 
     if codec not in CODECS:
@@ -68,8 +68,8 @@ def codec_params(codec: str, tau: float | None = None, tau_quantile: float | Non
         if given:
             raise SplitLLMError(f"{', '.join(given)} need --codec tabq")
         return None
-    defaults = CodecParams()
-    params = CodecParams(tau=tau, tau_quantile=tau_quantile, q_bar=defaults.q_bar if q_bar is None else q_bar,
+    defaults = CodecOptions()
+    params = CodecOptions(tau=tau, tau_quantile=tau_quantile, q_bar=defaults.q_bar if q_bar is None else q_bar,
                          delta=defaults.delta if delta is None else delta, entropy=entropy)
     if params.needs_samples:
         wikitext_path(data_dir)
