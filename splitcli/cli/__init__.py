@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import bench, generate
+from . import bench, generate, quantize
 
 app = typer.Typer(
     name="splitllm",
@@ -30,6 +30,7 @@ def _root(
 
 
 app.command("generate")(generate.generate_cmd)
+app.command("quantize")(quantize.quantize_cmd)
 app.add_typer(bench.app, name="bench")
 
 

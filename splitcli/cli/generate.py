@@ -13,7 +13,8 @@ from .common import check_output_path, cli_errors, console, err_console, load_mo
 @cli_errors
 def generate_cmd(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default smollm2-135m; with --shards it is only checked against the manifest's hash)."),
+    shards: Path = typer.Option(None, "--shards", help="Run the quantized split from a directory written by `splitllm quantize` (edge from edge.safetensors, cloud from cloud.safetensors)."),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ), the cloud the rest (default: L // 2)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding."),
@@ -38,23 +39,28 @@ def generate_cmd(
         raise SplitLLMError("the prompt is empty: give some text with --prompt")
     if prefill_chunk < 0:
         raise SplitLLMError(f"--prefill-chunk must be >= 0, got {prefill_chunk}")
-    lm = load_model_with_status(model)
-    parts = decoder_parts(lm.model)
-    split_layer = validate_split_layer(parts.num_layers // 2 if split_layer is None else split_layer, parts.num_layers)
-    context = getattr(lm.model.config, "max_position_embeddings", None)
-    ids, mask = encode_prompts(lm.tokenizer, [prompt], chat=chat, context_length=context)
+    if shards is not None:
+        session, tokenizer, config, model_id = _shard_session(shards, model, split_layer)
+        split_layer, n_layers = session.edge.split_layer, session.edge.parts.num_layers
+    else:
+        lm = load_model_with_status(model or "smollm2-135m")
+        tokenizer, config, model_id = lm.tokenizer, lm.model.config, lm.model_id
+        n_layers = decoder_parts(lm.model).num_layers
+        split_layer = validate_split_layer(n_layers // 2 if split_layer is None else split_layer, n_layers)
+        session = SplitSession(lm.model, split_layer)
+    context = getattr(config, "max_position_embeddings", None)
+    ids, mask = encode_prompts(tokenizer, [prompt], chat=chat, context_length=context)
     if context is not None and ids.shape[1] + max_new_tokens > context:
         raise SplitLLMError(
             f"prompt ({ids.shape[1]} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the context of {context} tokens"
         )
-    session = SplitSession(lm.model, split_layer)
-    eos = {t for t in (lm.tokenizer.eos_token_id, getattr(lm.model.config, "eos_token_id", None)) if isinstance(t, int)}
+    eos = {t for t in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)) if isinstance(t, int)}
     result = generate(session, ids, mask, cfg, eos_token_ids=eos, prefill_chunk=prefill_chunk or None)
-    text = lm.tokenizer.decode(result.tokens[0], skip_special_tokens=True)
+    text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     console.print(text, highlight=False, markup=False, soft_wrap=True)
     rows = [("prefill", result.prefill)] + [(str(i + 1), s) for i, s in enumerate(result.steps)]
     if show_steps:
-        table = Table(title=f"split at ℓ={split_layer} of {parts.num_layers} layers, wire={session.wire.name}")
+        table = Table(title=f"split at ℓ={split_layer} of {n_layers} layers, wire={session.wire.name}")
         for col in ("step", "tokens", "wire bytes", "edge ms", "encode ms", "decode ms", "cloud ms"):
             table.add_column(col, justify="right")
         for name, s in rows:
@@ -75,7 +81,8 @@ def generate_cmd(
         write_json(
             json_out,
             {
-                "model": lm.model_id,
+                "model": model_id,
+                "shards": None if shards is None else str(shards),
                 "split_layer": split_layer,
                 "wire": session.wire.name,
                 "prompt": prompt,
@@ -85,3 +92,22 @@ def generate_cmd(
             },
             force,
         )
+
+
+def _shard_session(shards: Path, model: str | None, split_layer: int | None):
+    """(session, tokenizer, config, model id) from a shard directory, each half from its own shard."""
+    from ..model.loader import materialize, resolve_model
+    from ..model.shard_loader import load_cloud, load_edge, load_tokenizer
+    from ..runtime.session import SplitSession
+
+    sha = None
+    if model is not None:
+        with err_console.status(f"hashing model {model} ..."):
+            _, sha = materialize(resolve_model(model))
+    with err_console.status(f"loading shards from {shards} ..."):
+        edge = load_edge(shards, split_layer, sha)
+        cloud = load_cloud(shards, split_layer, sha)
+        tokenizer = load_tokenizer(shards)
+    m = edge.manifest
+    model_id = f"{m.model_id} (shards: Qw1={m.front_bits}, ℓw={m.l_w}, {m.method}, G={m.group_size})"
+    return SplitSession.from_halves(edge.half, cloud.half), tokenizer, edge.model.config, model_id

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import SplitLLMError
 from .loader import _load_errors, _quiet_transformers, file_sha256
 from .safetensors_io import read_header, read_tensors
-from .shards import CLOUD_FILE, EDGE_FILE, SHARD_FORMAT_VERSION, Manifest, read_manifest, shard_metadata
+from .shards import CLOUD_FILE, EDGE_FILE, SHARD_FORMAT_VERSION, Manifest, decode_metadata, read_manifest, shard_metadata
 from .split import CloudHalf, EdgeHalf, decoder_parts
 
 
@@ -76,7 +76,7 @@ def _check_file(path: Path, manifest: Manifest, role: str) -> None:
         raise SplitLLMError(f"{path} is {size} bytes, the manifest says {want.get('bytes')} (truncated or replaced)")
     if file_sha256(path) != want.get("sha256"):
         raise SplitLLMError(f"{path} does not match the sha256 in its manifest (corrupt or tampered)")
-    _, meta, _ = read_header(path)
+    meta = decode_metadata(read_header(path)[1])
     expect = shard_metadata(role, manifest.model_sha256, manifest.split_layer)
     if meta.get("format_version") != str(SHARD_FORMAT_VERSION) or meta.get("format") != expect["format"]:
         raise SplitLLMError(f"{path} is not a version-{SHARD_FORMAT_VERSION} splitllm {role} shard")

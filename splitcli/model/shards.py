@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,6 +172,20 @@ def shard_metadata(role: str, model_sha256: str, split_layer: int) -> dict[str, 
             "model_sha256": model_sha256, "split_layer": str(split_layer)}
 
 
+def encode_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """One key holding sorted JSON: safetensors writes its metadata map in hash order, which
+    changes between runs, so several keys would make otherwise identical files differ."""
+    return {"splitllm": json.dumps(meta, sort_keys=True)}
+
+
+def decode_metadata(raw: dict[str, str]) -> dict[str, str]:
+    try:
+        meta = json.loads(raw.get("splitllm", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 # ---------------------------------------------------------------- what goes into each shard
 
 def edge_state_dict(parts, spec: QuantSpec, progress=None) -> dict[str, torch.Tensor]:
@@ -246,7 +261,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) ->
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file(dict(sorted(tensors.items())), str(tmp), metadata=meta)
+    save_file(dict(sorted(tensors.items())), str(tmp), metadata=encode_metadata(meta))
     tmp.replace(path)
 
 
