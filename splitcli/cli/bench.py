@@ -55,6 +55,7 @@ def quant_cmd(
     group_size: int = typer.Option(64, "--group-size", "-g", help="Weight quantization group size."),
     repeats: int = typer.Option(5, "--repeats", help="Interleaved fp32/int4 edge decode runs; medians are reported."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Data directory (default: $SPLITLLM_DATA, then ../shared/data)."),
+    decode_threads: int = typer.Option(1, "--decode-threads", help="Torch threads while timing decode (0 = torch's default); 1 is stable on a shared host."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
 ):
     """OPSC at 4 bits: Table 4 perplexities (front/back), edge shard bytes, edge memory, edge decode speed."""
@@ -67,8 +68,8 @@ def quant_cmd(
         lws = sorted({int(x) for x in lw.split(",") if x.strip()})
     except ValueError:
         raise SplitLLMError(f"--lw must be comma-separated integers, got {lw!r}") from None
-    if not lws or windows < 1 or seqlen < 2 or repeats < 1:
-        raise SplitLLMError("--lw needs at least one value; --windows, --repeats >= 1 and --seqlen >= 2")
+    if not lws or windows < 1 or seqlen < 2 or repeats < 1 or decode_threads < 0:
+        raise SplitLLMError("--lw needs at least one value; --windows, --repeats >= 1, --seqlen >= 2, --decode-threads >= 0")
     data = resolve_data_dir(data_dir)
     lm = load_model_with_status(model)
     with Progress(console=console, transient=False) as bar:
@@ -77,7 +78,8 @@ def quant_cmd(
         def progress(done, total, what):
             bar.update(task, completed=done, total=total or None, description=what)
 
-        result = bench_quant(lm, lws, windows, seqlen, data, split_layer, group_size, repeats, progress=progress)
+        result = bench_quant(lm, lws, windows, seqlen, data, split_layer, group_size, repeats, progress=progress,
+                             decode_threads=decode_threads)
     write_json(json_out, result, force)
     console.print(
         f"ppl fp {result['ppl_fp']:.3f}; front {result['ppl_front']}; back {result['ppl_back']}\n"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -262,6 +263,9 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) ->
 
     tmp = path.with_name(path.name + ".tmp")
     save_file(dict(sorted(tensors.items())), str(tmp), metadata=encode_metadata(meta))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; follow the user's umask like the rest of DIR
     tmp.replace(path)
 
 
