@@ -67,3 +67,14 @@ def test_edge_decode_speed_runs():
     half = EdgeHalf(decoder_parts(model), 1)
     r = edge_decode_speed(half, half, 96, prompt_len=4, n_tokens=4, repeats=1)
     assert r["fp32"] > 0 and r["int4"] > 0 and len(r["fp32_runs"]) == 1
+
+
+def test_bench_quant_cli_rejects_bad_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from splitcli.cli import app
+
+    for extra, msg in ((["--lw", "a,b"], "--lw"), (["--windows", "0"], "--windows"),
+                       (["--decode-threads", "-1"], "--decode-threads")):
+        r = CliRunner().invoke(app, ["bench", "quant", "--json", str(tmp_path / "q.json"), *extra])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
