@@ -84,10 +84,10 @@ def payload_bytes(path: Path) -> int:
 def read_tensors(path: Path, names=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors (all, or those in `names`) into fresh CPU memory, one copy each."""
     entries, meta, start = read_header(path)
-    wanted = sorted(entries if names is None else names, key=lambda k: entries[k]["data_offsets"][0])
-    missing = [k for k in wanted if k not in entries]
+    missing = [] if names is None else [k for k in names if k not in entries]
     if missing:
         raise SplitLLMError(f"{path} lacks tensor(s) {missing[:3]}")
+    wanted = sorted(entries if names is None else names, key=lambda k: entries[k]["data_offsets"][0])
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
         for name in wanted:
