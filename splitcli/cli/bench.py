@@ -122,3 +122,49 @@ def _print_codec_summary(r: dict) -> None:
     )
     if "sweep" in r:
         console.print(r["sweep"]["note"], highlight=False)
+@app.command("quant")
+@cli_errors
+def quant_cmd(
+    json_out: Path = typer.Option(..., "--json", help="Where to write the results."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    windows: int = typer.Option(8, "--windows", help="WikiText-2 windows per perplexity."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per perplexity window."),
+    lw: str = typer.Option("0,5,10,15,20,25,30", "--lw", help="Comma-separated ℓw values for the Table 4 analog."),
+    split_layer: int = typer.Option(15, "--split-layer", "-l", help="ℓ of the edge whose shard, memory and speed are measured."),
+    group_size: int = typer.Option(64, "--group-size", "-g", help="Weight quantization group size."),
+    repeats: int = typer.Option(5, "--repeats", help="Interleaved fp32/int4 edge decode runs; medians are reported."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Data directory (default: $SPLITLLM_DATA, then ../shared/data)."),
+    decode_threads: int = typer.Option(1, "--decode-threads", help="Torch threads while timing decode (0 = torch's default); 1 is stable on a shared host."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
+):
+    """OPSC at 4 bits: Table 4 perplexities (front/back), edge shard bytes, edge memory, edge decode speed."""
+    from ..bench.quant import bench_quant
+    from ..data import resolve_data_dir
+    from ..errors import SplitLLMError
+
+    check_output_path(json_out, force)
+    try:
+        lws = sorted({int(x) for x in lw.split(",") if x.strip()})
+    except ValueError:
+        raise SplitLLMError(f"--lw must be comma-separated integers, got {lw!r}") from None
+    if not lws or windows < 1 or seqlen < 2 or repeats < 1 or decode_threads < 0:
+        raise SplitLLMError("--lw needs at least one value; --windows, --repeats >= 1, --seqlen >= 2, --decode-threads >= 0")
+    data = resolve_data_dir(data_dir)
+    lm = load_model_with_status(model)
+    with Progress(console=console, transient=False) as bar:
+        task = bar.add_task("bench quant", total=None)
+
+        def progress(done, total, what):
+            bar.update(task, completed=done, total=total or None, description=what)
+
+        result = bench_quant(lm, lws, windows, seqlen, data, split_layer, group_size, repeats, progress=progress,
+                             decode_threads=decode_threads)
+    write_json(json_out, result, force)
+    console.print(
+        f"ppl fp {result['ppl_fp']:.3f}; front {result['ppl_front']}; back {result['ppl_back']}\n"
+        f"edge ℓ={split_layer}: {result['edge_bytes_4bit_l15'] / 1e6:.2f} MB "
+        f"({100 * result['edge_bytes_ratio']:.1f}% of fp32), memory predicted {result['edge_mem_pred_mb']:.1f} MB "
+        f"vs measured {result['edge_mem_measured_mb']:.1f} MB; decode fp32 {result['decode_tok_s_fp32']:.1f} "
+        f"vs int4 {result['decode_tok_s_int4']:.1f} tok/s",
+        highlight=False,
+    )
