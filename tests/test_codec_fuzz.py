@@ -9,6 +9,7 @@ import torch
 
 from splitcli.codec import (CodecConfig, FrameError, calibrate_channel_class, calibrate_channel_scale, calibrate_config,
                             decode, encode)
+from splitcli.codec.frame import FLAG_COMPACT
 
 CAPS = dict(max_tokens=128, max_hidden=256, max_elements=8192)
 
@@ -60,9 +61,13 @@ def _mutants(rng, frame: bytes):
         yield _with_crc(bytes(b))
     elif kind == 3:                                 # forged header fields with a valid crc
         b = bytearray(frame[:-4])
-        off = int(rng.choice([10, 14, 26, 30]))     # tokens, hidden, n_outliers, body_len
-        val = int(rng.choice([0, 1, 2, 255, 65535, 65536, 2**31, 2**32 - 1, rng.integers(2**32)]))
-        struct.pack_into("<I", b, off, val)
+        if b[6] & FLAG_COMPACT:                     # hidden, n_outliers, body_len (u16)
+            off = int(rng.choice([9, 11, 13]))
+            struct.pack_into("<H", b, off, int(rng.choice([0, 1, 2, 255, 256, 65535, rng.integers(2**16)])))
+        else:
+            off = int(rng.choice([10, 14, 26, 30]))     # tokens, hidden, n_outliers, body_len
+            val = int(rng.choice([0, 1, 2, 255, 65535, 65536, 2**31, 2**32 - 1, rng.integers(2**32)]))
+            struct.pack_into("<I", b, off, val)
         yield _with_crc(bytes(b))
     elif kind == 4:                                 # truncated / extended body with a valid crc
         body = frame[:-4]

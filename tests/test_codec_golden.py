@@ -8,11 +8,11 @@ import torch
 from splitcli.codec import CodecConfig, decode, encode_with_stats
 
 SMALL_HEX = (
-    "534c4346010000040200040000000c000000000020419a99993e0200000012000000030303030000803f0000803f"
+    "534c4346020000040200040000000c000000000020419a99993e0200000012000000030303030000803f0000803f"
     "0000803f0000803f0000010001000000030007000000204200005ec2482292b57d8411c9da3e9288646d1f4944b2"
-    "fb040d47"
+    "d0dc42bf"
 )
-RANS_SHA256 = "f62ec5e36d7c7b706f8021899c2c58855376cf2a1043af914317d21011968e54"
+RANS_SHA256 = "3b56c77c57d962c716aeb212ec868740dd02864235ef3ea24330604ce7808e94"
 
 
 def _small():
@@ -44,13 +44,14 @@ def test_rans_frame_is_pinned():
     assert hashlib.sha256(frame).hexdigest() == RANS_SHA256
 
 
-CLASS_SHA256 = "a5aa4fad164b7f3be125306964dd9ba33f33f9e2a5ae3a5bc22551b997578311"
+CLASS_SHA256 = "bc91daceac1dda7e3ec240d3052eb8d0b19304c9dda0097ea0c8dbe65a2a5dbc"
 STATIC_MODEL = ((341, 57, 57, 284, 57, 57, 284, 57, 57, 284, 57, 57, 4437, 57, 57, 57, 4324, 57, 57, 4096, 57,
                  57, 284, 57, 57, 284, 57, 57, 284, 57, 57, 284),)
+# version 2: a one-token frame takes the compact header (15 bytes, no row count): 133 -> 112 bytes
 STATIC_HEX = (
-    "534c434601002105050001000000000100000000f0410000000000000000540000009440c0da05abaaaa3d00008fe630472b58"
-    "2e56b66af3cab8d02d9e72b8545dfcb57cadca0540d70330c7789b810a2d34bb22ae0ac97437371893e7006ca748927ab80d51"
-    "4ab6d231d73b4a9d69b4ec6aac2e576702206bc8bd29f60a0000000196041c"
+    "534c434602006105050001000054009440c0da05abaaaa3d8fe630472b582e56b66af3cab8d02d9e72b8545dfcb57cadca05"
+    "40d70330c7789b810a2d34bb22ae0ac97437371893e7006ca748927ab80d514ab6d231d73b4a9d69b4ec6aac2e576702206bc8"
+    "bd29f60a0000002d3368e5"
 )
 
 
@@ -72,6 +73,6 @@ def test_static_model_frame_is_pinned():
     x = torch.where(v < 50, (v % 3) - 1, v - 55).reshape(1, 256) / 4
     cfg = CodecConfig(tau=30.0, tau_quantile=None, q_bar=5, q_min=5, delta=0.0, symbol_model=STATIC_MODEL)
     frame, stats = encode_with_stats(x, cfg)
-    assert stats.path == "rans-static"
+    assert stats.path == "rans-static" and len(frame) == 112
     assert frame.hex() == STATIC_HEX
     assert torch.allclose(decode(frame, cfg), x, atol=float(x.abs().max()) / 15)

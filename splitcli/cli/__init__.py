@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import bench, eval, generate, plan, profile
+from . import bench, eval, generate, plan, profile, quantize
 
 app = typer.Typer(
     name="splitllm",
@@ -30,6 +30,7 @@ def _root(
 
 
 app.command("generate")(generate.generate_cmd)
+app.command("quantize")(quantize.quantize_cmd)
 app.command("profile")(profile.profile_cmd)
 app.command("plan")(plan.plan_cmd)
 app.command("eval")(eval.eval_cmd)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.progress import Progress
 
-from .common import check_output_path, cli_errors, console, load_model_with_status, write_json
+from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, write_json
 
 app = typer.Typer(help="Benchmarks (medians of repeats, measured side by side, JSON out).", no_args_is_help=True)
 
@@ -45,4 +45,126 @@ def decode_cmd(
     console.print(
         f"unsplit {result['unsplit_tok_s']:.1f} tok/s, split {result['split_tok_s']:.1f} tok/s, "
         f"overhead {100 * result['overhead']:.1f}% (median of {repeats})"
+    )
+
+
+@app.command("codec")
+@cli_errors
+def codec_cmd(
+    json_out: Path = typer.Option(..., "--json", help="Where to write the results."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the hidden state after layer ℓ is coded (default: L // 2)."),
+    windows: int = typer.Option(8, "--windows", help="WikiText-2 perplexity windows (the first ones of the file)."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window; each window's prefill is one frame."),
+    tau: float = typer.Option(None, "--tau", help="Absolute outlier threshold τ (default: calibrated from --tau-quantile)."),
+    tau_quantile: float = typer.Option(None, "--tau-quantile", help="τ at this quantile of |x| on the calibration slice [default: 0.999]."),
+    max_bits: int = typer.Option(None, "--max-bits", help="Widest code Q̄ in bits, sign included [default: 6]."),
+    delta: float = typer.Option(None, "--delta", help="Per-token distortion tolerance Δ [default: 0.05]."),
+    no_entropy: bool = typer.Option(False, "--no-entropy", help="Bit-pack the symbols instead of rANS coding them."),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also sweep τ quantile x Q̄ (paper Figs. 6-7; ppl on 2 x 512 tokens)."),
+    plot: Path = typer.Option(None, "--plot", help="Write the sweep as a PNG plot here."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Data directory holding wikitext2/wiki.test.raw (default: $SPLITLLM_DATA, ../shared/data)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --json / --plot files if they exist."),
+):
+    """Codec vs fp32/fp16/int8/zstd on real hidden states at ℓ: size, error, WikiText-2 ppl, speed."""
+    from ..errors import SplitLLMError
+    from ..model.split import decoder_parts, validate_split_layer
+    from ..codec.deploy import wikitext_path
+    from ..runtime.codec_wire import codec_params
+
+    check_output_path(json_out, force)
+    check_output_path(plot, force)
+    if windows < 1 or seqlen < 2:
+        raise SplitLLMError("--windows must be >= 1 and --seqlen >= 2")
+    if plot is not None and not sweep:
+        raise SplitLLMError("--plot draws the sweep: drop --no-sweep")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise SplitLLMError(f"--plot must name a .png file, got {plot}")
+    params = codec_params("tabq", tau, tau_quantile, max_bits, delta, not no_entropy, data_dir)
+    wikitext_path(data_dir)   # the benchmark text, even when calibration needs none
+    from ..bench.codec import bench_codec, plot_sweep
+
+    lm = load_model_with_status(model)
+    n_layers = decoder_parts(lm.model).num_layers
+    split_layer = validate_split_layer(n_layers // 2 if split_layer is None else split_layer, n_layers)
+    with Progress(console=err_console, transient=False) as bar:
+        tasks = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        result = bench_codec(lm, split_layer, params, data_dir=data_dir, windows=windows, seqlen=seqlen,
+                             sweep=sweep, progress=progress, log=lambda m: bar.console.print(m, highlight=False))
+    write_json(json_out, result, force)
+    if plot is not None:
+        plot_sweep(result["sweep"], plot)
+    _print_codec_summary(result)
+
+
+def _print_codec_summary(r: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"hidden state at ℓ={r['split_layer']}: {r['windows']} x {r['seqlen']} WikiText-2 tokens")
+    for col in ("method", "bytes/token", "x vs fp16", "rel L2"):
+        table.add_column(col, justify="right")
+    for m in r["methods"]:
+        table.add_row(m["method"], f"{m['bytes_per_token']:.1f}", f"{m['ratio_vs_fp16']:.2f}", f"{m['rel_l2']:.2e}")
+    console.print(table)
+    load = ", ".join(f"{v:.1f}" for v in r["load_average"])
+    console.print(
+        f"ppl {r['ppl_fp']:.3f} -> {r['ppl_codec']:.3f} ({100 * (r['ppl_ratio'] - 1):+.2f}%); "
+        f"decode-step frame {r['decode_step_frame_bytes']:.0f} B, encode {r['encode_ms_decode_step']:.3f} ms + "
+        f"decode {r['decode_ms_decode_step']:.3f} ms; prefill encode {r['prefill_encode_mb_s']:.1f} MB/s; "
+        f"entropy overhead {100 * r['entropy_overhead']:.2f}% (load average {load})",
+        highlight=False,
+    )
+    if "sweep" in r:
+        console.print(r["sweep"]["note"], highlight=False)
+@app.command("quant")
+@cli_errors
+def quant_cmd(
+    json_out: Path = typer.Option(..., "--json", help="Where to write the results."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    windows: int = typer.Option(8, "--windows", help="WikiText-2 windows per perplexity."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per perplexity window."),
+    lw: str = typer.Option("0,5,10,15,20,25,30", "--lw", help="Comma-separated ℓw values for the Table 4 analog."),
+    split_layer: int = typer.Option(15, "--split-layer", "-l", help="ℓ of the edge whose shard, memory and speed are measured."),
+    group_size: int = typer.Option(64, "--group-size", "-g", help="Weight quantization group size."),
+    repeats: int = typer.Option(5, "--repeats", help="Interleaved fp32/int4 edge decode runs; medians are reported."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Data directory (default: $SPLITLLM_DATA, then ../shared/data)."),
+    decode_threads: int = typer.Option(1, "--decode-threads", help="Torch threads while timing decode (0 = torch's default); 1 is stable on a shared host."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
+):
+    """OPSC at 4 bits: Table 4 perplexities (front/back), edge shard bytes, edge memory, edge decode speed."""
+    from ..bench.quant import bench_quant
+    from ..data import resolve_data_dir
+    from ..errors import SplitLLMError
+
+    check_output_path(json_out, force)
+    try:
+        lws = sorted({int(x) for x in lw.split(",") if x.strip()})
+    except ValueError:
+        raise SplitLLMError(f"--lw must be comma-separated integers, got {lw!r}") from None
+    if not lws or windows < 1 or seqlen < 2 or repeats < 1 or decode_threads < 0:
+        raise SplitLLMError("--lw needs at least one value; --windows, --repeats >= 1, --seqlen >= 2, --decode-threads >= 0")
+    data = resolve_data_dir(data_dir)
+    lm = load_model_with_status(model)
+    with Progress(console=console, transient=False) as bar:
+        task = bar.add_task("bench quant", total=None)
+
+        def progress(done, total, what):
+            bar.update(task, completed=done, total=total or None, description=what)
+
+        result = bench_quant(lm, lws, windows, seqlen, data, split_layer, group_size, repeats, progress=progress,
+                             decode_threads=decode_threads)
+    write_json(json_out, result, force)
+    console.print(
+        f"ppl fp {result['ppl_fp']:.3f}; front {result['ppl_front']}; back {result['ppl_back']}\n"
+        f"edge ℓ={split_layer}: {result['edge_bytes_4bit_l15'] / 1e6:.2f} MB "
+        f"({100 * result['edge_bytes_ratio']:.1f}% of fp32), memory predicted {result['edge_mem_pred_mb']:.1f} MB "
+        f"vs measured {result['edge_mem_measured_mb']:.1f} MB; decode fp32 {result['decode_tok_s_fp32']:.1f} "
+        f"vs int4 {result['decode_tok_s_int4']:.1f} tok/s",
+        highlight=False,
     )

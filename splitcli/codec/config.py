@@ -11,7 +11,7 @@ import numpy as np
 from splitcli.errors import SplitLLMError
 
 #: Wire-format version written into every frame and carried by persisted configs.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: compact header for one-token frames (frame.py)
 
 #: Widest TAB-Q code (sign included); symbols then fit one byte.
 MAX_Q_BAR = 8

@@ -1,14 +1,18 @@
 """The wire frame: encode a hidden state [tokens, hidden] to self-describing bytes and back.
 
-Layout, little-endian (version 1):
+Layout, little-endian (version 2):
 
     header   magic "SLCF" | version u8 | dtype u8 | flags u8 | q_bar u8 | q_min u8 | 0 u8
              | tokens u32 | hidden u32 | tau f32 | delta f32 | n_outliers u32 | body_len u32
+             or, with FLAG_COMPACT (one-token frames, i.e. decode steps, whose body fits u16):
+             magic "SLCF" | version u8 | dtype u8 | flags u8 | q_bar u8 | q_min u8
+             | hidden u16 | n_outliers u16 | body_len u16       (tokens = 1, no tau/delta)
              | crc32 of the channel scale u32 (only if FLAG_CHANNEL_SCALE)
              | crc32 of the channel classes u32 (only if FLAG_CHANNEL_CLASS)
              | crc32 of the static symbol model u32 (only if FLAG_STATIC_MODEL)
     per token  widths u8[tokens] | scales f32[tokens] | zeros i32[tokens] (only if FLAG_ZEROS)
-    sparse   counts u16[tokens] (CSR row pointers = their prefix sums) | cols u16[n_outliers]
+    sparse   counts u16[tokens] (CSR row pointers = their prefix sums; absent with FLAG_COMPACT,
+             where the one row holds all n_outliers) | cols u16[n_outliers]
              | values dtype[n_outliers] (the input's exact bits)
     models   rANS paths without FLAG_STATIC_MODEL, per group (width ascending, then channel
              class ascending when FLAG_CLASS_MODELS): lo u8 | hi u8 | counts u16[hi-lo+1]
@@ -39,6 +43,10 @@ from splitcli.errors import SplitLLMError
 
 MAGIC = b"SLCF"
 _HEADER = struct.Struct("<4sBBBBBBIIffII")
+# Version 2 added the compact header: a decode-step frame is ~300 bytes, of which the full
+# header's tau/delta (informational), u32 counts and the one-row CSR count were ~21.
+_COMPACT = struct.Struct("<4sBBBBBHHH")
+_PREFIX = struct.Struct("<4sBBB")       # magic, version, dtype, flags: common to both headers
 _CRC = struct.Struct("<I")
 FLAG_RANS = 1
 FLAG_ZEROS = 2
@@ -46,7 +54,9 @@ FLAG_CHANNEL_SCALE = 4
 FLAG_CHANNEL_CLASS = 8
 FLAG_CLASS_MODELS = 16
 FLAG_STATIC_MODEL = 32
-_KNOWN_FLAGS = FLAG_RANS | FLAG_ZEROS | FLAG_CHANNEL_SCALE | FLAG_CHANNEL_CLASS | FLAG_CLASS_MODELS | FLAG_STATIC_MODEL
+FLAG_COMPACT = 64
+_KNOWN_FLAGS = FLAG_RANS | FLAG_ZEROS | FLAG_CHANNEL_SCALE | FLAG_CHANNEL_CLASS | FLAG_CLASS_MODELS | \
+    FLAG_STATIC_MODEL | FLAG_COMPACT
 
 # dtype code -> (torch dtype, numpy dtype holding its raw bits)
 _DTYPES = {0: (torch.float32, np.dtype("<u4")), 1: (torch.float16, np.dtype("<u2")),
@@ -149,8 +159,13 @@ def encode_with_stats(x, cfg: CodecConfig) -> tuple[bytes, CodecStats]:
         (FLAG_CHANNEL_CLASS if cfg._class_cols is not None else 0) | \
         (FLAG_CLASS_MODELS if body.mode == MODE_RANS_CLASSES else 0) | \
         (FLAG_STATIC_MODEL if body.mode == MODE_RANS_STATIC else 0)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[x.dtype], flags, cfg.q_bar, cfg.q_min, 0,
-                          tokens, hidden, tau, cfg.delta, int(sparse.cols.size), len(body.body))
+    compact = tokens == 1 and len(body.body) <= 0xFFFF
+    if compact:
+        header = _COMPACT.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[x.dtype], flags | FLAG_COMPACT, cfg.q_bar,
+                               cfg.q_min, hidden, int(sparse.cols.size), len(body.body))
+    else:
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[x.dtype], flags, cfg.q_bar, cfg.q_min, 0,
+                              tokens, hidden, tau, cfg.delta, int(sparse.cols.size), len(body.body))
     if cfg._scale is not None:
         header += _CRC.pack(cfg._scale_crc)
     if cfg._class_cols is not None:
@@ -159,7 +174,8 @@ def encode_with_stats(x, cfg: CodecConfig) -> tuple[bytes, CodecStats]:
         header += _CRC.pack(cfg._static_crc)
     meta = tq.widths.tobytes() + tq.scales.astype("<f4").tobytes() + \
         (tq.zeros.astype("<i4").tobytes() if has_zeros else b"")
-    sparse_blob = sparse.counts.astype("<u2").tobytes() + sparse.cols.astype("<u2").tobytes() + values.tobytes()
+    counts = b"" if compact else sparse.counts.astype("<u2").tobytes()
+    sparse_blob = counts + sparse.cols.astype("<u2").tobytes() + values.tobytes()
     payload = b"".join((header, meta, sparse_blob, body.models, body.body))
     frame = payload + _CRC.pack(zlib.crc32(payload))
     stats = CodecStats(frame_bytes=len(frame), tokens=tokens, hidden=hidden, n_outliers=int(sparse.cols.size),
@@ -229,14 +245,20 @@ def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: 
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise FrameError(f"codec frame must be bytes, got {type(frame).__name__}")
     buf = memoryview(frame).cast("B")
-    if len(buf) < _HEADER.size + _CRC.size:
+    if len(buf) < _COMPACT.size + _CRC.size:
         raise FrameError(f"codec frame is truncated: {len(buf)} bytes is shorter than a header")
     end = len(buf) - _CRC.size
     if zlib.crc32(buf[:end]) != _CRC.unpack_from(buf, end)[0]:
         raise FrameError("codec frame checksum mismatch (corrupted or truncated)")
     rd = _Reader(buf, end)
-    (magic, version, dtype_code, flags, q_bar, q_min, reserved, tokens, hidden, _tau, _delta,
-     n_outliers, body_len) = _HEADER.unpack(rd.take(_HEADER.size, "header"))
+    compact = bool(_PREFIX.unpack_from(buf)[3] & FLAG_COMPACT)
+    if compact:
+        (magic, version, dtype_code, flags, q_bar, q_min, hidden, n_outliers,
+         body_len) = _COMPACT.unpack(rd.take(_COMPACT.size, "header"))
+        tokens, reserved = 1, 0
+    else:
+        (magic, version, dtype_code, flags, q_bar, q_min, reserved, tokens, hidden, _tau, _delta,
+         n_outliers, body_len) = _HEADER.unpack(rd.take(_HEADER.size, "header"))
     if magic != MAGIC:
         raise FrameError("not a codec frame (bad magic)")
     if version != FORMAT_VERSION:
@@ -266,7 +288,7 @@ def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: 
         raise FrameError("codec frame combines a static model with another model path")
     torch_dtype, bits_dtype = _DTYPES[dtype_code]
     has_zeros = bool(flags & FLAG_ZEROS)
-    fixed = tokens * (1 + 4 + (4 if has_zeros else 0) + 2) + n_outliers * (2 + bits_dtype.itemsize)
+    fixed = tokens * (1 + 4 + (4 if has_zeros else 0) + (0 if compact else 2)) + n_outliers * (2 + bits_dtype.itemsize)
     if fixed + body_len > end - rd.pos:
         raise FrameError("codec frame is shorter than its header says")
 
@@ -279,7 +301,7 @@ def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: 
         raise FrameError("codec frame has a negative or non-finite scale")
     if tokens and (zeros.max() > 0 or zeros.min() < -_MAX_ABS_ZERO):
         raise FrameError("codec frame has an out-of-range zero point")
-    counts = rd.array("<u2", tokens, "sparse row counts")
+    counts = np.array([n_outliers], np.int64) if compact else rd.array("<u2", tokens, "sparse row counts")
     cols = rd.array("<u2", n_outliers, "sparse columns")
     values = rd.array(bits_dtype.str, n_outliers, "sparse values")
     if int(counts.sum(dtype=np.int64)) != n_outliers or (tokens and counts.max() > hidden):

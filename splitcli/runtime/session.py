@@ -125,8 +125,20 @@ class SplitSession(Session):
     def __init__(self, model, split_layer: int, wire: Wire | None = None, edge: EdgeHalf | None = None):
         super().__init__(_context_length(model))
         parts = decoder_parts(model)
-        self.edge = edge or EdgeHalf(parts, split_layer)
-        self.cloud = CloudHalf(parts, split_layer)
+        self._attach(edge or EdgeHalf(parts, split_layer), CloudHalf(parts, split_layer), wire)
+
+    @classmethod
+    def from_halves(cls, edge: EdgeHalf, cloud: CloudHalf, wire: Wire | None = None) -> "SplitSession":
+        """A session over halves built separately (e.g. loaded from edge/cloud shards)."""
+        if edge.split_layer != cloud.split_layer:
+            raise SplitLLMError(f"edge half ends at ℓ={edge.split_layer} but the cloud half starts at {cloud.split_layer}")
+        self = cls.__new__(cls)
+        Session.__init__(self, getattr(cloud.parts.config, "max_position_embeddings", None))
+        self._attach(edge, cloud, wire)
+        return self
+
+    def _attach(self, edge: EdgeHalf, cloud: CloudHalf, wire: Wire | None) -> None:
+        self.edge, self.cloud = edge, cloud
         self.wire = wire or RawWire("fp32")
         self.edge_cache = self.edge.new_cache()
         self.cloud_cache = self.cloud.new_cache()

@@ -1,0 +1,71 @@
+"""`splitllm quantize`: write the edge/cloud shard directory (OPSC, paper eq. (1))."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .common import cli_errors, console, err_console, load_model_with_status
+
+
+def parse_back_bits(value: str) -> int | None:
+    from ..errors import SplitLLMError
+
+    if value.strip().lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SplitLLMError(f"--back-bits must be a bit width or 'none', got {value!r}") from None
+
+
+@cli_errors
+def quantize_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write edge.safetensors, cloud.safetensors, manifest.yaml, config and tokenizer into."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ) (default: L // 2)."),
+    front_bits: int = typer.Option(4, "--front-bits", help="Qw1: bits of the OPSC-quantized layers (2, 3, 4, 8 or 16 = keep)."),
+    back_bits: str = typer.Option("none", "--back-bits", help="Qw2: bits of the other layers on the edge, or 'none' = the edge keeps only what it runs."),
+    l_w: int = typer.Option(None, "--lw", help="ℓw: how many layers get Qw1 (default: ℓ)."),
+    method: str = typer.Option("front", "--method", help="front: layers [0, ℓw) at Qw1; back: the last ℓw layers (Table 4)."),
+    group_size: int = typer.Option(None, "--group-size", "-g", help="Weight quantization group size (default: 128 or 64, whichever divides every layer width)."),
+    embed_bits: int = typer.Option(8, "--embed-bits", help="Edge embedding: 8 (per-row groups) or 16 (kept float32)."),
+    kv_bits: int = typer.Option(16, "--kv-bits", help="Edge KV cache bits recorded for the runtime: 16 (float), 8 or 4."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the files of an existing --out directory."),
+):
+    """Quantize the edge's layers and write edge/cloud shards plus a manifest (deterministic)."""
+    from ..model.loader import materialize
+    from ..model.shards import QuantSpec, check_out_dir, predicted_edge_bytes, shard_payload_bytes, write_shards
+    from ..model.split import decoder_parts
+    from ..quant import default_group_size, layer_shapes_of
+
+    check_out_dir(out, force)
+    back = parse_back_bits(back_bits)
+    QuantSpec(1, front_bits, back, l_w, method, group_size or 64, embed_bits, kv_bits)  # fail fast on bad flags
+    lm = load_model_with_status(model)
+    parts = decoder_parts(lm.model)
+    ell = parts.num_layers // 2 if split_layer is None else split_layer
+    group = group_size or default_group_size(layer_shapes_of(parts.layers[0]))
+    spec = QuantSpec(ell, front_bits, back, l_w, method, group, embed_bits, kv_bits)
+    spec.layer_bits(parts.num_layers)  # validates ℓ, ℓw and coverage before any work
+    model_dir, _ = materialize(lm.source)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("quantizing", total=None)
+
+        def progress(done, total, what):
+            bar.update(task, completed=done, total=total, description=what)
+
+        manifest = write_shards(lm, model_dir, spec, out, force=force, progress=progress)
+    sizes = shard_payload_bytes(out)
+    predicted = predicted_edge_bytes(parts, spec)
+    kept = manifest.edge_layers()
+    console.print(
+        f"wrote {out}: edge {sizes['edge.safetensors'] / 1e6:.2f} MB ({len(kept)} layers, predicted "
+        f"{predicted / 1e6:.2f} MB{'' if predicted == sizes['edge.safetensors'] else ' — MISMATCH'}), "
+        f"cloud {sizes['cloud.safetensors'] / 1e6:.2f} MB; ℓ={ell}, ℓw={spec.lw}, {method}, "
+        f"Qw1={front_bits}, Qw2={back_bits}, G={group}",
+        highlight=False,
+    )

@@ -1,0 +1,99 @@
+"""CLI: `generate --codec tabq` and `bench codec` on the tiny model with a synthetic data dir."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import assert_clean_error, run
+from test_codec_deploy import write_wikitext
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    return write_wikitext(tmp_path / "data", n_chars=12000)
+
+
+def test_generate_codec_tabq_sends_smaller_frames(tiny_model_dir, tmp_path, env):
+    outs = {}
+    for codec in ("none", "tabq"):
+        out = tmp_path / f"{codec}.json"
+        r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hello there", "-n", "4",
+                "--codec", codec, "--data-dir", str(env), "--json", str(out))
+        assert r.exit_code == 0, r.output
+        outs[codec] = json.loads(out.read_text())
+    assert outs["tabq"]["wire"] == "tabq" and outs["none"]["wire"] == "raw-fp32"
+    assert "calibrating the codec" in r.output
+    raw, coded = outs["none"]["steps"], outs["tabq"]["steps"]
+    assert len(raw) == len(coded) == 4
+    for a, b in zip(raw, coded):
+        assert 0 < b["wire_bytes"] < a["wire_bytes"]
+    # the second run hits the calibration cache
+    r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hi", "-n", "2", "--codec", "tabq",
+            "--data-dir", str(env), "--max-bits", "6", "--tau-quantile", "0.999")
+    assert r.exit_code == 0 and "calibrating" not in r.output, r.output
+    r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hi", "-n", "2", "--codec", "tabq",
+            "--tau", "1.5", "--no-entropy", "--data-dir", str(tmp_path / "absent"))
+    assert r.exit_code == 0, r.output     # absolute tau + bit packing needs no calibration data
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--codec", "zip"], "--codec must be one of"),
+    (["--codec", "tabq", "--tau", "1", "--tau-quantile", "0.9"], "not both"),
+    (["--codec", "tabq", "--max-bits", "9"], "--max-bits"),
+    (["--codec", "tabq", "--delta", "-1"], "--delta"),
+    (["--codec", "tabq", "--tau-quantile", "2"], "--tau-quantile"),
+    (["--tau", "3"], "need --codec tabq"),
+    (["--codec", "tabq", "--data-dir", "/nonexistent/dir"], "does not exist"),
+])
+def test_generate_codec_bad_options(args, msg):
+    assert_clean_error(run("generate", "-m", "/nonexistent/model", "-p", "Hi", *args), msg)
+
+
+def test_bench_codec_tiny(tiny_model_dir, tmp_path, env):
+    out, png = tmp_path / "codec.json", tmp_path / "sweep.png"
+    r = run("bench", "codec", "-m", str(tiny_model_dir), "-l", "2", "--windows", "2", "--seqlen", "64",
+            "--data-dir", str(env), "--json", str(out), "--plot", str(png))
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    for key in ("ratio_vs_fp16", "rel_l2_error", "ppl_fp", "ppl_codec", "encode_ms_decode_step",
+                "decode_ms_decode_step", "prefill_encode_mb_s", "entropy_overhead", "decode_step_frame_bytes"):
+        assert isinstance(data[key], float), key
+    assert data["ratio_vs_fp16"] > 1 and 0 < data["rel_l2_error"] < 0.2
+    assert data["ppl_fp"] > 1 and data["ppl_codec"] > 1
+    assert {m["method"] for m in data["methods"]} == {"fp32", "fp16", "int8", "zstd(fp16)", "codec"}
+    assert data["calibration"]["cache"] == "miss" and data["prefill_tokens"] == 64
+    sweep = data["sweep"]
+    assert sweep["ppl_windows"] == 2 and sweep["ppl_seqlen"] == 64 and len(sweep["rows"]) == 16
+    # a higher tau quantile keeps fewer outliers
+    for qb in (4, 8):
+        rows = [x for x in sweep["rows"] if x["q_bar"] == qb]
+        assert all(x["outliers_per_token"] >= y["outliers_per_token"] for x, y in zip(rows, rows[1:]))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fewer than the headline" in r.output
+    # no overwrite without --force
+    again = run("bench", "codec", "-m", str(tiny_model_dir), "--data-dir", str(env), "--json", str(out))
+    assert_clean_error(again, "--force")
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--windows", "0"], "--windows"),
+    (["--seqlen", "1"], "--seqlen"),
+    (["--no-sweep", "--plot", "x.png"], "drop --no-sweep"),
+    (["--plot", "x.jpg"], ".png"),
+    (["--max-bits", "1"], "--max-bits"),
+    (["--tau", "-2"], "--tau"),
+    (["--data-dir", "/nonexistent/dir"], "does not exist"),
+])
+def test_bench_codec_bad_options(args, msg, tmp_path, env):
+    args = [a.replace("x.", str(tmp_path / "x.")) for a in args]
+    if "--data-dir" not in args:
+        args += ["--data-dir", str(env)]
+    assert_clean_error(run("bench", "codec", "-m", "/nonexistent/model", "--json", str(tmp_path / "o.json"), *args), msg)
+
+
+def test_bench_codec_text_too_short(tiny_model_dir, tmp_path, env):
+    r = run("bench", "codec", "-m", str(tiny_model_dir), "-l", "2", "--windows", "50", "--seqlen", "256",
+            "--no-sweep", "--data-dir", str(env), "--json", str(tmp_path / "o.json"))
+    assert_clean_error(r, "do not fit")
