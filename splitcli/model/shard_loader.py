@@ -125,18 +125,24 @@ def _assert_real(modules, where: str) -> None:
                 raise SplitLLMError(f"{where}: {name} was not filled from the shard (unsupported model layout)")
 
 
+def _open_shard(shard_dir: Path, file: str, kind: str, split_layer, model_sha256):
+    """Check the manifest and one shard file, build the meta skeleton, read the shard's tensors."""
+    manifest = read_manifest(shard_dir)
+    check_manifest(manifest, shard_dir, split_layer, model_sha256)
+    path = shard_dir / file
+    _check_file(path, manifest, kind)
+    model = skeleton(shard_dir)
+    n_layers = decoder_parts(model).num_layers
+    if n_layers != manifest.num_layers:
+        raise SplitLLMError(f"config.json has {n_layers} layers, the manifest {manifest.num_layers}")
+    tensors, _ = read_tensors(path)
+    return manifest, path, model, tensors
+
+
 def load_edge(shard_dir: Path, split_layer: int | None = None, model_sha256: str | None = None) -> ShardHalf:
     """The edge half from DIR/edge.safetensors (+ config.json); never opens cloud.safetensors."""
     shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
-    check_manifest(manifest, shard_dir, split_layer, model_sha256)
-    path = shard_dir / EDGE_FILE
-    _check_file(path, manifest, "edge")
-    model = skeleton(shard_dir)
-    parts = decoder_parts(model)
-    if parts.num_layers != manifest.num_layers:
-        raise SplitLLMError(f"config.json has {parts.num_layers} layers, the manifest {manifest.num_layers}")
-    tensors, _ = read_tensors(path)
+    manifest, path, model, tensors = _open_shard(shard_dir, EDGE_FILE, "edge", split_layer, model_sha256)
     holder = nn.Module()
     holder.embed_tokens = model.model.embed_tokens
     embed = {f"embed_tokens.{k}": v for k, v in _split_prefix(tensors, "model.embed_tokens.").items()}
@@ -158,22 +164,14 @@ def load_edge(shard_dir: Path, split_layer: int | None = None, model_sha256: str
 def load_cloud(shard_dir: Path, split_layer: int | None = None, model_sha256: str | None = None) -> ShardHalf:
     """The cloud half from DIR/cloud.safetensors (+ config.json); never opens edge.safetensors."""
     shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
-    check_manifest(manifest, shard_dir, split_layer, model_sha256)
-    path = shard_dir / CLOUD_FILE
-    _check_file(path, manifest, "cloud")
-    model = skeleton(shard_dir)
-    parts = decoder_parts(model)
-    if parts.num_layers != manifest.num_layers:
-        raise SplitLLMError(f"config.json has {parts.num_layers} layers, the manifest {manifest.num_layers}")
-    tensors, _ = read_tensors(path)
+    manifest, path, model, tensors = _open_shard(shard_dir, CLOUD_FILE, "cloud", split_layer, model_sha256)
     for i in range(manifest.split_layer, manifest.num_layers):
         sd = _split_prefix(tensors, f"model.layers.{i}.")
         if not sd:
             raise SplitLLMError(f"{path} lacks layer {i}, which the cloud runs at ℓ={manifest.split_layer}")
         _load_into(model.model.layers[i], sd, f"{path} (layer {i})")
     _load_into(model.model.norm, _split_prefix(tensors, "model.norm."), f"{path} (final norm)")
-    _load_into(parts.lm_head, _split_prefix(tensors, "lm_head."), f"{path} (LM head)")
+    _load_into(model.get_output_embeddings(), _split_prefix(tensors, "lm_head."), f"{path} (LM head)")
     if tensors:
         raise SplitLLMError(f"{path} holds tensors its manifest does not explain, e.g. {sorted(tensors)[0]}")
     parts = decoder_parts(model)
