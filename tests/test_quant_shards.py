@@ -216,3 +216,25 @@ def test_edge_state_dict_leaves_model_untouched(tiny_lm):
     after = tiny_lm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert type(parts.layers[0].mlp.up_proj).__name__ == "Linear"
+
+
+def test_quantize_from_plan(tiny_model_dir, tmp_path):
+    """`quantize --config plan.yaml` takes ℓ, ℓw, bits, group and Qa from the plan; explicit flags win."""
+    from typer.testing import CliRunner
+
+    from splitcli.cli import app
+    from splitcli.model.shards import read_manifest
+    from splitcli.plan.schema import Budgets, CodecParams, Plan
+
+    plan = Plan(model_id=str(tiny_model_dir), n_layers=4, split_layer=2, l_w=2, method="front", q_w1=4, q_w2=None,
+                qa=8, codec=CodecParams(q_bar=6, delta=0.05, tau_quantile=0.999), group_size=32, max_tokens=64,
+                budgets=Budgets(memory_bytes=10**7, max_accuracy_drop=0.01))
+    path = tmp_path / "plan.yaml"
+    plan.save(path)
+    r = CliRunner().invoke(app, ["quantize", "--config", str(path), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    m = read_manifest(tmp_path / "a")
+    assert (m.split_layer, m.l_w, m.front_bits, m.group_size, m.kv_bits) == (2, 2, 4, 32, 8)
+    r = CliRunner().invoke(app, ["quantize", "--config", str(path), "-l", "3", "--lw", "3", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert (read_manifest(tmp_path / "b").split_layer, read_manifest(tmp_path / "b").l_w) == (3, 3)
