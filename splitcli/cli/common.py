@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -57,10 +56,6 @@ def write_json(path: Path, data: dict, force: bool) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
-
-
-def stdin_is_tty() -> bool:
-    return sys.stdin.isatty()
 
 
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
