@@ -128,12 +128,19 @@ def test_plan_infeasible_exit_3_with_smallest_budget(tmp_path):
     r = run("plan", "--profile", path, "--mem", "100KB", "--accuracy-table", table)
     assert_clean_error(r, "smallest budget that works is", code=3)
     smallest = int(re.search(r"\((\d+) bytes\)", r.output).group(1))
-    # Cheapest candidate: l = 1, 4-bit weights, Qa 4, KV for 256 tokens, plus the fp16 embedding.
+    # Cheapest candidate: l = 1, 4-bit weights, Qa 4, KV for 256 tokens, plus the embedding as the
+    # edge stores it by default: 8-bit codes for 1000 x 64 values + an fp16 scale and zero per row.
     weights = 40_960 * 4 / 8 + 40_960 / 32 * 4
     kv = 256 * (2 * 2 * 16 * 4 / 8 + 2 * 2 * 4)
-    assert smallest == int(weights + kv + 1000 + 64 * 1000 * 2)
+    assert smallest == int(weights + kv + 1000 + 64 * 1000 + 1000 * 4)
     assert run("plan", "--profile", path, "--mem", smallest, "--accuracy-table", table).exit_code == 0
     assert run("plan", "--profile", path, "--mem", smallest - 1, "--accuracy-table", table).exit_code == 3
+    # A float embedding (--embed-bits 16) costs 2 bytes per value in this fp16 profile.
+    r = run("plan", "--profile", path, "--mem", "100KB", "--accuracy-table", table, "--embed-bits", "16")
+    assert_clean_error(r, "smallest budget that works is", code=3)
+    assert int(re.search(r"\((\d+) bytes\)", r.output).group(1)) == int(weights + kv + 1000 + 64 * 1000 * 2)
+    assert_clean_error(run("plan", "--profile", path, "--mem", "1MB", "--accuracy-table", table,
+                           "--embed-bits", "4"), "--embed-bits must be 8 or 16")
 
 
 def test_plan_nothing_accurate_enough_exit_3(tmp_path):

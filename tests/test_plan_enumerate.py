@@ -23,7 +23,7 @@ def _profile(weights=(100, 110, 120, 130), codec=True) -> Profile:
         for k, w in enumerate(weights)
     )
     points = (CodecPoint(4, 5.0, 40.0), CodecPoint(4, 9.0, 35.0), CodecPoint(6, 5.0, 55.0))
-    return Profile("toy", 64, 1, 8, DeviceInfo("toy"), layers, StageCost(50), StageCost(50),
+    return Profile("toy", 64, 1, 8, DeviceInfo("toy"), layers, StageCost(50, weight_bytes_by_bits={8: 20}), StageCost(50),
                    CodecCost(0.0, 0.0, points) if codec else None)
 
 
@@ -34,7 +34,7 @@ SPACE = SearchSpace(split_layers=(1, 2, 3, 4), q_w=((4, 16), (4, None), (16, 16)
 def _memory(profile, cand, w_bar):
     return edge_memory(profile.weight_table(), cand.split_layer, cand.l_w, cand.q_w1, cand.q_w2,
                        profile.kv_bytes_per_token(cand.qa), w_bar, profile.activation_peaks(),
-                       cand.method, profile.embedding.weight_bytes).total_bytes
+                       cand.method, profile.embedding.weight_bytes_at(8)).total_bytes
 
 
 def _brute_force(profile, space, budget, max_drop, w_bar, accuracy):

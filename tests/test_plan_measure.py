@@ -43,6 +43,17 @@ def test_kv_and_weight_tables_exact():
     assert sizes[4] == 128 * 32 + 128 * 2 * 2 * 2 + 24
 
 
+def test_embedding_bytes_match_the_edge_shard():
+    from splitcli.plan.measure import embedding_bytes_table
+    from splitcli.quant import quantized_matrix_bytes
+
+    emb = torch.nn.Embedding(100, 48)
+    table = embedding_bytes_table(emb)
+    # 8-bit codes, one bf16 scale and zero per row, 24 bytes of metadata: the edge shard's payload
+    assert table == {8: 100 * 48 + 100 * 2 * 2 + 24, 16: 100 * 48 * 4}
+    assert table[8] == quantized_matrix_bytes(100, 48, 8, 48)
+
+
 def test_settings_validation():
     s = ProfileSettings(bits=(16, 4, 4), tokens=(32, 1))
     assert s.bits == (4, 16) and s.tokens == (1, 32)

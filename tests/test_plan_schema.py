@@ -16,7 +16,8 @@ def _profile() -> Profile:
                       kv_bytes_per_token={8: 408.0, 16: 768.0}, activation_peak_bytes=50_000)
     codec = CodecCost(0.01, 0.02, (CodecPoint(4, 0.99, 130.5, True), CodecPoint(6, 5.0, 190.0)))
     return Profile("smollm2-135m", 576, 3, 64, DeviceInfo("laptop", "x86", 2, 24 * 2**30),
-                   (layer, layer), StageCost(56_623_104, 0.1), StageCost(56_623_104, 2.3), codec)
+                   (layer, layer), StageCost(56_623_104, 0.1, weight_bytes_by_bits={8: 14_352_384}),
+                   StageCost(56_623_104, 2.3), codec)
 
 
 def _plan(**over) -> Plan:
@@ -78,6 +79,19 @@ def test_profile_from_architecture_smollm2():
     assert layer.kv_bytes_per_token[16] == 768
     assert layer.kv_bytes_per_token[4] == 192 + 24
     assert profile.embedding.weight_bytes == 49152 * 576 * 2
+    assert profile.embedding.weight_bytes_at(8) == 49152 * 576 + 49152 * 4  # codes + fp16 scale, zero per row
+
+
+def test_stage_bytes_at_bits():
+    stage = _profile().embedding
+    assert stage.weight_bytes_at(8) == 14_352_384
+    assert stage.weight_bytes_at(16) == stage.weight_bytes_at(32) == 56_623_104  # as loaded
+    with pytest.raises(SplitLLMError, match="no embedding size at 4 bits"):
+        stage.weight_bytes_at(4)
+    with pytest.raises(SplitLLMError, match="no embedding size at 8 bits"):
+        StageCost(100.0).weight_bytes_at(8)  # a profile from before the field existed
+    with pytest.raises(SplitLLMError, match="weight_bytes_by_bits"):
+        StageCost(100.0, weight_bytes_by_bits={8: -1.0})
 
 
 def test_plan_yaml_roundtrip_and_no_overwrite(tmp_path):
@@ -86,9 +100,10 @@ def test_plan_yaml_roundtrip_and_no_overwrite(tmp_path):
     assert Plan.load(tmp_path / "plan.yaml") == plan
     with pytest.raises(SplitLLMError, match="--force"):
         plan.save(tmp_path / "plan.yaml")
-    other = dataclasses.replace(plan, qa=8)
+    assert Plan.load(tmp_path / "plan.yaml").embed_bits == 8
+    other = dataclasses.replace(plan, qa=8, embed_bits=16)
     other.save(tmp_path / "plan.yaml", overwrite=True)
-    assert Plan.load(tmp_path / "plan.yaml").qa == 8
+    assert (Plan.load(tmp_path / "plan.yaml").qa, Plan.load(tmp_path / "plan.yaml").embed_bits) == (8, 16)
 
 
 def test_plan_edge_bits():
@@ -107,6 +122,7 @@ def test_plan_edge_bits():
     (dict(q_w1=0), "q_w1"),
     (dict(format_version=7), "format_version"),
     (dict(model_id=""), "model_id"),
+    (dict(embed_bits=4), "embed_bits"),
 ])
 def test_plan_validation(over, message):
     with pytest.raises(SplitLLMError, match=message):

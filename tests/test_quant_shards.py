@@ -228,13 +228,13 @@ def test_quantize_from_plan(tiny_model_dir, tmp_path):
 
     plan = Plan(model_id=str(tiny_model_dir), n_layers=4, split_layer=2, l_w=2, method="front", q_w1=4, q_w2=None,
                 qa=8, codec=CodecParams(q_bar=6, delta=0.05, tau_quantile=0.999), group_size=32, max_tokens=64,
-                budgets=Budgets(memory_bytes=10**7, max_accuracy_drop=0.01))
+                budgets=Budgets(memory_bytes=10**7, max_accuracy_drop=0.01), embed_bits=16)
     path = tmp_path / "plan.yaml"
     plan.save(path)
     r = CliRunner().invoke(app, ["quantize", "--config", str(path), "--out", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
     m = read_manifest(tmp_path / "a")
-    assert (m.split_layer, m.l_w, m.front_bits, m.group_size, m.kv_bits) == (2, 2, 4, 32, 8)
+    assert (m.split_layer, m.l_w, m.front_bits, m.group_size, m.kv_bits, m.embed_bits) == (2, 2, 4, 32, 8, 16)
     r = CliRunner().invoke(app, ["quantize", "--config", str(path), "-l", "3", "--lw", "3", "--out", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output
     assert (read_manifest(tmp_path / "b").split_layer, read_manifest(tmp_path / "b").l_w) == (3, 3)

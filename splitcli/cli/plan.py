@@ -22,11 +22,12 @@ def plan_cmd(
     snr: str = typer.Option("10dB", "--snr", help="Mean link SNR, e.g. 10dB."),
     eps: float = typer.Option(1e-3, "--eps", help="Outage target ε of eq. (9)."),
     accuracy_drop: str = typer.Option("1%", "--accuracy-drop", help="Largest accepted accuracy drop (relative), e.g. 1%."),
-    accuracy_table: Path = typer.Option(None, "--accuracy-table", help="JSON results per configuration (else a perplexity proxy)."),
+    accuracy_table: list[Path] = typer.Option(None, "--accuracy-table", help="Measured accuracy: a JSON table, or `splitllm eval --json` files (repeat; one fp run is the baseline); else a perplexity proxy."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Data directory with wikitext2/ (default: $SPLITLLM_DATA, ../shared/data)."),
     proxy_windows: int = typer.Option(1, "--proxy-windows", help="Proxy: WikiText-2 windows to score."),
     proxy_seqlen: int = typer.Option(512, "--proxy-seqlen", help="Proxy: tokens per window."),
     q_bars: str = typer.Option("4,6,8", "--q-bar", help="Codec q̄ values to consider."),
+    embed_bits: int = typer.Option(8, "--embed-bits", help="How the edge stores its embedding: 8 (quantize's default) or 16 (as loaded)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the chosen plan here (YAML)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     sweep: str = typer.Option(None, "--sweep", help="Also print a sweep table; only 'max-tokens' (W̄) is supported."),
@@ -35,7 +36,8 @@ def plan_cmd(
     from ..configio import load_config
     from ..cost.latency import LinkModel
     from ..errors import SplitLLMError
-    from ..plan.accuracy import AccuracyTable, PerplexityProxy, calibration_windows, resolve_data_dir
+    from ..plan.accuracy import PerplexityProxy, calibration_windows, resolve_data_dir
+    from ..plan.eval_table import load_accuracy_table
     from ..plan.advise import canonical, default_rate, default_space, step_latency
     from ..plan.enumerate import search_plans, to_plan
     from ..plan.profile import Profile
@@ -54,6 +56,8 @@ def plan_cmd(
     link = LinkModel(parse_frequency(bandwidth), snr_linear, eps) if bandwidth is not None else None
     if max_tokens < 1:
         raise SplitLLMError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if embed_bits not in (8, 16):
+        raise SplitLLMError(f"--embed-bits must be 8 or 16, got {embed_bits}")
     if sweep not in (None, "max-tokens"):
         raise SplitLLMError(f"--sweep supports only 'max-tokens', got {sweep!r}")
     check_output_path(out, force)
@@ -61,9 +65,10 @@ def plan_cmd(
     space = default_space(profile, parse_int_list(q_bars, "--q-bar"))
     budgets = Budgets(memory_bytes=memory, max_accuracy_drop=drop, deadline_s=deadline_s)
 
-    if accuracy_table is not None:
-        table = AccuracyTable.load(accuracy_table)
-        accuracy, source = table.drop, f"table {accuracy_table} ({table.metric})"
+    if accuracy_table:
+        table = load_accuracy_table(accuracy_table)
+        files = ", ".join(map(str, accuracy_table))
+        accuracy, source = table.drop, f"measured: {table.metric} from {files}"
     else:
         directory = resolve_data_dir(data_dir)
         lm = load_model_with_status(model or profile.model_id)
@@ -75,7 +80,7 @@ def plan_cmd(
         accuracy = proxy.drop
         source = (f"PROXY: WikiText-2 perplexity increase over {proxy_windows} x {proxy_seqlen} tokens "
                   f"(edge weights + KV quantized; codec not modeled), not task accuracy")
-    search = search_plans(profile, space, budgets, max_tokens, accuracy)
+    search = search_plans(profile, space, budgets, max_tokens, accuracy, embed_bits=embed_bits)
     rate = default_rate(link) if link is not None else None
     _print_ranking(search, profile, link, rate, budgets)
     err_console.print(f"accuracy: {source}", highlight=False)
@@ -92,7 +97,7 @@ def plan_cmd(
     winner = search.winner
     latency = step_latency(profile, winner.candidate, link, rate)
     if sweep == "max-tokens":
-        _print_sweep(profile, winner.candidate, memory, max_tokens)
+        _print_sweep(profile, winner.candidate, memory, max_tokens, embed_bits)
     notes = {
         "accuracy": source, "accuracy_drop": winner.accuracy_drop, "psi": winner.psi,
         "edge_memory_bytes": winner.memory.total_bytes if winner.memory else None,
@@ -102,7 +107,7 @@ def plan_cmd(
         "rate_bps": rate, "profile": str(profile_path), "profile_device": profile.device.name,
     }
     plan = to_plan(canonical(winner.candidate, profile.n_layers), profile, budgets, max_tokens, delta=0.05, group_size=profile.group_size or 64,
-                   tau_is_quantile=True, notes=notes)
+                   tau_is_quantile=True, embed_bits=embed_bits, notes=notes)
     if deadline_s is not None and latency.total_s > deadline_s:
         err_console.print(f"[yellow]note:[/] the plan's predicted step ({latency.total_s * 1e3:.1f} ms) misses the "
                           f"deadline of {deadline_s * 1e3:.1f} ms: Algorithm 2 will compress harder, drop KV or stop early")
@@ -149,11 +154,11 @@ def _print_ranking(search, profile, link, rate, budgets) -> None:
         )
 
 
-def _print_sweep(profile, candidate, memory: int, max_tokens: int) -> None:
+def _print_sweep(profile, candidate, memory: int, max_tokens: int, embed_bits: int) -> None:
     from ..plan.advise import sweep_rows
     from ..units import format_bytes
 
-    rows = sweep_rows(profile, candidate, memory, max_tokens)
+    rows = sweep_rows(profile, candidate, memory, max_tokens, embed_bits=embed_bits)
     table = Table(title=f"W̄ sweep for {max_tokens} generated tokens (Fig. 5(b)/6 style; baseline = fp16 hidden state)")
     for col in ("W̄", "edge tokens", "cloud tokens", "cloud-only tokens", "wire bytes", "baseline bytes",
                 "edge memory", "fits"):

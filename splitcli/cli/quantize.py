@@ -25,14 +25,14 @@ def parse_back_bits(value: str) -> int | None:
 def quantize_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write edge.safetensors, cloud.safetensors, manifest.yaml, config and tokenizer into."),
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),
-    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: its ℓ, ℓw, method, Qw1, Qw2, group size and Qa (KV bits); explicit flags win."),
+    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: its ℓ, ℓw, method, Qw1, Qw2, group size, Qa (KV bits) and embedding bits; explicit flags win."),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ) (default: the plan's, else L // 2)."),
     front_bits: int = typer.Option(None, "--front-bits", help="Qw1: bits of the OPSC-quantized layers (2, 3, 4, 8 or 16 = keep) [default: the plan's, else 4]."),
     back_bits: str = typer.Option(None, "--back-bits", help="Qw2: bits of the other layers on the edge, or 'none' = the edge keeps only what it runs [default: the plan's, else none]."),
     l_w: int = typer.Option(None, "--lw", help="ℓw: how many layers get Qw1 (default: the plan's, else ℓ)."),
     method: str = typer.Option(None, "--method", help="front: layers [0, ℓw) at Qw1; back: the last ℓw layers (Table 4) [default: the plan's, else front]."),
     group_size: int = typer.Option(None, "--group-size", "-g", help="Weight quantization group size (default: the plan's, else 128 or 64, whichever divides every layer width)."),
-    embed_bits: int = typer.Option(8, "--embed-bits", help="Edge embedding: 8 (per-row groups) or 16 (kept float32)."),
+    embed_bits: int = typer.Option(None, "--embed-bits", help="Edge embedding: 8 (per-row groups) or 16 (kept float32) [default: the plan's, else 8]."),
     kv_bits: int = typer.Option(None, "--kv-bits", help="Edge KV cache bits recorded for the runtime: 16 (float), 8 or 4 [default: the plan's Qa, else 16]."),
     force: bool = typer.Option(False, "--force", help="Overwrite the files of an existing --out directory."),
 ):
@@ -55,10 +55,12 @@ def quantize_cmd(
         method = plan.method if method is None else method
         group_size = plan.group_size if group_size is None else group_size
         kv_bits = plan.qa if kv_bits is None else kv_bits
+        embed_bits = plan.embed_bits if embed_bits is None else embed_bits
     front_bits = 4 if front_bits is None else front_bits
     back_bits = "none" if back_bits is None else back_bits
     method = "front" if method is None else method
     kv_bits = 16 if kv_bits is None else kv_bits
+    embed_bits = 8 if embed_bits is None else embed_bits
     back = parse_back_bits(back_bits)
     QuantSpec(1, front_bits, back, l_w, method, group_size or 64, embed_bits, kv_bits)  # fail fast on bad flags
     lm = load_model_with_status(model or "smollm2-135m")

@@ -37,6 +37,7 @@ WIKITEXT = Path("wikitext2") / "wiki.test.raw"
 DATA_ENV = "SPLITLLM_DATA"
 TABLE_FORMAT_VERSION = 1
 _CANDIDATE_KEYS = ("split_layer", "l_w", "method", "q_w1", "q_w2", "qa", "q_bar", "tau")
+_MATCH_KEYS = _CANDIDATE_KEYS + ("edge_bits",)
 
 
 def resolve_data_dir(option: str | os.PathLike[str] | None) -> Path:
@@ -177,7 +178,9 @@ class AccuracyTable:
     Each result gives `value` (turned into a drop against `baseline`) or `drop` directly. Keys it
     leaves out (any of split_layer, l_w, method, q_w1, q_w2, qa, q_bar, tau) match every
     candidate; the first matching result wins. A candidate no result matches counts as not
-    measured, which the planner rejects.
+    measured, which the planner rejects. A result may also give `edge_bits` (the weight bits of
+    edge layers [0, l), 16 = unquantized), which matches every (l_w, method, q_w1, q_w2) that puts
+    those bits on the edge; the table then needs `n_layers`.
     """
 
     def __init__(self, data: Any, where: str = "accuracy table"):
@@ -191,14 +194,20 @@ class AccuracyTable:
         self.metric = str(data.get("metric", "accuracy"))
         self.higher_is_better = bool(data.get("higher_is_better", True))
         baseline = data.get("baseline")
+        self.n_layers = data.get("n_layers")
         self.rows: list[tuple[dict[str, Any], float]] = []
         for i, row in enumerate(results):
             if not isinstance(row, Mapping):
                 raise SplitLLMError(f"{where} result {i} must be an object")
-            unknown = set(row) - set(_CANDIDATE_KEYS) - {"value", "drop"}
+            unknown = set(row) - set(_MATCH_KEYS) - {"value", "drop"}
             if unknown:
                 raise SplitLLMError(f"{where} result {i} has unknown keys {', '.join(sorted(unknown))}")
-            self.rows.append(({k: row[k] for k in _CANDIDATE_KEYS if k in row}, self._drop(row, baseline, f"{where} result {i}")))
+            keys = {k: row[k] for k in _MATCH_KEYS if k in row}
+            if "edge_bits" in keys:
+                if not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 1:
+                    raise SplitLLMError(f"{where} uses edge_bits but gives no positive integer n_layers")
+                keys["edge_bits"] = _bits_tuple(keys["edge_bits"], f"{where} result {i} edge_bits")
+            self.rows.append((keys, self._drop(row, baseline, f"{where} result {i}")))
 
     def _drop(self, row: Mapping[str, Any], baseline: Any, where: str) -> float:
         if "drop" in row:
@@ -228,6 +237,26 @@ class AccuracyTable:
 
     def drop(self, candidate: Candidate) -> float:
         for keys, drop in self.rows:
-            if all(getattr(candidate, k) == v for k, v in keys.items()):
+            if all(self._field(candidate, k) == v for k, v in keys.items()):
                 return drop
         return math.nan
+
+    def _field(self, candidate: Candidate, key: str) -> Any:
+        if key != "edge_bits":
+            return getattr(candidate, key)
+        # None (a layer the edge does not keep) cannot occur for edge layers of a valid candidate.
+        return tuple(KEEP_BITS if b is None or b >= KEEP_BITS else b
+                     for b in edge_bits(candidate, self.n_layers))  # type: ignore[arg-type]
+
+
+def _bits_tuple(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise SplitLLMError(f"{where} must be a non-empty list of bit widths")
+    out = []
+    for b in value:
+        if b is None:
+            b = KEEP_BITS
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise SplitLLMError(f"{where} must hold positive integers (or null = unquantized), got {b!r}")
+        out.append(min(b, KEEP_BITS))
+    return tuple(out)

@@ -144,7 +144,7 @@ class SweepRow:
 
 
 def sweep_rows(profile: Profile, candidate: Candidate, memory_budget: int, total_tokens: int,
-               w_bars: Iterable[int] | None = None) -> list[SweepRow]:
+               w_bars: Iterable[int] | None = None, embed_bits: int = 8) -> list[SweepRow]:
     """Fig. 5(b)/6-style rows for the chosen configuration: per W_bar, who generates how many of
     `total_tokens`, the wire bytes (vs an fp16 hidden state) and whether edge memory still fits."""
     if w_bars is None:
@@ -157,6 +157,6 @@ def sweep_rows(profile: Profile, candidate: Candidate, memory_budget: int, total
     for point in points:
         memory = edge_memory(profile.weight_table(), candidate.split_layer, candidate.l_w, candidate.q_w1,
                              candidate.q_w2, kv, point.w_bar, profile.activation_peaks(), candidate.method,  # type: ignore[arg-type]
-                             profile.embedding.weight_bytes).total_bytes
+                             profile.embedding.weight_bytes_at(embed_bits)).total_bytes
         rows.append(SweepRow(point, memory, memory <= memory_budget))
     return rows

@@ -1,7 +1,8 @@
 """The planner of eq. (8): enumerate (l, l_w, Q_w, Q_a, q_bar, tau), keep what fits, rank the rest.
 
 How eq. (8) was read:
-- (8c) memory is the EDGE's memory only (DESIGN.md §1): embedding + OPSC weights of layers
+- (8c) memory is the EDGE's memory only (DESIGN.md §1): embedding (at embed_bits, as the edge
+  shard stores it) + OPSC weights of layers
   [0, l) + the edge KV cache for W_bar tokens at Qa bits + the peak transient activation
   (`splitcli.cost.memory.edge_memory`).
 - (8b) accuracy is supplied by the caller as a *drop* (lower is better, e.g. the relative
@@ -155,12 +156,14 @@ def search_plans(
     max_tokens: int,
     accuracy: AccuracySource,
     evaluate_all: bool = False,
+    embed_bits: int = 8,
 ) -> PlanSearch:
     """Solve eq. (8) by enumeration (see module docstring for the readings).
 
     accuracy(candidate) -> drop; NaN (or a table miss) counts as "not measured" and rejects.
     evaluate_all: measure accuracy for every memory-feasible candidate, not just until the first
     pass, so that every runner-up carries its drop.
+    embed_bits: how the edge stores its embedding table (8 = `splitllm quantize`'s default).
     """
     L = profile.n_layers
     if max_tokens < 1:
@@ -174,6 +177,7 @@ def search_plans(
         return cache[cand]
 
     weight_table, activation_peaks = profile.weight_table(), profile.activation_peaks()
+    embedding_bytes = profile.embedding.weight_bytes_at(embed_bits)
     memory_cache: dict[tuple, EdgeMemory | str] = {}
     kv_cache: dict[int, list[float]] = {}
 
@@ -194,7 +198,7 @@ def search_plans(
             return edge_memory(
                 weight_table, cand.split_layer, cand.l_w, cand.q_w1, cand.q_w2,
                 kv_of(cand.qa), max_tokens, activation_peaks,
-                cand.method, profile.embedding.weight_bytes,  # type: ignore[arg-type]
+                cand.method, embedding_bytes,  # type: ignore[arg-type]
             )
         except SplitLLMError as exc:
             return str(exc)
@@ -280,6 +284,7 @@ def to_plan(
     tau_is_quantile: bool = False,
     q_bar_min: int = 2,
     i_kv: int = 1,
+    embed_bits: int = 8,
     notes: dict | None = None,
 ) -> Plan:
     """The persisted Plan for a chosen candidate."""
@@ -292,5 +297,5 @@ def to_plan(
         model_id=profile.model_id, n_layers=profile.n_layers, split_layer=candidate.split_layer,
         l_w=candidate.l_w, method=candidate.method, q_w1=candidate.q_w1, q_w2=candidate.q_w2,
         qa=candidate.qa, codec=codec, group_size=group_size, max_tokens=max_tokens,
-        budgets=budgets, i_kv=i_kv, notes=dict(notes or {}),
+        budgets=budgets, i_kv=i_kv, embed_bits=embed_bits, notes=dict(notes or {}),
     )

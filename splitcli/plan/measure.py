@@ -145,6 +145,18 @@ def weight_bytes_table(layer: torch.nn.Module, bits: tuple[int, ...], group_size
     return {b: float(layer_weight_bytes(shapes, min(b, KEEP_BITS), group_size, float_bytes=4)) for b in bits}
 
 
+def embedding_bytes_table(embed) -> dict[int, float]:
+    """Bytes of the embedding as the edge shard stores it: {8: quantized, 16: as loaded}.
+
+    8 bits: one group per row, the exact payload `splitllm quantize --embed-bits 8` writes
+    (`predicted_edge_bytes` uses the same formula and a shard test pins it to the file)."""
+    from splitcli.quant import quantized_matrix_bytes
+
+    rows, cols = embed.weight.shape
+    as_loaded = sum(p.numel() * p.element_size() for p in embed.parameters())
+    return {8: float(quantized_matrix_bytes(rows, cols, 8, cols)), 16: float(as_loaded)}
+
+
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of `fn()` in ms over `repeats` calls after one warm-up call."""
     times = []
@@ -313,6 +325,7 @@ def measure_profile(
         del variants
     embedding = StageCost(
         weight_bytes=float(sum(p.numel() * p.element_size() for p in parts.embed_tokens.parameters())),
+        weight_bytes_by_bits=embedding_bytes_table(parts.embed_tokens),
         decode_ms=emb_decode + over_decode,
         prefill_ms={t: emb_prefill[t] + over_prefill[t] for t in settings.tokens},
     )

@@ -9,6 +9,9 @@ names: `_ms` milliseconds, `_bytes` bytes. Layer k is decoder layer k (0-based).
 - decode_ms_by_bits / prefill_ms_by_bits (optional): the same timings with the layer's weights at
   that bit width (16 = not quantized), since a 4-bit kernel runs at another speed than fp32;
   `decode_ms` / `prefill_ms` stay the timings of the layer as loaded.
+- embedding weight_bytes_by_bits (optional): the embedding table's bytes as the edge shard stores
+  it ({8: per-row 8-bit codes + scales}); the planner costs the edge's embedding at the plan's
+  embed_bits, since `splitllm quantize` writes it at 8 bits by default.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from splitcli.plan._validate import (
 )
 
 PROFILE_FORMAT_VERSION = 1
+FLOAT_BITS = 16  # a bit width of 16 or more means "kept as loaded" (splitcli.quant.KEEP_BITS)
 
 
 @dataclass(frozen=True)
@@ -112,24 +116,41 @@ class LayerCost:
 class StageCost:
     """Costs of a non-layer stage: the embedding (edge) or the final norm + LM head (cloud)."""
 
-    weight_bytes: float
+    weight_bytes: float  # as loaded (float)
     decode_ms: float = 0.0
     prefill_ms: dict[int, float] = field(default_factory=dict)
+    # Bytes when stored at a bit width (the edge's 8-bit embedding); 16 = kept as loaded.
+    weight_bytes_by_bits: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_number(self.weight_bytes, "stage weight_bytes")
         check_number(self.decode_ms, "stage decode_ms")
         if self.prefill_ms:
             object.__setattr__(self, "prefill_ms", check_table(self.prefill_ms, "stage prefill_ms"))
+        if self.weight_bytes_by_bits:
+            object.__setattr__(self, "weight_bytes_by_bits",
+                               check_table(self.weight_bytes_by_bits, "stage weight_bytes_by_bits"))
+
+    def weight_bytes_at(self, bits: int) -> float:
+        """Bytes stored at `bits`; as loaded for 16+ bits. An unmeasured width is an error so a
+        plan is never costed with a number nobody measured."""
+        if bits >= FLOAT_BITS:
+            return self.weight_bytes_by_bits.get(bits, self.weight_bytes)
+        if bits not in self.weight_bytes_by_bits:
+            raise SplitLLMError(f"profile has no embedding size at {bits} bits (re-run `splitllm profile`)")
+        return self.weight_bytes_by_bits[bits]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"weight_bytes": self.weight_bytes, "decode_ms": self.decode_ms,
-                "prefill_ms": dict(self.prefill_ms)}
+        out: dict[str, Any] = {"weight_bytes": self.weight_bytes, "decode_ms": self.decode_ms,
+                               "prefill_ms": dict(self.prefill_ms)}
+        if self.weight_bytes_by_bits:
+            out["weight_bytes_by_bits"] = dict(self.weight_bytes_by_bits)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "StageCost":
         data = require_mapping(data, where)
-        check_keys(data, {"weight_bytes"}, {"decode_ms", "prefill_ms"}, where)
+        check_keys(data, {"weight_bytes"}, {"decode_ms", "prefill_ms", "weight_bytes_by_bits"}, where)
         return cls(**data)
 
 
@@ -386,6 +407,7 @@ def profile_from_architecture(
     return Profile(
         model_id=model_id, hidden_size=hidden_size, n_kv_heads=n_kv_heads, head_dim=head_dim,
         device=device or DeviceInfo(name="estimate"), layers=(layer,) * n_layers,
-        embedding=StageCost(weight_bytes=embedding_params * 2.0),
+        embedding=StageCost(weight_bytes=embedding_params * 2.0,
+                            weight_bytes_by_bits={8: embedding_params + 4.0 * embedding_params / hidden_size}),
         head=StageCost(weight_bytes=embedding_params * 2.0),
     )

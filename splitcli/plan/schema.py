@@ -106,6 +106,7 @@ class Plan:
     max_tokens: int
     budgets: Budgets
     i_kv: int = 1
+    embed_bits: int = 8  # the edge's embedding table: 8-bit rows (quantize's default) or 16 = as loaded
     format_version: int = PLAN_FORMAT_VERSION
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -125,6 +126,8 @@ class Plan:
         check_int(self.qa, "plan qa", 1, 32)
         check_int(self.group_size, "plan group_size", 1)
         check_int(self.max_tokens, "plan max_tokens", 1)
+        if self.embed_bits not in (8, 16) or isinstance(self.embed_bits, bool):
+            raise SplitLLMError(f"plan embed_bits must be 8 or 16, got {self.embed_bits!r}")
         if self.i_kv not in (0, 1) or isinstance(self.i_kv, bool):
             raise SplitLLMError(f"plan i_kv must be 0 or 1, got {self.i_kv!r}")
         if not isinstance(self.codec, CodecParams) or not isinstance(self.budgets, Budgets):
@@ -150,7 +153,7 @@ class Plan:
             "format_version": self.format_version, "model_id": self.model_id,
             "n_layers": self.n_layers, "split_layer": self.split_layer, "l_w": self.l_w,
             "method": self.method, "q_w1": self.q_w1, "q_w2": self.q_w2, "qa": self.qa,
-            "i_kv": self.i_kv, "group_size": self.group_size, "max_tokens": self.max_tokens,
+            "i_kv": self.i_kv, "embed_bits": self.embed_bits, "group_size": self.group_size, "max_tokens": self.max_tokens,
             "codec": self.codec.to_dict(), "budgets": self.budgets.to_dict(),
             "notes": dict(self.notes),
         }
@@ -161,7 +164,7 @@ class Plan:
         check_version(data, PLAN_FORMAT_VERSION, "plan")
         required = {"format_version", "model_id", "n_layers", "split_layer", "l_w", "method",
                     "q_w1", "q_w2", "qa", "group_size", "max_tokens", "codec", "budgets"}
-        check_keys(data, required, {"i_kv", "notes"}, "plan")
+        check_keys(data, required, {"i_kv", "embed_bits", "notes"}, "plan")
         fields = {k: v for k, v in data.items() if k not in ("codec", "budgets")}
         fields["notes"] = dict(require_mapping(fields.get("notes") or {}, "plan notes"))
         return cls(codec=CodecParams.from_dict(data["codec"]),

@@ -1,0 +1,118 @@
+"""Turn `splitllm eval` result files into the planner's accuracy table (eq. 8b from measured accuracy).
+
+The files must come from one model, share one task list and limit, and include exactly one `fp`
+run (the baseline). Each `split` run becomes a row keyed by what it fixes: ℓ, the weight bits of
+its edge layers, the codec's q̄ and τ quantile, and Qa = 16 (the evaluator keeps the KV cache in
+float, so only Qa = 16 candidates are measured by it). The value is the mean of the tasks'
+headline metrics (acc_norm for HellaSwag/PIQA/ARC, acc for the rest); when every task is a
+perplexity task it is their mean perplexity instead (lower is better). Other pipelines (local,
+baselines) and split runs on a raw or fp16 wire do not correspond to a plan candidate and are
+refused, so a table never silently mixes in numbers that mean something else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from splitcli.errors import SplitLLMError
+from splitcli.plan.accuracy import AccuracyTable
+
+DEFAULT_TAU_QUANTILE = 0.999  # the evaluator's codec default (splitcli.eval.pipelines)
+
+
+def is_eval_result(data: Any) -> bool:
+    """True for the JSON `splitllm eval --json` writes (as opposed to a hand-made accuracy table)."""
+    return isinstance(data, Mapping) and "pipeline" in data and "results" in data and "model_sha256" in data
+
+
+def headline(results: list[Mapping[str, Any]], where: str) -> tuple[float, bool, tuple[str, ...]]:
+    """(value, higher_is_better, tasks) of one eval file: mean accuracy, or mean ppl if only ppl."""
+    accuracy = [r for r in results if r.get("metric") != "ppl"]
+    chosen, higher = (accuracy, True) if accuracy else (list(results), False)
+    values = []
+    for r in chosen:
+        value = (r.get("metrics") or {}).get(r.get("metric"))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SplitLLMError(f"{where}: task {r.get('task')!r} has no finite {r.get('metric')!r}")
+        values.append(float(value))
+    if not values:
+        raise SplitLLMError(f"{where} holds no task results")
+    return sum(values) / len(values), higher, tuple(sorted(str(r.get("task")) for r in chosen))
+
+
+def _row(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    pipe = data["pipeline"]
+    if pipe.get("codec") != "tabq":
+        raise SplitLLMError(f"{where}: a split on the {pipe.get('codec')!r} wire is not a plan candidate "
+                            "(plans always run the TS + TAB-Q codec)")
+    if pipe.get("tau") is not None:
+        raise SplitLLMError(f"{where}: an absolute --tau is not a plan candidate (plans use a τ quantile)")
+    bits = (data.get("info") or {}).get("weight_bits")
+    ell = pipe.get("split_layer")
+    if not isinstance(bits, list) or not isinstance(ell, int) or not 1 <= ell < len(bits):
+        raise SplitLLMError(f"{where}: no per-layer weight bits or split layer recorded")
+    return {"split_layer": ell, "edge_bits": bits[:ell], "qa": 16, "q_bar": pipe.get("q_bar"),
+            "tau": pipe.get("tau_quantile") or DEFAULT_TAU_QUANTILE}
+
+
+def table_from_eval_results(paths: Iterable[str | os.PathLike[str]]) -> AccuracyTable:
+    """An AccuracyTable from `splitllm eval --json` files (module docstring)."""
+    baseline: float | None = None
+    rows: list[dict[str, Any]] = []
+    common: tuple | None = None
+    n_layers = None
+    for path in paths:
+        where = f"eval results {path}"
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SplitLLMError(f"accuracy table not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SplitLLMError(f"cannot read {where}: {exc}") from None
+        if not is_eval_result(data):
+            raise SplitLLMError(f"{where} is not a `splitllm eval --json` file (mixing table kinds is not supported)")
+        value, higher, tasks = headline(list(data["results"]), where)
+        key = (data["model_sha256"], data.get("limit"), tasks, higher)
+        if common is not None and key != common:
+            raise SplitLLMError(f"{where} covers another model, task list or --limit than the first file: "
+                                "compare like with like")
+        common = key
+        kind = data["pipeline"].get("pipeline")
+        if kind == "fp":
+            if baseline is not None:
+                raise SplitLLMError(f"{where}: more than one fp (baseline) result")
+            baseline = value
+        elif kind == "split":
+            rows.append({**_row(data, where), "value": value})
+            n_layers = n_layers or (data.get("info") or {}).get("n_layers")
+        else:
+            raise SplitLLMError(f"{where}: pipeline {kind!r} is not a plan candidate (give fp and split results)")
+    if common is None:
+        raise SplitLLMError("no eval result files given")
+    if baseline is None:
+        raise SplitLLMError("the eval results need one fp run as the baseline (`splitllm eval --pipeline fp`)")
+    if not rows:
+        raise SplitLLMError("the eval results hold no split run to plan with")
+    _, limit, tasks, higher = common
+    metric = (f"mean {'accuracy' if higher else 'perplexity'} over {', '.join(tasks)}"
+              f"{f' (first {limit} each)' if limit else ''}")
+    return AccuracyTable({"format_version": 1, "metric": metric, "higher_is_better": higher,
+                          "baseline": baseline, "n_layers": n_layers, "results": rows}, "eval results")
+
+
+def load_accuracy_table(paths: list[str | os.PathLike[str]]) -> AccuracyTable:
+    """--accuracy-table: one hand-made table file, or one or more `splitllm eval --json` files."""
+    if not paths:
+        raise SplitLLMError("no accuracy table given")
+    if len(paths) == 1:
+        try:
+            data = json.loads(Path(paths[0]).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None  # AccuracyTable.load says what is wrong with the file
+        if not is_eval_result(data):
+            return AccuracyTable.load(paths[0])
+    return table_from_eval_results(paths)
