@@ -41,13 +41,13 @@ def test_profile_tiny(tiny_model_dir, tmp_path):
 
     out = tmp_path / "p.yaml"
     args = ["profile", "-m", tiny_model_dir, "--bits", "4,16", "--kv-bits", "8,16", "--tokens", "1,8",
-            "--repeats", "1", "--group-size", "32", "-o", out]
+            "--repeats", "1", "--group-size", "32", "--decode-context", "12", "-o", out]
     r = run(*args)
     assert r.exit_code == 0, r.output
     profile = Profile.from_dict(yaml.safe_load(out.read_text()))
     model = tf.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     layer0 = model.model.layers[0]
-    assert profile.n_layers == 4 and profile.group_size == 32
+    assert profile.n_layers == 4 and profile.group_size == 32 and profile.decode_context == 12
     assert profile.layers[0].weight_bytes[16] == 4 * sum(p.numel() for p in layer0.parameters())
     assert profile.layers[0].weight_bytes[4] < profile.layers[0].weight_bytes[16] / 4
     # fp32 cache: K and V, 2 KV heads x head_dim 16 x 4 bytes
@@ -66,6 +66,8 @@ def test_profile_tiny(tiny_model_dir, tmp_path):
     (["--kv-bits", "6"], "KV bits 6"),
     (["--tokens", "0"], "token counts must be >= 1"),
     (["--tokens", "600"], "exceeds the model's context of 512"),
+    (["--decode-context", "512"], "decode context (512) + 1 exceeds the model's context of 512"),
+    (["--decode-context", "0"], "decode context must be >= 1"),
     (["--repeats", "0"], "repeats must be >= 1"),
     (["--group-size", "48"], "group size 48 does not divide"),
 ])

@@ -58,7 +58,7 @@ def test_settings_validation():
     s = ProfileSettings(bits=(16, 4, 4), tokens=(32, 1))
     assert s.bits == (4, 16) and s.tokens == (1, 32)
     for bad in (dict(bits=()), dict(bits=(5,)), dict(kv_bits=(1,)), dict(tokens=(0,)), dict(repeats=0),
-                dict(group_size=0)):
+                dict(group_size=0), dict(decode_context=0)):
         with pytest.raises(SplitLLMError):
             ProfileSettings(**bad)
 

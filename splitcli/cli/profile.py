@@ -17,7 +17,8 @@ def profile_cmd(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
     bits: str = typer.Option("4,8,16", "--bits", help="Weight bit widths to size and time (16 = not quantized)."),
     kv_bits: str = typer.Option("4,8,16", "--kv-bits", help="KV-cache bit widths Qa to size (16 = float cache)."),
-    tokens: str = typer.Option("1,32,256", "--tokens", help="Prefill token counts to time; decode runs after the largest."),
+    tokens: str = typer.Option("1,32,256", "--tokens", help="Prefill token counts to time."),
+    decode_context: int = typer.Option(64, "--decode-context", help="Cached tokens each timed decode step attends to (about half of the plan's W̄ is typical)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed calls per measurement (median, after one warm-up)."),
     group_size: int = typer.Option(64, "--group-size", help="Weight quantization group size."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch's default); recorded in the profile."),
@@ -35,6 +36,7 @@ def profile_cmd(
     settings = ProfileSettings(
         bits=parse_int_list(bits, "--bits"), kv_bits=parse_int_list(kv_bits, "--kv-bits"),
         tokens=parse_int_list(tokens, "--tokens"), repeats=repeats, group_size=group_size,
+        decode_context=decode_context,
     )
     if threads < 0:
         raise SplitLLMError(f"--threads must be >= 0, got {threads}")
@@ -53,7 +55,7 @@ def profile_cmd(
 
     bits_label = "/".join(f"{b}b" for b in settings.bits)
     table = Table(title=f"{lm.model_id} on {profile.device.cpu} ({profile.device.threads} threads)")
-    for col in ("layer", f"decode ms {bits_label}", f"prefill {settings.tokens[-1]} ms",
+    for col in ("layer", f"decode ms {bits_label} ({settings.decode_context} cached)", f"prefill {settings.tokens[-1]} ms",
                 f"weights {bits_label}", "KV B/token Qa " + "/".join(map(str, settings.kv_bits))):
         table.add_column(col, justify="right")
     for k, layer in enumerate(profile.layers):

@@ -50,7 +50,9 @@ CodecHook = Callable[[torch.Tensor, int], "CodecCost | None"]
 
 @dataclass(frozen=True)
 class ProfileSettings:
-    """What to measure: weight bit widths, KV bit widths (Qa), prefill token counts, repeats."""
+    """What to measure: weight bit widths, KV bit widths (Qa), prefill token counts, repeats, and
+    the number of cached tokens a timed decode step attends to (decode_context: attention grows
+    with it, so it should sit where generation spends its steps, e.g. half of W̄)."""
 
     bits: tuple[int, ...] = (4, 8, 16)
     kv_bits: tuple[int, ...] = (4, 8, 16)
@@ -58,6 +60,7 @@ class ProfileSettings:
     repeats: int = 5
     group_size: int = 64
     seed: int = 0
+    decode_context: int = 64
 
     def __post_init__(self) -> None:
         for name in ("bits", "kv_bits", "tokens"):
@@ -76,6 +79,8 @@ class ProfileSettings:
             raise SplitLLMError(f"token counts must be >= 1, got {self.tokens[0]}")
         if self.repeats < 1:
             raise SplitLLMError(f"repeats must be >= 1, got {self.repeats}")
+        if self.decode_context < 1:
+            raise SplitLLMError(f"decode context must be >= 1 token, got {self.decode_context}")
         if self.group_size < 1:
             raise SplitLLMError(f"group size must be >= 1, got {self.group_size}")
 
@@ -192,7 +197,7 @@ class _Timer:
 
     def __init__(self, parts, inputs: list[torch.Tensor], positions: torch.Tensor, settings: ProfileSettings):
         self.parts, self.inputs, self.positions, self.settings = parts, inputs, positions, settings
-        self.prefix = settings.tokens[-1]
+        self.prefix = settings.decode_context
 
     def _fill(self, k: int):
         """Layer k's cache after the prefix (rebuilt per layer variant)."""
@@ -285,9 +290,10 @@ def measure_profile(
     config = parts.config
     n_layers = parts.num_layers
     context = getattr(config, "max_position_embeddings", None)
-    needed = settings.tokens[-1] + 1
+    needed = max(settings.tokens[-1], settings.decode_context) + 1
     if context is not None and needed > context:
-        raise SplitLLMError(f"largest token count {settings.tokens[-1]} + 1 exceeds the model's context of {context}")
+        raise SplitLLMError(f"largest token count or decode context ({needed - 1}) + 1 exceeds the model's "
+                            f"context of {context}")
     for b in settings.bits:
         if b < KEEP_BITS:
             weight_bytes_table(parts.layers[0], (b,), settings.group_size)  # group size check up front
@@ -358,5 +364,5 @@ def measure_profile(
     return Profile(
         model_id=model_id, hidden_size=config.hidden_size, n_kv_heads=n_kv, head_dim=head_dim,
         device=device_info(), layers=tuple(layers), embedding=embedding, head=head, codec=codec,
-        group_size=settings.group_size,
+        group_size=settings.group_size, decode_context=settings.decode_context,
     )

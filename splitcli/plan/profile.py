@@ -237,6 +237,7 @@ class Profile:
     head: StageCost
     codec: CodecCost | None = None
     group_size: int | None = None  # weight quantization group the weight_bytes were counted for
+    decode_context: int | None = None  # cached tokens each timed decode step attended to
     format_version: int = PROFILE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -244,6 +245,8 @@ class Profile:
             raise SplitLLMError("profile model_id must be a non-empty string")
         if self.group_size is not None:
             check_int(self.group_size, "profile group_size", 1)
+        if self.decode_context is not None:
+            check_int(self.decode_context, "profile decode_context", 1)
         check_int(self.hidden_size, "profile hidden_size", 1)
         check_int(self.n_kv_heads, "profile n_kv_heads", 1)
         check_int(self.head_dim, "profile head_dim", 1)
@@ -329,7 +332,7 @@ class Profile:
             "head_dim": self.head_dim, "device": self.device.to_dict(),
             "embedding": self.embedding.to_dict(), "head": self.head.to_dict(),
             "codec": None if self.codec is None else self.codec.to_dict(),
-            "group_size": self.group_size,
+            "group_size": self.group_size, "decode_context": self.decode_context,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -339,7 +342,7 @@ class Profile:
         check_version(data, PROFILE_FORMAT_VERSION, "profile")
         required = {"format_version", "model_id", "hidden_size", "n_kv_heads", "head_dim",
                     "device", "layers", "embedding", "head"}
-        check_keys(data, required, {"codec", "group_size"}, "profile")
+        check_keys(data, required, {"codec", "group_size", "decode_context"}, "profile")
         if not isinstance(data["layers"], list):
             raise SplitLLMError("profile layers must be a list")
         codec = data.get("codec")
@@ -352,7 +355,7 @@ class Profile:
             embedding=StageCost.from_dict(data["embedding"], "profile embedding"),
             head=StageCost.from_dict(data["head"], "profile head"),
             codec=None if codec is None else CodecCost.from_dict(codec),
-            group_size=data.get("group_size"),
+            group_size=data.get("group_size"), decode_context=data.get("decode_context"),
         )
 
 
