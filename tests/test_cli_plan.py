@@ -217,8 +217,8 @@ def test_generate_config(tiny_model_dir, tmp_path):
     full = tmp_path / "full.yaml"
     tiny_plan(tiny_model_dir, 16, 16).save(full)
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    # A plan that quantizes nothing runs exactly like the plain split at the same ℓ.
-    r = run("generate", "--config", full, "-p", "Hello there", "-n", "4", "--json", a)
+    # A plan that quantizes nothing, on the raw wire, runs exactly like the plain split at the same ℓ.
+    r = run("generate", "--config", full, "--codec", "none", "-p", "Hello there", "-n", "4", "--json", a)
     assert r.exit_code == 0, r.output
     r = run("generate", "-m", tiny_model_dir, "-l", "2", "-p", "Hello there", "-n", "4", "--json", b)
     assert r.exit_code == 0, r.output
@@ -231,5 +231,6 @@ def test_generate_config(tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     jc = json.loads(c.read_text())
     assert jc["split_layer"] == 1 and jc["plan"]["split_layer"] == 1  # the explicit flag wins
+    assert (ja["wire"], jc["wire"]) == ("raw-fp32", "tabq")  # --config runs the plan's codec by default
     assert_clean_error(run("generate", "--config", tmp_path / "none.yaml", "-p", "x"), "not found")
     assert_clean_error(run("generate", "--config", quant, "-l", "7", "-p", "x"), "valid range 1..3")

@@ -15,7 +15,7 @@ def generate_cmd(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."),
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m; with --shards it is only checked against the manifest's hash)."),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ), the cloud the rest (default: the plan's, else L // 2)."),
-    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ, edge weight bits and Qa; explicit flags win."),
+    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ, edge weight bits, Qa and the codec (τ, Q̄, Δ); explicit flags win."),
     shards: Path = typer.Option(None, "--shards", help="Run the quantized split from a directory written by `splitllm quantize` (edge from edge.safetensors, cloud from cloud.safetensors)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding."),
@@ -23,7 +23,7 @@ def generate_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="Prefill the prompt in chunks of this many tokens (0 = at once)."),
-    codec: str = typer.Option("none", "--codec", help="Hidden-state wire: none (raw fp32) or tabq (threshold + TAB-Q + rANS)."),
+    codec: str = typer.Option(None, "--codec", help="Hidden-state wire: none (raw fp32) or tabq (threshold + TAB-Q + rANS) [default: tabq with --config, else none]."),
     tau: float = typer.Option(None, "--tau", help="tabq: absolute outlier threshold τ (default: calibrated from --tau-quantile)."),
     tau_quantile: float = typer.Option(None, "--tau-quantile", help="tabq: τ at this quantile of |x| on the calibration slice [default: 0.999]."),
     max_bits: int = typer.Option(None, "--max-bits", help="tabq: widest code Q̄ in bits, sign included [default: 6]."),
@@ -47,11 +47,18 @@ def generate_cmd(
         raise SplitLLMError("the prompt is empty: give some text with --prompt")
     if prefill_chunk < 0:
         raise SplitLLMError(f"--prefill-chunk must be >= 0, got {prefill_chunk}")
-    if shards is not None and (config is not None or codec != "none"):
+    if shards is not None and (config is not None or codec not in (None, "none")):
         # Shards fix the edge's weights already; codec calibration needs the full model's edge.
         raise SplitLLMError("--shards runs the raw wire with the shards' own settings: drop --config/--codec")
-    params = codec_params(codec, tau, tau_quantile, max_bits, delta, not no_entropy, data_dir)
     plan = Plan.load(config) if config is not None else None
+    if codec is None:
+        codec = "tabq" if plan is not None else "none"
+    if plan is not None and codec == "tabq":  # the plan's codec, unless a flag says otherwise
+        if tau is None and tau_quantile is None:
+            tau, tau_quantile = plan.codec.tau, plan.codec.tau_quantile
+        max_bits = plan.codec.q_bar if max_bits is None else max_bits
+        delta = plan.codec.delta if delta is None else delta
+    params = codec_params(codec, tau, tau_quantile, max_bits, delta, not no_entropy, data_dir)
     if shards is not None:
         session, tokenizer, model_config, model_id = _shard_session(shards, model, split_layer)
     else:
