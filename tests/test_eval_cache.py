@@ -162,3 +162,21 @@ def test_cloze_metrics_by_hand(tmp_path):
     greedy = [int(logp[ids("b")[0]].argmax()) == ids("c")[0], int(logp[ids("a")[0]].argmax()) == ids("d")[0]]
     assert r.metrics["ppl"] == pytest.approx(math.exp(-sum(ll) / 2))
     assert r.metrics["acc"] == pytest.approx(sum(greedy) / 2)
+    assert r.details["correct"] == {"acc": "".join("1" if g else "0" for g in greedy)}
+
+
+def test_per_example_outcomes_recorded_and_rebuilt_for_old_cached_results(tmp_path, task):
+    kw = dict(data_dir=tmp_path, batch_size=4, cache=ResultCache(tmp_path / "cache"), config="k")
+    tok = CharTokenizer()
+    r = evaluate_task(task, CountingFn(), tok, **kw)
+    correct = r.details["correct"]
+    assert set(correct) == {"acc", "acc_norm"} and len(correct["acc_norm"]) == 25
+    assert correct["acc_norm"].count("1") / 25 == pytest.approx(r.metrics["acc_norm"])
+    # A result file written before outcomes were recorded is rebuilt from the example store.
+    path = next((tmp_path / "cache" / "t").rglob("limit*.json"), None) or next((tmp_path / "cache" / "t").rglob("all-*.json"))
+    old = json.loads(path.read_text())
+    old["details"] = {}
+    path.write_text(json.dumps(old))
+    fn = CountingFn()
+    again = evaluate_task(task, fn, tok, **kw)
+    assert fn.calls == 0 and again.details["correct"] == correct

@@ -34,10 +34,18 @@ def _mc_result(spec: TaskSpec, examples: Sequence[MCExample], done: dict[int, An
         acc_norm.append(float(an))
     metrics = {"acc": mean(acc), "acc_norm": mean(acc_norm)}
     stderr = {"acc": mean_stderr(acc), "acc_norm": mean_stderr(acc_norm)}
+    correct = {"acc": _bits(acc), "acc_norm": _bits(acc_norm)}
     if spec.format == "mc_partial_jsonl":  # one continuation for all options: acc_norm == acc
         metrics.pop("acc_norm")
         stderr.pop("acc_norm")
-    return TaskResult(spec.name, spec.metric, metrics, stderr, len(examples), limit)
+        correct.pop("acc_norm")
+    # Per-example outcomes let two pipelines be compared pairwise on the same examples.
+    return TaskResult(spec.name, spec.metric, metrics, stderr, len(examples), limit, {"correct": correct})
+
+
+def _bits(outcomes: Sequence[float]) -> str:
+    """[1.0, 0.0, 1.0] -> "101": one character per example, in file order."""
+    return "".join("1" if x else "0" for x in outcomes)
 
 
 def _cloze_result(spec: TaskSpec, n: int, done: dict[int, Any], limit: int | None) -> TaskResult:
@@ -46,7 +54,8 @@ def _cloze_result(spec: TaskSpec, n: int, done: dict[int, Any], limit: int | Non
     # Harness aggregation for LAMBADA: exp(-mean of per-example log-likelihoods).
     ppl = ppl_from_nll(-sum(ll), n)
     return TaskResult(
-        spec.name, spec.metric, {"ppl": ppl, "acc": mean(greedy)}, {"ppl": None, "acc": mean_stderr(greedy)}, n, limit
+        spec.name, spec.metric, {"ppl": ppl, "acc": mean(greedy)}, {"ppl": None, "acc": mean_stderr(greedy)}, n, limit,
+        {"correct": {"acc": _bits(greedy)}},
     )
 
 
@@ -175,7 +184,9 @@ def evaluate_task(
     if cache is not None and config:
         entry = cache.entry(spec.name, config, limit, _settings_key(spec, max_length, data_dir))
         cached = entry.load_result()
-        if cached is not None:
+        # Results cached before per-example outcomes were recorded are rebuilt from the example
+        # store (no model calls), so every result carries them.
+        if cached is not None and (spec.format == "text_ppl" or "correct" in cached.details):
             if progress is not None:
                 progress(spec.name, cached.n, cached.n)
             return cached
