@@ -21,9 +21,6 @@ from typing import Any, Iterable, Mapping
 from splitcli.errors import SplitLLMError
 from splitcli.plan.accuracy import AccuracyTable
 
-DEFAULT_TAU_QUANTILE = 0.999  # the evaluator's codec default (splitcli.eval.pipelines)
-
-
 def is_eval_result(data: Any) -> bool:
     """True for the JSON `splitllm eval --json` writes (as opposed to a hand-made accuracy table)."""
     return isinstance(data, Mapping) and "pipeline" in data and "results" in data and "model_sha256" in data
@@ -55,8 +52,10 @@ def _row(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     ell = pipe.get("split_layer")
     if not isinstance(bits, list) or not isinstance(ell, int) or not 1 <= ell < len(bits):
         raise SplitLLMError(f"{where}: no per-layer weight bits or split layer recorded")
+    from splitcli.codec.deploy import CodecOptions  # its default τ quantile is the evaluator's
+
     return {"split_layer": ell, "edge_bits": bits[:ell], "qa": 16, "q_bar": pipe.get("q_bar"),
-            "tau": pipe.get("tau_quantile") or DEFAULT_TAU_QUANTILE}
+            "tau": pipe.get("tau_quantile") or CodecOptions().tau_quantile}
 
 
 def table_from_eval_results(paths: Iterable[str | os.PathLike[str]]) -> AccuracyTable:
