@@ -227,13 +227,7 @@ class AccuracyTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "AccuracyTable":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SplitLLMError(f"accuracy table not found: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SplitLLMError(f"cannot read accuracy table {path}: {exc}") from None
-        return cls(data, f"accuracy table {path}")
+        return cls(read_json(path, "accuracy table"), f"accuracy table {path}")
 
     def drop(self, candidate: Candidate) -> float:
         for keys, drop in self.rows:
@@ -247,6 +241,16 @@ class AccuracyTable:
         # None (a layer the edge does not keep) cannot occur for edge layers of a valid candidate.
         return tuple(KEEP_BITS if b is None or b >= KEEP_BITS else b
                      for b in edge_bits(candidate, self.n_layers))  # type: ignore[arg-type]
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """A JSON file's content, or a one-line error naming `what` and the path."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SplitLLMError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SplitLLMError(f"cannot read {what} {path}: {exc}") from None
 
 
 def _bits_tuple(value: Any, where: str) -> tuple[int, ...]:

@@ -12,14 +12,12 @@ refused, so a table never silently mixes in numbers that mean something else.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from splitcli.errors import SplitLLMError
-from splitcli.plan.accuracy import AccuracyTable
+from splitcli.plan.accuracy import AccuracyTable, read_json
 
 def is_eval_result(data: Any) -> bool:
     """True for the JSON `splitllm eval --json` writes (as opposed to a hand-made accuracy table)."""
@@ -66,12 +64,7 @@ def table_from_eval_results(paths: Iterable[str | os.PathLike[str]]) -> Accuracy
     n_layers = None
     for path in paths:
         where = f"eval results {path}"
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SplitLLMError(f"accuracy table not found: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SplitLLMError(f"cannot read {where}: {exc}") from None
+        data = read_json(path, "accuracy table")
         if not is_eval_result(data):
             raise SplitLLMError(f"{where} is not a `splitllm eval --json` file (mixing table kinds is not supported)")
         value, higher, tasks = headline(list(data["results"]), where)
@@ -108,10 +101,7 @@ def load_accuracy_table(paths: list[str | os.PathLike[str]]) -> AccuracyTable:
     if not paths:
         raise SplitLLMError("no accuracy table given")
     if len(paths) == 1:
-        try:
-            data = json.loads(Path(paths[0]).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            data = None  # AccuracyTable.load says what is wrong with the file
+        data = read_json(paths[0], "accuracy table")
         if not is_eval_result(data):
-            return AccuracyTable.load(paths[0])
+            return AccuracyTable(data, f"accuracy table {paths[0]}")
     return table_from_eval_results(paths)
