@@ -54,6 +54,15 @@ def test_embedding_bytes_match_the_edge_shard():
     assert table[8] == quantized_matrix_bytes(100, 48, 8, 48)
 
 
+def test_stack_scale_hand_computed():
+    from splitcli.plan.measure import stack_scale
+
+    # Three layers timed alone at 2 + 3 + 5 = 10 ms; the stack took 8.5 ms including 0.5 ms of masks.
+    assert stack_scale([2.0, 3.0, 5.0], 8.5, 0.5) == pytest.approx(0.8)
+    assert stack_scale([0.0, 0.0], 3.0, 0.5) == 1.0  # nothing measured alone: leave the times as they are
+    assert stack_scale([1.0], 0.2, 0.5) == 0.0  # a stack faster than its overhead: clamp, never negative
+
+
 def test_settings_validation():
     s = ProfileSettings(bits=(16, 4, 4), tokens=(32, 1))
     assert s.bits == (4, 16) and s.tokens == (1, 32)
