@@ -22,6 +22,8 @@ from splitcli.errors import SplitLLMError
 
 Method = Literal["front", "back"]
 
+KEEP_BITS = 16  # "16 bits" in the paper's tables means: not quantized (kept as loaded)
+
 LayerByteTable = Sequence[Mapping[int, float]]
 """bytes[layer][bits]: measured (or computed) weight bytes of one decoder layer at a bit width."""
 

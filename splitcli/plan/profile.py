@@ -22,14 +22,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from splitcli.cost.memory import hidden_token_bytes
+from splitcli.cost.memory import KEEP_BITS, hidden_token_bytes
 from splitcli.errors import SplitLLMError
 from splitcli.plan._validate import (
     check_int, check_keys, check_number, check_table, check_version, require_mapping,
 )
 
 PROFILE_FORMAT_VERSION = 1
-FLOAT_BITS = 16  # a bit width of 16 or more means "kept as loaded" (splitcli.quant.KEEP_BITS)
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ class StageCost:
     def weight_bytes_at(self, bits: int) -> float:
         """Bytes stored at `bits`; as loaded for 16+ bits. An unmeasured width is an error so a
         plan is never costed with a number nobody measured."""
-        if bits >= FLOAT_BITS:
+        if bits >= KEEP_BITS:
             return self.weight_bytes_by_bits.get(bits, self.weight_bytes)
         if bits not in self.weight_bytes_by_bits:
             raise SplitLLMError(f"profile has no embedding size at {bits} bits (re-run `splitllm profile`)")

@@ -30,10 +30,10 @@ import math
 
 import torch
 
+from splitcli.cost.memory import KEEP_BITS  # its one home is torch-free; splitcli.quant re-exports it
 from splitcli.errors import SplitLLMError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-KEEP_BITS = 16  # "16 bits" in the paper's tables means: not quantized
 
 
 def check_bits(bits: int) -> None:
