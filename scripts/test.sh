@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
 # Set-up + the whole test suite. Slow end-to-end tests (marker `slow`) run with small limits.
+# The quantization tests then run again under every CPU capability torch dispatches to on this
+# host (default, avx2, avx512): int4 kernel layouts differ between them, and the next machine
+# may lack AVX-512. Pass pytest arguments to run only those (the capability loop is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export SPLITLLM_SLOW_LIMIT=${SPLITLLM_SLOW_LIMIT:-small}
-exec .venv/bin/python -m pytest -q "$@"
+PY=.venv/bin/python
+if [ "$#" -gt 0 ]; then
+  exec "$PY" -m pytest -q "$@"
+fi
+"$PY" -m pytest -q
+# test_quant_portable.py already drives every capability itself, in subprocesses.
+quant_tests=$(ls tests/test_quant_*.py tests/test_bench_quant.py | grep -v test_quant_portable.py)
+for cap in default avx2 avx512; do
+  got=$(ATEN_CPU_CAPABILITY=$cap "$PY" -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())")
+  if [ "$got" != "$cap" ]; then
+    echo "[test] ATEN_CPU_CAPABILITY=$cap: not offered on this CPU (torch runs $got), skipped"
+    continue
+  fi
+  echo "[test] quantization tests under ATEN_CPU_CAPABILITY=$cap"
+  ATEN_CPU_CAPABILITY=$cap "$PY" -m pytest -q -m "not slow" -p no:cacheprovider $quant_tests
+done

@@ -42,6 +42,15 @@ def test_readme_cli_reference_in_sync_with_help():
     assert splice(text, render(app)) == text, "README CLI reference is stale: run python -m splitcli.cli.reference"
 
 
+def test_readme_has_no_repeated_section():
+    import collections
+    import re
+
+    headings = [line for line in README.read_text().splitlines() if re.match(r"#{1,6} ", line)]
+    repeated = [h for h, n in collections.Counter(headings).items() if n > 1]
+    assert headings and not repeated, f"README repeats these headings (a section pasted twice?): {repeated}"
+
+
 def test_generate_tiny_model_json(tiny_model_dir, tmp_path):
     out = tmp_path / "gen.json"
     r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hello there", "-n", "5", "--json", str(out))

@@ -8,10 +8,10 @@ from splitcli.quant.modules import (
     Int4Linear,
     QuantEmbedding,
     QuantLinear,
-    codes_to_int4pack,
-    int4pack_to_codes,
+    int4_kernel_pack,
+    int4_kernel_unpack,
 )
-from splitcli.quant.rtn import dequantize_groupwise, quantize_groupwise
+from splitcli.quant.rtn import dequantize_groupwise, pack_codes, quantize_groupwise
 from splitcli.quant.transform import (
     layer_shapes_of,
     layer_weight_bytes,
@@ -38,10 +38,14 @@ def tiny_model(seed=0, **kw):
     return LlamaForCausalLM(tiny_config(**kw)).eval()
 
 
-@pytest.mark.parametrize("n,k", [(64, 32), (128, 64), (576, 96)])
-def test_int4pack_inverse(n, k):
-    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    assert torch.equal(int4pack_to_codes(codes_to_int4pack(q), n, k), q)
+@pytest.mark.parametrize("n,k,g", [(16, 32, 32), (32, 64, 32), (96, 64, 64), (576, 96, 32), (192, 256, 256)])
+def test_int4_kernel_unpack_inverts_pack_on_this_cpu(n, k, g):
+    # row counts that are and are not whole AVX2 (32) / AVX-512 (64) tiles
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
+    assert torch.equal(int4_kernel_unpack(int4_kernel_pack(q), n, k, g), q)
+    q[:] = 15  # the extreme codes survive too
+    q[0, :] = 0
+    assert torch.equal(int4_kernel_unpack(int4_kernel_pack(q), n, k, g), q)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -64,7 +68,7 @@ def test_int4_linear_matches_dequantized_reference(bias):
 
 def test_int4_linear_rejects_unsupported_shape():
     with pytest.raises(SplitLLMError):
-        Int4Linear.from_linear(nn.Linear(64, 32), 32)  # 32 rows: not whole 64-row tiles
+        Int4Linear.from_linear(nn.Linear(64, 40), 32)  # 40 rows: the kernel takes multiples of 16
     with pytest.raises(SplitLLMError):
         Int4Linear.from_linear(nn.Linear(64, 64), 16)  # kernel takes groups of 32..256
 
@@ -118,8 +122,13 @@ def test_quantize_layers_swaps_the_right_layers():
     for i, expect in [(0, True), (1, True), (2, False)]:
         layer = m.model.layers[i]
         assert isinstance(layer.self_attn.q_proj, Int4Linear) == expect  # 64 rows: kernel path
-        assert isinstance(layer.self_attn.k_proj, QuantLinear) == expect  # 32 rows: fallback
+        assert isinstance(layer.self_attn.k_proj, Int4Linear) == expect  # 32 rows: kernel path too
         assert isinstance(layer.mlp.down_proj, Int4Linear) == expect
+    # rows the kernel cannot take fall back to the portable module
+    m = tiny_model()
+    m.model.layers[0].mlp.gate_proj = nn.Linear(64, 40)
+    quantize_layers_(m.model.layers, [0], 4, 32)
+    assert isinstance(m.model.layers[0].mlp.gate_proj, QuantLinear)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -198,12 +207,22 @@ def test_quantize_layers_noops_and_bad_ids():
 
 def test_int4_linear_empty_batch_and_export_round_trip():
     torch.manual_seed(4)
-    m = Int4Linear.from_linear(nn.Linear(64, 128), 32)
+    lin = nn.Linear(64, 128)
+    m = Int4Linear.from_linear(lin, 32)
     with torch.no_grad():
         assert m(torch.zeros(0, 64)).shape == (0, 128)
     e = m.export()
+    # the export is the portable format: the very bytes QuantLinear stores for the same weight
+    portable = QuantLinear.from_linear(lin, 4, 32).export()
+    assert e.keys() == portable.keys() and all(torch.equal(e[k], portable[k]) for k in e)
+    q, _, _ = quantize_groupwise(lin.weight, 4, 32, torch.bfloat16)
+    assert torch.equal(e["codes"], pack_codes(q, 4))
     m2 = Int4Linear.from_portable(64, 128, 32, e["codes"], e["scales"], e["zeros"], e["bias"])
-    assert torch.equal(m2.packed, m.packed) and torch.equal(m2.scales_and_zeros, m.scales_and_zeros)
+    e2 = m2.export()
+    assert all(torch.equal(e[k], e2[k]) for k in e)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(m2(x), m(x))
 
 
 def test_default_group_size():

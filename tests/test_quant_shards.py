@@ -17,7 +17,7 @@ from splitcli.model.loader import load_model
 from splitcli.model.safetensors_io import payload_bytes, read_tensors
 from splitcli.model.shard_loader import load_cloud, load_edge, resident_bytes
 from splitcli.model.shards import (
-    CLOUD_FILE, EDGE_FILE, MANIFEST_FILE, QuantSpec, dir_digest, edge_state_dict, predicted_cloud_bytes,
+    CLOUD_FILE, EDGE_FILE, MANIFEST_FILE, SHARD_FORMAT_VERSION, QuantSpec, dir_digest, edge_state_dict, predicted_cloud_bytes,
     predicted_edge_bytes, write_shards,
 )
 from splitcli.model.split import CloudHalf, EdgeHalf, decoder_parts
@@ -49,7 +49,7 @@ def test_quantize_writes_self_contained_dir(shard_dir, tiny_lm):
     names = {p.name for p in shard_dir.iterdir()}
     assert {EDGE_FILE, CLOUD_FILE, MANIFEST_FILE, "config.json", "tokenizer.json"} <= names
     m = yaml.safe_load((shard_dir / MANIFEST_FILE).read_text())
-    assert m["format_version"] == 1 and m["split_layer"] == 2 and m["l_w"] == 2
+    assert m["format_version"] == SHARD_FORMAT_VERSION == 2 and m["split_layer"] == 2 and m["l_w"] == 2
     assert m["layer_bits"] == [4, 4, None, None] and m["group_size"] == 32 and m["kv_bits"] == 8
     assert m["model_sha256"] == tiny_lm.sha256
     edge, _ = read_tensors(shard_dir / EDGE_FILE)
@@ -182,6 +182,13 @@ def test_bad_shards_refused(shard_dir, tmp_path):
     _edit_manifest(d, format_version=99)
     with pytest.raises(SplitLLMError, match="version 99"):
         load_edge(d)
+    # version 1 may hold int4 codes in the writer's CPU layout: refused, with the fix named
+    _edit_manifest(d, format_version=1)
+    for load in (load_edge, load_cloud):
+        with pytest.raises(SplitLLMError, match=r"version 1 is not supported \(its int4.*re-run `splitllm quantize`"):
+            load(d)
+    r = runner.invoke(app, ["generate", "--shards", str(d), "--prompt", "hi", "-n", "1"])
+    assert r.exit_code == 2 and "re-run `splitllm quantize`" in r.output and "Traceback" not in r.output
     (d / MANIFEST_FILE).unlink()
     with pytest.raises(SplitLLMError, match="manifest.yaml"):
         load_cloud(d)

@@ -36,7 +36,10 @@ from ..errors import SplitLLMError
 from .loader import file_sha256
 from .safetensors_io import payload_bytes
 
-SHARD_FORMAT_VERSION = 1
+# 2: int4 weights are stored as portable codes on every CPU. Version-1 shards written on a CPU
+# without AVX-512 hold codes scrambled by that CPU's int4 kernel layout, and nothing in their bytes
+# tells, so version 1 is refused outright.
+SHARD_FORMAT_VERSION = 2
 EDGE_FILE, CLOUD_FILE, MANIFEST_FILE = "edge.safetensors", "cloud.safetensors", "manifest.yaml"
 COPIED_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -96,6 +99,17 @@ class QuantSpec:
         return bits
 
 
+def check_shard_version(version, where: str) -> None:
+    if version == SHARD_FORMAT_VERSION:
+        return
+    why = (" (its int4 weights may be laid out for the CPU that wrote them, and corrupt on any other)"
+           if version == 1 else "")
+    raise SplitLLMError(
+        f"{where}: shard format version {version!r} is not supported{why}; this splitllm reads version "
+        f"{SHARD_FORMAT_VERSION}: re-run `splitllm quantize`"
+    )
+
+
 @dataclass(frozen=True)
 class Manifest:
     """manifest.yaml. `files` maps a shard name to {"bytes": file size, "sha256": hex}."""
@@ -116,11 +130,7 @@ class Manifest:
     format_version: int = SHARD_FORMAT_VERSION
 
     def __post_init__(self):
-        if self.format_version != SHARD_FORMAT_VERSION:
-            raise SplitLLMError(
-                f"shard format version {self.format_version!r} is not supported (this splitllm reads version "
-                f"{SHARD_FORMAT_VERSION}): re-run `splitllm quantize`"
-            )
+        check_shard_version(self.format_version, "manifest")
         if len(self.layer_bits) != self.num_layers:
             raise SplitLLMError(f"manifest lists bits for {len(self.layer_bits)} layers, not {self.num_layers}")
         if not 1 <= self.split_layer < self.num_layers:
@@ -143,12 +153,7 @@ class Manifest:
     def from_dict(cls, d: dict, where: str) -> "Manifest":
         if not isinstance(d, dict):
             raise SplitLLMError(f"{where} is not a splitllm manifest (expected a mapping)")
-        version = d.get("format_version")
-        if version != SHARD_FORMAT_VERSION:
-            raise SplitLLMError(
-                f"{where}: shard format version {version!r} is not supported (this splitllm reads version "
-                f"{SHARD_FORMAT_VERSION}): re-run `splitllm quantize`"
-            )
+        check_shard_version(d.get("format_version"), where)
         try:
             return cls(**{**d, "layer_bits": tuple(d["layer_bits"])})
         except (TypeError, KeyError) as e:

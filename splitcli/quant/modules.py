@@ -24,39 +24,52 @@ from splitcli.quant.rtn import (
 
 WEIGHT_SCALE_DTYPE = torch.bfloat16  # the CPU int4 kernel takes bf16 scales and zeros
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
-_INT4_BLOCK_N = 64
+_INT4_KERNEL_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu refuses other row counts
 
 
 def int4_kernel_supports(out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether `Int4Linear` can serve this shape. Rows must come in whole blocks of 64 because
-    `int4pack_to_codes` only inverts the kernel's 64-row tile layout (true for every linear of
-    SmolLM2-135M); other shapes fall back to `QuantLinear`."""
+    """Whether `Int4Linear` can serve this shape on torch's CPU int4 kernel; other shapes fall
+    back to `QuantLinear`. The same answer on every CPU: it depends on the shape only."""
     return (
         group_size in INT4_KERNEL_GROUP_SIZES
         and in_features % group_size == 0
-        and out_features % _INT4_BLOCK_N == 0
+        and out_features % _INT4_KERNEL_ROW_MULTIPLE == 0
         and out_features > 0
     )
 
 
-def codes_to_int4pack(q: torch.Tensor) -> torch.Tensor:
-    """Codes q [N, K] (0..15) -> the CPU kernel's packed uint8 [N, K/2] tile layout."""
+def _check_int4_shape(out_features: int, in_features: int, group_size: int) -> None:
+    if not int4_kernel_supports(out_features, in_features, group_size):
+        raise SplitLLMError(
+            f"Int4Linear cannot serve a {out_features}x{in_features} weight with group size "
+            f"{group_size}: needs out % {_INT4_KERNEL_ROW_MULTIPLE} == 0 and a group in "
+            f"{INT4_KERNEL_GROUP_SIZES} dividing in"
+        )
+
+
+def int4_kernel_pack(q: torch.Tensor) -> torch.Tensor:
+    """Codes q [N, K] (0..15) -> the CPU kernel's packed uint8 [N, K/2].
+
+    The byte layout is private to this process on this CPU: torch tiles rows by the vector
+    width (64 rows with AVX-512, 32 with AVX2, plain pairs elsewhere). It must never reach a
+    file, a hash or a test's expected bytes; `int4_kernel_unpack` is its only inverse.
+    """
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
 
 
-def int4pack_to_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Exact inverse of `codes_to_int4pack` for N % 64 == 0.
+def int4_kernel_unpack(packed: torch.Tensor, out_features: int, in_features: int, group_size: int) -> torch.Tensor:
+    """Codes q [N, K] back from a kernel-packed weight, on whatever layout this CPU uses.
 
-    Layout (found by probing torch 2.13 and pinned by a round-trip test): rows come in tiles of
-    64; a tile is [K, 32] bytes, byte (k, j) holds row j in its low nibble and row j + 32 in its
-    high nibble.
+    The kernel itself reads the codes out: with scale 1 and zero 8 it computes w = q - 8 + 8 = q,
+    and the identity as input gives y = I @ w.T, so y.T = q. Every value is a small integer,
+    exact in bf16, so the result is exact; no layout table is assumed.
     """
-    if n % _INT4_BLOCK_N != 0:
-        raise SplitLLMError(f"int4 tile layout needs rows in blocks of 64, got {n}")
-    t = packed.reshape(n // _INT4_BLOCK_N, k, _INT4_BLOCK_N // 2)  # [tiles, K, 32]
-    low = (t & 0xF).transpose(1, 2)  # [tiles, 32, K]
-    high = (t >> 4).transpose(1, 2)
-    return torch.cat([low, high], dim=1).reshape(n, k).to(torch.uint8)
+    k, n = in_features, out_features
+    sz = torch.empty(k // group_size, n, 2, dtype=torch.bfloat16)  # [K/g, N, (scale, zero)]
+    sz[..., 0], sz[..., 1] = 1.0, 8.0
+    eye = torch.eye(k, dtype=torch.bfloat16)  # [K, K]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, group_size, sz)  # [K, N]
+    return y.t().to(torch.uint8).contiguous()  # [N, K]
 
 
 class QuantLinear(nn.Module):
@@ -122,8 +135,9 @@ class Int4Linear(nn.Module):
 
     Drop-in for a float32 nn.Linear: the input is cast to bf16 for the kernel and the output cast
     back to the input dtype (relative error ~3e-3 vs the dequantized reference, from bf16).
-    Holds the kernel's tile-packed weight [N, K/2] uint8 and `scales_and_zeros` [K/group, N, 2]
-    bf16 — the same numbers as the portable format, only re-laid out.
+    Holds the kernel's packed weight [N, K/2] uint8 (laid out for this CPU at construction) and
+    `scales_and_zeros` [K/group, N, 2] bf16 — the same numbers as the portable format, only
+    re-laid out. `export()` always gives portable codes, read back through the kernel.
     """
 
     bits = 4
@@ -138,13 +152,9 @@ class Int4Linear(nn.Module):
         bias: torch.Tensor | None,
     ):
         super().__init__()
-        if not int4_kernel_supports(out_features, in_features, group_size):
-            raise SplitLLMError(
-                f"Int4Linear cannot serve a {out_features}x{in_features} weight with group size "
-                f"{group_size}: needs out % 64 == 0 and group in {INT4_KERNEL_GROUP_SIZES} dividing in"
-            )
+        _check_int4_shape(out_features, in_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("packed", packed)  # [N, K/2] uint8, kernel tile layout
+        self.register_buffer("packed", packed)  # [N, K/2] uint8, this CPU's private kernel layout
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/group, N, 2] bf16
         self.register_buffer("bias", bias)  # [N] float32 or None
 
@@ -159,9 +169,10 @@ class Int4Linear(nn.Module):
         zeros: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> "Int4Linear":
+        _check_int4_shape(out_features, in_features, group_size)
         q = unpack_codes(codes, 4, in_features)  # [N, K]
         sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/g, N, 2]
-        return cls(in_features, out_features, group_size, codes_to_int4pack(q), sz, bias)
+        return cls(in_features, out_features, group_size, int4_kernel_pack(q), sz, bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> "Int4Linear":
@@ -172,7 +183,7 @@ class Int4Linear(nn.Module):
         )
 
     def export(self) -> dict[str, torch.Tensor]:
-        q = int4pack_to_codes(self.packed, self.out_features, self.in_features)
+        q = int4_kernel_unpack(self.packed, self.out_features, self.in_features, self.group_size)  # [N, K]
         out = {
             "codes": pack_codes(q, 4),
             "scales": self.scales_and_zeros[..., 0].t().contiguous(),
