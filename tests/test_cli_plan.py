@@ -27,6 +27,11 @@ def assert_clean_error(result, pattern: str, code: int = 2):
     assert "Traceback" not in result.output
 
 
+def flat(output: str) -> str:
+    """The output with rich's line wrapping undone (CliRunner's console is 80 columns wide)."""
+    return " ".join(output.split())
+
+
 def test_help():
     for args in (["profile"], ["plan"]):
         r = run(*args, "--help")
@@ -103,7 +108,8 @@ def test_plan_feasible_picks_highest_psi_then_least_memory(tmp_path):
     assert r.exit_code == 0, r.output
     plan = Plan.load(out)
     # Psi = l * Qa + (L - l) * q_bar is largest at l = L - 1 with Qa 16 and q_bar 8; among equal
-    # Psi the least memory wins: every edge layer at 4 bits.
+    # Psi, equal drops and equal latency (this profile times every bit width alike) the least
+    # memory wins: every edge layer at 4 bits.
     assert (plan.split_layer, plan.qa, plan.codec.q_bar) == (3, 16, 8)
     assert plan.edge_weight_bits == (4, 4, 4)
     assert plan.budgets.memory_bytes == 10_000_000 and plan.max_tokens == 64
@@ -187,9 +193,93 @@ def test_plan_sweep_and_link(tmp_path):
     _, path = synthetic_profile(tmp_path)
     table = accuracy_table(tmp_path, [{"drop": 0.0}])
     r = run("plan", "--profile", path, "--mem", "10MB", "--max-tokens", "64", "--accuracy-table", table,
-            "--bandwidth", "10MHz", "--snr", "10dB", "--deadline", "1ms", "--sweep", "max-tokens")
+            "--bandwidth", "10MHz", "--snr", "10dB", "--deadline", "1s", "--sweep", "max-tokens")
     assert r.exit_code == 0, r.output
-    assert "W̄ sweep" in r.output and "misses the deadline" in r.output
+    assert "W̄ sweep" in r.output and "link rate R*" in r.output and "misses deadline" not in r.output
+
+
+def test_plan_deadline_rejects_slow_plans_and_says_so(tmp_path):
+    # 2 ms per edge layer and no link: l = 3 predicts 6 ms, l = 2 4 ms.
+    _, path = synthetic_profile(tmp_path)
+    table = accuracy_table(tmp_path, [{"drop": 0.0}])
+    out = tmp_path / "plan.yaml"
+    r = run("plan", "--profile", path, "--mem", "10MB", "--accuracy-table", table, "--deadline", "5ms", "-o", out)
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(out)
+    assert plan.split_layer == 2 and plan.budgets.deadline_s == pytest.approx(0.005)
+    assert plan.notes["predicted_edge_ms_per_token"] == pytest.approx(4.0)
+    # The l = 3 plans that would have won are shown among the runner-ups, with the reason.
+    assert "rejected: misses deadline (6.0 ms > 5.0 ms)" in flat(r.output)
+
+
+def test_plan_every_candidate_misses_deadline_exit_3(tmp_path):
+    _, path = synthetic_profile(tmp_path)
+    table = accuracy_table(tmp_path, [{"drop": 0.0}])
+    r = run("plan", "--profile", path, "--mem", "10MB", "--accuracy-table", table, "--deadline", "1ms")
+    assert_clean_error(r, "error: no configuration meets the deadline of 1.0 ms: the fastest candidate "
+                          "(ℓ = 1, weights 4b x 1, Qa 4, q̄ 4) predicts 2.0 ms per token", code=3)
+    assert len([line for line in r.output.splitlines() if line.startswith("error:")]) == 1
+    # 6.5 ms holds l = 3's 6 ms of compute, but not once a 1 MHz link adds eq. (11)'s time on the
+    # wire (the fastest candidate then sends the least: l = 3, q̄ 4).
+    assert run("plan", "--profile", path, "--mem", "10MB", "--accuracy-table", table, "--deadline", "6.5ms").exit_code == 0
+    r = run("plan", "--profile", path, "--mem", "10MB", "--accuracy-table", table, "--deadline", "6.5ms",
+            "--bandwidth", "1MHz", "--snr", "10dB")
+    assert_clean_error(r, "the fastest candidate (ℓ = 3, weights 4b x 3, Qa 4, q̄ 4) predicts 9.3 ms per token", code=3)
+    assert_clean_error(run("plan", "--profile", path, "--mem", "10MB", "--accuracy-table", table,
+                           "--deadline", "0ms"), "--deadline must be > 0")
+
+
+def test_plan_prefers_smaller_drop_then_says_why(tmp_path):
+    # Every weight choice fits 10 MB and passes 1%; full precision loses nothing, the rest a bit.
+    _, path = synthetic_profile(tmp_path)
+    table = accuracy_table(tmp_path, [{"q_w1": 16, "q_w2": None, "drop": 0.0}, {"drop": 0.002}])
+    out = tmp_path / "plan.yaml"
+    r = run("plan", "--profile", path, "--mem", "10MB", "--accuracy-table", table, "-o", out)
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(out)
+    assert plan.edge_weight_bits == (16, 16, 16) and (plan.q_w1, plan.q_w2) == (16, None)
+    assert "#1 chosen: chosen over #2 by: same Psi and l, smaller accuracy drop (0% < 0.2%)" in flat(r.output)
+    assert ("chosen over (ℓ = 3, weights 4b x 3, Qa 16, q̄ 8) by: same Psi and l, smaller accuracy drop"
+            in flat(r.output))
+    assert "smaller accuracy drop" in plan.notes["decided_by"]
+    # A budget the float edge does not fit still finds a quantized plan.
+    r = run("plan", "--profile", path, "--mem", "300KB", "--accuracy-table", table, "-o", out, "--force")
+    assert r.exit_code == 0, r.output
+    assert 16 not in Plan.load(out).edge_weight_bits
+
+
+def test_plan_codec_defaults_come_from_the_profile(tmp_path):
+    import dataclasses
+
+    from splitcli.plan.profile import CodecCost, CodecPoint
+
+    profile, _ = synthetic_profile(tmp_path)
+    points = (CodecPoint(4, 0.99, 20.0, True), CodecPoint(6, 0.99, 30.0, True))
+    path = tmp_path / "codec-profile.yaml"
+    write_yaml(path, dataclasses.replace(profile, codec=CodecCost(0.1, 0.1, points)).to_dict())
+    table = accuracy_table(tmp_path, [{"drop": 0.0}])
+    out = tmp_path / "plan.yaml"
+    r = run("plan", "--profile", path, "--mem", "10MB", "--accuracy-table", table, "-o", out)
+    assert r.exit_code == 0, r.output
+    plan = Plan.load(out)
+    # Only the measured points are candidates: q̄ 8 was never measured, so it is not planned.
+    assert (plan.codec.q_bar, plan.codec.tau_quantile) == (6, 0.99)
+
+
+def test_cli_defaults_have_one_home():
+    """The CLI's defaults are read from where each constant lives; where two modules cannot share
+    one (plan/ must not import torch-backed packages), this pins the copies together."""
+    import dataclasses
+
+    from splitcli.codec.config import CodecConfig
+    from splitcli.model.shards import QuantSpec
+    from splitcli.plan.advise import FALLBACK_TAU_QUANTILE
+    from splitcli.plan.enumerate import DEFAULT_EMBED_BITS
+    from splitcli.plan.measure import ProfileSettings
+
+    assert FALLBACK_TAU_QUANTILE == CodecConfig().tau_quantile
+    assert DEFAULT_EMBED_BITS == QuantSpec(1).embed_bits == Plan.__dataclass_fields__["embed_bits"].default
+    assert {f.name: f.default for f in dataclasses.fields(ProfileSettings)}["group_size"] == QuantSpec(1).group_size
 
 
 def test_plan_proxy_on_tiny_model(tiny_model_dir, tmp_path):

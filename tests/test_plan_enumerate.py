@@ -9,7 +9,7 @@ from splitcli.cost.memory import edge_memory
 from splitcli.errors import SplitLLMError
 from splitcli.plan.enumerate import Candidate, SearchSpace, psi, search_plans, to_plan
 from splitcli.plan.profile import (
-    CodecCost, CodecPoint, DeviceInfo, LayerCost, Profile, StageCost,
+    CodecCost, CodecPoint, DeviceInfo, LayerCost, Profile, StageCost, profile_from_architecture,
 )
 from splitcli.plan.schema import Budgets, Plan
 
@@ -37,8 +37,9 @@ def _memory(profile, cand, w_bar):
                        cand.method, profile.embedding.weight_bytes_at(8)).total_bytes
 
 
-def _brute_force(profile, space, budget, max_drop, w_bar, accuracy):
-    """Independent re-statement of eq. (8) and the tie-breaks, over every candidate."""
+def _brute_force(profile, space, budget, max_drop, w_bar, accuracy, latency=None, deadline=None):
+    """Independent re-statement of eq. (8) and the tie-breaks, over every candidate: Psi, then
+    edge layers, then the accuracy drop, the latency, wire bytes and memory."""
     wire = {(4, 5.0): 40.0, (4, 9.0): 35.0, (6, 5.0): 55.0}
     feasible = []
     for cand in space.candidates(profile.n_layers):
@@ -49,11 +50,14 @@ def _brute_force(profile, space, budget, max_drop, w_bar, accuracy):
         if None in bits:
             continue
         memory = _memory(profile, cand, w_bar)
+        seconds = latency(cand) if latency else 0.0
         if memory > budget or not accuracy(cand) <= max_drop:
+            continue
+        if deadline is not None and seconds > deadline:
             continue
         score = cand.split_layer * cand.qa + (L - cand.split_layer) * cand.q_bar
         wire_bytes = wire.get((cand.q_bar, cand.tau), 64 * cand.q_bar / 8)
-        feasible.append(((-score, -cand.split_layer, wire_bytes, memory), cand))
+        feasible.append(((-score, -cand.split_layer, accuracy(cand), seconds, wire_bytes, memory), cand))
     if not feasible:
         return None
     best = min(key for key, _ in feasible)
@@ -127,7 +131,7 @@ def test_reasons_and_ranking():
     assert len(result.ranked) == total
 
 
-def test_lazy_accuracy_evaluates_few():
+def test_lazy_accuracy_evaluates_only_the_best_tie_group():
     calls = []
 
     def accuracy(cand):
@@ -135,10 +139,14 @@ def test_lazy_accuracy_evaluates_few():
         return 0.0
 
     result = search_plans(_profile(), SPACE, Budgets(10**9, 0.01), 8, accuracy)
-    assert result.accuracy_evaluations == 1 and len(calls) == 1
     # Everything fits, nothing hurts: the whole model on the edge at the highest bits wins.
-    assert result.winner.candidate.split_layer == L
-    assert result.winner.candidate.qa == 16
+    best = result.winner
+    assert best.candidate.split_layer == L and best.candidate.qa == 16
+    # Accuracy decides among ties on (Psi, l), so the whole best group is measured, nothing else.
+    group = [c for c in SPACE.candidates(L) if _valid(c)
+             and psi(c.split_layer, L, c.qa, c.q_bar) == best.psi and c.split_layer == L]
+    assert sorted(calls, key=Candidate.sort_key) == sorted(group, key=Candidate.sort_key)
+    assert result.accuracy_evaluations == len(group) < sum(1 for _ in SPACE.candidates(L)) / 10
 
 
 def test_tie_breaks_edge_layers_then_wire_bytes():
@@ -147,15 +155,18 @@ def test_tie_breaks_edge_layers_then_wire_bytes():
     # qa = q_bar: Psi = 8 L whatever l is, so the tie goes to l = 2, then to the smaller codec.
     result = search_plans(profile, space, Budgets(10**9, 1.0), 4, lambda c: 0.0, evaluate_all=True)
     assert result.winner.candidate.split_layer == 2
-    # No codec point for q_bar 8: both taus cost the same 64 bytes -> falls to memory/order.
-    assert result.ranked[1].reason.startswith("tie on Psi")
+    # No codec point for q_bar 8: both taus cost the same 64 bytes and the same memory, so
+    # nothing but enumeration order separates them.
+    assert result.ranked[1].reason == "tie on every rule; lost on enumeration order"
+    assert result.runner_up == result.ranked[1] and result.decided_by is None
     space4 = SearchSpace(split_layers=(1,), q_w=((4, 16),), qa=(4,), q_bar=(4,), tau=(5.0, 9.0))
     profile4 = Profile("toy", 64, 1, 8, DeviceInfo("toy"),
                        tuple(dataclass_replace_kv(layer) for layer in profile.layers),
                        profile.embedding, profile.head, profile.codec)
     result = search_plans(profile4, space4, Budgets(10**9, 1.0), 4, lambda c: 0.0, evaluate_all=True)
     assert result.winner.candidate.tau == 9.0  # 35 bytes/token beats 40
-    assert result.ranked[1].reason.startswith("same Psi and l, more wire bytes")
+    assert result.ranked[1].reason == "same Psi, l, accuracy and latency, more wire bytes/token (40 > 35)"
+    assert result.decided_by == "fewer wire bytes"
 
 
 def dataclass_replace_kv(layer):
@@ -219,3 +230,158 @@ def test_space_enumerates_product():
     only_l = SearchSpace(split_layers=(2, 3), q_w=((4, 16),), qa=(8,), q_bar=(4,), tau=(5.0,))
     assert [c.l_w for c in only_l.candidates(L)] == [2, 3]
     assert list(itertools.islice(only_l.candidates(L), 1))[0] == Candidate(2, 2, "front", 4, 16, 8, 4, 5.0)
+
+
+# --- what a user would pick among ties on Psi and l (issue 12, item 4) ----------------------------
+
+# One (Psi, l) tie group: l = 2, Qa 8, q_bar 4 at one tau; only the edge's weight bits differ.
+TIE_SPACE = SearchSpace(split_layers=(2,), q_w=((4, None), (16, None), (4, 16)), qa=(8,), q_bar=(4,),
+                        tau=(5.0,), l_w=(1, 2))
+
+
+def _bits_latency(per_bit):
+    """A latency model: seconds per edge layer by its weight bits (like a profile's decode_ms_by_bits)."""
+    return lambda c: sum(per_bit[b] for b in c.edge_bits(L))
+
+
+def test_tie_break_smaller_accuracy_drop_beats_memory():
+    # Old behaviour: the least memory (all 4-bit) won the tie although it loses accuracy.
+    drops = {(4, 4): 0.004, (4, 16): 0.001, (16, 16): 0.0}
+    result = search_plans(_profile(), TIE_SPACE, Budgets(10**9, 0.01), 8, lambda c: drops[c.edge_bits(L)])
+    assert result.winner.candidate.edge_bits(L) == (16, 16)
+    assert result.decided_by == "smaller accuracy drop"
+    assert result.runner_up.candidate.edge_bits(L) == (4, 16)
+    assert result.winner.reason == "chosen over the runner-up by: same Psi and l, smaller accuracy drop (0% < 0.1%)"
+    # Every member of the tie group was measured and lost with its own reason.
+    reasons = {r.candidate.edge_bits(L): r.reason for r in result.ranked if r.status == "lost"}
+    assert reasons[(4, 4)] == "same Psi and l, larger accuracy drop (0.4% > 0%)"
+
+
+def test_tie_break_accuracy_comes_before_latency():
+    drops = {(4, 4): 0.004, (4, 16): 0.001, (16, 16): 0.0}
+    # Full precision is the slowest here, yet the smaller drop still wins.
+    slow_fp = _bits_latency({4: 0.001, 16: 0.010})
+    result = search_plans(_profile(), TIE_SPACE, Budgets(10**9, 0.01), 8, lambda c: drops[c.edge_bits(L)],
+                          latency=slow_fp)
+    assert result.winner.candidate.edge_bits(L) == (16, 16)
+    assert result.decided_by == "smaller accuracy drop"
+
+
+def test_tie_break_lower_latency_beats_memory():
+    # Equal drops: the faster edge wins even though it needs more memory.
+    fast_fp = _bits_latency({4: 0.030, 16: 0.005})
+    result = search_plans(_profile(), TIE_SPACE, Budgets(10**9, 0.01), 8, lambda c: 0.001, latency=fast_fp)
+    assert result.winner.candidate.edge_bits(L) == (16, 16)
+    assert result.decided_by == "lower predicted latency"
+    assert result.winner.latency_s == pytest.approx(0.010)
+    assert "(10.0 ms < 35.0 ms per token)" in result.winner.reason
+    mixed = next(r for r in result.ranked if r.candidate.edge_bits(L) == (4, 16))
+    assert mixed.reason.startswith("same Psi, l and accuracy, higher predicted latency (35.0 ms > 10.0 ms")
+
+
+def test_tie_break_memory_only_last():
+    # Equal drops, equal latency, equal wire bytes: only then does the smaller edge win.
+    result = search_plans(_profile(), TIE_SPACE, Budgets(10**9, 0.01), 8, lambda c: 0.001,
+                          latency=lambda c: 0.02)
+    assert result.winner.candidate.edge_bits(L) == (4, 4)
+    assert result.decided_by == "less edge memory"
+    assert result.winner.reason.startswith("chosen over the runner-up by: same Psi, l, accuracy, latency and "
+                                           "wire bytes, less edge memory")
+
+
+def test_same_configuration_spellings_are_not_the_runner_up():
+    # (4, 16) with l_w = 0 and (16, None) put the same float weights on the edge.
+    space = SearchSpace(split_layers=(2,), q_w=((16, None), (4, 16), (4, None)), qa=(8,), q_bar=(4,),
+                        tau=(5.0,), l_w=(0, 2))
+    drops = {(4, 4): 0.004, (16, 16): 0.0}
+    result = search_plans(_profile(), space, Budgets(10**9, 0.01), 8, lambda c: drops[c.edge_bits(L)])
+    assert result.winner.candidate.edge_bits(L) == (16, 16)
+    assert result.runner_up.candidate.edge_bits(L) == (4, 4)
+    twin = next(r for r in result.ranked if r.status == "lost" and r.candidate.edge_bits(L) == (16, 16))
+    assert twin.reason.startswith("same edge configuration as the chosen plan")
+
+
+def _smollm_like_profile():
+    """SmolLM2-135M's shape with per-bit decode times like those measured here (full precision
+    runs fastest on this CPU's fp32 path); no model needed."""
+    params = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    base = profile_from_architecture("smollm2-135m", 30, 576, 3, 64, params, 49152 * 576,
+                                     weight_bits=(4, 8, 16), kv_bits=(4, 8, 16))
+    layers = tuple(LayerCost(layer.prefill_ms, 5.0, layer.weight_bytes, layer.kv_bytes_per_token, 6e6,
+                             decode_ms_by_bits={4: 9.0, 8: 12.0, 16: 5.0}) for layer in base.layers)
+    return Profile(base.model_id, 576, 3, 64, base.device, layers, base.embedding, base.head)
+
+
+def _proxy_like_drop(c: Candidate) -> float:
+    # Perplexity proxy shape: every quantized edge layer adds a little, 4-bit far more than 8.
+    per_layer = {4: 0.0004, 8: 0.00005, 16: 0.0}
+    return sum(per_layer[b] for b in c.edge_bits(30)) + {4: 0.02, 8: 0.001, 16: 0.0}[c.qa]
+
+
+def test_roomy_budget_keeps_full_precision_and_tight_budget_quantizes():
+    from splitcli.plan.advise import canonical, default_space, latency_model
+
+    profile = _smollm_like_profile()
+    space = default_space(profile)
+    latency = latency_model(profile, None, None)
+    roomy = search_plans(profile, space, Budgets(16 * 10**9, 0.01), 256, _proxy_like_drop, latency=latency)
+    # 16 GB holds the float edge a hundred times over: nothing is quantized.
+    assert roomy.winner.candidate.split_layer == 29 and roomy.winner.candidate.qa == 16
+    assert set(roomy.winner.candidate.edge_bits(30)) == {16}
+    assert canonical(roomy.winner.candidate, 30).q_w1 == 16
+    assert roomy.decided_by == "smaller accuracy drop"
+    tight = search_plans(profile, space, Budgets(100 * 2**20, 0.01), 256, _proxy_like_drop, latency=latency)
+    assert tight.winner is not None and tight.winner.memory.total_bytes <= 100 * 2**20
+    assert min(tight.winner.candidate.edge_bits(30)) < 16
+
+
+# --- deadline (issue 12, item 3) --------------------------------------------------------------------
+
+def _layer_latency(c: Candidate) -> float:
+    # 1 ms per edge layer, 2 ms more per layer at float weights: more edge = slower.
+    return sum(0.001 + (0.002 if b >= 16 else 0.0) for b in c.edge_bits(L))
+
+
+@pytest.mark.parametrize("deadline", [0.0015, 0.0025, 0.004, 0.006, 0.02])
+@pytest.mark.parametrize("budget", [450, 800, 5000])
+def test_deadline_matches_brute_force(deadline, budget):
+    profile = _profile()
+    result = search_plans(profile, SPACE, Budgets(budget, 0.1, deadline), 8, _accuracy, latency=_layer_latency)
+    expected = _brute_force(profile, SPACE, budget, 0.1, 8, _accuracy, _layer_latency, deadline)
+    if expected is None:
+        assert result.winner is None
+    else:
+        assert result.winner.candidate in expected
+        assert result.winner.latency_s <= deadline
+    for r in result.ranked:
+        if r.rejected_by == "deadline":
+            assert r.latency_s > deadline and r.memory.total_bytes <= budget
+            assert r.reason == f"misses deadline ({r.latency_s * 1e3:.1f} ms > {deadline * 1e3:.1f} ms)"
+            assert r.accuracy_drop is None  # rejected before its accuracy was paid for
+
+
+def test_deadline_rejects_the_otherwise_best_plan():
+    space = SearchSpace(split_layers=(1, 2, 3), q_w=((16, None),), qa=(16,), q_bar=(4,), tau=(5.0,))
+    free = search_plans(_profile(), space, Budgets(10**9, 0.1), 8, lambda c: 0.0, latency=_layer_latency)
+    assert free.winner.candidate.split_layer == 3  # no deadline: the most edge layers
+    timed = search_plans(_profile(), space, Budgets(10**9, 0.1, 0.007), 8, lambda c: 0.0, latency=_layer_latency)
+    assert timed.winner.candidate.split_layer == 2
+    rejected = [r for r in timed.ranked if r.rejected_by == "deadline"]
+    assert [r.candidate.split_layer for r in rejected] == [3]
+    assert rejected[0].reason == "misses deadline (9.0 ms > 7.0 ms)"
+
+
+def test_every_candidate_misses_the_deadline():
+    space = SearchSpace(split_layers=(1, 2, 3), q_w=((4, None), (16, None)), qa=(16,), q_bar=(4,), tau=(5.0,))
+    result = search_plans(_profile(), space, Budgets(10**9, 0.1, 0.0005), 8, lambda c: 0.0, latency=_layer_latency)
+    assert result.winner is None and result.min_memory_bytes is None
+    assert result.fastest.latency_s == pytest.approx(0.001)
+    assert result.fastest.candidate.split_layer == 1 and result.fastest.candidate.q_w1 == 4
+    assert all(r.rejected_by == "deadline" for r in result.ranked)
+
+
+def test_deadline_without_latency_model_is_recorded_only():
+    space = SearchSpace(split_layers=(1, 2, 3), q_w=((16, None),), qa=(16,), q_bar=(4,), tau=(5.0,))
+    result = search_plans(_profile(), space, Budgets(10**9, 0.1, 1e-9), 8, lambda c: 0.0)
+    assert result.winner.candidate.split_layer == 3 and result.fastest is None
+    assert not any(r.rejected_by == "deadline" for r in result.ranked)

@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..plan.advise import DEFAULT_Q_BARS
+from ..plan.enumerate import DEFAULT_EMBED_BITS
 from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, parse_int_list
 
 
@@ -17,7 +19,7 @@ def plan_cmd(
     mem: str = typer.Option(..., "--mem", help="Edge memory for weights + KV + activations, e.g. 512MB, 1.5GiB."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="W̄: tokens the edge keeps KV for (prompt + generated)."),
     model: str = typer.Option(None, "--model", "-m", help="Model for the accuracy proxy (default: the profile's)."),
-    deadline: str = typer.Option(None, "--deadline", help="Per-token deadline D, e.g. 200ms (reported; enforced at run time by Algorithm 2)."),
+    deadline: str = typer.Option(None, "--deadline", help="Per-token deadline D, e.g. 200ms: plans whose predicted step (edge compute + link at ε) exceeds it are rejected."),
     bandwidth: str = typer.Option(None, "--bandwidth", help="Link bandwidth W, e.g. 10MHz (no link: compute only)."),
     snr: str = typer.Option("10dB", "--snr", help="Mean link SNR, e.g. 10dB."),
     eps: float = typer.Option(1e-3, "--eps", help="Outage target ε of eq. (9)."),
@@ -26,19 +28,20 @@ def plan_cmd(
     data_dir: Path = typer.Option(None, "--data-dir", help="Data directory with wikitext2/ (default: $SPLITLLM_DATA, ../shared/data)."),
     proxy_windows: int = typer.Option(1, "--proxy-windows", help="Proxy: WikiText-2 windows to score."),
     proxy_seqlen: int = typer.Option(512, "--proxy-seqlen", help="Proxy: tokens per window."),
-    q_bars: str = typer.Option("4,6,8", "--q-bar", help="Codec q̄ values to consider."),
-    embed_bits: int = typer.Option(8, "--embed-bits", help="How the edge stores its embedding: 8 (quantize's default) or 16 (as loaded)."),
+    q_bars: str = typer.Option(None, "--q-bar", help=f"Codec q̄ values to consider [default: those the profile measured, else {','.join(map(str, DEFAULT_Q_BARS))}]."),
+    embed_bits: int = typer.Option(DEFAULT_EMBED_BITS, "--embed-bits", help="How the edge stores its embedding: 8 (quantize's default) or 16 (as loaded)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the chosen plan here (YAML)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     sweep: str = typer.Option(None, "--sweep", help="Also print a sweep table; only 'max-tokens' (W̄) is supported."),
 ):
-    """Pick the split layer, weight bits, KV bits and codec q̄ that maximize Ψ under the budgets (eq. 8)."""
+    """Pick the split layer, weight bits, KV bits and codec q̄ that maximize Ψ under the budgets (eq. 8), ties going to the smaller accuracy drop, then the lower latency, then the smaller memory."""
     from ..configio import load_config
     from ..cost.latency import LinkModel
     from ..errors import SplitLLMError
+    from ..model.shards import EMBED_BITS
     from ..plan.accuracy import PerplexityProxy, calibration_windows, resolve_data_dir
     from ..plan.eval_table import load_accuracy_table
-    from ..plan.advise import canonical, default_rate, default_space, step_latency
+    from ..plan.advise import canonical, default_rate, default_space, latency_model, step_latency
     from ..plan.enumerate import search_plans, to_plan
     from ..plan.profile import Profile
     from ..plan.schema import Budgets
@@ -56,14 +59,18 @@ def plan_cmd(
     link = LinkModel(parse_frequency(bandwidth), snr_linear, eps) if bandwidth is not None else None
     if max_tokens < 1:
         raise SplitLLMError(f"--max-tokens must be >= 1, got {max_tokens}")
-    if embed_bits not in (8, 16):
-        raise SplitLLMError(f"--embed-bits must be 8 or 16, got {embed_bits}")
+    if embed_bits not in EMBED_BITS:
+        raise SplitLLMError(f"--embed-bits must be {' or '.join(map(str, EMBED_BITS))}, got {embed_bits}")
     if sweep not in (None, "max-tokens"):
         raise SplitLLMError(f"--sweep supports only 'max-tokens', got {sweep!r}")
     check_output_path(out, force)
     profile = Profile.from_dict(load_config(profile_path))
-    space = default_space(profile, parse_int_list(q_bars, "--q-bar"))
+    space = default_space(profile, None if q_bars is None else parse_int_list(q_bars, "--q-bar"))
     budgets = Budgets(memory_bytes=memory, max_accuracy_drop=drop, deadline_s=deadline_s)
+    rate = default_rate(link) if link is not None else None
+    # The profile's group size is the one its weight bytes were counted at; one that records
+    # none falls back to what `splitllm profile` measures by default.
+    group_size = profile.group_size or _profile_default_group_size()
 
     if accuracy_table:
         table = load_accuracy_table(accuracy_table)
@@ -73,22 +80,29 @@ def plan_cmd(
         directory = resolve_data_dir(data_dir)
         lm = load_model_with_status(model or profile.model_id)
         windows = calibration_windows(lm.tokenizer, directory, proxy_windows, proxy_seqlen)
-        proxy = PerplexityProxy(lm.model, windows, profile.group_size or 64,
+        proxy = PerplexityProxy(lm.model, windows, group_size,
                                 progress=lambda msg: err_console.print(msg, highlight=False))
         if proxy.n_layers != profile.n_layers:
             raise SplitLLMError(f"the profile has {profile.n_layers} layers but model {lm.model_id} has {proxy.n_layers}")
         accuracy = proxy.drop
         source = (f"PROXY: WikiText-2 perplexity increase over {proxy_windows} x {proxy_seqlen} tokens "
                   f"(edge weights + KV quantized; codec not modeled), not task accuracy")
-    search = search_plans(profile, space, budgets, max_tokens, accuracy, embed_bits=embed_bits)
-    rate = default_rate(link) if link is not None else None
+    search = search_plans(profile, space, budgets, max_tokens, accuracy, embed_bits=embed_bits,
+                          latency=latency_model(profile, link, rate))
     _print_ranking(search, profile, link, rate, budgets)
     err_console.print(f"accuracy: {source}", highlight=False)
     if search.winner is None:
         from ..units import format_bytes
 
+        fastest = search.fastest
+        if deadline_s is not None and fastest is not None and fastest.latency_s > deadline_s:
+            raise SplitLLMError(
+                f"no configuration meets the deadline of {deadline_s * 1e3:.1f} ms: the fastest candidate "
+                f"({_describe(fastest.candidate, profile.n_layers)}) predicts {fastest.latency_s * 1e3:.1f} ms "
+                f"per token{'' if link is not None else ' of edge compute alone'}", exit_code=3)
         if search.min_memory_bytes is None:
-            raise SplitLLMError(f"no configuration passes the accuracy drop of {drop:.4g} at any memory: "
+            within = " within the deadline" if deadline_s is not None else ""
+            raise SplitLLMError(f"no configuration passes the accuracy drop of {drop:.4g} at any memory{within}: "
                                 "raise --accuracy-drop", exit_code=3)
         raise SplitLLMError(
             f"no configuration fits {format_bytes(memory)}; the smallest budget that works is "
@@ -100,20 +114,41 @@ def plan_cmd(
         _print_sweep(profile, winner.candidate, memory, max_tokens, embed_bits)
     notes = {
         "accuracy": source, "accuracy_drop": winner.accuracy_drop, "psi": winner.psi,
+        "decided_by": winner.reason,
         "edge_memory_bytes": winner.memory.total_bytes if winner.memory else None,
         "predicted_edge_ms_per_token": latency.compute_s * 1e3,
         "predicted_wire_bytes_per_token": latency.wire_bytes,
         "predicted_step_ms": latency.total_s * 1e3 if link is not None else None,
         "rate_bps": rate, "profile": str(profile_path), "profile_device": profile.device.name,
     }
-    plan = to_plan(canonical(winner.candidate, profile.n_layers), profile, budgets, max_tokens, delta=0.05, group_size=profile.group_size or 64,
-                   tau_is_quantile=True, embed_bits=embed_bits, notes=notes)
-    if deadline_s is not None and latency.total_s > deadline_s:
-        err_console.print(f"[yellow]note:[/] the plan's predicted step ({latency.total_s * 1e3:.1f} ms) misses the "
-                          f"deadline of {deadline_s * 1e3:.1f} ms: Algorithm 2 will compress harder, drop KV or stop early")
+    plan = to_plan(canonical(winner.candidate, profile.n_layers), profile, budgets, max_tokens,
+                   delta=_codec_default("delta"), group_size=group_size, tau_is_quantile=True,
+                   embed_bits=embed_bits, notes=notes)
     if out is not None:
         plan.save(out, overwrite=force)
         console.print(f"wrote {out}", highlight=False)
+
+
+def _profile_default_group_size() -> int:
+    from ..plan.measure import ProfileSettings
+
+    return ProfileSettings().group_size
+
+
+def _codec_default(name: str):
+    """A codec setting's default, from the codec's own settings type (its one home)."""
+    from dataclasses import fields
+
+    from ..codec.config import CodecConfig
+
+    return next(f.default for f in fields(CodecConfig) if f.name == name)
+
+
+def _describe(candidate, n_layers: int) -> str:
+    from ..plan.advise import describe_weights, edge_weight_bits
+
+    return (f"ℓ = {candidate.split_layer}, weights {describe_weights(edge_weight_bits(candidate, n_layers))}, "
+            f"Qa {candidate.qa}, q̄ {candidate.q_bar}")
 
 
 def _print_ranking(search, profile, link, rate, budgets) -> None:
@@ -138,8 +173,12 @@ def _print_ranking(search, profile, link, rate, budgets) -> None:
             f"{lat.total_s * 1e3:.1f}" if link is not None else f"{lat.wire_bytes:.0f}",
         )
     err_console.print(table)
+    index = {id(r): i for i, r in enumerate(rows, 1)}
     for i, r in enumerate(rows, 1):
-        err_console.print(f"  #{i} {r.status}: {r.reason}", highlight=False)
+        reason = r.reason
+        if r.status == "chosen" and search.runner_up is not None and id(search.runner_up) in index:
+            reason = reason.replace("over the runner-up", f"over #{index[id(search.runner_up)]}", 1)
+        err_console.print(f"  #{i} {r.status}: {reason}", highlight=False)
     w = search.winner
     if w is not None and w.memory is not None:
         m = w.memory
@@ -152,6 +191,9 @@ def _print_ranking(search, profile, link, rate, budgets) -> None:
             f"{rate_text}",
             highlight=False,
         )
+        if search.runner_up is not None:
+            console.print(w.reason.replace("the runner-up", f"({_describe(search.runner_up.candidate, profile.n_layers)})", 1),
+                          highlight=False)
 
 
 def _print_sweep(profile, candidate, memory: int, max_tokens: int, embed_bits: int) -> None:

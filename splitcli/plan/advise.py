@@ -5,34 +5,67 @@ Readings:
 - Search space: ℓ over 1..L-1; OPSC "front" weights with every profiled bit width used alone
   (q_w2 None, all edge layers at q_w1) and every pair q_w1 < q_w2 (the first l_w layers quantized
   harder), l_w on a grid of step max(1, L // 6) so the accuracy proxy stays cheap; Qa over the
-  profiled KV bit widths; q_bar over `q_bars` at one tau quantile.
+  profiled KV bit widths; q_bar and the tau quantile default to the codec points the profile
+  measured (the planner can only cost the wire of what was measured; anything else falls back
+  to the rough hidden * q_bar / 8 estimate), else to DEFAULT_Q_BARS and a given quantile.
 - Link: without a measured rate the planner assumes the eq. (13) rate R* on
   [W / 1000, 2 W log2(1 + gamma)], i.e. around the link's capacity.
 - Edge latency per token: embedding + the edge layers at their weight bits (per-bit timings from
   the profile) + the codec's encode time when the profile has one; the wire carries the hidden
   state of one token (codec size, or hidden * q_bar / 8) plus, with I_kv = 1, the new token's KV
-  for the cloud layers at 16 bits (`io_bytes_per_step`).
+  for the cloud layers at 16 bits (`io_bytes_per_step`), sent in the eq. (11) epsilon-outage
+  time at rate R. The cloud's compute is not included: the profile measures the edge device
+  only, so the predicted step is what the edge and the link spend (a lower bound on the whole).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Callable, Iterable
 
 from splitcli.cost.latency import LinkModel
 from splitcli.cost.memory import edge_memory, io_bytes_per_step
 from splitcli.errors import SplitLLMError
-from splitcli.plan.enumerate import Candidate, PlanSearch, Ranked, SearchSpace
+from splitcli.plan.enumerate import DEFAULT_EMBED_BITS, Candidate, PlanSearch, Ranked, SearchSpace
 from splitcli.plan.profile import Profile
 from splitcli.plan.sweep import SweepPoint, sweep_max_tokens
 
+#: q_bar values to consider when the profile measured no codec points (a synthetic or codec-less
+#: profile): the same three widths `splitllm profile` measures.
+DEFAULT_Q_BARS: tuple[int, ...] = (4, 6, 8)
+#: The tau quantile for such a profile: the codec's own default (`CodecConfig.tau_quantile`),
+#: which plan/ cannot import (the codec package pulls in torch); a test pins the two together.
+FALLBACK_TAU_QUANTILE: float = 0.999
 
-def default_space(profile: Profile, q_bars: Iterable[int] = (4, 6, 8), tau_quantile: float = 0.999) -> SearchSpace:
-    """The search space `splitllm plan` enumerates (module docstring)."""
+
+def measured_codec_points(profile: Profile) -> tuple[float | None, tuple[int, ...]]:
+    """(tau quantile, q_bars) of the codec points the profile measured at a tau quantile; the
+    quantile measured at the most q_bars wins (the larger one on a tie). (None, ()) if none."""
+    if profile.codec is None:
+        return None, ()
+    by_tau: dict[float, set[int]] = {}
+    for point in profile.codec.points:
+        if point.tau_is_quantile:
+            by_tau.setdefault(point.tau, set()).add(point.q_bar)
+    if not by_tau:
+        return None, ()
+    tau = max(by_tau, key=lambda t: (len(by_tau[t]), t))
+    return tau, tuple(sorted(by_tau[tau]))
+
+
+def default_space(profile: Profile, q_bars: Iterable[int] | None = None,
+                  tau_quantile: float | None = None) -> SearchSpace:
+    """The search space `splitllm plan` enumerates (module docstring). q_bars / tau_quantile
+    None: the profile's measured codec points, else DEFAULT_Q_BARS / FALLBACK_TAU_QUANTILE."""
     L = profile.n_layers
     if L < 2:
         raise SplitLLMError("a split needs a model with at least 2 layers")
+    measured_tau, measured_q_bars = measured_codec_points(profile)
+    if tau_quantile is None:
+        tau_quantile = FALLBACK_TAU_QUANTILE if measured_tau is None else measured_tau
+    if q_bars is None:
+        q_bars = measured_q_bars if measured_tau == tau_quantile and measured_q_bars else DEFAULT_Q_BARS
     bits = sorted(set.intersection(*(set(layer.weight_bytes) for layer in profile.layers)))
     qas = sorted(set.intersection(*(set(layer.kv_bytes_per_token) for layer in profile.layers)))
     q_w: list[tuple[int, int | None]] = [(b, None) for b in bits]
@@ -50,10 +83,7 @@ def default_rate(link: LinkModel) -> float:
 
 
 def edge_weight_bits(candidate: Candidate, n_layers: int) -> tuple[int | None, ...]:
-    from splitcli.cost.memory import layer_weight_bits
-
-    bits = layer_weight_bits(n_layers, candidate.l_w, candidate.q_w1, candidate.q_w2, candidate.method)  # type: ignore[arg-type]
-    return bits[: candidate.split_layer]
+    return candidate.edge_bits(n_layers)
 
 
 def canonical(candidate: Candidate, n_layers: int) -> Candidate:
@@ -106,15 +136,25 @@ def step_latency(profile: Profile, candidate: Candidate, link: LinkModel | None,
     return StepLatency(compute, wire, comm)
 
 
+def latency_model(profile: Profile, link: LinkModel | None, rate_bps: float | None, i_kv: int = 1,
+                  tau_is_quantile: bool = True) -> Callable[[Candidate], float]:
+    """candidate -> predicted seconds per token (`step_latency`), for `search_plans(latency=)`."""
+    def predict(candidate: Candidate) -> float:
+        return step_latency(profile, candidate, link, rate_bps, i_kv, tau_is_quantile).total_s
+
+    return predict
+
+
 def config_key(r: Ranked, n_layers: int) -> tuple:
     """Candidates that run identically on the edge (e.g. every l_w >= l) share this key."""
-    c = r.candidate
-    return (c.split_layer, edge_weight_bits(c, n_layers), c.qa, c.q_bar, c.tau)
+    return r.candidate.config_key(n_layers)
 
 
 def summary_rows(search: PlanSearch, n_layers: int, runner_ups: int = 5, rejected: int = 3) -> list[Ranked]:
-    """Winner, then the runner-ups (accuracy-rejected ones that ranked higher first), then the
-    cheapest over-budget candidates; one row per distinct edge configuration."""
+    """Winner, then the runner-ups (those rejected on accuracy or the deadline that ranked higher
+    first, so the reader sees what would have won), then the cheapest over-budget candidates; one
+    row per distinct edge configuration. The runner-up the winner was compared with is always a
+    row: it is the first distinct "lost" candidate."""
     seen: set[tuple] = set()
     rows: list[Ranked] = []
 
@@ -130,9 +170,9 @@ def summary_rows(search: PlanSearch, n_layers: int, runner_ups: int = 5, rejecte
 
     if search.winner is not None:
         take([search.winner], 1)
-    take((r for r in search.ranked if r.status == "rejected" and r.reason.startswith("accuracy")), runner_ups)
+    take((r for r in search.ranked if r.rejected_by in ("accuracy", "deadline")), runner_ups)
     take((r for r in search.ranked if r.status == "lost"), runner_ups)
-    take((r for r in search.ranked if r.status == "rejected" and r.reason.startswith("memory")), rejected)
+    take((r for r in search.ranked if r.rejected_by == "memory"), rejected)
     return rows
 
 
@@ -144,7 +184,7 @@ class SweepRow:
 
 
 def sweep_rows(profile: Profile, candidate: Candidate, memory_budget: int, total_tokens: int,
-               w_bars: Iterable[int] | None = None, embed_bits: int = 8) -> list[SweepRow]:
+               w_bars: Iterable[int] | None = None, embed_bits: int = DEFAULT_EMBED_BITS) -> list[SweepRow]:
     """Fig. 5(b)/6-style rows for the chosen configuration: per W_bar, who generates how many of
     `total_tokens`, the wire bytes (vs an fp16 hidden state) and whether edge memory still fits."""
     if w_bars is None:

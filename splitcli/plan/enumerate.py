@@ -12,16 +12,24 @@ How eq. (8) was read:
 - (8a) Psi(Q_a) = sum over all L layers of the activation bits that layer works from: Qa for the
   edge layers [0, l) (their KV cache is kept at Qa bits) and q_bar for the cloud layers [l, L)
   (they compute from the hidden state the TAB-Q codec cut to at most q_bar bits).
-- Ties on Psi go to the candidate using the edge more (larger l), then to fewer wire bytes per
-  token (hidden state only: the I_kv = 0 payload, which orders candidates the same way the
-  I_kv = 1 payload would for a fixed l), then to less edge memory.
+- Ties on Psi go to the candidate using the edge more (larger l). Eq. (8) stops there, but Psi
+  does not see the edge's weight bits at all, so one (Psi, l) tie holds every OPSC choice from
+  all-4-bit to full precision. Among those the planner prefers what a user would pick: the
+  smaller accuracy drop, then the lower predicted per-token latency (`latency`, when given),
+  then fewer wire bytes per token (hidden state only: the I_kv = 0 payload), and only then less
+  edge memory. Accuracy is therefore measured for every memory- and deadline-feasible member of
+  the best (Psi, l) tie group that has one, not just the first that passes.
+- Deadline (`budgets.deadline_s`, enforced when a `latency` model is given): a candidate whose
+  predicted per-token latency exceeds it is rejected before its accuracy is measured.
+- The winner's reason names the rule that put it ahead of the runner-up (the best candidate that
+  passed every constraint with another edge configuration), e.g. "smaller accuracy drop".
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable, Literal, Mapping
 
 from splitcli.cost.memory import EdgeMemory, edge_memory, layer_weight_bits
@@ -29,6 +37,10 @@ from splitcli.errors import SplitLLMError
 from splitcli.plan.profile import Profile
 from splitcli.plan.schema import Budgets, CodecParams, Plan
 from splitcli.units import format_bytes
+
+#: How the edge stores its embedding when nobody says otherwise: the plan's own default (which
+#: is `splitllm quantize`'s), read from the Plan schema so the planner never carries a copy.
+DEFAULT_EMBED_BITS: int = next(f.default for f in fields(Plan) if f.name == "embed_bits")  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,16 @@ class Candidate:
         """A total order for deterministic ranking (q_w2 None sorts first)."""
         return (self.split_layer, self.l_w, self.method, self.q_w1,
                 -1 if self.q_w2 is None else self.q_w2, self.qa, self.q_bar, self.tau)
+
+    def edge_bits(self, n_layers: int) -> tuple[int | None, ...]:
+        """Weight bits of the edge layers [0, split_layer) (None: layer not kept)."""
+        bits = layer_weight_bits(n_layers, self.l_w, self.q_w1, self.q_w2, self.method)  # type: ignore[arg-type]
+        return tuple(bits[: self.split_layer])
+
+    def config_key(self, n_layers: int) -> tuple:
+        """Candidates that run identically on the edge share this key: OPSC spellings differ
+        (e.g. every l_w >= l, or l_w = 0 with (4, 8) vs all-8-bit) but the edge does not."""
+        return (self.split_layer, self.edge_bits(n_layers), self.qa, self.q_bar, self.tau)
 
 
 @dataclass(frozen=True)
@@ -84,11 +106,15 @@ class SearchSpace:
 
 
 Status = Literal["chosen", "lost", "rejected"]
+Constraint = Literal["memory", "deadline", "accuracy", "invalid"]
 
 
 @dataclass(frozen=True)
 class Ranked:
-    """A candidate with its costs and why it won, lost or was rejected."""
+    """A candidate with its costs and why it won, lost or was rejected.
+
+    `rejected_by` names the constraint a rejected candidate broke; `latency_s` is the predicted
+    per-token latency (None without a latency model)."""
 
     candidate: Candidate
     status: Status
@@ -97,6 +123,8 @@ class Ranked:
     memory: EdgeMemory | None = None
     wire_bytes_per_token: float = 0.0
     accuracy_drop: float | None = None
+    latency_s: float | None = None
+    rejected_by: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -104,13 +132,20 @@ class PlanSearch:
     """Outcome of eq. (8): the winner (None if nothing is feasible) and every candidate ranked.
 
     `min_memory_bytes` is set when nothing is feasible: the smallest memory budget under which
-    some candidate would pass both constraints (None if no candidate passes accuracy at all).
+    some candidate would pass the accuracy and deadline constraints (None if none passes them at
+    any memory). `runner_up` is the best candidate that passed every constraint with an edge
+    configuration other than the winner's, and `decided_by` the rule that put the winner ahead
+    of it (e.g. "smaller accuracy drop"; None without a runner-up). `fastest` is the valid
+    candidate with the lowest predicted latency (None without a latency model).
     """
 
     winner: Ranked | None
     ranked: tuple[Ranked, ...]
     min_memory_bytes: int | None
     accuracy_evaluations: int
+    runner_up: Ranked | None = None
+    decided_by: str | None = None
+    fastest: Ranked | None = None
 
 
 def psi(split_layer: int, n_layers: int, qa: float, q_bar: float) -> float:
@@ -132,21 +167,70 @@ def _accuracy_fn(accuracy: AccuracySource) -> Callable[[Candidate], float]:
     return lookup
 
 
+def _group_key(r: Ranked) -> tuple:
+    """Eq. (8)'s objective: higher Psi, then more edge layers."""
+    return (-r.psi, -r.candidate.split_layer)
+
+
 def _objective_key(r: Ranked) -> tuple:
-    return (-r.psi, -r.candidate.split_layer, r.wire_bytes_per_token, _total(r),
+    """The full ranking (module docstring); an unmeasured drop sorts after every measured one."""
+    drop = math.inf if r.accuracy_drop is None or math.isnan(r.accuracy_drop) else r.accuracy_drop
+    return (*_group_key(r), drop, r.latency_s or 0.0, r.wire_bytes_per_token, _total(r),
             r.candidate.sort_key())
 
 
-def _why_lost(r: Ranked, best: Ranked) -> str:
-    if r.psi != best.psi:
-        return f"lower Psi ({r.psi:g} < {best.psi:g})"
-    if r.candidate.split_layer != best.candidate.split_layer:
-        return (f"same Psi, fewer edge layers "
-                f"({r.candidate.split_layer} < {best.candidate.split_layer})")
-    if r.wire_bytes_per_token != best.wire_bytes_per_token:
-        return (f"same Psi and l, more wire bytes/token "
-                f"({r.wire_bytes_per_token:g} > {best.wire_bytes_per_token:g})")
-    return "tie on Psi, l and wire bytes; lost on memory / order"
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The first ranking rule on which one candidate beats another: `rule` names it for the
+    winner ("smaller accuracy drop"), `won` and `lost` say it with the values for each side."""
+
+    rule: str
+    won: str
+    lost: str
+
+
+def _decide(better: Ranked, worse: Ranked) -> Decision | None:
+    """Why `better` ranks ahead of `worse` (module docstring's order); None on a full tie."""
+    b, w = better, worse
+    if b.psi != w.psi:
+        return Decision("higher Psi", f"higher Psi ({b.psi:g} > {w.psi:g})",
+                        f"lower Psi ({w.psi:g} < {b.psi:g})")
+    lb, lw = b.candidate.split_layer, w.candidate.split_layer
+    if lb != lw:
+        return Decision("more edge layers", f"same Psi, more edge layers ({lb} > {lw})",
+                        f"same Psi, fewer edge layers ({lw} < {lb})")
+    if b.accuracy_drop is not None and w.accuracy_drop is not None and b.accuracy_drop != w.accuracy_drop:
+        db, dw = f"{100 * b.accuracy_drop:.3g}%", f"{100 * w.accuracy_drop:.3g}%"
+        return Decision("smaller accuracy drop", f"same Psi and l, smaller accuracy drop ({db} < {dw})",
+                        f"same Psi and l, larger accuracy drop ({dw} > {db})")
+    tb, tw = b.latency_s or 0.0, w.latency_s or 0.0
+    if tb != tw:
+        return Decision("lower predicted latency",
+                        f"same Psi, l and accuracy, lower predicted latency ({_ms(tb)} < {_ms(tw)} per token)",
+                        f"same Psi, l and accuracy, higher predicted latency ({_ms(tw)} > {_ms(tb)} per token)")
+    wb, ww = b.wire_bytes_per_token, w.wire_bytes_per_token
+    if wb != ww:
+        return Decision("fewer wire bytes", f"same Psi, l, accuracy and latency, fewer wire bytes/token ({wb:g} < {ww:g})",
+                        f"same Psi, l, accuracy and latency, more wire bytes/token ({ww:g} > {wb:g})")
+    mb, mw = _total(b), _total(w)
+    if mb != mw:
+        return Decision("less edge memory",
+                        f"same Psi, l, accuracy, latency and wire bytes, less edge memory "
+                        f"({format_bytes(mb)} < {format_bytes(mw)})",
+                        f"same Psi, l, accuracy, latency and wire bytes, more edge memory "
+                        f"({format_bytes(mw)} > {format_bytes(mb)})")
+    return None
+
+
+def _why_lost(r: Ranked, best: Ranked, n_layers: int) -> str:
+    if r.candidate.config_key(n_layers) == best.candidate.config_key(n_layers):
+        return "same edge configuration as the chosen plan (another OPSC spelling of it)"
+    decision = _decide(best, r)
+    return decision.lost if decision else "tie on every rule; lost on enumeration order"
 
 
 def search_plans(
@@ -156,14 +240,18 @@ def search_plans(
     max_tokens: int,
     accuracy: AccuracySource,
     evaluate_all: bool = False,
-    embed_bits: int = 8,
+    embed_bits: int = DEFAULT_EMBED_BITS,
+    latency: Callable[[Candidate], float] | None = None,
 ) -> PlanSearch:
     """Solve eq. (8) by enumeration (see module docstring for the readings).
 
     accuracy(candidate) -> drop; NaN (or a table miss) counts as "not measured" and rejects.
-    evaluate_all: measure accuracy for every memory-feasible candidate, not just until the first
-    pass, so that every runner-up carries its drop.
-    embed_bits: how the edge stores its embedding table (8 = `splitllm quantize`'s default).
+    evaluate_all: measure accuracy for every memory- and deadline-feasible candidate, not just
+    the best tie group that has a passing one, so that every runner-up carries its drop.
+    embed_bits: how the edge stores its embedding table (the plan's default is quantize's).
+    latency(candidate) -> predicted seconds per token (e.g. `advise.latency_model`): breaks
+    ties after the accuracy drop and, with `budgets.deadline_s`, rejects what misses it. Without
+    it the deadline is only recorded (nothing here could predict a step's time).
     """
     L = profile.n_layers
     if max_tokens < 1:
@@ -180,11 +268,21 @@ def search_plans(
     embedding_bytes = profile.embedding.weight_bytes_at(embed_bits)
     memory_cache: dict[tuple, EdgeMemory | str] = {}
     kv_cache: dict[int, list[float]] = {}
+    latency_cache: dict[tuple, float] = {}
 
     def kv_of(qa: int) -> list[float]:
         if qa not in kv_cache:
             kv_cache[qa] = profile.kv_bytes_per_token(qa)
         return kv_cache[qa]
+
+    def latency_of(cand: Candidate) -> float | None:
+        if latency is None:
+            return None
+        # Candidates that run identically on the edge take the same time: predict each once.
+        key = cand.config_key(L)
+        if key not in latency_cache:
+            latency_cache[key] = float(latency(cand))
+        return latency_cache[key]
 
     def cost(cand: Candidate) -> EdgeMemory | str:
         """Edge memory of a candidate, or why it is invalid."""
@@ -213,56 +311,95 @@ def search_plans(
             memory_cache[memory_key] = cost(cand)
         memory = memory_cache[memory_key]
         if isinstance(memory, str):
-            invalid.append(Ranked(cand, "rejected", f"invalid: {memory}"))
+            invalid.append(Ranked(cand, "rejected", f"invalid: {memory}", rejected_by="invalid"))
             continue
         if (cand.q_bar, cand.tau) not in wire_cache:
             wire_cache[cand.q_bar, cand.tau] = profile.wire_bytes_per_token(
                 cand.q_bar, cand.tau, space.tau_is_quantile)
         costed.append(Ranked(cand, "lost", "", psi(cand.split_layer, L, cand.qa, cand.q_bar),
-                             memory, wire_cache[cand.q_bar, cand.tau]))
+                             memory, wire_cache[cand.q_bar, cand.tau], latency_s=latency_of(cand)))
 
     budget, max_drop = budgets.memory_bytes, budgets.max_accuracy_drop
+    deadline = budgets.deadline_s if latency is not None else None
+
+    def misses_deadline(r: Ranked) -> bool:
+        return deadline is not None and r.latency_s is not None and r.latency_s > deadline
+
     fits = sorted((r for r in costed if _total(r) <= budget), key=_objective_key)
     over = sorted((r for r in costed if _total(r) > budget), key=_memory_key)
 
+    # Walk the (Psi, l) tie groups best first. Within the first group holding a candidate that
+    # passes accuracy, every member is measured so the smallest drop can win; later groups are
+    # only measured with evaluate_all (accuracy is the expensive part).
     winner: Ranked | None = None
     lost: list[Ranked] = []
     failed: list[Ranked] = []
-    for r in fits:
-        if winner is not None and not evaluate_all:
-            lost.append(r)
-            continue
-        r = replace(r, accuracy_drop=drop_of(r.candidate))
-        if math.isnan(r.accuracy_drop):  # type: ignore[arg-type]
-            failed.append(replace(r, status="rejected", reason="accuracy: not measured"))
-        elif r.accuracy_drop > max_drop:  # type: ignore[operator]
-            reason = f"accuracy: drop {r.accuracy_drop:.4g} > allowed {max_drop:.4g}"
-            failed.append(replace(r, status="rejected", reason=reason))
-        elif winner is None:
-            winner = replace(r, status="chosen", reason="highest Psi among feasible candidates")
-        else:
-            lost.append(r)
+    for _, group in itertools.groupby(fits, key=_group_key):
+        passed: list[Ranked] = []
+        for r in group:
+            if misses_deadline(r):
+                reason = f"misses deadline ({_ms(r.latency_s)} > {_ms(deadline)})"  # type: ignore[arg-type]
+                failed.append(replace(r, status="rejected", reason=reason, rejected_by="deadline"))
+                continue
+            if winner is not None and not evaluate_all:
+                lost.append(r)
+                continue
+            r = replace(r, accuracy_drop=drop_of(r.candidate))
+            if math.isnan(r.accuracy_drop):  # type: ignore[arg-type]
+                failed.append(replace(r, status="rejected", reason="accuracy: not measured",
+                                      rejected_by="accuracy"))
+            elif r.accuracy_drop > max_drop:  # type: ignore[operator]
+                reason = f"accuracy: drop {r.accuracy_drop:.4g} > allowed {max_drop:.4g}"
+                failed.append(replace(r, status="rejected", reason=reason, rejected_by="accuracy"))
+            else:
+                passed.append(r)
+        passed.sort(key=_objective_key)  # now with their drops: the preference order
+        if winner is None and passed:
+            winner = replace(passed[0], status="chosen")
+            passed = passed[1:]
+        lost.extend(passed)
+
+    runner_up: Ranked | None = None
+    decision: Decision | None = None
     if winner is not None:
-        lost = [replace(r, reason=_why_lost(r, winner)) for r in lost]
+        lost = sorted((replace(r, reason=_why_lost(r, winner, L)) for r in lost), key=_objective_key)
+        winner_key = winner.candidate.config_key(L)
+        runner_up = next((r for r in lost if r.candidate.config_key(L) != winner_key), None)
+        decision = _decide(winner, runner_up) if runner_up is not None else None
+        if runner_up is None:
+            reason = "the only configuration that passes every constraint"
+        elif decision is None:
+            reason = "ties with the runner-up on every rule; first in enumeration order"
+        else:
+            reason = f"chosen over the runner-up by: {decision.won}"
+        winner = replace(winner, reason=reason)
+    failed.sort(key=_objective_key)
 
     over_budget = [
-        replace(r, status="rejected",
+        replace(r, status="rejected", rejected_by="memory",
                 reason=f"memory: {format_bytes(_total(r))} > budget {format_bytes(budget)}")
         for r in over
     ]
 
     min_memory = None
     if winner is None:
-        # Accuracy does not depend on the budget: the cheapest candidate that passes it is the
-        # smallest budget that makes the problem feasible.
+        # Accuracy and latency do not depend on the budget: the cheapest candidate that passes
+        # both is the smallest budget that makes the problem feasible.
         for r in sorted(costed, key=_memory_key):
+            if misses_deadline(r):
+                continue
             drop = drop_of(r.candidate)
             if not math.isnan(drop) and drop <= max_drop:
                 min_memory = int(math.ceil(_total(r)))
                 break
 
+    fastest = None
+    if latency is not None and costed:
+        fastest = min(costed, key=lambda r: (r.latency_s, _total(r), r.candidate.sort_key()))
+
     ranked = tuple(([winner] if winner else []) + lost + failed + over_budget + invalid)
-    return PlanSearch(winner, ranked, min_memory, len(cache))
+    return PlanSearch(winner, ranked, min_memory, len(cache), runner_up,
+                      decision.rule if decision is not None else None, fastest)
 
 
 def _total(r: Ranked) -> float:
@@ -284,7 +421,7 @@ def to_plan(
     tau_is_quantile: bool = False,
     q_bar_min: int = 2,
     i_kv: int = 1,
-    embed_bits: int = 8,
+    embed_bits: int = DEFAULT_EMBED_BITS,
     notes: dict | None = None,
 ) -> Plan:
     """The persisted Plan for a chosen candidate."""
