@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -37,7 +38,7 @@ def quantize_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite the files of an existing --out directory."),
 ):
     """Quantize the edge's layers and write edge/cloud shards plus a manifest (deterministic)."""
-    from ..model.loader import materialize
+    from ..model.loader import DEFAULT_MODEL, materialize
     from ..model.shards import QuantSpec, check_out_dir, predicted_edge_bytes, shard_payload_bytes, write_shards
     from ..model.split import decoder_parts
     from ..quant import default_group_size, layer_shapes_of
@@ -56,18 +57,22 @@ def quantize_cmd(
         group_size = plan.group_size if group_size is None else group_size
         kv_bits = plan.qa if kv_bits is None else kv_bits
         embed_bits = plan.embed_bits if embed_bits is None else embed_bits
-    front_bits = 4 if front_bits is None else front_bits
-    back_bits = "none" if back_bits is None else back_bits
-    method = "front" if method is None else method
-    kv_bits = 16 if kv_bits is None else kv_bits
-    embed_bits = 8 if embed_bits is None else embed_bits
-    back = parse_back_bits(back_bits)
-    QuantSpec(1, front_bits, back, l_w, method, group_size or 64, embed_bits, kv_bits)  # fail fast on bad flags
-    lm = load_model_with_status(model or "smollm2-135m")
+    # What neither the plan nor a flag sets takes QuantSpec's own default (the shard writer is the
+    # one home of those), so only the values somebody chose are passed on.
+    chosen = {name: value for name, value in (("front_bits", front_bits), ("l_w", l_w), ("method", method),
+                                              ("embed_bits", embed_bits), ("kv_bits", kv_bits),
+                                              ("group_size", group_size)) if value is not None}
+    if back_bits is not None:
+        chosen["back_bits"] = parse_back_bits(back_bits)
+    probe = QuantSpec(1, **chosen)  # fail fast on bad flags, before the model loads
+    lm = load_model_with_status(model or DEFAULT_MODEL)
     parts = decoder_parts(lm.model)
     ell = parts.num_layers // 2 if split_layer is None else split_layer
+    # Without a chosen group size, the widest one that divides every layer of this model.
     group = group_size or default_group_size(layer_shapes_of(parts.layers[0]))
-    spec = QuantSpec(ell, front_bits, back, l_w, method, group, embed_bits, kv_bits)
+    spec = dataclasses.replace(probe, split_layer=ell, group_size=group)
+    front_bits, method = spec.front_bits, spec.method
+    back_bits = "none" if spec.back_bits is None else str(spec.back_bits)
     spec.layer_bits(parts.num_layers)  # validates ℓ, ℓw and coverage before any work
     model_dir, _ = materialize(lm.source)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
