@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from splitcli.errors import SplitLLMError
-from splitcli.model.split import decoder_parts
+from splitcli.model.split import EdgeHalf, decoder_parts
 from splitcli.runtime.generate import SamplingConfig, generate
 from splitcli.runtime.handoff import (
     HandoffSession, KVLayout, KVRows, cache_rows, decode_kv, encode_kv, handoff_generate, install_rows,
@@ -210,6 +210,17 @@ def test_handoff_errors():
         handoff_generate(session, _prompt(), None, CFG, local_tokens=1, i_kv=1)
     with pytest.raises(SplitLLMError, match="local tokens"):
         handoff_generate(HandoffSession(model, 2), _prompt(), None, CFG, local_tokens=-1, i_kv=1)
+    with pytest.raises(SplitLLMError, match="ends at"):
+        HandoffSession(model, 2, edge=EdgeHalf(decoder_parts(model), 1))
+    with pytest.raises(SplitLLMError, match="hidden size"):
+        HandoffSession(model, 2, edge_model=_wide(model))
+
+
+def _wide(model):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(**{**model.config.to_dict(), "hidden_size": 128})
+    return tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
 def test_generation_that_ends_before_w_never_hands_off():

@@ -284,9 +284,12 @@ class HandoffSession(SplitSession):
     def __init__(self, model, split_layer: int, wire: Wire | None = None, edge: EdgeHalf | None = None,
                  *, edge_model=None):
         self.edge_model = model if edge_model is None else edge_model
-        edge_parts = decoder_parts(self.edge_model)
-        if edge_parts.num_layers != decoder_parts(model).num_layers:
-            raise SplitLLMError("the edge's model and the cloud's model have different layer counts")
+        edge_parts, cloud_parts = decoder_parts(self.edge_model), decoder_parts(model)
+        if (edge_parts.num_layers, edge_parts.config.hidden_size) != (cloud_parts.num_layers,
+                                                                      cloud_parts.config.hidden_size):
+            raise SplitLLMError("the edge's model and the cloud's model differ in layer count or hidden size")
+        if edge is not None and edge.split_layer != split_layer:
+            raise SplitLLMError(f"the edge half ends at ℓ={edge.split_layer} but the session splits at {split_layer}")
         super().__init__(model, split_layer, wire, edge or EdgeHalf(edge_parts, split_layer))
         self.edge_cache = new_cache(edge_parts)  # the edge's own cache over all L layers
         self.local = True
