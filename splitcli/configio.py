@@ -134,3 +134,24 @@ def write_yaml(
         if tmp.exists():
             tmp.unlink()
     return target
+
+
+def overlay(base, /, **given):
+    """`base` (a frozen dataclass, e.g. from a plan) with every `given` value that is not None.
+
+    The one rule for "the plan sets the defaults, explicit flags win". A dataclass may name
+    `EXCLUSIVE` pairs of fields that are one choice (a codec's τ is absolute or a quantile):
+    giving one of a pair clears the other, so a flag never collides with the plan's choice.
+    The result is re-validated by the dataclass's own constructor.
+    """
+    import dataclasses
+
+    changes = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(base)})
+    if unknown:
+        raise SplitLLMError(f"{type(base).__name__} has no setting {', '.join(unknown)}")
+    for pair in getattr(base, "EXCLUSIVE", ()):
+        given_here = [name for name in pair if name in changes]
+        if len(given_here) == 1:
+            changes.update({name: None for name in pair if name not in changes})
+    return dataclasses.replace(base, **changes)

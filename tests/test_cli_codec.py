@@ -6,7 +6,7 @@ import json
 
 import pytest
 from test_cli import assert_clean_error, run
-from test_codec_deploy import write_wikitext
+from test_deploy_calibrate import write_wikitext
 
 
 @pytest.fixture()
@@ -40,7 +40,7 @@ def test_generate_codec_tabq_sends_smaller_frames(tiny_model_dir, tmp_path, env)
 
 @pytest.mark.parametrize("args, msg", [
     (["--codec", "zip"], "--codec must be one of"),
-    (["--codec", "tabq", "--tau", "1", "--tau-quantile", "0.9"], "not both"),
+    (["--codec", "tabq", "--tau", "1", "--tau-quantile", "0.9"], "exactly one"),
     (["--codec", "tabq", "--max-bits", "9"], "--max-bits"),
     (["--codec", "tabq", "--delta", "-1"], "--delta"),
     (["--codec", "tabq", "--tau-quantile", "2"], "--tau-quantile"),

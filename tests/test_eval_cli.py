@@ -79,12 +79,12 @@ def test_generic_task_file_end_to_end(tiny_model_dir, spec_file, data_dir, tmp_p
 
 
 def test_plan_config(tiny_model_dir, spec_file, data_dir, tmp_path):
-    from splitcli.plan.schema import Budgets, CodecParams, Plan
+    from splitcli.plan.schema import Budgets, CodecSettings, Plan
 
     def plan(n_layers):
         p = tmp_path / f"plan{n_layers}.yaml"
         Plan(model_id="tiny", n_layers=n_layers, split_layer=2, l_w=2, method="front", q_w1=16, q_w2=None, qa=16,
-             codec=CodecParams(q_bar=4, delta=0.05, tau_quantile=0.999), group_size=64, max_tokens=64,
+             codec=CodecSettings(q_bar=4, delta=0.05, tau_quantile=0.999), group_size=64, max_tokens=64,
              budgets=Budgets(memory_bytes=2**30, max_accuracy_drop=0.05)).save(p)
         return p
 

@@ -17,6 +17,7 @@ from splitcli.eval.baselines import (
 )
 from splitcli.eval.pipelines import BASELINES, PipelineConfig, build_pipeline, cache_key, resolve
 from splitcli.eval.toy import tiny_llama, toy_tokenizer
+from splitcli.plan.codec_settings import CodecSettings
 
 _WORDS = ("the quick brown fox jumps over the lazy dog while a man is sitting on a roof and "
           "Sarah was a much better surgeon than Maria so the capital of France is Paris ").split()
@@ -84,7 +85,7 @@ def test_split_with_codec_changes_logits_a_little(lm, data_dir):
     pytest.importorskip("splitcli.runtime.codec_wire")
     ids, mask = _batch(len(lm.tokenizer))
     fp = _real(build_pipeline(lm, PipelineConfig("fp")).logits_fn(ids, mask), mask)
-    p = build_pipeline(lm, PipelineConfig("split", split_layer=2, q_w1=16, q_bar=3), data_dir)
+    p = build_pipeline(lm, PipelineConfig("split", split_layer=2, q_w1=16, codec_settings=CodecSettings(q_bar=3, entropy=False)), data_dir)
     out = _real(p.logits_fn(ids, mask), mask)
     assert p.info["wire"] == "tabq" and torch.isfinite(out).all()
     assert not torch.equal(out, fp)
@@ -105,21 +106,21 @@ def test_each_baseline_changes_logits_but_keeps_them_finite(lm, data_dir, name):
 
 
 def test_cache_key_depends_only_on_what_changes_numbers(lm):
-    a = resolve(PipelineConfig("fp", q_bar=3), lm.model)
-    b = resolve(PipelineConfig("fp", q_bar=4), lm.model)
+    a = resolve(PipelineConfig("fp", codec_settings=CodecSettings(q_bar=3, entropy=False)), lm.model)
+    b = resolve(PipelineConfig("fp", codec_settings=CodecSettings(q_bar=4, entropy=False)), lm.model)
     assert cache_key(a, "m") == cache_key(b, "m") != cache_key(a, "other-weights")
-    s3 = resolve(PipelineConfig("split", q_bar=3), lm.model)
-    s4 = resolve(PipelineConfig("split", q_bar=4), lm.model)
+    s3 = resolve(PipelineConfig("split", codec_settings=CodecSettings(q_bar=3, entropy=False)), lm.model)
+    s4 = resolve(PipelineConfig("split", codec_settings=CodecSettings(q_bar=4, entropy=False)), lm.model)
     assert cache_key(s3, "m") != cache_key(s4, "m")
     assert s3.split_layer == 2 and s3.l_w == 2 and s3.group_size == 64  # L // 2 and the model's group
-    explicit = resolve(PipelineConfig("split", q_bar=3, split_layer=2, l_w=2, group_size=64), lm.model)
+    explicit = resolve(PipelineConfig("split", codec_settings=CodecSettings(q_bar=3, entropy=False), split_layer=2, l_w=2, group_size=64), lm.model)
     assert cache_key(explicit, "m") == cache_key(s3, "m")
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(pipeline="nope"), "unknown pipeline"),
     (dict(pipeline="split", codec="zip"), "--codec"),
-    (dict(pipeline="split", tau=1.0, tau_quantile=0.9), "either tau"),
+    (dict(pipeline="split", codec_settings="q_bar=3"), "CodecSettings"),
     (dict(pipeline="smoothquant-w4a4", alpha=1.5), "alpha"),
     (dict(pipeline="split", split_layer=0), "--split-layer"),
 ])

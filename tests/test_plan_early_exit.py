@@ -9,7 +9,7 @@ from splitcli.errors import SplitLLMError
 from splitcli.plan.early_exit import (
     ExitPolicy, Step, decide_step, max_tokens_under_deadline, wire_bytes_model,
 )
-from splitcli.plan.schema import Budgets, CodecParams, Plan
+from splitcli.plan.schema import Budgets, CodecSettings, Plan
 
 LINK = LinkModel(bandwidth_hz=1e6, snr=100.0, eps=0.01)
 POLICY = ExitPolicy(deadline_s=0.05, q_bar=6, q_bar_min=2, i_kv=1, link=LINK)
@@ -106,7 +106,7 @@ def test_matches_reference_order(rate, compute_s, i_kv_now):
 
 def test_policy_from_plan_and_validation():
     plan = Plan(model_id="m", n_layers=30, split_layer=10, l_w=10, method="front", q_w1=4,
-                q_w2=None, qa=16, codec=CodecParams(q_bar=5, delta=0.5, tau=5.0, q_bar_min=3),
+                q_w2=None, qa=16, codec=CodecSettings(q_bar=5, delta=0.5, tau=5.0, q_bar_min=3),
                 group_size=64, max_tokens=64, budgets=Budgets(2**30, 0.05, deadline_s=0.2))
     policy = ExitPolicy.from_plan(plan, LINK)
     assert (policy.deadline_s, policy.q_bar, policy.q_bar_min, policy.i_kv) == (0.2, 5, 3, 1)

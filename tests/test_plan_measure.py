@@ -10,12 +10,13 @@ import torch
 
 from conftest import _tiny
 from splitcli.errors import SplitLLMError
-from splitcli.plan.accuracy import AccuracyTable, PerplexityProxy, edge_bits
+from splitcli.deploy.measure import ProfileSettings, activation_peak_bytes, kv_bytes_table, median_ms, weight_bytes_table
+from splitcli.deploy.proxy import PerplexityProxy
+from splitcli.plan.accuracy import AccuracyTable, edge_bits
 from splitcli.plan.advise import canonical, default_space, describe_weights, summary_rows
 from splitcli.plan.enumerate import Candidate
-from splitcli.plan.measure import ProfileSettings, activation_peak_bytes, kv_bytes_table, median_ms, weight_bytes_table
 from splitcli.plan.profile import LayerCost, Profile, profile_from_architecture
-from splitcli.plan.schema import Budgets, CodecParams, Plan
+from splitcli.plan.schema import Budgets, CodecSettings, Plan
 
 
 class Cfg:
@@ -44,7 +45,7 @@ def test_kv_and_weight_tables_exact():
 
 
 def test_embedding_bytes_match_the_edge_shard():
-    from splitcli.plan.measure import embedding_bytes_table
+    from splitcli.deploy.measure import embedding_bytes_table
     from splitcli.quant import quantized_matrix_bytes
 
     emb = torch.nn.Embedding(100, 48)
@@ -55,7 +56,7 @@ def test_embedding_bytes_match_the_edge_shard():
 
 
 def test_stack_scale_hand_computed():
-    from splitcli.plan.measure import stack_scale
+    from splitcli.deploy.measure import stack_scale
 
     # Three layers timed alone at 2 + 3 + 5 = 10 ms; the stack took 8.5 ms including 0.5 ms of masks.
     assert stack_scale([2.0, 3.0, 5.0], 8.5, 0.5) == pytest.approx(0.8)
@@ -152,20 +153,3 @@ def test_default_space_and_descriptions():
     assert canonical(Candidate(5, 2, "front", 4, 8, 16, 8, 0.9), 12).l_w == 2
 
 
-def test_planned_edge_quantizes_and_uses_qa_cache():
-    from splitcli.quant import QuantizedKVCache, QuantLinear
-    from splitcli.runtime.planned import planned_edge, with_split_layer
-
-    model = _tiny("llama")
-    plan = Plan(model_id="tiny", n_layers=4, split_layer=2, l_w=1, method="front", q_w1=4, q_w2=8, qa=4,
-                codec=CodecParams(q_bar=8, delta=0.05, tau_quantile=0.999), group_size=16, max_tokens=8,
-                budgets=Budgets(memory_bytes=10**6, max_accuracy_drop=0.01))
-    before = model.model.layers[3].mlp.up_proj.weight.clone()
-    edge = planned_edge(model, plan)
-    assert isinstance(edge.new_cache(), QuantizedKVCache)
-    assert not isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # 4-bit module
-    assert isinstance(model.model.layers[1].mlp.up_proj, QuantLinear) and model.model.layers[1].mlp.up_proj.bits == 8
-    assert torch.equal(model.model.layers[3].mlp.up_proj.weight, before)  # cloud layers untouched
-    assert with_split_layer(plan, None) is plan and with_split_layer(plan, 3).split_layer == 3
-    with pytest.raises(SplitLLMError):
-        planned_edge(_tiny("llama"), Plan.from_dict({**plan.to_dict(), "n_layers": 5}))

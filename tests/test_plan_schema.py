@@ -7,7 +7,7 @@ from splitcli.errors import SplitLLMError
 from splitcli.plan.profile import (
     CodecCost, CodecPoint, DeviceInfo, LayerCost, Profile, StageCost, profile_from_architecture,
 )
-from splitcli.plan.schema import Budgets, CodecParams, Plan
+from splitcli.plan.schema import Budgets, CodecSettings, Plan
 
 
 def _profile() -> Profile:
@@ -23,7 +23,7 @@ def _profile() -> Profile:
 def _plan(**over) -> Plan:
     fields = dict(model_id="smollm2-135m", n_layers=30, split_layer=10, l_w=10, method="front",
                   q_w1=4, q_w2=None, qa=16,
-                  codec=CodecParams(q_bar=4, delta=0.5, tau_quantile=0.99, q_bar_min=2),
+                  codec=CodecSettings(q_bar=4, delta=0.5, tau_quantile=0.99, q_bar_min=2),
                   group_size=64, max_tokens=256,
                   budgets=Budgets(memory_bytes=2**30, max_accuracy_drop=0.05, deadline_s=0.2))
     fields.update(over)
@@ -130,16 +130,15 @@ def test_plan_validation(over, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(q_bar=4, delta=0.5), "exactly one"),
     (dict(q_bar=4, delta=0.5, tau=5.0, tau_quantile=0.9), "exactly one"),
     (dict(q_bar=4, delta=0.5, tau_quantile=1.5), "tau_quantile"),
     (dict(q_bar=1, delta=0.5, tau=5.0), "q_bar"),
     (dict(q_bar=4, delta=-1.0, tau=5.0), "delta"),
     (dict(q_bar=4, delta=0.5, tau=5.0, q_bar_min=5), "q_bar_min"),
 ])
-def test_codec_params_validation(kwargs, message):
+def test_codec_settings_validation(kwargs, message):
     with pytest.raises(SplitLLMError, match=message):
-        CodecParams(**kwargs)
+        CodecSettings(**kwargs)
 
 
 def test_plan_from_dict_errors():

@@ -231,10 +231,10 @@ def test_quantize_from_plan(tiny_model_dir, tmp_path):
 
     from splitcli.cli import app
     from splitcli.model.shards import read_manifest
-    from splitcli.plan.schema import Budgets, CodecParams, Plan
+    from splitcli.plan.schema import Budgets, CodecSettings, Plan
 
     plan = Plan(model_id=str(tiny_model_dir), n_layers=4, split_layer=2, l_w=2, method="front", q_w1=4, q_w2=None,
-                qa=8, codec=CodecParams(q_bar=6, delta=0.05, tau_quantile=0.999), group_size=32, max_tokens=64,
+                qa=8, codec=CodecSettings(q_bar=6, delta=0.05, tau_quantile=0.999), group_size=32, max_tokens=64,
                 budgets=Budgets(memory_bytes=10**7, max_accuracy_drop=0.01), embed_bits=16)
     path = tmp_path / "plan.yaml"
     plan.save(path)

@@ -3,7 +3,7 @@
 Protocol (stated in the JSON under "protocol"):
 - WikiText-2 test text (LF line ends), tokenized once without special tokens.
 - Calibration (tau, channel classes, static symbol model) on the LAST calibration window of the
-  file (`splitcli.codec.deploy`); perplexity on the FIRST `windows` windows of `seqlen` tokens
+  file (`splitcli.deploy.calibrate`); perplexity on the FIRST `windows` windows of `seqlen` tokens
   (GPTQ convention, `splitcli.eval.perplexity`), so calibration is out of sample.
 - ppl_fp / ppl_codec: a SplitSession per window with RawWire(fp32) / CodecWire; each window's
   prefill crosses the wire as one frame of `seqlen` tokens. Sizes, rel_l2 and entropy overhead
@@ -25,12 +25,13 @@ from dataclasses import asdict, replace
 
 import torch
 
-from ..codec.deploy import (CodecOptions, calib_tokens_for, calibrate_from_samples, calibrated_config,
-                            calibration_ids, edge_hidden, read_wikitext)
+from ..codec.calibrate import calibrate_from_samples
 from ..codec.measure import measure_codec
+from ..deploy import Split, SplitSpec, build_split
+from ..deploy.calibrate import calib_tokens_for, calibrated_config, calibration_ids, edge_hidden, read_wikitext
 from ..errors import SplitLLMError
+from ..plan.codec_settings import CodecSettings
 from ..runtime.codec_wire import CodecWire
-from ..runtime.session import SplitSession
 from ..runtime.wire import RawWire
 
 SWEEP_TAU_QUANTILES = (0.995, 0.999, 0.9995, 0.9999)
@@ -72,25 +73,25 @@ class _Probe:
         return math.sqrt(self.sq_err / self.sq_ref) if self.sq_ref > 0 else 0.0
 
 
-def split_logits_fn(model, split_layer: int, wire):
-    """A LogitsFn (splitcli.eval) running each row through its own SplitSession over `wire`:
+def split_logits_fn(split: Split, wire):
+    """A LogitsFn (splitcli.eval) running each row through its own session of `split` over `wire`:
     the whole row is one prefill, i.e. one frame. Rows are full windows (no padding)."""
 
     def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         rows = []
         for b in range(input_ids.shape[0]):
-            session = SplitSession(model, split_layer, wire=wire)
+            session = split.session(wire)
             rows.append(session.forward(input_ids[b:b + 1], None, logits_to_keep=0))  # [1, T, V]
         return torch.cat(rows)
 
     return fn
 
 
-def _ppl(model, split_layer, wire, ids, seqlen, windows, tick=None) -> float:
+def _ppl(split: Split, wire, ids, seqlen, windows, tick=None) -> float:
     from ..eval.perplexity import perplexity
 
     on_window = (lambda i, _nll: tick(i + 1)) if tick is not None else None
-    return perplexity(split_logits_fn(model, split_layer, wire), ids, seqlen=seqlen, n_windows=windows,
+    return perplexity(split_logits_fn(split, wire), ids, seqlen=seqlen, n_windows=windows,
                       batch_size=1, on_window=on_window).ppl
 
 
@@ -108,7 +109,7 @@ def _frame_summary(wire: CodecWire, probe: _Probe, hidden: int) -> dict:
                 paths=sorted({s.path for s in stats}))
 
 
-def bench_codec(lm, split_layer: int, params: CodecOptions, *, data_dir=None, windows: int = 8,
+def bench_codec(lm, split_layer: int, params: CodecSettings, *, data_dir=None, windows: int = 8,
                 seqlen: int = 2048, sweep: bool = True, sweep_windows: int = 2, sweep_seqlen: int = 512,
                 repeats: int = 200, progress: Progress | None = None,
                 log: Callable[[str], None] | None = None) -> dict:
@@ -126,12 +127,13 @@ def bench_codec(lm, split_layer: int, params: CodecOptions, *, data_dir=None, wi
         raise SplitLLMError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens")
     cfg, calib_info = calibrated_config(lm, split_layer, params, data_dir, log)
     hidden_size = model.config.hidden_size
+    split = build_split(lm, SplitSpec(split_layer=split_layer))   # the codec alone: unquantized edge
 
     raw = _Probe(RawWire("fp32"), keep_hidden=True)
-    ppl_fp = _ppl(model, split_layer, raw, ids, seqlen, windows, tick("ppl (raw fp32 wire)", windows))
+    ppl_fp = _ppl(split, raw, ids, seqlen, windows, tick("ppl (raw fp32 wire)", windows))
     codec_wire = CodecWire(cfg)
     probe = _Probe(codec_wire)
-    ppl_codec = _ppl(model, split_layer, probe, ids, seqlen, windows, tick("ppl (codec wire)", windows))
+    ppl_codec = _ppl(split, probe, ids, seqlen, windows, tick("ppl (codec wire)", windows))
     frames = _frame_summary(codec_wire, probe, hidden_size)
 
     tick("timings", 1)(0)
@@ -143,7 +145,7 @@ def bench_codec(lm, split_layer: int, params: CodecOptions, *, data_dir=None, wi
                         ratio_vs_fp16=frames["ratio_vs_fp16"], rel_l2=frames["rel_l2"]))
     result = dict(
         model=lm.model_id, model_sha256=lm.sha256, split_layer=split_layer, hidden=hidden_size,
-        windows=windows, seqlen=seqlen, params=asdict(params), codec_config=cfg.to_dict(),
+        windows=windows, seqlen=seqlen, params=params.to_dict(), codec_config=cfg.to_dict(),
         calibration=dict(calib_info, text_sha256=text_sha),
         protocol=("calibration on the last window of wiki.test.raw; ppl on the first windows; one frame per "
                   "window's prefill; timings are medians on a shared machine"),
@@ -160,20 +162,20 @@ def bench_codec(lm, split_layer: int, params: CodecOptions, *, data_dir=None, wi
     )
     if sweep:
         calib = edge_hidden(model, split_layer, calibration_ids(lm.tokenizer, text, n_calib))
-        result["sweep"] = sweep_codec_ppl(lm, split_layer, params, calib, raw.hidden, ids,
+        result["sweep"] = sweep_codec_ppl(split, params, calib, raw.hidden, ids,
                                           min(sweep_windows, windows), min(sweep_seqlen, seqlen), tick)
     return result
 
 
-def sweep_codec_ppl(lm, split_layer, params: CodecOptions, calib: torch.Tensor, eval_hidden: list[torch.Tensor],
+def sweep_codec_ppl(split: Split, params: CodecSettings, calib: torch.Tensor, eval_hidden: list[torch.Tensor],
                     ids, windows: int, seqlen: int, tick) -> dict:
     """tau quantile x q_bar grid: size and rel_l2 over the evaluation frames, ppl on
     `windows` x `seqlen` tokens (fewer than the headline, said in the output)."""
     grid = [(tq, qb) for tq in SWEEP_TAU_QUANTILES for qb in SWEEP_Q_BARS]
     advance = tick(f"sweep ({windows} x {seqlen} tokens for ppl)", len(grid) + 1)
-    ppl_fp = _ppl(lm.model, split_layer, RawWire("fp32"), ids, seqlen, windows)
+    ppl_fp = _ppl(split, RawWire("fp32"), ids, seqlen, windows)
     advance(1)
-    hidden_size = lm.model.config.hidden_size
+    hidden_size = split.edge.parts.config.hidden_size
     rows = []
     for i, (tq, qb) in enumerate(grid):
         p = replace(params, tau=None, tau_quantile=tq, q_bar=qb)
@@ -183,7 +185,7 @@ def sweep_codec_ppl(lm, split_layer, params: CodecOptions, calib: torch.Tensor, 
         for h in eval_hidden:                                # same frames as the headline run
             probe.decode(probe.encode(h))
         frames = _frame_summary(wire, probe, hidden_size)
-        ppl = _ppl(lm.model, split_layer, CodecWire(cfg, keep_stats=False), ids, seqlen, windows)
+        ppl = _ppl(split, CodecWire(cfg, keep_stats=False), ids, seqlen, windows)
         rows.append(dict(tau_quantile=tq, tau=cfg.tau, q_bar=qb, delta=p.delta,
                          bytes_per_token=frames["bytes_per_token"], ratio_vs_fp16=frames["ratio_vs_fp16"],
                          rel_l2=frames["rel_l2"], mean_width=frames["mean_width"],

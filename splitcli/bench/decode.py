@@ -13,8 +13,9 @@ import time
 
 import torch
 
+from ..deploy import SplitSpec, build_split
 from ..runtime.generate import SamplingConfig, encode_prompts, generate
-from ..runtime.session import Session, SplitSession, UnsplitSession
+from ..runtime.session import Session, UnsplitSession
 
 DEFAULT_PROMPT = "The history of the city begins with a small settlement on the river, where"
 
@@ -33,13 +34,14 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     ids, _ = encode_prompts(lm.tokenizer, [prompt])
     ref = generate(UnsplitSession(lm.model), ids, None, SamplingConfig(max_new_tokens=n_tokens))
     tokens = ref.tokens  # [1, n] — eos is not special here: we time a fixed token sequence
+    the_split = build_split(lm, SplitSpec(split_layer=split_layer))  # compression off
     _timed_decode(UnsplitSession(lm.model), ids, tokens[:, :4])  # warm-up both paths
-    _timed_decode(SplitSession(lm.model, split_layer), ids, tokens[:, :4])
+    _timed_decode(the_split.session(), ids, tokens[:, :4])
     unsplit, split = [], []
     for r in range(repeats):
         wire = wire_factory() if wire_factory else None
         run_u = lambda: unsplit.append(_timed_decode(UnsplitSession(lm.model), ids, tokens))  # noqa: E731
-        run_s = lambda: split.append(_timed_decode(SplitSession(lm.model, split_layer, wire=wire), ids, tokens))  # noqa: E731
+        run_s = lambda: split.append(_timed_decode(the_split.session(wire), ids, tokens))  # noqa: E731
         for run in ((run_u, run_s) if r % 2 == 0 else (run_s, run_u)):
             run()
         if progress:

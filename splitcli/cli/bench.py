@@ -7,7 +7,10 @@ from pathlib import Path
 import typer
 from rich.progress import Progress
 
-from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, write_json
+from .common import (
+    DATA_DIR_OPTION, FORCE_JSON_OPTION, JSON_OPTION, MODEL_OPTION, check_output_path, cli_errors,
+    codec_options, console, err_console, load_model_with_status, write_json,
+)
 
 app = typer.Typer(help="Benchmarks (medians of repeats, measured side by side, JSON out).", no_args_is_help=True)
 
@@ -15,13 +18,13 @@ app = typer.Typer(help="Benchmarks (medians of repeats, measured side by side, J
 @app.command("decode")
 @cli_errors
 def decode_cmd(
-    json_out: Path = typer.Option(..., "--json", help="Where to write the results."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    json_out: Path = JSON_OPTION,
+    model: str = MODEL_OPTION,
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ for the split run (default: L // 2)."),
     tokens: int = typer.Option(64, "--tokens", help="Decode steps per run."),
     repeats: int = typer.Option(5, "--repeats", help="Alternating unsplit/split runs; medians are reported."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = torch's default); 1 is steadiest on a busy machine."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
+    force: bool = FORCE_JSON_OPTION,
 ):
     """Decode tok/s of the unsplit model vs the split model in one process (compression off)."""
     from ..bench.decode import bench_decode
@@ -50,27 +53,25 @@ def decode_cmd(
 
 @app.command("codec")
 @cli_errors
+@codec_options()
 def codec_cmd(
-    json_out: Path = typer.Option(..., "--json", help="Where to write the results."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    json_out: Path = JSON_OPTION,
+    model: str = MODEL_OPTION,
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the hidden state after layer ℓ is coded (default: L // 2)."),
     windows: int = typer.Option(8, "--windows", help="WikiText-2 perplexity windows (the first ones of the file)."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window; each window's prefill is one frame."),
-    tau: float = typer.Option(None, "--tau", help="Absolute outlier threshold τ (default: calibrated from --tau-quantile)."),
-    tau_quantile: float = typer.Option(None, "--tau-quantile", help="τ at this quantile of |x| on the calibration slice [default: 0.999]."),
-    max_bits: int = typer.Option(None, "--max-bits", help="Widest code Q̄ in bits, sign included [default: 6]."),
-    delta: float = typer.Option(None, "--delta", help="Per-token distortion tolerance Δ [default: 0.05]."),
-    no_entropy: bool = typer.Option(False, "--no-entropy", help="Bit-pack the symbols instead of rANS coding them."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also sweep τ quantile x Q̄ (paper Figs. 6-7; ppl on 2 x 512 tokens)."),
     plot: Path = typer.Option(None, "--plot", help="Write the sweep as a PNG plot here."),
-    data_dir: Path = typer.Option(None, "--data-dir", help="Data directory holding wikitext2/wiki.test.raw (default: $SPLITLLM_DATA, ../shared/data)."),
+    data_dir: Path = DATA_DIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite the --json / --plot files if they exist."),
+    codec_flags: dict = None,
 ):
     """Codec vs fp32/fp16/int8/zstd on real hidden states at ℓ: size, error, WikiText-2 ppl, speed."""
+    from ..configio import overlay
+    from ..deploy.calibrate import wikitext_path
     from ..errors import SplitLLMError
     from ..model.split import decoder_parts, validate_split_layer
-    from ..codec.deploy import wikitext_path
-    from ..runtime.codec_wire import codec_params
+    from ..plan.codec_settings import CodecSettings
 
     check_output_path(json_out, force)
     check_output_path(plot, force)
@@ -80,8 +81,8 @@ def codec_cmd(
         raise SplitLLMError("--plot draws the sweep: drop --no-sweep")
     if plot is not None and plot.suffix.lower() != ".png":
         raise SplitLLMError(f"--plot must name a .png file, got {plot}")
-    params = codec_params("tabq", tau, tau_quantile, max_bits, delta, not no_entropy, data_dir)
-    wikitext_path(data_dir)   # the benchmark text, even when calibration needs none
+    params = overlay(CodecSettings(), **codec_flags)
+    wikitext_path(data_dir)   # the benchmark text (and calibration's), before the model loads
     from ..bench.codec import bench_codec, plot_sweep
 
     lm = load_model_with_status(model)
@@ -125,17 +126,17 @@ def _print_codec_summary(r: dict) -> None:
 @app.command("quant")
 @cli_errors
 def quant_cmd(
-    json_out: Path = typer.Option(..., "--json", help="Where to write the results."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    json_out: Path = JSON_OPTION,
+    model: str = MODEL_OPTION,
     windows: int = typer.Option(8, "--windows", help="WikiText-2 windows per perplexity."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per perplexity window."),
     lw: str = typer.Option("0,5,10,15,20,25,30", "--lw", help="Comma-separated ℓw values for the Table 4 analog."),
     split_layer: int = typer.Option(15, "--split-layer", "-l", help="ℓ of the edge whose shard, memory and speed are measured."),
     group_size: int = typer.Option(64, "--group-size", "-g", help="Weight quantization group size."),
     repeats: int = typer.Option(5, "--repeats", help="Interleaved fp32/int4 edge decode runs; medians are reported."),
-    data_dir: Path = typer.Option(None, "--data-dir", help="Data directory (default: $SPLITLLM_DATA, then ../shared/data)."),
+    data_dir: Path = DATA_DIR_OPTION,
     decode_threads: int = typer.Option(1, "--decode-threads", help="Torch threads while timing decode (0 = torch's default); 1 is stable on a shared host."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
+    force: bool = FORCE_JSON_OPTION,
 ):
     """OPSC at 4 bits: Table 4 perplexities (front/back), edge shard bytes, edge memory, edge decode speed."""
     from ..bench.quant import bench_quant

@@ -14,6 +14,12 @@ from ..errors import SplitLLMError
 console = Console()
 err_console = Console(stderr=True)
 
+# Options many commands share, defined once (typer reads these objects; it never mutates them).
+MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file.")
+JSON_OPTION = typer.Option(..., "--json", help="Where to write the results.")
+FORCE_JSON_OPTION = typer.Option(False, "--force", help="Overwrite the --json file if it exists.")
+DATA_DIR_OPTION = typer.Option(None, "--data-dir", help="Data directory (default: $SPLITLLM_DATA, else ../shared/data).")
+
 
 def cli_errors(fn):
     """Turn SplitLLMError into a one-line message + its exit code (never a traceback)."""
@@ -68,3 +74,106 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     if not values:
         raise SplitLLMError(f"{option} expects comma-separated integers like 4,8,16, got {text!r}")
     return values
+
+
+# ------------------------------------------------------------------ the codec option group
+#: (parameter, type, flag, help); one definition for every command that takes codec settings.
+_CODEC_FLAGS = (
+    ("tau", float, "--tau", "Absolute outlier threshold τ (inf = TAB-Q alone; default: calibrated from --tau-quantile)."),
+    ("tau_quantile", float, "--tau-quantile", "τ at this quantile of |x| on the calibration slice (default: 0.999)."),
+    ("q_bar", int, "--max-bits", "Q̄: widest TAB-Q code in bits, sign included (default: 6)."),
+    ("delta", float, "--delta", "Per-token distortion tolerance Δ (default: 0.05)."),
+)
+
+
+def codec_options(wire_choices: tuple[str, ...] | None = None, wire_help: str = ""):
+    """Add the codec settings flags (and, with `wire_choices`, a `--codec` wire choice) to a
+    command. The command receives `codec_flags`: a dict of the flags the user gave (names of
+    `CodecSettings` fields), to overlay on the plan's or the default settings; and `wire` (None
+    when not given)."""
+    import inspect
+
+    def decorate(fn):
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("codec_flags", "wire")]
+        extra = []
+        if wire_choices is not None:
+            extra.append(inspect.Parameter("wire", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                                           default=typer.Option(None, "--codec", help=wire_help)))
+        for name, typ, flag, help_text in _CODEC_FLAGS:
+            extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=typ,
+                                           default=typer.Option(None, flag, help=help_text)))
+        extra.append(inspect.Parameter("no_entropy", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                       default=typer.Option(False, "--no-entropy",
+                                                            help="Bit-pack the symbols instead of rANS coding them.")))
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            flags = {name: kwargs.pop(name) for name, *_ in _CODEC_FLAGS}
+            if kwargs.pop("no_entropy"):
+                flags["entropy"] = False
+            flags = {k: v for k, v in flags.items() if v is not None}
+            _check_codec_flags(flags)
+            if wire_choices is not None:
+                wire = kwargs.pop("wire")
+                if wire is not None and wire not in wire_choices:
+                    raise SplitLLMError(f"--codec must be one of {', '.join(wire_choices)}, got {wire!r}")
+                kwargs["wire"] = wire
+            return fn(*args, codec_flags=flags, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(
+            [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params] + extra)
+        return wrapper
+
+    return decorate
+
+
+CODEC_FLAG_NAMES = {name: flag for name, _, flag, _ in _CODEC_FLAGS} | {"entropy": "--no-entropy"}
+
+
+def _check_codec_flags(flags: dict) -> None:
+    """Bad values fail before anything loads, the message naming the flag the user typed
+    (the settings type itself speaks of settings)."""
+    import re
+
+    from ..configio import overlay
+    from ..plan.codec_settings import CodecSettings
+
+    try:
+        overlay(CodecSettings(), **flags)
+    except SplitLLMError as e:
+        named = [CODEC_FLAG_NAMES[n] for n in re.findall(r"codec (\w+)", str(e)) if n in CODEC_FLAG_NAMES]
+        if "exactly one" in str(e) or "not both" in str(e):
+            named = ["--tau", "--tau-quantile"]
+        raise SplitLLMError(f"{'/'.join(named) or 'codec options'}: {e}") from None
+
+
+def codec_flags_need_tabq(wire: str, codec_flags: dict) -> None:
+    """Codec flags with a wire that has no codec are an error rather than silently ignored."""
+    if wire != "tabq" and codec_flags:
+        given = ", ".join(CODEC_FLAG_NAMES[k] for k in codec_flags)
+        raise SplitLLMError(f"{given} need --codec tabq")
+
+
+def split_spec(plan, wire: str | None, codec_flags: dict, data_dir=None, **flags):
+    """The split a command runs: the plan's (or the defaults), explicit flags winning. Without
+    --codec the wire is the plan's codec when there is a plan, else the raw fp32 wire. Checked
+    before any model loads (a missing calibration text too)."""
+    from ..deploy import SplitSpec
+
+    wire = wire or ("tabq" if plan is not None else "none")
+    codec_flags_need_tabq(wire, codec_flags)
+    base = SplitSpec.from_plan(plan, wire) if plan is not None else SplitSpec(wire=wire)
+    spec = base.with_flags(codec=codec_flags, wire=wire, **flags)
+    if spec.wire == "tabq" and spec.codec.needs_samples:
+        from ..deploy.calibrate import wikitext_path
+
+        wikitext_path(data_dir)
+    return spec
+
+
+def check_plan_fits(plan, lm) -> None:
+    from ..model.split import decoder_parts
+
+    n = decoder_parts(lm.model).num_layers
+    if plan is not None and plan.n_layers != n:
+        raise SplitLLMError(f"this is a plan for {plan.n_layers} layers but the model has {n} ({lm.model_id})")

@@ -9,7 +9,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, write_json
+from .common import (
+    CODEC_FLAG_NAMES, DATA_DIR_OPTION, FORCE_JSON_OPTION, JSON_OPTION, MODEL_OPTION, check_output_path,
+    check_plan_fits, cli_errors, codec_flags_need_tabq, codec_options, console, err_console,
+    load_model_with_status, write_json,
+)
 
 DEFAULT_TASKS = "wikitext2,lambada,hellaswag,piqa,arc_easy,boolq,winogrande"
 
@@ -32,14 +36,14 @@ def _task_specs(tasks: str, task_files: list[Path]):
 
 def _check_data(specs, data_dir, needs_wikitext: bool) -> None:
     """Every data file exists (one-line error naming the first missing one), before the model loads."""
-    from ..data import data_file
+    from ..data import WIKITEXT2_TEST, data_file
 
     for s in specs:
         data_file(s.file, data_dir)
         if getattr(s, "labels_file", None):
             data_file(s.labels_file, data_dir)
     if needs_wikitext:  # codec and baseline calibration read WikiText-2's tail
-        data_file("wikitext2/wiki.test.raw", data_dir)
+        data_file(WIKITEXT2_TEST, data_dir)
 
 
 def _json_safe(x):
@@ -60,75 +64,66 @@ def _fmt(value: float, metric: str) -> str:
 
 
 @cli_errors
+@codec_options(("tabq", "none", "fp16"), "Wire of the split pipeline: tabq | none (raw fp32) | fp16 (default: the plan's codec, else tabq).")
 def eval_cmd(
     tasks: str = typer.Option(DEFAULT_TASKS, "--tasks", "-t", help="Comma-separated built-in task names ('' for none)."),
     task_files: list[Path] = typer.Option([], "--task-file", help="A task spec YAML file (repeatable)."),
     limit: int = typer.Option(None, "--limit", help="First N examples per task (perplexity: first N windows)."),
     pipeline: str = typer.Option(None, "--pipeline", help="fp | split | local | rtn-w4a16 | atom-w4a4 | atom-w4a3 | smoothquant-w4a4 | smoothquant-w4a3 (default: split with --config, else fp)."),
     config: Path = typer.Option(None, "--config", help="A plan YAML (splitllm plan) whose split, OPSC and codec settings to evaluate."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    model: str = MODEL_OPTION,
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ for split/local (default: the plan's, else L // 2)."),
     q_w1: int = typer.Option(None, "--q-w1", help="OPSC weight bits of the front segment (default 4; 16 = unquantized)."),
     q_w2: int = typer.Option(None, "--q-w2", help="OPSC weight bits after l_w (default 16 = unquantized)."),
     l_w: int = typer.Option(None, "--l-w", help="OPSC split l_w (default: ℓ)."),
     group_size: int = typer.Option(None, "--group-size", help="Weight quantization group (default: 64 on the default model)."),
-    codec: str = typer.Option(None, "--codec", help="Wire of the split pipeline: tabq | none (raw fp32) | fp16 (default tabq)."),
-    tau: float = typer.Option(None, "--tau", help="Absolute threshold τ (inf = TAB-Q alone; default: calibrated 0.999 quantile)."),
-    tau_quantile: float = typer.Option(None, "--tau-quantile", help="Calibrate τ at this quantile of |x|."),
-    q_bar: int = typer.Option(None, "--max-bits", help="Q̄a: widest TAB-Q code in bits (default 6)."),
-    delta: float = typer.Option(None, "--delta", help="TAB-Q distortion tolerance Δ (default 0.05)."),
-    data_dir: Path = typer.Option(None, "--data-dir", help="Evaluation data directory (default: $SPLITLLM_DATA, else ../shared/data)."),
-    json_out: Path = typer.Option(..., "--json", help="Where to write the results."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
+    data_dir: Path = DATA_DIR_OPTION,
+    json_out: Path = JSON_OPTION,
+    force: bool = FORCE_JSON_OPTION,
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Result cache (default: the splitllm cache's eval/)."),
     use_cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse and resume cached per-example results."),
     batch_size: int = typer.Option(16, "--batch-size", help="Rows per model call."),
+    codec_flags: dict = None,
+    wire: str | None = None,
 ):
     """Score a pipeline on perplexity / zero-shot tasks; results are cached so an interrupted sweep resumes."""
     from ..errors import SplitLLMError
     from ..eval import ResultCache, evaluate_task
+    from ..configio import overlay
     from ..eval.pipelines import (BASELINES, LazyLogitsFn, PipelineConfig, build_pipeline, cache_key,
                                   pipeline_from_plan, resolve)
     from ..model.loader import cache_root
+    from ..plan.schema import Plan
 
     check_output_path(json_out, force)
     if limit is not None and limit < 1:
         raise SplitLLMError(f"--limit must be >= 1, got {limit}")
     if batch_size < 1:
         raise SplitLLMError(f"--batch-size must be >= 1, got {batch_size}")
-    given = dict(split_layer=split_layer, q_w1=q_w1, q_w2=q_w2, l_w=l_w, group_size=group_size, codec=codec,
-                 tau=tau, tau_quantile=tau_quantile, q_bar=q_bar, delta=delta)
-    plan = None
-    if config is not None:
-        from ..plan.schema import Plan
-
-        plan = Plan.load(config)
-        cfg = pipeline_from_plan(plan, pipeline=pipeline, **given)
-    else:
-        cfg = PipelineConfig(pipeline=pipeline or "fp", **{k: v for k, v in given.items() if v is not None})
+    given = dict(split_layer=split_layer, q_w1=q_w1, q_w2=q_w2, l_w=l_w, group_size=group_size)
+    plan = Plan.load(config) if config is not None else None
+    base = pipeline_from_plan(plan, pipeline) if plan is not None else PipelineConfig(pipeline=pipeline or "fp")
+    codec = overlay(base.codec_settings, **codec_flags)
+    cfg = overlay(base, codec=wire, codec_settings=codec if codec_flags else None, **given)
     if cfg.pipeline not in ("split", "local"):
         stray = [f"--{k.replace('_', '-')}" for k in ("split_layer", "q_w1", "q_w2", "l_w") if given[k] is not None]
         if stray:
             raise SplitLLMError(f"{', '.join(stray)} apply to --pipeline split/local, not {cfg.pipeline}")
-    if cfg.pipeline != "split":
-        stray = [o for o, v in (("--codec", codec), ("--tau", tau), ("--tau-quantile", tau_quantile),
-                                ("--max-bits", q_bar), ("--delta", delta)) if v is not None]
-        if stray:
-            raise SplitLLMError(f"{', '.join(stray)} apply to --pipeline split only")
+    if cfg.pipeline != "split" and (wire is not None or codec_flags):
+        stray = ["--codec"] * (wire is not None) + [CODEC_FLAG_NAMES[k] for k in codec_flags]
+        raise SplitLLMError(f"{', '.join(stray)} apply to --pipeline split only")
+    if cfg.pipeline == "split":
+        codec_flags_need_tabq(cfg.codec, codec_flags)
     specs = _task_specs(tasks, task_files)
-    needs_calib = (cfg.pipeline == "split" and cfg.codec == "tabq") or cfg.pipeline in BASELINES[1:]
+    needs_calib = (cfg.pipeline == "split" and cfg.codec == "tabq" and cfg.codec_settings.needs_samples) \
+        or cfg.pipeline in BASELINES[1:]
     _check_data(specs, data_dir, needs_calib)
     cache = None
     if use_cache:
         cache = ResultCache(cache_dir if cache_dir is not None else cache_root() / "eval")
 
     lm = load_model_with_status(model)
-    if plan is not None:
-        from ..model.split import decoder_parts
-
-        n_layers = decoder_parts(lm.model).num_layers
-        if plan.n_layers != n_layers:
-            raise SplitLLMError(f"{config} is a plan for {plan.n_layers} layers but the model has {n_layers}")
+    check_plan_fits(plan, lm)
     cfg = resolve(cfg, lm.model)
     key = cache_key(cfg, lm.sha256)
     fn = LazyLogitsFn(lambda: build_pipeline(lm, cfg, data_dir, progress=lambda m: err_console.print(m)))

@@ -7,15 +7,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, write_json
+from .common import (
+    DATA_DIR_OPTION, FORCE_JSON_OPTION, JSON_OPTION, check_output_path, check_plan_fits, cli_errors,
+    codec_options, console, err_console, load_model_with_status, split_spec, write_json,
+)
+from .live import live_options, run_live
 
 
 @cli_errors
+@codec_options(("none", "tabq"), "Hidden-state wire: none (raw fp32) or tabq (threshold + TAB-Q + rANS) (default: tabq with --config, else none).")
 def generate_cmd(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."),
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m; with --shards it is only checked against the manifest's hash)."),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ), the cloud the rest (default: the plan's, else L // 2)."),
-    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ, edge weight bits, Qa and the codec (τ, Q̄, Δ); explicit flags win."),
+    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ, edge weight, embedding and KV bits and the codec (τ, Q̄, Δ); explicit flags win."),
     shards: Path = typer.Option(None, "--shards", help="Run the quantized split from a directory written by `splitllm quantize` (edge from edge.safetensors, cloud from cloud.safetensors)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding."),
@@ -23,21 +28,22 @@ def generate_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="Prefill the prompt in chunks of this many tokens (0 = at once)."),
-    codec: str = typer.Option(None, "--codec", help="Hidden-state wire: none (raw fp32) or tabq (threshold + TAB-Q + rANS) [default: tabq with --config, else none]."),
-    tau: float = typer.Option(None, "--tau", help="tabq: absolute outlier threshold τ (default: calibrated from --tau-quantile)."),
-    tau_quantile: float = typer.Option(None, "--tau-quantile", help="tabq: τ at this quantile of |x| on the calibration slice [default: 0.999]."),
-    max_bits: int = typer.Option(None, "--max-bits", help="tabq: widest code Q̄ in bits, sign included [default: 6]."),
-    delta: float = typer.Option(None, "--delta", help="tabq: per-token distortion tolerance Δ [default: 0.05]."),
-    no_entropy: bool = typer.Option(False, "--no-entropy", help="tabq: bit-pack the symbols instead of rANS coding them."),
-    data_dir: Path = typer.Option(None, "--data-dir", help="Data directory for codec calibration (default: $SPLITLLM_DATA, ../shared/data)."),
+    data_dir: Path = DATA_DIR_OPTION,
     show_steps: bool = typer.Option(True, "--steps/--no-steps", help="Print the per-step table."),
     json_out: Path = typer.Option(None, "--json", help="Also write text and per-step figures to this JSON file."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --json file if it exists."),
+    force: bool = FORCE_JSON_OPTION,
+    deadline: str = typer.Option(None, "--deadline", help="Per-token deadline D, e.g. 100ms: Algorithm 2 runs live on the emulated --link (keep, compress harder, I_kv = 0, stop)."),
+    link: str = typer.Option(None, "--link", help="Emulated uplink: '2Mbit/s,20ms,jitter=5ms,loss=0.01', or a rate schedule by step '10Mbit/s@0;0.5Mbit/s@8,20ms' (quote it)."),
+    eps: float = typer.Option(None, "--eps", help="Outage target ε of eq. (9) for the live policy (default: the plan's, else 0.001)."),
+    i_kv: int = typer.Option(None, "--i-kv", help="1: the edge also sends KV rows (the cloud keeps a session cache); 0: hidden states only (default: the plan's, else 1)."),
+    local_tokens: int = typer.Option(0, "--local-tokens", help="w: the edge generates this many tokens alone with all layers (its OPSC model), then hands off (needs --deadline)."),
+    trace: Path = typer.Option(None, "--trace", help="Write the live policy's per-step decisions here (JSONL)."),
+    codec_flags: dict = None,
+    wire: str | None = None,
 ):
     """Generate text with the model split at ℓ: edge half -> hidden state on the wire -> cloud half."""
     from ..errors import SplitLLMError
     from ..plan.schema import Plan
-    from ..runtime.codec_wire import codec_params
     from ..runtime.generate import SamplingConfig, encode_prompts, generate
 
     # Cheap checks first, so bad input fails before the model loads.
@@ -47,23 +53,16 @@ def generate_cmd(
         raise SplitLLMError("the prompt is empty: give some text with --prompt")
     if prefill_chunk < 0:
         raise SplitLLMError(f"--prefill-chunk must be >= 0, got {prefill_chunk}")
-    if shards is not None and (config is not None or codec not in (None, "none")):
-        # Shards fix the edge's weights already; codec calibration needs the full model's edge.
-        raise SplitLLMError("--shards runs the raw wire with the shards' own settings: drop --config/--codec")
     plan = Plan.load(config) if config is not None else None
-    if codec is None:
-        codec = "tabq" if plan is not None else "none"
-    if plan is not None and codec == "tabq":  # the plan's codec, unless a flag says otherwise
-        if tau is None and tau_quantile is None:
-            tau, tau_quantile = plan.codec.tau, plan.codec.tau_quantile
-        max_bits = plan.codec.q_bar if max_bits is None else max_bits
-        delta = plan.codec.delta if delta is None else delta
-    params = codec_params(codec, tau, tau_quantile, max_bits, delta, not no_entropy, data_dir)
+    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
+    live = live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, shards is not None)
+    progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
+    lm = None
     if shards is not None:
-        session, tokenizer, model_config, model_id = _shard_session(shards, model, split_layer)
+        split, tokenizer, model_config, model_id = _shard_split(shards, model, spec, plan, data_dir, progress)
     else:
-        session, tokenizer, model_config, model_id, plan = _model_session(model, split_layer, plan, codec, params, data_dir)
-    split_layer, n_layers = session.edge.split_layer, session.edge.parts.num_layers
+        split, tokenizer, model_config, model_id, lm = _model_split(model, spec, plan, data_dir, progress)
+    split_layer, n_layers = split.spec.split_layer, split.edge.parts.num_layers
     context = getattr(model_config, "max_position_embeddings", None)
     ids, mask = encode_prompts(tokenizer, [prompt], chat=chat, context_length=context)
     if context is not None and ids.shape[1] + max_new_tokens > context:
@@ -74,6 +73,12 @@ def generate_cmd(
         err_console.print(f"[yellow]note:[/] {ids.shape[1] + max_new_tokens} tokens exceed the plan's W̄ = "
                           f"{plan.max_tokens} (its edge memory was sized for that many)")
     eos = {t for t in (tokenizer.eos_token_id, getattr(model_config, "eos_token_id", None)) if isinstance(t, int)}
+    if live is not None:
+        result = run_live(live, lm, split, ids, mask, cfg, eos)
+        text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+        return
+    session = split.session()
     result = generate(session, ids, mask, cfg, eos_token_ids=eos, prefill_chunk=prefill_chunk or None)
     text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     console.print(text, highlight=False, markup=False, soft_wrap=True)
@@ -104,7 +109,9 @@ def generate_cmd(
                 "model": model_id,
                 "shards": None if shards is None else str(shards),
                 "split_layer": split_layer,
-                "plan": None if plan is None else plan.to_dict(),
+                # the plan as run: an explicit -l moves its ℓ (the rest of the split is in "split")
+                "plan": None if plan is None else {**plan.to_dict(), "split_layer": split_layer},
+                "split": _json_safe_spec(split.spec),
                 "wire": session.wire.name,
                 "prompt": prompt,
                 "text": text,
@@ -115,41 +122,36 @@ def generate_cmd(
         )
 
 
-def _model_session(model, split_layer, plan, codec, params, data_dir):
-    """(session, tokenizer, config, model id, plan at the ℓ used) from a full model, optionally shaped by a plan."""
+def _model_split(model, spec, plan, data_dir, progress):
+    """(split, tokenizer, config, model id) from a full model, shaped by the spec."""
+    from ..deploy import build_split
     from ..model.loader import DEFAULT_MODEL
-    from ..model.split import decoder_parts, validate_split_layer
-    from ..runtime.codec_wire import build_wire
-    from ..runtime.planned import planned_edge, with_split_layer
-    from ..runtime.session import SplitSession
 
     lm = load_model_with_status(model or (plan.model_id if plan else DEFAULT_MODEL))
-    n_layers = decoder_parts(lm.model).num_layers
-    if split_layer is None:
-        split_layer = plan.split_layer if plan is not None else n_layers // 2
-    split_layer = validate_split_layer(split_layer, n_layers)
-    if plan is not None:
-        plan = with_split_layer(plan, split_layer)  # an explicit -l wins over the plan's ℓ
-    edge = planned_edge(lm.model, plan) if plan is not None else None
-    wire = build_wire(codec, params, lm, split_layer, data_dir, progress=lambda m: err_console.print(m, highlight=False))
-    session = SplitSession(lm.model, split_layer, wire=wire, edge=edge)
-    return session, lm.tokenizer, lm.model.config, lm.model_id, plan
+    check_plan_fits(plan, lm)
+    return build_split(lm, spec, data_dir, progress), lm.tokenizer, lm.model.config, lm.model_id, lm
 
 
-def _shard_session(shards: Path, model: str | None, split_layer: int | None):
-    """(session, tokenizer, config, model id) from a shard directory, each half from its own shard."""
+def _shard_split(shards: Path, model: str | None, spec, plan, data_dir, progress):
+    """(split, tokenizer, config, model id) from a shard directory, each half from its own shard."""
+    from ..deploy import build_shard_split
     from ..model.loader import materialize, resolve_model
-    from ..model.shard_loader import load_cloud, load_edge, load_tokenizer
-    from ..runtime.session import SplitSession
 
     sha = None
     if model is not None:
         with err_console.status(f"hashing model {model} ..."):
             _, sha = materialize(resolve_model(model))
+    # the shards fix the edge's weights; a plan contributes ℓ (checked against the manifest) and the codec
     with err_console.status(f"loading shards from {shards} ..."):
-        edge = load_edge(shards, split_layer, sha)
-        cloud = load_cloud(shards, split_layer, sha)
-        tokenizer = load_tokenizer(shards)
-    m = edge.manifest
+        split, tokenizer, m = build_shard_split(shards, spec.wire, spec.codec, spec.split_layer, sha, data_dir, progress)
     model_id = f"{m.model_id} (shards: Qw1={m.front_bits}, ℓw={m.l_w}, {m.method}, G={m.group_size})"
-    return SplitSession.from_halves(edge.half, cloud.half), tokenizer, edge.model.config, model_id
+    return split, tokenizer, split.edge.parts.config, model_id
+
+
+def _json_safe_spec(spec) -> dict:
+    import math
+    from dataclasses import asdict
+
+    d = asdict(spec)
+    d["codec"] = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d["codec"].items()}
+    return d

@@ -39,7 +39,7 @@ def plan_cmd(
     from ..cost.latency import LinkModel
     from ..errors import SplitLLMError
     from ..model.shards import EMBED_BITS
-    from ..plan.accuracy import PerplexityProxy, calibration_windows, resolve_data_dir
+    from ..deploy.proxy import PerplexityProxy, calibration_windows, resolve_data_dir
     from ..plan.eval_table import load_accuracy_table
     from ..plan.advise import canonical, default_rate, default_space, latency_model, step_latency
     from ..plan.enumerate import search_plans, to_plan
@@ -130,7 +130,7 @@ def plan_cmd(
 
 
 def _profile_default_group_size() -> int:
-    from ..plan.measure import ProfileSettings
+    from ..deploy.measure import ProfileSettings
 
     return ProfileSettings().group_size
 

@@ -8,13 +8,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, parse_int_list
+from .common import (
+    MODEL_OPTION, check_output_path, cli_errors, console, err_console, load_model_with_status, parse_int_list,
+)
 
 
 @cli_errors
 def profile_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the profile YAML."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name, model directory or .gguf file."),
+    model: str = MODEL_OPTION,
     bits: str = typer.Option("4,8,16", "--bits", help="Weight bit widths to size and time (16 = not quantized)."),
     kv_bits: str = typer.Option("4,8,16", "--kv-bits", help="KV-cache bit widths Qa to size (16 = float cache)."),
     tokens: str = typer.Option("1,32,256", "--tokens", help="Prefill token counts to time."),
@@ -29,7 +31,7 @@ def profile_cmd(
 
     from ..configio import write_yaml
     from ..errors import SplitLLMError
-    from ..plan.measure import ProfileSettings, measure_profile
+    from ..deploy.measure import ProfileSettings, measure_profile
     from ..units import format_bytes
 
     check_output_path(out, force)

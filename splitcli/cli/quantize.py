@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import typer
@@ -38,42 +37,31 @@ def quantize_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite the files of an existing --out directory."),
 ):
     """Quantize the edge's layers and write edge/cloud shards plus a manifest (deterministic)."""
+    from dataclasses import replace
+
+    from ..configio import overlay
     from ..model.loader import DEFAULT_MODEL, materialize
     from ..model.shards import QuantSpec, check_out_dir, predicted_edge_bytes, shard_payload_bytes, write_shards
     from ..model.split import decoder_parts
-    from ..quant import default_group_size, layer_shapes_of
 
     check_out_dir(out, force)
+    plan = None
     if config is not None:
         from ..plan.schema import Plan
 
         plan = Plan.load(config)
-        model = model or plan.model_id
-        split_layer = plan.split_layer if split_layer is None else split_layer
-        front_bits = plan.q_w1 if front_bits is None else front_bits
-        back_bits = ("none" if plan.q_w2 is None else str(plan.q_w2)) if back_bits is None else back_bits
-        l_w = plan.l_w if l_w is None else l_w
-        method = plan.method if method is None else method
-        group_size = plan.group_size if group_size is None else group_size
-        kv_bits = plan.qa if kv_bits is None else kv_bits
-        embed_bits = plan.embed_bits if embed_bits is None else embed_bits
-    # What neither the plan nor a flag sets takes QuantSpec's own default (the shard writer is the
-    # one home of those), so only the values somebody chose are passed on.
-    chosen = {name: value for name, value in (("front_bits", front_bits), ("l_w", l_w), ("method", method),
-                                              ("embed_bits", embed_bits), ("kv_bits", kv_bits),
-                                              ("group_size", group_size)) if value is not None}
+    # The plan sets the defaults (else QuantSpec's own, the shard writer being their one home),
+    # explicit flags win; 'none' is a value of --back-bits, so it is applied after the overlay.
+    base = QuantSpec.from_plan(plan) if plan is not None else QuantSpec(None, group_size=None)
+    spec = overlay(base, split_layer=split_layer, front_bits=front_bits, l_w=l_w, method=method,
+                   group_size=group_size, embed_bits=embed_bits, kv_bits=kv_bits)  # fails fast on bad flags
     if back_bits is not None:
-        chosen["back_bits"] = parse_back_bits(back_bits)
-    probe = QuantSpec(1, **chosen)  # fail fast on bad flags, before the model loads
-    lm = load_model_with_status(model or DEFAULT_MODEL)
+        spec = replace(spec, back_bits=parse_back_bits(back_bits))
+    lm = load_model_with_status(model or (plan.model_id if plan is not None else DEFAULT_MODEL))
     parts = decoder_parts(lm.model)
-    ell = parts.num_layers // 2 if split_layer is None else split_layer
-    # Without a chosen group size, the widest one that divides every layer of this model.
-    group = group_size or default_group_size(layer_shapes_of(parts.layers[0]))
-    spec = dataclasses.replace(probe, split_layer=ell, group_size=group)
-    front_bits, method = spec.front_bits, spec.method
+    spec = spec.resolved(parts)
+    ell, group, front_bits, method = spec.split_layer, spec.group_size, spec.front_bits, spec.method
     back_bits = "none" if spec.back_bits is None else str(spec.back_bits)
-    spec.layer_bits(parts.num_layers)  # validates ℓ, ℓw and coverage before any work
     model_dir, _ = materialize(lm.source)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:

@@ -21,6 +21,7 @@ from splitcli.codec.entropy import COUNT_TOTAL
 from splitcli.codec.tabq import tab_q
 from splitcli.codec.threshold import calibrate_tau, split_threshold
 from splitcli.errors import SplitLLMError
+from splitcli.plan.codec_settings import CodecSettings
 
 
 def channel_rms_below(samples: torch.Tensor | np.ndarray | Iterable, tau: float) -> np.ndarray:
@@ -97,3 +98,15 @@ def calibrate_config(samples, base: CodecConfig | None = None, *, tau_quantile: 
     classes = calibrate_channel_class(samples, tau, n_classes) if n_classes is not None else None
     cfg = replace(base, tau=tau, tau_quantile=None, channel_class=classes, symbol_model=None)
     return replace(cfg, symbol_model=calibrate_symbol_model(samples, cfg)) if symbol_model else cfg
+
+
+def calibrate_from_samples(samples: torch.Tensor, settings: CodecSettings) -> CodecConfig:
+    """The deployment config from hidden states [tokens, hidden]: τ fixed (from the quantile,
+    or as given), and, with entropy coding, channel classes + a static symbol model."""
+    cfg = CodecConfig.from_settings(settings)
+    if settings.tau is None:
+        cfg = replace(cfg, tau=calibrate_tau(samples, settings.tau_quantile), tau_quantile=None)
+    if settings.entropy:
+        cfg = replace(cfg, channel_class=calibrate_channel_class(samples, cfg.tau, settings.n_classes))
+        cfg = replace(cfg, symbol_model=calibrate_symbol_model(samples, cfg))
+    return cfg

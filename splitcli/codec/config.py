@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from splitcli.errors import SplitLLMError
+# The bounds' one home is the user-facing settings type (torch-free, carried by plans).
+from splitcli.plan.codec_settings import MAX_CLASSES, MAX_Q_BAR, MIN_Q, check_codec_bounds  # noqa: F401
 
 #: Wire-format version written into every frame and carried by persisted configs.
 FORMAT_VERSION = 2   # 2: compact header for one-token frames (frame.py)
-
-#: Widest TAB-Q code (sign included); symbols then fit one byte.
-MAX_Q_BAR = 8
-#: Narrowest TAB-Q code: one sign bit and one magnitude bit (levels {0, 1}).
-MIN_Q = 2
-#: Most channel classes (one entropy model per width and class).
-MAX_CLASSES = 16
 
 
 @dataclass(frozen=True)
@@ -73,25 +67,7 @@ class CodecConfig:
         if self.version != FORMAT_VERSION:
             raise SplitLLMError(f"codec config version {self.version} is not supported "
                                 f"(this build writes version {FORMAT_VERSION})")
-        if (self.tau is None) == (self.tau_quantile is None):
-            raise SplitLLMError("codec config needs exactly one of tau and tau_quantile")
-        if self.tau is not None and not (isinstance(self.tau, (int, float))
-                                         and self.tau >= 0 and not math.isnan(self.tau)):
-            raise SplitLLMError(f"codec tau must be a number >= 0 (inf disables it), got {self.tau!r}")
-        if self.tau_quantile is not None and not (isinstance(self.tau_quantile, (int, float))
-                                                  and 0.0 <= self.tau_quantile <= 1.0):
-            raise SplitLLMError(f"codec tau_quantile must lie in [0, 1], got {self.tau_quantile!r}")
-        for name in ("q_bar", "q_min"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise SplitLLMError(f"codec {name} must be an integer, got {value!r}")
-        if not MIN_Q <= self.q_min <= self.q_bar <= MAX_Q_BAR:
-            raise SplitLLMError(f"codec bit widths need {MIN_Q} <= q_min <= q_bar <= {MAX_Q_BAR}, "
-                                f"got q_min={self.q_min}, q_bar={self.q_bar}")
-        if not (isinstance(self.delta, (int, float)) and math.isfinite(self.delta) and self.delta >= 0):
-            raise SplitLLMError(f"codec delta must be a finite number >= 0, got {self.delta!r}")
-        if not isinstance(self.entropy, bool):
-            raise SplitLLMError(f"codec entropy must be true or false, got {self.entropy!r}")
+        check_codec_bounds(self.tau, self.tau_quantile, self.q_bar, self.q_min, self.delta, self.entropy)
         if self.channel_scale is not None:
             scale, crc = channel_scale_array(self.channel_scale)
             # cached on the frozen instance: encode runs per decode step and must stay cheap
@@ -113,6 +89,12 @@ class CodecConfig:
                 and len(self.channel_scale) != len(self.channel_class):
             raise SplitLLMError("codec channel_scale and channel_class must have the same length")
 
+
+    @classmethod
+    def from_settings(cls, settings) -> "CodecConfig":
+        """The uncalibrated wire config of a user's `CodecSettings` (τ still a quantile unless absolute)."""
+        return cls(tau=settings.tau, tau_quantile=None if settings.tau is not None else settings.tau_quantile,
+                   q_bar=settings.q_bar, delta=settings.delta, entropy=settings.entropy)
 
     def to_dict(self) -> dict:
         """Plain data for a plan file (JSON/YAML): the constructor's fields only, tuples as lists."""

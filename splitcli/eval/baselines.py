@@ -159,7 +159,7 @@ def _baseline_bits(pipeline: str) -> tuple[str, int | None]:
     return kind, None if a >= 16 else a
 
 
-#: The codec's calibration slice (`splitcli.codec.deploy`): the last 2048 tokens of WikiText-2's
+#: The codec's calibration slice (`splitcli.deploy.calibrate`): the last 2048 tokens of WikiText-2's
 #: test text, found in its last 64 characters per token.
 CALIB_SLICE_TOKENS = 2048
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from splitcli.data import data_file
+from splitcli.data import data_file, read_text
 from splitcli.errors import SplitLLMError
 from splitcli.eval.spec import TaskSpec
 
@@ -191,19 +191,6 @@ def load_examples(
 
 
 def load_text(spec: TaskSpec, data_dir: str | os.PathLike[str] | None = None) -> str:
-    """The raw text of a perplexity task.
-
-    The shipped WikiText-2 file has CRLF line ends, while the published numbers (GPTQ, Atom) are
-    computed on the Hugging Face text, whose lines end in LF. Kept as bytes, every line would add
-    a "\r" token (304,839 tokens instead of 301,948 with SmolLM2's tokenizer, and a different
-    ppl), so by default line ends are normalized as Python's text mode does. Set
-    ``normalize_newlines: false`` in the spec to score the bytes exactly as stored.
-    """
-    path = data_file(spec.file, data_dir)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SplitLLMError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
-    if spec.normalize_newlines:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
+    """The raw text of a perplexity task, line ends read as LF unless the spec sets
+    ``normalize_newlines: false`` (see `splitcli.data.read_text` for why)."""
+    return read_text(data_file(spec.file, data_dir), spec.normalize_newlines)

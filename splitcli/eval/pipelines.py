@@ -16,14 +16,17 @@ How the paper was read:
 - Entropy coding (rANS) is lossless, so it cannot change a logit; the evaluator turns it off by
   default (``entropy=False``) because it only costs time here. The decoded hidden states are those
   of the deployed codec with the same tau / q_bar / delta.
-- The codec is calibrated as `splitllm generate` calibrates it (`splitcli.codec.deploy`:
+- The split is built by the deployment layer (`splitcli.deploy.build_split`) exactly as
+  `splitllm generate` builds it: for one plan both run the same edge (OPSC weights, embedding
+  bits, KV bits) and the same calibrated codec.
+- The codec is calibrated as `splitllm generate` calibrates it (`splitcli.deploy.calibrate`:
   tau at the 0.999 quantile of |x| of the full-precision model's hidden state at ℓ over the last
   2048 tokens of WikiText-2, cached on disk). Evaluation windows are the first ones of that text.
 - Codecs: ``tabq`` = threshold splitting + TAB-Q (tau = inf: TAB-Q alone, Table 5's
   "Baseline + TAB-Q"); ``fp16`` = the raw wire in fp16, read as "threshold splitting without
   TAB-Q" (values above tau travel exactly either way, the body at 16 bits); ``none`` = raw fp32.
-- KV-cache quantization (Q_a of eq. 2) is not simulated: scoring is a single prefill per request,
-  where the current tokens' keys and values are used as computed.
+- KV-cache quantization (Q_a of eq. 2) runs as in generation, but scoring is a single prefill per
+  request, where attention reads the quantized cache of the tokens before each one.
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
+from splitcli.cost.memory import KEEP_BITS
 from splitcli.errors import SplitLLMError
 from splitcli.eval.protocols import LogitsFn
+from splitcli.plan.codec_settings import CodecSettings
 
 PIPELINE_FORMAT_VERSION = 1
 BASELINES = ("rtn-w4a16", "atom-w4a4", "atom-w4a3", "smoothquant-w4a4", "smoothquant-w4a3")
@@ -51,8 +56,9 @@ class PipelineConfig:
 
     split_layer / l_w / group_size: None = the model-dependent default (ℓ = L // 2, l_w = ℓ,
     group = `default_group_size`, 64 on SmolLM2-135M); `resolve` fills them in.
-    tau / tau_quantile / q_bar / delta: the codec (``split`` with ``codec="tabq"``), as in
-    `splitcli.codec.deploy.CodecOptions` (neither tau given: tau_quantile 0.999).
+    qa / embed_bits: the edge's KV-cache bits and embedding bits (16 = as loaded).
+    codec: the wire of ``split`` (tabq / none / fp16); codec_settings: its `CodecSettings`
+    (rANS off by default: it is lossless, so it only costs time here).
     calib_tokens / alpha / keep_channels: the baselines' calibration (see `baselines`).
     """
 
@@ -63,12 +69,10 @@ class PipelineConfig:
     l_w: int | None = None
     method: str = "front"
     group_size: int | None = None
+    qa: int = KEEP_BITS
+    embed_bits: int = KEEP_BITS
     codec: str = "tabq"
-    tau: float | None = None
-    tau_quantile: float | None = None
-    q_bar: int = 6
-    delta: float = 0.05
-    entropy: bool = False
+    codec_settings: CodecSettings = field(default_factory=lambda: CodecSettings(entropy=False))
     calib_tokens: int = 512
     alpha: float = 0.5
     keep_channels: int | None = None
@@ -85,8 +89,8 @@ class PipelineConfig:
             raise SplitLLMError(f"--split-layer must be >= 1, got {self.split_layer}")
         if self.group_size is not None and self.group_size < 1:
             raise SplitLLMError(f"group size must be >= 1, got {self.group_size}")
-        if self.tau is not None and self.tau_quantile is not None:
-            raise SplitLLMError("give either tau or tau_quantile, not both")
+        if not isinstance(self.codec_settings, CodecSettings):
+            raise SplitLLMError("PipelineConfig.codec_settings must be CodecSettings")
         if not 0.0 <= self.alpha <= 1.0:
             raise SplitLLMError(f"SmoothQuant alpha must lie in [0, 1], got {self.alpha}")
         if self.calib_tokens < 1:
@@ -98,15 +102,28 @@ class PipelineConfig:
 
     @property
     def compression_off(self) -> bool:
-        """``split`` with nothing lossy: unquantized edge weights and the raw wire."""
-        return self.q_w1 == 16 and self.q_w2 == 16 and self.codec == "none"
+        """``split`` with nothing lossy: unquantized edge weights, embedding and KV, and the raw wire."""
+        return (self.q_w1 == 16 and self.q_w2 == 16 and self.codec == "none"
+                and self.qa >= KEEP_BITS and self.embed_bits >= KEEP_BITS)
+
+    def split_spec(self):
+        """The deployment layer's `SplitSpec` of a ``split`` / ``local`` pipeline."""
+        from splitcli.deploy import SplitSpec
+
+        return SplitSpec(split_layer=self.split_layer, q_w1=self.q_w1, q_w2=self.q_w2, l_w=self.l_w,
+                         method=self.method, group_size=self.group_size, qa=self.qa, embed_bits=self.embed_bits,
+                         wire=self.codec, codec=self.codec_settings)
 
     def relevant(self) -> dict[str, Any]:
-        """The fields that change this pipeline's numbers (the cache key; other fields are ignored)."""
+        """The fields that change this pipeline's numbers (the cache key; other fields are ignored).
+        Codec settings are flattened and qa / embed_bits appear only when not 16, so keys of
+        results cached before they existed stay valid."""
         d = asdict(self)
+        d.update({k: v for k, v in self.codec_settings.to_dict().items() if k in ("tau", "tau_quantile", "q_bar", "delta")})
         keep = {"pipeline", "format_version"}
         if self.pipeline in ("split", "local"):
             keep |= {"split_layer", "q_w1", "q_w2", "l_w", "method", "group_size"}
+            keep |= {k for k in ("qa", "embed_bits") if d[k] < KEEP_BITS}
         if self.pipeline == "split":
             keep |= {"codec"} | ({"tau", "tau_quantile", "q_bar", "delta"} if self.codec == "tabq" else set())
         if self.pipeline in BASELINES:
@@ -124,18 +141,14 @@ def default_keep_channels(hidden: int) -> int:
 
 def resolve(cfg: PipelineConfig, model) -> PipelineConfig:
     """Fill in the model-dependent defaults and check them against the model."""
-    from splitcli.model.split import decoder_parts, validate_split_layer
+    from splitcli.model.split import decoder_parts
     from splitcli.quant import default_group_size, layer_shapes_of
 
     parts = decoder_parts(model)
-    n = parts.num_layers
     upd: dict[str, Any] = {}
     if cfg.pipeline in ("split", "local"):
-        ell = validate_split_layer(n // 2 if cfg.split_layer is None else cfg.split_layer, n)
-        l_w = ell if cfg.l_w is None else cfg.l_w
-        if not 0 <= l_w <= n:
-            raise SplitLLMError(f"l_w={l_w} must lie in [0, {n}]")
-        upd.update(split_layer=ell, l_w=l_w)
+        spec = cfg.split_spec().resolve(model)
+        upd.update(split_layer=spec.split_layer, l_w=spec.l_w)
     if cfg.group_size is None:
         upd["group_size"] = default_group_size(layer_shapes_of(parts.layers[0]))
     if cfg.pipeline.startswith("atom") and cfg.keep_channels is None:
@@ -176,7 +189,7 @@ def _opsc_copy(model, bits: list[int | None], group_size: int):
 def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[str], None] | None = None) -> Pipeline:
     """Build the LogitsFn of `cfg` on the loaded model `lm` (a `LoadedModel`); `lm.model` is not changed."""
     from splitcli.model.split import decoder_parts
-    from splitcli.runtime.session import SplitSession, UnsplitSession
+    from splitcli.runtime.session import UnsplitSession
 
     cfg = resolve(cfg, lm.model)
     n = decoder_parts(lm.model).num_layers
@@ -184,47 +197,30 @@ def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[s
     if cfg.pipeline == "fp":
         model = lm.model
         return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(model)), info)
-    if cfg.pipeline in ("split", "local"):
+    if cfg.pipeline == "split":
+        from splitcli.deploy import build_split
+
+        split = build_split(lm, cfg.split_spec(), data_dir, progress, keep_stats=False)
+        info.update(split.info)
+        info["weight_bits"] = info["weight_bits"] + [None] * (n - cfg.split_layer)  # the cloud: full precision
+        if cfg.codec == "tabq":
+            info["codec"]["calibration"] = "last 2048 tokens of wikitext2/wiki.test.raw" if cfg.codec_settings.needs_samples else "none"
+            if math.isinf(info["codec"]["tau"]):
+                info["codec"]["tau"] = "inf"
+        return Pipeline(cfg, _session_logits_fn(split.session), info)
+    if cfg.pipeline == "local":
         from splitcli.quant import opsc_bits
 
-        assert cfg.split_layer is not None and cfg.l_w is not None and cfg.group_size is not None
+        assert cfg.l_w is not None and cfg.group_size is not None
         bits = opsc_bits(n, cfg.l_w, cfg.q_w1, cfg.q_w2, cfg.method)
-        if cfg.pipeline == "split":
-            bits = bits[: cfg.split_layer] + [None] * (n - cfg.split_layer)  # the cloud stays full precision
         info["weight_bits"] = bits
         qmodel = _opsc_copy(lm.model, bits, cfg.group_size) if any(b not in (None, 16) for b in bits) else lm.model
-        if cfg.pipeline == "local":
-            return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(qmodel)), info)
-        wire = _build_wire(lm, cfg, data_dir, progress, info)
-        ell = cfg.split_layer
-        return Pipeline(cfg, _session_logits_fn(lambda: SplitSession(qmodel, ell, wire=wire)), info)
+        return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(qmodel)), info)
     from splitcli.eval.baselines import build_baseline
 
     model, binfo = build_baseline(lm, cfg, data_dir)
     info.update(binfo)
     return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(model)), info)
-
-
-def _build_wire(lm, cfg: PipelineConfig, data_dir, progress, info: dict[str, Any]):
-    from splitcli.runtime.wire import RawWire
-
-    if cfg.codec in ("none", "fp16"):
-        wire = RawWire("fp32" if cfg.codec == "none" else "fp16")
-        info["wire"] = wire.name
-        return wire
-    from splitcli.codec.deploy import CodecOptions, calibrated_config
-    from splitcli.runtime.codec_wire import CodecWire
-
-    params = CodecOptions(tau=cfg.tau, tau_quantile=cfg.tau_quantile, q_bar=cfg.q_bar, delta=cfg.delta,
-                         entropy=cfg.entropy)
-    assert cfg.split_layer is not None
-    codec_cfg, cinfo = calibrated_config(lm, cfg.split_layer, params, data_dir, progress)
-    info["wire"] = "tabq"
-    info["codec"] = {"tau": codec_cfg.tau, "q_bar": codec_cfg.q_bar, "delta": codec_cfg.delta,
-                     "entropy": codec_cfg.entropy, "calibration": cinfo.get("calib_slice", "none")}
-    if codec_cfg.tau is not None and math.isinf(codec_cfg.tau):
-        info["codec"]["tau"] = "inf"
-    return CodecWire(codec_cfg, keep_stats=False)
 
 
 def cache_key(cfg: PipelineConfig, model_sha256: str) -> str:
@@ -248,12 +244,17 @@ class LazyLogitsFn:
         return self.pipeline.logits_fn(input_ids, attention_mask)
 
 
-def pipeline_from_plan(plan, **overrides: Any) -> PipelineConfig:
-    """``split`` (or ``overrides['pipeline']``) with a `splitcli.plan.schema.Plan`'s settings."""
-    fields: dict[str, Any] = dict(
-        pipeline="split", split_layer=plan.split_layer, l_w=plan.l_w, method=plan.method,
-        q_w1=plan.q_w1, q_w2=16 if plan.q_w2 is None else plan.q_w2, group_size=plan.group_size,
-        tau=plan.codec.tau, tau_quantile=plan.codec.tau_quantile, q_bar=plan.codec.q_bar, delta=plan.codec.delta,
-    )
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return PipelineConfig(**fields)
+def pipeline_from_plan(plan, pipeline: str | None = None) -> PipelineConfig:
+    """``split`` (or `pipeline`) with a `splitcli.plan.schema.Plan`'s settings: the same split
+    `splitllm generate --config` runs (entropy coding off: lossless, it cannot change a logit)."""
+    from splitcli.deploy import SplitSpec
+
+    return from_split_spec(SplitSpec.from_plan(plan), pipeline or "split")
+
+
+def from_split_spec(spec, pipeline: str = "split", **rest: Any) -> PipelineConfig:
+    """The pipeline of a deployment `SplitSpec` (q_w2 None: layers past l_w stay unquantized)."""
+    return PipelineConfig(
+        pipeline=pipeline, split_layer=spec.split_layer, q_w1=spec.q_w1, q_w2=KEEP_BITS if spec.q_w2 is None else spec.q_w2,
+        l_w=spec.l_w, method=spec.method, group_size=spec.group_size, qa=spec.qa, embed_bits=spec.embed_bits,
+        codec=spec.wire, codec_settings=replace(spec.codec, entropy=False), **rest)

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,14 +53,16 @@ KV_BITS = (16, 8, 4)
 @dataclass(frozen=True)
 class QuantSpec:
     """What to quantize. back_bits None = the edge keeps no layer beyond the OPSC front part;
-    l_w None = ℓ. 16 bits anywhere means "keep in float32" (the runtime's precision)."""
+    l_w None = ℓ. 16 bits anywhere means "keep in float32" (the runtime's precision).
+    split_layer / group_size None = the model's defaults (L // 2; the widest of 128 / 64 that
+    divides every layer width), filled in by `resolved` once the model is known."""
 
-    split_layer: int
+    split_layer: int | None
     front_bits: int = 4
     back_bits: int | None = None
     l_w: int | None = None
     method: str = "front"
-    group_size: int = 64
+    group_size: int | None = 64
     embed_bits: int = 8
     kv_bits: int = 16
 
@@ -72,7 +74,7 @@ class QuantSpec:
             raise SplitLLMError(f"weight bits must be one of {allowed} (back bits may be 'none')")
         if self.method not in ("front", "back"):
             raise SplitLLMError(f"--method must be 'front' or 'back', got {self.method!r}")
-        if self.group_size < 1:
+        if self.group_size is not None and self.group_size < 1:
             raise SplitLLMError(f"--group-size must be positive, got {self.group_size}")
         if self.embed_bits not in EMBED_BITS:
             raise SplitLLMError(f"--embed-bits must be one of {EMBED_BITS}, got {self.embed_bits}")
@@ -82,6 +84,22 @@ class QuantSpec:
     @property
     def lw(self) -> int:
         return self.split_layer if self.l_w is None else self.l_w
+
+    @classmethod
+    def from_plan(cls, plan) -> "QuantSpec":
+        """The shards a `splitcli.plan.schema.Plan` describes."""
+        return cls(plan.split_layer, plan.q_w1, plan.q_w2, plan.l_w, plan.method, plan.group_size,
+                   plan.embed_bits, plan.qa)
+
+    def resolved(self, parts) -> "QuantSpec":
+        """Model-dependent defaults filled in from the model's decoder parts, then validated."""
+        from ..quant import default_group_size, layer_shapes_of
+
+        ell = parts.num_layers // 2 if self.split_layer is None else self.split_layer
+        group = default_group_size(layer_shapes_of(parts.layers[0])) if self.group_size is None else self.group_size
+        spec = replace(self, split_layer=ell, group_size=group)
+        spec.layer_bits(parts.num_layers)  # validates ℓ, ℓw and coverage before any work
+        return spec
 
     def layer_bits(self, num_layers: int) -> list[int | None]:
         """Bits of every layer (None = not on the edge); the edge's own layers [0, ℓ) must be kept."""

@@ -9,11 +9,11 @@ from splitcli.plan.enumerate import (
 from splitcli.plan.profile import (
     CodecCost, CodecPoint, DeviceInfo, LayerCost, Profile, StageCost, profile_from_architecture,
 )
-from splitcli.plan.schema import Budgets, CodecParams, Plan
+from splitcli.plan.schema import Budgets, CodecSettings, Plan
 from splitcli.plan.sweep import SweepPoint, sweep_max_tokens
 
 __all__ = [
-    "Budgets", "Candidate", "CodecCost", "CodecParams", "CodecPoint", "DeviceInfo", "ExitDecision",
+    "Budgets", "Candidate", "CodecCost", "CodecSettings", "CodecPoint", "DeviceInfo", "ExitDecision",
     "ExitPolicy", "LayerCost", "Plan", "PlanSearch", "Profile", "Ranked", "SearchSpace",
     "StageCost", "Step", "SweepPoint", "decide_step", "max_tokens_under_deadline",
     "profile_from_architecture", "psi",

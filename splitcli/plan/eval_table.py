@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from splitcli.errors import SplitLLMError
 from splitcli.plan.accuracy import AccuracyTable, read_json
+from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE
 
 def is_eval_result(data: Any) -> bool:
     """True for the JSON `splitllm eval --json` writes (as opposed to a hand-made accuracy table)."""
@@ -50,10 +51,8 @@ def _row(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     ell = pipe.get("split_layer")
     if not isinstance(bits, list) or not isinstance(ell, int) or not 1 <= ell < len(bits):
         raise SplitLLMError(f"{where}: no per-layer weight bits or split layer recorded")
-    from splitcli.codec.deploy import CodecOptions  # its default τ quantile is the evaluator's
-
-    return {"split_layer": ell, "edge_bits": bits[:ell], "qa": 16, "q_bar": pipe.get("q_bar"),
-            "tau": pipe.get("tau_quantile") or CodecOptions().tau_quantile}
+    return {"split_layer": ell, "edge_bits": bits[:ell], "qa": pipe.get("qa", 16), "q_bar": pipe.get("q_bar"),
+            "tau": pipe.get("tau_quantile") or DEFAULT_TAU_QUANTILE}
 
 
 def table_from_eval_results(paths: Iterable[str | os.PathLike[str]]) -> AccuracyTable:

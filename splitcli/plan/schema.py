@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splitcli.configio import load_config, write_yaml
+from splitcli.plan.codec_settings import CodecSettings
 from splitcli.cost.memory import layer_weight_bits
 from splitcli.errors import SplitLLMError
 from splitcli.plan._validate import (
@@ -21,47 +22,6 @@ from splitcli.plan._validate import (
 )
 
 PLAN_FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class CodecParams:
-    """TS + TAB-Q settings: threshold tau (absolute) or tau_quantile (of |x|, calibrated once),
-    maximum bits q_bar, distortion tolerance delta (Algorithm 1) and the lowest q_bar the early-exit
-    policy may fall back to."""
-
-    q_bar: int
-    delta: float
-    tau: float | None = None
-    tau_quantile: float | None = None
-    q_bar_min: int = 2
-
-    def __post_init__(self) -> None:
-        check_int(self.q_bar, "codec q_bar", 2, 16)
-        check_int(self.q_bar_min, "codec q_bar_min", 2, self.q_bar)
-        check_number(self.delta, "codec delta")
-        if (self.tau is None) == (self.tau_quantile is None):
-            raise SplitLLMError("codec needs exactly one of tau (absolute) or tau_quantile")
-        if self.tau is not None:
-            check_number(self.tau, "codec tau")
-        if self.tau_quantile is not None:
-            check_number(self.tau_quantile, "codec tau_quantile")
-            if not 0 < self.tau_quantile <= 1:
-                raise SplitLLMError(f"codec tau_quantile must lie in (0, 1], got {self.tau_quantile}")
-
-    @property
-    def tau_value(self) -> float:
-        """The tau number (absolute or quantile) as profile codec points key it."""
-        return self.tau if self.tau is not None else self.tau_quantile  # type: ignore[return-value]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"q_bar": self.q_bar, "q_bar_min": self.q_bar_min, "delta": self.delta,
-                "tau": self.tau, "tau_quantile": self.tau_quantile}
-
-    @classmethod
-    def from_dict(cls, data: Any) -> "CodecParams":
-        data = require_mapping(data, "plan codec")
-        check_keys(data, {"q_bar", "delta"}, {"tau", "tau_quantile", "q_bar_min"}, "plan codec")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -101,7 +61,7 @@ class Plan:
     q_w1: int
     q_w2: int | None
     qa: int
-    codec: CodecParams
+    codec: CodecSettings
     group_size: int
     max_tokens: int
     budgets: Budgets
@@ -130,8 +90,8 @@ class Plan:
             raise SplitLLMError(f"plan embed_bits must be 8 or 16, got {self.embed_bits!r}")
         if self.i_kv not in (0, 1) or isinstance(self.i_kv, bool):
             raise SplitLLMError(f"plan i_kv must be 0 or 1, got {self.i_kv!r}")
-        if not isinstance(self.codec, CodecParams) or not isinstance(self.budgets, Budgets):
-            raise SplitLLMError("plan codec and budgets must be CodecParams and Budgets")
+        if not isinstance(self.codec, CodecSettings) or not isinstance(self.budgets, Budgets):
+            raise SplitLLMError("plan codec and budgets must be CodecSettings and Budgets")
         if not isinstance(self.notes, dict):
             raise SplitLLMError("plan notes must be a mapping")
         missing = [k for k, b in enumerate(self.edge_weight_bits) if b is None]
@@ -167,7 +127,7 @@ class Plan:
         check_keys(data, required, {"i_kv", "embed_bits", "notes"}, "plan")
         fields = {k: v for k, v in data.items() if k not in ("codec", "budgets")}
         fields["notes"] = dict(require_mapping(fields.get("notes") or {}, "plan notes"))
-        return cls(codec=CodecParams.from_dict(data["codec"]),
+        return cls(codec=CodecSettings.from_dict(data["codec"], "plan codec"),
                    budgets=Budgets.from_dict(data["budgets"]), **fields)
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
@@ -176,3 +136,7 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Plan":
         return cls.from_dict(load_config(path))
+
+
+# Transitional name, removed once every caller says CodecSettings.
+CodecParams = CodecSettings

@@ -1,4 +1,5 @@
-"""Codec on the split runtime: CodecWire in a SplitSession, the calibration cache, CodecOptions."""
+"""Codec on the split runtime: CodecWire in a SplitSession, the calibration cache, CodecSettings,
+and the deployment layer's wire."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import pytest
 import torch
 
 from splitcli.codec import CodecConfig, decode
-from splitcli.codec.deploy import (CodecOptions, cache_dir, calibrate_from_samples, calibrated_config,
-                                   calibration_ids, edge_hidden)
+from splitcli.codec.calibrate import calibrate_from_samples
+from splitcli.deploy import SplitSpec, build_wire
+from splitcli.deploy.calibrate import cache_dir, calibrated_config, calibration_ids, edge_hidden
 from splitcli.errors import SplitLLMError
-from splitcli.runtime.codec_wire import CodecWire, build_wire, codec_params
+from splitcli.plan.codec_settings import CodecSettings
+from splitcli.runtime.codec_wire import CodecWire
 from splitcli.runtime.session import SplitSession
 from splitcli.runtime.wire import RawWire
 
@@ -52,7 +55,7 @@ def test_codec_wire_in_split_session_close_to_raw(llama):
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (1, 48))
     calib = edge_hidden(tiny_model, 2, torch.randint(0, 128, (200,)))                 # [200, 64]
-    cfg = calibrate_from_samples(calib, CodecOptions())
+    cfg = calibrate_from_samples(calib, CodecSettings())
     raw, coded = SplitSession(tiny_model, 2, wire=RawWire("fp32")), SplitSession(tiny_model, 2, wire=CodecWire(cfg))
     ref, out = raw.forward(ids, logits_to_keep=0), coded.forward(ids, logits_to_keep=0)   # [1, 48, V]
     assert _rel(out, ref) < 0.1 and _rel(out, ref) > 0       # lossy but close
@@ -66,7 +69,7 @@ def test_codec_wire_in_split_session_close_to_raw(llama):
 
 def test_codec_wire_frames_are_the_library_frames(llama):
     calib = edge_hidden(llama, 2, list(range(100)))
-    cfg = calibrate_from_samples(calib, CodecOptions(q_bar=5))
+    cfg = calibrate_from_samples(calib, CodecSettings(q_bar=5))
     wire = CodecWire(cfg)
     x = edge_hidden(llama, 2, list(range(3, 40)))
     frame = wire.encode(x)
@@ -77,41 +80,62 @@ def test_codec_wire_frames_are_the_library_frames(llama):
 
 def test_calibrate_from_samples_paths(llama):
     x = edge_hidden(llama, 2, list(range(64)))
-    full = calibrate_from_samples(x, CodecOptions(tau_quantile=0.99))
+    full = calibrate_from_samples(x, CodecSettings(tau_quantile=0.99))
     assert full.tau == pytest.approx(float(x.abs().flatten().quantile(0.99)), rel=0.05)
     assert full.channel_class is not None and full.symbol_model is not None
-    fixed = calibrate_from_samples(x, CodecOptions(tau=2.5, entropy=False))
+    fixed = calibrate_from_samples(x, CodecSettings(tau=2.5, entropy=False))
     assert fixed.tau == 2.5 and fixed.channel_class is None and fixed.symbol_model is None
-    assert not CodecOptions(tau=2.5, entropy=False).needs_samples
-    assert CodecOptions().tau_quantile == 0.999
+    assert not CodecSettings(tau=2.5, entropy=False).needs_samples
+    assert CodecSettings().tau_quantile == 0.999
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(tau=1.0, tau_quantile=0.9), "not both"),
-    (dict(tau=0.0), "--tau"),
-    (dict(tau=math.nan), "--tau"),
-    (dict(tau_quantile=0.0), "--tau-quantile"),
-    (dict(tau_quantile=1.5), "--tau-quantile"),
-    (dict(q_bar=9), "--max-bits"),
-    (dict(q_bar=1), "--max-bits"),
-    (dict(delta=-0.1), "--delta"),
-    (dict(delta=math.inf), "--delta"),
+    (dict(tau=1.0, tau_quantile=0.9), "exactly one"),
+    (dict(tau=-1.0), "codec tau"),
+    (dict(tau=math.nan), "codec tau"),
+    (dict(tau_quantile=-0.1), "codec tau_quantile"),
+    (dict(tau_quantile=1.5), "codec tau_quantile"),
+    (dict(q_bar=9), "codec q_bar"),
+    (dict(q_bar=1), "codec q_bar"),
+    (dict(q_bar=4, q_bar_min=5), "codec q_bar_min"),
+    (dict(delta=-0.1), "codec delta"),
+    (dict(delta=math.inf), "codec delta"),
+    (dict(delta=1.0), "codec delta"),
+    (dict(entropy=1), "codec entropy"),
+    (dict(n_classes=0), "codec n_classes"),
 ])
-def test_codec_params_rejects(kw, msg):
-    with pytest.raises(SplitLLMError, match=msg):
-        CodecOptions(**kw)
+def test_codec_settings_reject(kw, msg):
+    # library errors speak of settings, not of CLI flags
+    with pytest.raises(SplitLLMError, match=msg) as e:
+        CodecSettings(**kw)
+    assert "--" not in str(e.value)
 
 
-def test_codec_params_from_cli(tmp_path):
-    assert codec_params("none") is None
-    with pytest.raises(SplitLLMError, match="need --codec tabq"):
-        codec_params("none", q_bar=4)
-    with pytest.raises(SplitLLMError, match="--codec must be one of"):
-        codec_params("zip")
-    with pytest.raises(SplitLLMError, match="does not exist"):
-        codec_params("tabq", data_dir=tmp_path / "missing")
-    p = codec_params("tabq", tau=3.0, entropy=False, data_dir=tmp_path / "missing")   # needs no data
-    assert p == CodecOptions(tau=3.0, entropy=False)
+def test_codec_settings_and_wire_config_share_bounds():
+    for kw in (dict(q_bar=9), dict(delta=1.0), dict(tau=-1.0)):
+        with pytest.raises(SplitLLMError):
+            CodecSettings(**kw)
+        with pytest.raises(SplitLLMError):
+            CodecConfig(**kw)
+    assert CodecConfig.from_settings(CodecSettings(tau=0.0, q_bar=8)).tau == 0.0   # 0: everything lossless
+
+
+def test_overlay_plan_defaults_flags_win():
+    from splitcli.configio import overlay
+
+    plan_codec = CodecSettings(tau_quantile=0.99, q_bar=4, delta=0.1)
+    assert overlay(plan_codec) == plan_codec
+    assert overlay(plan_codec, q_bar=6, delta=None) == CodecSettings(tau_quantile=0.99, q_bar=6, delta=0.1)
+    # τ is one choice: an absolute flag replaces the plan's quantile, and the reverse
+    assert overlay(plan_codec, tau=2.0) == CodecSettings(tau=2.0, q_bar=4, delta=0.1)
+    assert overlay(CodecSettings(tau=2.0), tau_quantile=0.9).tau is None
+    with pytest.raises(SplitLLMError, match="codec q_bar"):
+        overlay(plan_codec, q_bar=12)
+    with pytest.raises(SplitLLMError, match="no setting"):
+        overlay(plan_codec, colour="red")
+    spec = SplitSpec(split_layer=3, q_w1=4, wire="tabq", codec=plan_codec)
+    got = spec.with_flags(codec={"q_bar": 8}, split_layer=None, q_w1=16)
+    assert (got.split_layer, got.q_w1, got.codec.q_bar, got.codec.tau_quantile) == (3, 16, 8, 0.99)
 
 
 def test_calibration_cache_hit_miss(llama, tmp_path, monkeypatch):
@@ -119,26 +143,26 @@ def test_calibration_cache_hit_miss(llama, tmp_path, monkeypatch):
     data = write_wikitext(tmp_path / "data")
     lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
     logs = []
-    cfg, info = calibrated_config(lm, 2, CodecOptions(), data, logs.append)
+    cfg, info = calibrated_config(lm, 2, CodecSettings(), data, logs.append)
     assert info["cache"] == "miss" and len(logs) == 1 and info["calib_tokens"] == 256   # tiny context
-    cfg2, info2 = calibrated_config(lm, 2, CodecOptions(), data, logs.append)
+    cfg2, info2 = calibrated_config(lm, 2, CodecSettings(), data, logs.append)
     assert info2["cache"] == "hit" and cfg2 == cfg and len(logs) == 1
     assert len(list(cache_dir().glob("*.json"))) == 1
     # the calibration slice is the text's tail
     text = (data / "wikitext2" / "wiki.test.raw").read_text()
     assert calibration_ids(lm.tokenizer, text, 256) == CharTokenizer()(text)["input_ids"][-256:]
     # anything the config depends on changes the key
-    assert calibrated_config(lm, 3, CodecOptions(), data)[1]["cache"] == "miss"
-    assert calibrated_config(lm, 2, CodecOptions(q_bar=5), data)[1]["cache"] == "miss"
+    assert calibrated_config(lm, 3, CodecSettings(), data)[1]["cache"] == "miss"
+    assert calibrated_config(lm, 2, CodecSettings(q_bar=5), data)[1]["cache"] == "miss"
     other = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="cd" * 32)
-    assert calibrated_config(other, 2, CodecOptions(), data)[1]["cache"] == "miss"
+    assert calibrated_config(other, 2, CodecSettings(), data)[1]["cache"] == "miss"
     # a corrupt file is recalibrated, never trusted
     path = cache_dir() / info["path"].split("/")[-1]
     path.write_text("{not json")
-    cfg3, info3 = calibrated_config(lm, 2, CodecOptions(), data)
+    cfg3, info3 = calibrated_config(lm, 2, CodecSettings(), data)
     assert info3["cache"] == "miss" and cfg3 == cfg and json.loads(path.read_text())["config"] == cfg.to_dict()
     # an absolute tau without entropy coding needs neither data nor cache
-    assert calibrated_config(lm, 2, CodecOptions(tau=1.0, entropy=False), tmp_path / "nope")[1]["cache"] == "none"
+    assert calibrated_config(lm, 2, CodecSettings(tau=1.0, entropy=False), tmp_path / "nope")[1]["cache"] == "none"
 
 
 def test_calibration_text_too_short(llama, tmp_path, monkeypatch):
@@ -146,12 +170,13 @@ def test_calibration_text_too_short(llama, tmp_path, monkeypatch):
     data = write_wikitext(tmp_path / "data", n_chars=100)
     lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
     with pytest.raises(SplitLLMError, match="fewer than"):
-        calibrated_config(lm, 2, CodecOptions(), data)
+        calibrated_config(lm, 2, CodecSettings(), data)
 
 
 def test_build_wire(llama, tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
     lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
-    assert build_wire("none", None, lm, 2).name == "raw-fp32"
-    wire = build_wire("tabq", CodecOptions(), lm, 2, write_wikitext(tmp_path / "data"))
+    assert build_wire(SplitSpec(split_layer=2), lm).name == "raw-fp32"
+    assert build_wire(SplitSpec(split_layer=2, wire="fp16"), lm).name == "raw-fp16"
+    wire = build_wire(SplitSpec(split_layer=2, wire="tabq"), lm, write_wikitext(tmp_path / "data"))
     assert isinstance(wire, CodecWire) and wire.cfg.tau is not None and wire.cfg.symbol_model is not None

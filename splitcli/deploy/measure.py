@@ -276,15 +276,10 @@ class _Timer:
 
 
 def default_codec_hook(hidden: torch.Tensor, repeats: int) -> CodecCost | None:
-    """Codec timing per token and frame sizes at a few q_bar, if `splitcli.codec` is installed.
-
-    Hook point: returns None when the codec package is absent (the profile then has no codec
-    section and the planner estimates wire bytes as hidden * q_bar / 8).
-    """
-    try:
-        from splitcli import codec  # type: ignore[attr-defined]
-    except ImportError:
-        return None
+    """Codec timing per token and frame sizes at a few q_bar, calibrated on `hidden` itself.
+    (Pass codec_hook=None to `measure_profile` for a profile without a codec section; the planner
+    then estimates wire bytes as hidden * q_bar / 8.)"""
+    from splitcli import codec
     from splitcli.plan.profile import CodecPoint
 
     samples = hidden.reshape(-1, hidden.shape[-1]).float()  # [N, H]

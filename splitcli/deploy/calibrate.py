@@ -1,4 +1,4 @@
-"""Calibrating the codec for one deployment (model, split layer, codec params), cached on disk.
+"""Calibrating the codec on a model for one deployment (model, split layer, settings), cached on disk.
 
 Calibration (tau at a quantile of |x|, channel classes, the static symbol model) needs real hidden
 states at the split layer. They come from a fixed *calibration slice*: the last `calib_tokens`
@@ -6,100 +6,43 @@ tokens of WikiText-2's wiki.test.raw (one window starting at position 0, like an
 window, so the attention-sink token's huge activations are represented). Perplexity benchmarks
 score the *first* windows of the same file, so calibration and evaluation text never overlap
 (`bench codec` checks this). The calibrated CodecConfig is stored as JSON under
-`cache_root()/codec/`, keyed by everything it depends on, so `generate` calibrates once.
+`cache_root()/codec/`, keyed by everything it depends on, so `generate` calibrates once. The
+tensor-only part (hidden states in, CodecConfig out) is `splitcli.codec.calibrate.calibrate_from_samples`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from splitcli.codec.calibrate import calibrate_channel_class, calibrate_symbol_model
-from splitcli.codec.config import FORMAT_VERSION, MAX_Q_BAR, MIN_Q, CodecConfig
-from splitcli.codec.threshold import calibrate_tau
+from splitcli.codec.calibrate import calibrate_from_samples
+from splitcli.codec.config import FORMAT_VERSION, CodecConfig
+from splitcli.data import WIKITEXT2_TEST, data_file, read_text
 from splitcli.errors import SplitLLMError
+from splitcli.plan.codec_settings import CodecSettings
 
 #: Tokens in the calibration slice (capped at the model's context).
 CALIB_TOKENS = 2048
 #: Characters read from the end of the text to find the calibration slice: plenty for
 #: CALIB_TOKENS tokens, and tokenizing it is cheap compared with the whole file.
 _CALIB_CHARS = 64 * CALIB_TOKENS
-WIKITEXT_TASK = "wikitext2"   # the evaluation library's task: file wikitext2/wiki.test.raw
 _CACHE_SCHEMA = 1
-
-
-@dataclass(frozen=True)
-class CodecOptions:
-    """What a user chooses (the CLI's codec options); calibration turns it into a CodecConfig.
-
-    tau (absolute) and tau_quantile are exclusive; with neither, tau_quantile = 0.999.
-    Defaults: chosen on SmolLM2-135M at l = 15 (README, "Codec")."""
-
-    tau: float | None = None
-    tau_quantile: float | None = None
-    q_bar: int = 6
-    delta: float = 0.05
-    entropy: bool = True
-    n_classes: int = 8
-
-    def __post_init__(self) -> None:
-        if self.tau is not None and self.tau_quantile is not None:
-            raise SplitLLMError("give either --tau or --tau-quantile, not both")
-        if self.tau is None and self.tau_quantile is None:
-            object.__setattr__(self, "tau_quantile", 0.999)
-        if self.tau is not None and not (self.tau > 0):   # also rejects NaN
-            raise SplitLLMError(f"--tau must be > 0 (inf disables threshold splitting), got {self.tau}")
-        if self.tau_quantile is not None and not 0.0 < self.tau_quantile <= 1.0:
-            raise SplitLLMError(f"--tau-quantile must lie in (0, 1], got {self.tau_quantile}")
-        if not MIN_Q <= self.q_bar <= MAX_Q_BAR:
-            raise SplitLLMError(f"--max-bits must lie in [{MIN_Q}, {MAX_Q_BAR}], got {self.q_bar}")
-        if not (math.isfinite(self.delta) and 0.0 <= self.delta < 1.0):
-            raise SplitLLMError(f"--delta must lie in [0, 1), got {self.delta}")
-
-    def base_config(self) -> CodecConfig:
-        return CodecConfig(tau=self.tau, tau_quantile=None if self.tau is not None else self.tau_quantile,
-                           q_bar=self.q_bar, delta=self.delta, entropy=self.entropy)
-
-    @property
-    def needs_samples(self) -> bool:
-        """An absolute tau without entropy coding needs no calibration at all."""
-        return self.tau is None or self.entropy
-
-
-def calibrate_from_samples(samples: torch.Tensor, params: CodecOptions) -> CodecConfig:
-    """The deployment config from hidden states [tokens, hidden]: tau fixed (from the quantile,
-    or as given), and, with entropy coding, channel classes + a static symbol model."""
-    cfg = params.base_config()
-    if params.tau is None:
-        cfg = replace(cfg, tau=calibrate_tau(samples, params.tau_quantile), tau_quantile=None)
-    if params.entropy:
-        cfg = replace(cfg, channel_class=calibrate_channel_class(samples, cfg.tau, params.n_classes))
-        cfg = replace(cfg, symbol_model=calibrate_symbol_model(samples, cfg))
-    return cfg
 
 
 def wikitext_path(data_dir=None) -> Path:
     """wiki.test.raw in the data directory (explicit > $SPLITLLM_DATA > ../shared/data), or raise."""
-    from splitcli.data import data_file
-    from splitcli.eval.spec import get_task_spec
-
-    return data_file(get_task_spec(WIKITEXT_TASK).file, data_dir)
+    return data_file(WIKITEXT2_TEST, data_dir)
 
 
 def read_wikitext(data_dir=None) -> tuple[str, str]:
-    """WikiText-2 test text exactly as the evaluation library reads it (`load_text`: LF line
-    ends) and the sha256 of the file's bytes (part of the calibration cache key)."""
-    from splitcli.eval.loaders import load_text
-    from splitcli.eval.spec import get_task_spec
-
-    raw = wikitext_path(data_dir).read_bytes()
-    return load_text(get_task_spec(WIKITEXT_TASK), data_dir), hashlib.sha256(raw).hexdigest()
+    """WikiText-2 test text exactly as the evaluation reads it (LF line ends) and the sha256 of
+    the file's bytes (part of the calibration cache key)."""
+    path = wikitext_path(data_dir)
+    return read_text(path), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def calibration_ids(tokenizer, text: str, n_tokens: int) -> list[int]:
@@ -125,9 +68,11 @@ def calib_tokens_for(model) -> int:
     return min(CALIB_TOKENS, int(context))
 
 
-def cache_key(model_sha256: str, split_layer: int, params: CodecOptions, text_sha256: str, n_tokens: int) -> str:
+def cache_key(model_sha256: str, split_layer: int, settings: CodecSettings, text_sha256: str, n_tokens: int) -> str:
+    # q_bar_min only steers the live early-exit policy; calibration does not depend on it
+    params = {k: v for k, v in settings.to_dict().items() if k != "q_bar_min"}
     fields = dict(schema=_CACHE_SCHEMA, format=FORMAT_VERSION, model=model_sha256, split_layer=split_layer,
-                  params=asdict(params), text=text_sha256, calib_tokens=n_tokens, slice="tail")
+                  params=params, text=text_sha256, calib_tokens=n_tokens, slice="tail")
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -137,14 +82,14 @@ def cache_dir() -> Path:
     return cache_root() / "codec"
 
 
-def calibrated_config(lm, split_layer: int, params: CodecOptions, data_dir=None,
+def calibrated_config(lm, split_layer: int, params: CodecSettings, data_dir=None,
                       progress: Callable[[str], None] | None = None) -> tuple[CodecConfig, dict]:
     """The CodecConfig for (lm's weights, split layer, params), from the cache or calibrated now.
 
     Returns (config, info) with info = {"cache": "hit"|"miss"|"none", "path", "calib_tokens", ...}.
     A corrupt cache file is recalibrated and overwritten, never trusted."""
     if not params.needs_samples:
-        return params.base_config(), {"cache": "none"}
+        return CodecConfig.from_settings(params), {"cache": "none"}
     text, text_sha = read_wikitext(data_dir)
     n_tokens = calib_tokens_for(lm.model)
     key = cache_key(lm.sha256, split_layer, params, text_sha, n_tokens)
@@ -162,7 +107,7 @@ def calibrated_config(lm, split_layer: int, params: CodecOptions, data_dir=None,
     cfg = calibrate_from_samples(samples, params)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dict(model_sha256=lm.sha256, split_layer=split_layer, params=asdict(params),
+    tmp.write_text(json.dumps(dict(model_sha256=lm.sha256, split_layer=split_layer, params=params.to_dict(),
                                    text_sha256=text_sha, calib_tokens=n_tokens, config=cfg.to_dict())))
     tmp.replace(path)
     return cfg, dict(info, cache="miss")

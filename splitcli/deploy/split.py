@@ -1,0 +1,262 @@
+"""A plan (or its defaults) plus explicit overrides becomes one ready split: edge, cloud, wire.
+
+`SplitSpec` is everything that decides what the edge and the cloud compute: ℓ, the OPSC weight
+bits of the edge's layers (eq. 1), the edge's embedding bits, its KV-cache bits Qa, and the wire
+(raw fp32, fp16, or the calibrated TS + TAB-Q + rANS codec with its `CodecSettings`).
+`build_split` turns it into halves on a loaded model; `generate`, `eval`, the benches and the
+servers all take their split from here, so for one plan they run the same edge.
+
+Readings:
+- The edge's layers are quantized on copies (the loaded model is left as it was, so an
+  unquantized reference and a split can share one load); layers kept at 16 bits are shared.
+- An 8-bit embedding is the edge's own copy (one group per row, as `splitllm quantize` stores
+  it); the cloud's LM head keeps the full-precision table even when the model ties them.
+- The cloud always runs layers [ℓ, L) in the loaded (full) precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from splitcli.configio import overlay
+from splitcli.cost.memory import KEEP_BITS, layer_weight_bits
+from splitcli.errors import SplitLLMError
+from splitcli.model.split import CloudHalf, DecoderParts, EdgeHalf, decoder_parts, new_cache, validate_split_layer
+from splitcli.plan.codec_settings import CodecSettings
+from splitcli.plan.schema import Plan
+
+WIRES = ("none", "fp16", "tabq")
+EMBED_BITS = (8, 16)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """What one split runs. None = the model-dependent default (ℓ = L // 2, l_w = ℓ, the largest
+    of 128 / 64 that divides every layer width as group size). q_w1 = 16 keeps the edge's
+    weights as loaded; q_w2 None = layers past l_w are not quantized either (only [0, ℓ) run on
+    the edge in a split). wire "none" is the raw fp32 wire (compression off)."""
+
+    split_layer: int | None = None
+    q_w1: int = KEEP_BITS
+    q_w2: int | None = None
+    l_w: int | None = None
+    method: str = "front"
+    group_size: int | None = None
+    qa: int = KEEP_BITS
+    embed_bits: int = KEEP_BITS
+    wire: str = "none"
+    codec: CodecSettings = field(default_factory=CodecSettings)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("front", "back"):
+            raise SplitLLMError(f"OPSC method must be 'front' or 'back', got {self.method!r}")
+        if self.group_size is not None and self.group_size < 1:
+            raise SplitLLMError(f"group size must be >= 1, got {self.group_size}")
+        if self.embed_bits not in EMBED_BITS:
+            raise SplitLLMError(f"edge embedding bits must be one of {EMBED_BITS}, got {self.embed_bits!r}")
+        if self.wire not in WIRES:
+            raise SplitLLMError(f"wire must be one of {', '.join(WIRES)}, got {self.wire!r}")
+        if not isinstance(self.codec, CodecSettings):
+            raise SplitLLMError("SplitSpec.codec must be CodecSettings")
+
+    @classmethod
+    def from_plan(cls, plan: Plan, wire: str = "tabq") -> "SplitSpec":
+        """The plan's split: its ℓ, OPSC bits, group size, Qa, embedding bits and codec."""
+        return cls(split_layer=plan.split_layer, q_w1=plan.q_w1, q_w2=plan.q_w2, l_w=plan.l_w,
+                   method=plan.method, group_size=plan.group_size, qa=plan.qa, embed_bits=plan.embed_bits,
+                   wire=wire, codec=plan.codec)
+
+    @property
+    def compression_off(self) -> bool:
+        """Nothing lossy: unquantized edge weights, embedding and KV, and the raw fp32 wire."""
+        return (self.q_w1 >= KEEP_BITS and (self.q_w2 is None or self.q_w2 >= KEEP_BITS)
+                and self.qa >= KEEP_BITS and self.embed_bits >= KEEP_BITS and self.wire == "none")
+
+    def with_flags(self, codec: dict[str, Any] | None = None, **flags: Any) -> "SplitSpec":
+        """This spec with every explicit (non-None) flag applied: the one "plan sets defaults,
+        flags win" rule, for the split's own fields and for the codec settings."""
+        spec = overlay(self, **flags)
+        if codec:
+            spec = dataclasses.replace(spec, codec=overlay(spec.codec, **codec))
+        return spec
+
+    def resolve(self, model) -> "SplitSpec":
+        """Model-dependent defaults filled in and checked against `model`."""
+        from splitcli.quant import default_group_size, layer_shapes_of
+
+        parts = decoder_parts(model)
+        n = parts.num_layers
+        ell = validate_split_layer(n // 2 if self.split_layer is None else self.split_layer, n)
+        l_w = ell if self.l_w is None else self.l_w
+        if not 0 <= l_w <= n:
+            raise SplitLLMError(f"l_w = {l_w} must lie in [0, {n}]")
+        group = self.group_size
+        if group is None:
+            group = default_group_size(layer_shapes_of(parts.layers[0]))
+        return dataclasses.replace(self, split_layer=ell, l_w=l_w, group_size=group)
+
+    def edge_bits(self, n_layers: int) -> list[int | None]:
+        """Weight bits of the edge's layers [0, ℓ) (16 = as loaded) of a resolved spec."""
+        assert self.split_layer is not None and self.l_w is not None, "resolve() first"
+        q_w2 = KEEP_BITS if self.q_w2 is None else self.q_w2
+        bits = layer_weight_bits(n_layers, self.l_w, self.q_w1, q_w2, self.method)  # type: ignore[arg-type]
+        return list(bits[: self.split_layer])
+
+
+class PlannedEdge(EdgeHalf):
+    """EdgeHalf whose cache holds keys and values at `qa` bits (16: the model's float cache)."""
+
+    def __init__(self, parts: DecoderParts, split_layer: int, qa: int):
+        super().__init__(parts, split_layer)
+        self.qa = qa
+
+    def new_cache(self):
+        if self.qa >= KEEP_BITS:
+            return new_cache(self.parts)
+        from splitcli.quant import KVQuantConfig, QuantizedKVCache
+
+        return QuantizedKVCache(KVQuantConfig(bits=self.qa))
+
+
+def quantized_embedding(embed, bits: int):
+    """The edge's `bits`-bit copy of the embedding table (one group per row), as shards store it."""
+    from torch import nn
+
+    from splitcli.quant import QuantEmbedding
+
+    if type(embed) is not nn.Embedding:  # e.g. Gemma's scaled embedding: the scale would be lost
+        raise SplitLLMError(f"an {bits}-bit edge embedding supports plain nn.Embedding only, not "
+                            f"{type(embed).__name__}; use embedding bits 16")
+    return QuantEmbedding.from_embedding(embed, bits=bits)
+
+
+def planned_edge(model, spec: SplitSpec) -> PlannedEdge:
+    """The edge half of a resolved `spec` on `model`: quantized copies of its layers, its
+    embedding at spec.embed_bits and its KV at spec.qa bits. `model` is not changed."""
+    from torch import nn
+
+    from splitcli.quant import KVQuantConfig, quantize_layers_
+
+    parts = decoder_parts(model)
+    if spec.qa < KEEP_BITS:
+        KVQuantConfig(bits=spec.qa)  # a clear error for an unsupported Qa before any work
+    if spec.qa < KEEP_BITS and any(t != "full_attention" for t in parts.layer_types[: spec.split_layer]):
+        raise SplitLLMError("a quantized KV cache (Qa < 16) supports full-attention edge layers only; use Qa = 16")
+    bits = spec.edge_bits(parts.num_layers)
+    quantized = [i for i, b in enumerate(bits) if b is not None and b < KEEP_BITS]
+    layers = nn.ModuleList(list(parts.layers))  # the same modules; quantized ones replaced below
+    if quantized:
+        copies = nn.ModuleList([copy.deepcopy(parts.layers[i]) for i in quantized])
+        quantize_layers_(copies, range(len(quantized)), [bits[i] for i in quantized], spec.group_size)
+        for i, layer in zip(quantized, copies):
+            layers[i] = layer
+    embed = parts.embed_tokens if spec.embed_bits >= KEEP_BITS else quantized_embedding(parts.embed_tokens, spec.embed_bits)
+    edge_parts = dataclasses.replace(parts, layers=layers, embed_tokens=embed)
+    return PlannedEdge(edge_parts, spec.split_layer, spec.qa)
+
+
+@dataclass
+class Split:
+    """A ready split: its halves, its wire and the resolved spec; `session()` starts a generation."""
+
+    spec: SplitSpec
+    edge: EdgeHalf
+    cloud: CloudHalf
+    wire: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def session(self, wire=None):
+        """A fresh SplitSession (own caches) over these halves; `wire` replaces the split's."""
+        from splitcli.runtime.session import SplitSession
+
+        return SplitSession.from_halves(self.edge, self.cloud, wire=wire or self.wire)
+
+
+def build_wire(spec: SplitSpec, lm, data_dir=None, progress: Callable[[str], None] | None = None,
+               keep_stats: bool = True):
+    """The wire of a resolved spec: raw fp32 / fp16, or the codec calibrated on `lm` at ℓ."""
+    from splitcli.runtime.wire import RawWire
+
+    if spec.wire == "none":
+        return RawWire("fp32")
+    if spec.wire == "fp16":
+        return RawWire("fp16")
+    from splitcli.deploy.calibrate import calibrated_config
+    from splitcli.runtime.codec_wire import CodecWire
+
+    cfg, _ = calibrated_config(lm, spec.split_layer, spec.codec, data_dir, progress)
+    return CodecWire(cfg, keep_stats=keep_stats)
+
+
+def build_split(lm, spec: SplitSpec, data_dir=None, progress: Callable[[str], None] | None = None,
+                keep_stats: bool = True) -> Split:
+    """The split `spec` describes on the loaded model `lm` (a LoadedModel); `lm.model` is unchanged."""
+    spec = spec.resolve(lm.model)
+    parts = decoder_parts(lm.model)
+    edge = planned_edge(lm.model, spec) if not spec.compression_off else EdgeHalf(parts, spec.split_layer)
+    wire = build_wire(spec, lm, data_dir, progress, keep_stats=keep_stats)
+    info = {"weight_bits": spec.edge_bits(parts.num_layers), "wire": wire.name}
+    if spec.wire == "tabq":
+        cfg = wire.cfg
+        info["codec"] = {"tau": cfg.tau, "q_bar": cfg.q_bar, "delta": cfg.delta, "entropy": cfg.entropy}
+    return Split(spec, edge, CloudHalf(parts, spec.split_layer), wire, info)
+
+
+def build_shard_split(shard_dir, wire: str = "none", codec: CodecSettings | None = None,
+                      split_layer: int | None = None, model_sha256: str | None = None, data_dir=None,
+                      progress: Callable[[str], None] | None = None, keep_stats: bool = True):
+    """(Split, tokenizer, manifest) from a directory written by `splitllm quantize`: the edge half
+    from edge.safetensors, the cloud half from cloud.safetensors. With the codec wire, the codec
+    is calibrated on the shard's own edge (the only edge there is: its quantized layers produce
+    what crosses the wire), cached under the edge shard's sha256."""
+    from types import SimpleNamespace
+
+    from splitcli.model.shard_loader import load_cloud, load_edge, load_tokenizer
+
+    edge = load_edge(shard_dir, split_layer, model_sha256)
+    cloud = load_cloud(shard_dir, split_layer, model_sha256)
+    tokenizer = load_tokenizer(shard_dir)
+    m = edge.manifest
+    spec = SplitSpec(split_layer=m.split_layer, q_w1=m.front_bits, q_w2=m.back_bits, l_w=m.l_w, method=m.method,
+                     group_size=m.group_size, qa=m.kv_bits, embed_bits=m.embed_bits, wire=wire,
+                     codec=codec or CodecSettings())
+    # the shard's edge stands in for the model when calibrating: its layers [0, ℓ) are real
+    edge_lm = SimpleNamespace(model=edge.model, tokenizer=tokenizer, sha256=m.files["edge.safetensors"]["sha256"])
+    wire_ = build_wire(spec, edge_lm, data_dir, progress, keep_stats=keep_stats)
+    return Split(spec, edge.half, cloud.half, wire_, {"wire": wire_.name, "shards": str(shard_dir)}), tokenizer, m
+
+
+def opsc_edge_model(model, spec: SplitSpec):
+    """A copy of `model` as an edge holding ALL layers would run it: every layer at its OPSC bits
+    (eq. 1; q_w2 None = as loaded), the embedding at spec.embed_bits. For edge-local generation
+    before a handoff (Fig. 5b); `model` is not changed."""
+    from torch import nn
+
+    from splitcli.quant import quantize_layers_
+
+    parts = decoder_parts(model)
+    q_w2 = KEEP_BITS if spec.q_w2 is None else spec.q_w2
+    bits = list(layer_weight_bits(parts.num_layers, spec.l_w, spec.q_w1, q_w2, spec.method))  # type: ignore[arg-type]
+    if all(b is None or b >= KEEP_BITS for b in bits) and spec.embed_bits >= KEEP_BITS:
+        return model
+    edge_model = copy.deepcopy(model)
+    edge_parts = decoder_parts(edge_model)
+    quantize_layers_(edge_parts.layers, range(len(bits)), bits, spec.group_size)
+    if spec.embed_bits < KEEP_BITS:
+        if edge_model.get_output_embeddings() is not None and \
+                edge_model.get_output_embeddings().weight is edge_parts.embed_tokens.weight:
+            edge_model.get_output_embeddings().weight = nn.Parameter(edge_parts.embed_tokens.weight.detach().clone())
+        edge_model.model.embed_tokens = quantized_embedding(edge_parts.embed_tokens, spec.embed_bits)
+    return edge_model
+
+
+def handoff_session(lm, split: Split):
+    """A fresh session of `split` whose edge first generates alone with all layers (its OPSC
+    model, `opsc_edge_model`), then hands off to the cloud (`runtime.handoff.HandoffSession`)."""
+    from splitcli.runtime.handoff import HandoffSession
+
+    return HandoffSession(lm.model, split.spec.split_layer, wire=split.wire, edge=split.edge,
+                          edge_model=opsc_edge_model(lm.model, split.spec))
