@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from splitcli.cli import app
 from splitcli.configio import write_yaml
 from splitcli.plan.profile import Profile, profile_from_architecture
-from splitcli.plan.schema import Budgets, CodecParams, Plan
+from splitcli.plan.schema import Budgets, CodecSettings, Plan
 
 runner = CliRunner()
 
@@ -126,7 +126,9 @@ def test_plan_accuracy_rejects_and_says_why(tmp_path):
     r = run("plan", "--profile", path, "--mem", "10MB", "--accuracy-table", table, "-o", out)
     assert r.exit_code == 0, r.output
     plan = Plan.load(out)
-    assert plan.edge_weight_bits == (4, 4, 8)  # the cheapest mix that passes: l_w = 2 of (4, 8)
+    # Equal drops and timings: the least memory wins. All 8-bit beats a (4, 4, 8) mix because the
+    # mix (q_w2 = 8) also keeps layer 3 at 8 bits in the edge shard, and that is counted.
+    assert plan.edge_weight_bits == (8, 8, 8) and (plan.l_w, plan.q_w2) == (3, None)
     assert "accuracy: drop 0.2 > allowed 0.01" in r.output
 
 
@@ -186,7 +188,7 @@ def test_plan_bad_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format_version": 1, "results": [{"split": 3, "drop": 0}]}))
     assert_clean_error(run("plan", "--profile", path, "--mem", "1GB", "--accuracy-table", bad), "unknown keys split")
-    assert_clean_error(run("plan", "--profile", path, "--mem", "1GB", "--data-dir", tmp_path), "no WikiText-2")
+    assert_clean_error(run("plan", "--profile", path, "--mem", "1GB", "--data-dir", tmp_path), "wiki.test.raw")
 
 
 def test_plan_sweep_and_link(tmp_path):
@@ -238,6 +240,8 @@ def test_plan_prefers_smaller_drop_then_says_why(tmp_path):
     assert r.exit_code == 0, r.output
     plan = Plan.load(out)
     assert plan.edge_weight_bits == (16, 16, 16) and (plan.q_w1, plan.q_w2) == (16, None)
+    # Saved in the spelling whose memory was costed: the edge shard keeps layers 0-2 only.
+    assert plan.l_w == plan.split_layer == 3
     assert "#1 chosen: chosen over #2 by: same Psi and l, smaller accuracy drop (0% < 0.2%)" in flat(r.output)
     assert ("chosen over (ℓ = 3, weights 4b x 3, Qa 16, q̄ 8) by: same Psi and l, smaller accuracy drop"
             in flat(r.output))
@@ -266,20 +270,26 @@ def test_plan_codec_defaults_come_from_the_profile(tmp_path):
     assert (plan.codec.q_bar, plan.codec.tau_quantile) == (6, 0.99)
 
 
-def test_cli_defaults_have_one_home():
-    """The CLI's defaults are read from where each constant lives; where two modules cannot share
-    one (plan/ must not import torch-backed packages), this pins the copies together."""
+def test_cli_defaults_have_one_home(tmp_path):
+    """The plan command's defaults come from where each constant lives, not from copies."""
     import dataclasses
 
-    from splitcli.codec.config import CodecConfig
     from splitcli.model.shards import QuantSpec
-    from splitcli.plan.advise import FALLBACK_TAU_QUANTILE
+    from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE, CodecSettings
     from splitcli.plan.enumerate import DEFAULT_EMBED_BITS
-    from splitcli.plan.measure import ProfileSettings
 
-    assert FALLBACK_TAU_QUANTILE == CodecConfig().tau_quantile
-    assert DEFAULT_EMBED_BITS == QuantSpec(1).embed_bits == Plan.__dataclass_fields__["embed_bits"].default
-    assert {f.name: f.default for f in dataclasses.fields(ProfileSettings)}["group_size"] == QuantSpec(1).group_size
+    assert DEFAULT_EMBED_BITS == QuantSpec(1).embed_bits == {f.name: f.default for f in dataclasses.fields(Plan)}["embed_bits"]
+    # A profile that measured no codec points: the codec settings' own defaults fill the plan.
+    _, path = synthetic_profile(tmp_path)
+    out = tmp_path / "plan.yaml"
+    r = run("plan", "--profile", path, "--mem", "10MB", "--accuracy-table", accuracy_table(tmp_path, [{"drop": 0.0}]),
+            "-o", out)
+    assert r.exit_code == 0, r.output
+    codec = Plan.load(out).codec
+    assert codec.tau_quantile == DEFAULT_TAU_QUANTILE
+    assert (codec.delta, codec.q_bar_min) == (CodecSettings().delta, CodecSettings().q_bar_min)
+    assert_clean_error(run("plan", "--profile", path, "--mem", "10MB", "--q-bar", "4,12"),
+                       "codec q_bar values must lie in [2, 8], got 12")
 
 
 def test_plan_proxy_on_tiny_model(tiny_model_dir, tmp_path):
@@ -299,7 +309,7 @@ def test_plan_proxy_on_tiny_model(tiny_model_dir, tmp_path):
 
 def tiny_plan(model_dir, q_w1: int, qa: int, split_layer: int = 2) -> Plan:
     return Plan(model_id=str(model_dir), n_layers=4, split_layer=split_layer, l_w=split_layer, method="front",
-                q_w1=q_w1, q_w2=None, qa=qa, codec=CodecParams(q_bar=8, delta=0.05, tau_quantile=0.999),
+                q_w1=q_w1, q_w2=None, qa=qa, codec=CodecSettings(q_bar=8, delta=0.05, tau_quantile=0.999),
                 group_size=32, max_tokens=64, budgets=Budgets(memory_bytes=10**7, max_accuracy_drop=0.01))
 
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitcli.cost.memory import edge_memory
+from splitcli.cost.memory import edge_memory, layer_weight_bits
 from splitcli.errors import SplitLLMError
 from splitcli.plan.enumerate import Candidate, SearchSpace, psi, search_plans, to_plan
 from splitcli.plan.profile import (
@@ -32,9 +32,12 @@ SPACE = SearchSpace(split_layers=(1, 2, 3, 4), q_w=((4, 16), (4, None), (16, 16)
 
 
 def _memory(profile, cand, w_bar):
-    return edge_memory(profile.weight_table(), cand.split_layer, cand.l_w, cand.q_w1, cand.q_w2,
-                       profile.kv_bytes_per_token(cand.qa), w_bar, profile.activation_peaks(),
-                       cand.method, profile.embedding.weight_bytes_at(8)).total_bytes
+    # Eq. (8c) over the edge's layers, plus every layer beyond l the edge shard still keeps.
+    bits = layer_weight_bits(L, cand.l_w, cand.q_w1, cand.q_w2, cand.method)
+    beyond = sum(profile.layers[k].weight_bytes[bits[k]] for k in range(cand.split_layer, L) if bits[k] is not None)
+    return beyond + edge_memory(profile.weight_table(), cand.split_layer, cand.l_w, cand.q_w1, cand.q_w2,
+                                profile.kv_bytes_per_token(cand.qa), w_bar, profile.activation_peaks(),
+                                cand.method, profile.embedding.weight_bytes_at(8)).total_bytes
 
 
 def _brute_force(profile, space, budget, max_drop, w_bar, accuracy, latency=None, deadline=None):
@@ -385,3 +388,30 @@ def test_deadline_without_latency_model_is_recorded_only():
     result = search_plans(_profile(), space, Budgets(10**9, 0.1, 1e-9), 8, lambda c: 0.0)
     assert result.winner.candidate.split_layer == 3 and result.fastest is None
     assert not any(r.rejected_by == "deadline" for r in result.ranked)
+
+
+# --- memory as deployed ------------------------------------------------------------------------------
+
+def test_memory_counts_every_layer_the_edge_shard_keeps():
+    profile = _profile()  # layer k: 4-bit 100 + 10 k bytes, 16-bit four times that
+    lean = Candidate(2, 2, "front", 4, None, 8, 4, 5.0)      # keeps layers 0, 1
+    wide = Candidate(2, 4, "front", 4, None, 8, 4, 5.0)      # same edge, keeps 0..3
+    mixed = Candidate(2, 1, "front", 4, 16, 8, 4, 5.0)       # 4-bit layer 0, float 1..3
+    space = SearchSpace(split_layers=(2,), q_w=((4, None), (4, 16)), qa=(8,), q_bar=(4,), tau=(5.0,), l_w=(1, 2, 4))
+    result = search_plans(profile, space, Budgets(10**9, 1.0), 8, lambda c: 0.0, evaluate_all=True)
+    memory = {r.candidate: r.memory.weights_bytes for r in result.ranked if r.memory is not None}
+    embedding = 20  # the profile's 8-bit embedding
+    assert memory[lean] == embedding + 100 + 110
+    assert memory[wide] == embedding + 100 + 110 + 120 + 130
+    assert memory[mixed] == embedding + 100 + 4 * (110 + 120 + 130)
+    # Equivalent spellings tie on everything but memory: the lean one is what gets saved.
+    assert result.winner.candidate == lean
+    assert any(r.candidate == wide and r.reason.startswith("same edge configuration") for r in result.ranked)
+
+
+def test_split_as_l_w_adds_the_lean_spelling():
+    space = SearchSpace(split_layers=(1, 3), q_w=((4, None),), qa=(8,), q_bar=(4,), tau=(5.0,), l_w=(0, 4),
+                        split_as_l_w=True)
+    assert [(c.split_layer, c.l_w) for c in space.candidates(L)] == [(1, 0), (1, 1), (1, 4), (3, 0), (3, 3), (3, 4)]
+    result = search_plans(_profile(), space, Budgets(10**9, 1.0), 8, lambda c: 0.0)
+    assert (result.winner.candidate.split_layer, result.winner.candidate.l_w) == (3, 3)

@@ -41,7 +41,7 @@ def plan_cmd(
     from ..model.shards import EMBED_BITS
     from ..deploy.proxy import PerplexityProxy, calibration_windows, resolve_data_dir
     from ..plan.eval_table import load_accuracy_table
-    from ..plan.advise import canonical, default_rate, default_space, latency_model, step_latency
+    from ..plan.advise import default_rate, default_space, latency_model, step_latency
     from ..plan.enumerate import search_plans, to_plan
     from ..plan.profile import Profile
     from ..plan.schema import Budgets
@@ -121,9 +121,9 @@ def plan_cmd(
         "predicted_step_ms": latency.total_s * 1e3 if link is not None else None,
         "rate_bps": rate, "profile": str(profile_path), "profile_device": profile.device.name,
     }
-    plan = to_plan(canonical(winner.candidate, profile.n_layers), profile, budgets, max_tokens,
-                   delta=_codec_default("delta"), group_size=group_size, tau_is_quantile=True,
-                   embed_bits=embed_bits, notes=notes)
+    # Saved as costed: another spelling of the same edge could keep more layers in the shard.
+    plan = to_plan(winner.candidate, profile, budgets, max_tokens, group_size=group_size,
+                   tau_is_quantile=True, embed_bits=embed_bits, notes=notes)
     if out is not None:
         plan.save(out, overwrite=force)
         console.print(f"wrote {out}", highlight=False)
@@ -133,15 +133,6 @@ def _profile_default_group_size() -> int:
     from ..deploy.measure import ProfileSettings
 
     return ProfileSettings().group_size
-
-
-def _codec_default(name: str):
-    """A codec setting's default, from the codec's own settings type (its one home)."""
-    from dataclasses import fields
-
-    from ..codec.config import CodecConfig
-
-    return next(f.default for f in fields(CodecConfig) if f.name == name)
 
 
 def _describe(candidate, n_layers: int) -> str:

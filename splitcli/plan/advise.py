@@ -4,7 +4,8 @@
 Readings:
 - Search space: ℓ over 1..L-1; OPSC "front" weights with every profiled bit width used alone
   (q_w2 None, all edge layers at q_w1) and every pair q_w1 < q_w2 (the first l_w layers quantized
-  harder), l_w on a grid of step max(1, L // 6) so the accuracy proxy stays cheap; Qa over the
+  harder), l_w on a grid of step max(1, L // 6) so the accuracy proxy stays cheap, plus l_w = l
+  (the lean spelling whose shard keeps only the edge's own layers); Qa over the
   profiled KV bit widths; q_bar and the tau quantile default to the codec points the profile
   measured (the planner can only cost the wire of what was measured; anything else falls back
   to the rough hidden * q_bar / 8 estimate), else to DEFAULT_Q_BARS and a given quantile.
@@ -25,18 +26,18 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from splitcli.cost.latency import LinkModel
-from splitcli.cost.memory import edge_memory, io_bytes_per_step
+from splitcli.cost.memory import io_bytes_per_step
 from splitcli.errors import SplitLLMError
-from splitcli.plan.enumerate import DEFAULT_EMBED_BITS, Candidate, PlanSearch, Ranked, SearchSpace
+from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE, MAX_Q_BAR, MIN_Q
+from splitcli.plan.enumerate import (
+    DEFAULT_EMBED_BITS, Candidate, PlanSearch, Ranked, SearchSpace, candidate_edge_memory,
+)
 from splitcli.plan.profile import Profile
 from splitcli.plan.sweep import SweepPoint, sweep_max_tokens
 
 #: q_bar values to consider when the profile measured no codec points (a synthetic or codec-less
 #: profile): the same three widths `splitllm profile` measures.
 DEFAULT_Q_BARS: tuple[int, ...] = (4, 6, 8)
-#: The tau quantile for such a profile: the codec's own default (`CodecConfig.tau_quantile`),
-#: which plan/ cannot import (the codec package pulls in torch); a test pins the two together.
-FALLBACK_TAU_QUANTILE: float = 0.999
 
 
 def measured_codec_points(profile: Profile) -> tuple[float | None, tuple[int, ...]]:
@@ -57,15 +58,21 @@ def measured_codec_points(profile: Profile) -> tuple[float | None, tuple[int, ..
 def default_space(profile: Profile, q_bars: Iterable[int] | None = None,
                   tau_quantile: float | None = None) -> SearchSpace:
     """The search space `splitllm plan` enumerates (module docstring). q_bars / tau_quantile
-    None: the profile's measured codec points, else DEFAULT_Q_BARS / FALLBACK_TAU_QUANTILE."""
+    None: the profile's measured codec points, else DEFAULT_Q_BARS and the codec settings'
+    default quantile. Every q_bar must lie within the codec's bounds."""
     L = profile.n_layers
     if L < 2:
         raise SplitLLMError("a split needs a model with at least 2 layers")
     measured_tau, measured_q_bars = measured_codec_points(profile)
     if tau_quantile is None:
-        tau_quantile = FALLBACK_TAU_QUANTILE if measured_tau is None else measured_tau
+        tau_quantile = DEFAULT_TAU_QUANTILE if measured_tau is None else measured_tau
     if q_bars is None:
         q_bars = measured_q_bars if measured_tau == tau_quantile and measured_q_bars else DEFAULT_Q_BARS
+    q_bars = tuple(q_bars)
+    # Checked here, before any accuracy is measured, rather than when the winner becomes a plan.
+    for q_bar in q_bars:
+        if not MIN_Q <= q_bar <= MAX_Q_BAR:
+            raise SplitLLMError(f"codec q_bar values must lie in [{MIN_Q}, {MAX_Q_BAR}], got {q_bar}")
     bits = sorted(set.intersection(*(set(layer.weight_bytes) for layer in profile.layers)))
     qas = sorted(set.intersection(*(set(layer.kv_bytes_per_token) for layer in profile.layers)))
     q_w: list[tuple[int, int | None]] = [(b, None) for b in bits]
@@ -73,7 +80,8 @@ def default_space(profile: Profile, q_bars: Iterable[int] | None = None,
     step = max(1, L // 6)
     l_ws = tuple(sorted(set(range(0, L + 1, step)) | {L}))
     return SearchSpace(split_layers=tuple(range(1, L)), q_w=tuple(q_w), qa=tuple(qas),
-                       q_bar=tuple(q_bars), tau=(tau_quantile,), l_w=l_ws, tau_is_quantile=True)
+                       q_bar=tuple(q_bars), tau=(tau_quantile,), l_w=l_ws, tau_is_quantile=True,
+                       split_as_l_w=True)
 
 
 def default_rate(link: LinkModel) -> float:
@@ -88,7 +96,11 @@ def edge_weight_bits(candidate: Candidate, n_layers: int) -> tuple[int | None, .
 
 def canonical(candidate: Candidate, n_layers: int) -> Candidate:
     """The same edge configuration in its plainest OPSC spelling: a uniform edge (e.g. l_w = 0
-    with (4, 8), i.e. every edge layer at 8 bits) becomes l_w = L, q_w1 = that width, q_w2 None."""
+    with (4, 8), i.e. every edge layer at 8 bits) becomes l_w = L, q_w1 = that width, q_w2 None.
+
+    Not what `splitllm plan` saves: with l_w = L the edge shard keeps every layer, more than the
+    edge runs. The planner saves the winner as costed; its search includes the lean spelling
+    (l_w = l, q_w2 None), which wins among equivalent spellings on memory."""
     bits = edge_weight_bits(candidate, n_layers)
     if len(set(bits)) == 1 and bits[0] is not None:
         return replace(candidate, l_w=n_layers, q_w1=bits[0], q_w2=None)
@@ -195,8 +207,7 @@ def sweep_rows(profile: Profile, candidate: Candidate, memory_budget: int, total
     kv = profile.kv_bytes_per_token(candidate.qa)
     rows = []
     for point in points:
-        memory = edge_memory(profile.weight_table(), candidate.split_layer, candidate.l_w, candidate.q_w1,
-                             candidate.q_w2, kv, point.w_bar, profile.activation_peaks(), candidate.method,  # type: ignore[arg-type]
-                             profile.embedding.weight_bytes_at(embed_bits)).total_bytes
+        memory = candidate_edge_memory(profile.weight_table(), candidate, kv, point.w_bar, profile.activation_peaks(),
+                                       profile.embedding.weight_bytes_at(embed_bits)).total_bytes
         rows.append(SweepRow(point, memory, memory <= memory_budget))
     return rows

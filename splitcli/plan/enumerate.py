@@ -4,7 +4,11 @@ How eq. (8) was read:
 - (8c) memory is the EDGE's memory only (DESIGN.md §1): embedding (at embed_bits, as the edge
   shard stores it) + OPSC weights of layers
   [0, l) + the edge KV cache for W_bar tokens at Qa bits + the peak transient activation
-  (`splitcli.cost.memory.edge_memory`).
+  (`splitcli.cost.memory.edge_memory`), plus the weights of every layer beyond l that the OPSC
+  assignment still gives bits: `splitllm quantize --config` writes those into the edge shard
+  too, so a plan that left them out would not fit the budget it was chosen for. The lean
+  spelling of a uniform edge (q_w2 None, l_w = l) keeps exactly [0, l);
+  `SearchSpace(split_as_l_w=True)` enumerates it.
 - (8b) accuracy is supplied by the caller as a *drop* (lower is better, e.g. the relative
   perplexity increase) via a callable or a table keyed by Candidate; a candidate passes when
   drop <= max_accuracy_drop. Accuracy is the expensive part, so it is evaluated lazily: only for
@@ -35,7 +39,8 @@ from typing import Callable, Iterable, Literal, Mapping
 from splitcli.cost.memory import EdgeMemory, edge_memory, layer_weight_bits
 from splitcli.errors import SplitLLMError
 from splitcli.plan.profile import Profile
-from splitcli.plan.schema import Budgets, CodecParams, Plan
+from splitcli.plan.codec_settings import CodecSettings
+from splitcli.plan.schema import Budgets, Plan
 from splitcli.units import format_bytes
 
 #: How the edge stores its embedding when nobody says otherwise: the plan's own default (which
@@ -84,6 +89,8 @@ class SearchSpace:
     l_w: tuple[int, ...] | None = None
     methods: tuple[str, ...] = ("front",)
     tau_is_quantile: bool = False
+    # Also try l_w = l at every split layer: with q_w2 None that edge keeps just the layers it runs.
+    split_as_l_w: bool = False
 
     def __post_init__(self) -> None:
         for name in ("split_layers", "q_w", "qa", "q_bar", "tau", "methods"):
@@ -101,7 +108,10 @@ class SearchSpace:
         for l, method, (q_w1, q_w2), qa, q_bar, tau in itertools.product(
             self.split_layers, self.methods, self.q_w, self.qa, self.q_bar, self.tau
         ):
-            for l_w in (l,) if self.l_w is None else self.l_w:
+            l_ws = (l,) if self.l_w is None else self.l_w
+            if self.split_as_l_w and l not in l_ws:
+                l_ws = tuple(sorted((*l_ws, l)))
+            for l_w in l_ws:
                 yield Candidate(l, l_w, method, q_w1, q_w2, qa, q_bar, tau)
 
 
@@ -146,6 +156,31 @@ class PlanSearch:
     runner_up: Ranked | None = None
     decided_by: str | None = None
     fastest: Ranked | None = None
+
+
+def candidate_edge_memory(
+    weight_table: list[dict[int, float]],
+    candidate: Candidate,
+    kv_bytes_per_token: list[float],
+    max_tokens: int,
+    activation_peaks: list[float],
+    embedding_bytes: float,
+) -> EdgeMemory:
+    """Eq. (8c) for one candidate as `splitllm quantize --config` deploys it (module docstring):
+    `edge_memory` over [0, l) plus the weights the edge shard keeps for layers [l, L)."""
+    L = len(weight_table)
+    memory = edge_memory(weight_table, candidate.split_layer, candidate.l_w, candidate.q_w1, candidate.q_w2,
+                         kv_bytes_per_token, max_tokens, activation_peaks,
+                         candidate.method, embedding_bytes)  # type: ignore[arg-type]
+    bits = layer_weight_bits(L, candidate.l_w, candidate.q_w1, candidate.q_w2, candidate.method)  # type: ignore[arg-type]
+    beyond = 0.0
+    for k in range(candidate.split_layer, L):
+        if bits[k] is None:
+            continue
+        if bits[k] not in weight_table[k]:
+            raise SplitLLMError(f"layer {k} has no measured weight size at {bits[k]} bits")
+        beyond += weight_table[k][bits[k]]
+    return replace(memory, weights_bytes=memory.weights_bytes + beyond)
 
 
 def psi(split_layer: int, n_layers: int, qa: float, q_bar: float) -> float:
@@ -293,11 +328,8 @@ def search_plans(
         if any(b is None for b in bits[: cand.split_layer]):
             return "an edge layer has no weights (q_w2 None)"
         try:
-            return edge_memory(
-                weight_table, cand.split_layer, cand.l_w, cand.q_w1, cand.q_w2,
-                kv_of(cand.qa), max_tokens, activation_peaks,
-                cand.method, embedding_bytes,  # type: ignore[arg-type]
-            )
+            return candidate_edge_memory(weight_table, cand, kv_of(cand.qa), max_tokens,
+                                         activation_peaks, embedding_bytes)
         except SplitLLMError as exc:
             return str(exc)
 
@@ -416,23 +448,25 @@ def to_plan(
     budgets: Budgets,
     max_tokens: int,
     *,
-    delta: float,
     group_size: int,
     tau_is_quantile: bool = False,
-    q_bar_min: int = 2,
+    delta: float | None = None,
+    q_bar_min: int | None = None,
     i_kv: int = 1,
     embed_bits: int = DEFAULT_EMBED_BITS,
     notes: dict | None = None,
 ) -> Plan:
-    """The persisted Plan for a chosen candidate."""
-    codec = CodecParams(
-        q_bar=candidate.q_bar, delta=delta, q_bar_min=min(q_bar_min, candidate.q_bar),
-        tau=None if tau_is_quantile else candidate.tau,
-        tau_quantile=candidate.tau if tau_is_quantile else None,
-    )
+    """The persisted Plan for a chosen candidate. The codec settings the search did not choose
+    (delta, q_bar_min, entropy coding, ...) are CodecSettings' defaults unless given."""
+    chosen: dict = {"q_bar": candidate.q_bar, "tau": None if tau_is_quantile else candidate.tau,
+                    "tau_quantile": candidate.tau if tau_is_quantile else None}
+    if delta is not None:
+        chosen["delta"] = delta
+    if q_bar_min is not None:
+        chosen["q_bar_min"] = min(q_bar_min, candidate.q_bar)
     return Plan(
         model_id=profile.model_id, n_layers=profile.n_layers, split_layer=candidate.split_layer,
         l_w=candidate.l_w, method=candidate.method, q_w1=candidate.q_w1, q_w2=candidate.q_w2,
-        qa=candidate.qa, codec=codec, group_size=group_size, max_tokens=max_tokens,
+        qa=candidate.qa, codec=CodecSettings(**chosen), group_size=group_size, max_tokens=max_tokens,
         budgets=budgets, i_kv=i_kv, embed_bits=embed_bits, notes=dict(notes or {}),
     )
