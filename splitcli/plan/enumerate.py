@@ -12,7 +12,8 @@ How eq. (8) was read:
 - (8b) accuracy is supplied by the caller as a *drop* (lower is better, e.g. the relative
   perplexity increase) via a callable or a table keyed by Candidate; a candidate passes when
   drop <= max_accuracy_drop. Accuracy is the expensive part, so it is evaluated lazily: only for
-  memory-feasible candidates, best-ranked first, until one passes.
+  memory- and deadline-feasible candidates, best (Psi, l) tie group first, until a group holds
+  one that passes (the whole group is measured: see the tie-breaks below).
 - (8a) Psi(Q_a) = sum over all L layers of the activation bits that layer works from: Qa for the
   edge layers [0, l) (their KV cache is kept at Qa bits) and q_bar for the cloud layers [l, L)
   (they compute from the hidden state the TAB-Q codec cut to at most q_bar bits).
