@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from splitcli.data import WIKITEXT2_TEST, data_file, read_text
 from splitcli.errors import SplitLLMError
 from splitcli.model.split import CloudHalf, EdgeHalf, decoder_parts
 from splitcli.plan.accuracy import edge_bits
@@ -27,25 +28,13 @@ from splitcli.plan.enumerate import Candidate
 from splitcli.quant import KEEP_BITS, KVQuantConfig, QuantizedKVCache
 from splitcli.quant.rtn import dequantize_groupwise, quantize_groupwise
 
-WIKITEXT = Path("wikitext2") / "wiki.test.raw"
-DATA_ENV = "SPLITLLM_DATA"
-
-
 def resolve_data_dir(option: str | os.PathLike[str] | None) -> Path:
-    """--data-dir, else $SPLITLLM_DATA, else ../shared/data beside the working directory or the project."""
-    if option:
-        tried = [Path(option).expanduser()]
-    elif os.environ.get(DATA_ENV):
-        tried = [Path(os.environ[DATA_ENV]).expanduser()]
-    else:
-        tried = [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"]
-    for path in tried:
-        if (path / WIKITEXT).is_file():
-            return path
-    raise SplitLLMError(
-        f"no WikiText-2 test file ({WIKITEXT}) under {', '.join(map(str, tried))}: "
-        f"point --data-dir or ${DATA_ENV} at the data directory, or pass --accuracy-table"
-    )
+    """The data directory holding WikiText-2's test file (--data-dir, else $SPLITLLM_DATA, else
+    ../shared/data: `splitcli.data`'s search), or a one-line error that also offers the way out."""
+    try:
+        return data_file(WIKITEXT2_TEST, option).parents[1]
+    except SplitLLMError as e:
+        raise SplitLLMError(f"{e}; or pass --accuracy-table to plan on measured accuracy instead") from None
 
 
 def calibration_windows(tokenizer, data_dir: Path, windows: int = 1, seqlen: int = 512) -> torch.Tensor:
@@ -53,7 +42,7 @@ def calibration_windows(tokenizer, data_dir: Path, windows: int = 1, seqlen: int
     if windows < 1 or seqlen < 2:
         raise SplitLLMError(f"need >= 1 window of >= 2 tokens, got {windows} x {seqlen}")
     need = windows * seqlen
-    text = (data_dir / WIKITEXT).read_text(encoding="utf-8")
+    text = read_text(Path(data_dir) / WIKITEXT2_TEST)
     chars = need * 8  # WikiText averages ~4 characters per token: read twice that, grow if short
     while True:
         ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]

@@ -51,7 +51,7 @@ from ..cost.latency import LinkModel
 from ..errors import SplitLLMError
 from ..plan.early_exit import ExitPolicy, Step, WireBytes, decide_step
 from .codec_wire import CodecWire
-from .generate import SamplingConfig, sample_next
+from .generate import SamplingConfig, TokenStream
 from .handoff import HandoffReport, HandoffSession, cache_rows, decode_kv, encode_kv, exposes_rows, install_rows, \
     kv_layout, kv_payload_bytes, kv_rows_bytes
 from .link import EmulatedLink, LinkSpec, LinkWire, inner_wire, span_seconds, transfer
@@ -339,19 +339,13 @@ def _generate(session, input_ids, attention_mask, cfg, policy, link, wire_bytes,
     rows.append(_row(0, "local" if getattr(session, "local", False) else "prefill", "prefill", "", q_bar,
                      loop.i_kv, None, None, compute_s * 1e3, frames, kv_bytes, deadline_ms, check=False))
 
-    eos = set(eos_token_ids or ())
-    pad_id = min(eos) if eos else 0
-    gen = torch.Generator().manual_seed(cfg.seed)
-    done = torch.zeros(batch, dtype=torch.bool)
-    out: list[torch.Tensor] = []
+    stream = TokenStream(cfg, batch, eos_token_ids)
     stopped, stop_reason = False, ""
-    for i in range(cfg.max_new_tokens):
-        nxt = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), sample_next(logits, cfg, gen))
-        out.append(nxt)
-        done |= torch.tensor([int(t) in eos for t in nxt], dtype=torch.bool)
-        if bool(done.all()) or i == cfg.max_new_tokens - 1:
+    while True:
+        nxt = stream.sample(logits)
+        if stream.finished:
             break
-        step = i + 1
+        step = len(stream.out)
         link.begin_step(step)
         mark = len(link.records)
         if handing_off and session.local and step < local_tokens:
@@ -389,7 +383,7 @@ def _generate(session, input_ids, attention_mask, cfg, policy, link, wire_bytes,
                          deadline_ms, note=note))
         loop.last_compute_s = compute_ms / 1e3
 
-    tokens = torch.stack(out, dim=1)
+    tokens = stream.tokens()
     ran = [r for r in rows[1:] if r.measured_ms is not None]
     outages = sum(r.outage for r in ran)
     summary = AdaptiveSummary(
@@ -399,7 +393,7 @@ def _generate(session, input_ids, attention_mask, cfg, policy, link, wire_bytes,
         tokens=tokens.shape[1], wire_bytes=sum(r.wire_bytes for r in rows),
         link_s=sum(r.link_ms for r in rows) / 1e3, notes=tuple(loop.notes))
     report = session.report if isinstance(session, HandoffSession) else None
-    return AdaptiveResult(tokens, rows, summary, report, bool(done.all()))
+    return AdaptiveResult(tokens, rows, summary, report, stream.all_eos)
 
 
 def _compute_ms(loop: _Loop, stats, extra_s: float) -> float:

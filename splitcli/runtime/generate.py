@@ -42,6 +42,40 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class TokenStream:
+    """The sampled tokens of one generation: sampling with the config's seed, rows that reached
+    an eos token padded with it from then on, and when to stop. Every generation loop (plain,
+    adaptive, handoff) samples through one of these."""
+
+    def __init__(self, cfg: SamplingConfig, batch: int, eos_token_ids: set[int] | None = None):
+        self.cfg = cfg
+        self.eos = set(eos_token_ids or ())
+        self.pad_id = min(self.eos) if self.eos else 0
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.done = torch.zeros(batch, dtype=torch.bool)  # [B] rows that produced eos
+        self.out: list[torch.Tensor] = []
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] of the last position -> the next tokens [B] (recorded)."""
+        nxt = sample_next(logits, self.cfg, self.generator)
+        nxt = torch.where(self.done, torch.full_like(nxt, self.pad_id), nxt)
+        self.out.append(nxt)
+        self.done |= torch.tensor([int(t) in self.eos for t in nxt], dtype=torch.bool)
+        return nxt
+
+    @property
+    def all_eos(self) -> bool:
+        return bool(self.done.all())
+
+    @property
+    def finished(self) -> bool:
+        """Every row ended on eos, or max_new_tokens were sampled: no further forward is needed."""
+        return self.all_eos or len(self.out) >= self.cfg.max_new_tokens
+
+    def tokens(self) -> torch.Tensor:  # [B, n]
+        return torch.stack(self.out, dim=1)
+
+
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor  # [B, n] generated ids (rows that stopped early are padded with eos)
@@ -59,25 +93,16 @@ def generate(
     prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Prefill the prompt [B, T], then decode up to cfg.max_new_tokens tokens one at a time."""
-    eos = set(eos_token_ids or ())
-    pad_id = min(eos) if eos else 0
-    gen = torch.Generator().manual_seed(cfg.seed)
+    stream = TokenStream(cfg, input_ids.shape[0], eos_token_ids)
     logits = session.prefill(input_ids, attention_mask, chunk_size=prefill_chunk)[:, -1]
     n_prefill = len(session.stats)
     prefill = _sum_stats(session.stats[:n_prefill])
-    b = input_ids.shape[0]
-    done = torch.zeros(b, dtype=torch.bool)
-    out: list[torch.Tensor] = []
-    for i in range(cfg.max_new_tokens):
-        nxt = sample_next(logits, cfg, gen)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out.append(nxt)
-        done |= torch.tensor([int(t) in eos for t in nxt], dtype=torch.bool)
-        if bool(done.all()) or i == cfg.max_new_tokens - 1:
+    while True:
+        nxt = stream.sample(logits)
+        if stream.finished:
             break
         logits = session.forward(nxt[:, None])[:, -1]
-    tokens = torch.stack(out, dim=1)
-    return GenerationResult(tokens, prefill, session.stats[n_prefill:], bool(done.all()))
+    return GenerationResult(stream.tokens(), prefill, session.stats[n_prefill:], stream.all_eos)
 
 
 def _sum_stats(stats: list[StepStats]) -> StepStats:

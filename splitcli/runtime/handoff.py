@@ -41,7 +41,7 @@ import torch
 
 from ..errors import SplitLLMError
 from ..model.split import DecoderParts, EdgeHalf, decoder_parts, new_cache
-from .generate import SamplingConfig, sample_next
+from .generate import SamplingConfig, TokenStream
 from .link import transfer
 from .session import SplitSession
 from .wire import Wire
@@ -401,21 +401,15 @@ def handoff_generate(
         raise SplitLLMError(f"local tokens w must be an integer >= 0, got {local_tokens!r}")
     if not session.local or session.length:
         raise SplitLLMError("handoff_generate needs a fresh HandoffSession")
-    eos = set(eos_token_ids or ())
-    pad_id = min(eos) if eos else 0
-    gen = torch.Generator().manual_seed(cfg.seed)
+    stream = TokenStream(cfg, input_ids.shape[0], eos_token_ids)
     if local_tokens == 0:
         session.handoff(i_kv, kv_dtype=kv_dtype)
     logits = session.prefill(input_ids, attention_mask)[:, -1]
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-    out: list[torch.Tensor] = []
-    for i in range(cfg.max_new_tokens):
-        nxt = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), sample_next(logits, cfg, gen))
-        out.append(nxt)
-        done |= torch.tensor([int(t) in eos for t in nxt], dtype=torch.bool)
-        if bool(done.all()) or i == cfg.max_new_tokens - 1:
+    while True:
+        nxt = stream.sample(logits)
+        if stream.finished:
             break
-        if session.local and i + 1 == local_tokens:
+        if session.local and len(stream.out) == local_tokens:
             session.handoff(i_kv, kv_dtype=kv_dtype)
         logits = session.forward(nxt[:, None])[:, -1]
-    return HandoffResult(torch.stack(out, dim=1), min(local_tokens, len(out)), session.report, bool(done.all()))
+    return HandoffResult(stream.tokens(), min(local_tokens, len(stream.out)), session.report, stream.all_eos)
