@@ -64,7 +64,7 @@ def _fmt(value: float, metric: str) -> str:
 
 
 @cli_errors
-@codec_options(("tabq", "none", "fp16"), "Wire of the split pipeline: tabq | none (raw fp32) | fp16 (default: the plan's codec, else tabq).")
+@codec_options(("tabq", "none", "fp16", "bf16"), "Wire of the split pipeline: tabq | none (raw fp32) | fp16 | bf16 (default: the plan's codec, else tabq).")
 def eval_cmd(
     tasks: str = typer.Option(DEFAULT_TASKS, "--tasks", "-t", help="Comma-separated built-in task names ('' for none)."),
     task_files: list[Path] = typer.Option([], "--task-file", help="A task spec YAML file (repeatable)."),

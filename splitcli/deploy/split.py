@@ -2,7 +2,7 @@
 
 `SplitSpec` is everything that decides what the edge and the cloud compute: ℓ, the OPSC weight
 bits of the edge's layers (eq. 1), the edge's embedding bits, its KV-cache bits Qa, and the wire
-(raw fp32, fp16, or the calibrated TS + TAB-Q + rANS codec with its `CodecSettings`).
+(raw fp32, fp16, bf16, or the calibrated TS + TAB-Q + rANS codec with its `CodecSettings`).
 `build_split` turns it into halves on a loaded model; `generate`, `eval`, the benches and the
 servers all take their split from here, so for one plan they run the same edge.
 
@@ -28,7 +28,7 @@ from splitcli.model.split import CloudHalf, DecoderParts, EdgeHalf, decoder_part
 from splitcli.plan.codec_settings import CodecSettings
 from splitcli.plan.schema import Plan
 
-WIRES = ("none", "fp16", "tabq")
+WIRES = ("none", "fp16", "bf16", "tabq")
 EMBED_BITS = (8, 16)
 
 
@@ -182,8 +182,8 @@ def build_wire(spec: SplitSpec, lm, data_dir=None, progress: Callable[[str], Non
 
     if spec.wire == "none":
         return RawWire("fp32")
-    if spec.wire == "fp16":
-        return RawWire("fp16")
+    if spec.wire in ("fp16", "bf16"):
+        return RawWire(spec.wire)
     from splitcli.deploy.calibrate import calibrated_config
     from splitcli.runtime.codec_wire import CodecWire
 

@@ -47,7 +47,7 @@ from splitcli.plan.codec_settings import CodecSettings
 PIPELINE_FORMAT_VERSION = 1
 BASELINES = ("rtn-w4a16", "atom-w4a4", "atom-w4a3", "smoothquant-w4a4", "smoothquant-w4a3")
 PIPELINES = ("fp", "split", "local") + BASELINES
-CODECS = ("tabq", "none", "fp16")
+CODECS = ("tabq", "none", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
