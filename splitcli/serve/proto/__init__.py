@@ -1,0 +1,1 @@
+"""The wire protocol (split.proto) and its generated, checked-in Python modules."""
