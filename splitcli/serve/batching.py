@@ -1,0 +1,183 @@
+"""Continuous batching for the cloud half: decode steps of concurrent sessions in one forward.
+
+Each session owns a cache of its own length. A batch of one-token decode steps is run as one
+forward by stacking the sessions' caches, left-padded to the longest, with an attention mask that
+hides the padding and each row's own position id (the same left-padding convention as
+`runtime.session`: position = real tokens before this one). The new rows are then cut back into
+each session's cache without the padding, so a session's cache never depends on who it was batched
+with. A single step (and every prefill) runs on the session's cache directly, with no mask, exactly
+as the in-process split does, so an unbatched session is bit-identical to `generate`.
+
+Stacking copies every cache each batched step: O(batch x length x cloud layers) memory traffic,
+correct first; a paged cache shared across sessions is the faster layout (issue 13's benchmark
+will tell whether it is needed). Models whose cloud layers are not all full attention, or whose
+cache layers are not plain `DynamicLayer`s, run their decode steps one after another instead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from splitcli.errors import SplitLLMError
+from splitcli.model.split import CloudHalf, new_cache
+
+
+@dataclass
+class CloudState:
+    """One session's cloud-side state: its cache and how many positions it holds."""
+
+    cache: object
+    length: int = 0
+    closed: bool = False
+
+
+@dataclass
+class _Work:
+    state: CloudState
+    hidden: torch.Tensor  # [1, T, H]
+    done: threading.Event = field(default_factory=threading.Event)
+    logits: torch.Tensor | None = None  # [V] of the last position
+    error: BaseException | None = None
+
+
+def can_batch(cloud: CloudHalf) -> bool:
+    """Stacked caches are valid when every cloud layer is full attention (no sliding windows)."""
+    types = cloud.parts.layer_types[cloud.split_layer:]
+    return all(t == "full_attention" for t in types)
+
+
+def forward_one(cloud: CloudHalf, state: CloudState, hidden: torch.Tensor) -> torch.Tensor:
+    """Positions [length, length + T) of one session on its own cache (no mask: as in-process)."""
+    t = hidden.shape[1]
+    positions = torch.arange(state.length, state.length + t)[None]
+    logits = cloud(hidden, positions, None, state.cache, logits_to_keep=1)
+    state.length += t
+    return logits[0, -1]
+
+
+def _cloud_layers(cloud: CloudHalf, cache):
+    return [cache.layers[i] for i in range(cloud.split_layer, cloud.parts.num_layers)]
+
+
+def forward_batch(cloud: CloudHalf, states: list[CloudState], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One-token steps of several sessions (each with a non-empty cache) as one forward.
+    Returns each session's logits [V]; each session's cache grows by its own row only."""
+    from transformers.cache_utils import DynamicLayer
+
+    lengths = [s.length for s in states]
+    longest = max(lengths)
+    b = len(states)
+    batch_cache = new_cache(cloud.parts)
+    per_session = [_cloud_layers(cloud, s.cache) for s in states]
+    for j, layer_idx in enumerate(range(cloud.split_layer, cloud.parts.num_layers)):
+        layers = [p[j] for p in per_session]
+        if not all(type(layer) is DynamicLayer and layer.get_seq_length() == n for layer, n in zip(layers, lengths)):
+            raise SplitLLMError("batched decode needs plain full-attention caches of the sessions' lengths")
+        keys = [torch.nn.functional.pad(layer.keys, (0, 0, longest - n, 0)) for layer, n in zip(layers, lengths)]
+        values = [torch.nn.functional.pad(layer.values, (0, 0, longest - n, 0)) for layer, n in zip(layers, lengths)]
+        batch_cache.update(torch.cat(keys), torch.cat(values), layer_idx)
+    mask = torch.zeros(b, longest + 1, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, longest - n:] = 1
+    positions = torch.tensor(lengths)[:, None]
+    logits = cloud(torch.cat(hidden), positions, mask, batch_cache, logits_to_keep=1)  # [B, 1, V]
+    # Cut each session's rows back out (its own length + the new one), dropping the padding.
+    for j, layer_idx in enumerate(range(cloud.split_layer, cloud.parts.num_layers)):
+        stacked = batch_cache.layers[layer_idx]
+        for i, n in enumerate(lengths):
+            own = per_session[i][j]
+            own.keys = stacked.keys[i:i + 1, :, longest - n:].clone()
+            own.values = stacked.values[i:i + 1, :, longest - n:].clone()
+    for s in states:
+        s.length += 1
+    return [logits[i, -1] for i in range(b)]
+
+
+class Batcher:
+    """One thread runs every forward of the cloud half. Decode steps that arrive within `window_s`
+    of the first are run together (up to `max_batch`); prefills run alone. Callers block in `run`."""
+
+    def __init__(self, cloud: CloudHalf, window_s: float = 0.002, max_batch: int = 16):
+        self.cloud = cloud
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self.batchable = can_batch(cloud)
+        self.batch_sizes: list[int] = []  # one per forward run (observability for tests / metrics)
+        self._queue: queue.Queue[_Work] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="splitllm-cloud-batcher", daemon=True)
+        self._thread.start()
+
+    def run(self, state: CloudState, hidden: torch.Tensor, timeout_s: float = 300.0) -> torch.Tensor:
+        """Logits [V] of the last of `hidden`'s [1, T, H] positions, appended to `state`."""
+        work = _Work(state, hidden)
+        self._queue.put(work)
+        deadline = time.monotonic() + timeout_s
+        while not work.done.wait(0.05):
+            if self._stop.is_set():
+                raise SplitLLMError("the cloud server is shutting down")
+            if time.monotonic() > deadline:
+                raise SplitLLMError(f"the cloud forward did not finish within {timeout_s:g} s")
+        if work.error is not None:
+            raise work.error
+        return work.logits  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        carry: list[_Work] = []
+        while not self._stop.is_set():
+            if carry:
+                first = carry.pop(0)
+            else:
+                try:
+                    first = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+            batch = [first]
+            if self._decodable(first):
+                deadline = time.monotonic() + self.window_s
+                while len(batch) < self.max_batch:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                    (batch if self._decodable(item) else carry).append(item)
+            self._execute(batch)
+
+    def _decodable(self, work: _Work) -> bool:
+        return self.batchable and work.hidden.shape[1] == 1 and work.state.length > 0
+
+    def _execute(self, batch: list[_Work]) -> None:
+        live = [w for w in batch if not w.state.closed]
+        for w in batch:
+            if w.state.closed:
+                w.error = SplitLLMError("the session was closed")
+                w.done.set()
+        if not live:
+            return
+        self.batch_sizes.append(len(live))
+        try:
+            if len(live) == 1:
+                live[0].logits = forward_one(self.cloud, live[0].state, live[0].hidden)
+            else:
+                out = forward_batch(self.cloud, [w.state for w in live], [w.hidden for w in live])
+                for w, logits in zip(live, out):
+                    w.logits = logits
+        except (SplitLLMError, RuntimeError, ValueError, IndexError) as exc:
+            # A forward that fails fails its own steps; the thread keeps serving the others.
+            for w in live:
+                w.error = exc if isinstance(exc, SplitLLMError) else SplitLLMError(f"cloud forward failed: {exc}")
+        finally:
+            for w in live:
+                w.done.set()

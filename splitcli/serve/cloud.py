@@ -1,0 +1,343 @@
+"""The cloud server core: the cloud half of one split behind the SplitCloud gRPC service.
+
+One stream per generation session (proto/split.proto). The servicer checks the bearer token,
+admits an Open against its session limit and KV-memory budget (the cache of layers [ℓ, L) for the
+session's `max_tokens`), then answers each complete Step with the next token (or the top-k
+logits). Every forward goes through one `Batcher`, which runs concurrent sessions' decode steps
+as one batched forward. Anything wrong with one stream (bad frame, out-of-order step, oversized
+frame, wrong model) ends that stream with a status; the server keeps serving the others.
+
+Network input is hostile: message sizes are capped by gRPC (`max_message_bytes`), a step's
+chunks together by `max_frame_bytes`, tokens by the session's admitted `max_tokens`, and a frame
+is decoded only up to the size its step claims. A stream idle for `idle_timeout_s` is cancelled
+and its session freed.
+
+Not here yet (issue 13): I_kv = 1 handoff payloads, recovery, TLS, metrics, graceful drain.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from splitcli.errors import SplitLLMError
+from splitcli.quant import fp_kv_bytes_per_token
+from splitcli.runtime.generate import SamplingConfig, sample_next
+from splitcli.serve.batching import Batcher, CloudState
+from splitcli.serve.proto import split_pb2 as pb
+from splitcli.serve.proto import split_pb2_grpc as pb_grpc
+from splitcli.serve.protocol import PB_TO_IKV, PB_TO_WIRE, codec_from_pb, decode_frame
+
+#: Most chunks one step may arrive in (bounds per-step bookkeeping whatever the sizes).
+MAX_CHUNKS = 4096
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    """What one cloud server enforces. `api_key` is required: no token, no service."""
+
+    model_sha256: str
+    api_key: str
+    max_sessions: int = 8
+    kv_budget_bytes: int = 1 << 30
+    idle_timeout_s: float = 60.0
+    max_message_bytes: int = 4 << 20
+    max_frame_bytes: int = 64 << 20
+    batch_window_ms: float = 2.0
+    max_batch: int = 16
+    max_top_k: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.model_sha256:
+            raise SplitLLMError("the cloud needs the model's sha256 to check sessions against")
+        if not self.api_key:
+            raise SplitLLMError("the cloud needs an API key (bearer token); refusing to serve without one")
+        for name in ("max_sessions", "kv_budget_bytes", "max_message_bytes", "max_frame_bytes", "max_batch",
+                     "max_top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SplitLLMError(f"cloud setting {name} must be an integer >= 1, got {value!r}")
+        if not self.idle_timeout_s > 0:
+            raise SplitLLMError(f"cloud setting idle_timeout_s must be > 0, got {self.idle_timeout_s!r}")
+        if not 0 <= self.batch_window_ms <= 1000:
+            raise SplitLLMError(f"cloud setting batch_window_ms must lie in [0, 1000], got {self.batch_window_ms!r}")
+        if self.max_frame_bytes < self.max_message_bytes:
+            raise SplitLLMError("cloud setting max_frame_bytes must be >= max_message_bytes")
+
+
+def cloud_kv_bytes_per_token(cloud) -> int:
+    """Bytes one position costs in the cloud's cache of layers [ℓ, L) (float cache, model dtype)."""
+    cfg = cloud.parts.config
+    heads = getattr(cfg, "num_attention_heads")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    itemsize = next(cloud.parts.lm_head.parameters()).element_size()
+    return fp_kv_bytes_per_token(cloud.parts.num_layers - cloud.split_layer, kv_heads, head_dim, itemsize)
+
+
+class _Refused(Exception):
+    """An Open the server does not admit: the status code and the one-line reason."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+@dataclass
+class _Session:
+    id: str
+    state: CloudState
+    max_tokens: int
+    reserved: int
+    sampling: SamplingConfig
+    top_k: int
+    generator: torch.Generator
+    context: object
+    last_active: float
+    next_step: int = 0
+    next_chunk: int = 0
+    chunks: list | None = None
+    chunk_bytes: int = 0
+    chunk_meta: tuple = ()
+
+
+class CloudServicer(pb_grpc.SplitCloudServicer):
+    """Per-session cloud state, admission, auth and limits around one split's cloud half."""
+
+    def __init__(self, split, settings: CloudSettings):
+        self.split, self.settings = split, settings
+        self.cloud = split.cloud
+        self.hidden_size = self.cloud.parts.config.hidden_size
+        self.vocab = self.cloud.parts.lm_head.weight.shape[0]
+        self.context_length = getattr(self.cloud.parts.config, "max_position_embeddings", None)
+        self.bytes_per_token = cloud_kv_bytes_per_token(self.cloud)
+        self.batcher = Batcher(self.cloud, settings.batch_window_ms / 1e3, settings.max_batch)
+        self._lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
+        self._pending: dict[int, tuple[object, float]] = {}  # streams not yet past Open: (context, since)
+        self._kv_used = 0
+        self._ids = itertools.count()
+        self._expected_auth = f"Bearer {settings.api_key}".encode()
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="splitllm-cloud-reaper", daemon=True)
+        self._reaper.start()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        self._stop.set()
+        self._reaper.join(timeout=5)
+        self.batcher.stop()
+        with self._lock:
+            for sess in list(self._sessions.values()):
+                self._release_locked(sess)
+
+    @property
+    def kv_used(self) -> int:
+        with self._lock:
+            return self._kv_used
+
+    @property
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def _reap(self) -> None:
+        period = min(1.0, self.settings.idle_timeout_s / 4)
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            limit = self.settings.idle_timeout_s
+            with self._lock:
+                idle = [s for s in self._sessions.values() if now - s.last_active > limit]
+                for sess in idle:
+                    self._release_locked(sess)
+                silent = [c for c, since in self._pending.values() if now - since > limit]
+            for context in [s.context for s in idle] + silent:
+                context.cancel()  # ends the stream; its handler's request iterator stops
+
+    def _release_locked(self, sess: _Session) -> None:
+        if self._sessions.pop(sess.id, None) is not None:
+            self._kv_used -= sess.reserved
+            sess.state.closed = True
+            sess.state.cache = None  # the memory goes now, not when the handler thread notices
+
+    # -- the RPC ---------------------------------------------------------------------------
+    def Session(self, request_iterator, context):
+        self._authenticate(context)
+        first = self._first_message(request_iterator, context)
+        try:
+            sess = self._admit(first.open, context)
+        except _Refused as refused:
+            yield pb.ServerMessage(opened=pb.Opened(admitted=False, reason=refused.reason))
+            context.abort(refused.code, refused.reason)
+        try:
+            yield pb.ServerMessage(opened=pb.Opened(
+                admitted=True, session_id=sess.id, max_message_bytes=self.settings.max_message_bytes,
+                max_frame_bytes=self.settings.max_frame_bytes))
+            for msg in request_iterator:
+                sess.last_active = time.monotonic()
+                kind = msg.WhichOneof("kind")
+                if kind == "close":
+                    return
+                if kind != "step":
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected a step or close, got {kind or 'nothing'}")
+                token = self._step(sess, msg.step, context)
+                sess.last_active = time.monotonic()
+                if token is not None:
+                    yield pb.ServerMessage(token=token)
+        finally:
+            with self._lock:
+                self._release_locked(sess)
+
+    def _authenticate(self, context) -> None:
+        got = dict(context.invocation_metadata()).get("authorization", "")
+        if not isinstance(got, str) or not hmac.compare_digest(got.encode(), self._expected_auth):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+
+    def _first_message(self, request_iterator, context) -> pb.ClientMessage:
+        # Registered so the reaper can cancel a stream that never sends its Open.
+        with self._lock:
+            self._pending[id(context)] = (context, time.monotonic())
+        try:
+            first = next(request_iterator, None)
+        finally:
+            with self._lock:
+                self._pending.pop(id(context), None)
+        if first is None or first.WhichOneof("kind") != "open":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must start with an Open message")
+        return first
+
+    def _admit(self, msg: pb.Open, context) -> _Session:
+        spec = self.split.spec
+        bad = grpc.StatusCode.FAILED_PRECONDITION
+        if msg.model_sha256 != self.settings.model_sha256:
+            raise _Refused(bad, f"model sha256 {msg.model_sha256[:16] or '(empty)'}… is not the served model "
+                                f"{self.settings.model_sha256[:16]}…")
+        if msg.split_layer != spec.split_layer:
+            raise _Refused(bad, f"split layer {msg.split_layer} is not the served ℓ = {spec.split_layer}")
+        wire = PB_TO_WIRE.get(msg.wire)
+        if wire != spec.wire:
+            raise _Refused(bad, f"wire {wire or msg.wire} is not the served wire {spec.wire}")
+        if wire == "tabq":
+            try:
+                codec = codec_from_pb(msg.codec)
+            except SplitLLMError as exc:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            if codec != spec.codec:
+                raise _Refused(bad, f"codec settings {codec} differ from the served {spec.codec}")
+        ikv = PB_TO_IKV.get(msg.kv_mode)
+        if ikv is None:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "kv_mode must be KV_HIDDEN or KV_CACHE")
+        if ikv == 1:
+            raise _Refused(grpc.StatusCode.UNIMPLEMENTED, "KV-cache handoff (I_kv = 1) is not served yet; use KV_HIDDEN")
+        sampling, top_k = self._sampling(msg)
+        if msg.max_tokens < 1 or (self.context_length is not None and msg.max_tokens > self.context_length):
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"max_tokens must lie in [1, {self.context_length}], got {msg.max_tokens}")
+        reserved = msg.max_tokens * self.bytes_per_token
+        with self._lock:
+            if len(self._sessions) >= self.settings.max_sessions:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"session limit reached ({self.settings.max_sessions} running)")
+            if self._kv_used + reserved > self.settings.kv_budget_bytes:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"KV budget exhausted: {reserved} bytes asked, "
+                               f"{self.settings.kv_budget_bytes - self._kv_used} free")
+            sess = _Session(id=f"s{next(self._ids)}", state=CloudState(self.cloud.new_cache()),
+                            max_tokens=msg.max_tokens, reserved=reserved, sampling=sampling, top_k=top_k,
+                            generator=torch.Generator().manual_seed(sampling.seed), context=context,
+                            last_active=time.monotonic())
+            self._sessions[sess.id] = sess
+            self._kv_used += reserved
+        return sess
+
+    def _sampling(self, msg: pb.Open) -> tuple[SamplingConfig, int]:
+        s = msg.sampling
+        if s.top_k_logits > min(self.settings.max_top_k, self.vocab):
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"top_k_logits must be <= {min(self.settings.max_top_k, self.vocab)}, got {s.top_k_logits}")
+        try:
+            cfg = SamplingConfig(max_new_tokens=max(1, msg.max_tokens), temperature=s.temperature,
+                                 top_p=s.top_p or 1.0, seed=s.seed % (1 << 63))
+        except SplitLLMError as exc:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return cfg, s.top_k_logits
+
+    # -- steps -----------------------------------------------------------------------------
+    def _step(self, sess: _Session, step: pb.Step, context) -> pb.Token | None:
+        """A complete step's token; None for a duplicate or a chunk that is not the last."""
+        expected = (sess.next_step, sess.next_chunk)
+        got = (step.step_id, step.chunk_index)
+        if got < expected:
+            return None  # a duplicate: already received, ignored
+        if got != expected:
+            context.abort(grpc.StatusCode.ABORTED, f"step {step.step_id} chunk {step.chunk_index} is out of order: "
+                                                   f"expected step {expected[0]} chunk {expected[1]}")
+        count = step.chunk_count or 1
+        meta = (step.position, step.n_tokens, count)
+        if step.chunk_index == 0:
+            if count > MAX_CHUNKS:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a step may have at most {MAX_CHUNKS} chunks, got {count}")
+            sess.chunks, sess.chunk_bytes, sess.chunk_meta = [], 0, meta
+        elif meta != sess.chunk_meta:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunks of one step disagree on position, tokens or count")
+        sess.chunk_bytes += len(step.payload)
+        if sess.chunk_bytes > self.settings.max_frame_bytes:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"frame exceeds the server's max_frame_bytes = {self.settings.max_frame_bytes}")
+        sess.chunks.append(step.payload)
+        if step.chunk_index + 1 < count:
+            sess.next_chunk += 1
+            return None
+        frame = b"".join(sess.chunks)
+        sess.chunks, sess.chunk_bytes = None, 0
+        sess.next_step, sess.next_chunk = sess.next_step + 1, 0
+        return self._run_step(sess, step.step_id, step.position, step.n_tokens, frame, context)
+
+    def _run_step(self, sess: _Session, step_id: int, position: int, n_tokens: int, frame: bytes, context):
+        if position != sess.state.length:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"step {step_id} is at position {position}; the session is at {sess.state.length}")
+        if n_tokens < 1 or position + n_tokens > sess.max_tokens:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                          f"step {step_id} brings {n_tokens} tokens at position {position}; "
+                          f"the session was admitted for {sess.max_tokens}")
+        try:
+            hidden = decode_frame(self.split.wire, frame, n_tokens, self.hidden_size)
+            logits = self.batcher.run(sess.state, hidden[None])
+        except SplitLLMError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step_id}: {exc}")
+        if sess.top_k:
+            values, ids = torch.topk(logits.float(), sess.top_k)
+            return pb.Token(step_id=step_id, top_k=pb.TopK(token_ids=ids.tolist(), logits=values.tolist()))
+        token = sample_next(logits[None], sess.sampling, sess.generator)
+        return pb.Token(step_id=step_id, token_id=int(token[0]))
+
+
+class CloudServer:
+    """A started gRPC server around a CloudServicer; `port` is the bound port (0 picks a free one)."""
+
+    def __init__(self, split, settings: CloudSettings, address: str = "127.0.0.1:0"):
+        self.servicer = CloudServicer(split, settings)
+        workers = settings.max_sessions + 4  # room to refuse sessions past the limit with a reason
+        limit = settings.max_message_bytes
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitllm-cloud"),
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            maximum_concurrent_rpcs=workers)
+        pb_grpc.add_SplitCloudServicer_to_server(self.servicer, self.server)
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            self.servicer.close()
+            raise SplitLLMError(f"could not bind the cloud server to {address}")
+        self.server.start()
+
+    def stop(self, grace: float | None = 0) -> None:
+        self.server.stop(grace).wait(timeout=10)
+        self.servicer.close()
