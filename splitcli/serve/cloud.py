@@ -327,17 +327,21 @@ class CloudServer:
         self.servicer = CloudServicer(split, settings)
         workers = settings.max_sessions + 4  # room to refuse sessions past the limit with a reason
         limit = settings.max_message_bytes
+        self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitllm-cloud")
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitllm-cloud"),
+            self._executor,
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
             maximum_concurrent_rpcs=workers)
         pb_grpc.add_SplitCloudServicer_to_server(self.servicer, self.server)
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             self.servicer.close()
+            self._executor.shutdown(wait=False)
             raise SplitLLMError(f"could not bind the cloud server to {address}")
         self.server.start()
 
     def stop(self, grace: float | None = 0) -> None:
         self.server.stop(grace).wait(timeout=10)
         self.servicer.close()
+        # grpc does not own the pool it was given: without this its worker threads outlive the server
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,227 @@
+"""Edge client <-> cloud server on 127.0.0.1 (ports chosen at run time): outputs equal the
+in-process split's, and every kind of bad request gets its own status while a concurrent good
+session runs on unaffected. Each test starts its server and stops it in a finally."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from types import SimpleNamespace
+
+import grpc
+import pytest
+import torch
+
+from conftest import _tiny
+from splitcli.deploy import SplitSpec, build_split
+from splitcli.runtime.generate import SamplingConfig, generate
+from splitcli.serve.client import RemoteCloud, RemoteError, generate_remote
+from splitcli.serve.cloud import CloudServer, CloudSettings
+from splitcli.serve.proto import split_pb2 as pb
+from splitcli.serve.proto import split_pb2_grpc as pb_grpc
+from splitcli.serve.protocol import WIRE_TO_PB, chunk_frame
+
+SHA, KEY = "0" * 63 + "1", "test-key"
+PROMPTS = [[1, 5, 9, 33, 7], [2, 40, 3], [17, 18, 19, 20, 21, 22, 23], [99]]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return SimpleNamespace(model=_tiny("llama"), tokenizer=None, sha256=SHA)
+
+
+@pytest.fixture(scope="module", params=["none", "fp16"])
+def split(lm, request):
+    return build_split(lm, SplitSpec(split_layer=2, wire=request.param))
+
+
+@contextlib.contextmanager
+def serving(split, **settings):
+    server = CloudServer(split, CloudSettings(**{"model_sha256": SHA, "api_key": KEY, **settings}))
+    try:
+        yield server
+    finally:
+        server.stop(0)
+    assert server.servicer.session_count == 0 and server.servicer.kv_used == 0
+
+
+def remote(server, **kw):
+    return RemoteCloud(**{"target": f"127.0.0.1:{server.port}", "api_key": KEY, "model_sha256": SHA,
+                          "timeout_s": 60.0, **kw})
+
+
+def reference(split, prompt, cfg):
+    return generate(split.session(), torch.tensor([prompt]), None, cfg).tokens[0].tolist()
+
+
+def test_greedy_over_the_wire_equals_in_process(split):
+    cfg = SamplingConfig(max_new_tokens=6)
+    with serving(split) as server:
+        for prompt in PROMPTS[:2]:
+            assert list(generate_remote(split, prompt, cfg, remote(server))) == reference(split, prompt, cfg)
+
+
+def test_chunked_prefill_sampling_and_top_k(split):
+    prompt = list(range(3, 40))  # 37 positions x 64 floats: a prefill frame of several chunks
+    greedy = SamplingConfig(max_new_tokens=4)
+    sampled = SamplingConfig(max_new_tokens=5, temperature=0.8, top_p=0.9, seed=7)
+    with serving(split, max_message_bytes=2048, max_frame_bytes=1 << 20) as server:
+        cloud = remote(server, max_message_bytes=2048)
+        assert list(generate_remote(split, prompt, greedy, cloud)) == reference(split, prompt, greedy)
+        assert list(generate_remote(split, prompt, sampled, cloud)) == reference(split, prompt, sampled)
+        assert list(generate_remote(split, prompt, greedy, cloud, top_k_logits=5)) == reference(split, prompt, greedy)
+
+
+def test_four_concurrent_clients_each_equal_in_process(split):
+    cfg = SamplingConfig(max_new_tokens=8)
+    refs = [reference(split, p, cfg) for p in PROMPTS]
+    with serving(split, batch_window_ms=50.0) as server:
+        outs = _run_concurrently([lambda p=p: list(generate_remote(split, p, cfg, remote(server))) for p in PROMPTS])
+        assert outs == refs
+        assert max(server.servicer.batcher.batch_sizes) > 1  # decode steps were batched
+
+
+def _run_concurrently(fns, timeout=60):
+    results, errors = [None] * len(fns), []
+
+    def run(i, fn):
+        try:
+            results[i] = fn()
+        except Exception as exc:  # noqa: BLE001 - reported to the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    return results
+
+
+# -- hostile and broken requests -----------------------------------------------------------
+
+def _open(split, **over):
+    fields = dict(model_sha256=SHA, split_layer=split.spec.split_layer, wire=WIRE_TO_PB[split.spec.wire],
+                  max_tokens=32, kv_mode=pb.KV_HIDDEN)
+    fields.update(over)
+    return pb.ClientMessage(open=pb.Open(**fields))
+
+
+def _frames(split, prompt, n):
+    """Step messages of a greedy generation, computed here (the edge's part) from the reference."""
+    cfg = SamplingConfig(max_new_tokens=n)
+    toks = reference(split, prompt, cfg)
+    cache, msgs, pos = split.edge.new_cache(), [], 0
+    feed = [prompt] + [[t] for t in toks[:-1]]
+    for step, ids in enumerate(feed):
+        h = split.edge(torch.tensor([ids]), torch.arange(pos, pos + len(ids))[None], None, cache)
+        msgs += chunk_frame(split.wire.encode(h[0]), step, pos, len(ids), 1 << 20)
+        pos += len(ids)
+    return msgs, toks
+
+
+def raw_call(server, msgs, key=KEY, hold: float = 0.0):
+    """Send `msgs` on one stream; (replies, status code or None). `hold` keeps the stream open."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SplitCloudStub(channel)
+
+        def requests():
+            yield from msgs
+            time.sleep(hold)
+
+        call = stub.Session(requests(), metadata=[("authorization", f"Bearer {key}")], timeout=30)
+        replies = []
+        try:
+            replies.extend(call)
+            return replies, None
+        except grpc.RpcError as exc:
+            return replies, exc.code()
+
+
+def _tokens(replies):
+    return [r.token.token_id for r in replies if r.WhichOneof("kind") == "token"]
+
+
+def test_duplicates_are_ignored_and_out_of_order_is_refused(split):
+    msgs, toks = _frames(split, PROMPTS[0], 3)
+    with serving(split) as server:
+        dup = [_open(split), msgs[0], msgs[0], msgs[1], msgs[1], msgs[2], pb.ClientMessage(close=pb.Close())]
+        replies, code = raw_call(server, dup)
+        assert code is None and _tokens(replies) == toks
+        skip = [_open(split), msgs[0], msgs[2]]
+        replies, code = raw_call(server, skip)
+        assert code == grpc.StatusCode.ABORTED and _tokens(replies) == toks[:1]
+
+
+def test_each_fault_gets_its_status_and_a_good_session_is_unaffected(split):
+    cfg = SamplingConfig(max_new_tokens=12)
+    good_ref = reference(split, PROMPTS[2], cfg)
+    msgs, _ = _frames(split, PROMPTS[0], 2)
+    garbage = pb.ClientMessage(step=pb.Step(step_id=0, position=0, n_tokens=5, payload=b"\xff" * 300))
+    wrong_pos = pb.ClientMessage(step=pb.Step(step_id=1, position=99, n_tokens=1, payload=msgs[1].step.payload))
+    huge = pb.ClientMessage(step=pb.Step(step_id=0, position=0, n_tokens=1, payload=b"\0" * 5000))
+    too_long = pb.ClientMessage(step=pb.Step(step_id=0, position=0, n_tokens=1000, payload=b"\0"))
+    faults = [
+        ([_open(split), msgs[0]], "bad-key", grpc.StatusCode.UNAUTHENTICATED),
+        ([_open(split, model_sha256="f" * 64)], KEY, grpc.StatusCode.FAILED_PRECONDITION),
+        ([_open(split, split_layer=3)], KEY, grpc.StatusCode.FAILED_PRECONDITION),
+        ([_open(split, kv_mode=pb.KV_CACHE)], KEY, grpc.StatusCode.UNIMPLEMENTED),
+        ([_open(split, max_tokens=10**6)], KEY, grpc.StatusCode.INVALID_ARGUMENT),
+        ([_open(split, sampling=pb.Sampling(temperature=-1))], KEY, grpc.StatusCode.INVALID_ARGUMENT),
+        ([msgs[0]], KEY, grpc.StatusCode.INVALID_ARGUMENT),  # no Open first
+        ([_open(split), garbage], KEY, grpc.StatusCode.INVALID_ARGUMENT),
+        ([_open(split), msgs[0], wrong_pos], KEY, grpc.StatusCode.INVALID_ARGUMENT),
+        ([_open(split), too_long], KEY, grpc.StatusCode.OUT_OF_RANGE),
+        ([_open(split), huge], KEY, grpc.StatusCode.RESOURCE_EXHAUSTED),  # over max_message_bytes
+        ([_open(split)] + chunk_frame(b"\0" * 3000, 0, 0, 1, 1000), KEY,
+         grpc.StatusCode.RESOURCE_EXHAUSTED),  # chunks together over max_frame_bytes
+    ]
+    with serving(split, max_message_bytes=2048, max_frame_bytes=2048 + 512) as server:
+        cloud = remote(server, max_message_bytes=2048)
+        fault_codes = []
+
+        def all_faults():
+            for msgs_, key, _ in faults:
+                fault_codes.append(raw_call(server, msgs_, key=key)[1])
+            return fault_codes
+
+        good, _ = _run_concurrently([lambda: list(generate_remote(split, PROMPTS[2], cfg, cloud)), all_faults])
+        assert good == good_ref
+        assert fault_codes == [code for _, _, code in faults]
+        with pytest.raises(RemoteError) as err:
+            list(generate_remote(split, PROMPTS[0], cfg, remote(server, model_sha256="e" * 64)))
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert list(generate_remote(split, PROMPTS[2], cfg, cloud)) == good_ref  # still serving
+
+
+def test_admission_limits_and_idle_timeout(split):
+    with serving(split, max_sessions=1, idle_timeout_s=0.3) as server:
+        held = queue.Queue()
+        holder = threading.Thread(target=lambda: held.put(raw_call(server, [_open(split)], hold=2.0)))
+        holder.start()
+        deadline = time.monotonic() + 10
+        while server.servicer.session_count == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        replies, code = raw_call(server, [_open(split)])
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and not replies[0].opened.admitted
+        assert "session limit" in replies[0].opened.reason
+        holder.join(timeout=20)
+        replies, code = held.get(timeout=1)
+        assert replies[0].opened.admitted and code == grpc.StatusCode.CANCELLED  # reaped when idle
+        assert server.servicer.session_count == 0
+    per_token = server.servicer.bytes_per_token
+    with serving(split, kv_budget_bytes=per_token * 16) as server:
+        replies, code = raw_call(server, [_open(split, max_tokens=17)])
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "KV budget" in replies[0].opened.reason
+        cfg = SamplingConfig(max_new_tokens=4)
+        assert list(generate_remote(split, PROMPTS[0], cfg, remote(server))) == reference(split, PROMPTS[0], cfg)
+
+
+def test_nothing_left_running(split):
+    with serving(split) as server:
+        list(generate_remote(split, PROMPTS[0], SamplingConfig(max_new_tokens=2), remote(server)))
+    time.sleep(0.1)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("splitllm-")]
