@@ -16,12 +16,13 @@ import torch
 
 from conftest import _tiny
 from splitcli.deploy import SplitSpec, build_split
+from splitcli.plan.codec_settings import CodecSettings
 from splitcli.runtime.generate import SamplingConfig, generate
 from splitcli.serve.client import RemoteCloud, RemoteError, generate_remote
 from splitcli.serve.cloud import CloudServer, CloudSettings
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
-from splitcli.serve.protocol import WIRE_TO_PB, chunk_frame
+from splitcli.serve.protocol import WIRE_TO_PB, chunk_frame, codec_to_pb
 
 SHA, KEY = "0" * 63 + "1", "test-key"
 PROMPTS = [[1, 5, 9, 33, 7], [2, 40, 3], [17, 18, 19, 20, 21, 22, 23], [99]]
@@ -32,9 +33,13 @@ def lm():
     return SimpleNamespace(model=_tiny("llama"), tokenizer=None, sha256=SHA)
 
 
-@pytest.fixture(scope="module", params=["none", "fp16"])
+#: An absolute τ without entropy coding: the TAB-Q wire needs no calibration data.
+TABQ = CodecSettings(tau=3.0, entropy=False, q_bar=6)
+
+
+@pytest.fixture(scope="module", params=["none", "fp16", "tabq"])
 def split(lm, request):
-    return build_split(lm, SplitSpec(split_layer=2, wire=request.param))
+    return build_split(lm, SplitSpec(split_layer=2, wire=request.param, codec=TABQ))
 
 
 @contextlib.contextmanager
@@ -105,7 +110,7 @@ def _run_concurrently(fns, timeout=60):
 
 def _open(split, **over):
     fields = dict(model_sha256=SHA, split_layer=split.spec.split_layer, wire=WIRE_TO_PB[split.spec.wire],
-                  max_tokens=32, kv_mode=pb.KV_HIDDEN)
+                  max_tokens=32, kv_mode=pb.KV_HIDDEN, codec=codec_to_pb(split.spec.codec))
     fields.update(over)
     return pb.ClientMessage(open=pb.Open(**fields))
 
@@ -195,6 +200,18 @@ def test_each_fault_gets_its_status_and_a_good_session_is_unaffected(split):
             list(generate_remote(split, PROMPTS[0], cfg, remote(server, model_sha256="e" * 64)))
         assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert list(generate_remote(split, PROMPTS[2], cfg, cloud)) == good_ref  # still serving
+
+
+def test_codec_settings_must_match_the_served_ones(lm):
+    split = build_split(lm, SplitSpec(split_layer=2, wire="tabq", codec=TABQ))
+    other = codec_to_pb(CodecSettings(tau=2.0, entropy=False, q_bar=6))
+    bad = codec_to_pb(TABQ)
+    bad.q_bar = 42
+    with serving(split) as server:
+        replies, code = raw_call(server, [_open(split, codec=other)])
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "codec settings" in replies[0].opened.reason
+        assert raw_call(server, [_open(split, codec=bad)])[1] == grpc.StatusCode.INVALID_ARGUMENT
+        assert raw_call(server, [_open(split, wire=pb.WIRE_NONE)])[1] == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_admission_limits_and_idle_timeout(split):

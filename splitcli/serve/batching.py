@@ -174,10 +174,12 @@ class Batcher:
                 out = forward_batch(self.cloud, [w.state for w in live], [w.hidden for w in live])
                 for w, logits in zip(live, out):
                     w.logits = logits
-        except (SplitLLMError, RuntimeError, ValueError, IndexError) as exc:
-            # A forward that fails fails its own steps; the thread keeps serving the others.
+        except Exception as exc:  # noqa: BLE001 - this thread serves every session: it must not die
+            # A forward that fails fails its own steps (e.g. a session reaped mid-batch); the
+            # thread keeps serving the others. The error travels to each waiting caller.
             for w in live:
-                w.error = exc if isinstance(exc, SplitLLMError) else SplitLLMError(f"cloud forward failed: {exc}")
+                w.error = exc if isinstance(exc, SplitLLMError) else SplitLLMError(
+                    f"cloud forward failed: {type(exc).__name__}: {exc}")
         finally:
             for w in live:
                 w.done.set()
