@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -102,10 +103,14 @@ class Batcher:
     """One thread runs every forward of the cloud half. Decode steps that arrive within `window_s`
     of the first are run together (up to `max_batch`); prefills run alone. Callers block in `run`."""
 
-    def __init__(self, cloud: CloudHalf, window_s: float = 0.002, max_batch: int = 16):
+    def __init__(self, cloud: CloudHalf, window_s: float = 0.002, max_batch: int = 16,
+                 active: Callable[[], int] | None = None):
         self.cloud = cloud
         self.window_s = window_s
         self.max_batch = max_batch
+        # How many sessions could be waiting: once that many steps are in, waiting longer only
+        # adds latency (a lone session never waits out the window).
+        self.active = active or (lambda: max_batch)
         self.batchable = can_batch(cloud)
         self.batch_sizes: list[int] = []  # one per forward run (observability for tests / metrics)
         self._queue: queue.Queue[_Work] = queue.Queue()
@@ -144,7 +149,7 @@ class Batcher:
             batch = [first]
             if self._decodable(first):
                 deadline = time.monotonic() + self.window_s
-                while len(batch) < self.max_batch:
+                while len(batch) < min(self.max_batch, self.active()):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break

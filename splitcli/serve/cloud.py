@@ -118,8 +118,9 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         self.vocab = self.cloud.parts.lm_head.weight.shape[0]
         self.context_length = getattr(self.cloud.parts.config, "max_position_embeddings", None)
         self.bytes_per_token = cloud_kv_bytes_per_token(self.cloud)
-        self.batcher = Batcher(self.cloud, settings.batch_window_ms / 1e3, settings.max_batch)
         self._lock = threading.Lock()
+        self.batcher = Batcher(self.cloud, settings.batch_window_ms / 1e3, settings.max_batch,
+                               active=lambda: len(self._sessions))  # a racy read is fine for a hint
         self._sessions: dict[str, _Session] = {}
         self._pending: dict[int, tuple[object, float]] = {}  # streams not yet past Open: (context, since)
         self._kv_used = 0
@@ -310,9 +311,12 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
                           f"the session was admitted for {sess.max_tokens}")
         try:
             hidden = decode_frame(self.split.wire, frame, n_tokens, self.hidden_size)
-            logits = self.batcher.run(sess.state, hidden[None])
         except SplitLLMError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step_id}: {exc}")
+        try:
+            logits = self.batcher.run(sess.state, hidden[None])
+        except SplitLLMError as exc:  # the frame was valid: the failure is the server's
+            context.abort(grpc.StatusCode.INTERNAL, f"step {step_id}: {exc}")
         if sess.top_k:
             values, ids = torch.topk(logits.float(), sess.top_k)
             return pb.Token(step_id=step_id, top_k=pb.TopK(token_ids=ids.tolist(), logits=values.tolist()))
