@@ -242,3 +242,27 @@ def test_nothing_left_running(split):
         list(generate_remote(split, PROMPTS[0], SamplingConfig(max_new_tokens=2), remote(server)))
     time.sleep(0.1)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("splitllm-")]
+
+
+def test_shard_split_with_real_tokenizer_over_the_wire(tiny_model_dir, tmp_path):
+    """The deployed shape: edge and cloud from `splitllm quantize` shards (4-bit edge layers,
+    8-bit embedding and KV), a real tokenizer's prompt; over the wire = in-process."""
+    from splitcli.deploy import build_shard_split
+    from splitcli.model.loader import load_model
+    from splitcli.model.shards import QuantSpec, write_shards
+
+    lm = load_model(str(tiny_model_dir))
+    manifest = write_shards(lm, tiny_model_dir, QuantSpec(split_layer=2, front_bits=4, group_size=32, kv_bits=8),
+                            tmp_path / "shards")
+    split, tokenizer, _ = build_shard_split(tmp_path / "shards")
+    prompt = tokenizer("The river valley was", add_special_tokens=True)["input_ids"]
+    cfg = SamplingConfig(max_new_tokens=5)
+    ref = generate(split.session(), torch.tensor([prompt]), None, cfg).tokens[0].tolist()
+    server = CloudServer(split, CloudSettings(model_sha256=manifest.model_sha256, api_key=KEY))
+    try:
+        cloud = RemoteCloud(f"127.0.0.1:{server.port}", KEY, manifest.model_sha256, timeout_s=60.0)
+        eos = tokenizer.eos_token_id
+        until_eos = ref[:ref.index(eos) + 1] if eos in ref else ref  # generate pads after eos; remote stops
+        assert list(generate_remote(split, prompt, cfg, cloud, eos_token_ids={eos})) == until_eos
+    finally:
+        server.stop(0)

@@ -126,7 +126,7 @@ def generate_remote(split, input_ids, cfg: SamplingConfig, cloud: RemoteCloud,
         raise SplitLLMError("generate_remote takes one non-empty prompt: token ids [1, T]")
     eos = set(eos_token_ids or ())
     edge, wire = split.edge, split.wire
-    vocab = edge.parts.embed_tokens.weight.shape[0]
+    vocab = edge.parts.config.vocab_size  # the embedding may be a QuantEmbedding (no .weight)
     generator = torch.Generator().manual_seed(cfg.seed)  # the edge samples only in top-k mode
     own_channel = channel is None
     channel = channel or cloud.channel()
