@@ -266,3 +266,33 @@ def test_shard_split_with_real_tokenizer_over_the_wire(tiny_model_dir, tmp_path)
         assert list(generate_remote(split, prompt, cfg, cloud, eos_token_ids={eos})) == until_eos
     finally:
         server.stop(0)
+
+
+def test_many_malformed_streams_leave_the_server_serving(lm):
+    """Undecodable protobuf bytes and garbage frames, many times over, beside a good session."""
+    split = build_split(lm, SplitSpec(split_layer=2))
+    cfg = SamplingConfig(max_new_tokens=10)
+    good_ref = reference(split, PROMPTS[0], cfg)
+    with serving(split) as server:
+        codes = set()
+
+        def hammer():
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                raw = channel.stream_stream("/splitllm.serve.v1.SplitCloud/Session")  # bytes in, bytes out
+                for i in range(60):
+                    try:
+                        list(raw(iter([b"\xff\x07" * (i + 1)]), metadata=[("authorization", f"Bearer {KEY}")],
+                                 timeout=10))
+                    except grpc.RpcError as exc:
+                        codes.add(exc.code())
+            for i in range(60):
+                payload = bytes((i * 37 + k) % 256 for k in range(64 + i))
+                garbage = pb.ClientMessage(step=pb.Step(step_id=0, position=0, n_tokens=1, payload=payload))
+                codes.add(raw_call(server, [_open(split), garbage])[1])
+            return True
+
+        good, _ = _run_concurrently([lambda: list(generate_remote(split, PROMPTS[0], cfg, remote(server))), hammer])
+        # gRPC itself answers bytes that are not a ClientMessage with INTERNAL; bad frames are ours
+        assert good == good_ref and codes == {grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT}
+        assert server.servicer.session_count == 0
+        assert list(generate_remote(split, PROMPTS[0], cfg, remote(server))) == good_ref
