@@ -296,3 +296,17 @@ def test_many_malformed_streams_leave_the_server_serving(lm):
         assert good == good_ref and codes == {grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT}
         assert server.servicer.session_count == 0
         assert list(generate_remote(split, PROMPTS[0], cfg, remote(server))) == good_ref
+
+
+def test_counters_and_drain(lm):
+    split = build_split(lm, SplitSpec(split_layer=2))
+    cfg = SamplingConfig(max_new_tokens=3)
+    with serving(split) as server:
+        list(generate_remote(split, PROMPTS[0], cfg, remote(server)))
+        raw_call(server, [_open(split, model_sha256="0")])
+        c = server.servicer.counters()
+        assert (c.sessions_admitted, c.sessions_refused, c.prompt_tokens, c.generated_tokens) == (1, 1, 5, 3)
+        assert c.frame_bytes_in > 5 * 64 * 4
+        assert server.drain(timeout_s=5.0)
+        replies, code = raw_call(server, [_open(split)])
+        assert code == grpc.StatusCode.UNAVAILABLE and "draining" in replies[0].opened.reason

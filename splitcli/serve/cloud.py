@@ -12,11 +12,13 @@ chunks together by `max_frame_bytes`, tokens by the session's admitted `max_toke
 is decoded only up to the size its step claims. A stream idle for `idle_timeout_s` is cancelled
 and its session freed.
 
-Not here yet (issue 13): I_kv = 1 handoff payloads, recovery, TLS, metrics, graceful drain.
+Not here yet (issue 13): I_kv = 1 handoff payloads, recovery, TLS, the metrics endpoint (the
+counters are here), the CLI command and its SIGTERM handler (`CloudServer.drain` is here).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import itertools
 import threading
@@ -82,6 +84,17 @@ def cloud_kv_bytes_per_token(cloud) -> int:
     return fp_kv_bytes_per_token(cloud.parts.num_layers - cloud.split_layer, kv_heads, head_dim, itemsize)
 
 
+@dataclass
+class ServeCounters:
+    """Running totals since start (what issue 13's /metrics will export); read via `counters()`."""
+
+    sessions_admitted: int = 0
+    sessions_refused: int = 0
+    prompt_tokens: int = 0      # positions of each session's first step
+    generated_tokens: int = 0   # tokens (or top-k answers) sent back
+    frame_bytes_in: int = 0     # payload bytes of complete steps
+
+
 class _Refused(Exception):
     """An Open the server does not admit: the status code and the one-line reason."""
 
@@ -125,6 +138,8 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         self._pending: dict[int, tuple[object, float]] = {}  # streams not yet past Open: (context, since)
         self._kv_used = 0
         self._ids = itertools.count()
+        self._counters = ServeCounters()
+        self._draining = False
         self._expected_auth = f"Bearer {settings.api_key}".encode()
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="splitllm-cloud-reaper", daemon=True)
@@ -138,6 +153,15 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         with self._lock:
             for sess in list(self._sessions.values()):
                 self._release_locked(sess)
+
+    def counters(self) -> ServeCounters:
+        with self._lock:
+            return dataclasses.replace(self._counters)
+
+    def start_draining(self) -> None:
+        """Admit no new session (UNAVAILABLE); running ones go on to their end."""
+        with self._lock:
+            self._draining = True
 
     @property
     def kv_used(self) -> int:
@@ -175,6 +199,8 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         try:
             sess = self._admit(first.open, context)
         except _Refused as refused:
+            with self._lock:
+                self._counters.sessions_refused += 1
             yield pb.ServerMessage(opened=pb.Opened(admitted=False, reason=refused.reason))
             context.abort(refused.code, refused.reason)
         try:
@@ -243,6 +269,8 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
                            f"max_tokens must lie in [1, {self.context_length}], got {msg.max_tokens}")
         reserved = msg.max_tokens * self.bytes_per_token
         with self._lock:
+            if self._draining:
+                raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server is draining: it admits no new session")
             if len(self._sessions) >= self.settings.max_sessions:
                 raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"session limit reached ({self.settings.max_sessions} running)")
@@ -256,6 +284,7 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
                             last_active=time.monotonic())
             self._sessions[sess.id] = sess
             self._kv_used += reserved
+            self._counters.sessions_admitted += 1
         return sess
 
     def _sampling(self, msg: pb.Open) -> tuple[SamplingConfig, int]:
@@ -317,6 +346,11 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
             logits = self.batcher.run(sess.state, hidden[None])
         except SplitLLMError as exc:  # the frame was valid: the failure is the server's
             context.abort(grpc.StatusCode.INTERNAL, f"step {step_id}: {exc}")
+        with self._lock:
+            c = self._counters
+            c.prompt_tokens += n_tokens if position == 0 else 0
+            c.generated_tokens += 1
+            c.frame_bytes_in += len(frame)
         if sess.top_k:
             values, ids = torch.topk(logits.float(), sess.top_k)
             return pb.Token(step_id=step_id, top_k=pb.TopK(token_ids=ids.tolist(), logits=values.tolist()))
@@ -343,6 +377,15 @@ class CloudServer:
             self._executor.shutdown(wait=False)
             raise SplitLLMError(f"could not bind the cloud server to {address}")
         self.server.start()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new sessions and wait up to `timeout_s` for running ones to end (for SIGTERM);
+        True when none is left. `stop` afterwards ends whatever still runs."""
+        self.servicer.start_draining()
+        deadline = time.monotonic() + timeout_s
+        while self.servicer.session_count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.servicer.session_count == 0
 
     def stop(self, grace: float | None = 0) -> None:
         self.server.stop(grace).wait(timeout=10)
