@@ -110,7 +110,7 @@ def _run_concurrently(fns, timeout=60):
 
 def _open(split, **over):
     fields = dict(model_sha256=SHA, split_layer=split.spec.split_layer, wire=WIRE_TO_PB[split.spec.wire],
-                  max_tokens=32, kv_mode=pb.KV_HIDDEN, codec=codec_to_pb(split.spec.codec))
+                  max_tokens=32, kv_mode=pb.KV_HIDDEN, codec=codec_to_pb(split.spec.codec), protocol_version=1)
     fields.update(over)
     return pb.ClientMessage(open=pb.Open(**fields))
 
@@ -173,6 +173,7 @@ def test_each_fault_gets_its_status_and_a_good_session_is_unaffected(split):
         ([_open(split), msgs[0]], "bad-key", grpc.StatusCode.UNAUTHENTICATED),
         ([_open(split, model_sha256="f" * 64)], KEY, grpc.StatusCode.FAILED_PRECONDITION),
         ([_open(split, split_layer=3)], KEY, grpc.StatusCode.FAILED_PRECONDITION),
+        ([_open(split, protocol_version=2)], KEY, grpc.StatusCode.FAILED_PRECONDITION),
         ([_open(split, kv_mode=pb.KV_CACHE)], KEY, grpc.StatusCode.UNIMPLEMENTED),
         ([_open(split, max_tokens=10**6)], KEY, grpc.StatusCode.INVALID_ARGUMENT),
         ([_open(split, sampling=pb.Sampling(temperature=-1))], KEY, grpc.StatusCode.INVALID_ARGUMENT),

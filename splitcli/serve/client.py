@@ -23,7 +23,7 @@ from splitcli.errors import SplitLLMError
 from splitcli.runtime.generate import SamplingConfig, sample_next
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
-from splitcli.serve.protocol import CHUNK_HEADROOM, IKV_TO_PB, WIRE_TO_PB, chunk_frame, codec_to_pb
+from splitcli.serve.protocol import CHUNK_HEADROOM, IKV_TO_PB, PROTOCOL_VERSION, WIRE_TO_PB, chunk_frame, codec_to_pb
 
 _END = object()
 
@@ -67,7 +67,7 @@ def open_message(split, cloud: RemoteCloud, max_tokens: int, cfg: SamplingConfig
     """The Open that describes `split` (ℓ, wire, codec settings) to the cloud."""
     spec = split.spec
     msg = pb.Open(model_sha256=cloud.model_sha256, split_layer=spec.split_layer, wire=WIRE_TO_PB[spec.wire],
-                  max_tokens=max_tokens, kv_mode=IKV_TO_PB[i_kv],
+                  max_tokens=max_tokens, kv_mode=IKV_TO_PB[i_kv], protocol_version=PROTOCOL_VERSION,
                   sampling=pb.Sampling(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                                        top_k_logits=top_k_logits))
     if spec.wire == "tabq":

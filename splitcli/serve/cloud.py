@@ -35,7 +35,7 @@ from splitcli.runtime.generate import SamplingConfig, sample_next
 from splitcli.serve.batching import Batcher, CloudState
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
-from splitcli.serve.protocol import PB_TO_IKV, PB_TO_WIRE, codec_from_pb, decode_frame
+from splitcli.serve.protocol import PB_TO_IKV, PB_TO_WIRE, PROTOCOL_VERSION, codec_from_pb, decode_frame
 
 #: Most chunks one step may arrive in (bounds per-step bookkeeping whatever the sizes).
 MAX_CHUNKS = 4096
@@ -206,7 +206,7 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         try:
             yield pb.ServerMessage(opened=pb.Opened(
                 admitted=True, session_id=sess.id, max_message_bytes=self.settings.max_message_bytes,
-                max_frame_bytes=self.settings.max_frame_bytes))
+                max_frame_bytes=self.settings.max_frame_bytes, protocol_version=PROTOCOL_VERSION))
             for msg in request_iterator:
                 sess.last_active = time.monotonic()
                 kind = msg.WhichOneof("kind")
@@ -243,6 +243,8 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
     def _admit(self, msg: pb.Open, context) -> _Session:
         spec = self.split.spec
         bad = grpc.StatusCode.FAILED_PRECONDITION
+        if msg.protocol_version != PROTOCOL_VERSION:
+            raise _Refused(bad, f"protocol version {msg.protocol_version} is not the server's {PROTOCOL_VERSION}")
         if msg.model_sha256 != self.settings.model_sha256:
             raise _Refused(bad, f"model sha256 {msg.model_sha256[:16] or '(empty)'}… is not the served model "
                                 f"{self.settings.model_sha256[:16]}…")

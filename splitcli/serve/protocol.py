@@ -20,6 +20,8 @@ PB_TO_WIRE = {v: k for k, v in WIRE_TO_PB.items()}
 #: I_kv of eq. (3) -> KvMode; 0 (hidden states at ℓ) is what a plain split session sends.
 IKV_TO_PB = {0: pb.KV_HIDDEN, 1: pb.KV_CACHE}
 PB_TO_IKV = {v: k for k, v in IKV_TO_PB.items()}
+#: The version of proto/split.proto these modules speak (Open.protocol_version).
+PROTOCOL_VERSION = 1
 #: Protocol overhead a chunk leaves room for inside one message (field tags, ids, lengths).
 CHUNK_HEADROOM = 1024
 
