@@ -311,3 +311,22 @@ def test_counters_and_drain(lm):
         assert server.drain(timeout_s=5.0)
         replies, code = raw_call(server, [_open(split)])
         assert code == grpc.StatusCode.UNAVAILABLE and "draining" in replies[0].opened.reason
+
+
+@pytest.mark.parametrize("w,q_w1", [(0, 16), (2, 16), (5, 16), (9, 16), (3, 4)])
+def test_handoff_over_the_wire_equals_in_process(lm, w, q_w1):
+    """I_kv = 0 handoff after w edge-local tokens (w = 9 > max_new_tokens: the cloud is never
+    used); q_w1 = 4: the edge's local model is its 4-bit OPSC model."""
+    from splitcli.deploy import handoff_session, opsc_edge_model
+    from splitcli.runtime.handoff import handoff_generate
+    from splitcli.serve.client import generate_remote_handoff
+
+    split = build_split(lm, SplitSpec(split_layer=2, q_w1=q_w1, group_size=32))
+    cfg = SamplingConfig(max_new_tokens=7)
+    ids = torch.tensor([PROMPTS[2]])
+    ref = handoff_generate(handoff_session(lm, split), ids, None, cfg, local_tokens=w, i_kv=0).tokens[0].tolist()
+    edge_model = opsc_edge_model(lm.model, split.spec)
+    with serving(split) as server:
+        got = list(generate_remote_handoff(split, edge_model, PROMPTS[2], cfg, remote(server), local_tokens=w))
+        assert got == ref
+        assert server.servicer.counters().sessions_admitted == (1 if w < cfg.max_new_tokens else 0)

@@ -115,46 +115,144 @@ def _to_token(reply: pb.ServerMessage, step_id: int, cfg: SamplingConfig, vocab:
     return int(sample_next(logits, cfg, generator)[0])
 
 
+def _open_stream(split, cloud: RemoteCloud, channel, max_tokens: int, cfg: SamplingConfig, top_k_logits: int):
+    """A started, admitted stream and the payload bytes one chunk may carry."""
+    stream = _Stream(cloud, channel)
+    stream.send(open_message(split, cloud, max_tokens, cfg, top_k_logits))
+    opened = stream.receive()
+    if opened.WhichOneof("kind") != "opened" or not opened.opened.admitted:
+        stream.receive()  # a refusal is followed by the status that says why: raises RemoteError
+        raise SplitLLMError(f"the cloud did not admit the session: {opened.opened.reason or 'no reason given'}")
+    chunk = min(cloud.max_message_bytes, opened.opened.max_message_bytes or cloud.max_message_bytes)
+    return stream, chunk - CHUNK_HEADROOM
+
+
+def _prompt_ids(input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise SplitLLMError("remote generation takes one non-empty prompt: token ids [1, T]")
+    return ids
+
+
+class _SplitSteps:
+    """The split stage on the edge: edge half with its own cache, one frame per step, the reply."""
+
+    def __init__(self, split, stream: _Stream, chunk: int, cfg: SamplingConfig, cache=None,
+                 position: int = 0, step_id: int = 0):
+        self.split, self.stream, self.chunk, self.cfg = split, stream, chunk, cfg
+        self.cache = split.edge.new_cache() if cache is None else cache
+        self.position, self.step_id = position, step_id
+        self.vocab = split.edge.parts.config.vocab_size  # the embedding may be a QuantEmbedding (no .weight)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # the edge samples only in top-k mode
+
+    def send_hidden(self, hidden: torch.Tensor) -> int:
+        """Hidden states [1, t, H] at the next t positions as one step; the cloud's next token."""
+        t = hidden.shape[1]
+        frame = self.split.wire.encode(hidden.reshape(t, -1))
+        for msg in chunk_frame(frame, self.step_id, self.position, t, self.chunk):
+            self.stream.send(msg)
+        token = _to_token(self.stream.receive(), self.step_id, self.cfg, self.vocab, self.generator)
+        self.position, self.step_id = self.position + t, self.step_id + 1
+        return token
+
+    def step(self, ids: torch.Tensor) -> int:
+        """Token ids [1, t] through the edge half, then across."""
+        t = ids.shape[1]
+        hidden = self.split.edge(ids, torch.arange(self.position, self.position + t)[None], None, self.cache)
+        return self.send_hidden(hidden)
+
+
 def generate_remote(split, input_ids, cfg: SamplingConfig, cloud: RemoteCloud,
                     eos_token_ids: set[int] | None = None, top_k_logits: int = 0,
                     channel: grpc.Channel | None = None) -> Iterator[int]:
     """Yield up to cfg.max_new_tokens token ids for one prompt (ids [1, T] or a list), the edge
     half running here and the cloud half on `cloud`. Stops after an eos token."""
-    ids = torch.as_tensor(input_ids, dtype=torch.long)
-    ids = ids[None] if ids.ndim == 1 else ids
-    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-        raise SplitLLMError("generate_remote takes one non-empty prompt: token ids [1, T]")
+    ids = _prompt_ids(input_ids)
     eos = set(eos_token_ids or ())
-    edge, wire = split.edge, split.wire
-    vocab = edge.parts.config.vocab_size  # the embedding may be a QuantEmbedding (no .weight)
-    generator = torch.Generator().manual_seed(cfg.seed)  # the edge samples only in top-k mode
     own_channel = channel is None
     channel = channel or cloud.channel()
-    stream = _Stream(cloud, channel)
+    stream = None
     try:
-        stream.send(open_message(split, cloud, ids.shape[1] + cfg.max_new_tokens, cfg, top_k_logits))
-        opened = stream.receive()
-        if opened.WhichOneof("kind") != "opened" or not opened.opened.admitted:
-            stream.receive()  # a refusal is followed by the status that says why: raises RemoteError
-            raise SplitLLMError(f"the cloud did not admit the session: {opened.opened.reason or 'no reason given'}")
-        chunk = min(cloud.max_message_bytes, opened.opened.max_message_bytes or cloud.max_message_bytes)
-        chunk -= CHUNK_HEADROOM
-        cache = edge.new_cache()
-        position, step_id, new = 0, 0, ids
+        stream, chunk = _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, top_k_logits)
+        steps = _SplitSteps(split, stream, chunk, cfg)
+        new = ids
         for _ in range(cfg.max_new_tokens):
-            t = new.shape[1]
-            hidden = edge(new, torch.arange(position, position + t)[None], None, cache)  # [1, t, H]
-            frame = wire.encode(hidden.reshape(t, -1))
-            for msg in chunk_frame(frame, step_id, position, t, chunk):
-                stream.send(msg)
-            token = _to_token(stream.receive(), step_id, cfg, vocab, generator)
+            token = steps.step(new)
             yield token
             if token in eos:
                 break
-            position, step_id = position + t, step_id + 1
             new = torch.tensor([[token]], dtype=torch.long)
         stream.send(pb.ClientMessage(close=pb.Close()))
     finally:
-        stream.close()
+        if stream is not None:
+            stream.close()
+        if own_channel:
+            channel.close()
+
+
+def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, cloud: RemoteCloud, *,
+                            local_tokens: int, eos_token_ids: set[int] | None = None,
+                            channel: grpc.Channel | None = None) -> Iterator[int]:
+    """Fig. 5b over the network with I_kv = 0: the edge's model of all layers (`edge_model`, e.g.
+    `deploy.opsc_edge_model`) prefills and samples the first `local_tokens` tokens here, as
+    `runtime.handoff.handoff_generate` does in process; then the hidden states at ℓ of every
+    position so far cross as one step (the cloud re-processes them; its reply is dropped, the edge
+    already sampled that token) and generation goes on split. The cloud is contacted only at the
+    handoff. Greedy output equals the in-process handoff; with temperature > 0 the cloud's sampler
+    starts from the seed at the handoff, so sampled tokens after it differ from in process."""
+    from splitcli.model.split import decoder_parts, new_cache
+    from splitcli.runtime.generate import TokenStream
+    from splitcli.runtime.handoff import KVPayload, cache_rows, install_rows
+
+    if isinstance(local_tokens, bool) or not isinstance(local_tokens, int) or local_tokens < 0:
+        raise SplitLLMError(f"local tokens w must be an integer >= 0, got {local_tokens!r}")
+    if local_tokens == 0:
+        yield from generate_remote(split, input_ids, cfg, cloud, eos_token_ids, channel=channel)
+        return
+    ids = _prompt_ids(input_ids)
+    ell = split.spec.split_layer
+    tokens = TokenStream(cfg, 1, eos_token_ids)
+    local_cache = new_cache(decoder_parts(edge_model))
+    hidden_at_l: list[torch.Tensor] = []
+
+    @torch.inference_mode()
+    def local_forward(new: torch.Tensor, position: int) -> torch.Tensor:
+        out = edge_model(input_ids=new, position_ids=torch.arange(position, position + new.shape[1])[None],
+                         cache=local_cache, use_cache=True, logits_to_keep=1, output_hidden_states=True)
+        hidden_at_l.append(out.hidden_states[ell])  # the input of layer ℓ: what the edge half would send
+        return out.logits[:, -1]
+
+    logits, position = local_forward(ids, 0), ids.shape[1]
+    while True:
+        nxt = tokens.sample(logits)
+        yield int(nxt[0])
+        if tokens.finished:
+            return
+        if len(tokens.out) == local_tokens:
+            break
+        logits, position = local_forward(nxt[:, None], position), position + 1
+    own_channel = channel is None
+    channel = channel or cloud.channel()
+    stream = None
+    try:
+        stream, chunk = _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, 0)
+        # The edge half's cache takes over layers [0, ℓ) of the local cache; layers >= ℓ are dropped.
+        edge_cache = split.edge.new_cache()
+        length, rows = cache_rows(local_cache, range(ell), 0)
+        install_rows(edge_cache, KVPayload(0, length, tuple(rows)), rows[0].keys.dtype)
+        steps = _SplitSteps(split, stream, chunk, cfg, cache=edge_cache)
+        steps.send_hidden(torch.cat(hidden_at_l, dim=1))  # the handoff: its token is already sampled
+        while True:
+            token = steps.step(nxt[:, None])
+            nxt = torch.tensor([token])
+            yield token
+            tokens.out.append(nxt)
+            if token in tokens.eos or len(tokens.out) >= cfg.max_new_tokens:
+                break
+        stream.send(pb.ClientMessage(close=pb.Close()))
+    finally:
+        if stream is not None:
+            stream.close()
         if own_channel:
             channel.close()
