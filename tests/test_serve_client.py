@@ -128,6 +128,13 @@ def _frames(split, prompt, n):
     return msgs, toks
 
 
+def _as_kv(msg):
+    out = pb.ClientMessage()
+    out.CopyFrom(msg)
+    out.step.kind = pb.PAYLOAD_KV
+    return out
+
+
 def raw_call(server, msgs, key=KEY, hold: float = 0.0):
     """Send `msgs` on one stream; (replies, status code or None). `hold` keeps the stream open."""
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -174,7 +181,9 @@ def test_each_fault_gets_its_status_and_a_good_session_is_unaffected(split):
         ([_open(split, model_sha256="f" * 64)], KEY, grpc.StatusCode.FAILED_PRECONDITION),
         ([_open(split, split_layer=3)], KEY, grpc.StatusCode.FAILED_PRECONDITION),
         ([_open(split, protocol_version=2)], KEY, grpc.StatusCode.FAILED_PRECONDITION),
-        ([_open(split, kv_mode=pb.KV_CACHE)], KEY, grpc.StatusCode.UNIMPLEMENTED),
+        ([_open(split, kv_mode=7)], KEY, grpc.StatusCode.INVALID_ARGUMENT),
+        ([_open(split), _as_kv(msgs[0])], KEY, grpc.StatusCode.FAILED_PRECONDITION),  # KV step, KV_HIDDEN session
+        ([_open(split, kv_mode=pb.KV_CACHE), _as_kv(msgs[0])], KEY, grpc.StatusCode.INVALID_ARGUMENT),  # not SKVC
         ([_open(split, max_tokens=10**6)], KEY, grpc.StatusCode.INVALID_ARGUMENT),
         ([_open(split, sampling=pb.Sampling(temperature=-1))], KEY, grpc.StatusCode.INVALID_ARGUMENT),
         ([msgs[0]], KEY, grpc.StatusCode.INVALID_ARGUMENT),  # no Open first
@@ -313,8 +322,9 @@ def test_counters_and_drain(lm):
         assert code == grpc.StatusCode.UNAVAILABLE and "draining" in replies[0].opened.reason
 
 
-@pytest.mark.parametrize("w,q_w1", [(0, 16), (2, 16), (5, 16), (9, 16), (3, 4)])
-def test_handoff_over_the_wire_equals_in_process(lm, w, q_w1):
+@pytest.mark.parametrize("w,q_w1,i_kv", [(0, 16, 0), (2, 16, 0), (5, 16, 0), (9, 16, 0), (3, 4, 0),
+                                         (2, 16, 1), (3, 4, 1)])
+def test_handoff_over_the_wire_equals_in_process(lm, w, q_w1, i_kv):
     """I_kv = 0 handoff after w edge-local tokens (w = 9 > max_new_tokens: the cloud is never
     used); q_w1 = 4: the edge's local model is its 4-bit OPSC model."""
     from splitcli.deploy import handoff_session, opsc_edge_model
@@ -324,9 +334,10 @@ def test_handoff_over_the_wire_equals_in_process(lm, w, q_w1):
     split = build_split(lm, SplitSpec(split_layer=2, q_w1=q_w1, group_size=32))
     cfg = SamplingConfig(max_new_tokens=7)
     ids = torch.tensor([PROMPTS[2]])
-    ref = handoff_generate(handoff_session(lm, split), ids, None, cfg, local_tokens=w, i_kv=0).tokens[0].tolist()
+    ref = handoff_generate(handoff_session(lm, split), ids, None, cfg, local_tokens=w, i_kv=i_kv).tokens[0].tolist()
     edge_model = opsc_edge_model(lm.model, split.spec)
     with serving(split) as server:
-        got = list(generate_remote_handoff(split, edge_model, PROMPTS[2], cfg, remote(server), local_tokens=w))
+        got = list(generate_remote_handoff(split, edge_model, PROMPTS[2], cfg, remote(server), local_tokens=w,
+                                           i_kv=i_kv))
         assert got == ref
         assert server.servicer.counters().sessions_admitted == (1 if w < cfg.max_new_tokens else 0)

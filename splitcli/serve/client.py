@@ -115,10 +115,11 @@ def _to_token(reply: pb.ServerMessage, step_id: int, cfg: SamplingConfig, vocab:
     return int(sample_next(logits, cfg, generator)[0])
 
 
-def _open_stream(split, cloud: RemoteCloud, channel, max_tokens: int, cfg: SamplingConfig, top_k_logits: int):
+def _open_stream(split, cloud: RemoteCloud, channel, max_tokens: int, cfg: SamplingConfig, top_k_logits: int,
+                 i_kv: int = 0):
     """A started, admitted stream and the payload bytes one chunk may carry."""
     stream = _Stream(cloud, channel)
-    stream.send(open_message(split, cloud, max_tokens, cfg, top_k_logits))
+    stream.send(open_message(split, cloud, max_tokens, cfg, top_k_logits, i_kv))
     opened = stream.receive()
     if opened.WhichOneof("kind") != "opened" or not opened.opened.admitted:
         stream.receive()  # a refusal is followed by the status that says why: raises RemoteError
@@ -192,21 +193,25 @@ def generate_remote(split, input_ids, cfg: SamplingConfig, cloud: RemoteCloud,
 
 
 def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, cloud: RemoteCloud, *,
-                            local_tokens: int, eos_token_ids: set[int] | None = None,
+                            local_tokens: int, i_kv: int = 0, eos_token_ids: set[int] | None = None,
                             channel: grpc.Channel | None = None) -> Iterator[int]:
-    """Fig. 5b over the network with I_kv = 0: the edge's model of all layers (`edge_model`, e.g.
+    """Fig. 5b over the network: the edge's model of all layers (`edge_model`, e.g.
     `deploy.opsc_edge_model`) prefills and samples the first `local_tokens` tokens here, as
-    `runtime.handoff.handoff_generate` does in process; then the hidden states at ℓ of every
-    position so far cross as one step (the cloud re-processes them; its reply is dropped, the edge
-    already sampled that token) and generation goes on split. The cloud is contacted only at the
-    handoff. Greedy output equals the in-process handoff; with temperature > 0 the cloud's sampler
-    starts from the seed at the handoff, so sampled tokens after it differ from in process."""
+    `runtime.handoff.handoff_generate` does in process; then the session crosses to the cloud and
+    generation goes on split. I_kv = 0: the hidden states at ℓ of every position so far cross as
+    one step (the cloud re-processes them; its reply is dropped, the edge already sampled that
+    token). I_kv = 1: the KV rows of layers [ℓ, L) cross as one KV step (installed, not answered).
+    The cloud is contacted only at the handoff. Greedy output equals the in-process handoff; with
+    temperature > 0 the cloud's sampler starts from the seed at the handoff, so sampled tokens
+    after it differ from in process."""
     from splitcli.model.split import decoder_parts, new_cache
     from splitcli.runtime.generate import TokenStream
-    from splitcli.runtime.handoff import KVPayload, cache_rows, install_rows
+    from splitcli.runtime.handoff import KVPayload, cache_rows, encode_kv, install_rows
 
     if isinstance(local_tokens, bool) or not isinstance(local_tokens, int) or local_tokens < 0:
         raise SplitLLMError(f"local tokens w must be an integer >= 0, got {local_tokens!r}")
+    if i_kv not in (0, 1):
+        raise SplitLLMError(f"I_kv must be 0 or 1, got {i_kv!r}")
     if local_tokens == 0:
         yield from generate_remote(split, input_ids, cfg, cloud, eos_token_ids, channel=channel)
         return
@@ -236,13 +241,20 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
     channel = channel or cloud.channel()
     stream = None
     try:
-        stream, chunk = _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, 0)
+        stream, chunk = _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, 0, i_kv)
         # The edge half's cache takes over layers [0, ℓ) of the local cache; layers >= ℓ are dropped.
         edge_cache = split.edge.new_cache()
         length, rows = cache_rows(local_cache, range(ell), 0)
         install_rows(edge_cache, KVPayload(0, length, tuple(rows)), rows[0].keys.dtype)
         steps = _SplitSteps(split, stream, chunk, cfg, cache=edge_cache)
-        steps.send_hidden(torch.cat(hidden_at_l, dim=1))  # the handoff: its token is already sampled
+        if i_kv == 1:
+            n_layers = decoder_parts(edge_model).num_layers
+            count, kv_rows = cache_rows(local_cache, range(ell, n_layers), 0)
+            for msg in chunk_frame(encode_kv(kv_rows, 0, count), 0, 0, count, chunk, kind=pb.PAYLOAD_KV):
+                stream.send(msg)
+            steps.position, steps.step_id = count, 1
+        else:
+            steps.send_hidden(torch.cat(hidden_at_l, dim=1))  # the handoff: its token is already sampled
         while True:
             token = steps.step(nxt[:, None])
             nxt = torch.tensor([token])

@@ -12,7 +12,7 @@ chunks together by `max_frame_bytes`, tokens by the session's admitted `max_toke
 is decoded only up to the size its step claims. A stream idle for `idle_timeout_s` is cancelled
 and its session freed.
 
-Not here yet (issue 13): I_kv = 1 handoff payloads, recovery, TLS, the metrics endpoint (the
+Not here yet (issue 13): recovery, TLS, the metrics endpoint (the
 counters are here), the CLI command and its SIGTERM handler (`CloudServer.drain` is here).
 """
 
@@ -107,6 +107,7 @@ class _Refused(Exception):
 class _Session:
     id: str
     state: CloudState
+    i_kv: int
     max_tokens: int
     reserved: int
     sampling: SamplingConfig
@@ -263,8 +264,6 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         ikv = PB_TO_IKV.get(msg.kv_mode)
         if ikv is None:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "kv_mode must be KV_HIDDEN or KV_CACHE")
-        if ikv == 1:
-            raise _Refused(grpc.StatusCode.UNIMPLEMENTED, "KV-cache handoff (I_kv = 1) is not served yet; use KV_HIDDEN")
         sampling, top_k = self._sampling(msg)
         if msg.max_tokens < 1 or (self.context_length is not None and msg.max_tokens > self.context_length):
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
@@ -280,7 +279,7 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
                 raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"KV budget exhausted: {reserved} bytes asked, "
                                f"{self.settings.kv_budget_bytes - self._kv_used} free")
-            sess = _Session(id=f"s{next(self._ids)}", state=CloudState(self.cloud.new_cache()),
+            sess = _Session(id=f"s{next(self._ids)}", state=CloudState(self.cloud.new_cache()), i_kv=ikv,
                             max_tokens=msg.max_tokens, reserved=reserved, sampling=sampling, top_k=top_k,
                             generator=torch.Generator().manual_seed(sampling.seed), context=context,
                             last_active=time.monotonic())
@@ -312,13 +311,13 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
             context.abort(grpc.StatusCode.ABORTED, f"step {step.step_id} chunk {step.chunk_index} is out of order: "
                                                    f"expected step {expected[0]} chunk {expected[1]}")
         count = step.chunk_count or 1
-        meta = (step.position, step.n_tokens, count)
+        meta = (step.position, step.n_tokens, count, step.kind)
         if step.chunk_index == 0:
             if count > MAX_CHUNKS:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a step may have at most {MAX_CHUNKS} chunks, got {count}")
             sess.chunks, sess.chunk_bytes, sess.chunk_meta = [], 0, meta
         elif meta != sess.chunk_meta:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunks of one step disagree on position, tokens or count")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunks of one step disagree on position, tokens, count or kind")
         sess.chunk_bytes += len(step.payload)
         if sess.chunk_bytes > self.settings.max_frame_bytes:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -330,9 +329,15 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         frame = b"".join(sess.chunks)
         sess.chunks, sess.chunk_bytes = None, 0
         sess.next_step, sess.next_chunk = sess.next_step + 1, 0
+        self._check_span(sess, step.step_id, step.position, step.n_tokens, context)
+        if step.kind == pb.PAYLOAD_KV:
+            self._install_kv(sess, step.step_id, step.position, step.n_tokens, frame, context)
+            return None
+        if step.kind != pb.PAYLOAD_HIDDEN:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step.step_id} has an unknown payload kind")
         return self._run_step(sess, step.step_id, step.position, step.n_tokens, frame, context)
 
-    def _run_step(self, sess: _Session, step_id: int, position: int, n_tokens: int, frame: bytes, context):
+    def _check_span(self, sess: _Session, step_id: int, position: int, n_tokens: int, context) -> None:
         if position != sess.state.length:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"step {step_id} is at position {position}; the session is at {sess.state.length}")
@@ -340,6 +345,39 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
             context.abort(grpc.StatusCode.OUT_OF_RANGE,
                           f"step {step_id} brings {n_tokens} tokens at position {position}; "
                           f"the session was admitted for {sess.max_tokens}")
+
+    def _install_kv(self, sess: _Session, step_id: int, position: int, n_tokens: int, frame: bytes, context) -> None:
+        """A handoff with I_kv = 1: the edge's KV rows of layers [ℓ, L) for positions
+        [position, position + n_tokens) go straight into the session's cache. No forward runs, and
+        this session has no step in the batcher now (its steps are sequential), so the handler
+        thread may write its cache."""
+        from splitcli.runtime.handoff import decode_kv, install_rows, kv_layout
+
+        if sess.i_kv != 1:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"step {step_id} carries KV rows, but the session "
+                                                               "was opened with KV_HIDDEN (I_kv = 0)")
+        parts = self.cloud.parts
+        try:
+            # The layout caps every size at this session's admitted tokens before anything is allocated.
+            layout = kv_layout(parts, range(self.cloud.split_layer, parts.num_layers), 1, sess.max_tokens)
+            payload = decode_kv(frame, layout)
+            if (payload.start, payload.count) != (position, n_tokens):
+                raise SplitLLMError(f"KV rows cover [{payload.start}, {payload.start + payload.count}), the step "
+                                    f"claims [{position}, {position + n_tokens})")
+            if tuple(r.layer for r in payload.layers) != tuple(layout.layers):
+                raise SplitLLMError(f"KV rows must cover exactly the cloud's layers {layout.layers.start}.."
+                                    f"{layout.layers.stop - 1}")
+            if not all(torch.isfinite(r.keys).all() and torch.isfinite(r.values).all() for r in payload.layers):
+                raise SplitLLMError("KV rows hold NaN or Inf")
+            install_rows(sess.state.cache, payload, next(parts.lm_head.parameters()).dtype)
+        except SplitLLMError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step_id}: {exc}")
+        sess.state.length += n_tokens
+        with self._lock:
+            self._counters.prompt_tokens += n_tokens if position == 0 else 0
+            self._counters.frame_bytes_in += len(frame)
+
+    def _run_step(self, sess: _Session, step_id: int, position: int, n_tokens: int, frame: bytes, context):
         try:
             hidden = decode_frame(self.split.wire, frame, n_tokens, self.hidden_size)
         except SplitLLMError as exc:

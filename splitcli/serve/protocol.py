@@ -44,13 +44,14 @@ def codec_from_pb(msg: pb.CodecSettings) -> CodecSettings:
                          n_classes=msg.n_classes)
 
 
-def chunk_frame(frame: bytes, step_id: int, position: int, n_tokens: int, max_chunk: int) -> list[pb.ClientMessage]:
+def chunk_frame(frame: bytes, step_id: int, position: int, n_tokens: int, max_chunk: int,
+                kind: int = pb.PAYLOAD_HIDDEN) -> list[pb.ClientMessage]:
     """One step's frame as messages of at most `max_chunk` payload bytes each (at least one)."""
     if max_chunk < 1:
         raise SplitLLMError(f"chunk size must be >= 1 byte, got {max_chunk}")
     pieces = [frame[i: i + max_chunk] for i in range(0, len(frame), max_chunk)] or [b""]
     return [pb.ClientMessage(step=pb.Step(step_id=step_id, position=position, n_tokens=n_tokens, payload=p,
-                                          chunk_index=i, chunk_count=len(pieces)))
+                                          chunk_index=i, chunk_count=len(pieces), kind=kind))
             for i, p in enumerate(pieces)]
 
 
