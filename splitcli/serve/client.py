@@ -5,9 +5,11 @@ stream: the edge embeds and runs layers [0, ℓ) with its own cache, encodes eac
 split's wire, and the cloud answers with the next token (it samples: greedy, or temperature /
 top-p with the request's seed, the same sampler as in-process) or with its top-k logits (the edge
 samples). Prefill frames larger than a message are chunked. Errors come back as `RemoteError`
-carrying the gRPC status.
+carrying the gRPC status. `generate_remote_handoff` is Fig. 5b: the edge generates the first w
+tokens alone, then hands the session over (I_kv = 0: hidden states at ℓ; 1: KV rows of [ℓ, L)).
 
-Not here yet (issue 13): reconnect and rebuild after a broken stream, handoff, TLS.
+Not here yet (issue 13): reconnect and rebuild after a broken stream, TLS, Algorithm 2 on the
+measured link, batches of prompts.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 One stream per generation session (proto/split.proto). The servicer checks the bearer token,
 admits an Open against its session limit and KV-memory budget (the cache of layers [ℓ, L) for the
-session's `max_tokens`), then answers each complete Step with the next token (or the top-k
-logits). Every forward goes through one `Batcher`, which runs concurrent sessions' decode steps
+session's `max_tokens`), then answers each complete hidden-state Step with the next token (or
+the top-k logits); a KV Step (handoff with I_kv = 1) is installed into the session's cache. Every forward goes through one `Batcher`, which runs concurrent sessions' decode steps
 as one batched forward. Anything wrong with one stream (bad frame, out-of-order step, oversized
 frame, wrong model) ends that stream with a status; the server keeps serving the others.
 
@@ -12,8 +12,8 @@ chunks together by `max_frame_bytes`, tokens by the session's admitted `max_toke
 is decoded only up to the size its step claims. A stream idle for `idle_timeout_s` is cancelled
 and its session freed.
 
-Not here yet (issue 13): recovery, TLS, the metrics endpoint (the
-counters are here), the CLI command and its SIGTERM handler (`CloudServer.drain` is here).
+Not here yet (issue 13): recovery, TLS, the metrics endpoint (the counters are here), the CLI
+command and its SIGTERM handler (`CloudServer.drain` is here).
 """
 
 from __future__ import annotations
