@@ -120,3 +120,9 @@ def test_shards_with_config_and_codec(plan_file, tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["generate", "--shards", str(out), "--max-bits", "5", "-p", "Hello", "-n", "1"])
     assert r.exit_code == 2 and "need --codec tabq" in r.output
+    # shards of another ℓ than the plan's: refused with the fix named
+    other = tmp_path / "q1"
+    r = runner.invoke(app, ["quantize", "--config", str(plan_file), "-l", "1", "-m", str(tiny_model_dir), "--out", str(other)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["generate", "--shards", str(other), "--config", str(plan_file), "-p", "Hello", "-n", "1"])
+    assert r.exit_code == 2 and "plan splits at ℓ=2" in r.output and "quantize --config" in r.output

@@ -142,6 +142,14 @@ def _shard_split(shards: Path, model: str | None, spec, plan, data_dir, progress
         with err_console.status(f"hashing model {model} ..."):
             _, sha = materialize(resolve_model(model))
     # the shards fix the edge's weights; a plan contributes ℓ (checked against the manifest) and the codec
+    if plan is not None:
+        from ..errors import SplitLLMError
+        from ..model.shards import read_manifest
+
+        m = read_manifest(shards)
+        if m.split_layer != plan.split_layer and spec.split_layer == plan.split_layer:
+            raise SplitLLMError(f"the plan splits at ℓ={plan.split_layer} but {shards} at ℓ={m.split_layer}: "
+                                f"write shards for this plan with `splitllm quantize --config`")
     with err_console.status(f"loading shards from {shards} ..."):
         split, tokenizer, m = build_shard_split(shards, spec.wire, spec.codec, spec.split_layer, sha, data_dir, progress)
     model_id = f"{m.model_id} (shards: Qw1={m.front_bits}, ℓw={m.l_w}, {m.method}, G={m.group_size})"
