@@ -82,7 +82,7 @@ def test_chunked_prefill_sampling_and_top_k(split):
 def test_four_concurrent_clients_each_equal_in_process(split):
     cfg = SamplingConfig(max_new_tokens=8)
     refs = [reference(split, p, cfg) for p in PROMPTS]
-    with serving(split, batch_window_ms=50.0) as server:
+    with serving(split, batch_window_ms=200.0) as server:  # generous: the batch closes once all 4 are in
         outs = _run_concurrently([lambda p=p: list(generate_remote(split, p, cfg, remote(server))) for p in PROMPTS])
         assert outs == refs
         assert max(server.servicer.batcher.batch_sizes) > 1  # decode steps were batched
@@ -135,14 +135,16 @@ def _as_kv(msg):
     return out
 
 
-def raw_call(server, msgs, key=KEY, hold: float = 0.0):
-    """Send `msgs` on one stream; (replies, status code or None). `hold` keeps the stream open."""
+def raw_call(server, msgs, key=KEY, hold: threading.Event | None = None):
+    """Send `msgs` on one stream; (replies, status code or None). The stream stays open (its
+    request side unfinished) until `hold` is set, at most 20 s."""
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.SplitCloudStub(channel)
 
         def requests():
             yield from msgs
-            time.sleep(hold)
+            if hold is not None:
+                hold.wait(20)
 
         call = stub.Session(requests(), metadata=[("authorization", f"Bearer {key}")], timeout=30)
         replies = []
@@ -224,21 +226,37 @@ def test_codec_settings_must_match_the_served_ones(lm):
         assert raw_call(server, [_open(split, wire=pb.WIRE_NONE)])[1] == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def _hold_one_session(server, split, release: threading.Event):
+    """A thread holding one admitted session open until `release`; its (replies, code) in the queue."""
+    held = queue.Queue()
+    holder = threading.Thread(target=lambda: held.put(raw_call(server, [_open(split)], hold=release)))
+    holder.start()
+    deadline = time.monotonic() + 10
+    while server.servicer.session_count == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.servicer.session_count == 1
+    return holder, held
+
+
 def test_admission_limits_and_idle_timeout(split):
-    with serving(split, max_sessions=1, idle_timeout_s=0.3) as server:
-        held = queue.Queue()
-        holder = threading.Thread(target=lambda: held.put(raw_call(server, [_open(split)], hold=2.0)))
-        holder.start()
-        deadline = time.monotonic() + 10
-        while server.servicer.session_count == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+    release = threading.Event()
+    with serving(split, max_sessions=1) as server:
+        holder, held = _hold_one_session(server, split, release)
         replies, code = raw_call(server, [_open(split)])
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and not replies[0].opened.admitted
         assert "session limit" in replies[0].opened.reason
-        holder.join(timeout=20)
+        release.set()  # the holder half-closes: its session ends normally and is freed
+        holder.join(timeout=30)
+        replies, code = held.get(timeout=1)
+        assert replies[0].opened.admitted and code is None
+    with serving(split, idle_timeout_s=0.3) as server:
+        never = threading.Event()
+        holder, held = _hold_one_session(server, split, never)
+        holder.join(timeout=30)
         replies, code = held.get(timeout=1)
         assert replies[0].opened.admitted and code == grpc.StatusCode.CANCELLED  # reaped when idle
         assert server.servicer.session_count == 0
+        never.set()
     per_token = server.servicer.bytes_per_token
     with serving(split, kv_budget_bytes=per_token * 16) as server:
         replies, code = raw_call(server, [_open(split, max_tokens=17)])

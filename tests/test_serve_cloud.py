@@ -53,7 +53,7 @@ def test_batched_decode_equals_unbatched(halves):
 
 def test_batcher_thread_batches_and_isolates_errors(halves):
     edge, cloud = halves
-    batcher = Batcher(cloud, window_s=0.05, max_batch=8)
+    batcher = Batcher(cloud, window_s=1.0, max_batch=8, active=lambda: 3)  # waits for all three, no longer
     try:
         states = [CloudState(cloud.new_cache()) for _ in range(3)]
         for i, s in enumerate(states):
