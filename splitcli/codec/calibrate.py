@@ -21,7 +21,7 @@ from splitcli.codec.entropy import COUNT_TOTAL
 from splitcli.codec.tabq import tab_q
 from splitcli.codec.threshold import calibrate_tau, split_threshold
 from splitcli.errors import SplitLLMError
-from splitcli.plan.codec_settings import CodecSettings
+from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE, CodecSettings
 
 
 def channel_rms_below(samples: torch.Tensor | np.ndarray | Iterable, tau: float) -> np.ndarray:
@@ -87,7 +87,7 @@ def calibrate_symbol_model(samples, cfg: CodecConfig) -> tuple[tuple[int, ...], 
     return tuple(model)
 
 
-def calibrate_config(samples, base: CodecConfig | None = None, *, tau_quantile: float = 0.999,
+def calibrate_config(samples, base: CodecConfig | None = None, *, tau_quantile: float = DEFAULT_TAU_QUANTILE,
                      n_classes: int | None = 8, symbol_model: bool = True) -> CodecConfig:
     """The deployment recipe: `base` with tau fixed at the `tau_quantile` of |x| over the
     samples, (unless n_classes is None) channel classes for class-conditional rANS of large

@@ -9,7 +9,9 @@ import numpy as np
 
 from splitcli.errors import SplitLLMError
 # The bounds' one home is the user-facing settings type (torch-free, carried by plans).
-from splitcli.plan.codec_settings import MAX_CLASSES, MAX_Q_BAR, MIN_Q, check_codec_bounds  # noqa: F401
+from splitcli.plan.codec_settings import (  # noqa: F401
+    DEFAULT_DELTA, DEFAULT_Q_BAR, DEFAULT_TAU_QUANTILE, MAX_CLASSES, MAX_Q_BAR, MIN_Q, check_codec_bounds,
+)
 
 #: Wire-format version written into every frame and carried by persisted configs.
 FORMAT_VERSION = 2   # 2: compact header for one-token frames (frame.py)
@@ -47,10 +49,10 @@ class CodecConfig:
     """
 
     tau: float | None = None
-    tau_quantile: float | None = 0.999
-    q_bar: int = 6
+    tau_quantile: float | None = DEFAULT_TAU_QUANTILE
+    q_bar: int = DEFAULT_Q_BAR
     q_min: int = MIN_Q
-    delta: float = 0.05
+    delta: float = DEFAULT_DELTA
     entropy: bool = True
     channel_scale: tuple[float, ...] | None = None
     channel_class: tuple[int, ...] | None = None

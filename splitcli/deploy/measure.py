@@ -280,17 +280,18 @@ def default_codec_hook(hidden: torch.Tensor, repeats: int) -> CodecCost | None:
     (Pass codec_hook=None to `measure_profile` for a profile without a codec section; the planner
     then estimates wire bytes as hidden * q_bar / 8.)"""
     from splitcli import codec
+    from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE
     from splitcli.plan.profile import CodecPoint
 
     samples = hidden.reshape(-1, hidden.shape[-1]).float()  # [N, H]
     one = samples[-1:]  # a decode step sends one token
     points, enc, dec = [], [], []
     for q_bar in (4, 6, 8):
-        cfg = codec.calibrate_config(samples, codec.CodecConfig(q_bar=q_bar), tau_quantile=0.999)
+        cfg = codec.calibrate_config(samples, codec.CodecConfig(q_bar=q_bar), tau_quantile=DEFAULT_TAU_QUANTILE)
         frame = codec.encode(one, cfg)
         enc.append(median_ms(lambda: codec.encode(one, cfg), repeats))
         dec.append(median_ms(lambda: codec.decode(frame, cfg), repeats))
-        points.append(CodecPoint(q_bar=q_bar, tau=0.999, bytes_per_token=float(len(frame)),
+        points.append(CodecPoint(q_bar=q_bar, tau=DEFAULT_TAU_QUANTILE, bytes_per_token=float(len(frame)),
                                  tau_is_quantile=True))
     return CodecCost(statistics.median(enc), statistics.median(dec), tuple(points))
 

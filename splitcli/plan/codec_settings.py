@@ -30,7 +30,10 @@ MIN_Q = 2
 MAX_Q_BAR = 8
 #: Most channel classes (one entropy model per width and class).
 MAX_CLASSES = 16
+#: Defaults chosen on SmolLM2-135M at ℓ = 15 (README, "Codec"); the wire's CodecConfig uses them too.
 DEFAULT_TAU_QUANTILE = 0.999
+DEFAULT_Q_BAR = 6
+DEFAULT_DELTA = 0.05
 
 
 def _is_int(v: Any) -> bool:
@@ -66,9 +69,9 @@ class CodecSettings:
 
     tau: float | None = None
     tau_quantile: float | None = None
-    q_bar: int = 6
+    q_bar: int = DEFAULT_Q_BAR
     q_bar_min: int = MIN_Q
-    delta: float = 0.05
+    delta: float = DEFAULT_DELTA
     entropy: bool = True
     n_classes: int = 8
 

@@ -136,7 +136,3 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Plan":
         return cls.from_dict(load_config(path))
-
-
-# Transitional name, removed once every caller says CodecSettings.
-CodecParams = CodecSettings
