@@ -115,6 +115,7 @@ class _Session:
     generator: torch.Generator
     context: object
     last_active: float
+    busy: bool = False  # a step is being processed: not idle, whatever its length
     next_step: int = 0
     next_chunk: int = 0
     chunks: list | None = None
@@ -133,9 +134,9 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         self.context_length = getattr(self.cloud.parts.config, "max_position_embeddings", None)
         self.bytes_per_token = cloud_kv_bytes_per_token(self.cloud)
         self._lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
         self.batcher = Batcher(self.cloud, settings.batch_window_ms / 1e3, settings.max_batch,
                                active=lambda: len(self._sessions))  # a racy read is fine for a hint
-        self._sessions: dict[str, _Session] = {}
         self._pending: dict[int, tuple[object, float]] = {}  # streams not yet past Open: (context, since)
         self._kv_used = 0
         self._ids = itertools.count()
@@ -180,7 +181,8 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
             now = time.monotonic()
             limit = self.settings.idle_timeout_s
             with self._lock:
-                idle = [s for s in self._sessions.values() if now - s.last_active > limit]
+                # A busy session is never reaped: its step may sit in a batch with other sessions'.
+                idle = [s for s in self._sessions.values() if not s.busy and now - s.last_active > limit]
                 for sess in idle:
                     self._release_locked(sess)
                 silent = [c for c, since in self._pending.values() if now - since > limit]
@@ -215,8 +217,14 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
                     return
                 if kind != "step":
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected a step or close, got {kind or 'nothing'}")
-                token = self._step(sess, msg.step, context)
-                sess.last_active = time.monotonic()
+                with self._lock:  # under the reaper's lock: a session is either reaped or busy, never both
+                    if sess.id not in self._sessions:
+                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the session was idle too long and was freed")
+                    sess.busy = True
+                try:
+                    token = self._step(sess, msg.step, context)
+                finally:
+                    sess.busy, sess.last_active = False, time.monotonic()
                 if token is not None:
                     yield pb.ServerMessage(token=token)
         finally:
