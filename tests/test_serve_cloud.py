@@ -124,3 +124,24 @@ def test_chunk_frame_splits_and_joins():
     assert [len(m.step.payload) for m in msgs] == [1000, 1000, 500]
     assert {m.step.chunk_count for m in msgs} == {3} and [m.step.chunk_index for m in msgs] == [0, 1, 2]
     assert b"".join(m.step.payload for m in msgs) == b"x" * 2500
+
+
+def test_client_checks_the_clouds_answers():
+    from splitcli.serve.client import _to_token
+    from splitcli.serve.proto import split_pb2 as pb
+
+    from splitcli.runtime.generate import SamplingConfig
+
+    cfg, g = SamplingConfig(), torch.Generator()
+    ok = pb.ServerMessage(token=pb.Token(step_id=0, token_id=5))
+    assert _to_token(ok, 0, cfg, 128, g) == 5
+    top = pb.ServerMessage(token=pb.Token(step_id=1, top_k=pb.TopK(token_ids=[9, 3], logits=[2.0, 1.0])))
+    assert _to_token(top, 1, cfg, 128, g) == 9
+    bad = [(pb.ServerMessage(token=pb.Token(step_id=0, token_id=128)), 0, "vocabulary"),
+           (ok, 1, "something else"),
+           (pb.ServerMessage(token=pb.Token(step_id=0, top_k=pb.TopK(token_ids=[1, 2], logits=[1.0]))), 0, "malformed"),
+           (pb.ServerMessage(token=pb.Token(step_id=0, top_k=pb.TopK(token_ids=[500], logits=[1.0]))), 0, "invalid"),
+           (pb.ServerMessage(opened=pb.Opened(admitted=True)), 0, "something else")]
+    for msg, step, match in bad:
+        with pytest.raises(SplitLLMError, match=match):
+            _to_token(msg, step, cfg, 128, g)

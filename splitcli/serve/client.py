@@ -107,10 +107,15 @@ def _to_token(reply: pb.ServerMessage, step_id: int, cfg: SamplingConfig, vocab:
     if reply.WhichOneof("kind") != "token" or reply.token.step_id != step_id:
         raise SplitLLMError(f"the cloud answered step {step_id} with something else")
     tok = reply.token
+    # The cloud is a peer on a network: its answer is checked before it indexes anything here.
     if tok.WhichOneof("result") == "token_id":
+        if tok.token_id >= vocab:
+            raise SplitLLMError(f"the cloud sent token id {tok.token_id}, outside the vocabulary of {vocab}")
         return tok.token_id
+    if len(tok.top_k.token_ids) != len(tok.top_k.logits) or not 0 < len(tok.top_k.token_ids) <= vocab:
+        raise SplitLLMError("the cloud sent malformed top-k logits")
     ids = torch.tensor(list(tok.top_k.token_ids), dtype=torch.long)
-    if ids.numel() == 0 or int(ids.max()) >= vocab or int(ids.min()) < 0:
+    if int(ids.max()) >= vocab:
         raise SplitLLMError("the cloud sent top-k logits with invalid token ids")
     logits = torch.full((1, vocab), float("-inf"))
     logits[0, ids] = torch.tensor(list(tok.top_k.logits), dtype=torch.float32)
