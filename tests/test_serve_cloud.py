@@ -127,10 +127,9 @@ def test_chunk_frame_splits_and_joins():
 
 
 def test_client_checks_the_clouds_answers():
+    from splitcli.runtime.generate import SamplingConfig
     from splitcli.serve.client import _to_token
     from splitcli.serve.proto import split_pb2 as pb
-
-    from splitcli.runtime.generate import SamplingConfig
 
     cfg, g = SamplingConfig(), torch.Generator()
     ok = pb.ServerMessage(token=pb.Token(step_id=0, token_id=5))

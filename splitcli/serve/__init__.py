@@ -2,8 +2,12 @@
 
 - `proto/split.proto`: the wire protocol, one bidirectional stream per generation session (the
   generated `split_pb2*.py` are checked in; tests/test_serve_proto.py keeps them current).
-- `cloud`: the cloud server core: sessions, admission, auth, limits, continuous batching.
-- `client`: the edge side: runs the edge half locally and streams its frames to the cloud.
+- `protocol`: what both ends share: settings <-> messages, frame chunking, frame decoding with caps.
+- `cloud`: the cloud server core (`CloudServer`, `CloudSettings`): sessions, admission against a
+  session limit and KV budget, bearer auth, size limits, idle reaping, drain, counters.
+- `batching`: one thread runs every cloud forward; concurrent decode steps as one batched forward.
+- `client`: the edge side (`RemoteCloud`, `generate_remote`, `generate_remote_handoff`): runs the
+  edge half locally and streams its frames to the cloud.
 
 Imports go down only: serve may use deploy, runtime, model, quant, codec, plan, cost, configio,
 units, errors, data; never eval, bench or cli (tests/test_layers.py checks).
