@@ -82,8 +82,12 @@ def test_chunked_prefill_sampling_and_top_k(split):
 def test_four_concurrent_clients_each_equal_in_process(split):
     cfg = SamplingConfig(max_new_tokens=8)
     refs = [reference(split, p, cfg) for p in PROMPTS]
-    with serving(split, batch_window_ms=200.0) as server:  # generous: the batch closes once all 4 are in
-        outs = _run_concurrently([lambda p=p: list(generate_remote(split, p, cfg, remote(server))) for p in PROMPTS])
+    with serving(split, batch_window_ms=50.0) as server:  # the batch closes early once all 4 are in
+        cloud = remote(server)
+        with cloud.channel() as shared:  # two of the four streams share one channel, as a serving edge does
+            outs = _run_concurrently([lambda p=p, i=i: list(generate_remote(split, p, cfg, cloud,
+                                                                            channel=shared if i < 2 else None))
+                                      for i, p in enumerate(PROMPTS)])
         assert outs == refs
         assert max(server.servicer.batcher.batch_sizes) > 1  # decode steps were batched
 
