@@ -301,6 +301,87 @@ def test_openai_client_end_to_end(split, lm):
             client.completions.create(model=NAME, prompt=PROMPT, max_tokens=0)
 
 
+class SlowBackend:
+    """A token every 20 ms, up to max_tokens; records when its iterator was closed."""
+
+    context_length, vocab_size = 512, 49152
+
+    def __init__(self):
+        self.closed = threading.Event()
+
+    def generate(self, input_ids, cfg, eos_token_ids=None):
+        try:
+            for _ in range(cfg.max_new_tokens):
+                time.sleep(0.02)
+                yield 42
+        finally:
+            self.closed.set()
+
+
+def test_client_leaving_mid_stream_frees_its_slot(lm):
+    import httpx
+
+    backend = SlowBackend()
+    app = create_app(backend, model_name=NAME, api_key=KEY, tokenizer=lm.tokenizer)
+    with uvicorn_serving(app) as base_url:
+        with httpx.stream("POST", f"{base_url}/completions", json=_body(stream=True, max_tokens=400),
+                          headers=AUTH, timeout=20) as r:
+            first = next(r.iter_lines())
+            assert first.startswith("data: ") and app.state.api.slots.used == 1
+        assert backend.closed.wait(10), "the generation went on after the client left"
+        deadline = time.monotonic() + 10
+        while app.state.api.slots.used and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert app.state.api.slots.used == 0
+        text = httpx.get(f"{base_url.removesuffix('/v1')}/metrics", timeout=10).text
+    assert f'splitllm:requests_running{{model_name="{NAME}"}} 0.0' in text
+    assert f'splitllm:request_errors_total{{model_name="{NAME}",status="499"}} 1.0' in text
+
+
+def test_concurrent_streams_each_equal_in_process(split, lm):
+    import openai
+
+    prompts = [PROMPT, "Once upon a time", "def main():"]
+    wants = [reference(split, lm, p, 6)[0] for p in prompts]
+    app = create_app(LocalBackend(split), model_name=NAME, api_key=KEY, tokenizer=lm.tokenizer)
+    outs, errors = [None] * len(prompts), []
+
+    def run(i, base_url):
+        try:
+            client = openai.OpenAI(base_url=base_url, api_key=KEY, timeout=30, max_retries=0)
+            stream = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=6, temperature=0,
+                                               stream=True)
+            outs[i] = "".join(c.choices[0].text for c in stream)
+        except Exception as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    with uvicorn_serving(app) as base_url:
+        threads = [threading.Thread(target=run, args=(i, base_url)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors and outs == wants
+
+
+class BrokenTokenizer:
+    eos_token_id, chat_template = 0, None
+
+    def __call__(self, text, add_special_tokens=True):
+        raise RuntimeError("tokenizer bug")
+
+
+def test_unexpected_errors_are_one_line_500s_and_stat_keeping_wires_are_refused(split):
+    app = create_app(FailingBackend(), model_name=NAME, api_key=None, tokenizer=BrokenTokenizer())
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/completions", json=_body())
+    assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError"
+    from types import SimpleNamespace
+
+    with pytest.raises(SplitLLMError, match="keep_stats=False"):
+        LocalBackend(SimpleNamespace(wire=SimpleNamespace(keep_stats=True), edge=split.edge))
+
+
 # -- the cloud half on a real gRPC server -------------------------------------------------
 
 def test_remote_backend_equals_in_process(split, lm):

@@ -37,6 +37,14 @@ def _eos_of(config) -> tuple[int, ...]:
     return tuple(t for t in (eos if isinstance(eos, (list, tuple)) else [eos]) if isinstance(t, int))
 
 
+def _check_wire(split) -> None:
+    # A codec wire that keeps per-frame stats grows by one record per frame for the server's
+    # lifetime (and is shared by every request's session): a server must not build it that way.
+    if getattr(split.wire, "keep_stats", False):
+        raise SplitLLMError("a served split's codec wire must not keep per-frame stats: "
+                            "build it with keep_stats=False")
+
+
 def _check_prompt(input_ids) -> torch.Tensor:
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
@@ -49,6 +57,7 @@ class LocalBackend:
     `TokenStream` step per token, as `runtime.generate.generate` runs it."""
 
     def __init__(self, split):
+        _check_wire(split)
         self.split = split
         config = _config_of(split)
         self.context_length = getattr(config, "max_position_embeddings", None)
@@ -77,6 +86,7 @@ class RemoteBackend:
 
         if not isinstance(cloud, RemoteCloud):
             raise SplitLLMError(f"RemoteBackend needs a RemoteCloud, got {type(cloud).__name__}")
+        _check_wire(split)
         self.split, self.cloud = split, cloud
         config = _config_of(split)
         self.context_length = getattr(config, "max_position_embeddings", None)

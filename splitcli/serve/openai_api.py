@@ -348,6 +348,12 @@ def create_app(backend, *, model_name: str, api_key: str | None, tokenizer, eos_
     async def _validation_error(request: Request, exc: RequestValidationError):
         return refusal(400, ApiError(400, _one_line(exc)).body())
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A bug, not bad input: the client gets one line, the log gets the traceback.
+        log.error("unexpected error on %s", request.url.path, exc_info=exc)
+        return refusal(500, ApiError(500, f"internal error: {type(exc).__name__}", "server_error").body())
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
