@@ -150,6 +150,7 @@ BAD = [
     ("malformed json", b"{\"model\": ", 400),
     ("not an object", b"[1, 2]", 400),
     ("not utf-8", b"\xff\xfe{}", 400),
+    ("nested 100k deep", b"[" * 100_000 + b"]" * 100_000, 400),
     ("unknown model", _body(model="gpt-4"), 404),
     ("no prompt", {"model": NAME}, 400),
     ("empty prompt", _body(prompt="   "), 400),
@@ -401,6 +402,13 @@ def test_remote_backend_equals_in_process(split, lm):
             assert c.post("/v1/completions", json=body, headers=AUTH).json()["choices"][0]["text"] == want
             chunks = sse(c.post("/v1/completions", json={**body, "stream": True}, headers=AUTH))
             assert "".join(c["choices"][0]["text"] for c in chunks) == want
+            stop = want.strip()[:2]  # cuts generation short: the edge closes its cloud session early
+            out = c.post("/v1/completions", json={**body, "stop": stop}, headers=AUTH).json()["choices"][0]
+            assert out["text"] == want[: want.find(stop)] and out["finish_reason"] == "stop"
+        deadline = time.monotonic() + 10
+        while server.servicer.session_count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.servicer.session_count == 0  # every session freed while the server still runs
     finally:
         if backend is not None:
             backend.close()

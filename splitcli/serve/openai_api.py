@@ -177,7 +177,7 @@ class _Api:
                 raise ApiError(413, f"request body over the limit of {self.max_body_bytes} bytes")
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: hostile nesting like [[[[...]]]]
             raise ApiError(400, f"the body is not valid JSON: {_one_line(exc)}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
