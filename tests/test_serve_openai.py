@@ -77,7 +77,9 @@ def test_health_models_and_auth(client):
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == [NAME]
     assert client.get(f"/v1/models/{NAME}", headers=AUTH).json()["id"] == NAME
     assert client.get("/v1/models/other", headers=AUTH).status_code == 404
-    assert client.get("/v1/nothing", headers=AUTH).json()["error"]["message"]
+    assert client.get("/v1/nothing", headers=AUTH).json()["error"]["code"] == "not_found"
+    assert client.get("/v1/nothing").status_code == 401  # no probing the namespace without a key
+    assert client.get("/nothing").status_code == 404 and client.get("/nothing").json()["error"]["message"]
 
 
 def test_completion_non_streaming_and_streaming_equal_in_process(client, split, lm):

@@ -413,4 +413,10 @@ def create_app(backend, *, model_name: str, api_key: str | None, tokenizer, eos_
                              "finish_reason": job.finish_reason}],
                 "usage": job.usage()}
 
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=[auth])
+    async def unknown(rest: str):
+        # Declared last, so it only catches what no route above serves; its auth dependency keeps
+        # the /v1 namespace closed to probing without a key.
+        raise ApiError(404, f"no such endpoint: /v1/{rest[:200]}", code="not_found")
+
     return app
