@@ -182,6 +182,19 @@ def test_bad_completion_requests_get_openai_errors(client, body, status):
     assert err["message"] and "\n" not in err["message"] and "Traceback" not in r.text
 
 
+def test_chunked_body_over_the_limit_is_cut_off(split, lm):
+    app = create_app(LocalBackend(split), model_name=NAME, api_key=None, tokenizer=lm.tokenizer,
+                     max_body_bytes=4096)
+
+    def body():  # no content-length: the server must count as it reads
+        for _ in range(1000):
+            yield b" " * 1024
+
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", content=body())
+    assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+
+
 BAD_CHAT = [
     ("no messages", {"messages": []}),
     ("empty content", {"messages": [{"role": "user", "content": " "}]}),

@@ -156,7 +156,7 @@ class _Api:
 
     # -- admission ------------------------------------------------------------------------
 
-    def check_auth(self, request: Request) -> None:
+    async def check_auth(self, request: Request) -> None:  # async: no worker-thread hop per request
         if self.api_key is None:
             return
         header = request.headers.get("authorization", "")
