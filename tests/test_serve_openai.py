@@ -335,7 +335,7 @@ class SlowBackend:
 
 
 def test_client_leaving_mid_stream_frees_its_slot(lm):
-    import httpx
+    import httpx2 as httpx  # what openai and huggingface_hub (via transformers) bring; TestClient uses it too
 
     backend = SlowBackend()
     app = create_app(backend, model_name=NAME, api_key=KEY, tokenizer=lm.tokenizer)
