@@ -169,3 +169,77 @@ def quant_cmd(
         f"vs int4 {result['decode_tok_s_int4']:.1f} tok/s",
         highlight=False,
     )
+
+
+@app.command("serve")
+@cli_errors
+def serve_cmd(
+    json_out: Path = JSON_OPTION,
+    model: str = MODEL_OPTION,
+    clients: str = typer.Option("1,2,4,8,16", "--clients", help="Comma-separated numbers of concurrent edge sessions."),
+    split_layer: int = typer.Option(15, "--split-layer", "-l", help="ℓ of the split mode (cloud-only runs every layer)."),
+    tokens: int = typer.Option(32, "--tokens", help="Tokens each client generates (prefill step included)."),
+    repeats: int = typer.Option(3, "--repeats", help="Runs per (mode, clients); medians are reported."),
+    wire: str = typer.Option("fp16", "--wire", help="Split wire: none (fp32), fp16 or tabq (calibrated codec); cloud-only sends raw embeddings."),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads of the server process (0 = torch's default)."),
+    plot: Path = typer.Option(None, "--plot", help="Write tokens/s and cloud CPU per token vs clients (and the handoff curve) as a PNG here."),
+    data_dir: Path = DATA_DIR_OPTION,
+    force: bool = typer.Option(False, "--force", help="Overwrite the --json / --plot files if they exist."),
+):
+    """Cloud server on loopback under N concurrent replay clients: cloud-only vs split at ℓ (Fig. 5)."""
+    from ..errors import SplitLLMError
+    from ..model.split import decoder_parts, validate_split_layer
+
+    check_output_path(json_out, force)
+    check_output_path(plot, force)
+    try:
+        counts = sorted({int(x) for x in clients.split(",") if x.strip()})
+    except ValueError:
+        raise SplitLLMError(f"--clients must be comma-separated integers, got {clients!r}") from None
+    if not counts or counts[0] < 1 or counts[-1] > 64:
+        raise SplitLLMError(f"--clients needs values in 1..64, got {clients!r}")
+    if tokens < 2 or repeats < 1 or threads < 0:
+        raise SplitLLMError("--tokens must be >= 2, --repeats >= 1 and --threads >= 0")
+    if wire not in ("none", "fp16", "tabq"):
+        raise SplitLLMError(f"--wire must be none, fp16 or tabq, got {wire!r}")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise SplitLLMError(f"--plot must name a .png file, got {plot}")
+    from ..bench.serve import bench_serve, plot_serve
+
+    lm = load_model_with_status(model)
+    n_layers = decoder_parts(lm.model).num_layers
+    split_layer = validate_split_layer(split_layer, n_layers)
+    with Progress(console=err_console, transient=False) as bar:
+        task = bar.add_task("bench serve", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total or None)
+
+        result = bench_serve(lm, model, split_layer, counts, tokens, repeats, wire=wire, data_dir=data_dir,
+                             threads=threads, progress=progress, log=lambda m: bar.console.print(m, highlight=False))
+    write_json(json_out, result, force)
+    if plot is not None:
+        plot_serve(result, plot)
+    _print_serve_summary(result)
+
+
+def _print_serve_summary(r: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"bench serve: {r['model']}, ℓ = {r['split_layer']}, {r['tokens_per_client']} tokens per client "
+                        f"(medians of {r['repeats']})")
+    for col in ("mode", "clients", "tok/s", "cloud CPU ms/tok", "p50 ms", "p99 ms", "bytes/tok", "mean batch"):
+        table.add_column(col, justify="right")
+    for x in r["runs"]:
+        table.add_row(x["mode"], str(x["clients"]), f"{x['tokens_per_s']:.1f}", f"{1e3 * x['cloud_cpu_s_per_token']:.2f}",
+                      f"{x['p50_ms']:.1f}", f"{x['p99_ms']:.1f}", f"{x['bytes_per_token']:.0f}", f"{x['mean_batch']:.2f}")
+    console.print(table)
+    a = r["acceptance"]
+    parts = [f"with {a['clients']} clients"]
+    if "cpu_per_token_split_over_cloud_only" in a:
+        parts.append(f"split cloud CPU/token = {100 * a['cpu_per_token_split_over_cloud_only']:.0f}% of cloud-only")
+    for m in ("cloud-only", "split"):
+        if f"{m}_speedup_vs_1_client" in a:
+            parts.append(f"{m} tok/s {a[f'{m}_speedup_vs_1_client']:.2f}x one client")
+    hand = ", ".join(f"W̄={h['w_bar']}: {h['cloud_tokens']}" for h in r["handoff"] if h["i_kv"] == 0)
+    console.print("; ".join(parts) + f"\ncloud tokens vs W̄ (I_kv = 0): {hand}", highlight=False)
