@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
-from . import bench, eval, generate, plan, profile, quantize
+from . import bench, eval, generate, plan, profile, quantize, serve
 
 app = typer.Typer(
     name="splitllm",
@@ -34,6 +34,7 @@ app.command("quantize")(quantize.quantize_cmd)
 app.command("profile")(profile.profile_cmd)
 app.command("plan")(plan.plan_cmd)
 app.command("eval")(eval.eval_cmd)
+app.command("serve-cloud")(serve.serve_cloud_cmd)
 app.add_typer(bench.app, name="bench")
 
 

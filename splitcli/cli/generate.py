@@ -38,6 +38,9 @@ def generate_cmd(
     i_kv: int = typer.Option(None, "--i-kv", help="1: the edge also sends KV rows (the cloud keeps a session cache); 0: hidden states only (default: the plan's, else 1)."),
     local_tokens: int = typer.Option(0, "--local-tokens", help="w: the edge generates this many tokens alone with all layers (its OPSC model), then hands off (needs --deadline)."),
     trace: Path = typer.Option(None, "--trace", help="Write the live policy's per-step decisions here (JSONL)."),
+    cloud: str = typer.Option(None, "--cloud", help="HOST:PORT of a `splitllm serve-cloud`: run the edge half here and the cloud half there over gRPC."),
+    cloud_api_key: str = typer.Option(None, "--cloud-api-key", help="Bearer token for --cloud (default: $SPLITLLM_API_KEY)."),
+    cloud_ca: Path = typer.Option(None, "--cloud-ca", help="PEM certificate (CA or self-signed) to trust: talk to --cloud over TLS."),
     codec_flags: dict = None,
     wire: str | None = None,
 ):
@@ -53,6 +56,9 @@ def generate_cmd(
         raise SplitLLMError("the prompt is empty: give some text with --prompt")
     if prefill_chunk < 0:
         raise SplitLLMError(f"--prefill-chunk must be >= 0, got {prefill_chunk}")
+    remote = _remote_options(cloud, cloud_api_key, cloud_ca, {
+        "--deadline": deadline, "--link": link, "--local-tokens": local_tokens, "--i-kv": i_kv, "--trace": trace,
+        "--prefill-chunk": prefill_chunk}) if cloud else None
     plan = Plan.load(config) if config is not None else None
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
     live = live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, shards is not None)
@@ -73,6 +79,9 @@ def generate_cmd(
         err_console.print(f"[yellow]note:[/] {ids.shape[1] + max_new_tokens} tokens exceed the plan's W̄ = "
                           f"{plan.max_tokens} (its edge memory was sized for that many)")
     eos = {t for t in (tokenizer.eos_token_id, getattr(model_config, "eos_token_id", None)) if isinstance(t, int)}
+    if remote is not None:
+        return _generate_remote(remote, split, model_sha(shards, lm), ids, cfg, eos, tokenizer, json_out, force,
+                                dict(model=model_id, prompt=prompt, split_layer=split_layer))
     if live is not None:
         result = run_live(live, lm, split, ids, mask, cfg, eos)
         text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
@@ -120,6 +129,47 @@ def generate_cmd(
             },
             force,
         )
+
+
+def _remote_options(cloud: str, api_key: str | None, ca: Path | None, unsupported: dict) -> dict:
+    """--cloud's settings, checked before the model loads."""
+    from ..errors import SplitLLMError
+    from .serve import api_key_from
+
+    given = [flag for flag, value in unsupported.items() if value]
+    if given:
+        raise SplitLLMError(f"--cloud runs plain split generation: it does not take {', '.join(given)}")
+    host, _, port = cloud.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SplitLLMError(f"--cloud expects HOST:PORT, got {cloud!r}")
+    pem = None
+    if ca is not None:
+        try:
+            pem = ca.read_bytes()
+        except OSError as exc:
+            raise SplitLLMError(f"--cloud-ca {ca}: {exc.strerror or exc}") from None
+    return dict(target=cloud, api_key=api_key_from(api_key), root_certificates=pem)
+
+
+def model_sha(shards: Path | None, lm) -> str:
+    """The hash the cloud checks sessions against: the model's (a shard manifest records it)."""
+    if shards is None:
+        return lm.sha256
+    from ..model.shards import read_manifest
+
+    return read_manifest(shards).model_sha256
+
+
+def _generate_remote(remote: dict, split, sha: str, ids, cfg, eos, tokenizer, json_out, force, record: dict):
+    """The split's edge half here, its cloud half on a `serve-cloud`; same tokens as in process."""
+    from ..serve.client import RemoteCloud, generate_remote
+
+    cloud = RemoteCloud(model_sha256=sha, **remote)
+    tokens = list(generate_remote(split, ids, cfg, cloud, eos_token_ids=eos))
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
+    if json_out is not None:
+        write_json(json_out, {**record, "cloud": remote["target"], "text": text, "tokens": tokens}, force)
 
 
 def _model_split(model, spec, plan, data_dir, progress):

@@ -8,14 +8,23 @@ samples). Prefill frames larger than a message are chunked. Errors come back as 
 carrying the gRPC status. `generate_remote_handoff` is Fig. 5b: the edge generates the first w
 tokens alone, then hands the session over (I_kv = 0: hidden states at ℓ; 1: KV rows of [ℓ, L)).
 
-Not here yet (issue 13): reconnect and rebuild after a broken stream, TLS, Algorithm 2 on the
-measured link, batches of prompts.
+Recovery: when the stream breaks mid-generation (the cloud restarted, the connection dropped),
+`generate_remote` reconnects with bounded exponential backoff (`RemoteCloud.retries`) and rebuilds
+the cloud's state on a new session from the edge's own history: the hidden states at ℓ of every
+position so far, sent as one prefill step whose answer is the token the broken step was waiting
+for. Greedy output is identical to an uninterrupted run; with temperature > 0 and the cloud
+sampling, the cloud's sampler restarts from the seed, so sampled tokens after a reconnect differ
+(top-k mode, where the edge samples, is unaffected). TLS: `RemoteCloud.root_certificates`.
+
+Not here yet (issue 13): recovery inside `generate_remote_handoff`, Algorithm 2 on the measured
+link, batches of prompts.
 """
 
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -47,6 +56,12 @@ class RemoteCloud:
     model_sha256: str
     max_message_bytes: int = 4 << 20
     timeout_s: float = 120.0
+    #: PEM of the CA (or the self-signed certificate) to trust: the channel uses TLS; None: plaintext.
+    root_certificates: bytes | None = None
+    #: Reconnects after a broken stream, waiting backoff_s, 2·backoff_s, ... (at most backoff_max_s).
+    retries: int = 5
+    backoff_s: float = 0.2
+    backoff_max_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.target:
@@ -57,11 +72,27 @@ class RemoteCloud:
             raise SplitLLMError(f"max_message_bytes must exceed {CHUNK_HEADROOM}, got {self.max_message_bytes}")
         if not self.timeout_s > 0:
             raise SplitLLMError(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise SplitLLMError(f"retries must be an integer >= 0, got {self.retries!r}")
+        if not 0 < self.backoff_s <= self.backoff_max_s:
+            raise SplitLLMError(f"backoff must satisfy 0 < backoff_s <= backoff_max_s, got {self.backoff_s!r}, "
+                                f"{self.backoff_max_s!r}")
 
     def channel(self) -> grpc.Channel:
         limit = self.max_message_bytes
-        return grpc.insecure_channel(self.target, options=[("grpc.max_send_message_length", limit),
-                                                           ("grpc.max_receive_message_length", limit)])
+        # gRPC's own reconnect backoff starts at 1 s and grows to 2 min; ours bounds the waiting instead.
+        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", int(self.backoff_max_s * 1000))]
+        if self.root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+            return grpc.secure_channel(self.target, creds, options=options)
+        return grpc.insecure_channel(self.target, options=options)
+
+
+#: Statuses that mean the connection or the server went away (not that the request was wrong):
+#: worth a reconnect. CANCELLED is what a stopping server gives its running streams.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 def open_message(split, cloud: RemoteCloud, max_tokens: int, cfg: SamplingConfig, top_k_logits: int = 0,
@@ -126,11 +157,15 @@ def _open_stream(split, cloud: RemoteCloud, channel, max_tokens: int, cfg: Sampl
                  i_kv: int = 0):
     """A started, admitted stream and the payload bytes one chunk may carry."""
     stream = _Stream(cloud, channel)
-    stream.send(open_message(split, cloud, max_tokens, cfg, top_k_logits, i_kv))
-    opened = stream.receive()
-    if opened.WhichOneof("kind") != "opened" or not opened.opened.admitted:
-        stream.receive()  # a refusal is followed by the status that says why: raises RemoteError
-        raise SplitLLMError(f"the cloud did not admit the session: {opened.opened.reason or 'no reason given'}")
+    try:
+        stream.send(open_message(split, cloud, max_tokens, cfg, top_k_logits, i_kv))
+        opened = stream.receive()
+        if opened.WhichOneof("kind") != "opened" or not opened.opened.admitted:
+            stream.receive()  # a refusal is followed by the status that says why: raises RemoteError
+            raise SplitLLMError(f"the cloud did not admit the session: {opened.opened.reason or 'no reason given'}")
+    except BaseException:
+        stream.close()  # ends the request iterator too, so no thread waits on it
+        raise
     chunk = min(cloud.max_message_bytes, opened.opened.max_message_bytes or cloud.max_message_bytes)
     return stream, chunk - CHUNK_HEADROOM
 
@@ -147,8 +182,13 @@ class _SplitSteps:
     """The split stage on the edge: edge half with its own cache, one frame per step, the reply."""
 
     def __init__(self, split, stream: _Stream, chunk: int, cfg: SamplingConfig, cache=None,
-                 position: int = 0, step_id: int = 0):
+                 position: int = 0, step_id: int = 0, reopen: Callable | None = None,
+                 cloud: RemoteCloud | None = None):
         self.split, self.stream, self.chunk, self.cfg = split, stream, chunk, cfg
+        # With `reopen` (a new admitted stream and its chunk size), a broken stream is rebuilt from
+        # `history`: every hidden state [1, t, H] this edge has sent, in order.
+        self.reopen, self.cloud = reopen, cloud
+        self.history: list[torch.Tensor] = []
         self.cache = split.edge.new_cache() if cache is None else cache
         self.position, self.step_id = position, step_id
         self.vocab = split.edge.parts.config.vocab_size  # the embedding may be a QuantEmbedding (no .weight)
@@ -157,12 +197,41 @@ class _SplitSteps:
     def send_hidden(self, hidden: torch.Tensor) -> int:
         """Hidden states [1, t, H] at the next t positions as one step; the cloud's next token."""
         t = hidden.shape[1]
+        if self.reopen is None:
+            return self._exchange(hidden, self.position, self.step_id)
+        self.history.append(hidden)
+        try:
+            return self._exchange(hidden, self.position, self.step_id)
+        except RemoteError as exc:
+            if exc.code not in RETRYABLE:
+                raise
+            return self._recover(exc, self.position + t)
+
+    def _exchange(self, hidden: torch.Tensor, position: int, step_id: int) -> int:
+        t = hidden.shape[1]
         frame = self.split.wire.encode(hidden.reshape(t, -1))
-        for msg in chunk_frame(frame, self.step_id, self.position, t, self.chunk):
+        for msg in chunk_frame(frame, step_id, position, t, self.chunk):
             self.stream.send(msg)
-        token = _to_token(self.stream.receive(), self.step_id, self.cfg, self.vocab, self.generator)
-        self.position, self.step_id = self.position + t, self.step_id + 1
+        token = _to_token(self.stream.receive(), step_id, self.cfg, self.vocab, self.generator)
+        self.position, self.step_id = position + t, step_id + 1
         return token
+
+    def _recover(self, first: RemoteError, length: int) -> int:
+        """A new session on the cloud, its cache rebuilt by one prefill of all `length` positions'
+        hidden states; that step's answer is the token the broken step was waiting for."""
+        cloud, last = self.cloud, first
+        for attempt in range(cloud.retries):
+            time.sleep(min(cloud.backoff_max_s, cloud.backoff_s * 2 ** attempt))
+            self.stream.close()
+            try:
+                self.stream, self.chunk = self.reopen()
+                return self._exchange(torch.cat(self.history, dim=1), 0, 0)
+            except RemoteError as exc:
+                if exc.code not in RETRYABLE:
+                    raise
+                last = exc
+        raise SplitLLMError(f"the cloud stream broke at position {length} and {cloud.retries} reconnects "
+                            f"failed: {last.code.name}: {last.details}")
 
     def step(self, ids: torch.Tensor) -> int:
         """Token ids [1, t] through the edge half, then across."""
@@ -180,10 +249,14 @@ def generate_remote(split, input_ids, cfg: SamplingConfig, cloud: RemoteCloud,
     eos = set(eos_token_ids or ())
     own_channel = channel is None
     channel = channel or cloud.channel()
-    stream = None
+    steps = None
+
+    def reopen():
+        return _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, top_k_logits)
+
     try:
-        stream, chunk = _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, top_k_logits)
-        steps = _SplitSteps(split, stream, chunk, cfg)
+        stream, chunk = reopen()
+        steps = _SplitSteps(split, stream, chunk, cfg, reopen=reopen if cloud.retries else None, cloud=cloud)
         new = ids
         for _ in range(cfg.max_new_tokens):
             token = steps.step(new)
@@ -191,10 +264,10 @@ def generate_remote(split, input_ids, cfg: SamplingConfig, cloud: RemoteCloud,
             if token in eos:
                 break
             new = torch.tensor([[token]], dtype=torch.long)
-        stream.send(pb.ClientMessage(close=pb.Close()))
+        steps.stream.send(pb.ClientMessage(close=pb.Close()))
     finally:
-        if stream is not None:
-            stream.close()
+        if steps is not None:
+            steps.stream.close()  # the latest stream: a reconnect replaces it
         if own_channel:
             channel.close()
 

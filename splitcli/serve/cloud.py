@@ -12,8 +12,9 @@ chunks together by `max_frame_bytes`, tokens by the session's admitted `max_toke
 is decoded only up to the size its step claims. A stream idle for `idle_timeout_s` is cancelled
 and its session freed.
 
-Not here yet (issue 13): recovery, TLS, the metrics endpoint (the counters are here), the CLI
-command and its SIGTERM handler (`CloudServer.drain` is here).
+TLS: `CloudServer(..., credentials=grpc.ssl_server_credentials(...))`. The metrics endpoint and
+the SIGTERM handler live in the `serve-cloud` command (splitcli/cli/serve.py), which reads
+`counters()`, `on_step` and `CloudServer.drain` from here.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class ServeCounters:
     prompt_tokens: int = 0      # positions of each session's first step
     generated_tokens: int = 0   # tokens (or top-k answers) sent back
     frame_bytes_in: int = 0     # payload bytes of complete steps
+    reply_bytes_out: int = 0    # serialized bytes of the token / top-k replies
 
 
 class _Refused(Exception):
@@ -143,6 +145,8 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         self._counters = ServeCounters()
         self._draining = False
         self._expected_auth = f"Bearer {settings.api_key}".encode()
+        #: Called as on_step(seconds, n_tokens) after each forward (a metrics hook; must not raise).
+        self.on_step = None
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="splitllm-cloud-reaper", daemon=True)
         self._reaper.start()
@@ -169,6 +173,12 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
     def kv_used(self) -> int:
         with self._lock:
             return self._kv_used
+
+    @property
+    def waiting_count(self) -> int:
+        """Streams connected but not yet past their Open (the server queues no admitted work)."""
+        with self._lock:
+            return len(self._pending)
 
     @property
     def session_count(self) -> int:
@@ -226,7 +236,10 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
                 finally:
                     sess.busy, sess.last_active = False, time.monotonic()
                 if token is not None:
-                    yield pb.ServerMessage(token=token)
+                    reply = pb.ServerMessage(token=token)
+                    with self._lock:
+                        self._counters.reply_bytes_out += reply.ByteSize()
+                    yield reply
         finally:
             with self._lock:
                 self._release_locked(sess)
@@ -390,10 +403,13 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
             hidden = decode_frame(self.split.wire, frame, n_tokens, self.hidden_size)
         except SplitLLMError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step_id}: {exc}")
+        started = time.perf_counter()
         try:
             logits = self.batcher.run(sess.state, hidden[None])
         except SplitLLMError as exc:  # the frame was valid: the failure is the server's
             context.abort(grpc.StatusCode.INTERNAL, f"step {step_id}: {exc}")
+        if self.on_step is not None:
+            self.on_step(time.perf_counter() - started, n_tokens)
         with self._lock:
             c = self._counters
             c.prompt_tokens += n_tokens if position == 0 else 0
@@ -409,7 +425,7 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
 class CloudServer:
     """A started gRPC server around a CloudServicer; `port` is the bound port (0 picks a free one)."""
 
-    def __init__(self, split, settings: CloudSettings, address: str = "127.0.0.1:0"):
+    def __init__(self, split, settings: CloudSettings, address: str = "127.0.0.1:0", credentials=None):
         self.servicer = CloudServicer(split, settings)
         workers = settings.max_sessions + 4  # room to refuse sessions past the limit with a reason
         limit = settings.max_message_bytes
@@ -419,7 +435,14 @@ class CloudServer:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
             maximum_concurrent_rpcs=workers)
         pb_grpc.add_SplitCloudServicer_to_server(self.servicer, self.server)
-        self.port = self.server.add_insecure_port(address)
+        # credentials: grpc.ssl_server_credentials(...) for TLS; None serves plaintext (loopback, tests)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc raises on a port in use or a bad address (older versions return 0)
+            self.port = 0
         if self.port == 0:
             self.servicer.close()
             self._executor.shutdown(wait=False)

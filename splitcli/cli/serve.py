@@ -1,0 +1,217 @@
+"""`splitllm serve-cloud`: the cloud half of a split behind the gRPC service, with auth, optional
+TLS, Prometheus /metrics and /health, and a graceful drain on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import typer
+
+from ..errors import SplitLLMError
+from .common import DATA_DIR_OPTION, check_plan_fits, cli_errors, codec_options, err_console, load_model_with_status, split_spec
+
+API_KEY_ENV = "SPLITLLM_API_KEY"
+
+# The cloud's counters exported under names in the style of vLLM (`vllm:num_requests_running`,
+# `..._tokens_total`) and llama.cpp, with their own prefix so an edge's and a cloud's series never mix.
+PREFIX = "splitllm_cloud:"
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def api_key_from(flag: str | None) -> str:
+    """--api-key, else $SPLITLLM_API_KEY; a server never runs without one."""
+    key = flag if flag is not None else os.environ.get(API_KEY_ENV, "")
+    if not key:
+        raise SplitLLMError(f"no API key: pass --api-key or set {API_KEY_ENV} (the server refuses to run without one)")
+    return key
+
+
+def tls_credentials(cert: Path | None, key: Path | None):
+    """grpc server credentials from PEM files, or None for plaintext."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise SplitLLMError("TLS needs both --tls-cert and --tls-key")
+    import grpc
+
+    pems = []
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            pems.append(path.read_bytes())
+        except OSError as exc:
+            raise SplitLLMError(f"{flag} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN" not in pems[0] or b"-----BEGIN" not in pems[1]:
+        raise SplitLLMError("--tls-cert and --tls-key must be PEM files")
+    return grpc.ssl_server_credentials([(pems[1], pems[0])])
+
+
+class CloudCollector:
+    """Prometheus collector over a running CloudServer: gauges and counters read from the
+    servicer at scrape time, histograms fed by its step hook and its batcher's batch sizes."""
+
+    def __init__(self, server, settings, registry):
+        from prometheus_client import Histogram
+
+        self.server, self.settings = server, settings
+        # Registered before its histograms: a scrape collects in this order, so the batch sizes
+        # this collector feeds in are in the same scrape's histogram.
+        registry.register(self)
+        self.batch_size = Histogram(PREFIX + "batch_size", "Sessions per cloud forward.", buckets=_BATCH_BUCKETS,
+                                    registry=registry)
+        self.step_time = Histogram(PREFIX + "step_seconds", "Time per cloud step (forward incl. batching wait).",
+                                   buckets=_STEP_BUCKETS, registry=registry)
+        self._seen = 0
+        self._lock = threading.Lock()
+        server.servicer.on_step = lambda seconds, _tokens: self.step_time.observe(seconds)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.server.servicer
+        sizes = s.batcher.batch_sizes  # append-only; what is new since the last scrape goes into the histogram
+        with self._lock:
+            end = len(sizes)
+            for n in sizes[self._seen:end]:
+                self.batch_size.observe(n)
+            self._seen = end
+        c = s.counters()
+        yield GaugeMetricFamily(PREFIX + "num_requests_running", "Sessions admitted and open.", value=s.session_count)
+        yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Streams connected, not yet past their Open.",
+                                value=s.waiting_count)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_used_bytes", "KV memory reserved by open sessions.", value=s.kv_used)
+        yield GaugeMetricFamily(PREFIX + "kv_cache_budget_bytes", "The server's KV memory budget.",
+                                value=self.settings.kv_budget_bytes)
+        for name, doc, value in (
+            ("prompt_tokens", "Prompt positions processed.", c.prompt_tokens),
+            ("generation_tokens", "Tokens (or top-k answers) generated.", c.generated_tokens),
+            ("sessions_admitted", "Sessions admitted.", c.sessions_admitted),
+            ("sessions_refused", "Sessions refused (limit, budget, draining, mismatch).", c.sessions_refused),
+            ("frame_bytes_in", "Payload bytes received in complete steps.", c.frame_bytes_in),
+            ("reply_bytes_out", "Serialized reply bytes sent.", c.reply_bytes_out),
+        ):
+            yield CounterMetricFamily(PREFIX + name, doc, value=value)
+
+
+def start_metrics_http(host: str, port: int, server, settings):
+    """/metrics (Prometheus text) and /health on a thread; returns the started HTTP server."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    CloudCollector(server, settings, registry)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server name
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/health":
+                draining = server.servicer._draining  # a racy read of a bool is fine for a probe
+                self._reply(503 if draining else 200, b"draining\n" if draining else b"ok\n", "text/plain")
+            else:
+                self._reply(404, b"not found\n", "text/plain")
+
+        def _reply(self, code, body, ctype):
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # scrapes every few seconds would flood stderr
+            pass
+
+    try:
+        httpd = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        raise SplitLLMError(f"could not bind --metrics-port {port} on {host}: {exc.strerror or exc}") from None
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="splitllm-metrics",
+                     daemon=True).start()
+    return httpd
+
+
+@cli_errors
+@codec_options(("none", "fp16", "bf16", "tabq"), "Hidden-state wire the edges use: none (raw fp32), fp16, bf16 or tabq (default: tabq with --config, else none).")
+def serve_cloud_cmd(
+    model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),
+    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ and the codec; explicit flags win."),
+    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the cloud runs layers [ℓ, L) (default: the plan's, else L // 2)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for all interfaces)."),
+    port: int = typer.Option(50051, "--port", help="gRPC port (0 = pick a free one; the address is printed)."),
+    api_key: str = typer.Option(None, "--api-key", help=f"Bearer token every call must carry (default: ${API_KEY_ENV}; required)."),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate chain: serve over TLS (with --tls-key)."),
+    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
+    max_sessions: int = typer.Option(8, "--max-sessions", help="Concurrent generation sessions admitted."),
+    kv_budget: str = typer.Option("1GiB", "--kv-budget", help="KV memory the sessions may reserve (each: its max tokens x cloud layers), e.g. 512MiB."),
+    idle_timeout: float = typer.Option(60.0, "--idle-timeout", help="Seconds a silent session is kept before it is freed."),
+    metrics_port: int = typer.Option(None, "--metrics-port", help="Serve /metrics (Prometheus) and /health over HTTP on this port (0 = pick one)."),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="On SIGTERM/SIGINT: seconds to let running sessions finish."),
+    data_dir: Path = DATA_DIR_OPTION,
+    codec_flags: dict = None,
+    wire: str | None = None,
+):
+    """Serve the cloud half of the split (layers [ℓ, L)) to edge clients over gRPC."""
+    from ..deploy import build_split
+    from ..model.loader import DEFAULT_MODEL
+    from ..plan.schema import Plan
+    from ..serve.cloud import CloudServer, CloudSettings
+    from ..units import parse_size
+
+    # Everything that can be wrong with the input fails before the model loads.
+    key = api_key_from(api_key)
+    credentials = tls_credentials(tls_cert, tls_key)
+    for flag, value in (("--port", port), ("--metrics-port", metrics_port)):
+        if value is not None and not 0 <= value <= 65535:
+            raise SplitLLMError(f"{flag} must lie in [0, 65535], got {value}")
+    if not drain_timeout >= 0:
+        raise SplitLLMError(f"--drain-timeout must be >= 0, got {drain_timeout}")
+    plan = Plan.load(config) if config is not None else None
+    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
+    progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
+    try:
+        budget = parse_size(kv_budget)
+    except SplitLLMError as exc:
+        raise SplitLLMError(f"--kv-budget: {exc}") from None
+    CloudSettings(model_sha256="-", api_key=key, max_sessions=max_sessions, kv_budget_bytes=budget,
+                  idle_timeout_s=idle_timeout)  # validates the limits now
+    lm = load_model_with_status(model or (plan.model_id if plan else DEFAULT_MODEL))
+    check_plan_fits(plan, lm)
+    split = build_split(lm, spec, data_dir, progress)
+    settings = CloudSettings(model_sha256=lm.sha256, api_key=key, max_sessions=max_sessions,
+                             kv_budget_bytes=budget, idle_timeout_s=idle_timeout)
+    stop = threading.Event()
+    # Installed before the server starts, so a SIGTERM that arrives at any point drains.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = CloudServer(split, settings, address=_join(host, port), credentials=credentials)
+    httpd = None
+    try:
+        if metrics_port is not None:
+            httpd = start_metrics_http(host, metrics_port, server, settings)
+        metrics = f"; metrics on http://{_join(host, httpd.server_address[1])}/metrics" if httpd else ""
+        # One line on stdout, flushed: scripts and tests read the bound address from it.
+        print(f"serving {lm.model_id} cloud layers [{split.spec.split_layer}, {split.cloud.parts.num_layers}) "
+              f"on {_join(host, server.port)} ({'TLS' if credentials else 'plaintext'}){metrics}", flush=True)
+        while not stop.wait(0.5):
+            pass
+        err_console.print(f"draining: no new sessions; waiting up to {drain_timeout:g} s for "
+                          f"{server.servicer.session_count} running", highlight=False)
+        drained = server.drain(drain_timeout)
+        if not drained:
+            err_console.print(f"{server.servicer.session_count} sessions still running: ending them", highlight=False)
+    finally:
+        server.stop(0)
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+    err_console.print("stopped", highlight=False)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
