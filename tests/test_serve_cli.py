@@ -65,12 +65,12 @@ def reference(split, prompt, n):
 
 
 @contextlib.contextmanager
-def serve_cloud(model_dir, *args, port=0, tmp_path=None):
-    """A `splitllm serve-cloud` subprocess: yields (process, gRPC address, metrics URL or None)."""
+def launch(args, pattern, tmp_path):
+    """A `splitllm` server subprocess: yields (process, match of `pattern` on its first stdout line).
+    Stopped with SIGTERM on exit (kill after 30 s)."""
     env = {**os.environ, "SPLITLLM_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / f"serve-{len(_started)}.log", "w+")  # a file: a full stderr pipe would block it
-    proc = subprocess.Popen([SPLITLLM, "serve-cloud", "-m", str(model_dir), "-l", "2", "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    log = open(tmp_path / f"server-{len(_started)}.log", "w+")  # a file: a full stderr pipe would block it
+    proc = subprocess.Popen([SPLITLLM, *args], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     _started.append(proc)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
@@ -79,11 +79,11 @@ def serve_cloud(model_dir, *args, port=0, tmp_path=None):
             line = lines.get(timeout=120)
         except queue.Empty:
             line = ""
-        m = re.search(r" on (127\.0\.0\.1:\d+) .*?(?:metrics on (http://\S+)/metrics)?$", line.strip())
+        m = re.search(pattern, line.strip())
         if m is None:
             log.seek(0)
-            pytest.fail(f"serve-cloud printed no address: {line!r}; stderr: {log.read()[-2000:]}")
-        yield proc, m.group(1), m.group(2)
+            pytest.fail(f"{args[0]} printed no address: {line!r}; stderr: {log.read()[-2000:]}")
+        yield proc, m
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -94,6 +94,14 @@ def serve_cloud(model_dir, *args, port=0, tmp_path=None):
                 proc.wait(10)
         proc.stdout.close()
         log.close()
+
+
+@contextlib.contextmanager
+def serve_cloud(model_dir, *args, port=0, tmp_path=None):
+    """`splitllm serve-cloud`: yields (process, gRPC address, metrics URL or None)."""
+    with launch(["serve-cloud", "-m", str(model_dir), "-l", "2", "--port", str(port), *args],
+                r" on (127\.0\.0\.1:\d+) .*?(?:metrics on (http://\S+)/metrics)?$", tmp_path) as (proc, m):
+        yield proc, m.group(1), m.group(2)
 
 
 def remote(lm, target, **kw):
@@ -171,6 +179,28 @@ def test_recovery_after_sigkill_and_restart_on_the_same_port(tiny, tiny_model_di
     assert out == reference(split, PROMPT, 10)
 
 
+def test_serve_edge_openai_client_over_serve_cloud(tiny, tiny_model_dir, tmp_path):
+    import openai
+
+    lm, split = tiny
+    prompt = "Hello there"
+    want_ids = reference(split, lm.tokenizer(prompt, add_special_tokens=True)["input_ids"], 6)
+    want = lm.tokenizer.decode(want_ids, skip_special_tokens=True)
+    with serve_cloud(tiny_model_dir, tmp_path=tmp_path) as (_, addr, _):
+        edge = ["serve-edge", "-m", str(tiny_model_dir), "-l", "2", "--cloud", addr, "--port", "0"]
+        with launch(edge, r" on (http://127\.0\.0\.1:\d+/v1)$", tmp_path) as (proc, m):
+            client = openai.OpenAI(base_url=m.group(1), api_key=KEY, max_retries=0, timeout=60)
+            name = client.models.list().data[0].id
+            done = client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0)
+            assert done.choices[0].text == want
+            stream = client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0, stream=True)
+            assert "".join(c.choices[0].text for c in stream) == want
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=m.group(1), api_key="wrong", max_retries=0).models.list()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_llama():
     from types import SimpleNamespace
@@ -192,6 +222,10 @@ def test_recovery_in_process_restart_every_wire(tiny_llama, wire):
         server.stop(0)
         server = CloudServer(split, settings, address=f"127.0.0.1:{port}")
         out += list(tokens)
+        for _ in range(250):  # the server frees the session once it has read the client's close
+            if server.servicer.session_count == 0:
+                break
+            threading.Event().wait(0.02)
         assert server.servicer.session_count == 0
     finally:
         server.stop(0)

@@ -35,6 +35,7 @@ app.command("profile")(profile.profile_cmd)
 app.command("plan")(plan.plan_cmd)
 app.command("eval")(eval.eval_cmd)
 app.command("serve-cloud")(serve.serve_cloud_cmd)
+app.command("serve-edge")(serve.serve_edge_cmd)
 app.add_typer(bench.app, name="bench")
 
 

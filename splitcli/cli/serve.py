@@ -1,5 +1,7 @@
 """`splitllm serve-cloud`: the cloud half of a split behind the gRPC service, with auth, optional
-TLS, Prometheus /metrics and /health, and a graceful drain on SIGTERM / SIGINT."""
+TLS, Prometheus /metrics and /health, and a graceful drain on SIGTERM / SIGINT.
+`splitllm serve-edge`: the edge half here, the OpenAI-compatible HTTP API (serve.openai_api) in
+front of it, the cloud half on a serve-cloud."""
 
 from __future__ import annotations
 
@@ -182,7 +184,8 @@ def serve_cloud_cmd(
                   idle_timeout_s=idle_timeout)  # validates the limits now
     lm = load_model_with_status(model or (plan.model_id if plan else DEFAULT_MODEL))
     check_plan_fits(plan, lm)
-    split = build_split(lm, spec, data_dir, progress)
+    # keep_stats=False: a server's wire must not keep one record per frame for its lifetime
+    split = build_split(lm, spec, data_dir, progress, keep_stats=False)
     settings = CloudSettings(model_sha256=lm.sha256, api_key=key, max_sessions=max_sessions,
                              kv_budget_bytes=budget, idle_timeout_s=idle_timeout)
     stop = threading.Event()
@@ -215,3 +218,90 @@ def serve_cloud_cmd(
 
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@cli_errors
+@codec_options(("none", "fp16", "bf16", "tabq"), "Hidden-state wire (must match the cloud's): none (raw fp32), fp16, bf16 or tabq (default: tabq with --config, else none).")
+def serve_edge_cmd(
+    cloud: str = typer.Option(..., "--cloud", help="HOST:PORT of the `splitllm serve-cloud` running the cloud half."),
+    model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),
+    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ and the codec; explicit flags win."),
+    shards: Path = typer.Option(None, "--shards", help="Run the edge half from a directory written by `splitllm quantize` (instead of --model)."),
+    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ) (default: the plan's or the shards', else L // 2)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the HTTP API listens on (0.0.0.0 for all interfaces)."),
+    port: int = typer.Option(8000, "--port", help="HTTP port (0 = pick a free one; the address is printed)."),
+    api_key: str = typer.Option(None, "--api-key", help=f"Bearer token for the /v1 API, also sent to the cloud unless --cloud-api-key (default: ${API_KEY_ENV}; required)."),
+    cloud_api_key: str = typer.Option(None, "--cloud-api-key", help="Bearer token for the cloud (default: the --api-key)."),
+    cloud_ca: Path = typer.Option(None, "--cloud-ca", help="PEM certificate (CA or self-signed) to trust: talk to --cloud over TLS."),
+    model_name: str = typer.Option(None, "--model-name", help="The model id /v1/models reports and requests name (default: the model's)."),
+    max_running: int = typer.Option(8, "--max-running", help="Requests generating at once (more get 429)."),
+    data_dir: Path = DATA_DIR_OPTION,
+    codec_flags: dict = None,
+    wire: str | None = None,
+):
+    """Serve an OpenAI-compatible HTTP API: the edge half here, the cloud half on a serve-cloud."""
+    from ..model.loader import DEFAULT_MODEL
+    from ..plan.schema import Plan
+    from ..serve.backends import RemoteBackend
+    from ..serve.client import RemoteCloud
+    from ..serve.openai_api import create_app
+    from .generate import _remote_options
+
+    key = api_key_from(api_key)
+    remote = _remote_options(cloud, cloud_api_key or key, cloud_ca, {})
+    if shards is not None and model is not None:
+        raise SplitLLMError("give --shards or --model, not both")
+    if not 0 <= port <= 65535:
+        raise SplitLLMError(f"--port must lie in [0, 65535], got {port}")
+    plan = Plan.load(config) if config is not None else None
+    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
+    progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
+    if shards is not None:
+        from ..deploy import build_shard_split
+
+        with err_console.status(f"loading shards from {shards} ..."):
+            split, tokenizer, manifest = build_shard_split(shards, spec.wire, spec.codec, spec.split_layer, None,
+                                                           data_dir, progress, keep_stats=False)
+        sha, name = manifest.model_sha256, manifest.model_id
+    else:
+        from ..deploy import build_split
+
+        lm = load_model_with_status(model or (plan.model_id if plan else DEFAULT_MODEL))
+        check_plan_fits(plan, lm)
+        split = build_split(lm, spec, data_dir, progress, keep_stats=False)
+        tokenizer, sha, name = lm.tokenizer, lm.sha256, lm.model_id
+    backend = RemoteBackend(split, RemoteCloud(model_sha256=sha, **remote))
+    try:
+        app = create_app(backend, model_name=model_name or name, api_key=key, tokenizer=tokenizer,
+                         max_running=max_running)
+        _run_uvicorn(app, host, port, f"serving {model_name or name} (edge layers [0, {split.spec.split_layer}), "
+                                      f"cloud at {cloud}) on")
+    finally:
+        backend.close()
+    err_console.print("stopped", highlight=False)
+
+
+def _run_uvicorn(app, host: str, port: int, banner: str) -> None:
+    """uvicorn on a socket bound here, so port 0 works and the bound address is printed first;
+    uvicorn handles SIGTERM / SIGINT itself (finishes open requests, then returns)."""
+    import socket
+
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SplitLLMError(f"could not bind the HTTP API to {_join(host, port)}: {exc.strerror or exc}") from None
+    try:
+        print(f"{banner} http://{_join(host, sock.getsockname()[1])}/v1", flush=True)
+        # uvicorn shuts down gracefully on SIGTERM / SIGINT, then re-raises the signal to the handler
+        # it found; a no-op one here makes that a clean exit 0 instead of death by the signal.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")).run(sockets=[sock])
+    finally:
+        sock.close()
