@@ -256,19 +256,27 @@ def _self_signed(tmp_path):
     return cert, key
 
 
-def test_tls_with_a_self_signed_certificate(tiny_llama, tmp_path):
+def test_tls_with_a_self_signed_certificate(tiny, tiny_model_dir, tmp_path):
+    from splitcli.runtime.generate import encode_prompts
+
+    lm, split = tiny
     cert, key = _self_signed(tmp_path)
-    split = build_split(tiny_llama, SplitSpec(split_layer=2, wire="none"))
-    server = CloudServer(split, CloudSettings(model_sha256=tiny_llama.sha256, api_key=KEY),
-                         credentials=tls_credentials(cert, key))
+    server = CloudServer(split, CloudSettings(model_sha256=lm.sha256, api_key=KEY), credentials=tls_credentials(cert, key))
     target = f"127.0.0.1:{server.port}"
     try:
         cfg = SamplingConfig(max_new_tokens=5)
-        tls = remote(tiny_llama, target, root_certificates=cert.read_bytes())
+        tls = remote(lm, target, root_certificates=cert.read_bytes())
         assert list(generate_remote(split, PROMPT, cfg, tls)) == reference(split, PROMPT, 5)
         with pytest.raises(RemoteError) as plain:  # a plaintext client gets no session from a TLS server
-            list(generate_remote(split, PROMPT, cfg, remote(tiny_llama, target, retries=0, timeout_s=5)))
+            list(generate_remote(split, PROMPT, cfg, remote(lm, target, retries=0, timeout_s=5)))
         assert plain.value.code == grpc.StatusCode.UNAVAILABLE
+        # the terminal path: generate --cloud --cloud-ca
+        out = tmp_path / "tls.json"
+        r = CliRunner().invoke(app, ["generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hello there", "-n", "4",
+                                     "--cloud", target, "--cloud-api-key", KEY, "--cloud-ca", str(cert), "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        ids, _ = encode_prompts(lm.tokenizer, ["Hello there"], chat=False, context_length=None)
+        assert json.loads(out.read_text())["tokens"] == reference(split, ids[0].tolist(), 4)
     finally:
         server.stop(0)
 

@@ -113,7 +113,7 @@ def start_metrics_http(host: str, port: int, server, settings):
             if path == "/metrics":
                 self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/health":
-                draining = server.servicer._draining  # a racy read of a bool is fine for a probe
+                draining = server.servicer.draining
                 self._reply(503 if draining else 200, b"draining\n" if draining else b"ok\n", "text/plain")
             else:
                 self._reply(404, b"not found\n", "text/plain")

@@ -175,6 +175,11 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
             return self._kv_used
 
     @property
+    def draining(self) -> bool:
+        with self._lock:
+            return self._draining
+
+    @property
     def waiting_count(self) -> int:
         """Streams connected but not yet past their Open (the server queues no admitted work)."""
         with self._lock:
