@@ -58,10 +58,11 @@ class RemoteCloud:
     timeout_s: float = 120.0
     #: PEM of the CA (or the self-signed certificate) to trust: the channel uses TLS; None: plaintext.
     root_certificates: bytes | None = None
-    #: Reconnects after a broken stream, waiting backoff_s, 2·backoff_s, ... (at most backoff_max_s).
-    retries: int = 5
+    #: Reconnects after a broken stream, waiting backoff_s, 2·backoff_s, ... (at most backoff_max_s):
+    #: about 22 s in all by default, long enough for a cloud process to be restarted.
+    retries: int = 8
     backoff_s: float = 0.2
-    backoff_max_s: float = 2.0
+    backoff_max_s: float = 4.0
 
     def __post_init__(self) -> None:
         if not self.target:
