@@ -232,6 +232,19 @@ def test_recovery_in_process_restart_every_wire(tiny_llama, wire):
     assert out == reference(split, PROMPT, 9)
 
 
+def test_a_busy_port_is_an_error(tiny_llama):
+    from splitcli.errors import SplitLLMError
+
+    split = build_split(tiny_llama, SplitSpec(split_layer=2, wire="none"))
+    settings = CloudSettings(model_sha256=tiny_llama.sha256, api_key=KEY)
+    server = CloudServer(split, settings)
+    try:
+        with pytest.raises(SplitLLMError, match="could not bind"):
+            CloudServer(split, settings, address=f"127.0.0.1:{server.port}")
+    finally:
+        server.stop(0)
+
+
 def test_no_retries_means_the_break_is_an_error(tiny_llama):
     split = build_split(tiny_llama, SplitSpec(split_layer=2, wire="none"))
     server = CloudServer(split, CloudSettings(model_sha256=tiny_llama.sha256, api_key=KEY))

@@ -437,7 +437,10 @@ class CloudServer:
         self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitllm-cloud")
         self.server = grpc.server(
             self._executor,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            # so_reuseport off: with it (gRPC's default) a second server on a busy port binds anyway and
+            # silently shares the traffic; a port in use must be an error instead.
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=workers)
         pb_grpc.add_SplitCloudServicer_to_server(self.servicer, self.server)
         # credentials: grpc.ssl_server_credentials(...) for TLS; None serves plaintext (loopback, tests)
