@@ -201,6 +201,30 @@ def test_serve_edge_openai_client_over_serve_cloud(tiny, tiny_model_dir, tmp_pat
             assert proc.wait(30) == 0
 
 
+def test_serve_edge_from_the_edge_shard_alone(tiny, tiny_model_dir, tmp_path):
+    import openai
+
+    runner = CliRunner()
+    full = tmp_path / "shards"
+    r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "-l", "2", "--front-bits", "4", "--back-bits", "none",
+                            "--group-size", "32", "--out", str(full)])
+    assert r.exit_code == 0, r.output
+    edge_only = shutil.copytree(full, tmp_path / "edge-only")
+    (edge_only / "cloud.safetensors").unlink()  # an edge device holds its own shard only
+    with serve_cloud(tiny_model_dir, tmp_path=tmp_path) as (_, addr, _):
+        out = tmp_path / "want.json"
+        r = runner.invoke(app, ["generate", "--shards", str(full), "-p", "Hello there", "-n", "5", "--cloud", addr,
+                                "--cloud-api-key", KEY, "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        edge = ["serve-edge", "--shards", str(edge_only), "--cloud", addr, "--port", "0", "--model-name", "tiny"]
+        with launch(edge, r" on (http://127\.0\.0\.1:\d+/v1)$", tmp_path) as (proc, m):
+            client = openai.OpenAI(base_url=m.group(1), api_key=KEY, max_retries=0, timeout=60)
+            done = client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0)
+            assert done.choices[0].text == json.loads(out.read_text())["text"]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_llama():
     from types import SimpleNamespace

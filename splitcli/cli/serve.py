@@ -257,11 +257,8 @@ def serve_edge_cmd(
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     if shards is not None:
-        from ..deploy import build_shard_split
-
-        with err_console.status(f"loading shards from {shards} ..."):
-            split, tokenizer, manifest = build_shard_split(shards, spec.wire, spec.codec, spec.split_layer, None,
-                                                           data_dir, progress, keep_stats=False)
+        with err_console.status(f"loading the edge shard from {shards} ..."):
+            split, tokenizer, manifest = _edge_shard_split(shards, spec, data_dir, progress)
         sha, name = manifest.model_sha256, manifest.model_id
     else:
         from ..deploy import build_split
@@ -279,6 +276,26 @@ def serve_edge_cmd(
     finally:
         backend.close()
     err_console.print("stopped", highlight=False)
+
+
+def _edge_shard_split(shards: Path, spec, data_dir, progress):
+    """(split, tokenizer, manifest) with only the edge half, from edge.safetensors alone: an edge
+    device holds its own shard (`deploy.build_shard_split` would open cloud.safetensors too). The
+    codec is calibrated on this edge, as build_shard_split does."""
+    from types import SimpleNamespace
+
+    from ..deploy import Split, SplitSpec, build_wire
+    from ..model.shard_loader import load_edge, load_tokenizer
+
+    edge = load_edge(shards, spec.split_layer)
+    tokenizer = load_tokenizer(shards)
+    m = edge.manifest
+    edge_spec = SplitSpec(split_layer=m.split_layer, q_w1=m.front_bits, q_w2=m.back_bits, l_w=m.l_w, method=m.method,
+                          group_size=m.group_size, qa=m.kv_bits, embed_bits=m.embed_bits, wire=spec.wire,
+                          codec=spec.codec)
+    edge_lm = SimpleNamespace(model=edge.model, tokenizer=tokenizer, sha256=m.files["edge.safetensors"]["sha256"])
+    wire = build_wire(edge_spec, edge_lm, data_dir, progress, keep_stats=False)
+    return Split(edge_spec, edge.half, None, wire, {"wire": wire.name, "shards": str(shards)}), tokenizer, m
 
 
 def _run_uvicorn(app, host: str, port: int, banner: str) -> None:
