@@ -150,6 +150,8 @@ def test_serve_cloud_auth_metrics_cli_and_sigterm_drain(tiny, tiny_model_dir, tm
         assert values["splitllm_cloud:num_requests_running"] == "0.0"
         assert float(values["splitllm_cloud:batch_size_count"]) >= 11
         assert float(values["splitllm_cloud:step_seconds_count"]) >= 11
+        assert float(values["splitllm_cloud:time_to_first_token_seconds_count"]) >= 2  # both sessions so far
+        assert float(values["splitllm_cloud:inter_token_latency_seconds_count"]) >= 9
 
         # SIGTERM with a session open: new sessions are refused, the open one runs to its end, exit 0
         running = generate_remote(split, PROMPT, SamplingConfig(max_new_tokens=8), remote(lm, addr))

@@ -21,6 +21,7 @@ API_KEY_ENV = "SPLITLLM_API_KEY"
 # `..._tokens_total`) and llama.cpp, with their own prefix so an edge's and a cloud's series never mix.
 PREFIX = "splitllm_cloud:"
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -68,7 +69,13 @@ class CloudCollector:
                                    buckets=_STEP_BUCKETS, registry=registry)
         self._seen = 0
         self._lock = threading.Lock()
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+                              "Session admitted to its first token (edge prefill and upload included).",
+                              buckets=_TTFT_BUCKETS, registry=registry)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Between a session's consecutive tokens.",
+                             buckets=_STEP_BUCKETS, registry=registry)
         server.servicer.on_step = lambda seconds, _tokens: self.step_time.observe(seconds)
+        server.servicer.on_token = lambda first, seconds: (self.ttft if first else self.itl).observe(seconds)
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

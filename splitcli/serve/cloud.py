@@ -14,7 +14,7 @@ and its session freed.
 
 TLS: `CloudServer(..., credentials=grpc.ssl_server_credentials(...))`. The metrics endpoint and
 the SIGTERM handler live in the `serve-cloud` command (splitcli/cli/serve.py), which reads
-`counters()`, `on_step` and `CloudServer.drain` from here.
+`counters()`, the `on_step` / `on_token` hooks and `CloudServer.drain` from here.
 """
 
 from __future__ import annotations
@@ -145,8 +145,10 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         self._counters = ServeCounters()
         self._draining = False
         self._expected_auth = f"Bearer {settings.api_key}".encode()
-        #: Called as on_step(seconds, n_tokens) after each forward (a metrics hook; must not raise).
+        #: Metrics hooks (must not raise): on_step(seconds, n_tokens) after each forward;
+        #: on_token(first, seconds) per reply: since admission for a session's first, else since its last.
         self.on_step = None
+        self.on_token = None
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="splitllm-cloud-reaper", daemon=True)
         self._reaper.start()
@@ -225,6 +227,8 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
             yield pb.ServerMessage(opened=pb.Opened(
                 admitted=True, session_id=sess.id, max_message_bytes=self.settings.max_message_bytes,
                 max_frame_bytes=self.settings.max_frame_bytes, protocol_version=PROTOCOL_VERSION))
+            last_reply = None
+            admitted_at = time.monotonic()
             for msg in request_iterator:
                 sess.last_active = time.monotonic()
                 kind = msg.WhichOneof("kind")
@@ -244,6 +248,10 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
                     reply = pb.ServerMessage(token=token)
                     with self._lock:
                         self._counters.reply_bytes_out += reply.ByteSize()
+                    now = time.monotonic()
+                    if self.on_token is not None:
+                        self.on_token(last_reply is None, now - (admitted_at if last_reply is None else last_reply))
+                    last_reply = now
                     yield reply
         finally:
             with self._lock:
