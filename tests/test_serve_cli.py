@@ -271,6 +271,18 @@ def test_a_busy_port_is_an_error(tiny_llama):
         server.stop(0)
 
 
+def test_an_unusable_certificate_is_a_one_line_error(tiny_llama, tmp_path):
+    from splitcli.errors import SplitLLMError
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\nnor this\n-----END PRIVATE KEY-----\n")
+    split = build_split(tiny_llama, SplitSpec(split_layer=2, wire="none"))
+    with pytest.raises(SplitLLMError, match="TLS certificate/key"):
+        CloudServer(split, CloudSettings(model_sha256=tiny_llama.sha256, api_key=KEY),
+                    credentials=tls_credentials(cert, key))
+
+
 def test_no_retries_means_the_break_is_an_error(tiny_llama):
     split = build_split(tiny_llama, SplitSpec(split_layer=2, wire="none"))
     server = CloudServer(split, CloudSettings(model_sha256=tiny_llama.sha256, api_key=KEY))

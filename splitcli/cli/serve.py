@@ -196,7 +196,8 @@ def serve_cloud_cmd(
     settings = CloudSettings(model_sha256=lm.sha256, api_key=key, max_sessions=max_sessions,
                              kv_budget_bytes=budget, idle_timeout_s=idle_timeout)
     stop = threading.Event()
-    # Installed before the server starts, so a SIGTERM that arrives at any point drains.
+    # Installed before the server starts, so a SIGTERM from the moment it serves drains (during the
+    # model load it still ends the process at once: there is nothing to drain yet).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server = CloudServer(split, settings, address=_join(host, port), credentials=credentials)

@@ -462,7 +462,8 @@ class CloudServer:
         if self.port == 0:
             self.servicer.close()
             self._executor.shutdown(wait=False)
-            raise SplitLLMError(f"could not bind the cloud server to {address}")
+            why = "port in use or bad address" + (", or a TLS certificate/key gRPC cannot use" if credentials else "")
+            raise SplitLLMError(f"could not bind the cloud server to {address} ({why})")
         self.server.start()
 
     def drain(self, timeout_s: float) -> bool:
