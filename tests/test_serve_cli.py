@@ -258,6 +258,28 @@ def test_recovery_in_process_restart_every_wire(tiny_llama, wire):
     assert out == reference(split, PROMPT, 9)
 
 
+@pytest.mark.parametrize("w", [0, 3])
+def test_recovery_after_an_i_kv_0_handoff(tiny_llama, w):
+    from splitcli.serve.client import generate_remote_handoff
+
+    split = build_split(tiny_llama, SplitSpec(split_layer=2, wire="fp16"))
+    settings = CloudSettings(model_sha256=tiny_llama.sha256, api_key=KEY)
+    cfg = SamplingConfig(max_new_tokens=9)
+    server = CloudServer(split, settings)
+    port = server.port
+    try:
+        cloud = remote(tiny_llama, f"127.0.0.1:{port}")
+        want = list(generate_remote_handoff(split, tiny_llama.model, PROMPT, cfg, cloud, local_tokens=w))
+        tokens = generate_remote_handoff(split, tiny_llama.model, PROMPT, cfg, cloud, local_tokens=w)
+        out = [next(tokens) for _ in range(w + 2)]  # two tokens past the handoff: the cloud holds state
+        server.stop(0)
+        server = CloudServer(split, settings, address=f"127.0.0.1:{port}")
+        out += list(tokens)
+    finally:
+        server.stop(0)
+    assert out == want
+
+
 def test_a_busy_port_is_an_error(tiny_llama):
     from splitcli.errors import SplitLLMError
 

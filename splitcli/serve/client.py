@@ -16,8 +16,10 @@ for. Greedy output is identical to an uninterrupted run; with temperature > 0 an
 sampling, the cloud's sampler restarts from the seed, so sampled tokens after a reconnect differ
 (top-k mode, where the edge samples, is unaffected). TLS: `RemoteCloud.root_certificates`.
 
-Not here yet (issue 13): recovery inside `generate_remote_handoff`, Algorithm 2 on the measured
-link, batches of prompts.
+`generate_remote_handoff` recovers the same way after an I_kv = 0 handoff (its history starts
+with the hidden states of the local tokens); after an I_kv = 1 handoff a break is an error.
+
+Not here yet (issue 13): Algorithm 2 on the measured link, batches of prompts.
 """
 
 from __future__ import annotations
@@ -320,14 +322,22 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
         logits, position = local_forward(nxt[:, None], position), position + 1
     own_channel = channel is None
     channel = channel or cloud.channel()
-    stream = None
+    stream = steps = None
+
+    def reopen():
+        return _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, 0, i_kv)
+
     try:
-        stream, chunk = _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, 0, i_kv)
+        stream, chunk = reopen()
         # The edge half's cache takes over layers [0, ℓ) of the local cache; layers >= ℓ are dropped.
         edge_cache = split.edge.new_cache()
         length, rows = cache_rows(local_cache, range(ell), 0)
         install_rows(edge_cache, KVPayload(0, length, tuple(rows)), rows[0].keys.dtype)
-        steps = _SplitSteps(split, stream, chunk, cfg, cache=edge_cache)
+        # Recovery replays hidden states at ℓ: with I_kv = 0 they are the whole history. With I_kv = 1
+        # the cloud's rows for the local tokens came from the edge's (OPSC) model; re-processing
+        # their hidden states would not rebuild the same cache, so a break there is an error.
+        recover = reopen if cloud.retries and i_kv == 0 else None
+        steps = _SplitSteps(split, stream, chunk, cfg, cache=edge_cache, reopen=recover, cloud=cloud)
         if i_kv == 1:
             n_layers = decoder_parts(edge_model).num_layers
             count, kv_rows = cache_rows(local_cache, range(ell, n_layers), 0)
@@ -343,9 +353,10 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
             tokens.out.append(nxt)
             if token in tokens.eos or len(tokens.out) >= cfg.max_new_tokens:
                 break
-        stream.send(pb.ClientMessage(close=pb.Close()))
+        steps.stream.send(pb.ClientMessage(close=pb.Close()))
     finally:
-        if stream is not None:
-            stream.close()
+        latest = steps.stream if steps is not None else stream  # a reconnect replaces the stream
+        if latest is not None:
+            latest.close()
         if own_channel:
             channel.close()
