@@ -70,3 +70,77 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(out)
     tf.AutoTokenizer.from_pretrained(str(real_dir)).save_pretrained(out)
     return out
+
+
+def _multiprocessing_helper(proc) -> bool:
+    """multiprocessing's resource tracker (or forkserver): one per parent process by design, started
+    the first time a test uses a spawn context; it exits when pytest does (EOF on its pipe). Not
+    something a test left running."""
+    import psutil
+
+    from multiprocessing import resource_tracker
+
+    if proc.pid == getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None):
+        return True
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return any(f"from multiprocessing.{m} import main" in cmd for m in ("resource_tracker", "forkserver"))
+
+
+def _leftovers(grace_s: float = 10.0) -> tuple[list[str], list[str]]:
+    """Child processes of this pytest process and non-daemon threads besides the main one that are
+    still running after `grace_s` (children that exited meanwhile are reaped)."""
+    import threading
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + grace_s
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        children = []
+    children = [p for p in children if not _multiprocessing_helper(p)]
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    procs = []
+    for p in alive:
+        try:
+            procs.append(f"pid {p.pid} ({p.status()}): {' '.join(p.cmdline())[:200]}")
+        except psutil.Error:
+            continue  # gone between the wait and the look
+    main = threading.main_thread()
+    threads = [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    names = [f"{t.name} (ident {t.ident}, target {getattr(t, '_target', None)!r})"
+             for t in threads if t.is_alive()]
+    return procs, names
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Nothing left running after the suite (issue 13): a child process of pytest, or a non-daemon
+    thread besides the main one, still alive at the end fails the run (exit status 1) and is named.
+    Leftover children are killed afterwards so a failing run does not leave them behind either."""
+    import sys
+
+    import psutil
+
+    procs, threads = _leftovers()
+    if not procs and not threads:
+        return
+    lines = ["LEFT RUNNING after the test session (tests must stop what they start):"]
+    lines += [f"  child process {p}" for p in procs] + [f"  thread {t}" for t in threads]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines:
+        reporter.write_line(line, red=True) if reporter is not None else print(line, file=sys.stderr)
+    for p in psutil.Process().children(recursive=True):
+        if _multiprocessing_helper(p):
+            continue
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    if session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
