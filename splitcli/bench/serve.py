@@ -200,9 +200,8 @@ def _server_main(conn, model_ref: str, split_layer: int, wire: str, data_dir, se
             elif cmd == "stats":
                 srv = servers[arg].servicer
                 c = srv.counters()
-                sizes = list(srv.batcher.batch_sizes)
                 conn.send({"generated_tokens": c.generated_tokens, "prompt_tokens": c.prompt_tokens,
-                           "frame_bytes_in": c.frame_bytes_in, "forwards": len(sizes), "batched_steps": sum(sizes),
+                           "frame_bytes_in": c.frame_bytes_in, "forwards": srv.batcher.forwards, "batched_steps": srv.batcher.batched_steps,
                            "sessions": srv.session_count})
             else:
                 return

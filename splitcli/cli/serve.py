@@ -54,39 +54,30 @@ def tls_credentials(cert: Path | None, key: Path | None):
 
 class CloudCollector:
     """Prometheus collector over a running CloudServer: gauges and counters read from the
-    servicer at scrape time, histograms fed by its step hook and its batcher's batch sizes."""
+    servicer at scrape time, histograms fed by its step, token and batch hooks."""
 
     def __init__(self, server, settings, registry):
         from prometheus_client import Histogram
 
         self.server, self.settings = server, settings
-        # Registered before its histograms: a scrape collects in this order, so the batch sizes
-        # this collector feeds in are in the same scrape's histogram.
         registry.register(self)
         self.batch_size = Histogram(PREFIX + "batch_size", "Sessions per cloud forward.", buckets=_BATCH_BUCKETS,
                                     registry=registry)
         self.step_time = Histogram(PREFIX + "step_seconds", "Time per cloud step (forward incl. batching wait).",
                                    buckets=_STEP_BUCKETS, registry=registry)
-        self._seen = 0
-        self._lock = threading.Lock()
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
                               "Session admitted to its first token (edge prefill and upload included).",
                               buckets=_TTFT_BUCKETS, registry=registry)
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Between a session's consecutive tokens.",
                              buckets=_STEP_BUCKETS, registry=registry)
         server.servicer.on_step = lambda seconds, _tokens: self.step_time.observe(seconds)
+        server.servicer.batcher.on_batch = self.batch_size.observe
         server.servicer.on_token = lambda first, seconds: (self.ttft if first else self.itl).observe(seconds)
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         s = self.server.servicer
-        sizes = s.batcher.batch_sizes  # append-only; what is new since the last scrape goes into the histogram
-        with self._lock:
-            end = len(sizes)
-            for n in sizes[self._seen:end]:
-                self.batch_size.observe(n)
-            self._seen = end
         c = s.counters()
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Sessions admitted and open.", value=s.session_count)
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Streams connected, not yet past their Open.",

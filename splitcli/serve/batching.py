@@ -112,7 +112,12 @@ class Batcher:
         # adds latency (a lone session never waits out the window).
         self.active = active or (lambda: max_batch)
         self.batchable = can_batch(cloud)
-        self.batch_sizes: list[int] = []  # one per forward run (observability for tests / metrics)
+        # Observability in constant memory (a server runs for months): totals, the largest batch
+        # and a hook that sees every batch size (the metrics histogram), never an ever-growing list.
+        self.forwards = 0  # cloud forwards run
+        self.batched_steps = 0  # session steps they served
+        self.largest_batch = 0
+        self.on_batch: Callable[[int], None] | None = None
         self._queue: queue.Queue[_Work] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="splitllm-cloud-batcher", daemon=True)
@@ -171,7 +176,11 @@ class Batcher:
                 w.done.set()
         if not live:
             return
-        self.batch_sizes.append(len(live))
+        self.forwards += 1
+        self.batched_steps += len(live)
+        self.largest_batch = max(self.largest_batch, len(live))
+        if self.on_batch is not None:
+            self.on_batch(len(live))
         try:
             if len(live) == 1:
                 live[0].logits = forward_one(self.cloud, live[0].state, live[0].hidden)
