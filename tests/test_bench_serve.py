@@ -10,23 +10,11 @@ import math
 import psutil
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from splitcli.cli import app
+from test_cli import assert_clean_error, run
 
-runner = CliRunner()
 REQUIRED = ("mode", "clients", "split_layer", "cloud_cpu_s_per_token", "tokens_per_s", "p50_ms", "p99_ms",
             "bytes_per_token")
-
-
-def run(*args):
-    return runner.invoke(app, list(args))
-
-
-def assert_clean_error(result, pattern: str, code: int = 2):
-    assert result.exit_code == code, result.output
-    assert pattern in result.output, result.output
-    assert "Traceback" not in result.output
 
 
 def _children() -> list:

@@ -8,18 +8,11 @@ warm-up. Every loop is bounded in count and time; the server is stopped in a fin
 
 from __future__ import annotations
 
-import os
-import queue
-import re
-import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import psutil
@@ -32,9 +25,8 @@ from splitcli.serve.client import RemoteCloud, generate_remote
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 from splitcli.serve.protocol import PROTOCOL_VERSION, WIRE_TO_PB, chunk_frame
+from test_serve_cli import KEY, serve_cloud
 
-KEY = "serve-soak-test-key"
-SPLITLLM = str(Path(sys.executable).with_name("splitllm"))
 PROMPT = [1, 5, 9, 33, 7, 12]
 GOOD_PROMPT = [17, 18, 19, 20, 21, 22, 23]
 SERVER_MAX_MESSAGE = 4 << 20   # serve-cloud's defaults (CloudSettings): one message, one step's chunks
@@ -54,32 +46,6 @@ def tiny(tiny_model_dir):
 def _reference(split, prompt, n):
     return generate(split.session(), torch.tensor([prompt]), None,
                     SamplingConfig(max_new_tokens=n)).tokens[0].tolist()
-
-
-def _start_server(model_dir, log_path):
-    env = {**os.environ, "SPLITLLM_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    log = open(log_path, "w+")
-    proc = subprocess.Popen([SPLITLLM, "serve-cloud", "-m", str(model_dir), "-l", "2", "--host", "127.0.0.1",
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=120)
-    except queue.Empty:
-        line = ""
-    return proc, log, re.search(r" on (127\.0\.0\.1:\d+)", line)
-
-
-def _stop_server(proc, log):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    proc.stdout.close()
-    log.close()
 
 
 def _open(lm, split, **kw):
@@ -187,12 +153,8 @@ def test_thousand_malformed_frames_and_200_bad_requests(tiny, tiny_model_dir, tm
     t0 = time.monotonic()
     deadline = t0 + 240  # every loop below stops here whatever its count
 
-    proc, log, m = _start_server(tiny_model_dir, tmp_path / "serve-cloud.log")
-    try:
-        if m is None:
-            log.seek(0)
-            pytest.fail(f"serve-cloud printed no address; stderr: {log.read()[-2000:]}")
-        target = m.group(1)
+    # the server subprocess of test_serve_cli: started, its address read, SIGTERM'd on exit
+    with serve_cloud(tiny_model_dir, tmp_path=tmp_path) as (proc, target, _metrics):
         cloud = RemoteCloud(target=target, api_key=KEY, model_sha256=lm.sha256, timeout_s=60.0, retries=0)
         cfg = SamplingConfig(max_new_tokens=n_good)
         opts = [("grpc.max_send_message_length", 2 * SERVER_MAX_MESSAGE),
@@ -263,6 +225,4 @@ def test_thousand_malformed_frames_and_200_bad_requests(tiny, tiny_model_dir, tm
         print(f"serve-cloud RSS: before {rss_before / 2**20:.1f} MiB, after {rss_after / 2**20:.1f} MiB "
               f"({growth:+.2%}); {len(good_outputs)} concurrent good sessions")
         assert abs(growth) <= 0.05, f"RSS before {rss_before} B, after {rss_after} B ({growth:+.2%})"
-    finally:
-        _stop_server(proc, log)
     assert proc.returncode == 0, f"serve-cloud exited {proc.returncode} after SIGTERM"
