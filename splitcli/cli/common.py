@@ -64,6 +64,19 @@ def write_json(path: Path, data: dict, force: bool) -> None:
     tmp.replace(path)
 
 
+def json_safe(x):
+    """Strict JSON has no Infinity or NaN (τ = inf): write non-finite floats as strings."""
+    import math
+
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
 def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     """'4,8,16' -> (4, 8, 16); anything else is a one-line error naming the option."""
     items = [t.strip() for t in text.split(",")] if text else []

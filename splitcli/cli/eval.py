@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .common import (
     CODEC_FLAG_NAMES, DATA_DIR_OPTION, FORCE_JSON_OPTION, JSON_OPTION, MODEL_OPTION, check_output_path,
-    check_plan_fits, cli_errors, codec_flags_need_tabq, codec_options, console, err_console,
+    check_plan_fits, cli_errors, codec_flags_need_tabq, codec_options, console, err_console, json_safe,
     load_model_with_status, write_json,
 )
 
@@ -44,17 +44,6 @@ def _check_data(specs, data_dir, needs_wikitext: bool) -> None:
             data_file(s.labels_file, data_dir)
     if needs_wikitext:  # codec and baseline calibration read WikiText-2's tail
         data_file(WIKITEXT2_TEST, data_dir)
-
-
-def _json_safe(x):
-    """Strict JSON has no Infinity (tau = inf): write non-finite floats as strings."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _fmt(value: float, metric: str) -> str:
@@ -151,6 +140,6 @@ def eval_cmd(
     console.print(table)
     console.print("* headline metric; accuracies in %", style="dim")
     write_json(json_out, {
-        "model": lm.model_id, "model_sha256": lm.sha256, "pipeline": _json_safe(cfg.relevant()), "config_hash": key,
-        "limit": limit, "info": _json_safe(info), "results": [r.to_json() for r in results],
+        "model": lm.model_id, "model_sha256": lm.sha256, "pipeline": json_safe(cfg.relevant()), "config_hash": key,
+        "limit": limit, "info": json_safe(info), "results": [r.to_json() for r in results],
     }, force)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -9,7 +10,7 @@ from rich.table import Table
 
 from .common import (
     DATA_DIR_OPTION, FORCE_JSON_OPTION, JSON_OPTION, check_output_path, check_plan_fits, cli_errors,
-    codec_options, console, err_console, load_model_with_status, split_spec, write_json,
+    codec_options, console, err_console, json_safe, load_model_with_status, split_spec, write_json,
 )
 from .live import live_options, run_live
 
@@ -120,7 +121,7 @@ def generate_cmd(
                 "split_layer": split_layer,
                 # the plan as run: an explicit -l moves its ℓ (the rest of the split is in "split")
                 "plan": None if plan is None else {**plan.to_dict(), "split_layer": split_layer},
-                "split": _json_safe_spec(split.spec),
+                "split": json_safe(asdict(split.spec)),
                 "wire": session.wire.name,
                 "prompt": prompt,
                 "text": text,
@@ -204,12 +205,3 @@ def _shard_split(shards: Path, model: str | None, spec, plan, data_dir, progress
         split, tokenizer, m = build_shard_split(shards, spec.wire, spec.codec, spec.split_layer, sha, data_dir, progress)
     model_id = f"{m.model_id} (shards: Qw1={m.front_bits}, ℓw={m.l_w}, {m.method}, G={m.group_size})"
     return split, tokenizer, split.edge.parts.config, model_id
-
-
-def _json_safe_spec(spec) -> dict:
-    import math
-    from dataclasses import asdict
-
-    d = asdict(spec)
-    d["codec"] = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d["codec"].items()}
-    return d

@@ -31,7 +31,6 @@ How the paper was read:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -175,17 +174,6 @@ def _session_logits_fn(make_session: Callable[[], Any]) -> LogitsFn:
     return fn
 
 
-def _opsc_copy(model, bits: list[int | None], group_size: int):
-    """A copy of `model` whose decoder layer i holds bits[i]-bit weights (16/None: untouched)."""
-    from splitcli.model.split import decoder_parts
-    from splitcli.quant import quantize_layers_
-
-    qmodel = copy.deepcopy(model)
-    layers = decoder_parts(qmodel).layers
-    quantize_layers_(layers, list(range(len(bits))), bits, group_size)
-    return qmodel
-
-
 def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[str], None] | None = None) -> Pipeline:
     """Build the LogitsFn of `cfg` on the loaded model `lm` (a `LoadedModel`); `lm.model` is not changed."""
     from splitcli.model.split import decoder_parts
@@ -214,7 +202,9 @@ def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[s
         assert cfg.l_w is not None and cfg.group_size is not None
         bits = opsc_bits(n, cfg.l_w, cfg.q_w1, cfg.q_w2, cfg.method)
         info["weight_bits"] = bits
-        qmodel = _opsc_copy(lm.model, bits, cfg.group_size) if any(b not in (None, 16) for b in bits) else lm.model
+        from splitcli.deploy import opsc_edge_model
+
+        qmodel = opsc_edge_model(lm.model, cfg.split_spec())  # every layer at its OPSC bits (a copy if any)
         return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(qmodel)), info)
     from splitcli.eval.baselines import build_baseline
 
