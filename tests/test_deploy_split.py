@@ -51,7 +51,7 @@ def test_spec_refusals():
         SplitSpec(embed_bits=4)
     with pytest.raises(SplitLLMError, match="full-attention"):
         planned_edge(_tiny("mistral"), SplitSpec(split_layer=2, qa=8).resolve(_tiny("mistral")))
-    with pytest.raises(SplitLLMError, match="plain nn.Embedding"):
+    with pytest.raises(SplitLLMError, match="plain nn.Embedding.*16 bits"):
         planned_edge(_tiny("gemma2"), SplitSpec(split_layer=2, embed_bits=8).resolve(_tiny("gemma2")))
 
 

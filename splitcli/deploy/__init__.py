@@ -14,8 +14,8 @@ serve or cli (tests/test_layers.py checks).
 
 from splitcli.deploy.split import (
     PlannedEdge, Split, SplitSpec, build_shard_split, build_split, build_wire, handoff_session, opsc_edge_model,
-    planned_edge, quantized_embedding,
+    planned_edge,
 )
 
 __all__ = ["PlannedEdge", "Split", "SplitSpec", "build_shard_split", "build_split", "build_wire", "handoff_session",
-           "opsc_edge_model", "planned_edge", "quantized_embedding"]
+           "opsc_edge_model", "planned_edge"]

@@ -24,12 +24,12 @@ from typing import Any, Callable
 from splitcli.configio import overlay
 from splitcli.cost.memory import KEEP_BITS, layer_weight_bits
 from splitcli.errors import SplitLLMError
+from splitcli.model.shards import EMBED_BITS
 from splitcli.model.split import CloudHalf, DecoderParts, EdgeHalf, decoder_parts, new_cache, validate_split_layer
 from splitcli.plan.codec_settings import CodecSettings
 from splitcli.plan.schema import Plan
 
 WIRES = ("none", "fp16", "bf16", "tabq")
-EMBED_BITS = (8, 16)
 
 
 @dataclass(frozen=True)
@@ -121,24 +121,12 @@ class PlannedEdge(EdgeHalf):
         return QuantizedKVCache(KVQuantConfig(bits=self.qa))
 
 
-def quantized_embedding(embed, bits: int):
-    """The edge's `bits`-bit copy of the embedding table (one group per row), as shards store it."""
-    from torch import nn
-
-    from splitcli.quant import QuantEmbedding
-
-    if type(embed) is not nn.Embedding:  # e.g. Gemma's scaled embedding: the scale would be lost
-        raise SplitLLMError(f"an {bits}-bit edge embedding supports plain nn.Embedding only, not "
-                            f"{type(embed).__name__}; use embedding bits 16")
-    return QuantEmbedding.from_embedding(embed, bits=bits)
-
-
 def planned_edge(model, spec: SplitSpec) -> PlannedEdge:
     """The edge half of a resolved `spec` on `model`: quantized copies of its layers, its
     embedding at spec.embed_bits and its KV at spec.qa bits. `model` is not changed."""
     from torch import nn
 
-    from splitcli.quant import KVQuantConfig, quantize_layers_
+    from splitcli.quant import KVQuantConfig, QuantEmbedding, quantize_layers_
 
     parts = decoder_parts(model)
     if spec.qa < KEEP_BITS:
@@ -153,7 +141,9 @@ def planned_edge(model, spec: SplitSpec) -> PlannedEdge:
         quantize_layers_(copies, range(len(quantized)), [bits[i] for i in quantized], spec.group_size)
         for i, layer in zip(quantized, copies):
             layers[i] = layer
-    embed = parts.embed_tokens if spec.embed_bits >= KEEP_BITS else quantized_embedding(parts.embed_tokens, spec.embed_bits)
+    # the edge's own copy, one group per row as shards store it
+    embed = parts.embed_tokens if spec.embed_bits >= KEEP_BITS else QuantEmbedding.from_embedding(
+        parts.embed_tokens, bits=spec.embed_bits)
     edge_parts = dataclasses.replace(parts, layers=layers, embed_tokens=embed)
     return PlannedEdge(edge_parts, spec.split_layer, spec.qa)
 
@@ -235,7 +225,7 @@ def opsc_edge_model(model, spec: SplitSpec):
     before a handoff (Fig. 5b); `model` is not changed."""
     from torch import nn
 
-    from splitcli.quant import quantize_layers_
+    from splitcli.quant import QuantEmbedding, quantize_layers_
 
     parts = decoder_parts(model)
     q_w2 = KEEP_BITS if spec.q_w2 is None else spec.q_w2
@@ -249,7 +239,7 @@ def opsc_edge_model(model, spec: SplitSpec):
         if edge_model.get_output_embeddings() is not None and \
                 edge_model.get_output_embeddings().weight is edge_parts.embed_tokens.weight:
             edge_model.get_output_embeddings().weight = nn.Parameter(edge_parts.embed_tokens.weight.detach().clone())
-        edge_model.model.embed_tokens = quantized_embedding(edge_parts.embed_tokens, spec.embed_bits)
+        edge_model.model.embed_tokens = QuantEmbedding.from_embedding(edge_parts.embed_tokens, bits=spec.embed_bits)
     return edge_model
 
 

@@ -221,8 +221,6 @@ def edge_state_dict(parts, spec: QuantSpec, progress=None) -> dict[str, torch.Te
     if spec.embed_bits == 16:
         out = {"model.embed_tokens.weight": emb.weight.detach().float().contiguous().clone()}
     else:
-        if type(emb) is not nn.Embedding:  # e.g. Gemma's scaled embedding: the scale would be lost
-            raise SplitLLMError(f"--embed-bits {spec.embed_bits} supports plain nn.Embedding only, not {type(emb).__name__}; use 16")
         holder = nn.Module()
         holder.embed_tokens = QuantEmbedding.from_embedding(emb, bits=spec.embed_bits)  # one group per row
         out = {f"model.{k}": v for k, v in quantized_state_dict(holder).items()}

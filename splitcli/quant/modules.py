@@ -241,6 +241,9 @@ class QuantEmbedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int = 8, group_size: int | None = None) -> "QuantEmbedding":
+        if type(emb) is not nn.Embedding:  # e.g. Gemma's scaled embedding: its scale would be lost
+            raise SplitLLMError(f"an embedding quantized to {bits} bits must be a plain nn.Embedding, not "
+                                f"{type(emb).__name__}: keep it at 16 bits")
         g = emb.embedding_dim if group_size is None else group_size
         q, s, z = quantize_groupwise(emb.weight, bits, g, WEIGHT_SCALE_DTYPE)
         return cls(emb.num_embeddings, emb.embedding_dim, bits, g, pack_codes(q, bits), s, z, emb.padding_idx)
