@@ -375,6 +375,8 @@ def test_generate_cloud_bad_input(monkeypatch):
     monkeypatch.delenv("SPLITLLM_API_KEY", raising=False)
     runner = CliRunner()
     for args, message in ((["--cloud", "nohost"], "HOST:PORT"), (["--cloud", "h:1"], "no API key"),
-                          (["--cloud", "h:1", "--cloud-api-key", "k", "--deadline", "10ms"], "--deadline")):
+                          (["--cloud", "h:1", "--cloud-api-key", "k", "--prefill-chunk", "4"], "--prefill-chunk"),
+                          (["--cloud", "h:1", "--cloud-api-key", "k", "--deadline", "-1ms"], "--deadline"),
+                          (["--cloud", "h:1", "--cloud-api-key", "k", "--link", "1Mbit/s"], "give --deadline too")):
         r = runner.invoke(app, ["generate", "-p", "Hi", *args])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output

@@ -33,8 +33,8 @@ def generate_cmd(
     show_steps: bool = typer.Option(True, "--steps/--no-steps", help="Print the per-step table."),
     json_out: Path = typer.Option(None, "--json", help="Also write text and per-step figures to this JSON file."),
     force: bool = FORCE_JSON_OPTION,
-    deadline: str = typer.Option(None, "--deadline", help="Per-token deadline D, e.g. 100ms: Algorithm 2 runs live on the emulated --link (keep, compress harder, I_kv = 0, stop)."),
-    link: str = typer.Option(None, "--link", help="Emulated uplink: '2Mbit/s,20ms,jitter=5ms,loss=0.01', or a rate schedule by step '10Mbit/s@0;0.5Mbit/s@8,20ms' (quote it)."),
+    deadline: str = typer.Option(None, "--deadline", help="Per-token deadline D, e.g. 100ms: Algorithm 2 runs live on the emulated --link, or with --cloud on the measured network link (keep, compress harder, I_kv = 0, stop)."),
+    link: str = typer.Option(None, "--link", help="Emulated uplink: '2Mbit/s,20ms,jitter=5ms,loss=0.01', or a rate schedule by step '10Mbit/s@0;0.5Mbit/s@8,20ms' (quote it); with --cloud it shapes the real uplink in real time."),
     eps: float = typer.Option(None, "--eps", help="Outage target ε of eq. (9) for the live policy (default: the plan's, else 0.001)."),
     i_kv: int = typer.Option(None, "--i-kv", help="1: the edge also sends KV rows (the cloud keeps a session cache); 0: hidden states only (default: the plan's, else 1)."),
     local_tokens: int = typer.Option(0, "--local-tokens", help="w: the edge generates this many tokens alone with all layers (its OPSC model), then hands off (needs --deadline)."),
@@ -57,12 +57,11 @@ def generate_cmd(
         raise SplitLLMError("the prompt is empty: give some text with --prompt")
     if prefill_chunk < 0:
         raise SplitLLMError(f"--prefill-chunk must be >= 0, got {prefill_chunk}")
-    remote = _remote_options(cloud, cloud_api_key, cloud_ca, {
-        "--deadline": deadline, "--link": link, "--local-tokens": local_tokens, "--i-kv": i_kv, "--trace": trace,
-        "--prefill-chunk": prefill_chunk}) if cloud else None
+    remote = _remote_options(cloud, cloud_api_key, cloud_ca, {"--prefill-chunk": prefill_chunk}) if cloud else None
     plan = Plan.load(config) if config is not None else None
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
-    live = live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, shards is not None)
+    live = live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, shards is not None,
+                        remote=cloud is not None)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     lm = None
     if shards is not None:
@@ -82,7 +81,7 @@ def generate_cmd(
     eos = {t for t in (tokenizer.eos_token_id, getattr(model_config, "eos_token_id", None)) if isinstance(t, int)}
     if remote is not None:
         return _generate_remote(remote, split, model_sha(shards, lm), ids, cfg, eos, tokenizer, json_out, force,
-                                dict(model=model_id, prompt=prompt, split_layer=split_layer))
+                                dict(model=model_id, prompt=prompt, split_layer=split_layer), live, lm)
     if live is not None:
         result = run_live(live, lm, split, ids, mask, cfg, eos)
         text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
@@ -161,12 +160,19 @@ def model_sha(shards: Path | None, lm) -> str:
     return read_manifest(shards).model_sha256
 
 
-def _generate_remote(remote: dict, split, sha: str, ids, cfg, eos, tokenizer, json_out, force, record: dict):
-    """The split's edge half here, its cloud half on a `serve-cloud`; same tokens as in process."""
+def _generate_remote(remote: dict, split, sha: str, ids, cfg, eos, tokenizer, json_out, force, record: dict,
+                     live=None, lm=None):
+    """The split's edge half here, its cloud half on a `serve-cloud`; same tokens as in process.
+    With `live`: Algorithm 2 on the measured link (cli.live.run_live_remote)."""
     from ..serve.client import RemoteCloud, generate_remote
 
     cloud = RemoteCloud(model_sha256=sha, **remote)
-    tokens = list(generate_remote(split, ids, cfg, cloud, eos_token_ids=eos))
+    if live is not None:
+        from .live import run_live_remote
+
+        tokens = run_live_remote(live, lm, split, ids, cfg, eos, cloud).tokens[0].tolist()
+    else:
+        tokens = list(generate_remote(split, ids, cfg, cloud, eos_token_ids=eos))
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     console.print(text, highlight=False, markup=False, soft_wrap=True)
     if json_out is not None:

@@ -1,6 +1,9 @@
-"""`generate --deadline D --link SPEC`: Algorithm 2 live on an emulated link, with a trace.
+"""`generate --deadline D --link SPEC`: Algorithm 2 live on an emulated link, with a trace;
+`generate --cloud HOST:PORT --deadline D`: the same policy on the measured network link
+(`--link` then shapes the uplink in real time on top of the real one).
 
-The options are checked before any model loads; the loop itself is `runtime.adaptive`.
+The options are checked before any model loads; the loops are `runtime.adaptive` (in process)
+and `serve.adaptive` (over the network).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ DEFAULT_EPS = 1e-3
 @dataclass(frozen=True)
 class LiveOptions:
     deadline_s: float
-    link: object  # runtime.link.LinkSpec
+    link: object  # runtime.link.LinkSpec (with --cloud: an optional shaper, else None)
     eps: float
     i_kv: int
     q_bar: int
@@ -26,19 +29,24 @@ class LiveOptions:
     trace: Path | None
 
 
-def live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, from_shards) -> LiveOptions | None:
-    """The live policy's settings (plan defaults, flags win), or None for a plain generation."""
+def live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, from_shards,
+                 remote: bool = False) -> LiveOptions | None:
+    """The live policy's settings (plan defaults, flags win), or None for a plain generation.
+    `remote` (--cloud): the link is measured, so --deadline alone suffices; --link shapes it."""
     from ..runtime.link import parse_link
     from ..units import parse_time
 
-    if deadline is None and link is None:
-        stray = [flag for flag, v in (("--eps", eps), ("--i-kv", i_kv), ("--trace", trace)) if v is not None]
+    if deadline is None and (link is None or remote):
+        stray = [flag for flag, v in (("--eps", eps), ("--i-kv", i_kv), ("--trace", trace), ("--link", link))
+                 if v is not None]
         stray += ["--local-tokens"] if local_tokens else []
         if stray:
-            raise SplitLLMError(f"{', '.join(stray)} steer the live policy: give --deadline and --link too")
+            need = "--deadline" if remote else "--deadline and --link"
+            raise SplitLLMError(f"{', '.join(stray)} steer the live policy: give {need} too")
         return None
-    if deadline is None or link is None:
-        raise SplitLLMError("--deadline and --link go together: the live policy needs a deadline and a link to measure")
+    if deadline is None or (link is None and not remote):
+        raise SplitLLMError("--deadline and --link go together: the live policy needs a deadline and a link to measure "
+                            "(or --cloud HOST:PORT, whose link it measures)")
     try:
         deadline_s = parse_time(deadline)
     except SplitLLMError as e:
@@ -57,7 +65,7 @@ def live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, for
         raise SplitLLMError("--local-tokens needs an edge holding every layer: run from --model, not --shards")
     check_output_path(trace, force)
     try:
-        link_spec = parse_link(link)
+        link_spec = parse_link(link) if link is not None else None
     except SplitLLMError as e:
         raise SplitLLMError(f"--link: {e}") from None
     return LiveOptions(deadline_s, link_spec, eps, i_kv, spec.codec.q_bar, spec.codec.q_bar_min,
@@ -77,6 +85,36 @@ def run_live(live: LiveOptions, lm, split, ids, mask, cfg, eos):
                                local_tokens=live.local_tokens, eos_token_ids=eos)
     err_console.print(f"live policy: D = {live.deadline_s * 1e3:g} ms, link {live.link.describe()}, "
                       f"eps {live.eps:g}, wire {split.wire.name}", highlight=False)
+    for line in format_trace(result):
+        err_console.print(line, highlight=False, markup=False)
+    if live.trace is not None:
+        write_trace(live.trace, result)
+        err_console.print(f"wrote {live.trace}", highlight=False)
+    return result
+
+
+def run_live_remote(live: LiveOptions, lm, split, ids, cfg, eos, cloud):
+    """Algorithm 2 on the measured link to a serve-cloud (`serve.adaptive`): the tokens and the
+    trace, printed as `run_live` prints it."""
+    from ..plan.early_exit import ExitPolicy
+    from ..runtime.adaptive import format_trace, measured_link_model, write_trace
+    from ..serve.adaptive import LiveRun, RemotePolicy
+    from ..serve.client import generate_remote, generate_remote_handoff
+
+    policy = ExitPolicy(live.deadline_s, live.q_bar, live.q_bar_min, live.i_kv, measured_link_model(live.eps))
+    run = LiveRun(RemotePolicy(policy, live.link), split)
+    if live.local_tokens:
+        from ..deploy.split import opsc_edge_model
+
+        tokens = list(generate_remote_handoff(split, opsc_edge_model(lm.model, split.spec), ids, cfg, cloud,
+                                              local_tokens=live.local_tokens, i_kv=live.i_kv, eos_token_ids=eos,
+                                              live=run))
+    else:
+        tokens = list(generate_remote(split, ids, cfg, cloud, eos_token_ids=eos, live=run))
+    result = run.result(tokens)
+    shaped = f", uplink shaped by {live.link.describe()}" if live.link is not None else ""
+    err_console.print(f"live policy on the measured link to {cloud.target}: D = {live.deadline_s * 1e3:g} ms{shaped}, "
+                      f"wire {split.wire.name}", highlight=False)
     for line in format_trace(result):
         err_console.print(line, highlight=False, markup=False)
     if live.trace is not None:

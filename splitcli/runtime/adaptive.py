@@ -40,12 +40,13 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..codec import CodecConfig
+from ..codec import CodecConfig, CodecStats
 from ..codec.config import MAX_Q_BAR
 from ..cost.latency import LinkModel
 from ..errors import SplitLLMError
@@ -98,27 +99,68 @@ def codec_frame_bound(cfg: CodecConfig, rows: int, hidden: int, q_bar: int, spar
     return int(math.ceil(header + rows * per_row))
 
 
-def session_wire_bytes(session: SplitSession, batch: int, kv_dtype: torch.dtype | None = None) -> WireBytes:
-    """wire_bytes(q_bar, i_kv, w) of one decode step of `batch` rows as this module sends it:
-    the hidden-state frame (exact for a raw wire, `codec_frame_bound` for a codec wire) plus,
-    with I_kv = 1, the KV payload of that step's rows of layers [0, ℓ)."""
-    wire = inner_wire(session.wire)
-    parts = session.cloud.parts
-    hidden = parts.config.hidden_size
-    itemsize = _ITEMSIZE[kv_dtype or _param_dtype(session.edge)]
-    kv = kv_payload_bytes(kv_layout(parts, range(session.edge.split_layer), batch), 1, itemsize)
-    raw = len(wire.encode(torch.zeros(batch, hidden))) if not isinstance(wire, CodecWire) else 0
+def frame_bytes_model(wire, hidden: int, last_stats: Callable[[], CodecStats | None] | None = None):
+    """frame(q_bar, rows) -> bytes of one frame of `rows` hidden states of width `hidden` on `wire`:
+    exact for a raw wire (its size does not depend on the values), `codec_frame_bound` for a codec
+    wire, with the sparse part per row of `last_stats()` (default: the wire's last frame; None: no
+    sparse part)."""
+    plain = inner_wire(wire)
+    stats = last_stats if last_stats is not None else (lambda: getattr(plain, "last_stats", None))
+    sizes: dict[int, int] = {}
+
+    def frame(q_bar: int, rows: int) -> float:
+        if isinstance(plain, CodecWire):
+            last = stats()
+            sparse = last.sparse_bytes / last.tokens if last is not None and last.tokens else 0.0
+            return float(codec_frame_bound(plain.cfg, rows, hidden, q_bar, sparse))
+        if rows not in sizes:
+            sizes[rows] = len(plain.encode(torch.zeros(rows, hidden)))
+        return float(sizes[rows])
+
+    return frame
+
+
+def handoff_wire_bytes(per_step: WireBytes, kv_bytes: float, history_frame: Callable[[int], float]) -> WireBytes:
+    """The handoff step's bytes: its own frame (`per_step`) plus the session so far, as KV rows
+    (`kv_bytes`, I_kv = 1) or as one frame of every position's hidden state at q̄
+    (`history_frame(q_bar)`, I_kv = 0: the cloud re-processes them)."""
 
     def wire_bytes(q_bar: int, i_kv: int, w: int) -> float:
-        if isinstance(wire, CodecWire):
-            last = wire.last_stats
-            sparse = last.sparse_bytes / last.tokens if last is not None and last.tokens else 0.0
-            frame = codec_frame_bound(wire.cfg, batch, hidden, q_bar, sparse)
-        else:
-            frame = raw
-        return float(frame + i_kv * kv)
+        payload = kv_bytes if i_kv else history_frame(q_bar)
+        return float(payload + per_step(q_bar, i_kv, w))
 
     return wire_bytes
+
+
+def session_wire_bytes(session: SplitSession, batch: int, kv_dtype: torch.dtype | None = None) -> WireBytes:
+    """wire_bytes(q_bar, i_kv, w) of one decode step of `batch` rows as this module sends it:
+    the hidden-state frame (`frame_bytes_model`) plus, with I_kv = 1, the KV payload of that
+    step's rows of layers [0, ℓ)."""
+    parts = session.cloud.parts
+    itemsize = _ITEMSIZE[kv_dtype or _param_dtype(session.edge)]
+    kv = kv_payload_bytes(kv_layout(parts, range(session.edge.split_layer), batch), 1, itemsize)
+    frame = frame_bytes_model(session.wire, parts.config.hidden_size)
+
+    def wire_bytes(q_bar: int, i_kv: int, w: int) -> float:
+        return float(frame(q_bar, batch) + i_kv * kv)
+
+    return wire_bytes
+
+
+def measured_link_model(eps: float) -> LinkModel:
+    """The eq. (9) model for a rate measured on a real link: one try at any rate (P_o ~ 0). The
+    transport's own retransmissions are already inside a measured delivery rate, so eps has no
+    lever there; the deadline still does."""
+    return LinkModel(1e18, 1e12, eps)
+
+
+def decide_on(link, policy: ExitPolicy, step: int, compute_s: float, wire_bytes: WireBytes, i_kv: int):
+    """decide_step on what `link` measured (`rate_estimate()`, R; `latency_s`, the fixed latency
+    added to the compute L_c); returns (decision, the rate used or None)."""
+    rate = link.rate_estimate()
+    decision = decide_step(policy, rate_bps=rate if rate is not None else 0.0, w=step,
+                           compute_s=compute_s + link.latency_s, wire_bytes=wire_bytes, current_i_kv=i_kv)
+    return decision, rate
 
 
 def _param_dtype(half) -> torch.dtype:
@@ -146,6 +188,9 @@ class TraceRow:
     retransmissions: int
     outage: bool
     note: str = ""
+    # A networked edge (splitcli.serve.adaptive) also records what it measured beside the link:
+    cloud_ms: float | None = None    # the time the cloud says it held the step (in measured_ms)
+    latency_ms: float | None = None  # the link's fixed latency the decision added to L_c
 
 
 @dataclass(frozen=True)
@@ -237,24 +282,8 @@ class _Loop:
         s = self.session
         _, rows = cache_rows(s.edge_cache, range(s.cloud.parts.num_layers), 0)
         kv = kv_rows_bytes(rows, _ITEMSIZE[self.kv_dtype or rows[0].keys.dtype])
-        positions = s.length
-        hidden = s.cloud.parts.config.hidden_size
-        plain = inner_wire(s.wire)
-        per_step = self.wire_bytes
-        sizes: dict[int, int] = {}
-
-        def frame(q_bar: int, n_rows: int) -> float:
-            if self.codec is not None:
-                return codec_frame_bound(self.codec.cfg, n_rows, hidden, q_bar)
-            if n_rows not in sizes:  # a raw frame's size does not depend on its values
-                sizes[n_rows] = len(plain.encode(torch.zeros(n_rows, hidden)))
-            return sizes[n_rows]
-
-        def wire_bytes(q_bar: int, i_kv: int, w: int) -> float:
-            payload = kv if i_kv else frame(q_bar, batch * positions)
-            return float(payload + per_step(q_bar, i_kv, w))
-
-        return wire_bytes
+        frame = frame_bytes_model(s.wire, s.cloud.parts.config.hidden_size, last_stats=lambda: None)
+        return handoff_wire_bytes(self.wire_bytes, kv, lambda q_bar: frame(q_bar, batch * s.length))
 
     def decide(self, step: int, wire_bytes: WireBytes):
         rate = self.link.rate_estimate()
@@ -262,10 +291,7 @@ class _Loop:
             self.link.transmit(self.probe_bytes)
             rate = self.link.rate_estimate()
         compute = self.fixed if self.fixed is not None else self.last_compute_s
-        decision = decide_step(self.policy, rate_bps=rate if rate is not None else 0.0, w=step,
-                               compute_s=compute + self.link.latency_s, wire_bytes=wire_bytes,
-                               current_i_kv=self.i_kv)
-        return decision, rate
+        return decide_on(self.link, self.policy, step, compute, wire_bytes, self.i_kv)
 
 
 def adaptive_generate(
@@ -384,16 +410,22 @@ def _generate(session, input_ids, attention_mask, cfg, policy, link, wire_bytes,
         loop.last_compute_s = compute_ms / 1e3
 
     tokens = stream.tokens()
+    summary = summarize(rows, policy, stopped, stop_reason, tokens.shape[1], loop.notes)
+    report = session.report if isinstance(session, HandoffSession) else None
+    return AdaptiveResult(tokens, rows, summary, report, stream.all_eos)
+
+
+def summarize(rows: list[TraceRow], policy: ExitPolicy, stopped: bool, stop_reason: str, tokens: int,
+              notes=()) -> AdaptiveSummary:
+    """The summary of a trace whose first row is the prefill (or the first local step)."""
     ran = [r for r in rows[1:] if r.measured_ms is not None]
     outages = sum(r.outage for r in ran)
-    summary = AdaptiveSummary(
+    return AdaptiveSummary(
         deadline_s=policy.deadline_s, eps=policy.link.eps, steps=len(ran),
         decisions=dict(Counter(r.decision for r in rows[1:])), outages=outages,
         outage_rate=outages / len(ran) if ran else 0.0, stopped_early=stopped, stop_reason=stop_reason,
-        tokens=tokens.shape[1], wire_bytes=sum(r.wire_bytes for r in rows),
-        link_s=sum(r.link_ms for r in rows) / 1e3, notes=tuple(loop.notes))
-    report = session.report if isinstance(session, HandoffSession) else None
-    return AdaptiveResult(tokens, rows, summary, report, stream.all_eos)
+        tokens=tokens, wire_bytes=sum(r.wire_bytes for r in rows),
+        link_s=sum(r.link_ms for r in rows) / 1e3, notes=tuple(notes))
 
 
 def _compute_ms(loop: _Loop, stats, extra_s: float) -> float:

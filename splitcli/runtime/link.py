@@ -285,6 +285,73 @@ class EmulatedLink:
         """Records of the frames sent since `len(records)` was `index`."""
         return self.records[index:]
 
+    def deliver(self, nbytes: int) -> FrameRecord:
+        """Real time only: charge one frame and sleep until it has arrived (serialization, then
+        propagation). A shaper in front of a real network: the edge calls it before handing a frame
+        to the socket, so the real exchange it times includes this link."""
+        if not self.real_time:
+            raise SplitLLMError("deliver() sleeps for real: make the link with real_time=True")
+        record = self.transmit(nbytes)  # sleeps the serialization
+        time.sleep(record.propagation_s)
+        self.clock.advance(record.propagation_s)
+        return record
+
+
+class MeasuredLink:
+    """What an edge knows of a real link, from its own exchanges: samples (bytes sent, seconds on
+    the link), where the seconds are an exchange's wall time (first byte handed to the socket ->
+    reply) less the time the peer says it held the request. It fits
+
+        seconds = latency + 8 n / R
+
+    over the last `window` samples: least squares when their sizes differ enough to separate the
+    two terms (the largest at least twice the smallest: a prefill or probe beside decode frames),
+    else the last fitted latency is kept and R is what remains. The latency is clipped to
+    [0, the smallest sample]; R is then 8 sum(n) / sum(seconds - latency) (a delivery rate, the
+    transport's own retransmissions inside it). Same interface as `EmulatedLink` for the policy:
+    `rate_estimate()` and `latency_s`.
+    """
+
+    def __init__(self, window: int = 8):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise SplitLLMError(f"measured link window must be an integer >= 2 samples, got {window!r}")
+        self.window = window
+        self.samples: list[tuple[int, float]] = []
+        self._latency = 0.0
+        self._rate: float | None = None
+
+    @property
+    def latency_s(self) -> float:
+        return self._latency
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        """One exchange: `nbytes` sent, `seconds` on the link (clipped at 0: clocks are coarse)."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise SplitLLMError(f"sample size must be an integer >= 0 bytes, got {nbytes!r}")
+        if not math.isfinite(seconds):
+            raise SplitLLMError(f"sample time must be finite, got {seconds!r}")
+        self.samples = (self.samples + [(nbytes, max(float(seconds), 0.0))])[-self.window:]
+        self._fit()
+
+    def _fit(self) -> None:
+        n = [float(b) for b, _ in self.samples]
+        t = [s for _, s in self.samples]
+        floor = min(t)
+        if len(n) >= 2 and max(n) > 0 and max(n) >= 2 * min(n):  # sizes far enough apart to fit both terms
+            mean_n, mean_t = sum(n) / len(n), sum(t) / len(t)
+            var = sum((x - mean_n) ** 2 for x in n)
+            slope = sum((x - mean_n) * (y - mean_t) for x, y in zip(n, t)) / var
+            if slope > 0:
+                self._latency = mean_t - slope * mean_n
+        self._latency = min(max(self._latency, 0.0), floor)
+        busy = sum(y - self._latency for y in t)
+        sent = sum(n)
+        self._rate = 8.0 * sent / busy if busy > 0 and sent > 0 else None
+
+    def rate_estimate(self) -> float | None:
+        """Delivery rate (bit/s) after the latency; None before a sample that took any time."""
+        return self._rate
+
 
 def span_seconds(frames: list[FrameRecord]) -> float:
     """Link time of a group of frames (one step): first send to last arrival; 0 for none."""

@@ -19,11 +19,15 @@ sampling, the cloud's sampler restarts from the seed, so sampled tokens after a 
 `generate_remote_handoff` recovers the same way after an I_kv = 0 handoff (its history starts
 with the hidden states of the local tokens); after an I_kv = 1 handoff a break is an error.
 
-Not here yet (issue 13): Algorithm 2 on the measured link, batches of prompts.
+Algorithm 2: with `live` (a `serve.adaptive.LiveRun`) every decode step is decided on the link
+this session measures (keep, compress harder, drop KV at the handoff, stop) and traced; see
+`splitcli.serve.adaptive`. A replay after a break codes the history at the plan's q̄, so greedy
+output after a recovery equals an uninterrupted run only where every step kept the plan's q̄.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +37,7 @@ import grpc
 import torch
 
 from splitcli.errors import SplitLLMError
+from splitcli.plan.early_exit import Step
 from splitcli.runtime.generate import SamplingConfig, sample_next
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
@@ -157,18 +162,25 @@ def _to_token(reply: pb.ServerMessage, step_id: int, cfg: SamplingConfig, vocab:
 
 
 def _open_stream(split, cloud: RemoteCloud, channel, max_tokens: int, cfg: SamplingConfig, top_k_logits: int,
-                 i_kv: int = 0):
+                 i_kv: int = 0, live=None):
     """A started, admitted stream and the payload bytes one chunk may carry."""
     stream = _Stream(cloud, channel)
     try:
-        stream.send(open_message(split, cloud, max_tokens, cfg, top_k_logits, i_kv))
+        msg = open_message(split, cloud, max_tokens, cfg, top_k_logits, i_kv)
+        t0 = time.perf_counter()
+        if live is not None:
+            live.shape(msg.ByteSize())  # the Open crosses the same (emulated) uplink as the frames
+        stream.send(msg)
         opened = stream.receive()
+        seconds = time.perf_counter() - t0
         if opened.WhichOneof("kind") != "opened" or not opened.opened.admitted:
             stream.receive()  # a refusal is followed by the status that says why: raises RemoteError
             raise SplitLLMError(f"the cloud did not admit the session: {opened.opened.reason or 'no reason given'}")
     except BaseException:
         stream.close()  # ends the request iterator too, so no thread waits on it
         raise
+    if live is not None:
+        live.opened(opened.opened, msg.ByteSize(), seconds)  # the round trip: the link's first sample
     chunk = min(cloud.max_message_bytes, opened.opened.max_message_bytes or cloud.max_message_bytes)
     return stream, chunk - CHUNK_HEADROOM
 
@@ -186,7 +198,7 @@ class _SplitSteps:
 
     def __init__(self, split, stream: _Stream, chunk: int, cfg: SamplingConfig, cache=None,
                  position: int = 0, step_id: int = 0, reopen: Callable | None = None,
-                 cloud: RemoteCloud | None = None):
+                 cloud: RemoteCloud | None = None, live=None):
         self.split, self.stream, self.chunk, self.cfg = split, stream, chunk, cfg
         # With `reopen` (a new admitted stream and its chunk size), a broken stream is rebuilt from
         # `history`: every hidden state [1, t, H] this edge has sent, in order.
@@ -196,26 +208,55 @@ class _SplitSteps:
         self.position, self.step_id = position, step_id
         self.vocab = split.edge.parts.config.vocab_size  # the embedding may be a QuantEmbedding (no .weight)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # the edge samples only in top-k mode
+        self.live = live  # serve.adaptive.LiveRun: Algorithm 2 per step, or None
+        self.encode_s = 0.0
+        self.exchange = None  # what the last exchange measured (with `live`)
 
-    def send_hidden(self, hidden: torch.Tensor) -> int:
-        """Hidden states [1, t, H] at the next t positions as one step; the cloud's next token."""
+    def send_hidden(self, hidden: torch.Tensor, q_bar: int | None = None, lead: tuple = ()) -> int:
+        """Hidden states [1, t, H] at the next t positions as one step; the cloud's next token.
+        `lead`: (messages, bytes, replies) sent first in the same exchange (a handoff's payload)."""
         t = hidden.shape[1]
         if self.reopen is None:
-            return self._exchange(hidden, self.position, self.step_id)
+            return self._exchange(hidden, self.position, self.step_id, q_bar, lead)
         self.history.append(hidden)
         try:
-            return self._exchange(hidden, self.position, self.step_id)
+            return self._exchange(hidden, self.position, self.step_id, q_bar, lead)
         except RemoteError as exc:
             if exc.code not in RETRYABLE:
                 raise
             return self._recover(exc, self.position + t)
 
-    def _exchange(self, hidden: torch.Tensor, position: int, step_id: int) -> int:
+    def _exchange(self, hidden: torch.Tensor, position: int, step_id: int, q_bar: int | None = None,
+                  lead: tuple = ()) -> int:
         t = hidden.shape[1]
-        frame = self.split.wire.encode(hidden.reshape(t, -1))
-        for msg in chunk_frame(frame, step_id, position, t, self.chunk):
+        live = self.live
+        e0 = time.perf_counter()
+        if live is not None:
+            frame, field = live.encode(hidden.reshape(t, -1), q_bar)
+        else:
+            frame, field = self.split.wire.encode(hidden.reshape(t, -1)), 0
+        self.encode_s = time.perf_counter() - e0
+        messages = chunk_frame(frame, step_id, position, t, self.chunk, q_bar=field)
+        lead_msgs, lead_bytes, lead_replies = lead or ((), 0, 0)
+        s0 = time.perf_counter()
+        if live is not None:
+            live.shape(lead_bytes + len(frame))
+        for msg in (*lead_msgs, *messages):
             self.stream.send(msg)
-        token = _to_token(self.stream.receive(), step_id, self.cfg, self.vocab, self.generator)
+        cloud_us = 0
+        for _ in range(lead_replies):  # a handoff's hidden states are answered: that token is known
+            reply = self.stream.receive()
+            if reply.WhichOneof("kind") != "token":
+                raise SplitLLMError("the cloud answered the handoff with something else")
+            cloud_us += reply.token.cloud_us
+        reply = self.stream.receive()
+        seconds = time.perf_counter() - s0
+        token = _to_token(reply, step_id, self.cfg, self.vocab, self.generator)
+        if live is not None:
+            from splitcli.serve.adaptive import Exchange
+
+            self.exchange = Exchange(lead_bytes + len(frame), seconds, (cloud_us + reply.token.cloud_us) / 1e6)
+            live.measured(self.exchange)
         self.position, self.step_id = position + t, step_id + 1
         return token
 
@@ -236,33 +277,65 @@ class _SplitSteps:
         raise SplitLLMError(f"the cloud stream broke at position {length} and {cloud.retries} reconnects "
                             f"failed: {last.code.name}: {last.details}")
 
-    def step(self, ids: torch.Tensor) -> int:
-        """Token ids [1, t] through the edge half, then across."""
+    def step(self, ids: torch.Tensor, stage: str = "split", decided=None, lead: tuple = (),
+             kv_bytes: int = 0) -> int | None:
+        """Token ids [1, t] through the edge half, then across; None when Algorithm 2 stops here.
+        `decided`: (decision, rate) made already (a handoff's, whose payload goes as `lead`)."""
         t = ids.shape[1]
+        live = self.live
+        decision = rate = None
+        q_bar, note = None, ""
+        if live is not None and (self.position > 0 or decided is not None):
+            decision, rate = decided or live.decide(live.per_step_bytes())
+            if decision.step is Step.STOP:
+                live.stop(stage, decision, rate)
+                return None
+            q_bar, note = live.q_bar_for(decision)
+        c0 = time.perf_counter()
         hidden = self.split.edge(ids, torch.arange(self.position, self.position + t)[None], None, self.cache)
-        return self.send_hidden(hidden)
+        edge_s = time.perf_counter() - c0
+        token = self.send_hidden(hidden, q_bar, lead)
+        if live is not None:
+            compute_s = edge_s + self.encode_s
+            if decision is None:  # the prefill: not decided (D bounds a token step, not the prompt)
+                live.row("prefill", "prefill", "", live.base_q_bar, 0, None, None, compute_s, self.exchange, check=False)
+                live.last_compute_s = compute_s / t
+            else:
+                live.row(stage, decision.step.value, decision.reason, q_bar, live.i_kv if stage == "handoff" else 0,
+                         rate, decision.latency_s, compute_s, self.exchange, kv_bytes, note)
+                live.last_compute_s = compute_s
+        return token
 
 
 def generate_remote(split, input_ids, cfg: SamplingConfig, cloud: RemoteCloud,
                     eos_token_ids: set[int] | None = None, top_k_logits: int = 0,
-                    channel: grpc.Channel | None = None) -> Iterator[int]:
+                    channel: grpc.Channel | None = None, live=None) -> Iterator[int]:
     """Yield up to cfg.max_new_tokens token ids for one prompt (ids [1, T] or a list), the edge
-    half running here and the cloud half on `cloud`. Stops after an eos token."""
+    half running here and the cloud half on `cloud`. Stops after an eos token, or where `live`
+    (a `serve.adaptive.LiveRun`: Algorithm 2 on the measured link) says stop."""
     ids = _prompt_ids(input_ids)
     eos = set(eos_token_ids or ())
     own_channel = channel is None
     channel = channel or cloud.channel()
     steps = None
+    if live is not None and live.i_kv:
+        live.i_kv = 0
+        live.note("I_kv = 0 on split steps: a networked split sends hidden states only (I_kv picks a handoff's payload)")
 
     def reopen():
-        return _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, top_k_logits)
+        return _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, top_k_logits, live=live)
 
     try:
         stream, chunk = reopen()
-        steps = _SplitSteps(split, stream, chunk, cfg, reopen=reopen if cloud.retries else None, cloud=cloud)
+        steps = _SplitSteps(split, stream, chunk, cfg, reopen=reopen if cloud.retries else None, cloud=cloud,
+                            live=live)
         new = ids
-        for _ in range(cfg.max_new_tokens):
+        for i in range(cfg.max_new_tokens):
+            if live is not None:
+                live.step = i
             token = steps.step(new)
+            if token is None:
+                break
             yield token
             if token in eos:
                 break
@@ -275,9 +348,24 @@ def generate_remote(split, input_ids, cfg: SamplingConfig, cloud: RemoteCloud,
             channel.close()
 
 
+def _probe(stream: _Stream, live) -> None:
+    """A Probe of the live run's probe size, timed: the link's first large sample (a handoff
+    decides before any step has crossed)."""
+    from splitcli.serve.adaptive import Exchange
+
+    padding = bytes(live.settings.probe_bytes)
+    t0 = time.perf_counter()
+    live.shape(len(padding))
+    stream.send(pb.ClientMessage(probe=pb.Probe(padding=padding)))
+    reply = stream.receive()
+    if reply.WhichOneof("kind") != "probe" or reply.probe.received != len(padding):
+        raise SplitLLMError("the cloud answered a probe with something else")
+    live.measured(Exchange(len(padding), time.perf_counter() - t0, 0.0))
+
+
 def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, cloud: RemoteCloud, *,
                             local_tokens: int, i_kv: int = 0, eos_token_ids: set[int] | None = None,
-                            channel: grpc.Channel | None = None) -> Iterator[int]:
+                            channel: grpc.Channel | None = None, live=None) -> Iterator[int]:
     """Fig. 5b over the network: the edge's model of all layers (`edge_model`, e.g.
     `deploy.opsc_edge_model`) prefills and samples the first `local_tokens` tokens here, as
     `runtime.handoff.handoff_generate` does in process; then the session crosses to the cloud and
@@ -286,7 +374,9 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
     token). I_kv = 1: the KV rows of layers [ℓ, L) cross as one KV step (installed, not answered).
     The cloud is contacted only at the handoff. Greedy output equals the in-process handoff; with
     temperature > 0 the cloud's sampler starts from the seed at the handoff, so sampled tokens
-    after it differ from in process."""
+    after it differ from in process. With `live` (Algorithm 2), `i_kv` is the plan's: the handoff
+    step is decided on a probe of the link (keep, compress, I_kv = 0 instead of the KV rows, or
+    stop with the local tokens), and every split step after it like `generate_remote`'s."""
     from splitcli.model.split import decoder_parts, new_cache
     from splitcli.runtime.generate import TokenStream
     from splitcli.runtime.handoff import KVPayload, cache_rows, encode_kv, install_rows
@@ -296,7 +386,7 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
     if i_kv not in (0, 1):
         raise SplitLLMError(f"I_kv must be 0 or 1, got {i_kv!r}")
     if local_tokens == 0:
-        yield from generate_remote(split, input_ids, cfg, cloud, eos_token_ids, channel=channel)
+        yield from generate_remote(split, input_ids, cfg, cloud, eos_token_ids, channel=channel, live=live)
         return
     ids = _prompt_ids(input_ids)
     ell = split.spec.split_layer
@@ -306,11 +396,19 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
 
     @torch.inference_mode()
     def local_forward(new: torch.Tensor, position: int) -> torch.Tensor:
+        t0 = time.perf_counter()
         out = edge_model(input_ids=new, position_ids=torch.arange(position, position + new.shape[1])[None],
                          cache=local_cache, use_cache=True, logits_to_keep=1, output_hidden_states=True)
         hidden_at_l.append(out.hidden_states[ell])  # the input of layer ℓ: what the edge half would send
+        if live is not None:
+            seconds = time.perf_counter() - t0
+            live.row("local", "local", "the edge generates alone", None, i_kv, None, None, seconds, None,
+                     check=live.step > 0)
+            live.last_compute_s = seconds / new.shape[1]
         return out.logits[:, -1]
 
+    if live is not None:
+        live.i_kv, live.step = i_kv, 0
     logits, position = local_forward(ids, 0), ids.shape[1]
     while True:
         nxt = tokens.sample(logits)
@@ -319,13 +417,15 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
             return
         if len(tokens.out) == local_tokens:
             break
+        if live is not None:
+            live.step = len(tokens.out)
         logits, position = local_forward(nxt[:, None], position), position + 1
     own_channel = channel is None
     channel = channel or cloud.channel()
     stream = steps = None
 
     def reopen():
-        return _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, 0, i_kv)
+        return _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, 0, i_kv, live=live)
 
     try:
         stream, chunk = reopen()
@@ -333,21 +433,50 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
         edge_cache = split.edge.new_cache()
         length, rows = cache_rows(local_cache, range(ell), 0)
         install_rows(edge_cache, KVPayload(0, length, tuple(rows)), rows[0].keys.dtype)
+        n_layers = decoder_parts(edge_model).num_layers
+        count, kv_rows = cache_rows(local_cache, range(ell, n_layers), 0)
+        kv_frame = encode_kv(kv_rows, 0, count) if i_kv == 1 else b""
+        use_kv, decided = i_kv, None
+        if live is not None:
+            live.step = len(tokens.out)
+            if live.adaptive_server:
+                _probe(stream, live)
+            else:
+                live.note("no probe (the cloud predates Probe): the handoff is decided on the Open round trip alone")
+            decided = live.decide(live.handoff_bytes(len(kv_frame), count), dataclasses.replace(live.policy, i_kv=i_kv))
+            if decided[0].step is Step.STOP:
+                live.stop("handoff", *decided)
+                stream.send(pb.ClientMessage(close=pb.Close()))
+                return
+            use_kv = live.i_kv = min(i_kv, decided[0].i_kv)
         # Recovery replays hidden states at ℓ: with I_kv = 0 they are the whole history. With I_kv = 1
         # the cloud's rows for the local tokens came from the edge's (OPSC) model; re-processing
         # their hidden states would not rebuild the same cache, so a break there is an error.
-        recover = reopen if cloud.retries and i_kv == 0 else None
-        steps = _SplitSteps(split, stream, chunk, cfg, cache=edge_cache, reopen=recover, cloud=cloud)
-        if i_kv == 1:
-            n_layers = decoder_parts(edge_model).num_layers
-            count, kv_rows = cache_rows(local_cache, range(ell, n_layers), 0)
-            for msg in chunk_frame(encode_kv(kv_rows, 0, count), 0, 0, count, chunk, kind=pb.PAYLOAD_KV):
-                stream.send(msg)
+        recover = reopen if cloud.retries and use_kv == 0 else None
+        steps = _SplitSteps(split, stream, chunk, cfg, cache=edge_cache, reopen=recover, cloud=cloud, live=live)
+        history = torch.cat(hidden_at_l, dim=1)
+        if use_kv == 1:
+            lead = (chunk_frame(kv_frame, 0, 0, count, chunk, kind=pb.PAYLOAD_KV), len(kv_frame), 0)
             steps.position, steps.step_id = count, 1
-        else:
-            steps.send_hidden(torch.cat(hidden_at_l, dim=1))  # the handoff: its token is already sampled
+        elif live is None:
+            steps.send_hidden(history)  # the handoff: its token is already sampled
+            lead = ()
+        else:  # the history crosses in the handoff step's exchange, at the decided q̄; its reply is known
+            q_bar, _ = live.q_bar_for(decided[0])
+            frame, field = live.encode(history.reshape(count, -1), q_bar)
+            lead = (chunk_frame(frame, 0, 0, count, chunk, q_bar=field), len(frame), 1)
+            steps.history.append(history)
+            steps.position, steps.step_id = count, 1
+        stage, kv_bytes = "handoff", len(kv_frame) if use_kv else 0
         while True:
-            token = steps.step(nxt[:, None])
+            if live is not None:
+                live.step = len(tokens.out)
+            token = steps.step(nxt[:, None], stage=stage, decided=decided, lead=lead, kv_bytes=kv_bytes)
+            if token is None:
+                break
+            stage, decided, lead, kv_bytes = "split", None, (), 0
+            if live is not None:
+                live.i_kv = 0  # split steps after the handoff carry hidden states only
             nxt = torch.tensor([token])
             yield token
             tokens.out.append(nxt)

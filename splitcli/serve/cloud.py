@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from splitcli.codec.config import MIN_Q
 from splitcli.errors import SplitLLMError
 from splitcli.quant import fp_kv_bytes_per_token
+from splitcli.runtime.adaptive import with_q_bar
 from splitcli.runtime.generate import SamplingConfig, sample_next
 from splitcli.serve.batching import Batcher, CloudState
 from splitcli.serve.proto import split_pb2 as pb
@@ -141,6 +143,7 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
                                active=lambda: len(self._sessions))  # a racy read is fine for a hint
         self._pending: dict[int, tuple[object, float]] = {}  # streams not yet past Open: (context, since)
         self._kv_used = 0
+        self._cfgs: dict = {}  # q̄ -> the session codec cut to it (at most one per q̄ in [2, q̄])
         self._ids = itertools.count()
         self._counters = ServeCounters()
         self._draining = False
@@ -226,7 +229,8 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
         try:
             yield pb.ServerMessage(opened=pb.Opened(
                 admitted=True, session_id=sess.id, max_message_bytes=self.settings.max_message_bytes,
-                max_frame_bytes=self.settings.max_frame_bytes, protocol_version=PROTOCOL_VERSION))
+                max_frame_bytes=self.settings.max_frame_bytes, protocol_version=PROTOCOL_VERSION,
+                adaptive_steps=True))
             last_reply = None
             admitted_at = time.monotonic()
             for msg in request_iterator:
@@ -234,17 +238,22 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
                 kind = msg.WhichOneof("kind")
                 if kind == "close":
                     return
+                if kind == "probe":  # the edge timing its link: answered at once, nothing kept
+                    yield pb.ServerMessage(probe=pb.ProbeReply(received=len(msg.probe.padding)))
+                    continue
                 if kind != "step":
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected a step or close, got {kind or 'nothing'}")
                 with self._lock:  # under the reaper's lock: a session is either reaped or busy, never both
                     if sess.id not in self._sessions:
                         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the session was idle too long and was freed")
                     sess.busy = True
+                held = time.perf_counter()
                 try:
                     token = self._step(sess, msg.step, context)
                 finally:
                     sess.busy, sess.last_active = False, time.monotonic()
                 if token is not None:
+                    token.cloud_us = int((time.perf_counter() - held) * 1e6)
                     reply = pb.ServerMessage(token=token)
                     with self._lock:
                         self._counters.reply_bytes_out += reply.ByteSize()
@@ -369,7 +378,7 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
             return None
         if step.kind != pb.PAYLOAD_HIDDEN:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step.step_id} has an unknown payload kind")
-        return self._run_step(sess, step.step_id, step.position, step.n_tokens, frame, context)
+        return self._run_step(sess, step.step_id, step.position, step.n_tokens, frame, context, step.q_bar)
 
     def _check_span(self, sess: _Session, step_id: int, position: int, n_tokens: int, context) -> None:
         if position != sess.state.length:
@@ -411,9 +420,24 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
             self._counters.prompt_tokens += n_tokens if position == 0 else 0
             self._counters.frame_bytes_in += len(frame)
 
-    def _run_step(self, sess: _Session, step_id: int, position: int, n_tokens: int, frame: bytes, context):
+    def _codec_at(self, q_bar: int, step_id: int, context):
+        """The session codec cut to the q̄ a Step names (Algorithm 2 compressing harder); None: its own."""
+        if q_bar == 0:
+            return None
+        base = getattr(self.split.wire, "cfg", None)
+        if base is None or not MIN_Q <= q_bar <= base.q_bar:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step_id} names q̄ {q_bar}: the session's wire "
+                                                            + (f"takes q̄ in [{MIN_Q}, {base.q_bar}]" if base else "is raw"))
+        with self._lock:
+            if q_bar not in self._cfgs:
+                self._cfgs[q_bar] = with_q_bar(base, q_bar)
+            return self._cfgs[q_bar]
+
+    def _run_step(self, sess: _Session, step_id: int, position: int, n_tokens: int, frame: bytes, context,
+                  q_bar: int = 0):
+        cfg = self._codec_at(q_bar, step_id, context)
         try:
-            hidden = decode_frame(self.split.wire, frame, n_tokens, self.hidden_size)
+            hidden = decode_frame(self.split.wire, frame, n_tokens, self.hidden_size, cfg)
         except SplitLLMError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step_id}: {exc}")
         started = time.perf_counter()

@@ -45,25 +45,27 @@ def codec_from_pb(msg: pb.CodecSettings) -> CodecSettings:
 
 
 def chunk_frame(frame: bytes, step_id: int, position: int, n_tokens: int, max_chunk: int,
-                kind: int = pb.PAYLOAD_HIDDEN) -> list[pb.ClientMessage]:
-    """One step's frame as messages of at most `max_chunk` payload bytes each (at least one)."""
+                kind: int = pb.PAYLOAD_HIDDEN, q_bar: int = 0) -> list[pb.ClientMessage]:
+    """One step's frame as messages of at most `max_chunk` payload bytes each (at least one).
+    `q_bar` > 0: the codec frame was coded at that q̄ (Step.q_bar), 0: at the session's."""
     if max_chunk < 1:
         raise SplitLLMError(f"chunk size must be >= 1 byte, got {max_chunk}")
     pieces = [frame[i: i + max_chunk] for i in range(0, len(frame), max_chunk)] or [b""]
     return [pb.ClientMessage(step=pb.Step(step_id=step_id, position=position, n_tokens=n_tokens, payload=p,
-                                          chunk_index=i, chunk_count=len(pieces), kind=kind))
+                                          chunk_index=i, chunk_count=len(pieces), kind=kind, q_bar=q_bar))
             for i, p in enumerate(pieces)]
 
 
-def decode_frame(wire, frame: bytes, n_tokens: int, hidden_size: int) -> torch.Tensor:
-    """A peer's frame -> hidden states [n_tokens, H] float32, or SplitLLMError. Sizes are capped at
+def decode_frame(wire, frame: bytes, n_tokens: int, hidden_size: int, cfg=None) -> torch.Tensor:
+    """A peer's frame -> hidden states [n_tokens, H] float32, or SplitLLMError; `cfg` replaces a
+    codec wire's config (a frame coded at another q̄). Sizes are capped at
     what the step claims before the codec allocates anything; a raw frame's length must match its
     header exactly (RawWire checks), so neither can make the server allocate more than it received
     times a small factor."""
     if isinstance(wire, CodecWire):
         from splitcli.codec import decode
 
-        hidden = decode(frame, wire.cfg, max_tokens=n_tokens, max_hidden=hidden_size,
+        hidden = decode(frame, cfg or wire.cfg, max_tokens=n_tokens, max_hidden=hidden_size,
                         max_elements=n_tokens * hidden_size).to(torch.float32)
     else:
         hidden = wire.decode(frame)
