@@ -24,7 +24,7 @@ def _plan(**kw) -> Plan:
 
 
 def test_planned_edge_quantizes_copies_and_uses_qa_cache():
-    from splitcli.quant import Int4Linear, QuantEmbedding, QuantizedKVCache, QuantLinear
+    from splitcli.quant import Int4Linear, Int8Linear, QuantEmbedding, QuantizedKVCache, QuantLinear
 
     model = _tiny("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -33,7 +33,7 @@ def test_planned_edge_quantizes_copies_and_uses_qa_cache():
     assert isinstance(edge.new_cache(), QuantizedKVCache)
     layers = edge.parts.layers
     assert isinstance(layers[0].mlp.up_proj, (Int4Linear, QuantLinear)) and layers[0].mlp.up_proj.bits == 4
-    assert isinstance(layers[1].mlp.up_proj, QuantLinear) and layers[1].mlp.up_proj.bits == 8
+    assert isinstance(layers[1].mlp.up_proj, Int8Linear) and layers[1].mlp.up_proj.bits == 8  # the int8 kernel
     assert layers[3] is model.model.layers[3]  # the cloud's layers are the model's own
     assert isinstance(edge.parts.embed_tokens, QuantEmbedding)
     after = model.state_dict()

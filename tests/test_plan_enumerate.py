@@ -415,3 +415,20 @@ def test_split_as_l_w_adds_the_lean_spelling():
     assert [(c.split_layer, c.l_w) for c in space.candidates(L)] == [(1, 0), (1, 1), (1, 4), (3, 0), (3, 3), (3, 4)]
     result = search_plans(_profile(), space, Budgets(10**9, 1.0), 8, lambda c: 0.0)
     assert (result.winner.candidate.split_layer, result.winner.candidate.l_w) == (3, 3)
+
+
+def test_widths_without_a_kernel_are_refused_with_the_reason():
+    from splitcli.plan.enumerate import KERNEL_BITS
+
+    assert KERNEL_BITS == (4, 8, 16)
+    base = _profile()
+    layers = tuple(LayerCost(prefill_ms={1: 1.0}, decode_ms=1.0, weight_bytes={2: 50, 3: 75, 4: 100, 8: 200, 16: 400},
+                             kv_bytes_per_token={8: 2.0, 16: 4.0}, activation_peak_bytes=10.0) for _ in range(L))
+    profile = Profile("toy", 64, 1, 8, DeviceInfo("toy"), layers, base.embedding, base.head, base.codec)
+    space = SearchSpace(split_layers=(2,), q_w=((3, None), (2, 16), (8, None)), qa=(8,), q_bar=(4,), tau=(5.0,))
+    result = search_plans(profile, space, Budgets(memory_bytes=10**12, max_accuracy_drop=1.0), 8, lambda c: 0.0)
+    by_bits = {(r.candidate.q_w1, r.candidate.q_w2): r for r in result.ranked}
+    for key in ((3, None), (2, 16)):
+        r = by_bits[key]
+        assert r.status == "rejected" and r.rejected_by == "invalid" and "no fast kernel" in r.reason
+    assert result.winner is not None and result.winner.candidate.q_w1 == 8

@@ -49,7 +49,7 @@ def test_quantize_writes_self_contained_dir(shard_dir, tiny_lm):
     names = {p.name for p in shard_dir.iterdir()}
     assert {EDGE_FILE, CLOUD_FILE, MANIFEST_FILE, "config.json", "tokenizer.json"} <= names
     m = yaml.safe_load((shard_dir / MANIFEST_FILE).read_text())
-    assert m["format_version"] == SHARD_FORMAT_VERSION == 2 and m["split_layer"] == 2 and m["l_w"] == 2
+    assert m["format_version"] == SHARD_FORMAT_VERSION == 3 and m["split_layer"] == 2 and m["l_w"] == 2
     assert m["layer_bits"] == [4, 4, None, None] and m["group_size"] == 32 and m["kv_bits"] == 8
     assert m["model_sha256"] == tiny_lm.sha256
     edge, _ = read_tensors(shard_dir / EDGE_FILE)
@@ -189,6 +189,11 @@ def test_bad_shards_refused(shard_dir, tmp_path):
             load(d)
     r = runner.invoke(app, ["generate", "--shards", str(d), "--prompt", "hi", "-n", "1"])
     assert r.exit_code == 2 and "re-run `splitllm quantize`" in r.output and "Traceback" not in r.output
+    # version 2 stored 8-bit weights group-wise, which the int8 kernel cannot run: refused too
+    _edit_manifest(d, format_version=2)
+    for load in (load_edge, load_cloud):
+        with pytest.raises(SplitLLMError, match=r"version 2 is not supported \(its 8-bit.*re-run `splitllm quantize`"):
+            load(d)
     (d / MANIFEST_FILE).unlink()
     with pytest.raises(SplitLLMError, match="manifest.yaml"):
         load_cloud(d)

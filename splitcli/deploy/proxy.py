@@ -3,7 +3,8 @@
 See `splitcli.plan.accuracy` for what a drop is and how the proxy is read: WikiText-2 perplexity
 on a short calibration slice (by default 1 window of 512 tokens from the start of the test
 split), with the candidate's edge layers [0, l) fake-quantized to their OPSC weight bits
-(group-wise RTN, dequantized back to fp32) and, when Qa < 16, the edge layers' keys and values
+(the runtime's scheme at those bits: per-channel int8 at 8, group-wise RTN otherwise, dequantized
+back to fp32) and, when Qa < 16, the edge layers' keys and values
 stored in a Qa-bit cache. It does not model the codec (q_bar, tau) on the hidden state.
 
 Cost control: each layer's quantized codes are computed once per bit width and reused; perplexity
@@ -25,8 +26,7 @@ from splitcli.errors import SplitLLMError
 from splitcli.model.split import CloudHalf, EdgeHalf, decoder_parts
 from splitcli.plan.accuracy import edge_bits
 from splitcli.plan.enumerate import Candidate
-from splitcli.quant import KEEP_BITS, KVQuantConfig, QuantizedKVCache
-from splitcli.quant.rtn import dequantize_groupwise, quantize_groupwise
+from splitcli.quant import KEEP_BITS, KVQuantConfig, QuantizedKVCache, dequantize_weight, quantize_weight
 
 def resolve_data_dir(option: str | os.PathLike[str] | None) -> Path:
     """The data directory holding WikiText-2's test file (--data-dir, else $SPLITLLM_DATA, else
@@ -62,7 +62,7 @@ class PerplexityProxy:
         self.windows = windows  # [n, seqlen]
         self.group_size = group_size
         self.progress = progress
-        self._codes: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._codes: dict[tuple[int, str, int], tuple[torch.Tensor, ...]] = {}
         self._ppl: dict[tuple, float] = {}
         self.evaluations = 0
 
@@ -90,11 +90,11 @@ class PerplexityProxy:
         return (self.perplexity(edge_bits(candidate, self.n_layers), candidate.qa) - base) / base
 
     def _fake_weights(self, k: int, name: str, linear: torch.nn.Linear, bits: int) -> torch.Tensor:
+        # the scheme the runtime runs at these bits (8: per-channel int8 for the int8 kernel)
         key = (k, name, bits)
         if key not in self._codes:
-            self._codes[key] = quantize_groupwise(linear.weight, bits, self.group_size, torch.bfloat16)
-        q, scale, zero = self._codes[key]
-        return dequantize_groupwise(q, scale, zero, bits, linear.weight.dtype)
+            self._codes[key] = quantize_weight(linear.weight, bits, self.group_size)
+        return dequantize_weight(self._codes[key], bits, linear.weight.dtype)
 
     @torch.inference_mode()
     def _evaluate(self, weights: tuple[tuple[int, int], ...], qa: int, kv_layers: int) -> float:

@@ -39,7 +39,13 @@ from .safetensors_io import payload_bytes
 # 2: int4 weights are stored as portable codes on every CPU. Version-1 shards written on a CPU
 # without AVX-512 hold codes scrambled by that CPU's int4 kernel layout, and nothing in their bytes
 # tells, so version 1 is refused outright.
-SHARD_FORMAT_VERSION = 2
+# 3: 8-bit weights are per-output-channel symmetric int8 (the int8 kernel's format, Int8Linear)
+# instead of group-wise asymmetric codes, which only a dequantize-per-call layer could run.
+SHARD_FORMAT_VERSION = 3
+_OLD_VERSIONS = {
+    1: "its int4 weights may be laid out for the CPU that wrote them, and corrupt on any other",
+    2: "its 8-bit weights are group-wise codes; 8-bit weights are now per-channel int8 for the int8 kernel",
+}
 EDGE_FILE, CLOUD_FILE, MANIFEST_FILE = "edge.safetensors", "cloud.safetensors", "manifest.yaml"
 COPIED_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -120,8 +126,7 @@ class QuantSpec:
 def check_shard_version(version, where: str) -> None:
     if version == SHARD_FORMAT_VERSION:
         return
-    why = (" (its int4 weights may be laid out for the CPU that wrote them, and corrupt on any other)"
-           if version == 1 else "")
+    why = f" ({_OLD_VERSIONS[version]})" if version in _OLD_VERSIONS else ""
     raise SplitLLMError(
         f"{where}: shard format version {version!r} is not supported{why}; this splitllm reads version "
         f"{SHARD_FORMAT_VERSION}: re-run `splitllm quantize`"

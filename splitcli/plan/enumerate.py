@@ -44,6 +44,12 @@ from splitcli.plan.codec_settings import CodecSettings
 from splitcli.plan.schema import Budgets, Plan
 from splitcli.units import format_bytes
 
+#: Weight widths with a fast CPU kernel (4: Int4Linear on the int4 kernel, 8: Int8Linear on the
+#: int8 kernel, 16: as loaded). Other widths (2, 3) only run dequantized at every call, slower than
+#: keeping the weights in fp32 (measured 7-10x per layer), so the planner refuses them with this
+#: reason rather than hand a user a plan that is small and slow.
+KERNEL_BITS: tuple[int, ...] = (4, 8, 16)
+
 #: How the edge stores its embedding when nobody says otherwise: the plan's own default (which
 #: is `splitllm quantize`'s), read from the Plan schema so the planner never carries a copy.
 DEFAULT_EMBED_BITS: int = next(f.default for f in fields(Plan) if f.name == "embed_bits")  # type: ignore[assignment]
@@ -328,6 +334,10 @@ def search_plans(
         bits = layer_weight_bits(L, cand.l_w, cand.q_w1, cand.q_w2, method)  # type: ignore[arg-type]
         if any(b is None for b in bits[: cand.split_layer]):
             return "an edge layer has no weights (q_w2 None)"
+        slow = sorted({b for b in bits if b is not None and b not in KERNEL_BITS})
+        if slow:
+            return (f"{'/'.join(map(str, slow))}-bit weights have no fast kernel (dequantized at every call, "
+                    f"slower than fp32); widths with kernels: {', '.join(map(str, KERNEL_BITS))}")
         try:
             return candidate_edge_memory(weight_table, cand, kv_of(cand.qa), max_tokens,
                                          activation_peaks, embedding_bytes)

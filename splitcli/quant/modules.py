@@ -1,5 +1,7 @@
-"""Quantized drop-in modules: Int4Linear (torch CPU int4 kernel), QuantLinear (any bit width,
-dequantized on the fly) and QuantEmbedding (row gather, then dequantize only the rows used).
+"""Quantized drop-in modules: Int4Linear (torch CPU int4 kernel), Int8Linear (torch CPU int8
+weight-only kernel, per-output-channel symmetric), QuantLinear (any bit width, dequantized on the
+fly: the planner does not pick widths that only run here) and QuantEmbedding (row gather, then
+dequantize only the rows used).
 
 Every module keeps only its quantized tensors in memory and can `export()` them in the portable
 storage format of `splitcli.quant.rtn` (packed uint8 codes + bf16 scales + bf16 zeros + optional
@@ -19,6 +21,7 @@ from splitcli.quant.rtn import (
     dequantize_groupwise,
     pack_codes,
     quantize_groupwise,
+    quantize_symmetric_rows,
     unpack_codes,
 )
 
@@ -79,8 +82,9 @@ class QuantLinear(nn.Module):
     (what eq. (1) counts). Dequantizing per call is slow — measured at batch 1 on this 2-core
     host, 576x576 at 8 bits: 0.20 ms vs 0.027 ms for fp32 (best of repeats) — but a cached float
     copy would hold 4 bytes per weight, more than the unquantized layer, which defeats OPSC on
-    the edge. So no cache: 4-bit layers go through Int4Linear instead, and a fused kernel for the
-    other widths is future work. Output dtype follows the input.
+    the edge. So no cache: 4-bit layers go through Int4Linear and 8-bit ones through Int8Linear;
+    2- and 3-bit layers (and shapes the kernels refuse) stay here, and the planner refuses those
+    widths (`splitcli.plan.enumerate.KERNEL_BITS`). Output dtype follows the input.
     """
 
     def __init__(
@@ -209,6 +213,74 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=4, group={self.group_size}, kernel=cpu-int4"
+
+
+INT8_KERNEL_COL_MULTIPLE = 16  # _weight_int8pack_mm crashes (AVX-512) on other input widths
+
+
+def int8_kernel_supports(in_features: int) -> bool:
+    """Whether `Int8Linear` runs this input width on torch's int8 kernel (else it dequantizes)."""
+    return in_features > 0 and in_features % INT8_KERNEL_COL_MULTIPLE == 0
+
+
+class Int8Linear(nn.Module):
+    """8-bit linear on torch's CPU weight-only kernel `_weight_int8pack_mm`.
+
+    Weights are per-output-channel symmetric int8 codes [N, K] with one bf16 scale per row
+    (`quantize_symmetric_rows`): exactly the kernel's operands, so the stored, held and computed
+    numbers are the same on every CPU and `export()` is the held tensors themselves. The input is
+    cast to bf16 (fp32 activations take the kernel's slow path: measured 0.62 vs 0.026 ms for
+    1536x576) and the output back to the input dtype. Input widths the kernel cannot take
+    (`int8_kernel_supports`) are served by dequantizing, which is slow but exact to the format.
+    """
+
+    bits = 8
+
+    def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        if tuple(codes.shape) != (out_features, in_features) or codes.dtype != torch.int8:
+            raise SplitLLMError(f"Int8Linear codes must be int8 [{out_features}, {in_features}], got "
+                                f"{codes.dtype} {tuple(codes.shape)}")
+        if tuple(scales.shape) != (out_features,):
+            raise SplitLLMError(f"Int8Linear scales must be [{out_features}], got {tuple(scales.shape)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = in_features  # one scale per output row
+        self.register_buffer("codes", codes.contiguous())  # [N, K] int8
+        self.register_buffer("scales", scales.to(WEIGHT_SCALE_DTYPE).contiguous())  # [N] bf16
+        self.register_buffer("bias", bias)  # [N] float32 or None
+        self._kernel = int8_kernel_supports(in_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q, s = quantize_symmetric_rows(linear.weight, WEIGHT_SCALE_DTYPE)
+        bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        return cls(linear.in_features, linear.out_features, q, s, bias)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.codes.to(dtype) * self.scales.to(dtype)[:, None]  # [N, K]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._kernel:
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype), b)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, K]
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)  # [tokens, N] bf16
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def export(self) -> dict[str, torch.Tensor]:
+        out = {"codes": self.codes, "scales": self.scales}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        kernel = "cpu-int8" if self._kernel else "dequantize"
+        return f"in={self.in_features}, out={self.out_features}, bits=8, per-channel symmetric, kernel={kernel}"
 
 
 class QuantEmbedding(nn.Module):

@@ -101,6 +101,28 @@ def quantize_groupwise(
     return q.to(torch.uint8).reshape(x.shape), scale, zero
 
 
+def quantize_symmetric_rows(
+    w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric 8-bit RTN (the int8 weight kernel's format): w [N, K] ->
+    (q int8 [N, K] in [-127, 127], scale [N] in `scale_dtype`), w_hat = q * scale.
+
+    The stored scale is max|row| / 127 rounded *up* in `scale_dtype`, so no code is clipped and
+    every element is within half a step: |w - w_hat| <= scale / 2. An all-zero row gets scale 0
+    and codes 0 (exact)."""
+    if w.ndim != 2 or w.shape[1] == 0:
+        raise SplitLLMError(f"per-row int8 quantization needs a non-empty [rows, cols] matrix, got {tuple(w.shape)}")
+    x = w.detach().double()
+    if not bool(torch.isfinite(x).all()):
+        raise SplitLLMError("cannot quantize a tensor that holds NaN or Inf values")
+    scale = _round_up_to(x.abs().amax(dim=-1) / 127, scale_dtype)  # [N]
+    if not bool(torch.isfinite(scale).all()):
+        raise SplitLLMError(f"value range too large for {scale_dtype} scales")
+    s = scale.double().unsqueeze(-1)
+    q = torch.where(s > 0, torch.round(x / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(x))
+    return q.clamp_(-127, 127).to(torch.int8), scale
+
+
 def dequantize_groupwise(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

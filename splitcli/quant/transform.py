@@ -7,6 +7,9 @@ Storage format of one quantized module at prefix `p` (all tensors contiguous):
   p.zeros  bf16  [rows, cols / group_size]          (value of the middle code)
   p.bias   float32 [rows]                            (linears with a bias only)
   p.qmeta  int32 [6] = (FORMAT_VERSION, kind, bits, group_size, cols, rows)
+8-bit linears (Int8Linear, kind 3) instead hold the int8 kernel's own operands: p.codes int8
+[rows, cols] symmetric codes, p.scales bf16 [rows] (one per output channel), no p.zeros; their
+group_size in qmeta is cols.
 Everything that is not quantized (norm weights, layers kept at 16 "bits") is stored as it sits in
 the module, so on the float32 CPU runtime it costs 4 bytes per value.
 """
@@ -21,6 +24,7 @@ from torch import nn
 from splitcli.errors import SplitLLMError
 from splitcli.quant.modules import (
     Int4Linear,
+    Int8Linear,
     QuantEmbedding,
     QuantLinear,
     WEIGHT_SCALE_DTYPE,
@@ -29,10 +33,11 @@ from splitcli.quant.modules import (
 from splitcli.quant.rtn import KEEP_BITS, SUPPORTED_BITS, check_bits, check_group_size, packed_width
 
 FORMAT_VERSION = 1
-_KIND = {QuantLinear: 0, Int4Linear: 1, QuantEmbedding: 2}
+_KIND = {QuantLinear: 0, Int4Linear: 1, QuantEmbedding: 2, Int8Linear: 3}
 QMETA_NUMEL = 6
 _SCALE_BYTES = torch.empty((), dtype=WEIGHT_SCALE_DTYPE).element_size()
-_QUANTIZED = (QuantLinear, Int4Linear, QuantEmbedding)
+_QUANTIZED = (QuantLinear, Int4Linear, QuantEmbedding, Int8Linear)
+_LINEARS = (nn.Linear, QuantLinear, Int4Linear, Int8Linear)
 
 
 def opsc_bits(L: int, l_w: int, q_w1: int, q_w2: int | None, method: str = "front") -> list[int | None]:
@@ -79,7 +84,7 @@ def layer_shapes_of(layer: nn.Module) -> LayerShapes:
     """Shapes of a (float or already quantized) decoder layer."""
     linears, others, inside = [], [], []
     for name, m in layer.named_modules():
-        if isinstance(m, (nn.Linear, QuantLinear, Int4Linear)):
+        if isinstance(m, _LINEARS):
             linears.append((name, m.out_features, m.in_features, m.bias is not None))
             inside.append(name + ".")
     for name, t in layer.state_dict().items():
@@ -116,6 +121,15 @@ def quantized_matrix_bytes(rows: int, cols: int, bits: int, group_size: int) -> 
     return rows * packed_width(cols, bits) + 2 * rows * groups * _SCALE_BYTES + 4 * QMETA_NUMEL
 
 
+def linear_matrix_bytes(rows: int, cols: int, bits: int, group_size: int) -> int:
+    """Stored bytes of one quantized linear weight as `quantize_layers_` builds it: 8 bits is
+    Int8Linear (int8 codes + one bf16 scale per row + qmeta), other widths group-wise
+    (`quantized_matrix_bytes`)."""
+    if bits == 8:
+        return rows * cols + rows * _SCALE_BYTES + 4 * QMETA_NUMEL
+    return quantized_matrix_bytes(rows, cols, bits, group_size)
+
+
 def layer_weight_bytes(shapes: LayerShapes, bits: int | None, group_size: int, float_bytes: int = 4) -> int:
     """Exact stored bytes of one decoder layer at `bits` (None: not kept -> 0; 16: unquantized).
 
@@ -129,7 +143,7 @@ def layer_weight_bytes(shapes: LayerShapes, bits: int | None, group_size: int, f
         if bits == KEEP_BITS:
             total += (out_f * in_f + (out_f if has_bias else 0)) * float_bytes
         else:
-            total += quantized_matrix_bytes(out_f, in_f, bits, group_size) + (4 * out_f if has_bias else 0)
+            total += linear_matrix_bytes(out_f, in_f, bits, group_size) + (4 * out_f if has_bias else 0)
     return total
 
 
@@ -157,7 +171,35 @@ def default_group_size(shapes: LayerShapes, preferred: tuple[int, ...] = (128, 6
     )
 
 
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, ...]:
+    """`weight` [N, K] in the scheme `quantize_layers_` stores at `bits`: 8 -> (q int8, scale [N])
+    per-channel symmetric; other widths -> (q, scale, zero) group-wise RTN with bf16 scales."""
+    from splitcli.quant.rtn import quantize_groupwise, quantize_symmetric_rows
+
+    if bits == 8:
+        return quantize_symmetric_rows(weight, WEIGHT_SCALE_DTYPE)
+    return quantize_groupwise(weight, bits, group_size, WEIGHT_SCALE_DTYPE)
+
+
+def dequantize_weight(quantized: tuple[torch.Tensor, ...], bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_weight`: the [N, K] weight the runtime computes with."""
+    from splitcli.quant.rtn import dequantize_groupwise
+
+    if bits == 8:
+        q, s = quantized
+        return q.to(dtype) * s.to(dtype)[:, None]
+    return dequantize_groupwise(*quantized, bits, dtype)
+
+
+def fake_quantized_weight(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """`weight` quantized and dequantized back to its dtype exactly as the runtime stores it, so an
+    accuracy proxy measures the scheme the runtime uses."""
+    return dequantize_weight(quantize_weight(weight, bits, group_size), bits, weight.dtype)
+
+
 def _quantize_linear(linear: nn.Linear, bits: int, group_size: int, use_int4_kernel: bool) -> nn.Module:
+    if bits == 8:
+        return Int8Linear.from_linear(linear)
     if bits == 4 and use_int4_kernel and int4_kernel_supports(linear.out_features, linear.in_features, group_size):
         return Int4Linear.from_linear(linear, group_size)
     return QuantLinear.from_linear(linear, bits, group_size)
@@ -173,8 +215,9 @@ def quantize_layers_(
     """Swap every nn.Linear in `decoder_layers[i]` (i in layer_ids) for a quantized module, in place.
 
     `bits` is one width for all given layers or one per id (as from `opsc_bits`); 16 or None leaves
-    a layer alone. 4-bit linears use Int4Linear where the kernel supports the shape. All shapes are
-    checked before anything is changed.
+    a layer alone. 8-bit linears become Int8Linear (per-channel, `group_size` does not apply);
+    4-bit ones use Int4Linear where the kernel supports the shape. All shapes are checked before
+    anything is changed.
     """
     ids = list(layer_ids)
     per = bits if isinstance(bits, list) else [bits] * len(ids)
@@ -189,7 +232,8 @@ def quantize_layers_(
         check_bits(b)
         for name, m in decoder_layers[i].named_modules():
             if isinstance(m, nn.Linear):
-                check_group_size(m.in_features, group_size)
+                if b != 8:
+                    check_group_size(m.in_features, group_size)
                 plan.append((decoder_layers[i], name, m, b))
     for layer, name, m, b in plan:
         layer.set_submodule(name, _quantize_linear(m, b, group_size, use_int4_kernel))
@@ -225,6 +269,8 @@ def _build(prefix: str, sd: dict[str, torch.Tensor]) -> nn.Module:
     if len(meta) != QMETA_NUMEL or meta[0] != FORMAT_VERSION:
         raise SplitLLMError(f"{prefix}qmeta: unsupported quantized format {meta[:1]} (expected {FORMAT_VERSION})")
     _, kind, bits, group, cols, rows = meta
+    if kind == _KIND[Int8Linear]:
+        return _build_int8(prefix, sd, rows, cols, meta)
     try:
         codes, scales, zeros = sd[prefix + "codes"], sd[prefix + "scales"], sd[prefix + "zeros"]
     except KeyError as e:
@@ -240,6 +286,16 @@ def _build(prefix: str, sd: dict[str, torch.Tensor]) -> nn.Module:
     if kind == _KIND[QuantEmbedding]:
         return QuantEmbedding(rows, cols, bits, group, codes, scales, zeros)
     raise SplitLLMError(f"{prefix}qmeta: unknown quantized module kind {kind}")
+
+
+def _build_int8(prefix: str, sd: dict[str, torch.Tensor], rows: int, cols: int, meta: list) -> Int8Linear:
+    try:
+        codes, scales = sd[prefix + "codes"], sd[prefix + "scales"]
+    except KeyError as e:
+        raise SplitLLMError(f"quantized tensor {e.args[0]} is missing") from None
+    if codes.dtype != torch.int8 or tuple(codes.shape) != (rows, cols) or tuple(scales.shape) != (rows,):
+        raise SplitLLMError(f"{prefix}codes/scales have dtypes or shapes that do not match their qmeta {meta}")
+    return Int8Linear(cols, rows, codes, scales, sd.get(prefix + "bias"))
 
 
 def load_quantized_(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
