@@ -9,7 +9,9 @@ import torch
 
 from splitcli.codec import (CodecConfig, FrameError, calibrate_channel_class, calibrate_channel_scale, calibrate_config,
                             decode, encode)
+from splitcli.codec.calibrate import calibrate_from_samples
 from splitcli.codec.frame import FLAG_COMPACT
+from splitcli.plan.codec_settings import CodecSettings
 
 CAPS = dict(max_tokens=128, max_hidden=256, max_elements=8192)
 
@@ -23,6 +25,10 @@ def _seed_frames():
     wide = torch.randn(32, 256, generator=g) * 3
     static = calibrate_config(wide, CodecConfig(q_bar=6, delta=0.0), n_classes=None)
     static_cls = calibrate_config(wide * torch.linspace(0.2, 5, 256), CodecConfig(q_bar=6, delta=0.0), n_classes=4)
+    # format v3: the rotation (seed in the header), with the channel scale, classes and static model
+    rot_cal = calibrate_from_samples(wide * torch.linspace(0.2, 5, 256),
+                                     CodecSettings(tau=8.0, q_bar=5, rotation="hadamard", rotation_seed=77,
+                                                   channel_alpha=0.5, n_classes=4))
     frames = [
         (encode(x, CodecConfig(tau=5.0, tau_quantile=None, q_bar=5, delta=0.2)), None),
         (encode(x, CodecConfig(tau=5.0, tau_quantile=None, q_bar=4, entropy=False)), None),
@@ -34,6 +40,10 @@ def _seed_frames():
         (encode(wide[:1], static), static),      # rans-static
         (encode(wide[:1] * torch.linspace(0.2, 5, 256), static_cls), static_cls),   # rans-static per class
         (encode(torch.zeros(4, 8), CodecConfig(tau=1.0, tau_quantile=None)), None),
+        (encode(x, CodecConfig(tau=5.0, tau_quantile=None, q_bar=4, rotation_seed=3)), None),
+        (encode(x.half(), CodecConfig(tau=float("inf"), tau_quantile=None, q_bar=3, rotation_seed=4, entropy=False)), None),
+        (encode(wide[:1], rot_cal), rot_cal),                      # v3 compact, rans-static
+        (encode(wide, rot_cal), rot_cal),                          # v3, per-class models
     ]
     for f, s in frames:   # the seeds themselves are valid
         decode(f, s, **CAPS)

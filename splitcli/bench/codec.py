@@ -178,7 +178,8 @@ def sweep_codec_ppl(split: Split, params: CodecSettings, calib: torch.Tensor, ev
     hidden_size = split.edge.parts.config.hidden_size
     rows = []
     for i, (tq, qb) in enumerate(grid):
-        p = replace(params, tau=None, tau_quantile=tq, q_bar=qb)
+        p = replace(params, tau=None, tau_quantile=tq, q_bar=qb, q_bar_min=min(params.q_bar_min, qb),
+                    target_rel_error=None)
         cfg = calibrate_from_samples(calib, p)
         wire = CodecWire(cfg)
         probe = _Probe(wire)

@@ -96,6 +96,10 @@ _CODEC_FLAGS = (
     ("tau_quantile", float, "--tau-quantile", "τ at this quantile of |x| on the calibration slice (default: 0.999)."),
     ("q_bar", int, "--max-bits", "Q̄: widest TAB-Q code in bits, sign included (default: 6)."),
     ("delta", float, "--delta", "Per-token distortion tolerance Δ (default: 0.05)."),
+    ("rotation", str, "--rotation", "Rotate T_below before TAB-Q: none or hadamard (seeded, known to both ends; default: none)."),
+    ("rotation_seed", int, "--rotation-seed", "Seed of the Hadamard rotation's random signs (default: 0)."),
+    ("channel_alpha", float, "--channel-alpha", "Divide each channel by its calibrated RMS^alpha before TAB-Q, alpha in [0, 1] (default: 0 = off)."),
+    ("target_rel_error", float, "--target-error", "Let calibration pick τ and Q̄ for this mean per-token relative error of the non-massive channels, e.g. 0.1 (default: off)."),
 )
 
 

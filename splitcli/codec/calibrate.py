@@ -10,6 +10,7 @@ costs more bits at equal L2 error, kept for experiments).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -20,6 +21,7 @@ from splitcli.codec.config import MAX_CLASSES, CodecConfig
 from splitcli.codec.entropy import COUNT_TOTAL
 from splitcli.codec.tabq import tab_q
 from splitcli.codec.threshold import calibrate_tau, split_threshold
+from splitcli.codec.transform import rotate
 from splitcli.errors import SplitLLMError
 from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE, CodecSettings
 
@@ -60,6 +62,15 @@ def calibrate_channel_class(samples, tau: float, n_classes: int = 8) -> tuple[in
     return tuple(int(c) for c in np.searchsorted(edges, log_rms, side="right"))
 
 
+def coded_below(x: np.ndarray, cfg: CodecConfig) -> np.ndarray:
+    """What TAB-Q sees of x [tokens, hidden] under cfg (absolute tau): T_below, divided by the
+    channel scale, rotated; the domain the channel classes and the symbol model describe."""
+    _, below = split_threshold(x, cfg.tau)
+    if cfg._scale is not None:
+        below = below / cfg._scale
+    return rotate(below, cfg.rotation_seed) if cfg.rotation_seed is not None else below
+
+
 def calibrate_symbol_model(samples, cfg: CodecConfig) -> tuple[tuple[int, ...], ...]:
     """Symbol counts per (width, channel class) for `CodecConfig.symbol_model`: the samples are
     split at cfg's tau (which must be absolute), scaled by its channel_scale if any, and
@@ -74,9 +85,7 @@ def calibrate_symbol_model(samples, cfg: CodecConfig) -> tuple[tuple[int, ...], 
     x = np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])              # [tokens, hidden]
     if x.size == 0 or not np.isfinite(x).all():
         raise SplitLLMError("cannot calibrate the symbol model from empty or non-finite samples")
-    _, below = split_threshold(x, cfg.tau)
-    if cfg._scale is not None:
-        below = below / cfg._scale
+    below = coded_below(x, cfg)
     class_cols = cfg._class_cols if cfg._class_cols is not None else [np.arange(x.shape[1])]
     model = []
     for width in range(cfg.q_min, cfg.q_bar + 1):
@@ -100,13 +109,109 @@ def calibrate_config(samples, base: CodecConfig | None = None, *, tau_quantile: 
     return replace(cfg, symbol_model=calibrate_symbol_model(samples, cfg)) if symbol_model else cfg
 
 
-def calibrate_from_samples(samples: torch.Tensor, settings: CodecSettings) -> CodecConfig:
+def channel_alpha_scale(samples, tau: float, alpha: float) -> tuple[float, ...]:
+    """rms_c^alpha of T_below per channel, normalized to geometric mean 1 (so alpha only reshapes
+    the channels, not the overall step), for `CodecConfig.channel_scale`."""
+    s = channel_rms_below(samples, tau) ** alpha
+    return tuple(float(v) for v in (s / np.exp(np.log(s).mean())).astype(np.float32))
+
+
+def _samples_2d(samples) -> np.ndarray:
+    if isinstance(samples, (torch.Tensor, np.ndarray)):
+        samples = [samples]
+    rows = [s.detach().to("cpu", torch.float32).numpy() if isinstance(s, torch.Tensor) else np.asarray(s, np.float32)
+            for s in samples]
+    x = np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])              # [tokens, hidden]
+    if x.size == 0 or not np.isfinite(x).all():
+        raise SplitLLMError("cannot calibrate the codec from empty or non-finite samples")
+    return x
+
+
+def calibrate_from_samples(samples, settings: CodecSettings) -> CodecConfig:
     """The deployment config from hidden states [tokens, hidden]: τ fixed (from the quantile,
-    or as given), and, with entropy coding, channel classes + a static symbol model."""
+    or as given), the channel scale (channel_alpha > 0), and, with entropy coding, channel
+    classes + a static symbol model, all in the domain TAB-Q codes (after rotation). With a
+    `target_rel_error`, `calibrate_to_target` picks τ and q̄ first (see there)."""
+    if settings.target_rel_error is not None:
+        return calibrate_to_target(samples, settings)[0]
+    x = _samples_2d(samples)
     cfg = CodecConfig.from_settings(settings)
     if settings.tau is None:
-        cfg = replace(cfg, tau=calibrate_tau(samples, settings.tau_quantile), tau_quantile=None)
+        cfg = replace(cfg, tau=calibrate_tau(x, settings.tau_quantile), tau_quantile=None)
+    if settings.channel_alpha > 0:
+        cfg = replace(cfg, channel_scale=channel_alpha_scale(x, cfg.tau, settings.channel_alpha))
     if settings.entropy:
-        cfg = replace(cfg, channel_class=calibrate_channel_class(samples, cfg.tau, settings.n_classes))
-        cfg = replace(cfg, symbol_model=calibrate_symbol_model(samples, cfg))
+        if cfg._scale is None and cfg.rotation_seed is None:    # the paper's domain: as before v3
+            classes = calibrate_channel_class(x, cfg.tau, settings.n_classes)
+        else:
+            classes = calibrate_channel_class(coded_below(x, cfg), math.inf, settings.n_classes)
+        cfg = replace(cfg, channel_class=classes)
+        cfg = replace(cfg, symbol_model=calibrate_symbol_model(x, cfg))
     return cfg
+
+
+#: A channel is "massive" (Gemma-style, or SmolLM2's few dominant ones) when its RMS exceeds
+#: this multiple of the median channel RMS; the distortion target is measured without them,
+#: because a token's norm is then theirs and any error on the other channels would look tiny.
+MASSIVE_RATIO = 8.0
+#: q̄ values and τ quantiles `calibrate_to_target` tries.
+TARGET_Q_BARS = (3, 4, 5, 6, 7, 8)
+TARGET_TAU_QUANTILES = (0.999, 0.9999)
+
+
+def bulk_channels(x: np.ndarray) -> np.ndarray:
+    """Indices of the channels of x [tokens, hidden] that are not massive (see MASSIVE_RATIO)."""
+    rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=0))        # [hidden]
+    med = float(np.median(rms))
+    keep = np.flatnonzero(rms <= MASSIVE_RATIO * med) if med > 0 else np.arange(x.shape[1])
+    return keep if keep.size else np.arange(x.shape[1])
+
+
+def bulk_rel_error(y: np.ndarray, x: np.ndarray, cols: np.ndarray) -> float:
+    """Mean over tokens of ||(y - x)_S|| / ||x_S|| with S = cols (tokens with x_S = 0 skipped):
+    the distortion `target_rel_error` bounds."""
+    d = (y[:, cols] - x[:, cols]).astype(np.float64)
+    ref = np.sqrt(np.einsum("ij,ij->i", x[:, cols].astype(np.float64), x[:, cols].astype(np.float64)))
+    err = np.sqrt(np.einsum("ij,ij->i", d, d))
+    ok = ref > 0
+    return float(np.mean(err[ok] / ref[ok])) if ok.any() else 0.0
+
+
+def calibrate_to_target(samples, settings: CodecSettings) -> tuple[CodecConfig, dict]:
+    """Pick τ and q̄ for `settings.target_rel_error` on these samples: among τ at the settings'
+    quantile, at TARGET_TAU_QUANTILES, and at the 0.999 quantile of the non-massive channels
+    alone (so massive channels travel exactly), and q̄ in TARGET_Q_BARS, the smallest frame over
+    the samples whose `bulk_rel_error` is <= the target; if none meets it, the most accurate.
+    Returns the calibrated config and what was chosen and measured (for the user to see)."""
+    from splitcli.codec.frame import decode, encode   # frame imports this module's siblings only
+
+    target = settings.target_rel_error
+    if target is None:
+        raise SplitLLMError("calibrate_to_target needs settings with a target_rel_error")
+    x = _samples_2d(samples)
+    cols = bulk_channels(x)
+    taus = {}
+    if settings.tau is not None:
+        taus["given"] = settings.tau
+    else:
+        for q in dict.fromkeys((settings.tau_quantile, *TARGET_TAU_QUANTILES)):
+            taus[f"quantile {q}"] = calibrate_tau(x, q)
+        if cols.size < x.shape[1]:
+            taus["bulk quantile 0.999"] = calibrate_tau(x[:, cols], 0.999)
+    tried = []
+    for tau_name, tau in taus.items():
+        for q_bar in TARGET_Q_BARS:
+            trial = replace(settings, tau=tau, tau_quantile=None, q_bar=q_bar, q_bar_min=min(settings.q_bar_min, q_bar),
+                            target_rel_error=None)
+            cfg = calibrate_from_samples(x, replace(trial, entropy=False))   # reconstruction only
+            frame = encode(x, replace(cfg, entropy=settings.entropy))
+            err = bulk_rel_error(decode(frame, cfg).numpy(), x, cols)
+            tried.append(dict(tau_from=tau_name, tau=tau, q_bar=q_bar, bytes_per_token=len(frame) / x.shape[0],
+                              bulk_rel_error=err, settings=trial))
+    met = [t for t in tried if t["bulk_rel_error"] <= target]
+    best = min(met, key=lambda t: t["bytes_per_token"]) if met else min(tried, key=lambda t: t["bulk_rel_error"])
+    report = dict(target_rel_error=target, met=bool(met), tau_from=best["tau_from"], tau=best["tau"],
+                  q_bar=best["q_bar"], bulk_rel_error=best["bulk_rel_error"],
+                  bytes_per_token=best["bytes_per_token"], massive_channels=int(x.shape[1] - cols.size),
+                  candidates=len(tried))
+    return calibrate_from_samples(x, best["settings"]), report

@@ -11,10 +11,15 @@ from splitcli.errors import SplitLLMError
 # The bounds' one home is the user-facing settings type (torch-free, carried by plans).
 from splitcli.plan.codec_settings import (  # noqa: F401
     DEFAULT_DELTA, DEFAULT_Q_BAR, DEFAULT_TAU_QUANTILE, MAX_CLASSES, MAX_Q_BAR, MIN_Q, check_codec_bounds,
+    check_transform_bounds,
 )
 
-#: Wire-format version written into every frame and carried by persisted configs.
-FORMAT_VERSION = 2   # 2: compact header for one-token frames (frame.py)
+#: Newest wire-format version (frame.py): 2 added the compact header for one-token frames, 3 the
+#: Hadamard rotation (its seed in the header). Frames that use no version-3 feature are still
+#: written as version 2, so older decoders keep reading them.
+FORMAT_VERSION = 3
+#: Config versions this build reads (a version-2 config is a version-3 one without rotation).
+_CONFIG_VERSIONS = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,9 @@ class CodecConfig:
     channel_class: optional class id (0..15) per channel; the entropy coder may then keep one
         symbol model per (width, class) instead of per width (see `calibrate.py`). Lossless;
         persisted like channel_scale, frames carry its crc32.
+    rotation_seed: None (no rotation) or the seed of the randomized Hadamard rotation applied to
+        T_below after channel_scale and before TAB-Q (splitcli.codec.transform; not in the paper).
+        The frame carries the seed, so decoding needs nothing else for it.
     symbol_model: optional calibrated symbol counts, one list per (width, class), width-major:
         widths q_min..q_bar, classes 0..max(channel_class) (one class without channel_class);
         each list has 2^width entries in 0..65535. Held by both sides so that small
@@ -57,6 +65,7 @@ class CodecConfig:
     channel_scale: tuple[float, ...] | None = None
     channel_class: tuple[int, ...] | None = None
     symbol_model: tuple[tuple[int, ...], ...] | None = None
+    rotation_seed: int | None = None
     version: int = FORMAT_VERSION
     _scale: np.ndarray | None = field(init=False, repr=False, compare=False, default=None)
     _scale_crc: int = field(init=False, repr=False, compare=False, default=0)
@@ -66,10 +75,14 @@ class CodecConfig:
     _static_crc: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
-        if self.version != FORMAT_VERSION:
-            raise SplitLLMError(f"codec config version {self.version} is not supported "
-                                f"(this build writes version {FORMAT_VERSION})")
+        if self.version not in _CONFIG_VERSIONS:
+            raise SplitLLMError(f"codec config version {self.version!r} is not supported "
+                                f"(this build reads versions {', '.join(map(str, _CONFIG_VERSIONS))})")
         check_codec_bounds(self.tau, self.tau_quantile, self.q_bar, self.q_min, self.delta, self.entropy)
+        if self.rotation_seed is not None:
+            if self.version < 3:
+                raise SplitLLMError("codec rotation_seed needs config version 3")
+            check_transform_bounds("hadamard", self.rotation_seed, 0.0)
         if self.channel_scale is not None:
             scale, crc = channel_scale_array(self.channel_scale)
             # cached on the frozen instance: encode runs per decode step and must stay cheap
@@ -96,7 +109,8 @@ class CodecConfig:
     def from_settings(cls, settings) -> "CodecConfig":
         """The uncalibrated wire config of a user's `CodecSettings` (τ still a quantile unless absolute)."""
         return cls(tau=settings.tau, tau_quantile=None if settings.tau is not None else settings.tau_quantile,
-                   q_bar=settings.q_bar, delta=settings.delta, entropy=settings.entropy)
+                   q_bar=settings.q_bar, delta=settings.delta, entropy=settings.entropy,
+                   rotation_seed=settings.rotation_seed if settings.rotation == "hadamard" else None)
 
     def to_dict(self) -> dict:
         """Plain data for a plan file (JSON/YAML): the constructor's fields only, tuples as lists."""

@@ -1,6 +1,6 @@
 """The wire frame: encode a hidden state [tokens, hidden] to self-describing bytes and back.
 
-Layout, little-endian (version 2):
+Layout, little-endian (version 2; version 3 = version 2 + FLAG_ROTATION and its seed):
 
     header   magic "SLCF" | version u8 | dtype u8 | flags u8 | q_bar u8 | q_min u8 | 0 u8
              | tokens u32 | hidden u32 | tau f32 | delta f32 | n_outliers u32 | body_len u32
@@ -10,6 +10,7 @@ Layout, little-endian (version 2):
              | crc32 of the channel scale u32 (only if FLAG_CHANNEL_SCALE)
              | crc32 of the channel classes u32 (only if FLAG_CHANNEL_CLASS)
              | crc32 of the static symbol model u32 (only if FLAG_STATIC_MODEL)
+             | rotation seed u32 (only if FLAG_ROTATION, version 3 only)
     per token  widths u8[tokens] | scales f32[tokens] | zeros i32[tokens] (only if FLAG_ZEROS)
     sparse   counts u16[tokens] (CSR row pointers = their prefix sums; absent with FLAG_COMPACT,
              where the one row holds all n_outliers) | cols u16[n_outliers]
@@ -18,6 +19,11 @@ Layout, little-endian (version 2):
              class ascending when FLAG_CLASS_MODELS): lo u8 | hi u8 | counts u16[hi-lo+1]
     body     body_len bytes: rANS uint32 words, or per width group the symbols bit-packed
     crc32    u32 over everything above
+
+Version 3 (FLAG_ROTATION): T_below (after the channel scale) was rotated by the seeded randomized
+Hadamard transform of splitcli.codec.transform before TAB-Q; decoding un-rotates the eq. 7
+reconstruction with the header's seed. A frame that does not rotate is written as version 2,
+byte for byte what earlier builds wrote, and both versions decode.
 
 tau and delta are informational (decoding does not need them). Frames encoded with per-channel
 calibration (channel_scale / channel_class / symbol_model, see calibrate.py) decode only with the
@@ -39,6 +45,7 @@ from splitcli.codec.config import FORMAT_VERSION, MAX_Q_BAR, MIN_Q, CodecConfig
 from splitcli.codec.entropy import MODE_RANS, MODE_RANS_CLASSES, MODE_RANS_STATIC, MODE_RAW, decode_body, encode_body
 from splitcli.codec.tabq import reconstruct, tab_q
 from splitcli.codec.threshold import calibrate_tau, split_threshold
+from splitcli.codec.transform import rotate, rotation_supported, unrotate
 from splitcli.errors import SplitLLMError
 
 MAGIC = b"SLCF"
@@ -55,8 +62,10 @@ FLAG_CHANNEL_CLASS = 8
 FLAG_CLASS_MODELS = 16
 FLAG_STATIC_MODEL = 32
 FLAG_COMPACT = 64
-_KNOWN_FLAGS = FLAG_RANS | FLAG_ZEROS | FLAG_CHANNEL_SCALE | FLAG_CHANNEL_CLASS | FLAG_CLASS_MODELS | \
+FLAG_ROTATION = 128      # version 3 only
+_V2_FLAGS = FLAG_RANS | FLAG_ZEROS | FLAG_CHANNEL_SCALE | FLAG_CHANNEL_CLASS | FLAG_CLASS_MODELS | \
     FLAG_STATIC_MODEL | FLAG_COMPACT
+_KNOWN_FLAGS = {2: _V2_FLAGS, 3: _V2_FLAGS | FLAG_ROTATION}
 
 # dtype code -> (torch dtype, numpy dtype holding its raw bits)
 _DTYPES = {0: (torch.float32, np.dtype("<u4")), 1: (torch.float16, np.dtype("<u2")),
@@ -71,6 +80,9 @@ DEFAULT_MAX_TOKENS = 1 << 16
 DEFAULT_MAX_ELEMENTS = 1 << 26      # 256 MiB of float32 output
 _MAX_ABS_ZERO = 1 << 21             # tabq keeps |z| <= 2^20
 _FLOAT32_MAX = np.finfo(np.float32).max
+#: Largest finite value of each output dtype: a reconstruction past it saturates, never turns inf.
+_FINITE_MAX = {torch.float32: float(_FLOAT32_MAX), torch.float16: 65504.0,
+               torch.bfloat16: float(torch.finfo(torch.bfloat16).max)}
 
 
 class FrameError(SplitLLMError):
@@ -146,6 +158,15 @@ def encode_with_stats(x, cfg: CodecConfig) -> tuple[bytes, CodecStats]:
     sparse, below = split_threshold(x32, tau)
     if cfg._scale is not None:
         below = below / cfg._scale                                        # [tokens, hidden]
+    rotated = cfg.rotation_seed is not None
+    if rotated:
+        if not rotation_supported(hidden):
+            raise SplitLLMError(f"codec rotation does not support hidden size {hidden}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            below = rotate(below, cfg.rotation_seed)                       # [tokens, hidden]
+        if not np.isfinite(below).all():
+            raise SplitLLMError("codec input is too large to rotate in float32 (values near 3e38 below tau); "
+                                "use a finite tau or rotation none")
     tq = tab_q(below, cfg.q_bar, cfg.q_min, cfg.delta)
 
     raw_bits = x.view(_BITS_VIEW[x.dtype]).numpy()
@@ -158,13 +179,14 @@ def encode_with_stats(x, cfg: CodecConfig) -> tuple[bytes, CodecStats]:
         (FLAG_CHANNEL_SCALE if cfg._scale is not None else 0) | \
         (FLAG_CHANNEL_CLASS if cfg._class_cols is not None else 0) | \
         (FLAG_CLASS_MODELS if body.mode == MODE_RANS_CLASSES else 0) | \
-        (FLAG_STATIC_MODEL if body.mode == MODE_RANS_STATIC else 0)
+        (FLAG_STATIC_MODEL if body.mode == MODE_RANS_STATIC else 0) | (FLAG_ROTATION if rotated else 0)
+    version = 3 if rotated else 2        # see the module docstring: v2 frames stay v2
     compact = tokens == 1 and len(body.body) <= 0xFFFF
     if compact:
-        header = _COMPACT.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[x.dtype], flags | FLAG_COMPACT, cfg.q_bar,
+        header = _COMPACT.pack(MAGIC, version, _DTYPE_CODES[x.dtype], flags | FLAG_COMPACT, cfg.q_bar,
                                cfg.q_min, hidden, int(sparse.cols.size), len(body.body))
     else:
-        header = _HEADER.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[x.dtype], flags, cfg.q_bar, cfg.q_min, 0,
+        header = _HEADER.pack(MAGIC, version, _DTYPE_CODES[x.dtype], flags, cfg.q_bar, cfg.q_min, 0,
                               tokens, hidden, tau, cfg.delta, int(sparse.cols.size), len(body.body))
     if cfg._scale is not None:
         header += _CRC.pack(cfg._scale_crc)
@@ -172,6 +194,8 @@ def encode_with_stats(x, cfg: CodecConfig) -> tuple[bytes, CodecStats]:
         header += _CRC.pack(cfg._class_crc)
     if body.mode == MODE_RANS_STATIC:
         header += _CRC.pack(cfg._static_crc)
+    if rotated:
+        header += _CRC.pack(cfg.rotation_seed)     # a u32 like the crcs
     meta = tq.widths.tobytes() + tq.scales.astype("<f4").tobytes() + \
         (tq.zeros.astype("<i4").tobytes() if has_zeros else b"")
     counts = b"" if compact else sparse.counts.astype("<u2").tobytes()
@@ -261,9 +285,9 @@ def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: 
          n_outliers, body_len) = _HEADER.unpack(rd.take(_HEADER.size, "header"))
     if magic != MAGIC:
         raise FrameError("not a codec frame (bad magic)")
-    if version != FORMAT_VERSION:
-        raise FrameError(f"codec frame version {version} is not supported (expected {FORMAT_VERSION})")
-    if dtype_code not in _DTYPES or flags & ~_KNOWN_FLAGS or reserved != 0:
+    if version not in _KNOWN_FLAGS:
+        raise FrameError(f"codec frame version {version} is not supported (this build reads 2..{FORMAT_VERSION})")
+    if dtype_code not in _DTYPES or flags & ~_KNOWN_FLAGS[version] or reserved != 0:
         raise FrameError("codec frame header has an unknown dtype or flag")
     if not MIN_Q <= q_min <= q_bar <= MAX_Q_BAR:
         raise FrameError(f"codec frame has invalid bit widths q_min={q_min} q_bar={q_bar}")
@@ -286,6 +310,13 @@ def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: 
         raise FrameError("codec frame has per-class models without channel classes")
     if flags & FLAG_STATIC_MODEL and (flags & FLAG_CLASS_MODELS or not flags & FLAG_RANS):
         raise FrameError("codec frame combines a static model with another model path")
+    seed = None
+    if flags & FLAG_ROTATION:
+        (seed,) = _CRC.unpack(rd.take(_CRC.size, "rotation seed"))
+        if not rotation_supported(hidden):
+            raise FrameError(f"codec frame is rotated at hidden size {hidden}, which rotation does not support")
+    elif version == 3:
+        raise FrameError("codec frame version 3 without its rotation flag")
     torch_dtype, bits_dtype = _DTYPES[dtype_code]
     has_zeros = bool(flags & FLAG_ZEROS)
     fixed = tokens * (1 + 4 + (4 if has_zeros else 0) + (0 if compact else 2)) + n_outliers * (2 + bits_dtype.itemsize)
@@ -319,12 +350,17 @@ def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: 
         raise FrameError(f"codec frame has {end - rd.pos} unexpected trailing bytes")
     with np.errstate(over="ignore", invalid="ignore"):
         below = reconstruct(symbols, widths, scales, zeros)              # [tokens, hidden]
+        if seed is not None:
+            below = unrotate(below, seed)
         if flags & FLAG_CHANNEL_SCALE:
             below *= scale
-    if not np.isfinite(below).all():
-        # eq. 7 can land past the float32 range when a token's max is near it (the zero point's
-        # rounding adds up to s/2); the true value was finite, so saturating only reduces error
-        np.clip(below, -_FLOAT32_MAX, _FLOAT32_MAX, out=below)
+    limit = _FINITE_MAX[torch_dtype]
+    if not (np.isfinite(below).all() and (below.size == 0 or float(np.abs(below).max()) <= limit)):
+        # eq. 7 can land past the dtype's range when a token's max is near it (the zero point's
+        # rounding adds up to s/2; an fp16 input at 65504 would turn inf in the cast); the true
+        # value was finite, so saturating only reduces error. NaN cannot arise from a valid frame.
+        np.nan_to_num(below, copy=False, nan=0.0)
+        np.clip(below, -limit, limit, out=below)
     out = torch.from_numpy(below).to(torch_dtype)
     if n_outliers:
         exact = torch.from_numpy(values.astype(bits_dtype.newbyteorder("=")).view(

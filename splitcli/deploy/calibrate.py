@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from splitcli.codec.calibrate import calibrate_from_samples
+from splitcli.codec.calibrate import calibrate_from_samples, calibrate_to_target
 from splitcli.codec.config import FORMAT_VERSION, CodecConfig
 from splitcli.data import WIKITEXT2_TEST, data_file, read_text
 from splitcli.errors import SplitLLMError
@@ -30,7 +30,7 @@ CALIB_TOKENS = 2048
 #: Characters read from the end of the text to find the calibration slice: plenty for
 #: CALIB_TOKENS tokens, and tokenizing it is cheap compared with the whole file.
 _CALIB_CHARS = 64 * CALIB_TOKENS
-_CACHE_SCHEMA = 1
+_CACHE_SCHEMA = 2   # 2: the file also holds what a target_rel_error calibration chose
 
 
 def wikitext_path(data_dir=None) -> Path:
@@ -97,17 +97,27 @@ def calibrated_config(lm, split_layer: int, params: CodecSettings, data_dir=None
     info = dict(path=str(path), calib_tokens=n_tokens, calib_slice=f"last {n_tokens} tokens of wikitext2/wiki.test.raw")
     if path.is_file():
         try:
-            cfg = CodecConfig.from_dict(json.loads(path.read_text())["config"])
-            return cfg, dict(info, cache="hit")
+            data = json.loads(path.read_text())
+            cfg = CodecConfig.from_dict(data["config"])
+            chosen = data.get("chosen")
+            return cfg, dict(info, cache="hit", **({"chosen": chosen} if chosen else {}))
         except (OSError, ValueError, KeyError, TypeError, SplitLLMError):
             pass   # fall through: recalibrate and replace the bad file
     if progress is not None:
         progress(f"calibrating the codec at layer {split_layer} on {info['calib_slice']} (cached afterwards)")
     samples = edge_hidden(lm.model, split_layer, calibration_ids(lm.tokenizer, text, n_tokens))
-    cfg = calibrate_from_samples(samples, params)
+    chosen = None
+    if params.target_rel_error is not None:
+        cfg, chosen = calibrate_to_target(samples, params)
+        if progress is not None:
+            progress(f"codec target {chosen['target_rel_error']}: chose q_bar {chosen['q_bar']}, tau {chosen['tau']:.4g} "
+                     f"({chosen['tau_from']}); error {chosen['bulk_rel_error']:.4f} on the calibration text"
+                     f"{'' if chosen['met'] else ' (target NOT met: the most accurate setting was kept)'}")
+    else:
+        cfg = calibrate_from_samples(samples, params)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(dict(model_sha256=lm.sha256, split_layer=split_layer, params=params.to_dict(),
-                                   text_sha256=text_sha, calib_tokens=n_tokens, config=cfg.to_dict())))
+                                   text_sha256=text_sha, calib_tokens=n_tokens, config=cfg.to_dict(), chosen=chosen)))
     tmp.replace(path)
-    return cfg, dict(info, cache="miss")
+    return cfg, dict(info, cache="miss", **({"chosen": chosen} if chosen else {}))

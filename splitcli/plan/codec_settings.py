@@ -14,6 +14,13 @@ Bounds (the codec's, so every holder agrees):
 - Δ (`delta`, TAB-Q's per-token relative error tolerance) in [0, 1).
 - `entropy`: rANS-code the symbols (lossless; off = bit-pack them). `n_classes`: channel classes
   the entropy coder calibrates, in [1, MAX_CLASSES].
+- `rotation` (not in the paper): "none" or "hadamard" (a seeded randomized Hadamard rotation of
+  T_below, `rotation_seed` in [0, 2^32)); known to both ends, only the seed crosses the wire.
+- `channel_alpha` in [0, 1] (not in the paper): divide channel c of T_below by rms_c^alpha
+  (calibrated offline, stored with the calibrated config; 0 = off, 1 = equalize channels).
+- `target_rel_error` (not in the paper): None, or a distortion target in (0, 1): calibration
+  then picks q̄ (lowest first) per model and layer so that the mean per-token relative L2 error
+  on the calibration text is <= the target, and reports what it chose.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ MAX_CLASSES = 16
 DEFAULT_TAU_QUANTILE = 0.999
 DEFAULT_Q_BAR = 6
 DEFAULT_DELTA = 0.05
+#: Orthogonal rotations the codec knows (splitcli.codec.transform).
+ROTATIONS = ("none", "hadamard")
 
 
 def _is_int(v: Any) -> bool:
@@ -63,6 +72,16 @@ def check_codec_bounds(tau, tau_quantile, q_bar, q_low, delta, entropy, low_name
         raise SplitLLMError(f"codec entropy must be true or false, got {entropy!r}")
 
 
+def check_transform_bounds(rotation, rotation_seed, channel_alpha) -> None:
+    """Bounds of the transforms known to both ends (format v3), shared with the wire's config."""
+    if rotation not in ROTATIONS:
+        raise SplitLLMError(f"codec rotation must be one of {', '.join(ROTATIONS)}, got {rotation!r}")
+    if not (_is_int(rotation_seed) and 0 <= rotation_seed <= 0xFFFFFFFF):
+        raise SplitLLMError(f"codec rotation_seed must be an integer in [0, 2^32), got {rotation_seed!r}")
+    if not (_is_number(channel_alpha) and 0 <= channel_alpha <= 1):
+        raise SplitLLMError(f"codec channel_alpha must lie in [0, 1], got {channel_alpha!r}")
+
+
 @dataclass(frozen=True)
 class CodecSettings:
     """TS + TAB-Q + rANS settings (see the module docstring for every bound)."""
@@ -74,6 +93,10 @@ class CodecSettings:
     delta: float = DEFAULT_DELTA
     entropy: bool = True
     n_classes: int = 8
+    rotation: str = "none"
+    rotation_seed: int = 0
+    channel_alpha: float = 0.0
+    target_rel_error: float | None = None
 
     #: Pairs `overlay` treats as one choice: giving one clears the other.
     EXCLUSIVE = (("tau", "tau_quantile"),)
@@ -85,6 +108,10 @@ class CodecSettings:
                            low_name="q_bar_min")
         if not (_is_int(self.n_classes) and 1 <= self.n_classes <= MAX_CLASSES):
             raise SplitLLMError(f"codec n_classes must be an integer in [1, {MAX_CLASSES}], got {self.n_classes!r}")
+        check_transform_bounds(self.rotation, self.rotation_seed, self.channel_alpha)
+        t = self.target_rel_error
+        if t is not None and not (_is_number(t) and 0 < t < 1):
+            raise SplitLLMError(f"codec target_rel_error must be None or lie in (0, 1), got {t!r}")
 
     @property
     def tau_value(self) -> float:
@@ -94,7 +121,7 @@ class CodecSettings:
     @property
     def needs_samples(self) -> bool:
         """An absolute τ without entropy coding needs no calibration (and no data) at all."""
-        return self.tau is None or self.entropy
+        return self.tau is None or self.entropy or self.channel_alpha > 0 or self.target_rel_error is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
