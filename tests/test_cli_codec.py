@@ -54,7 +54,7 @@ def test_generate_codec_bad_options(args, msg):
 def test_bench_codec_tiny(tiny_model_dir, tmp_path, env):
     out, png = tmp_path / "codec.json", tmp_path / "sweep.png"
     r = run("bench", "codec", "-m", str(tiny_model_dir), "-l", "2", "--windows", "2", "--seqlen", "64",
-            "--data-dir", str(env), "--json", str(out), "--plot", str(png))
+            "--sweep-layers", "1,2", "--data-dir", str(env), "--json", str(out), "--plot", str(png))
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     for key in ("ratio_vs_fp16", "rel_l2_error", "ppl_fp", "ppl_codec", "encode_ms_decode_step",
@@ -65,11 +65,21 @@ def test_bench_codec_tiny(tiny_model_dir, tmp_path, env):
     assert {m["method"] for m in data["methods"]} == {"fp32", "fp16", "int8", "zstd(fp16)", "codec"}
     assert data["calibration"]["cache"] == "miss" and data["prefill_tokens"] == 64
     sweep = data["sweep"]
-    assert sweep["ppl_windows"] == 2 and sweep["ppl_seqlen"] == 64 and len(sweep["rows"]) == 16
-    # a higher tau quantile keeps fewer outliers
-    for qb in (4, 8):
-        rows = [x for x in sweep["rows"] if x["q_bar"] == qb]
-        assert all(x["outliers_per_token"] >= y["outliers_per_token"] for x, y in zip(rows, rows[1:]))
+    from splitcli.bench.codec import OURS, PAPER, SWEEP_RECIPES
+    assert sweep["ppl_windows"] == 2 and sweep["ppl_seqlen"] == 64 and sweep["layers"] == [1, 2]
+    assert len(sweep["rows"]) == 2 * len(SWEEP_RECIPES)
+    rows = {(x["layer"], x["recipe"]): x for x in sweep["rows"]}
+    for layer in (1, 2):
+        paper, ours = rows[layer, PAPER], rows[layer, OURS]
+        assert paper["q_bar"] == 6 and paper["settings"]["rotation"] == "none"
+        assert ours["q_bar"] == 4 and ours["settings"]["rotation"] == "hadamard"
+        # a higher tau quantile keeps fewer outliers; a narrower code makes smaller frames
+        assert rows[layer, "paper τ.9999"]["outliers_per_token"] <= paper["outliers_per_token"]
+        assert rows[layer, "paper Q̄4"]["bytes_per_token"] < rows[layer, "paper Q̄8"]["bytes_per_token"]
+        assert rows[layer, "target 0.10"]["chosen"]["target_rel_error"] == 0.1
+        for x in (paper, ours):
+            assert x["ppl"] > 1 and x["encode_decode_ms_token"] > 0 and x["prefill_encode_mb_s"] > 0
+    assert "calibration" in sweep and "evaluation" in sweep
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fewer than the headline" in r.output
     # no overwrite without --force
@@ -81,6 +91,11 @@ def test_bench_codec_tiny(tiny_model_dir, tmp_path, env):
     (["--windows", "0"], "--windows"),
     (["--seqlen", "1"], "--seqlen"),
     (["--no-sweep", "--plot", "x.png"], "drop --no-sweep"),
+    (["--no-sweep", "--sweep-layers", "2"], "drop --no-sweep"),
+    (["--sweep-layers", "a,b"], "--sweep-layers"),
+    (["--rotation", "fft"], "--rotation"),
+    (["--channel-alpha", "2"], "--channel-alpha"),
+    (["--target-error", "0"], "--target-error"),
     (["--plot", "x.jpg"], ".png"),
     (["--max-bits", "1"], "--max-bits"),
     (["--tau", "-2"], "--tau"),

@@ -11,9 +11,11 @@ Protocol (stated in the JSON under "protocol"):
 - Baselines (fp32, fp16, int8 per-token absmax, zstd-3 of fp16) over the same hidden states.
 - Timings (`splitcli.codec.measure.measure_codec`): median encode / decode ms of one-token frames,
   prefill encode MB/s of fp32 input for the first window.
-- Sweep (paper Figs. 6-7): tau quantile x q_bar, each point calibrated on the same slice; sizes
-  over all evaluation frames, ppl over fewer, shorter windows (`sweep_windows` x `sweep_seqlen`)
-  to stay affordable, against ppl_fp on those same windows.
+- Sweep (paper Figs. 6-7, extended to format v3's switches): every recipe of SWEEP_RECIPES at
+  every ℓ asked for, each calibrated on the same calibration slice; size, rel_l2 and ppl over
+  fewer, shorter windows (`sweep_windows` x `sweep_seqlen`, the first of the file) to stay
+  affordable, against ppl_fp on those same windows; per recipe also encode + decode ms of a
+  one-token frame and prefill encode MB/s.
 """
 
 from __future__ import annotations
@@ -25,17 +27,15 @@ from dataclasses import asdict, replace
 
 import torch
 
-from ..codec.calibrate import calibrate_from_samples
+from ..codec.calibrate import calibrate_from_samples, calibrate_to_target
 from ..codec.measure import measure_codec
 from ..deploy import Split, SplitSpec, build_split
 from ..deploy.calibrate import calib_tokens_for, calibrated_config, calibration_ids, edge_hidden, read_wikitext
 from ..errors import SplitLLMError
-from ..plan.codec_settings import CodecSettings
+from ..plan.codec_settings import DEFAULT_Q_BAR, DEFAULT_TAU_QUANTILE, CodecSettings
 from ..runtime.codec_wire import CodecWire
 from ..runtime.wire import RawWire
 
-SWEEP_TAU_QUANTILES = (0.995, 0.999, 0.9995, 0.9999)
-SWEEP_Q_BARS = (4, 5, 6, 8)
 
 Progress = Callable[[str, int, int], None]   # (stage, done, total)
 
@@ -111,7 +111,7 @@ def _frame_summary(wire: CodecWire, probe: _Probe, hidden: int) -> dict:
 
 def bench_codec(lm, split_layer: int, params: CodecSettings, *, data_dir=None, windows: int = 8,
                 seqlen: int = 2048, sweep: bool = True, sweep_windows: int = 2, sweep_seqlen: int = 512,
-                repeats: int = 200, progress: Progress | None = None,
+                repeats: int = 200, sweep_layers=None, progress: Progress | None = None,
                 log: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark described in the module docstring; returns the JSON-ready dict."""
     tick = (lambda stage, total: (lambda done: progress(stage, done, total))) if progress else (lambda s, t: None)
@@ -161,64 +161,135 @@ def bench_codec(lm, split_layer: int, params: CodecSettings, *, data_dir=None, w
         load_average=list(os.getloadavg()), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
     )
     if sweep:
-        calib = edge_hidden(model, split_layer, calibration_ids(lm.tokenizer, text, n_calib))
-        result["sweep"] = sweep_codec_ppl(split, params, calib, raw.hidden, ids,
+        result["sweep"] = sweep_codec_ppl(lm, params, sweep_layers or (split_layer,), ids, text,
                                           min(sweep_windows, windows), min(sweep_seqlen, seqlen), tick)
     return result
 
 
-def sweep_codec_ppl(split: Split, params: CodecSettings, calib: torch.Tensor, eval_hidden: list[torch.Tensor],
-                    ids, windows: int, seqlen: int, tick) -> dict:
-    """tau quantile x q_bar grid: size and rel_l2 over the evaluation frames, ppl on
-    `windows` x `seqlen` tokens (fewer than the headline, said in the output)."""
-    grid = [(tq, qb) for tq in SWEEP_TAU_QUANTILES for qb in SWEEP_Q_BARS]
-    advance = tick(f"sweep ({windows} x {seqlen} tokens for ppl)", len(grid) + 1)
-    ppl_fp = _ppl(split, RawWire("fp32"), ids, seqlen, windows)
-    advance(1)
-    hidden_size = split.edge.parts.config.hidden_size
-    rows = []
-    for i, (tq, qb) in enumerate(grid):
-        p = replace(params, tau=None, tau_quantile=tq, q_bar=qb, q_bar_min=min(params.q_bar_min, qb),
-                    target_rel_error=None)
-        cfg = calibrate_from_samples(calib, p)
-        wire = CodecWire(cfg)
-        probe = _Probe(wire)
-        for h in eval_hidden:                                # same frames as the headline run
-            probe.decode(probe.encode(h))
-        frames = _frame_summary(wire, probe, hidden_size)
-        ppl = _ppl(split, CodecWire(cfg, keep_stats=False), ids, seqlen, windows)
-        rows.append(dict(tau_quantile=tq, tau=cfg.tau, q_bar=qb, delta=p.delta,
-                         bytes_per_token=frames["bytes_per_token"], ratio_vs_fp16=frames["ratio_vs_fp16"],
-                         rel_l2=frames["rel_l2"], mean_width=frames["mean_width"],
-                         outliers_per_token=frames["outliers_per_token"],
-                         entropy_overhead=frames["entropy_overhead"], ppl=ppl, ppl_ratio=ppl / ppl_fp))
-        advance(i + 2)
-    return dict(ppl_windows=windows, ppl_seqlen=seqlen, ppl_fp=ppl_fp, rows=rows,
+#: The sweep's recipes: (name, overrides of the user's settings). "paper" is the paper's recipe
+#: with the project's defaults (τ at the 0.999 quantile, Q̄ = 6, Δ = 0.05); "ours" the recipe this
+#: project proposes for 4-bit activations (docs/results.md): Hadamard rotation + channel_alpha 0.5.
+PAPER = "paper"
+OURS = "ours: rot+α0.5 Q̄4"
+SWEEP_RECIPES = (
+    (PAPER, dict()),
+    ("paper Q̄4", dict(q_bar=4)),
+    ("paper Q̄5", dict(q_bar=5)),
+    ("paper Q̄8", dict(q_bar=8)),
+    ("paper τ.9999", dict(tau_quantile=0.9999)),
+    ("rot Q̄3", dict(q_bar=3, rotation="hadamard")),
+    ("rot Q̄4", dict(q_bar=4, rotation="hadamard")),
+    ("rot Q̄5", dict(q_bar=5, rotation="hadamard")),
+    ("rot+α0.5 Q̄3", dict(q_bar=3, rotation="hadamard", channel_alpha=0.5)),
+    (OURS, dict(q_bar=4, rotation="hadamard", channel_alpha=0.5)),
+    ("α0.5 Q̄5", dict(q_bar=5, channel_alpha=0.5)),
+    ("α0.5 Q̄6", dict(q_bar=6, channel_alpha=0.5)),
+    ("target 0.10", dict(target_rel_error=0.10)),
+    ("target 0.15", dict(target_rel_error=0.15)),
+)
+_RESET = dict(tau=None, tau_quantile=None, q_bar=None, rotation="none", rotation_seed=0, channel_alpha=0.0,
+              target_rel_error=None)
+
+
+def recipe_settings(params: CodecSettings, overrides: dict) -> CodecSettings:
+    """The user's settings (entropy, Δ, classes, ...) with a recipe's codec choices: the recipe's
+    own keys, the defaults for the other transform keys (so recipes compare like with like)."""
+    base = dict(_RESET, tau_quantile=DEFAULT_TAU_QUANTILE, q_bar=DEFAULT_Q_BAR)
+    kw = {**params.to_dict(), **base, **overrides}
+    kw["q_bar_min"] = min(kw["q_bar_min"], kw["q_bar"])
+    return CodecSettings(**kw)
+
+
+def sweep_codec_ppl(lm, params: CodecSettings, layers, ids, text: str, windows: int, seqlen: int,
+                    tick, repeats: int = 30) -> dict:
+    """Every recipe at every ℓ in `layers`: calibrated on the calibration slice (the last
+    calibration window of wiki.test.raw), then ratio vs fp16, rel_l2, WikiText-2 ppl on the first
+    `windows` x `seqlen` tokens (one frame per window, fewer tokens than the headline, said in the
+    output), encode + decode ms of one-token frames (median of `repeats`) and prefill encode MB/s
+    (median of 3 encodes of one `seqlen`-token frame)."""
+    model = lm.model
+    hidden_size = model.config.hidden_size
+    n_calib = calib_tokens_for(model)
+    out = []
+    for layer in layers:
+        advance = tick(f"sweep at ℓ={layer} ({windows} x {seqlen} tokens for ppl)", len(SWEEP_RECIPES) + 1)
+        split = build_split(lm, SplitSpec(split_layer=layer))
+        calib = edge_hidden(model, layer, calibration_ids(lm.tokenizer, text, n_calib))
+        raw = _Probe(RawWire("fp32"), keep_hidden=True)
+        ppl_fp = _ppl(split, raw, ids, seqlen, windows)
+        advance(1)
+        for i, (name, overrides) in enumerate(SWEEP_RECIPES):
+            p = recipe_settings(params, overrides)
+            chosen = None
+            if p.target_rel_error is not None:
+                cfg, chosen = calibrate_to_target(calib, p)
+            else:
+                cfg = calibrate_from_samples(calib, p)
+            wire = CodecWire(cfg)
+            probe = _Probe(wire)
+            for h in raw.hidden:                                # the ppl windows' own frames
+                probe.decode(probe.encode(h))
+            frames = _frame_summary(wire, probe, hidden_size)
+            ppl = _ppl(split, CodecWire(cfg, keep_stats=False), ids, seqlen, windows)
+            timing = measure_codec(raw.hidden[0], cfg, repeats=repeats, prefill_tokens=seqlen, prefill_repeats=3)
+            row = dict(layer=layer, recipe=name, settings={k: v for k, v in p.to_dict().items() if k in _RESET or
+                                                          k in ("delta", "entropy")},
+                       tau=cfg.tau, q_bar=cfg.q_bar, bytes_per_token=frames["bytes_per_token"],
+                       ratio_vs_fp16=frames["ratio_vs_fp16"], rel_l2=frames["rel_l2"],
+                       mean_width=frames["mean_width"], outliers_per_token=frames["outliers_per_token"],
+                       ppl=ppl, ppl_ratio=ppl / ppl_fp,
+                       encode_decode_ms_token=timing.encode_ms_token + timing.decode_ms_token,
+                       prefill_encode_mb_s=timing.prefill_encode_mb_s)
+            if chosen is not None:
+                row["chosen"] = {k: v for k, v in chosen.items() if k != "settings"}
+            out.append(row)
+            advance(i + 2)
+    return dict(ppl_windows=windows, ppl_seqlen=seqlen, layers=list(layers), rows=out, paper=PAPER, ours=OURS,
+                calibration="last calibration window (2048 tokens, or the context) of wikitext2/wiki.test.raw",
+                evaluation=f"first {windows} windows x {seqlen} tokens of wikitext2/wiki.test.raw",
                 note=f"sweep ppl uses {windows} windows x {seqlen} tokens (fewer than the headline)")
 
 
+def pareto(rows: list[dict]) -> list[dict]:
+    """Rows not dominated in (smaller bytes/token, lower ppl) among rows of the same ℓ."""
+    keep = []
+    for r in rows:
+        same = [o for o in rows if o["layer"] == r["layer"] and o is not r]
+        if not any(o["bytes_per_token"] <= r["bytes_per_token"] and o["ppl"] <= r["ppl"] and
+                   (o["bytes_per_token"] < r["bytes_per_token"] or o["ppl"] < r["ppl"]) for o in same):
+            keep.append(r)
+    return keep
+
+
 def plot_sweep(sweep: dict, path) -> None:
-    """Figs. 6-7 style: ratio vs tau quantile per q_bar, and ppl increase vs ratio (Pareto view)."""
+    """Size vs perplexity per ℓ (Pareto view), the paper's recipe and ours marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = sweep["rows"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for qb in sorted({r["q_bar"] for r in rows}):
-        sel = [r for r in rows if r["q_bar"] == qb]
-        a.plot([1 - r["tau_quantile"] for r in sel], [r["ratio_vs_fp16"] for r in sel], "o-", label=f"Q̄={qb}")
-        b.plot([r["ratio_vs_fp16"] for r in sel], [100 * (r["ppl_ratio"] - 1) for r in sel], "o-", label=f"Q̄={qb}")
-    a.set_xscale("log")
-    a.set_xlabel("outlier fraction 1 - τ quantile")
-    a.set_ylabel("compression vs fp16 (x)")
-    b.set_xlabel("compression vs fp16 (x)")
-    b.set_ylabel(f"ppl increase % ({sweep['ppl_windows']} x {sweep['ppl_seqlen']} tokens)")
-    b.axhline(2.0, color="grey", lw=0.8, ls="--")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for layer in sweep["layers"]:
+        sel = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["ratio_vs_fp16"])
+        line, = ax.plot([r["ratio_vs_fp16"] for r in sel], [100 * (r["ppl_ratio"] - 1) for r in sel], "o",
+                        alpha=0.6, label=f"ℓ={layer}")
+        front = sorted(pareto(sel), key=lambda r: r["ratio_vs_fp16"])
+        ax.plot([r["ratio_vs_fp16"] for r in front], [100 * (r["ppl_ratio"] - 1) for r in front], "-",
+                color=line.get_color(), lw=1)
+        for name, marker in ((sweep["paper"], "*"), (sweep["ours"], "D")):
+            for r in sel:
+                if r["recipe"] == name:
+                    ax.plot(r["ratio_vs_fp16"], 100 * (r["ppl_ratio"] - 1), marker, ms=13, mfc="none",
+                            color=line.get_color())
+    ax.plot([], [], "k*", mfc="none", ms=11, label="paper's recipe (τ .999, Q̄ 6)")
+    ax.plot([], [], "kD", mfc="none", ms=9, label="ours (rotation + α 0.5, Q̄ 4)")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("compression vs fp16 (x)")
+    ax.set_ylabel(f"ppl increase % ({sweep['ppl_windows']} x {sweep['ppl_seqlen']} tokens)")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

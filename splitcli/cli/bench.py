@@ -20,20 +20,23 @@ app = typer.Typer(help="Benchmarks (medians of repeats, measured side by side, J
 def decode_cmd(
     json_out: Path = JSON_OPTION,
     model: str = MODEL_OPTION,
-    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ for the split run (default: L // 2)."),
+    split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ for the split runs (default: L // 2)."),
     tokens: int = typer.Option(64, "--tokens", help="Decode steps per run."),
-    repeats: int = typer.Option(5, "--repeats", help="Alternating unsplit/split runs; medians are reported."),
+    context: int = typer.Option(192, "--context", help="Prompt tokens before the timed steps (the prompt is repeated to this length)."),
+    repeats: int = typer.Option(5, "--repeats", help="Rounds over every path; medians are reported."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = torch's default); 1 is steadiest on a busy machine."),
+    hf_generate: bool = typer.Option(True, "--hf-generate/--no-hf-generate", help="Also time Hugging Face generate (unsplit)."),
+    llama_cpp: bool = typer.Option(True, "--llama-cpp/--no-llama-cpp", help="Also time llama.cpp on the model's GGUF file, if llama-cpp-python is installed."),
     force: bool = FORCE_JSON_OPTION,
 ):
-    """Decode tok/s of the unsplit model vs the split model in one process (compression off)."""
+    """Decode tok/s of every path side by side (HF generate, old and fast paths, unsplit and split, int4/int8 edges, llama.cpp) against the memory-bandwidth bound."""
     from ..bench.decode import bench_decode
     from ..errors import SplitLLMError
     from ..model.split import decoder_parts, validate_split_layer
 
     check_output_path(json_out, force)
-    if tokens < 4 or repeats < 1 or threads < 0:
-        raise SplitLLMError("--tokens must be >= 4, --repeats >= 1 and --threads >= 0")
+    if tokens < 4 or repeats < 1 or threads < 0 or context < 0:
+        raise SplitLLMError("--tokens must be >= 4, --repeats >= 1, --threads >= 0 and --context >= 0")
     if threads:
         import torch
 
@@ -41,13 +44,45 @@ def decode_cmd(
     lm = load_model_with_status(model)
     n_layers = decoder_parts(lm.model).num_layers
     split_layer = validate_split_layer(n_layers // 2 if split_layer is None else split_layer, n_layers)
-    with Progress(console=console, transient=False) as bar:
-        task = bar.add_task("decode runs", total=repeats)
-        result = bench_decode(lm, split_layer, tokens, repeats, progress=lambda done, _: bar.update(task, completed=done))
+    context_limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if context_limit is not None and context + tokens > context_limit:
+        raise SplitLLMError(f"--context + --tokens = {context + tokens} exceeds the model's context of {context_limit}")
+    gguf = lm.source.path if getattr(lm.source, "kind", None) == "gguf" else None
+    with Progress(console=err_console, transient=False) as bar:
+        task = bar.add_task("bench decode", total=repeats)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        result = bench_decode(lm, split_layer, tokens, repeats, context=context, gguf_path=gguf, llama_cpp=llama_cpp,
+                              hf_generate=hf_generate, progress=progress,
+                              log=lambda m: bar.console.print(m, highlight=False))
     write_json(json_out, result, force)
+    _print_decode_summary(result)
+
+
+def _print_decode_summary(r: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"decode: {r['model']}, ℓ = {r['split_layer']}, {r['tokens']} tokens after {r['prompt_tokens']}, "
+                        f"{r['threads']} thread(s), medians of {r['repeats']}; bandwidth {r['bandwidth_gb_s']:.1f} GB/s")
+    for col in ("path", "tok/s", "ms/step", "edge", "codec", "cloud", "python", "MB/step", "bound tok/s", "of bound"):
+        table.add_column(col, justify="right")
+    for name, c in r["configs"].items():
+        def ms(key, c=c):
+            return f"{c[key]:.2f}" if key in c else "-"
+        table.add_row(name, f"{c['tok_s']:.1f}", ms("step_ms"), ms("edge_ms"), ms("codec_ms"), ms("cloud_ms"),
+                      ms("python_ms"), f"{c['bytes_per_step'] / 1e6:.0f}" if "bytes_per_step" in c else "-",
+                      f"{c['bound_tok_s']:.0f}" if "bound_tok_s" in c else "-",
+                      f"{100 * c['fraction_of_bound']:.0f}%" if "fraction_of_bound" in c else "-")
+    console.print(table, width=max(console.width, 120))
     console.print(
-        f"unsplit {result['unsplit_tok_s']:.1f} tok/s, split {result['split_tok_s']:.1f} tok/s, "
-        f"overhead {100 * result['overhead']:.1f}% (median of {repeats})"
+        f"fast split {r['split_tok_s']:.1f} tok/s = {r['split_speedup_vs_old']:.2f}x the old split "
+        f"({r['old_split_tok_s']:.1f}), {100 * r['fraction_of_bound']:.0f}% of its bound; split overhead vs fast "
+        f"unsplit {100 * r['overhead']:.1f}%; int4 edge {r['int4_over_fp32_split']:.2f}x, int8 edge "
+        f"{r['int8_over_fp32_split']:.2f}x the fp32 split; Qa = 8 edge step {r['kv8_edge_ms_ratio']:.2f}x the fp KV's"
+        + (f"; llama.cpp {r['llama_cpp_tok_s']:.1f} tok/s" if r.get("llama_cpp_tok_s") else ""),
+        highlight=False,
     )
 
 
@@ -60,7 +95,8 @@ def codec_cmd(
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the hidden state after layer ℓ is coded (default: L // 2)."),
     windows: int = typer.Option(8, "--windows", help="WikiText-2 perplexity windows (the first ones of the file)."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window; each window's prefill is one frame."),
-    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also sweep τ quantile x Q̄ (paper Figs. 6-7; ppl on 2 x 512 tokens)."),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also sweep the codec recipes (paper's τ/Q̄ points, rotation, channel alpha, targets; ppl on 2 x 512 tokens)."),
+    sweep_layers: str = typer.Option(None, "--sweep-layers", help="Comma-separated ℓ values for the sweep, e.g. 5,15,25 (default: --split-layer)."),
     plot: Path = typer.Option(None, "--plot", help="Write the sweep as a PNG plot here."),
     data_dir: Path = DATA_DIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite the --json / --plot files if they exist."),
@@ -72,6 +108,7 @@ def codec_cmd(
     from ..errors import SplitLLMError
     from ..model.split import decoder_parts, validate_split_layer
     from ..plan.codec_settings import CodecSettings
+    from .common import parse_int_list
 
     check_output_path(json_out, force)
     check_output_path(plot, force)
@@ -82,12 +119,16 @@ def codec_cmd(
     if plot is not None and plot.suffix.lower() != ".png":
         raise SplitLLMError(f"--plot must name a .png file, got {plot}")
     params = overlay(CodecSettings(), **codec_flags)
+    layers = parse_int_list(sweep_layers, "--sweep-layers") if sweep_layers is not None else None
+    if layers is not None and not sweep:
+        raise SplitLLMError("--sweep-layers sets the sweep's layers: drop --no-sweep")
     wikitext_path(data_dir)   # the benchmark text (and calibration's), before the model loads
     from ..bench.codec import bench_codec, plot_sweep
 
     lm = load_model_with_status(model)
     n_layers = decoder_parts(lm.model).num_layers
     split_layer = validate_split_layer(n_layers // 2 if split_layer is None else split_layer, n_layers)
+    layers = tuple(validate_split_layer(v, n_layers) for v in layers) if layers is not None else None
     with Progress(console=err_console, transient=False) as bar:
         tasks = {}
 
@@ -97,7 +138,8 @@ def codec_cmd(
             bar.update(tasks[stage], completed=done)
 
         result = bench_codec(lm, split_layer, params, data_dir=data_dir, windows=windows, seqlen=seqlen,
-                             sweep=sweep, progress=progress, log=lambda m: bar.console.print(m, highlight=False))
+                             sweep=sweep, sweep_layers=layers, progress=progress,
+                             log=lambda m: bar.console.print(m, highlight=False))
     write_json(json_out, result, force)
     if plot is not None:
         plot_sweep(result["sweep"], plot)
@@ -121,8 +163,22 @@ def _print_codec_summary(r: dict) -> None:
         f"entropy overhead {100 * r['entropy_overhead']:.2f}% (load average {load})",
         highlight=False,
     )
+    chosen = r["calibration"].get("chosen")
+    if chosen:
+        console.print(f"calibration chose q_bar {chosen['q_bar']}, tau {chosen['tau']:.4g} ({chosen['tau_from']}) for "
+                      f"target {chosen['target_rel_error']}: error {chosen['bulk_rel_error']:.4f} on the calibration "
+                      f"text{'' if chosen['met'] else ' (NOT met)'}", highlight=False)
     if "sweep" in r:
-        console.print(r["sweep"]["note"], highlight=False)
+        sw = r["sweep"]
+        t = Table(title=f"sweep: ppl on {sw['evaluation']}; calibration on the {sw['calibration']}")
+        for col in ("ℓ", "recipe", "x vs fp16", "rel L2", "ppl Δ%", "enc+dec ms/token", "prefill MB/s"):
+            t.add_column(col, justify="right")
+        for x in sw["rows"]:
+            t.add_row(str(x["layer"]), x["recipe"], f"{x['ratio_vs_fp16']:.2f}", f"{x['rel_l2']:.3f}",
+                      f"{100 * (x['ppl_ratio'] - 1):+.2f}", f"{x['encode_decode_ms_token']:.3f}",
+                      f"{x['prefill_encode_mb_s']:.0f}")
+        console.print(t)
+        console.print(sw["note"], highlight=False)
 @app.command("quant")
 @cli_errors
 def quant_cmd(
