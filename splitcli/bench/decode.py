@@ -1,62 +1,284 @@
-"""Unsplit vs split decode speed on the same prompt and the same tokens.
+"""`splitllm bench decode`: every decode path side by side in one run, against the memory bound.
 
-Both sessions are teacher-forced with one greedy continuation (computed once, unsplit), so they
-do identical work. Repeats run in adjacent pairs whose order alternates (u,s then s,u) so drifting
-machine load hits both alike; we report the median tok/s of each, overhead = 1 - split/unsplit from
-those medians, and the median of the per-pair ratios (steadier when the load drifts).
+Paths (all teacher-forced with the same greedy continuation, computed once on the old unsplit
+path, so every path does identical work from the same prompt):
+- hf_generate   Hugging Face `generate` on the unsplit model (greedy, its own dynamic cache);
+                decode tok/s = (n - 1) / (t(n tokens) - t(1 token)), so its prefill cancels out;
+- old_unsplit / old_split   the eager session path (`runtime.session`) as it was before the fast
+                path: run on a pristine copy of the model, since the fast path re-lays out the
+                float weights of the model it is built on (`model.fast.relayout_linear_`);
+- unsplit / split           the fast path (`model.fast`, `runtime.fast`), compression off;
+- split_int4 / split_int8   the fast split with the edge's layers [0, ℓ) at 4 / 8 bits (int4 /
+                int8 kernels), fp32 cloud;
+- split_int4_kv8            split_int4 with the edge's KV cache at 8 bits (Qa = 8);
+- llama_cpp     llama.cpp (`llama-cpp-python`, optional) on the model's GGUF file, same threads.
+Repeats run in rounds, each round every path once in a rotated order, so drifting load hits all
+alike; each path reports the median of its rounds.
+
+Per decode step of our paths: edge / codec (encode + decode) / cloud ms from the session's own
+clock, and "python" = the step's wall time minus those (session bookkeeping, sampling-free loop).
+The bound: a large-copy probe (a 256 MiB tensor copied, read + write bytes / time, same threads,
+median, taken at the start and end of the run) gives the bandwidth; bytes read per step = every
+weight tensor the step runs (linear weights or their quantized codes + scales, norms, LM head),
+one embedding row and the KV cache at the mean context; bound tok/s = bandwidth / bytes.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import statistics
 import time
+from typing import Callable
 
 import torch
 
 from ..deploy import SplitSpec, build_split
+from ..model.split import CloudHalf, EdgeHalf, decoder_parts
+from ..runtime.fast import FastUnsplitSession, fast_split_session, fast_unsupported_model
 from ..runtime.generate import SamplingConfig, encode_prompts, generate
-from ..runtime.session import Session, UnsplitSession
+from ..runtime.session import Session, SplitSession, UnsplitSession
 
 DEFAULT_PROMPT = "The history of the city begins with a small settlement on the river, where"
+PROBE_BYTES = 256 * 2**20
+Progress = Callable[[str, int, int], None]
 
 
-def _timed_decode(session: Session, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Prefill (untimed), then feed `tokens` one at a time; returns decode tokens per second."""
+def copy_bandwidth_gb_s(nbytes: int = PROBE_BYTES, repeats: int = 5) -> float:
+    """Median (read + write) GB/s of copying a `nbytes` float32 tensor (touched first, so the
+    reads come from memory, not the shared zero page)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.zeros_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def _tensor_bytes(modules) -> int:
+    """Bytes of every parameter and buffer of `modules` (each storage once; rotary tables and
+    meta tensors excluded)."""
+    seen, total = set(), 0
+    for m in modules:
+        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+            if t.is_meta or "inv_freq" in name or t.untyped_storage().data_ptr() in seen:
+                continue
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def bytes_per_step(edge_parts, cloud_parts, split_layer: int, context: int, kv_bits: int = 16) -> int:
+    """Bytes one decode step reads (module docstring): layers [0, ℓ) of the edge's parts, [ℓ, L)
+    + norm + head of the cloud's, one embedding row, and K/V over `context` positions."""
+    cfg = cloud_parts.config
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layers = _tensor_bytes(edge_parts.layers[:split_layer]) + _tensor_bytes(cloud_parts.layers[split_layer:])
+    head = _tensor_bytes([cloud_parts.norm, cloud_parts.lm_head])
+    emb = edge_parts.embed_tokens
+    row = _tensor_bytes([emb]) // max(1, getattr(emb, "num_embeddings", 1))
+    kv_fp = 2 * n_kv * head_dim * 4 * context  # per layer
+    kv_edge = kv_fp if kv_bits >= 16 else 2 * n_kv * context * (head_dim * kv_bits // 8 + 4)  # fp16 scale + zero
+    n = cloud_parts.num_layers
+    return layers + head + row + split_layer * kv_edge + (n - split_layer) * kv_fp
+
+
+def _timed_decode(session: Session, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Prefill (untimed), then feed `tokens` one at a time: tok/s and mean ms per stage."""
+    reserve = getattr(session, "reserve", None)
+    if reserve is not None:
+        reserve(prompt_ids.shape[1] + tokens.shape[1])
     session.prefill(prompt_ids)
-    t0 = time.perf_counter()
+    n0 = len(session.stats)
+    walls = []
+    t_start = time.perf_counter()
     for i in range(tokens.shape[1]):
+        t0 = time.perf_counter()
         session.forward(tokens[:, i : i + 1])
-    return tokens.shape[1] / (time.perf_counter() - t0)
+        walls.append(time.perf_counter() - t0)
+    total = time.perf_counter() - t_start
+    steps = session.stats[n0:]
+    n = len(steps)
+    edge = sum(s.edge_ms for s in steps) / n
+    codec = sum(s.encode_ms + s.decode_ms for s in steps) / n
+    cloud = sum(s.cloud_ms for s in steps) / n
+    if not isinstance(session, SplitSession):
+        cloud = sum(s.total_ms for s in steps) / n  # the unsplit model: all of it counts as compute
+    step_ms = 1e3 * sum(walls) / n
+    return {"tok_s": n / total, "step_ms": step_ms, "edge_ms": edge, "codec_ms": codec, "cloud_ms": cloud,
+            "python_ms": max(0.0, step_ms - edge - codec - cloud)}
+
+
+def _hf_generate_tok_s(model, prompt_ids: torch.Tensor, n: int) -> dict:
+    """HF generate, greedy, exactly n new tokens; decode tok/s from t(n) - t(1)."""
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def run(k: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=k,
+                           min_new_tokens=k, **kw)
+        return time.perf_counter() - t0
+
+    one, full = run(1), run(n)
+    tok_s = (n - 1) / max(full - one, 1e-9)
+    return {"tok_s": tok_s, "step_ms": 1e3 / tok_s}
+
+
+def llama_cpp_runner(gguf_path, threads: int, prompt: str, n: int):
+    """A callable timing llama.cpp greedy decode of n tokens on the GGUF (None if not installed)."""
+    if importlib.util.find_spec("llama_cpp") is None or gguf_path is None:
+        return None
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                verbose=False, seed=0)
+    prompt_tokens = llm.tokenize(prompt.encode())
+
+    def run() -> dict:
+        llm.reset()
+        llm.eval(prompt_tokens)
+        tok = llm.sample(top_k=1, temp=0.0)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([tok])
+            tok = llm.sample(top_k=1, temp=0.0)
+        dt = time.perf_counter() - t0
+        return {"tok_s": n / dt, "step_ms": 1e3 * dt / n}
+
+    return run
+
+
+def _prompt_ids(tokenizer, prompt: str, context: int) -> torch.Tensor:
+    """The prompt repeated until it is `context` tokens long (at least the prompt once)."""
+    ids, _ = encode_prompts(tokenizer, [prompt])
+    reps = max(1, -(-context // ids.shape[1]))
+    return ids.repeat(1, reps)[:, : max(context, 1)] if context else ids
 
 
 def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, prompt: str = DEFAULT_PROMPT,
-                 wire_factory=None, progress=None) -> dict:
-    ids, _ = encode_prompts(lm.tokenizer, [prompt])
-    ref = generate(UnsplitSession(lm.model), ids, None, SamplingConfig(max_new_tokens=n_tokens))
-    tokens = ref.tokens  # [1, n] — eos is not special here: we time a fixed token sequence
-    the_split = build_split(lm, SplitSpec(split_layer=split_layer))  # compression off
-    _timed_decode(UnsplitSession(lm.model), ids, tokens[:, :4])  # warm-up both paths
-    _timed_decode(the_split.session(), ids, tokens[:, :4])
-    unsplit, split = [], []
+                 context: int = 192, gguf_path=None, llama_cpp: bool = True, hf_generate: bool = True,
+                 progress: Progress | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Measure every path (module docstring) in one process; returns the JSON-ready result."""
+    say = log or (lambda _m: None)
+    tick = progress or (lambda *_: None)
+    threads = torch.get_num_threads()
+    why_not = fast_unsupported_model(lm.model)
+    if why_not is not None:
+        from ..errors import SplitLLMError
+
+        raise SplitLLMError(f"bench decode compares the fast path, which does not support this model: {why_not}")
+    say(f"measuring: decode of {n_tokens} tokens after a {context}-token prompt, ℓ = {split_layer}, "
+        f"{threads} torch thread(s), {repeats} rounds; medians")
+    pristine = copy.deepcopy(lm.model)  # the old path's model: the fast path re-lays out lm.model
+    ids = _prompt_ids(lm.tokenizer, prompt, context)
+    ref = generate(UnsplitSession(pristine), ids, None, SamplingConfig(max_new_tokens=n_tokens))
+    tokens = ref.tokens  # [1, n]: a fixed sequence every path is fed (eos is not special here)
+    old_parts = decoder_parts(pristine)
+    splits = {name: build_split(lm, SplitSpec(split_layer=split_layer, q_w1=bits, qa=qa))
+              for name, bits, qa in (("split", 16, 16), ("split_int4", 4, 16), ("split_int8", 8, 16),
+                                     ("split_int4_kv8", 4, 8))}
+    sessions: dict[str, Callable[[], Session]] = {
+        "old_unsplit": lambda: UnsplitSession(pristine),
+        "old_split": lambda: SplitSession.from_halves(EdgeHalf(old_parts, split_layer),
+                                                      CloudHalf(old_parts, split_layer)),
+        "unsplit": lambda: FastUnsplitSession(lm.model),
+    }
+    for name, sp in splits.items():
+        sessions[name] = lambda sp=sp: fast_split_session(sp)
+    runners: dict[str, Callable[[], dict]] = {
+        name: (lambda make=make: _timed_decode(make(), ids, tokens)) for name, make in sessions.items()}
+    if hf_generate:
+        runners["hf_generate"] = lambda: _hf_generate_tok_s(pristine, ids, n_tokens)
+    llama = llama_cpp_runner(gguf_path, threads, lm.tokenizer.decode(ids[0]), n_tokens) if llama_cpp else None
+    if llama is not None:
+        runners["llama_cpp"] = llama
+
+    bandwidth = [copy_bandwidth_gb_s()]
+    say(f"bandwidth probe (copy of {PROBE_BYTES >> 20} MiB): {bandwidth[0]:.1f} GB/s")
+    for name, run in runners.items():  # warm-up: first calls allocate, page in and tabulate rotary
+        tick(f"warm-up {name}", 0, repeats)
+        if name not in ("hf_generate", "llama_cpp"):
+            _timed_decode(sessions[name](), ids, tokens[:, :4])
+    names = list(runners)
+    samples: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(repeats):
-        wire = wire_factory() if wire_factory else None
-        run_u = lambda: unsplit.append(_timed_decode(UnsplitSession(lm.model), ids, tokens))  # noqa: E731
-        run_s = lambda: split.append(_timed_decode(the_split.session(wire), ids, tokens))  # noqa: E731
-        for run in ((run_u, run_s) if r % 2 == 0 else (run_s, run_u)):
-            run()
-        if progress:
-            progress(r + 1, repeats)
-    u, s = statistics.median(unsplit), statistics.median(split)
+        order = names[r % len(names):] + names[: r % len(names)]
+        for k, name in enumerate(order):
+            tick(f"round {r + 1}/{repeats}: {name}", r, repeats)
+            samples[name].append(runners[name]())
+        tick(f"round {r + 1}/{repeats} done", r + 1, repeats)
+    bandwidth.append(copy_bandwidth_gb_s())
+    bw = statistics.median(bandwidth)
+
+    mean_context = ids.shape[1] + n_tokens / 2
+    full = decoder_parts(lm.model)
+    step_bytes = {
+        "unsplit": bytes_per_step(full, full, full.num_layers, mean_context),
+        "old_unsplit": bytes_per_step(full, full, full.num_layers, mean_context),
+        "hf_generate": bytes_per_step(full, full, full.num_layers, mean_context),
+    }
+    for name, sp in splits.items():
+        step_bytes[name] = bytes_per_step(sp.edge.parts, sp.cloud.parts, split_layer, mean_context, sp.spec.qa)
+    step_bytes["old_split"] = step_bytes["split"]
+    configs = {}
+    for name in names:
+        runs = samples[name]
+        row = {"tok_s": statistics.median(x["tok_s"] for x in runs), "tok_s_runs": [x["tok_s"] for x in runs]}
+        for key in ("step_ms", "edge_ms", "codec_ms", "cloud_ms", "python_ms"):
+            if key in runs[0]:
+                row[key] = statistics.median(x[key] for x in runs)
+        if name in step_bytes:
+            row["bytes_per_step"] = step_bytes[name]
+            row["bound_tok_s"] = bw * 1e9 / step_bytes[name]
+            row["fraction_of_bound"] = row["tok_s"] / row["bound_tok_s"]
+        configs[name] = row
+    tok = {n: configs[n]["tok_s"] for n in names}
+    u, s = tok["unsplit"], tok["split"]
+    paired = [b["tok_s"] / a["tok_s"] for a, b in zip(samples["unsplit"], samples["split"])]
+    kv_ratio = configs["split_int4_kv8"]["edge_ms"] / configs["split_int4"]["edge_ms"]
     return {
         "model": lm.model_id,
         "split_layer": split_layer,
         "tokens": int(tokens.shape[1]),
+        "prompt_tokens": int(ids.shape[1]),
         "repeats": repeats,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "unsplit_tok_s": u,
         "split_tok_s": s,
         "overhead": 1 - s / u,
-        "overhead_paired_median": 1 - statistics.median(b / a for a, b in zip(unsplit, split)),
-        "unsplit_tok_s_runs": unsplit,
-        "split_tok_s_runs": split,
+        "overhead_paired_median": 1 - statistics.median(paired),
+        "unsplit_tok_s_runs": configs["unsplit"]["tok_s_runs"],
+        "split_tok_s_runs": configs["split"]["tok_s_runs"],
+        "old_unsplit_tok_s": tok["old_unsplit"],
+        "old_split_tok_s": tok["old_split"],
+        "split_speedup_vs_old": s / tok["old_split"],
+        "hf_generate_tok_s": tok.get("hf_generate"),
+        "split_int4_tok_s": tok["split_int4"],
+        "split_int8_tok_s": tok["split_int8"],
+        "split_int4_kv8_tok_s": tok["split_int4_kv8"],
+        "int4_over_fp32_split": tok["split_int4"] / s,
+        "int8_over_fp32_split": tok["split_int8"] / s,
+        "kv8_edge_ms_ratio": kv_ratio,
+        "llama_cpp_tok_s": tok.get("llama_cpp"),
+        "llama_cpp": "timed" if llama is not None else "not installed (pip install 'splitllm[llamacpp]') or no GGUF",
+        "bandwidth_gb_s": bw,
+        "bandwidth_gb_s_probes": bandwidth,
+        "bound_tok_s": configs["split"]["bound_tok_s"],
+        "fraction_of_bound": configs["split"]["fraction_of_bound"],
+        "configs": configs,
+        "load_average": list(_load_average()),
     }
+
+
+def _load_average() -> tuple[float, float, float]:
+    import os
+
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (0.0, 0.0, 0.0)

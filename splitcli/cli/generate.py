@@ -87,7 +87,9 @@ def generate_cmd(
         text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
         console.print(text, highlight=False, markup=False, soft_wrap=True)
         return
-    session = split.session()
+    from ..runtime.fast import fast_split_session
+
+    session = fast_split_session(split)  # the fast decode path where the model supports it, else the eager one
     result = generate(session, ids, mask, cfg, eos_token_ids=eos, prefill_chunk=prefill_chunk or None)
     text = tokenizer.decode(result.tokens[0], skip_special_tokens=True)
     console.print(text, highlight=False, markup=False, soft_wrap=True)
