@@ -180,3 +180,32 @@ def test_build_wire(llama, tmp_path, monkeypatch):
     assert build_wire(SplitSpec(split_layer=2, wire="fp16"), lm).name == "raw-fp16"
     wire = build_wire(SplitSpec(split_layer=2, wire="tabq"), lm, write_wikitext(tmp_path / "data"))
     assert isinstance(wire, CodecWire) and wire.cfg.tau is not None and wire.cfg.symbol_model is not None
+
+
+def test_calibration_to_a_target_reports_its_choice_and_caches_it(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    data = write_wikitext(tmp_path / "data")
+    lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
+    logs = []
+    settings = CodecSettings(target_rel_error=0.05, rotation="hadamard")
+    cfg, info = calibrated_config(lm, 2, settings, data, logs.append)
+    chosen = info["chosen"]
+    assert info["cache"] == "miss" and chosen["met"] and chosen["bulk_rel_error"] <= 0.05
+    assert cfg.q_bar == chosen["q_bar"] and cfg.tau == chosen["tau"] and cfg.rotation_seed == 0
+    assert any("chose q_bar" in m for m in logs)
+    cfg2, info2 = calibrated_config(lm, 2, settings, data)
+    assert info2["cache"] == "hit" and cfg2 == cfg and info2["chosen"] == chosen
+
+
+def test_split_with_codec_v3_switches_runs_close_to_raw(llama, tmp_path, monkeypatch):
+    from splitcli.deploy import build_split
+
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32, model_id="tiny")
+    codec = CodecSettings(q_bar=4, rotation="hadamard", rotation_seed=5, channel_alpha=0.5)
+    split = build_split(lm, SplitSpec(split_layer=2, q_w1=16, wire="tabq", codec=codec), write_wikitext(tmp_path / "data"))
+    assert split.info["codec"]["rotation_seed"] == 5 and split.info["codec"]["channel_scale"]
+    ids = torch.tensor([[5, 9, 17, 33, 65, 3, 7, 11]])
+    coded = split.session(split.wire).forward(ids, None, logits_to_keep=0)
+    raw = split.session(RawWire("fp32")).forward(ids, None, logits_to_keep=0)
+    assert _rel(coded, raw) < 0.1

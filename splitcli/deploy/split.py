@@ -191,7 +191,8 @@ def build_split(lm, spec: SplitSpec, data_dir=None, progress: Callable[[str], No
     info = {"weight_bits": spec.edge_bits(parts.num_layers), "wire": wire.name}
     if spec.wire == "tabq":
         cfg = wire.cfg
-        info["codec"] = {"tau": cfg.tau, "q_bar": cfg.q_bar, "delta": cfg.delta, "entropy": cfg.entropy}
+        info["codec"] = {"tau": cfg.tau, "q_bar": cfg.q_bar, "delta": cfg.delta, "entropy": cfg.entropy,
+                         "rotation_seed": cfg.rotation_seed, "channel_scale": cfg.channel_scale is not None}
     return Split(spec, edge, CloudHalf(parts, spec.split_layer), wire, info)
 
 

@@ -125,6 +125,12 @@ class PipelineConfig:
             keep |= {k for k in ("qa", "embed_bits") if d[k] < KEEP_BITS}
         if self.pipeline == "split":
             keep |= {"codec"} | ({"tau", "tau_quantile", "q_bar", "delta"} if self.codec == "tabq" else set())
+            if self.codec == "tabq":   # codec v3 switches: keyed only when on, so older keys stay valid
+                cs = self.codec_settings
+                v3 = dict(rotation=cs.rotation, rotation_seed=cs.rotation_seed) if cs.rotation != "none" else {}
+                v3.update({k: getattr(cs, k) for k in ("channel_alpha", "target_rel_error") if getattr(cs, k)})
+                d.update(v3)
+                keep |= set(v3)
         if self.pipeline in BASELINES:
             keep |= {"group_size"}
             if self.pipeline != "rtn-w4a16":
