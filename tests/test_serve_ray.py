@@ -86,7 +86,7 @@ def _generate_all(split, cloud, n, on_token=None):
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    threads = [threading.Thread(target=run, args=(i,), name=f"edge-{i}") for i in range(len(PROMPTS))]
     for t in threads:
         t.start()
     for t in threads:
@@ -172,12 +172,22 @@ def test_full_replica_routes_elsewhere_full_cluster_refuses(served, split, real_
     assert all(s["sessions"] == 0 and s["kv_used"] == 0 for s in served.replica_stats().values())
 
 
-def test_replica_killed_mid_generation_sessions_fail_over_identically(served, split, real_lm, capsys):
+def test_replica_killed_mid_generation_sessions_fail_over_identically(served, split, real_lm, monkeypatch, capsys):
     """Runs last in this module: it replaces a replica."""
+    from splitcli.serve import client
+
     refs = _references(split, TOKENS)
     before = served.replica_stats()
-    killed = {}
+    killed, recovered = {}, {}
     kill_at = TOKENS // 3
+    recover = client._SplitSteps._recover
+
+    def timed_recover(self, first, length):  # which edge sessions reconnected, and when they had their token
+        token = recover(self, first, length)
+        recovered[threading.current_thread().name] = time.monotonic()
+        return token
+
+    monkeypatch.setattr(client._SplitSteps, "_recover", timed_recover)
 
     def on_token(i, n):
         if i == 0 and n == kill_at and not killed:
@@ -188,20 +198,14 @@ def test_replica_killed_mid_generation_sessions_fail_over_identically(served, sp
 
     outs, stamps = _generate_all(split, _remote(served, real_lm), TOKENS, on_token)
     assert killed and outs == refs  # every session complete, greedy output identical
-    # failover time of an affected session: its longest wait for a token after the kill, beyond
-    # its usual gap; the sessions on the killed replica are the ones that waited longest
-    report = []
-    for i, ts in enumerate(stamps):
-        gaps = [b - a for a, b in zip(ts, ts[1:])]
-        after = [b - max(a, killed["t"]) for a, b in zip(ts, ts[1:]) if b > killed["t"]]
-        report.append((max(after), statistics.median(gaps), i))
-    report.sort(reverse=True)
-    affected = report[:killed["sessions"]]
+    # exactly the sessions the killed replica held reconnected (to the other replica, replaying)
+    assert len(recovered) == killed["sessions"] >= 1
+    gaps = {f"edge-{i}": statistics.median(b - a for a, b in zip(ts, ts[1:])) for i, ts in enumerate(stamps)}
+    failover = {name: t - killed["t"] for name, t in sorted(recovered.items())}
     with capsys.disabled():
-        print(f"\n[ray failover] killed replica {killed['replica']} holding {killed['sessions']} of "
-              f"{len(PROMPTS)} sessions after {kill_at} tokens; per session (wait after kill, median gap): "
-              + ", ".join(f"s{i}: {w:.2f} s ({g:.2f} s)" for w, g, i in report))
-    assert all(w > g for w, g, _ in affected)
+        print(f"\n[ray failover] killed replica {killed['replica']} holding {killed['sessions']} of {len(PROMPTS)} "
+              f"sessions after {kill_at} of {TOKENS} tokens; kill -> next token of each affected session: "
+              + ", ".join(f"{n}: {s:.2f} s (median token gap {gaps[n]:.2f} s)" for n, s in failover.items()))
     # Ray restarts the replica: two live replicas again, a new one in place of the killed
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -177,6 +177,7 @@ class RayFrontServicer(pb_grpc.SplitCloudServicer):
         self._lock = threading.Lock()
         self._sessions: dict[str, tuple[str, int]] = {}  # key -> (replica id, KV bytes reserved)
         self._open_lock = threading.Lock()
+        self._route_s, self._routed = 0.0, 0
         self._pending = 0
         self._counters = ServeCounters()
         self._draining = False
@@ -274,15 +275,17 @@ class RayFrontServicer(pb_grpc.SplitCloudServicer):
                     context.abort(grpc.StatusCode.UNAVAILABLE,
                                   f"cloud replica {replica} holding this session was lost ({exc}); reconnect to "
                                   "rebuild the session")
+                self._count_route(time.perf_counter() - started - answer.get("held_s", 0.0))
                 for raw in answer["replies"]:
                     reply = pb.ServerMessage.FromString(raw)
-                    now = time.monotonic()
-                    self._count_out(reply, msg)
-                    if self.on_step is not None and msg.WhichOneof("kind") == "step":
-                        self.on_step(time.perf_counter() - started, msg.step.n_tokens)
-                    if self.on_token is not None:
-                        self.on_token(first_token, now - (admitted_at if first_token else last))
-                    first_token, last = False, now
+                    self._count_out(reply)
+                    if reply.WhichOneof("kind") == "token":
+                        now = time.monotonic()
+                        if self.on_step is not None:
+                            self.on_step(time.perf_counter() - started, msg.step.n_tokens)
+                        if self.on_token is not None:
+                            self.on_token(first_token, now - (admitted_at if first_token else last))
+                        first_token, last = False, now
                     yield reply
                 if answer["status"] is not None:
                     ended = True
@@ -340,6 +343,17 @@ class RayFrontServicer(pb_grpc.SplitCloudServicer):
                 load[replica] = load.get(replica, 0) + reserved
             return load
 
+    def route_overhead(self) -> tuple[float, int]:
+        """(seconds, messages) forwarded so far, beyond the replicas' own time on them: what the
+        handle, the SessionRouter and Ray's transport cost (the difference of two reads is a run's)."""
+        with self._lock:
+            return self._route_s, self._routed
+
+    def _count_route(self, seconds: float) -> None:
+        with self._lock:
+            self._route_s += seconds
+            self._routed += 1
+
     def _refused(self) -> None:
         with self._lock:
             self._counters.sessions_refused += 1
@@ -352,9 +366,9 @@ class RayFrontServicer(pb_grpc.SplitCloudServicer):
             if msg.step.position == 0 and msg.step.chunk_index == 0 and msg.step.kind == pb.PAYLOAD_HIDDEN:
                 self._counters.prompt_tokens += msg.step.n_tokens
 
-    def _count_out(self, reply: pb.ServerMessage, msg: pb.ClientMessage) -> None:
+    def _count_out(self, reply: pb.ServerMessage) -> None:
         with self._lock:
-            self._counters.generated_tokens += 1
+            self._counters.generated_tokens += reply.WhichOneof("kind") == "token"
             self._counters.reply_bytes_out += reply.ByteSize()
 
 

@@ -19,6 +19,7 @@ import os
 import queue
 import sys
 import threading
+import time
 
 import grpc
 
@@ -196,6 +197,7 @@ class SplitReplica:
     def feed(self, key: str, message: bytes, replica: str = "") -> dict:
         """One client message of an admitted session (`replica` pins the route; checked here too:
         a request Serve retried on another replica after its holder died must not run here)."""
+        started = time.perf_counter()
         with self._lock:
             stream = self._streams.get(key) if replica == self.replica_id else None
         if stream is None:
@@ -204,7 +206,8 @@ class SplitReplica:
         replies = stream.feed(pb.ClientMessage.FromString(message))
         if stream.ended:
             self._forget(key, stream)
-        return self._answer(replies, stream.status)
+        # held_s: time spent here, so the front can tell its routing and transport cost apart
+        return self._answer(replies, stream.status, held_s=time.perf_counter() - started)
 
     def close(self, key: str, replica: str = "") -> None:
         """The front's stream ended (edge gone, error): free the session now, not at the idle timeout."""
@@ -222,8 +225,11 @@ class SplitReplica:
                 if stream.ended:  # reaped while idle
                     self._forget_locked(key, stream)
             streams = {**self._history, **{k: s.steps for k, s in self._streams.items()}}
+        import psutil
+
         b = self.servicer.batcher
-        return {"replica": self.replica_id, "pid": os.getpid(), "streams": streams,
+        return {"replica": self.replica_id, "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss,
+                "streams": streams,
                 "sessions": self.servicer.session_count, "kv_used": self.servicer.kv_used,
                 "counters": dataclasses.asdict(self.servicer.counters()),
                 "forwards": b.forwards, "batched_steps": b.batched_steps, "largest_batch": b.largest_batch}
