@@ -15,7 +15,7 @@ import typer
 from ..errors import SplitLLMError
 from .common import DATA_DIR_OPTION, check_plan_fits, cli_errors, codec_options, err_console, load_model_with_status, split_spec
 
-API_KEY_ENV = "SPLITLLM_API_KEY"
+from ..serve.config import API_KEY_ENV, api_key_from  # noqa: F401 - generate --cloud reads the key the same way
 
 # The cloud's counters exported under names in the style of vLLM (`vllm:num_requests_running`,
 # `..._tokens_total`) and llama.cpp, with their own prefix so an edge's and a cloud's series never mix.
@@ -23,14 +23,6 @@ PREFIX = "splitllm_cloud:"
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def api_key_from(flag: str | None) -> str:
-    """--api-key, else $SPLITLLM_API_KEY; a server never runs without one."""
-    key = flag if flag is not None else os.environ.get(API_KEY_ENV, "")
-    if not key:
-        raise SplitLLMError(f"no API key: pass --api-key or set {API_KEY_ENV} (the server refuses to run without one)")
-    return key
 
 
 def tls_credentials(cert: Path | None, key: Path | None):
@@ -136,75 +128,94 @@ def start_metrics_http(host: str, port: int, server, settings):
     return httpd
 
 
+CONFIG_HELP = ("Serve config (configs/serve.yaml: a serve: section with cloud and edge settings, and the plan it "
+               "includes) or a bare plan.yaml: ℓ, the codec and the defaults; explicit flags win.")
+
+
+def load_serve_config(path: Path | None):
+    """(ServeConfig, plan or None): the file's settings, or every default without one."""
+    from ..serve.config import ServeConfig
+
+    config = ServeConfig.load(path) if path is not None else ServeConfig()
+    return config, config.plan
+
+
 @cli_errors
 @codec_options(("none", "fp16", "bf16", "tabq"), "Hidden-state wire the edges use: none (raw fp32), fp16, bf16 or tabq (default: tabq with --config, else none).")
 def serve_cloud_cmd(
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),
-    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ and the codec; explicit flags win."),
+    config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the cloud runs layers [ℓ, L) (default: the plan's, else L // 2)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for all interfaces)."),
-    port: int = typer.Option(50051, "--port", help="gRPC port (0 = pick a free one; the address is printed)."),
-    api_key: str = typer.Option(None, "--api-key", help=f"Bearer token every call must carry (default: ${API_KEY_ENV}; required)."),
+    host: str = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)."),
+    port: int = typer.Option(None, "--port", help="gRPC port (default 50051; 0 = pick a free one; the address is printed)."),
+    api_key: str = typer.Option(None, "--api-key", help=f"Bearer token every call must carry (default: ${API_KEY_ENV}, or the config's api_key_env; required)."),
     tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate chain: serve over TLS (with --tls-key)."),
     tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key for --tls-cert."),
-    max_sessions: int = typer.Option(8, "--max-sessions", help="Concurrent generation sessions admitted."),
-    kv_budget: str = typer.Option("1GiB", "--kv-budget", help="KV memory the sessions may reserve (each: its max tokens x cloud layers), e.g. 512MiB."),
-    idle_timeout: float = typer.Option(60.0, "--idle-timeout", help="Seconds a silent session is kept before it is freed."),
+    max_sessions: int = typer.Option(None, "--max-sessions", help="Concurrent generation sessions admitted (default 8)."),
+    kv_budget: str = typer.Option(None, "--kv-budget", help="KV memory the sessions may reserve (each: its max tokens x cloud layers), e.g. 512MiB (default 1GiB)."),
+    idle_timeout: float = typer.Option(None, "--idle-timeout", help="Seconds a silent session is kept before it is freed (default 60)."),
+    batch_window: str = typer.Option(None, "--batch-window", help="How long the batcher waits for more sessions' decode steps, e.g. 2ms (default 2ms)."),
+    max_batch: int = typer.Option(None, "--max-batch", help="Most sessions in one batched forward (default 16)."),
     metrics_port: int = typer.Option(None, "--metrics-port", help="Serve /metrics (Prometheus) and /health over HTTP on this port (0 = pick one)."),
-    drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="On SIGTERM/SIGINT: seconds to let running sessions finish."),
+    drain_timeout: float = typer.Option(None, "--drain-timeout", help="On SIGTERM/SIGINT: seconds to let running sessions finish (default 30)."),
     data_dir: Path = DATA_DIR_OPTION,
     codec_flags: dict = None,
     wire: str | None = None,
 ):
     """Serve the cloud half of the split (layers [ℓ, L)) to edge clients over gRPC."""
+    from ..configio import overlay
     from ..deploy import build_split
     from ..model.loader import DEFAULT_MODEL
-    from ..plan.schema import Plan
-    from ..serve.cloud import CloudServer, CloudSettings
-    from ..units import parse_size
+    from ..serve.cloud import CloudServer
+    from ..units import parse_size, parse_time
 
-    # Everything that can be wrong with the input fails before the model loads.
-    key = api_key_from(api_key)
-    credentials = tls_credentials(tls_cert, tls_key)
-    for flag, value in (("--port", port), ("--metrics-port", metrics_port)):
-        if value is not None and not 0 <= value <= 65535:
-            raise SplitLLMError(f"{flag} must lie in [0, 65535], got {value}")
-    if not drain_timeout >= 0:
-        raise SplitLLMError(f"--drain-timeout must be >= 0, got {drain_timeout}")
-    plan = Plan.load(config) if config is not None else None
-    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
-    progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
+    # Everything that can be wrong with the input fails before the model loads; a flag's error names the flag.
+    _check_ports(port=port, metrics_port=metrics_port)
+    if (tls_cert is None) != (tls_key is None):
+        raise SplitLLMError("TLS needs both --tls-cert and --tls-key")
+    serve_config, plan = load_serve_config(config)
     try:
-        budget = parse_size(kv_budget)
+        budget = parse_size(kv_budget) if kv_budget is not None else None
     except SplitLLMError as exc:
         raise SplitLLMError(f"--kv-budget: {exc}") from None
-    CloudSettings(model_sha256="-", api_key=key, max_sessions=max_sessions, kv_budget_bytes=budget,
-                  idle_timeout_s=idle_timeout)  # validates the limits now
+    try:
+        window_ms = parse_time(batch_window) * 1e3 if batch_window is not None else None
+    except SplitLLMError as exc:
+        raise SplitLLMError(f"--batch-window: {exc}") from None
+    c = overlay(serve_config.cloud, host=host, port=port, max_sessions=max_sessions, kv_budget_bytes=budget,
+                idle_timeout_s=idle_timeout, batch_window_ms=window_ms, max_batch=max_batch,
+                metrics_port=metrics_port, drain_timeout_s=drain_timeout, tls_cert=tls_cert, tls_key=tls_key)
+    key = api_key_from(api_key, c.api_key_env)
+    credentials = tls_credentials(c.tls_cert, c.tls_key)
+    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
+    progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     lm = load_model_with_status(model or (plan.model_id if plan else DEFAULT_MODEL))
     check_plan_fits(plan, lm)
     # keep_stats=False: a server's wire must not keep one record per frame for its lifetime
     split = build_split(lm, spec, data_dir, progress, keep_stats=False)
-    settings = CloudSettings(model_sha256=lm.sha256, api_key=key, max_sessions=max_sessions,
-                             kv_budget_bytes=budget, idle_timeout_s=idle_timeout)
+    settings = c.settings(lm.sha256, key)
     stop = threading.Event()
     # Installed before the server starts, so a SIGTERM from the moment it serves drains (during the
     # model load it still ends the process at once: there is nothing to drain yet).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = CloudServer(split, settings, address=_join(host, port), credentials=credentials)
+    server = CloudServer(split, settings, address=_join(c.host, c.port), credentials=credentials)
     httpd = None
     try:
-        if metrics_port is not None:
-            httpd = start_metrics_http(host, metrics_port, server, settings)
-        metrics = f"; metrics on http://{_join(host, httpd.server_address[1])}/metrics" if httpd else ""
+        if c.metrics_port is not None:
+            httpd = start_metrics_http(c.host, c.metrics_port, server, settings)
+        metrics = f"; metrics on http://{_join(c.host, httpd.server_address[1])}/metrics" if httpd else ""
         # One line on stdout, flushed: scripts and tests read the bound address from it.
         print(f"serving {lm.model_id} cloud layers [{split.spec.split_layer}, {split.cloud.parts.num_layers}) "
-              f"on {_join(host, server.port)} ({'TLS' if credentials else 'plaintext'}){metrics}", flush=True)
+              f"on {_join(c.host, server.port)} ({'TLS' if credentials else 'plaintext'}){metrics}", flush=True)
+        err_console.print(f"sessions <= {settings.max_sessions}, KV budget {settings.kv_budget_bytes} bytes, "
+                          f"idle timeout {settings.idle_timeout_s:g} s, batch window {settings.batch_window_ms:g} ms, "
+                          f"max batch {settings.max_batch}", highlight=False, soft_wrap=True)
         while not stop.wait(0.5):
             pass
-        err_console.print(f"draining: no new sessions; waiting up to {drain_timeout:g} s for "
+        err_console.print(f"draining: no new sessions; waiting up to {c.drain_timeout_s:g} s for "
                           f"{server.servicer.session_count} running", highlight=False)
-        drained = server.drain(drain_timeout)
+        drained = server.drain(c.drain_timeout_s)
         if not drained:
             err_console.print(f"{server.servicer.session_count} sessions still running: ending them", highlight=False)
     finally:
@@ -215,6 +226,12 @@ def serve_cloud_cmd(
     err_console.print("stopped", highlight=False)
 
 
+def _check_ports(**flags) -> None:
+    for name, value in flags.items():
+        if value is not None and not 0 <= value <= 65535:
+            raise SplitLLMError(f"--{name.replace('_', '-')} must lie in [0, 65535], got {value}")
+
+
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -222,37 +239,47 @@ def _join(host: str, port: int) -> str:
 @cli_errors
 @codec_options(("none", "fp16", "bf16", "tabq"), "Hidden-state wire (must match the cloud's): none (raw fp32), fp16, bf16 or tabq (default: tabq with --config, else none).")
 def serve_edge_cmd(
-    cloud: str = typer.Option(..., "--cloud", help="HOST:PORT of the `splitllm serve-cloud` running the cloud half."),
+    cloud: str = typer.Option(None, "--cloud", help="HOST:PORT of the `splitllm serve-cloud` running the cloud half (default: the config's, else 127.0.0.1:50051)."),
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),
-    config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ and the codec; explicit flags win."),
+    config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
     shards: Path = typer.Option(None, "--shards", help="Run the edge half from a directory written by `splitllm quantize` (instead of --model)."),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ) (default: the plan's or the shards', else L // 2)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address the HTTP API listens on (0.0.0.0 for all interfaces)."),
-    port: int = typer.Option(8000, "--port", help="HTTP port (0 = pick a free one; the address is printed)."),
-    api_key: str = typer.Option(None, "--api-key", help=f"Bearer token for the /v1 API, also sent to the cloud unless --cloud-api-key (default: ${API_KEY_ENV}; required)."),
-    cloud_api_key: str = typer.Option(None, "--cloud-api-key", help="Bearer token for the cloud (default: the --api-key)."),
+    host: str = typer.Option(None, "--host", help="Address the HTTP API listens on (default 127.0.0.1; 0.0.0.0 for all interfaces)."),
+    port: int = typer.Option(None, "--port", help="HTTP port (default 8000; 0 = pick a free one; the address is printed)."),
+    api_key: str = typer.Option(None, "--api-key", help=f"Bearer token for the /v1 API, also sent to the cloud unless --cloud-api-key (default: ${API_KEY_ENV}, or the config's api_key_env; required)."),
+    cloud_api_key: str = typer.Option(None, "--cloud-api-key", help="Bearer token for the cloud (default: the config's cloud_api_key_env, else the --api-key)."),
     cloud_ca: Path = typer.Option(None, "--cloud-ca", help="PEM certificate (CA or self-signed) to trust: talk to --cloud over TLS."),
     model_name: str = typer.Option(None, "--model-name", help="The model id /v1/models reports and requests name (default: the model's)."),
-    max_running: int = typer.Option(8, "--max-running", help="Requests generating at once (more get 429)."),
+    max_running: int = typer.Option(None, "--max-running", help="Requests generating at once (more get 429; default 8)."),
+    deadline: str = typer.Option(None, "--deadline", help="Per-token deadline D, e.g. 200ms: Algorithm 2 runs per request on the measured link to the cloud (compress harder or stop early)."),
+    eps: float = typer.Option(None, "--eps", help="Outage target ε of eq. (9) for --deadline (default 0.001)."),
     data_dir: Path = DATA_DIR_OPTION,
     codec_flags: dict = None,
     wire: str | None = None,
 ):
     """Serve an OpenAI-compatible HTTP API: the edge half here, the cloud half on a serve-cloud."""
+    from ..configio import overlay
     from ..model.loader import DEFAULT_MODEL
-    from ..plan.schema import Plan
     from ..serve.backends import RemoteBackend
     from ..serve.client import RemoteCloud
     from ..serve.openai_api import create_app
+    from ..units import parse_time
     from .generate import _remote_options
 
-    key = api_key_from(api_key)
-    remote = _remote_options(cloud, cloud_api_key or key, cloud_ca, {})
+    _check_ports(port=port)
+    serve_config, plan = load_serve_config(config)
+    try:
+        deadline_s = parse_time(deadline) if deadline is not None else None
+    except SplitLLMError as exc:
+        raise SplitLLMError(f"--deadline: {exc}") from None
+    e = overlay(serve_config.edge, cloud=cloud, host=host, port=port, cloud_ca=cloud_ca, model_name=model_name,
+                max_running=max_running, deadline_s=deadline_s, eps=eps)
+    key = api_key_from(api_key, e.api_key_env)
+    if cloud_api_key is None and e.cloud_api_key_env is not None:
+        cloud_api_key = api_key_from(None, e.cloud_api_key_env)
+    remote = _remote_options(e.cloud, cloud_api_key or key, e.cloud_ca, {})
     if shards is not None and model is not None:
         raise SplitLLMError("give --shards or --model, not both")
-    if not 0 <= port <= 65535:
-        raise SplitLLMError(f"--port must lie in [0, 65535], got {port}")
-    plan = Plan.load(config) if config is not None else None
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     if shards is not None:
@@ -266,15 +293,29 @@ def serve_edge_cmd(
         check_plan_fits(plan, lm)
         split = build_split(lm, spec, data_dir, progress, keep_stats=False)
         tokenizer, sha, name = lm.tokenizer, lm.sha256, lm.model_id
-    backend = RemoteBackend(split, RemoteCloud(model_sha256=sha, **remote))
+    backend = RemoteBackend(split, RemoteCloud(model_sha256=sha, **remote), live=_edge_policy(e, split.spec))
     try:
-        app = create_app(backend, model_name=model_name or name, api_key=key, tokenizer=tokenizer,
-                         max_running=max_running)
-        _run_uvicorn(app, host, port, f"serving {model_name or name} (edge layers [0, {split.spec.split_layer}), "
-                                      f"cloud at {cloud}) on")
+        app = create_app(backend, model_name=e.model_name or name, api_key=key, tokenizer=tokenizer,
+                         max_running=e.max_running)
+        live = f", Algorithm 2 at D = {e.deadline_s * 1e3:g} ms" if e.deadline_s is not None else ""
+        _run_uvicorn(app, e.host, e.port, f"serving {e.model_name or name} (edge layers [0, {split.spec.split_layer}), "
+                                          f"cloud at {e.cloud}{live}) on")
     finally:
         backend.close()
     err_console.print("stopped", highlight=False)
+
+
+def _edge_policy(edge, spec):
+    """Algorithm 2 for every request (serve.adaptive), or None without a deadline. Split steps
+    carry hidden states only, so the policy starts at I_kv = 0."""
+    if edge.deadline_s is None:
+        return None
+    from ..plan.early_exit import ExitPolicy
+    from ..runtime.adaptive import measured_link_model
+    from ..serve.adaptive import RemotePolicy
+
+    return RemotePolicy(ExitPolicy(edge.deadline_s, spec.codec.q_bar, spec.codec.q_bar_min, 0,
+                                   measured_link_model(edge.eps)))
 
 
 def _edge_shard_split(shards: Path, spec, data_dir, progress):
@@ -309,6 +350,7 @@ def _run_uvicorn(app, host: str, port: int, banner: str) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # connections from the moment the address is printed wait in the backlog
     except OSError as exc:
         sock.close()
         raise SplitLLMError(f"could not bind the HTTP API to {_join(host, port)}: {exc.strerror or exc}") from None

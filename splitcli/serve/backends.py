@@ -79,15 +79,17 @@ class LocalBackend:
 
 class RemoteBackend:
     """The edge half here, the cloud half across gRPC (`serve.client.generate_remote`). One channel
-    for all requests: gRPC multiplexes the sessions' streams over it and reconnects on its own."""
+    for all requests: gRPC multiplexes the sessions' streams over it and reconnects on its own.
+    `live` (a `serve.adaptive.RemotePolicy`): Algorithm 2 decides every step of every request on
+    the link that request measures (a stop ends its generation early)."""
 
-    def __init__(self, split, cloud):
+    def __init__(self, split, cloud, live=None):
         from splitcli.serve.client import RemoteCloud
 
         if not isinstance(cloud, RemoteCloud):
             raise SplitLLMError(f"RemoteBackend needs a RemoteCloud, got {type(cloud).__name__}")
         _check_wire(split)
-        self.split, self.cloud = split, cloud
+        self.split, self.cloud, self.live = split, cloud, live
         config = _config_of(split)
         self.context_length = getattr(config, "max_position_embeddings", None)
         self.vocab_size = int(config.vocab_size)
@@ -95,10 +97,12 @@ class RemoteBackend:
         self._channel = cloud.channel()
 
     def generate(self, input_ids, cfg: SamplingConfig, eos_token_ids: set[int] | None = None) -> Iterator[int]:
+        from splitcli.serve.adaptive import LiveRun
         from splitcli.serve.client import generate_remote
 
+        live = LiveRun(self.live, self.split) if self.live is not None else None
         return generate_remote(self.split, _check_prompt(input_ids), cfg, self.cloud,
-                               eos_token_ids=eos_token_ids, channel=self._channel)
+                               eos_token_ids=eos_token_ids, channel=self._channel, live=live)
 
     def close(self) -> None:
         self._channel.close()

@@ -36,45 +36,13 @@ from splitcli.quant import fp_kv_bytes_per_token
 from splitcli.runtime.adaptive import with_q_bar
 from splitcli.runtime.generate import SamplingConfig, sample_next
 from splitcli.serve.batching import Batcher, CloudState
+from splitcli.serve.config import CloudSettings  # noqa: F401 - its home is serve.config; imported from here too
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 from splitcli.serve.protocol import PB_TO_IKV, PB_TO_WIRE, PROTOCOL_VERSION, codec_from_pb, decode_frame
 
 #: Most chunks one step may arrive in (bounds per-step bookkeeping whatever the sizes).
 MAX_CHUNKS = 4096
-
-
-@dataclass(frozen=True)
-class CloudSettings:
-    """What one cloud server enforces. `api_key` is required: no token, no service."""
-
-    model_sha256: str
-    api_key: str
-    max_sessions: int = 8
-    kv_budget_bytes: int = 1 << 30
-    idle_timeout_s: float = 60.0
-    max_message_bytes: int = 4 << 20
-    max_frame_bytes: int = 64 << 20
-    batch_window_ms: float = 2.0
-    max_batch: int = 16
-    max_top_k: int = 64
-
-    def __post_init__(self) -> None:
-        if not self.model_sha256:
-            raise SplitLLMError("the cloud needs the model's sha256 to check sessions against")
-        if not self.api_key:
-            raise SplitLLMError("the cloud needs an API key (bearer token); refusing to serve without one")
-        for name in ("max_sessions", "kv_budget_bytes", "max_message_bytes", "max_frame_bytes", "max_batch",
-                     "max_top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SplitLLMError(f"cloud setting {name} must be an integer >= 1, got {value!r}")
-        if not self.idle_timeout_s > 0:
-            raise SplitLLMError(f"cloud setting idle_timeout_s must be > 0, got {self.idle_timeout_s!r}")
-        if not 0 <= self.batch_window_ms <= 1000:
-            raise SplitLLMError(f"cloud setting batch_window_ms must lie in [0, 1000], got {self.batch_window_ms!r}")
-        if self.max_frame_bytes < self.max_message_bytes:
-            raise SplitLLMError("cloud setting max_frame_bytes must be >= max_message_bytes")
 
 
 def cloud_kv_bytes_per_token(cloud) -> int:
