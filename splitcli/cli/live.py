@@ -76,28 +76,22 @@ def run_live(live: LiveOptions, lm, split, ids, mask, cfg, eos):
     """Generate with Algorithm 2 deciding every step; prints the trace and its summary."""
     from ..deploy import handoff_session
     from ..plan.early_exit import ExitPolicy
-    from ..runtime.adaptive import adaptive_generate, format_trace, link_model_for, write_trace
+    from ..runtime.adaptive import adaptive_generate, link_model_for
     from ..runtime.link import EmulatedLink
 
     policy = ExitPolicy(live.deadline_s, live.q_bar, live.q_bar_min, live.i_kv, link_model_for(live.link, live.eps))
     session = handoff_session(lm, split) if live.local_tokens else split.session()
     result = adaptive_generate(session, ids, mask, cfg, policy, EmulatedLink(live.link),
                                local_tokens=live.local_tokens, eos_token_ids=eos)
-    err_console.print(f"live policy: D = {live.deadline_s * 1e3:g} ms, link {live.link.describe()}, "
-                      f"eps {live.eps:g}, wire {split.wire.name}", highlight=False)
-    for line in format_trace(result):
-        err_console.print(line, highlight=False, markup=False)
-    if live.trace is not None:
-        write_trace(live.trace, result)
-        err_console.print(f"wrote {live.trace}", highlight=False)
-    return result
+    return _report(live, result, f"live policy: D = {live.deadline_s * 1e3:g} ms, link {live.link.describe()}, "
+                                 f"eps {live.eps:g}, wire {split.wire.name}")
 
 
 def run_live_remote(live: LiveOptions, lm, split, ids, cfg, eos, cloud):
     """Algorithm 2 on the measured link to a serve-cloud (`serve.adaptive`): the tokens and the
     trace, printed as `run_live` prints it."""
     from ..plan.early_exit import ExitPolicy
-    from ..runtime.adaptive import format_trace, measured_link_model, write_trace
+    from ..runtime.adaptive import measured_link_model
     from ..serve.adaptive import LiveRun, RemotePolicy
     from ..serve.client import generate_remote, generate_remote_handoff
 
@@ -113,8 +107,15 @@ def run_live_remote(live: LiveOptions, lm, split, ids, cfg, eos, cloud):
         tokens = list(generate_remote(split, ids, cfg, cloud, eos_token_ids=eos, live=run))
     result = run.result(tokens)
     shaped = f", uplink shaped by {live.link.describe()}" if live.link is not None else ""
-    err_console.print(f"live policy on the measured link to {cloud.target}: D = {live.deadline_s * 1e3:g} ms{shaped}, "
-                      f"wire {split.wire.name}", highlight=False)
+    return _report(live, result, f"live policy on the measured link to {cloud.target}: "
+                                 f"D = {live.deadline_s * 1e3:g} ms{shaped}, wire {split.wire.name}")
+
+
+def _report(live: LiveOptions, result, header: str):
+    """The header, the per-step table and summary on stderr; the trace file when asked."""
+    from ..runtime.adaptive import format_trace, write_trace
+
+    err_console.print(header, highlight=False)
     for line in format_trace(result):
         err_console.print(line, highlight=False, markup=False)
     if live.trace is not None:
