@@ -112,7 +112,7 @@ def test_four_sessions_on_two_replicas_equal_in_process_and_stay_on_one(served, 
     before = served.replica_stats()
     outs, _ = _generate_all(split, _remote(served, real_lm), TOKENS)
     assert outs == refs
-    after = served.replica_stats()
+    after = _settled(served)
     assert len(after) == 2 and set(after) == set(before)
     # From the replicas' own counters: the sessions of this test, each on exactly one replica
     # with every one of its steps there (one per generated token), spread over both replicas.
@@ -123,6 +123,17 @@ def test_four_sessions_on_two_replicas_equal_in_process_and_stay_on_one(served, 
     assert sorted(len(per) for per in new.values()) == [2, 2]
     assert all(s["sessions"] == 0 and s["kv_used"] == 0 for s in after.values())
     assert served.servicer.session_count == 0
+
+
+def _settled(served, timeout_s: float = 30.0) -> dict:
+    """The replicas' stats once every session has ended (the edge's Close reaches the replica a
+    moment after the edge returns), or as they are at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    stats = served.replica_stats()
+    while time.monotonic() < deadline and (served.servicer.session_count or any(s["sessions"] for s in stats.values())):
+        time.sleep(0.2)
+        stats = served.replica_stats()
+    return stats
 
 
 def _raw_open(stub, split, real_lm):
@@ -166,10 +177,7 @@ def test_full_replica_routes_elsewhere_full_cluster_refuses(served, split, real_
                 with contextlib.suppress(grpc.RpcError):  # the refused one ends with its status again
                     for _ in call:  # drain to the end of each stream
                         pass
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(s["sessions"] for s in served.replica_stats().values()):
-        time.sleep(0.2)
-    assert all(s["sessions"] == 0 and s["kv_used"] == 0 for s in served.replica_stats().values())
+    assert all(s["sessions"] == 0 and s["kv_used"] == 0 for s in _settled(served).values())
 
 
 def test_replica_killed_mid_generation_sessions_fail_over_identically(served, split, real_lm, monkeypatch, capsys):
@@ -209,7 +217,7 @@ def test_replica_killed_mid_generation_sessions_fail_over_identically(served, sp
     # Ray restarts the replica: two live replicas again, a new one in place of the killed
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        now = served.replica_stats()
+        now = _settled(served)
         if len(now) == 2 and killed["replica"] not in now:
             break
         time.sleep(1.0)

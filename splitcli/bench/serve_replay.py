@@ -177,7 +177,9 @@ class ServerProcess:
     """The child process that runs the servers; a context manager that always ends it."""
 
     def __init__(self, model_ref: str, split_layer: int, wire: str, data_dir, max_sessions: int, threads: int = 0,
-                 start_timeout_s: float = 600.0):
+                 start_timeout_s: float = 600.0, main=None, main_args: tuple = ()):
+        """`main` (default: the local servers' `_server_main`) runs in the child with the same
+        arguments, then `main_args`; it answers the same commands on the pipe."""
         import multiprocessing as mp
 
         self.api_key = secrets.token_hex(16)
@@ -186,8 +188,8 @@ class ServerProcess:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._lock = threading.Lock()
-        self.process = ctx.Process(target=_server_main, name="splitllm-bench-cloud", daemon=True,
-                                   args=(child, model_ref, split_layer, wire, data_dir, settings, threads))
+        self.process = ctx.Process(target=main or _server_main, name="splitllm-bench-cloud", daemon=True,
+                                   args=(child, model_ref, split_layer, wire, data_dir, settings, threads, *main_args))
         self.process.start()
         child.close()
         try:

@@ -239,6 +239,8 @@ def serve_cmd(
     wire: str = typer.Option("fp16", "--wire", help="Split wire: none (fp32), fp16 or tabq (calibrated codec); cloud-only sends raw embeddings."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads of the server process (0 = torch's default)."),
     plot: Path = typer.Option(None, "--plot", help="Write tokens/s and cloud CPU per token vs clients (and the handoff curve) as a PNG here."),
+    backend: str = typer.Option("local", "--backend", help="local: cloud-only vs split on serve-cloud's core; ray: the split on Ray Serve with each --replicas count, beside the local backend (needs the ray extra)."),
+    replicas: str = typer.Option("1", "--replicas", help="--backend ray: comma-separated replica counts, e.g. 1,2."),
     data_dir: Path = DATA_DIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite the --json / --plot files if they exist."),
 ):
@@ -260,6 +262,7 @@ def serve_cmd(
         raise SplitLLMError(f"--wire must be none, fp16 or tabq, got {wire!r}")
     if plot is not None and plot.suffix.lower() != ".png":
         raise SplitLLMError(f"--plot must name a .png file, got {plot}")
+    replica_counts = _ray_bench_replicas(backend, replicas, plot)
     from ..bench.serve import bench_serve, plot_serve
 
     lm = load_model_with_status(model)
@@ -271,15 +274,49 @@ def serve_cmd(
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total or None)
 
-        result = bench_serve(lm, model, split_layer, counts, tokens, repeats, wire=wire, data_dir=data_dir,
-                             threads=threads, progress=progress, log=lambda m: bar.console.print(m, highlight=False))
+        log = lambda m: bar.console.print(m, highlight=False)  # noqa: E731
+        if replica_counts is not None:
+            from ..bench.serve_ray import bench_serve_ray
+
+            result = bench_serve_ray(lm, model, split_layer, counts, replica_counts, tokens, repeats, wire=wire,
+                                     data_dir=data_dir, threads=threads or 1, progress=progress, log=log)
+        else:
+            result = bench_serve(lm, model, split_layer, counts, tokens, repeats, wire=wire, data_dir=data_dir,
+                                 threads=threads, progress=progress, log=log)
     write_json(json_out, result, force)
+    if replica_counts is not None:
+        _print_serve_ray_summary(result)
+        return
     if plot is not None:
         plot_serve(result, plot)
     _print_serve_summary(result)
 
 
-def _print_serve_summary(r: dict) -> None:
+def _ray_bench_replicas(backend: str, replicas: str, plot) -> list[int] | None:
+    """The replica counts for --backend ray (Ray Serve installed), None for local."""
+    from ..errors import SplitLLMError
+
+    if backend not in ("local", "ray"):
+        raise SplitLLMError(f"--backend must be local or ray, got {backend!r}")
+    if backend == "local":
+        if replicas != "1":
+            raise SplitLLMError("--replicas needs --backend ray")
+        return None
+    from ..serve.ray_backend import require_ray
+
+    require_ray()
+    if plot is not None:
+        raise SplitLLMError("--plot draws the local backend's figure: leave it out with --backend ray")
+    try:
+        counts = sorted({int(x) for x in replicas.split(",") if x.strip()})
+    except ValueError:
+        raise SplitLLMError(f"--replicas must be comma-separated integers, got {replicas!r}") from None
+    if not counts or counts[0] < 1 or counts[-1] > 16:
+        raise SplitLLMError(f"--replicas needs values in 1..16, got {replicas!r}")
+    return counts
+
+
+def _print_serve_table(r: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"bench serve: {r['model']}, ℓ = {r['split_layer']}, {r['tokens_per_client']} tokens per client "
@@ -290,6 +327,19 @@ def _print_serve_summary(r: dict) -> None:
         table.add_row(x["mode"], str(x["clients"]), f"{x['tokens_per_s']:.1f}", f"{1e3 * x['cloud_cpu_s_per_token']:.2f}",
                       f"{x['p50_ms']:.1f}", f"{x['p99_ms']:.1f}", f"{x['bytes_per_token']:.0f}", f"{x['mean_batch']:.2f}")
     console.print(table)
+
+
+def _print_serve_ray_summary(r: dict) -> None:
+    _print_serve_table(r)
+    over = ", ".join(f"{o['p50_ratio_ray_over_local']:.2f}x with {o['clients']}" for o in r["overhead_at_1_replica"])
+    scale = ", ".join(f"{s['tokens_per_s_over_1_replica']:.2f}x at {s['replicas']} replicas / {s['clients']} clients"
+                      for s in r["scaling"])
+    console.print(f"Ray at {r['replicas'][0]} replica vs local, p50 per-token latency: {over}"
+                  + (f"\ntokens/s vs {r['replicas'][0]} replica: {scale}" if scale else ""), highlight=False)
+
+
+def _print_serve_summary(r: dict) -> None:
+    _print_serve_table(r)
     a = r["acceptance"]
     parts = [f"with {a['clients']} clients"]
     if "cpu_per_token_split_over_cloud_only" in a:

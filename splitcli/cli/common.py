@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import SplitLLMError
 
@@ -29,7 +30,8 @@ def cli_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SplitLLMError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escape: a message is text, not markup ("pip install 'splitllm[ray]'" must print as written)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")

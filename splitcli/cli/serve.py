@@ -63,7 +63,9 @@ class CloudCollector:
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Between a session's consecutive tokens.",
                              buckets=_STEP_BUCKETS, registry=registry)
         server.servicer.on_step = lambda seconds, _tokens: self.step_time.observe(seconds)
-        server.servicer.batcher.on_batch = self.batch_size.observe
+        batcher = getattr(server.servicer, "batcher", None)  # the Ray front has none: replicas batch
+        if batcher is not None:
+            batcher.on_batch = self.batch_size.observe
         server.servicer.on_token = lambda first, seconds: (self.ttft if first else self.itl).observe(seconds)
 
     def collect(self):
@@ -158,6 +160,10 @@ def serve_cloud_cmd(
     max_batch: int = typer.Option(None, "--max-batch", help="Most sessions in one batched forward (default 16)."),
     metrics_port: int = typer.Option(None, "--metrics-port", help="Serve /metrics (Prometheus) and /health over HTTP on this port (0 = pick one)."),
     drain_timeout: float = typer.Option(None, "--drain-timeout", help="On SIGTERM/SIGINT: seconds to let running sessions finish (default 30)."),
+    backend: str = typer.Option("local", "--backend", help="local: this process runs the cloud half; ray: Ray Serve replicas run it behind this process's gRPC front (needs the ray extra)."),
+    replicas: int = typer.Option(None, "--replicas", help="--backend ray: replicas of the cloud half (default 1); --max-sessions and --kv-budget hold per replica."),
+    autoscale: str = typer.Option(None, "--autoscale", help="--backend ray: MIN:MAX replicas, scaled by Ray Serve with the load (instead of --replicas)."),
+    ray_address: str = typer.Option(None, "--ray-address", help="--backend ray: address of a running Ray cluster (default: start a local one on 127.0.0.1, stopped on exit)."),
     data_dir: Path = DATA_DIR_OPTION,
     codec_flags: dict = None,
     wire: str | None = None,
@@ -166,11 +172,13 @@ def serve_cloud_cmd(
     from ..configio import overlay
     from ..deploy import build_split
     from ..model.loader import DEFAULT_MODEL
+    from ..model.split import decoder_parts
     from ..serve.cloud import CloudServer
     from ..units import parse_size, parse_time
 
     # Everything that can be wrong with the input fails before the model loads; a flag's error names the flag.
     _check_ports(port=port, metrics_port=metrics_port)
+    ray_options = _ray_options(backend, replicas, autoscale, ray_address)
     if (tls_cert is None) != (tls_key is None):
         raise SplitLLMError("TLS needs both --tls-cert and --tls-key")
     serve_config, plan = load_serve_config(config)
@@ -189,25 +197,43 @@ def serve_cloud_cmd(
     credentials = tls_credentials(c.tls_cert, c.tls_key)
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
-    lm = load_model_with_status(model or (plan.model_id if plan else DEFAULT_MODEL))
+    model_ref = model or (plan.model_id if plan else DEFAULT_MODEL)
+    lm = load_model_with_status(model_ref)
     check_plan_fits(plan, lm)
-    # keep_stats=False: a server's wire must not keep one record per frame for its lifetime
-    split = build_split(lm, spec, data_dir, progress, keep_stats=False)
     settings = c.settings(lm.sha256, key)
+    if ray_options is None:
+        # keep_stats=False: a server's wire must not keep one record per frame for its lifetime
+        split = build_split(lm, spec, data_dir, progress, keep_stats=False)
+        layers = (split.spec.split_layer, split.cloud.parts.num_layers)
+    else:  # each replica loads the model and builds the split itself
+        spec = spec.resolve(lm.model)
+        layers = (spec.split_layer, decoder_parts(lm.model).num_layers)
     stop = threading.Event()
     # Installed before the server starts, so a SIGTERM from the moment it serves drains (during the
     # model load it still ends the process at once: there is nothing to drain yet).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = CloudServer(split, settings, address=_join(c.host, c.port), credentials=credentials)
+    if ray_options is None:
+        server = CloudServer(split, settings, address=_join(c.host, c.port), credentials=credentials)
+    else:
+        from ..serve.ray_backend import RayCloudServer, model_split_factory
+
+        with err_console.status(f"starting the cloud half on Ray Serve ({ray_options.describe()}) ..."):
+            server = RayCloudServer(model_split_factory(model_ref, spec, data_dir), settings, ray_options,
+                                    address=_join(c.host, c.port), credentials=credentials)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # ray.init installed its own (they abort the process)
+            signal.signal(sig, lambda *_: stop.set())
     httpd = None
     try:
         if c.metrics_port is not None:
             httpd = start_metrics_http(c.host, c.metrics_port, server, settings)
         metrics = f"; metrics on http://{_join(c.host, httpd.server_address[1])}/metrics" if httpd else ""
         # One line on stdout, flushed: scripts and tests read the bound address from it.
-        print(f"serving {lm.model_id} cloud layers [{split.spec.split_layer}, {split.cloud.parts.num_layers}) "
+        print(f"serving {lm.model_id} cloud layers [{layers[0]}, {layers[1]}) "
               f"on {_join(c.host, server.port)} ({'TLS' if credentials else 'plaintext'}){metrics}", flush=True)
+        if ray_options is not None:
+            err_console.print(f"cloud half on Ray Serve: {ray_options.describe()}; the limits below hold per replica",
+                              highlight=False)
         err_console.print(f"sessions <= {settings.max_sessions}, KV budget {settings.kv_budget_bytes} bytes, "
                           f"idle timeout {settings.idle_timeout_s:g} s, batch window {settings.batch_window_ms:g} ms, "
                           f"max batch {settings.max_batch}", highlight=False, soft_wrap=True)
@@ -224,6 +250,27 @@ def serve_cloud_cmd(
             httpd.shutdown()
             httpd.server_close()
     err_console.print("stopped", highlight=False)
+
+
+def _ray_options(backend: str, replicas, autoscale, address):
+    """RayOptions for --backend ray (Ray Serve must be installed), None for local."""
+    if backend not in ("local", "ray"):
+        raise SplitLLMError(f"--backend must be local or ray, got {backend!r}")
+    if backend == "local":
+        given = [flag for flag, v in (("--replicas", replicas), ("--autoscale", autoscale),
+                                      ("--ray-address", address)) if v is not None]
+        if given:
+            raise SplitLLMError(f"{', '.join(given)} need --backend ray")
+        return None
+    from ..serve.ray_backend import RayOptions, parse_autoscale, require_ray
+
+    require_ray()
+    if replicas is not None and autoscale is not None:
+        raise SplitLLMError("give --replicas or --autoscale, not both")
+    if replicas is not None and replicas < 1:
+        raise SplitLLMError(f"--replicas must be >= 1, got {replicas}")
+    return RayOptions(replicas=replicas or 1, autoscale=parse_autoscale(autoscale) if autoscale else None,
+                      address=address, num_cpus=os.cpu_count() or 1)
 
 
 def _check_ports(**flags) -> None:

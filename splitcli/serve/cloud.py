@@ -430,8 +430,10 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
 class CloudServer:
     """A started gRPC server around a CloudServicer; `port` is the bound port (0 picks a free one)."""
 
-    def __init__(self, split, settings: CloudSettings, address: str = "127.0.0.1:0", credentials=None):
-        self.servicer = CloudServicer(split, settings)
+    def __init__(self, split, settings: CloudSettings, address: str = "127.0.0.1:0", credentials=None,
+                 servicer=None):
+        # servicer: another SplitCloud servicer to serve instead (serve/ray_backend.py's front)
+        self.servicer = servicer if servicer is not None else CloudServicer(split, settings)
         workers = settings.max_sessions + 4  # room to refuse sessions past the limit with a reason
         limit = settings.max_message_bytes
         self._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitllm-cloud")

@@ -80,6 +80,12 @@ class RayOptions:
             if not getattr(self, name) > 0:
                 raise SplitLLMError(f"ray option {name} must be > 0, got {getattr(self, name)!r}")
 
+    def describe(self) -> str:
+        scale = (f"{self.autoscale[0]}-{self.autoscale[1]} replicas (autoscaled)" if self.autoscale
+                 else f"{self.replicas} replica{'s' if self.replicas > 1 else ''}")
+        where = f"Ray at {self.address}" if self.address else f"a local Ray instance ({self.num_cpus} CPUs, loopback)"
+        return f"{scale} on {where}"
+
     @property
     def max_replicas(self) -> int:
         return self.autoscale[1] if self.autoscale else self.replicas
@@ -372,30 +378,6 @@ class RayFrontServicer(pb_grpc.SplitCloudServicer):
             self._counters.reply_bytes_out += reply.ByteSize()
 
 
-def _serve_grpc(server, servicer, settings: CloudSettings, address: str, credentials) -> None:
-    """TEMPORARY copy of CloudServer.__init__'s server set-up, until cloud.py (owned by issue 13's
-    helper right now) takes a ready servicer; then RayCloudServer calls super().__init__."""
-    from concurrent import futures
-
-    server.servicer = servicer
-    workers = settings.max_sessions + 4
-    limit = settings.max_message_bytes
-    server._executor = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitllm-cloud")
-    server.server = grpc.server(server._executor, options=[
-        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=workers)
-    pb_grpc.add_SplitCloudServicer_to_server(servicer, server.server)
-    try:
-        server.port = (server.server.add_insecure_port(address) if credentials is None
-                       else server.server.add_secure_port(address, credentials))
-    except RuntimeError:
-        server.port = 0
-    if server.port == 0:
-        server._executor.shutdown(wait=False)
-        raise SplitLLMError(f"could not bind the cloud server to {address}")
-    server.server.start()
-
-
 class RayCloudServer(CloudServer):
     """`CloudServer` whose sessions run on Ray Serve replicas: same port, auth, TLS, drain, stop.
     `factory()` builds (split, model sha256) on each replica; `settings` are per replica (their
@@ -412,8 +394,9 @@ class RayCloudServer(CloudServer):
             self.handle = deploy(factory, internal, options)
             front = RayFrontServicer(self.handle, settings, options)
             # The front's gRPC threads: one per running session of the whole cluster, plus refusals.
-            _serve_grpc(self, front, dataclasses.replace(settings, max_sessions=settings.max_sessions *
-                                                         options.max_replicas), address, credentials)
+            super().__init__(None, dataclasses.replace(settings, max_sessions=settings.max_sessions *
+                                                       options.max_replicas),
+                             address=address, credentials=credentials, servicer=front)
         except BaseException:
             self._shutdown_ray()
             raise

@@ -1,0 +1,98 @@
+"""`splitllm serve-cloud --backend ray` as a user runs it: a subprocess that starts its own local Ray
+instance, serves on a port chosen at run time, and on SIGTERM drains and exits 0 with every Ray
+process it started gone. And the flags' errors, with and without the ray extra installed."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from splitcli.cli import app
+from splitcli.runtime.generate import SamplingConfig
+from splitcli.serve.client import generate_remote
+from test_serve_cli import get, launch, reference, remote, tiny  # noqa: F401 - the fixture too
+from test_serve_cli import nothing_left_running  # noqa: F401 - autouse: no server left behind
+
+
+@pytest.mark.slow
+def test_serve_cloud_backend_ray_serves_drains_and_stops_ray(tiny, tiny_model_dir, tmp_path):
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'splitllm[ray]'")
+    lm, split = tiny
+    args = ["serve-cloud", "-m", str(tiny_model_dir), "-l", "2", "--port", "0", "--metrics-port", "0",
+            "--backend", "ray", "--replicas", "2"]
+    with launch(args, r" on (127\.0\.0\.1:\d+) .*?metrics on (http://\S+)/metrics$", tmp_path) as (proc, m):
+        addr, metrics = m.group(1), m.group(2)
+        ray_procs = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)
+        for prompt in ([1, 5, 9, 33, 7, 12], [3, 4]):
+            assert list(generate_remote(split, prompt, SamplingConfig(max_new_tokens=5), remote(lm, addr))) == \
+                reference(split, prompt, 5)
+        assert get(metrics + "/health") == (200, "ok\n")
+        status, text = get(metrics + "/metrics")
+        assert status == 200 and "splitllm_cloud:generation_tokens_total 10.0" in text
+        assert "splitllm_cloud:sessions_admitted_total 2.0" in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_procs):
+        time.sleep(0.5)
+    left = [p.pid for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"Ray processes left after serve-cloud exited: {left}"
+
+
+def test_ray_flags_need_the_ray_backend(tiny_model_dir):
+    out = CliRunner().invoke(app, ["serve-cloud", "-m", str(tiny_model_dir), "--api-key", "k", "--replicas", "2"])
+    assert out.exit_code == 2 and "--replicas need --backend ray" in out.output and "Traceback" not in out.output
+    out = CliRunner().invoke(app, ["serve-cloud", "-m", str(tiny_model_dir), "--api-key", "k", "--backend", "gpu"])
+    assert out.exit_code == 2 and "--backend must be local or ray" in out.output
+
+
+def test_backend_ray_without_the_extra_says_what_to_install(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as without the extra
+    out = CliRunner().invoke(app, ["serve-cloud", "-m", str(tiny_model_dir), "--api-key", "k", "--backend", "ray"])
+    assert out.exit_code == 2, out.output
+    assert "pip install 'splitllm[ray]'" in out.output and "Traceback" not in out.output
+    assert len(out.output.strip().splitlines()) == 1
+
+
+def test_autoscale_bounds_are_checked(tiny_model_dir):
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'splitllm[ray]'")
+    for bad in ("3", "0:2", "3:2", "a:b"):
+        out = CliRunner().invoke(app, ["serve-cloud", "-m", str(tiny_model_dir), "--api-key", "k",
+                                       "--backend", "ray", "--autoscale", bad])
+        assert out.exit_code == 2 and "--autoscale must be MIN:MAX" in out.output, (bad, out.output)
+
+
+def test_bench_serve_ray_flags_are_checked(tmp_path):
+    out = CliRunner().invoke(app, ["bench", "serve", "--json", str(tmp_path / "a.json"), "--replicas", "2"])
+    assert out.exit_code == 2 and "--replicas needs --backend ray" in out.output
+    out = CliRunner().invoke(app, ["bench", "serve", "--json", str(tmp_path / "b.json"), "--backend", "gpu"])
+    assert out.exit_code == 2 and "--backend must be local or ray" in out.output
+
+
+@pytest.mark.slow
+def test_bench_serve_backend_ray_end_to_end(tiny_model_dir, tmp_path):
+    """The smallest real run: one replica beside the local backend, one client; the JSON has the
+    local backend's columns for each, every replayed token checked, and Ray's overhead ratio."""
+    import json
+
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'splitllm[ray]'")
+    out = tmp_path / "ray.json"
+    r = CliRunner().invoke(app, ["bench", "serve", "-m", str(tiny_model_dir), "-l", "2", "--backend", "ray",
+                                 "--replicas", "1", "--clients", "1", "--tokens", "4", "--repeats", "1",
+                                 "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert {x["mode"] for x in data["runs"]} == {"local", "ray x1"}
+    for x in data["runs"]:
+        assert x["replay_tokens_match"] and x["tokens"] == 4 and x["tokens_per_s"] > 0 and x["p50_ms"] > 0
+        assert {"cloud_cpu_s_per_token", "p99_ms", "bytes_per_token", "split_layer", "clients"} <= set(x)
+    ray = next(x for x in data["runs"] if x["mode"] == "ray x1")
+    assert ray["route_ms_per_message"] > 0 and ray["cpu_ms_per_token_replicas"] > 0
+    assert data["overhead_at_1_replica"][0]["p50_ratio_ray_over_local"] > 0
+    assert "Ray at 1 replica vs local" in r.output
