@@ -263,7 +263,8 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "split_int4_kv8_tok_s": tok["split_int4_kv8"],
         "int4_over_fp32_split": tok["split_int4"] / s,
         "int8_over_fp32_split": tok["split_int8"] / s,
-        "kv8_edge_ms_ratio": kv_ratio,
+        "kv8_edge_ms_ratio": kv_ratio,  # edge step with Qa = 8 over the fp KV's (int4 edge both)
+        "kv8_step_ratio": tok["split_int4"] / tok["split_int4_kv8"],  # whole split step, same pair
         "llama_cpp_tok_s": tok.get("llama_cpp"),
         "llama_cpp": "timed" if llama is not None else "not installed (pip install 'splitllm[llamacpp]') or no GGUF",
         "bandwidth_gb_s": bw,

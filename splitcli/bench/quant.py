@@ -62,9 +62,11 @@ def table4_ppl(model, ids, lws, seqlen: int, windows: int, group_size: int, bits
     if bad:
         raise SplitLLMError(f"--lw values {bad} are outside 0..{n}")
 
-    def ppl() -> float:
+    def ppl(k: int, what: str) -> float:
         fn = lambda x, mask: model(input_ids=x).logits  # noqa: E731  (right padding: mask unused)
-        return perplexity(fn, ids, seqlen=seqlen, n_windows=windows).ppl
+        tick = None if progress is None else (  # a window takes ~10 s here: say where the run is
+            lambda i, _nll: progress(k, len(jobs), f"{what}: window {i + 1}/{windows}"))
+        return perplexity(fn, ids, seqlen=seqlen, n_windows=windows, on_window=tick).ppl
 
     originals = [{name: m.weight.data for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
                  for layer in layers]
@@ -80,7 +82,7 @@ def table4_ppl(model, ids, lws, seqlen: int, windows: int, group_size: int, bits
             else:
                 on = [i >= n - lw for i in range(n)]
             set_fake_quant(layers, originals, quantized, on)
-            value = ppl()
+            value = ppl(k, f"ppl {method} ℓw={lw}" if method != "fp" else "ppl fp32")
             if method == "fp":
                 out["ppl_fp"] = value
             else:

@@ -75,12 +75,18 @@ def _print_decode_summary(r: dict) -> None:
                       ms("python_ms"), f"{c['bytes_per_step'] / 1e6:.0f}" if "bytes_per_step" in c else "-",
                       f"{c['bound_tok_s']:.0f}" if "bound_tok_s" in c else "-",
                       f"{100 * c['fraction_of_bound']:.0f}%" if "fraction_of_bound" in c else "-")
-    console.print(table, width=max(console.width, 120))
+    from rich.console import Console
+
+    # rich clamps a print's width to its console's (80 columns in a non-tty): ten columns need more
+    wide = Console(file=console.file, width=max(console.width, 128), force_terminal=console.is_terminal,
+                   no_color=console.no_color)
+    wide.print(table)
     console.print(
         f"fast split {r['split_tok_s']:.1f} tok/s = {r['split_speedup_vs_old']:.2f}x the old split "
         f"({r['old_split_tok_s']:.1f}), {100 * r['fraction_of_bound']:.0f}% of its bound; split overhead vs fast "
         f"unsplit {100 * r['overhead']:.1f}%; int4 edge {r['int4_over_fp32_split']:.2f}x, int8 edge "
-        f"{r['int8_over_fp32_split']:.2f}x the fp32 split; Qa = 8 edge step {r['kv8_edge_ms_ratio']:.2f}x the fp KV's"
+        f"{r['int8_over_fp32_split']:.2f}x the fp32 split; Qa = 8 edge step {r['kv8_edge_ms_ratio']:.2f}x the fp KV's "
+        f"(whole step {r['kv8_step_ratio']:.2f}x)"
         + (f"; llama.cpp {r['llama_cpp_tok_s']:.1f} tok/s" if r.get("llama_cpp_tok_s") else ""),
         highlight=False,
     )
@@ -208,11 +214,16 @@ def quant_cmd(
         raise SplitLLMError("--lw needs at least one value; --windows, --repeats >= 1, --seqlen >= 2, --decode-threads >= 0")
     data = resolve_data_dir(data_dir)
     lm = load_model_with_status(model)
+    console.print(f"measuring: WikiText-2 perplexity ({windows} x {seqlen} tokens) of 4-bit OPSC front/back at ℓw = "
+                  f"{', '.join(map(str, lws))}; then 4-bit edge shards at ℓ = {split_layer}: bytes, edge memory "
+                  f"(child process), edge decode fp32 vs int4", highlight=False)
     with Progress(console=console, transient=False) as bar:
         task = bar.add_task("bench quant", total=None)
 
         def progress(done, total, what):
             bar.update(task, completed=done, total=total or None, description=what)
+            if "window" not in what:  # a line per stage and per finished perplexity (a non-tty shows no bar)
+                bar.console.print(what, highlight=False)
 
         result = bench_quant(lm, lws, windows, seqlen, data, split_layer, group_size, repeats, progress=progress,
                              decode_threads=decode_threads)
