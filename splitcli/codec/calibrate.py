@@ -78,13 +78,7 @@ def calibrate_symbol_model(samples, cfg: CodecConfig) -> tuple[tuple[int, ...], 
     and are normalized to the entropy coder's COUNT_TOTAL."""
     if cfg.tau is None:
         raise SplitLLMError("calibrate the symbol model with an absolute tau (calibrate tau first)")
-    if isinstance(samples, (torch.Tensor, np.ndarray)):
-        samples = [samples]
-    rows = [s.detach().to("cpu", torch.float32).numpy() if isinstance(s, torch.Tensor) else np.asarray(s, np.float32)
-            for s in samples]
-    x = np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])              # [tokens, hidden]
-    if x.size == 0 or not np.isfinite(x).all():
-        raise SplitLLMError("cannot calibrate the symbol model from empty or non-finite samples")
+    x = _samples_2d(samples)                                                     # [tokens, hidden]
     below = coded_below(x, cfg)
     class_cols = cfg._class_cols if cfg._class_cols is not None else [np.arange(x.shape[1])]
     model = []
