@@ -23,12 +23,15 @@ from test_serve_cli import nothing_left_running  # noqa: F401 - autouse: no serv
 def test_serve_cloud_backend_ray_serves_drains_and_stops_ray(tiny, tiny_model_dir, tmp_path):
     pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'splitllm[ray]'")
     lm, split = tiny
+    # --autoscale: the Serve autoscaling path (starts at its minimum, 1 replica); 2 fixed replicas
+    # are covered by test_serve_ray.py
     args = ["serve-cloud", "-m", str(tiny_model_dir), "-l", "2", "--port", "0", "--metrics-port", "0",
-            "--backend", "ray", "--replicas", "2"]
+            "--backend", "ray", "--autoscale", "1:2"]
     with launch(args, r" on (127\.0\.0\.1:\d+) .*?metrics on (http://\S+)/metrics$", tmp_path) as (proc, m):
         addr, metrics = m.group(1), m.group(2)
         ray_procs = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)
+        assert any(" ".join(p.cmdline()).startswith("ray::ServeReplica") for p in ray_procs)
         for prompt in ([1, 5, 9, 33, 7, 12], [3, 4]):
             assert list(generate_remote(split, prompt, SamplingConfig(max_new_tokens=5), remote(lm, addr))) == \
                 reference(split, prompt, 5)

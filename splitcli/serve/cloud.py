@@ -67,6 +67,25 @@ class ServeCounters:
     reply_bytes_out: int = 0    # serialized bytes of the token / top-k replies
 
 
+class ServingState:
+    """What serve-cloud reads of a SplitCloud servicer, local or the Ray front (serve/ray_backend.py):
+    the counters and the drain flag, under the servicer's `_lock` (`_counters`, `_draining`)."""
+
+    def counters(self) -> ServeCounters:
+        with self._lock:
+            return dataclasses.replace(self._counters)
+
+    def start_draining(self) -> None:
+        """Admit no new session (UNAVAILABLE); running ones go on to their end."""
+        with self._lock:
+            self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        with self._lock:
+            return self._draining
+
+
 class _Refused(Exception):
     """An Open the server does not admit: the status code and the one-line reason."""
 
@@ -95,7 +114,7 @@ class _Session:
     chunk_meta: tuple = ()
 
 
-class CloudServicer(pb_grpc.SplitCloudServicer):
+class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
     """Per-session cloud state, admission, auth and limits around one split's cloud half."""
 
     def __init__(self, split, settings: CloudSettings):
@@ -133,24 +152,10 @@ class CloudServicer(pb_grpc.SplitCloudServicer):
             for sess in list(self._sessions.values()):
                 self._release_locked(sess)
 
-    def counters(self) -> ServeCounters:
-        with self._lock:
-            return dataclasses.replace(self._counters)
-
-    def start_draining(self) -> None:
-        """Admit no new session (UNAVAILABLE); running ones go on to their end."""
-        with self._lock:
-            self._draining = True
-
     @property
     def kv_used(self) -> int:
         with self._lock:
             return self._kv_used
-
-    @property
-    def draining(self) -> bool:
-        with self._lock:
-            return self._draining
 
     @property
     def waiting_count(self) -> int:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from splitcli.errors import SplitLLMError
-from splitcli.serve.cloud import CloudServer, CloudSettings, ServeCounters
+from splitcli.serve.cloud import CloudServer, CloudSettings, ServeCounters, ServingState
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 
@@ -172,7 +172,7 @@ class _Lost(Exception):
     """A forwarded call did not reach a replica (died, unreachable, timed out)."""
 
 
-class RayFrontServicer(pb_grpc.SplitCloudServicer):
+class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
     """The SplitCloud service of the front: auth here, sessions on the replicas. Offers what
     serve-cloud's /metrics and drain read of a CloudServicer (counters, session and waiting
     counts, kv_used, draining, on_step / on_token hooks); the batch-size histogram is per replica."""
@@ -190,20 +190,7 @@ class RayFrontServicer(pb_grpc.SplitCloudServicer):
         self.on_step = None
         self.on_token = None
 
-    # -- what serve-cloud reads -------------------------------------------------------------------
-    def counters(self) -> ServeCounters:
-        with self._lock:
-            return dataclasses.replace(self._counters)
-
-    def start_draining(self) -> None:
-        with self._lock:
-            self._draining = True
-
-    @property
-    def draining(self) -> bool:
-        with self._lock:
-            return self._draining
-
+    # -- what serve-cloud reads (besides ServingState's counters and drain flag) ----------------------
     @property
     def session_count(self) -> int:
         with self._lock:
