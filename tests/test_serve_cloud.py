@@ -76,6 +76,59 @@ def test_batcher_thread_batches_and_isolates_errors(halves):
         batcher.stop()
 
 
+def test_batcher_waits_for_a_session_expected_back_and_not_for_others(halves):
+    """Two sessions at the same pace (50 ms after each answer), the second starting 25 ms later.
+    With a 0 s window they alternate for good, one forward each; the straggler wait (each
+    session's own measured pace, capped by straggler_s) pairs them. A session that stopped sending
+    is not waited for past its due time."""
+    import threading
+    import time
+
+    edge, cloud = halves
+
+    def rounds(straggler_s, n=8):
+        batcher = Batcher(cloud, window_s=0.0, max_batch=4, active=lambda: 2, straggler_s=straggler_s)
+        try:
+            states = [CloudState(cloud.new_cache()) for _ in range(2)]
+            for i, st in enumerate(states):
+                batcher.run(st, _hidden(edge, 3, i))
+
+            def session(st, offset):
+                for k in range(n):
+                    time.sleep(0.05 + (offset if k == 0 else 0.0))
+                    batcher.run(st, _hidden(edge, 1, 10 + k))
+
+            threads = [threading.Thread(target=session, args=(st, o)) for st, o in zip(states, (0.0, 0.025))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            return batcher.batched_steps - 2, batcher.forwards - 2  # less the two prefills
+        finally:
+            batcher.stop()
+
+    steps, forwards = rounds(straggler_s=0.5)
+    assert steps == 16 and forwards <= 11, (steps, forwards)  # pairs once the paces are learned
+    steps, forwards = rounds(straggler_s=0.0)
+    assert steps == 16 and forwards >= 13, (steps, forwards)  # no waiting: out of step for good
+    # one session gone quiet: the other is not held up for more than its due time + slack
+    batcher = Batcher(cloud, window_s=0.0, max_batch=4, active=lambda: 2, straggler_s=5.0)
+    try:
+        quiet, busy = CloudState(cloud.new_cache()), CloudState(cloud.new_cache())
+        for st in (quiet, busy):
+            batcher.run(st, _hidden(edge, 3, 1))
+        batcher.run(quiet, _hidden(edge, 1, 2))  # learns a ~0 s pace, then never sends again
+        t0 = time.monotonic()
+        for k in range(3):
+            batcher.run(busy, _hidden(edge, 1, 3 + k))
+        assert time.monotonic() - t0 < 2.0
+        quiet.closed = True
+        batcher.run(busy, _hidden(edge, 1, 9))
+        assert id(quiet) not in batcher._out  # an ended session is let go
+    finally:
+        batcher.stop()
+
+
 def test_sliding_window_cloud_is_not_stacked():
     parts = decoder_parts(_tiny("mistral"))
     assert not can_batch(CloudHalf(parts, 2))
