@@ -59,16 +59,12 @@ def copy_bandwidth_gb_s(nbytes: int = PROBE_BYTES, repeats: int = 5) -> float:
 
 
 def _tensor_bytes(modules) -> int:
-    """Bytes of every parameter and buffer of `modules` (each storage once; rotary tables and
-    meta tensors excluded)."""
-    seen, total = set(), 0
-    for m in modules:
-        for name, t in list(m.named_parameters()) + list(m.named_buffers()):
-            if t.is_meta or "inv_freq" in name or t.untyped_storage().data_ptr() in seen:
-                continue
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of every real parameter and buffer of `modules`, each storage once."""
+    from torch import nn
+
+    from ..model.shard_loader import resident_bytes
+
+    return resident_bytes(nn.ModuleList(list(modules)))
 
 
 def bytes_per_step(edge_parts, cloud_parts, split_layer: int, context: int, kv_bits: int = 16) -> int:

@@ -276,6 +276,21 @@ class FastEdgeHalf:
         return self.layers(self.parts.embed_tokens(input_ids), position_ids, attention_mask, cache)
 
 
+class _Head:
+    """Final norm + LM head over the last `logits_to_keep` positions (0 = all)."""
+
+    def __init__(self, parts: DecoderParts):
+        self.norm_w, self.eps = parts.norm.weight, parts.norm.variance_epsilon
+        relayout_linear_(parts.lm_head)
+        self.head = _linear_fn(parts.lm_head)
+
+    def __call__(self, hidden, logits_to_keep: int):
+        # hidden [B, T, H] -> logits [B, T', V]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.head(_rms_norm(hidden, self.norm_w, self.eps))
+
+
 class FastCloudHalf:
     """Layers [ℓ, L) + final norm + LM head on the fast path; same call as `split.CloudHalf`."""
 
@@ -284,10 +299,7 @@ class FastCloudHalf:
         self.split_layer = validate_split_layer(split_layer, parts.num_layers)
         self.layers = FastLayers(parts, split_layer, parts.num_layers)
         self.capacity = capacity
-        norm = parts.norm
-        self._norm_w, self._norm_eps = norm.weight, norm.variance_epsilon
-        relayout_linear_(parts.lm_head)
-        self._head = _linear_fn(parts.lm_head)
+        self.head = _Head(parts)
 
     def new_cache(self):
         return self.layers.new_cache(self.capacity)
@@ -295,10 +307,7 @@ class FastCloudHalf:
     @torch.inference_mode()
     def __call__(self, hidden, position_ids, attention_mask, cache, logits_to_keep: int = 0):
         # hidden [B, T, H] -> logits [B, T', V] with T' = logits_to_keep or T
-        hidden = self.layers(hidden, position_ids, attention_mask, cache)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return self._head(_rms_norm(hidden, self._norm_w, self._norm_eps))
+        return self.head(self.layers(hidden, position_ids, attention_mask, cache), logits_to_keep)
 
 
 class FastModel:
@@ -309,9 +318,7 @@ class FastModel:
         self.parts = parts
         self.layers = FastLayers(parts, 0, parts.num_layers)
         self.capacity = capacity
-        self._norm_w, self._norm_eps = parts.norm.weight, parts.norm.variance_epsilon
-        relayout_linear_(parts.lm_head)
-        self._head = _linear_fn(parts.lm_head)
+        self.head = _Head(parts)
 
     def new_cache(self):
         return self.layers.new_cache(self.capacity)
@@ -319,6 +326,4 @@ class FastModel:
     @torch.inference_mode()
     def __call__(self, input_ids, position_ids, attention_mask, cache, logits_to_keep: int = 0):
         hidden = self.layers(self.parts.embed_tokens(input_ids), position_ids, attention_mask, cache)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return self._head(_rms_norm(hidden, self._norm_w, self._norm_eps))
+        return self.head(hidden, logits_to_keep)
