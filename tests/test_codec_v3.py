@@ -199,3 +199,22 @@ def test_channel_alpha_scale_has_unit_geometric_mean():
     x = _massive_fixture(3, tokens=128)
     s = np.asarray(channel_alpha_scale(x, 1e3, 0.5))
     assert abs(float(np.exp(np.log(s).mean())) - 1) < 1e-4 and (s > 0).all()
+
+
+def test_defaults_fall_back_to_the_stated_target_on_massive_activations():
+    from splitcli.codec.calibrate import calibrate_settings
+    from splitcli.plan.codec_settings import DEFAULT_TARGET_REL_ERROR
+
+    calib, held_out = _massive_fixture(0), _massive_fixture(1)
+    cfg, report = calibrate_settings(calib, CodecSettings())          # no manual setting at all
+    assert report["met"] and "fallback" in report and report["target_rel_error"] == DEFAULT_TARGET_REL_ERROR
+    y = decode(encode(held_out, cfg), cfg).numpy()
+    assert bulk_rel_error(y, held_out, bulk_channels(held_out)) <= DEFAULT_TARGET_REL_ERROR * 1.1
+    # an ordinary hidden state keeps the fixed recipe (the guard does not trip) and says what it measured
+    rng = np.random.default_rng(4)
+    plain = (rng.standard_normal((512, 64)) * np.exp(rng.normal(0, 0.5, 64))).astype(np.float32)
+    cfg, report = calibrate_settings(plain, CodecSettings())
+    assert "fallback" not in report and report["met"] and cfg.q_bar == 6 and report["bulk_rel_error"] < 0.1
+    # a hand-set tau is the user's choice: reported, not overridden
+    cfg, report = calibrate_settings(calib, CodecSettings(tau=3e4))
+    assert cfg.tau == 3e4 and not report["met"] and "fallback" not in report

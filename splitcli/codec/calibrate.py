@@ -23,7 +23,8 @@ from splitcli.codec.tabq import tab_q
 from splitcli.codec.threshold import calibrate_tau, split_threshold
 from splitcli.codec.transform import rotate
 from splitcli.errors import SplitLLMError
-from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE, CodecSettings
+from splitcli.plan.codec_settings import (DEFAULT_TARGET_REL_ERROR, DEFAULT_TAU_QUANTILE, GUARD_REL_ERROR,
+                                          CodecSettings)
 
 
 def channel_rms_below(samples: torch.Tensor | np.ndarray | Iterable, tau: float) -> np.ndarray:
@@ -209,3 +210,25 @@ def calibrate_to_target(samples, settings: CodecSettings) -> tuple[CodecConfig, 
                   bytes_per_token=best["bytes_per_token"], massive_channels=int(x.shape[1] - cols.size),
                   candidates=len(tried))
     return calibrate_from_samples(x, best["settings"]), report
+
+
+def calibrate_settings(samples, settings: CodecSettings) -> tuple[CodecConfig, dict]:
+    """What deployment calibrates: the config for `settings` and a report of the distortion it
+    leaves on the samples (`bulk_rel_error`). With a target, `calibrate_to_target`. Without one,
+    the fixed settings are checked: when they leave more than GUARD_REL_ERROR on the non-massive
+    channels (τ inside massive activations wipes the other channels out) and τ was not set by
+    hand, calibration falls back to DEFAULT_TARGET_REL_ERROR and says so in the report."""
+    from splitcli.codec.frame import decode, encode
+
+    if settings.target_rel_error is not None:
+        return calibrate_to_target(samples, settings)
+    x = _samples_2d(samples)
+    cfg = calibrate_from_samples(x, settings)
+    cols = bulk_channels(x)
+    err = bulk_rel_error(decode(encode(x, replace(cfg, entropy=False)), cfg).numpy(), x, cols)
+    if err > GUARD_REL_ERROR and settings.tau is None:
+        cfg, chosen = calibrate_to_target(x, replace(settings, target_rel_error=DEFAULT_TARGET_REL_ERROR))
+        return cfg, dict(chosen, fallback=f"the fixed settings left error {err:.3f} > {GUARD_REL_ERROR} on the "
+                                          "non-massive channels; calibrated to the default target instead")
+    return cfg, dict(bulk_rel_error=err, massive_channels=int(x.shape[1] - cols.size), guard=GUARD_REL_ERROR,
+                     met=err <= GUARD_REL_ERROR)

@@ -7,7 +7,8 @@ window, so the attention-sink token's huge activations are represented). Perplex
 score the *first* windows of the same file, so calibration and evaluation text never overlap
 (`bench codec` checks this). The calibrated CodecConfig is stored as JSON under
 `cache_root()/codec/`, keyed by everything it depends on, so `generate` calibrates once. The
-tensor-only part (hidden states in, CodecConfig out) is `splitcli.codec.calibrate.calibrate_from_samples`.
+tensor-only part (hidden states in, CodecConfig and a distortion report out) is
+`splitcli.codec.calibrate.calibrate_settings`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from splitcli.codec.calibrate import calibrate_from_samples, calibrate_to_target
+from splitcli.codec.calibrate import calibrate_settings
 from splitcli.codec.config import FORMAT_VERSION, CodecConfig
 from splitcli.data import WIKITEXT2_TEST, data_file, read_text
 from splitcli.errors import SplitLLMError
@@ -99,25 +100,27 @@ def calibrated_config(lm, split_layer: int, params: CodecSettings, data_dir=None
         try:
             data = json.loads(path.read_text())
             cfg = CodecConfig.from_dict(data["config"])
-            chosen = data.get("chosen")
-            return cfg, dict(info, cache="hit", **({"chosen": chosen} if chosen else {}))
+            chosen, check = data.get("chosen"), data.get("check")
+            return cfg, dict(info, cache="hit", **({"chosen": chosen} if chosen else {"check": check}))
         except (OSError, ValueError, KeyError, TypeError, SplitLLMError):
             pass   # fall through: recalibrate and replace the bad file
     if progress is not None:
         progress(f"calibrating the codec at layer {split_layer} on {info['calib_slice']} (cached afterwards)")
     samples = edge_hidden(lm.model, split_layer, calibration_ids(lm.tokenizer, text, n_tokens))
-    chosen = None
-    if params.target_rel_error is not None:
-        cfg, chosen = calibrate_to_target(samples, params)
-        if progress is not None:
-            progress(f"codec target {chosen['target_rel_error']}: chose q_bar {chosen['q_bar']}, tau {chosen['tau']:.4g} "
-                     f"({chosen['tau_from']}); error {chosen['bulk_rel_error']:.4f} on the calibration text"
-                     f"{'' if chosen['met'] else ' (target NOT met: the most accurate setting was kept)'}")
-    else:
-        cfg = calibrate_from_samples(samples, params)
+    cfg, report = calibrate_settings(samples, params)
+    chosen = report if "target_rel_error" in report else None      # a target (given or fallen back to)
+    if progress is not None and chosen is not None:
+        progress(f"{chosen['fallback'] + ': ' if 'fallback' in chosen else ''}codec target "
+                 f"{chosen['target_rel_error']}: chose q_bar {chosen['q_bar']}, tau {chosen['tau']:.4g} "
+                 f"({chosen['tau_from']}); error {chosen['bulk_rel_error']:.4f} on the calibration text"
+                 f"{'' if chosen['met'] else ' (target NOT met: the most accurate setting was kept)'}")
+    elif progress is not None and not report["met"]:
+        progress(f"warning: the codec leaves error {report['bulk_rel_error']:.3f} on the non-massive channels "
+                 f"(tau set by hand); consider --target-error")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(dict(model_sha256=lm.sha256, split_layer=split_layer, params=params.to_dict(),
-                                   text_sha256=text_sha, calib_tokens=n_tokens, config=cfg.to_dict(), chosen=chosen)))
+                                   text_sha256=text_sha, calib_tokens=n_tokens, config=cfg.to_dict(), chosen=chosen,
+                                   check=None if chosen else report)))
     tmp.replace(path)
-    return cfg, dict(info, cache="miss", **({"chosen": chosen} if chosen else {}))
+    return cfg, dict(info, cache="miss", **({"chosen": chosen} if chosen else {"check": report}))
