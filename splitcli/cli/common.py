@@ -101,7 +101,7 @@ _CODEC_FLAGS = (
     ("rotation", str, "--rotation", "Rotate T_below before TAB-Q: none or hadamard (seeded, known to both ends; default: none)."),
     ("rotation_seed", int, "--rotation-seed", "Seed of the Hadamard rotation's random signs (default: 0)."),
     ("channel_alpha", float, "--channel-alpha", "Divide each channel by its calibrated RMS^alpha before TAB-Q, alpha in [0, 1] (default: 0 = off)."),
-    ("target_rel_error", float, "--target-error", "Let calibration pick τ and Q̄ for this mean per-token relative error of the non-massive channels, e.g. 0.1 (default: off)."),
+    ("target_rel_error", float, "--target-error", "Let calibration pick τ and Q̄ for this mean per-token relative error of the non-massive channels, e.g. 0.1 (default: the fixed settings, checked; past 0.5 error calibration falls back to 0.15)."),
 )
 
 
