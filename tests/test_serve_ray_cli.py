@@ -39,6 +39,8 @@ def test_serve_cloud_backend_ray_serves_drains_and_stops_ray(tiny, tiny_model_di
         status, text = get(metrics + "/metrics")
         assert status == 200 and "splitllm_cloud:generation_tokens_total 10.0" in text
         assert "splitllm_cloud:sessions_admitted_total 2.0" in text
+        budget = next(line for line in text.splitlines() if line.startswith("splitllm_cloud:kv_cache_budget_bytes "))
+        assert float(budget.split()[1]) == 2 * 2 ** 30  # the default 1 GiB per replica x up to 2 replicas
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
     deadline = time.monotonic() + 30

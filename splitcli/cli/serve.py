@@ -5,6 +5,7 @@ front of it, the cloud half on a serve-cloud."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -226,7 +227,10 @@ def serve_cloud_cmd(
     httpd = None
     try:
         if c.metrics_port is not None:
-            httpd = start_metrics_http(c.host, c.metrics_port, server, settings)
+            # with Ray the budget gauge is the cluster's (per replica x the most replicas), as kv_used is
+            scope = settings if ray_options is None else dataclasses.replace(
+                settings, kv_budget_bytes=settings.kv_budget_bytes * ray_options.max_replicas)
+            httpd = start_metrics_http(c.host, c.metrics_port, server, scope)
         metrics = f"; metrics on http://{_join(c.host, httpd.server_address[1])}/metrics" if httpd else ""
         # One line on stdout, flushed: scripts and tests read the bound address from it.
         print(f"serving {lm.model_id} cloud layers [{layers[0]}, {layers[1]}) "

@@ -39,6 +39,7 @@ from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 
 RAY_MISSING = "the Ray backend needs Ray Serve, an optional extra: pip install 'splitllm[ray]'"
 APP_NAME = "splitllm-cloud"
+OPEN_TIMEOUT_S = 30.0  # one replica's answer to an Open (admission only, no forward)
 
 
 def require_ray() -> None:
@@ -296,11 +297,11 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
                     pass
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _call(self, method, *args, **kwargs) -> dict:
+    def _call(self, method, *args, timeout_s: float | None = None, **kwargs) -> dict:
         from ray.exceptions import RayError, RayTaskError
 
         try:
-            return method.remote(*args, **kwargs).result(timeout_s=self.options.call_timeout_s)
+            return method.remote(*args, **kwargs).result(timeout_s=timeout_s or self.options.call_timeout_s)
         except RayTaskError as exc:  # the replica's code raised: a bug there, not a lost replica
             raise SplitLLMError(f"cloud replica failed: {exc}") from None
         except (RayError, TimeoutError) as exc:
@@ -313,7 +314,10 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
         lost = 0
         while True:
             try:
-                answer = self._call(self.handle.open, key, message, exclude=tuple(full), load=self._load())
+                # Admission runs no forward: a replica that takes long to answer is treated as lost,
+                # so one stuck replica cannot hold the (serialized) Opens of every new session.
+                answer = self._call(self.handle.open, key, message, exclude=tuple(full), load=self._load(),
+                                    timeout_s=min(OPEN_TIMEOUT_S, self.options.call_timeout_s))
             except _Lost:
                 lost += 1  # Serve drops a dead replica from the candidates; try again, boundedly
                 if lost > self.options.max_replicas + 2:
