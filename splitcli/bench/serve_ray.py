@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import SplitLLMError
-from .serve_replay import Recording, ServerProcess, build_mode_split, record, run_once
+from .serve_replay import Recording, ServerProcess, build_mode_split, record, run_once, serve_commands
 
 KEYS = ("cloud_cpu_s_per_token", "tokens_per_s", "p50_ms", "p99_ms", "ttft_ms", "bytes_per_token", "mean_batch",
         "wall_s")
@@ -72,28 +72,24 @@ def ray_server_main(conn, model_ref: str, split_layer: int, wire: str, data_dir,
                                 RayOptions(replicas=replicas, num_cpus=os.cpu_count() or 2,
                                            replica_threads=threads or 1))
         conn.send(("ready", {"split": server.port}, threads or 1))
-        parent = os.getppid()
-        while True:
-            if not conn.poll(1.0):
-                if os.getppid() != parent:  # the parent died: do not outlive it
-                    return
-                continue
-            cmd, _ = conn.recv()
+
+        def answer(cmd, _arg):
             if cmd == "cpu":
-                conn.send(sum(_tree_cpu_s().values()))
-            elif cmd == "cpu_parts":
-                conn.send(_tree_cpu_s())
-            elif cmd == "stats":
+                return sum(_tree_cpu_s().values())
+            if cmd == "cpu_parts":
+                return _tree_cpu_s()
+            if cmd == "stats":
                 c = server.servicer.counters()
                 reps = server.replica_stats().values()
-                conn.send({"generated_tokens": c.generated_tokens, "prompt_tokens": c.prompt_tokens,
-                           "frame_bytes_in": c.frame_bytes_in, "forwards": sum(r["forwards"] for r in reps),
-                           "batched_steps": sum(r["batched_steps"] for r in reps),
-                           "sessions": server.servicer.session_count, "replicas": len(reps),
-                           "replica_rss_bytes": max(r["rss_bytes"] for r in reps),
-                           "route": server.servicer.route_overhead()})
-            else:
-                return
+                return {"generated_tokens": c.generated_tokens, "prompt_tokens": c.prompt_tokens,
+                        "frame_bytes_in": c.frame_bytes_in, "forwards": sum(r["forwards"] for r in reps),
+                        "batched_steps": sum(r["batched_steps"] for r in reps),
+                        "sessions": server.servicer.session_count, "replicas": len(reps),
+                        "replica_rss_bytes": max(r["rss_bytes"] for r in reps),
+                        "route": server.servicer.route_overhead()}
+            raise StopIteration
+
+        serve_commands(conn, answer)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
         try:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))

@@ -145,23 +145,19 @@ def _server_main(conn, model_ref: str, split_layer: int, wire: str, data_dir, se
             split = build_mode_split(lm, mode, split_layer, wire, data_dir)
             servers[mode] = CloudServer(split, CloudSettings(model_sha256=lm.sha256, **settings))
         conn.send(("ready", {m: s.port for m, s in servers.items()}, torch.get_num_threads()))
-        parent = os.getppid()
-        while True:
-            if not conn.poll(1.0):
-                if os.getppid() != parent:  # the parent died: do not outlive it
-                    return
-                continue
-            cmd, arg = conn.recv()
+
+        def answer(cmd, arg):
             if cmd == "cpu":
-                conn.send(time.process_time())
-            elif cmd == "stats":
+                return time.process_time()
+            if cmd == "stats":
                 srv = servers[arg].servicer
                 c = srv.counters()
-                conn.send({"generated_tokens": c.generated_tokens, "prompt_tokens": c.prompt_tokens,
-                           "frame_bytes_in": c.frame_bytes_in, "forwards": srv.batcher.forwards, "batched_steps": srv.batcher.batched_steps,
-                           "sessions": srv.session_count})
-            else:
-                return
+                return {"generated_tokens": c.generated_tokens, "prompt_tokens": c.prompt_tokens,
+                        "frame_bytes_in": c.frame_bytes_in, "forwards": srv.batcher.forwards,
+                        "batched_steps": srv.batcher.batched_steps, "sessions": srv.session_count}
+            raise StopIteration
+
+        serve_commands(conn, answer)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
         try:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -171,6 +167,22 @@ def _server_main(conn, model_ref: str, split_layer: int, wire: str, data_dir, se
         for srv in servers.values():
             srv.stop(0)
         conn.close()
+
+
+def serve_commands(conn, answer) -> None:
+    """A server child's command loop: each (cmd, arg) from the parent is answered with
+    `answer(cmd, arg)` until it raises StopIteration ('stop') or the parent dies."""
+    parent = os.getppid()
+    while True:
+        if not conn.poll(1.0):
+            if os.getppid() != parent:  # the parent died: do not outlive it
+                return
+            continue
+        cmd, arg = conn.recv()
+        try:
+            conn.send(answer(cmd, arg))
+        except StopIteration:
+            return
 
 
 class ServerProcess:
