@@ -115,3 +115,26 @@ def test_fake_quantized_weight_is_the_runtime_scheme():
     assert torch.equal(fake_quantized_weight(lin.weight, 8, 64), m.dequantized_weight())
     q = quantize_weight(lin.weight, 4, 32)
     assert len(q) == 3 and torch.equal(dequantize_weight(q, 4), fake_quantized_weight(lin.weight, 4, 32))
+
+
+def test_static_quantized_kv_returns_exactly_the_dequantized_stored_values():
+    from splitcli.quant import KVQuantConfig
+    from splitcli.quant.rtn import dequantize_groupwise, quantize_groupwise
+    from splitcli.quant.static_kv import QuantStaticKV
+
+    torch.manual_seed(0)
+    for bits, group in ((8, None), (4, None), (4, 16)):
+        cache = QuantStaticKV(2, 3, 32, bits, capacity=2, cfg=KVQuantConfig(bits=bits, group_size=group))
+        ks, vs = [], []
+        for step, t in enumerate((5, 1, 1, 3)):  # a prefill, then decode steps past the capacity (growth)
+            k, v = torch.randn(1, 3, t, 32) * 4, torch.randn(1, 3, t, 32)
+            cache.reserve(cache.length + t, 1)
+            ks.append(k)
+            vs.append(v)
+            got_k, got_v = cache.write(1, cache.length, k, v)
+            cache.length += t
+            want = torch.stack([torch.cat(ks, 2), torch.cat(vs, 2)])
+            q, s, z = quantize_groupwise(want, bits, group or 32, torch.float16)
+            ref = dequantize_groupwise(q, s, z, bits)
+            assert torch.equal(got_k, ref[0]) and torch.equal(got_v, ref[1]), (bits, group, step)
+        assert cache.capacity >= 10
