@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 
 from ..errors import SplitLLMError
-from .serve_replay import Recording, ServerProcess, build_mode_split, record, run_once, serve_commands
+from .serve_replay import (Recording, ServerProcess, build_mode_split, record, report_child_error, run_once,
+                           serve_commands)
 
 KEYS = ("cloud_cpu_s_per_token", "tokens_per_s", "p50_ms", "p99_ms", "ttft_ms", "bytes_per_token", "mean_batch",
         "wall_s")
@@ -91,10 +92,7 @@ def ray_server_main(conn, model_ref: str, split_layer: int, wire: str, data_dir,
 
         serve_commands(conn, answer)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
-        try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        except Exception:  # noqa: BLE001
-            pass
+        report_child_error(conn, exc)
     finally:
         if server is not None:
             server.stop(0)

@@ -159,14 +159,19 @@ def _server_main(conn, model_ref: str, split_layer: int, wire: str, data_dir, se
 
         serve_commands(conn, answer)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
-        try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        except Exception:  # noqa: BLE001
-            pass
+        report_child_error(conn, exc)
     finally:
         for srv in servers.values():
             srv.stop(0)
         conn.close()
+
+
+def report_child_error(conn, exc: BaseException) -> None:
+    """A server child's failure, sent to the parent as one line (the pipe may already be gone)."""
+    try:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    except (OSError, ValueError):
+        pass
 
 
 def serve_commands(conn, answer) -> None:
