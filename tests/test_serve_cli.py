@@ -227,6 +227,44 @@ def test_serve_edge_from_the_edge_shard_alone(tiny, tiny_model_dir, tmp_path):
             assert proc.wait(30) == 0
 
 
+V3 = ["--codec", "tabq", "--rotation", "hadamard", "--channel-alpha", "0.5"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--target-error", "0.1"]], ids=["alpha", "target"])
+def test_v3_codec_from_a_quantized_edge_shard_over_serve_cloud(tiny_model_dir, tmp_path, extra):
+    """The edge calibrates codec v3 (rotation, channel alpha, a target) on its 4-bit shard, the
+    cloud on the full model: `generate --cloud` and `serve-edge` send the edge's calibration in the
+    Open, so their tokens equal the in-process shard split's (the cloud's own would not decode)."""
+    import openai
+
+    runner = CliRunner()
+    full = tmp_path / "shards"
+    r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "-l", "2", "--front-bits", "4", "--back-bits", "none",
+                            "--group-size", "32", "--out", str(full)])
+    assert r.exit_code == 0, r.output
+    edge_only = shutil.copytree(full, tmp_path / "edge-only")
+    (edge_only / "cloud.safetensors").unlink()
+    base = ["generate", "--shards", str(full), "-p", "Hello there", "-n", "5", *V3, *extra, "--json"]
+    local = runner.invoke(app, [*base, str(tmp_path / "local.json")])
+    assert local.exit_code == 0, local.output
+    want = json.loads((tmp_path / "local.json").read_text())
+    with serve_cloud(tiny_model_dir, *V3, *extra, tmp_path=tmp_path) as (_, addr, _):
+        over = runner.invoke(app, [*base, str(tmp_path / "cloud.json"), "--cloud", addr, "--cloud-api-key", KEY])
+        assert over.exit_code == 0, over.output
+        assert json.loads((tmp_path / "cloud.json").read_text())["tokens"] == want["tokens"]
+        plain = runner.invoke(app, ["generate", "--shards", str(full), "-p", "Hello there", "-n", "2", "--codec", "tabq",
+                                    "--cloud", addr, "--cloud-api-key", KEY])
+        assert plain.exit_code == 2 and "FAILED_PRECONDITION" in plain.output and "channel_alpha" in plain.output
+        edge = ["serve-edge", "--shards", str(edge_only), "--cloud", addr, "--port", "0", "--model-name", "tiny", *V3,
+                *extra]
+        with launch(edge, r" on (http://127\.0\.0\.1:\d+/v1)$", tmp_path) as (proc, m):
+            client = openai.OpenAI(base_url=m.group(1), api_key=KEY, max_retries=0, timeout=60)
+            done = client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0)
+            assert done.choices[0].text == want["text"]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+
+
 @pytest.fixture(scope="module")
 def tiny_llama():
     from types import SimpleNamespace

@@ -35,3 +35,29 @@ def test_messages_round_trip():
     assert back.WhichOneof("kind") == "step" and back.step.payload == b"\x00\x01" and back.step.position == 7
     codec = pb.CodecSettings(tau_quantile=0.999, q_bar=6)
     assert codec.HasField("tau_quantile") and not codec.HasField("tau")
+
+
+def test_v3_codec_settings_and_calibrated_config_round_trip():
+    """Settings and the calibrated config cross the wire field for field (the cloud decodes with
+    exactly the edge's state); an older edge's settings (no v3 fields) read as the v3 defaults."""
+    import numpy as np
+
+    from splitcli.codec.calibrate import calibrate_settings
+    from splitcli.plan.codec_settings import CodecSettings
+    from splitcli.serve.proto import split_pb2 as pb
+    from splitcli.serve.protocol import codec_config_from_pb, codec_config_to_pb, codec_from_pb, codec_to_pb
+
+    for settings in (CodecSettings(rotation="hadamard", rotation_seed=2**32 - 1, channel_alpha=0.5,
+                                   target_rel_error=0.1, tau=0.0), CodecSettings()):
+        back = pb.CodecSettings.FromString(codec_to_pb(settings).SerializeToString())
+        assert codec_from_pb(back) == settings
+    old = pb.CodecSettings(tau_quantile=0.999, q_bar=6, q_bar_min=2, delta=0.05, entropy=True, n_classes=8)
+    assert codec_from_pb(old) == CodecSettings()
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    x[:, 3] *= 50  # one dominant channel, as SmolLM2 has
+    for settings in (CodecSettings(rotation="hadamard", rotation_seed=5, channel_alpha=0.5),
+                     CodecSettings(channel_alpha=1.0, target_rel_error=0.2), CodecSettings(tau=1.0, entropy=False)):
+        cfg, _ = calibrate_settings(x, settings)
+        wire = pb.CodecConfig.FromString(codec_config_to_pb(cfg).SerializeToString())
+        got = codec_config_from_pb(wire, 64)
+        assert got == cfg and got._scale_crc == cfg._scale_crc and got._static_crc == cfg._static_crc

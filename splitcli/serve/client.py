@@ -41,7 +41,8 @@ from splitcli.plan.early_exit import Step
 from splitcli.runtime.generate import SamplingConfig, sample_next
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
-from splitcli.serve.protocol import CHUNK_HEADROOM, IKV_TO_PB, PROTOCOL_VERSION, WIRE_TO_PB, chunk_frame, codec_to_pb
+from splitcli.serve.protocol import (CHUNK_HEADROOM, IKV_TO_PB, PROTOCOL_VERSION, WIRE_TO_PB, chunk_frame,
+                                     codec_config_to_pb, codec_to_pb)
 
 _END = object()
 
@@ -105,7 +106,9 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 def open_message(split, cloud: RemoteCloud, max_tokens: int, cfg: SamplingConfig, top_k_logits: int = 0,
                  i_kv: int = 0) -> pb.ClientMessage:
-    """The Open that describes `split` (ℓ, wire, codec settings) to the cloud."""
+    """The Open that describes `split` (ℓ, wire, codec settings) to the cloud; with the codec wire
+    also the edge's calibrated codec (channel scale, classes, symbol model, the τ and q̄ calibration
+    chose), so the cloud decodes with exactly what this edge encodes with."""
     spec = split.spec
     msg = pb.Open(model_sha256=cloud.model_sha256, split_layer=spec.split_layer, wire=WIRE_TO_PB[spec.wire],
                   max_tokens=max_tokens, kv_mode=IKV_TO_PB[i_kv], protocol_version=PROTOCOL_VERSION,
@@ -113,7 +116,15 @@ def open_message(split, cloud: RemoteCloud, max_tokens: int, cfg: SamplingConfig
                                        top_k_logits=top_k_logits))
     if spec.wire == "tabq":
         msg.codec.CopyFrom(codec_to_pb(spec.codec))
+        msg.codec_config.CopyFrom(codec_config_to_pb(split.wire.cfg))
     return pb.ClientMessage(open=msg)
+
+
+def _needs_codec_config(split) -> bool:
+    """The session's frames decode only with this edge's calibrated state (a channel scale, or the
+    τ / q̄ a target chose), which a server older than Opened.codec_config cannot take."""
+    codec = split.spec.codec
+    return split.spec.wire == "tabq" and (codec.channel_alpha > 0 or codec.target_rel_error is not None)
 
 
 class _Stream:
@@ -176,6 +187,9 @@ def _open_stream(split, cloud: RemoteCloud, channel, max_tokens: int, cfg: Sampl
         if opened.WhichOneof("kind") != "opened" or not opened.opened.admitted:
             stream.receive()  # a refusal is followed by the status that says why: raises RemoteError
             raise SplitLLMError(f"the cloud did not admit the session: {opened.opened.reason or 'no reason given'}")
+        if not opened.opened.codec_config and _needs_codec_config(split):
+            raise SplitLLMError("the cloud predates codec v3 calibration in the Open (it decodes with its own): "
+                                "channel alpha / a target error need a newer serve-cloud")
     except BaseException:
         stream.close()  # ends the request iterator too, so no thread waits on it
         raise

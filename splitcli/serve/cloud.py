@@ -39,7 +39,8 @@ from splitcli.serve.batching import Batcher, CloudState
 from splitcli.serve.config import CloudSettings  # noqa: F401 - its home is serve.config; imported from here too
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
-from splitcli.serve.protocol import PB_TO_IKV, PB_TO_WIRE, PROTOCOL_VERSION, codec_from_pb, decode_frame
+from splitcli.serve.protocol import (PB_TO_IKV, PB_TO_WIRE, PROTOCOL_VERSION, check_codec_config, codec_config_from_pb,
+                                     codec_from_pb, decode_frame)
 
 #: Most chunks one step may arrive in (bounds per-step bookkeeping whatever the sizes).
 MAX_CHUNKS = 4096
@@ -112,6 +113,8 @@ class _Session:
     chunks: list | None = None
     chunk_bytes: int = 0
     chunk_meta: tuple = ()
+    codec: object = None  # the edge's calibrated CodecConfig from its Open; None: the served wire's own
+    cfgs: dict = dataclasses.field(default_factory=dict)  # q̄ -> the session's codec cut to it (Step.q_bar)
 
 
 class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
@@ -130,7 +133,6 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
                                active=lambda: len(self._sessions))  # a racy read is fine for a hint
         self._pending: dict[int, tuple[object, float]] = {}  # streams not yet past Open: (context, since)
         self._kv_used = 0
-        self._cfgs: dict = {}  # q̄ -> the session codec cut to it (at most one per q̄ in [2, q̄])
         self._ids = itertools.count()
         self._counters = ServeCounters()
         self._draining = False
@@ -203,7 +205,7 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
             yield pb.ServerMessage(opened=pb.Opened(
                 admitted=True, session_id=sess.id, max_message_bytes=self.settings.max_message_bytes,
                 max_frame_bytes=self.settings.max_frame_bytes, protocol_version=PROTOCOL_VERSION,
-                adaptive_steps=True))
+                adaptive_steps=True, codec_config=True))
             last_reply = None
             admitted_at = time.monotonic()
             for msg in request_iterator:
@@ -270,13 +272,17 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
         wire = PB_TO_WIRE.get(msg.wire)
         if wire != spec.wire:
             raise _Refused(bad, f"wire {wire or msg.wire} is not the served wire {spec.wire}")
+        session_codec = None
         if wire == "tabq":
             try:
                 codec = codec_from_pb(msg.codec)
             except SplitLLMError as exc:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             if codec != spec.codec:
-                raise _Refused(bad, f"codec settings {codec} differ from the served {spec.codec}")
+                theirs, ours = codec.to_dict(), spec.codec.to_dict()
+                diff = ", ".join(f"{k} {theirs[k]!r} (served {ours[k]!r})" for k in ours if theirs[k] != ours[k])
+                raise _Refused(bad, f"codec settings differ from the served ones: {diff}")
+            session_codec = self._session_codec(msg, codec)
         ikv = PB_TO_IKV.get(msg.kv_mode)
         if ikv is None:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "kv_mode must be KV_HIDDEN or KV_CACHE")
@@ -298,11 +304,24 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
             sess = _Session(id=f"s{next(self._ids)}", state=CloudState(self.cloud.new_cache()), i_kv=ikv,
                             max_tokens=msg.max_tokens, reserved=reserved, sampling=sampling, top_k=top_k,
                             generator=torch.Generator().manual_seed(sampling.seed), context=context,
-                            last_active=time.monotonic())
+                            last_active=time.monotonic(), codec=session_codec)
             self._sessions[sess.id] = sess
             self._kv_used += reserved
             self._counters.sessions_admitted += 1
         return sess
+
+    def _session_codec(self, msg: pb.Open, settings):
+        """The edge's calibrated codec (Open.codec_config), checked against the model and the
+        session's settings before the session holds it; None when the edge sent none (an older
+        edge: the served wire's own calibration decodes, as before)."""
+        if not msg.HasField("codec_config"):
+            return None
+        try:
+            cfg = codec_config_from_pb(msg.codec_config, self.hidden_size)
+            check_codec_config(cfg, settings, self.hidden_size)
+        except SplitLLMError as exc:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return cfg
 
     def _sampling(self, msg: pb.Open) -> tuple[SamplingConfig, int]:
         s = msg.sampling
@@ -393,22 +412,22 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
             self._counters.prompt_tokens += n_tokens if position == 0 else 0
             self._counters.frame_bytes_in += len(frame)
 
-    def _codec_at(self, q_bar: int, step_id: int, context):
-        """The session codec cut to the q̄ a Step names (Algorithm 2 compressing harder); None: its own."""
+    def _codec_at(self, sess: _Session, q_bar: int, step_id: int, context):
+        """The session's codec (the edge's calibration, else the served wire's), cut to the q̄ a Step
+        names (Algorithm 2 compressing harder); None: the served wire's own."""
+        base = sess.codec if sess.codec is not None else getattr(self.split.wire, "cfg", None)
         if q_bar == 0:
-            return None
-        base = getattr(self.split.wire, "cfg", None)
+            return sess.codec
         if base is None or not MIN_Q <= q_bar <= base.q_bar:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step_id} names q̄ {q_bar}: the session's wire "
                                                             + (f"takes q̄ in [{MIN_Q}, {base.q_bar}]" if base else "is raw"))
-        with self._lock:
-            if q_bar not in self._cfgs:
-                self._cfgs[q_bar] = with_q_bar(base, q_bar)
-            return self._cfgs[q_bar]
+        if q_bar not in sess.cfgs:  # at most one per q̄ in [2, q̄]; only this session's handler touches it
+            sess.cfgs[q_bar] = with_q_bar(base, q_bar)
+        return sess.cfgs[q_bar]
 
     def _run_step(self, sess: _Session, step_id: int, position: int, n_tokens: int, frame: bytes, context,
                   q_bar: int = 0):
-        cfg = self._codec_at(q_bar, step_id, context)
+        cfg = self._codec_at(sess, q_bar, step_id, context)
         try:
             hidden = decode_frame(self.split.wire, frame, n_tokens, self.hidden_size, cfg)
         except SplitLLMError as exc:
