@@ -68,15 +68,19 @@ def reference(split, prompt, n):
     return generate(split.session(), torch.tensor([prompt]), None, SamplingConfig(max_new_tokens=n)).tokens[0].tolist()
 
 
-@pytest.mark.parametrize("codec", [ROT_ALPHA, TARGET, dataclasses.replace(ROT_ALPHA, entropy=False)],
-                         ids=["rotation+alpha", "target", "no-entropy"])
+@pytest.mark.parametrize("codec", [ROT_ALPHA, TARGET, dataclasses.replace(ROT_ALPHA, entropy=False), CodecSettings()],
+                         ids=["rotation+alpha", "target", "no-entropy", "v2-defaults"])
 def test_v3_codec_over_the_wire_equals_in_process(lm, codec):
     """The edge (4-bit layers, calibrated on them) and a cloud whose own calibration (full model,
-    other text) differs: greedy tokens over serve equal the in-process split with the edge's codec."""
+    other text) differs: greedy tokens over serve equal the in-process split with the edge's codec.
+    (v2 defaults: the channel classes and symbol model differ likewise.)"""
     edge = calibrated_split(lm, codec, q_w1=4, seed=1)
     cloud = calibrated_split(lm, codec, q_w1=16, seed=2)
-    assert edge.wire.cfg.channel_scale != cloud.wire.cfg.channel_scale  # the Open's state must be used
-    assert edge.wire.cfg.rotation_seed == 7 and edge.wire.cfg.channel_scale is not None
+    # the Open's state must be used: the cloud's own differs
+    assert (edge.wire.cfg.channel_scale, edge.wire.cfg.channel_class) != \
+        (cloud.wire.cfg.channel_scale, cloud.wire.cfg.channel_class)
+    if codec.channel_alpha:
+        assert edge.wire.cfg.rotation_seed == 7 and edge.wire.cfg.channel_scale is not None
     if codec.target_rel_error is not None:
         assert edge.wire.cfg.tau is not None and edge.wire.cfg.q_bar in range(3, 9)  # calibration chose them
     want = reference(edge, PROMPT, 8)
