@@ -37,7 +37,7 @@ def lm():
 TABQ = CodecSettings(tau=3.0, entropy=False, q_bar=6)
 
 
-@pytest.fixture(scope="module", params=["none", "fp16", "tabq"])
+@pytest.fixture(scope="module", params=["none", "fp16", "bf16", "tabq"])
 def split(lm, request):
     return build_split(lm, SplitSpec(split_layer=2, wire=request.param, codec=TABQ))
 

@@ -17,7 +17,7 @@ from splitcli.plan.codec_settings import CodecSettings
 from splitcli.runtime.codec_wire import CodecWire
 from splitcli.serve.proto import split_pb2 as pb
 
-WIRE_TO_PB = {"none": pb.WIRE_NONE, "fp16": pb.WIRE_FP16, "tabq": pb.WIRE_TABQ}
+WIRE_TO_PB = {"none": pb.WIRE_NONE, "fp16": pb.WIRE_FP16, "bf16": pb.WIRE_BF16, "tabq": pb.WIRE_TABQ}
 PB_TO_WIRE = {v: k for k, v in WIRE_TO_PB.items()}
 #: I_kv of eq. (3) -> KvMode; 0 (hidden states at ℓ) is what a plain split session sends.
 IKV_TO_PB = {0: pb.KV_HIDDEN, 1: pb.KV_CACHE}
