@@ -12,7 +12,7 @@ from hypothesis.extra.numpy import arrays
 
 from splitcli.codec import (CodecConfig, FrameError, calibrate_channel_scale, calibrate_tau, decode, encode,
                             encode_with_stats)
-from splitcli.codec.frame import _COMPACT, _HEADER
+from splitcli.codec.frame import _COMPACT, _HEADER, _saturate
 from splitcli.errors import SplitLLMError
 
 CFG = CodecConfig(tau=4.0, tau_quantile=None, q_bar=6, delta=0.05)
@@ -163,3 +163,40 @@ def test_reconstruction_near_float32_max_saturates_instead_of_overflowing():
     cfg = CodecConfig(tau=math.inf, tau_quantile=None, q_bar=2, delta=0.0, entropy=False)
     y = decode(encode(x, cfg))
     assert torch.isfinite(y).all() and float((y.double() - x.double()).norm() / x.double().norm()) < 0.5
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(0, 3), st.integers(0, 9)),
+              elements=st.floats(width=32, allow_nan=True, allow_infinity=True)),
+       st.sampled_from([float(np.finfo(np.float32).max), 65504.0, float(torch.finfo(torch.bfloat16).max)]))
+def test_saturate_maps_nan_to_zero_and_clips_everything_else(a, limit):
+    # the decoder's one-pass check must catch NaN and +-inf exactly as the old isfinite().all() did
+    expected = np.clip(np.nan_to_num(a.copy(), nan=0.0), -limit, limit)
+    out = _saturate(a.copy(), limit)
+    assert out.dtype == np.float32 and out.shape == a.shape and np.array_equal(out, expected)
+    assert not np.isnan(out).any()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 70000.0])
+def test_saturate_catches_a_single_bad_entry(bad):
+    a = np.array([[1.0, -2.0, bad, 3.0]], np.float32)
+    out = _saturate(a, 65504.0)
+    assert np.array_equal(out, [[1.0, -2.0, 0.0 if math.isnan(bad) else math.copysign(65504.0, bad), 3.0]])
+
+
+def test_saturate_leaves_values_within_the_limit_alone():
+    a = np.array([[65504.0, -65504.0, 0.5]], np.float32)
+    assert _saturate(a, 65504.0) is a and np.array_equal(a, [[65504.0, -65504.0, 0.5]])
+    empty = np.zeros((0, 4), np.float32)
+    assert _saturate(empty, 65504.0).shape == (0, 4)
+
+
+def test_forged_scale_making_nan_in_the_unrotation_decodes_finite():
+    # a valid CRC but a scale at float32 max: eq. 7 gives +-inf, the inverse Hadamard inf - inf = NaN
+    x = torch.linspace(-1, 1, 64).reshape(1, 64)
+    cfg = CodecConfig(tau=math.inf, tau_quantile=None, q_bar=4, rotation_seed=0, entropy=False)
+    frame = bytearray(encode(x, cfg))
+    struct.pack_into("<f", frame, _COMPACT.size + 4 + 1, 3e38)   # header, rotation seed, one width
+    frame[-4:] = struct.pack("<I", zlib.crc32(bytes(frame[:-4])))
+    y = decode(bytes(frame), cfg)
+    assert y.shape == (1, 64) and torch.isfinite(y).all()

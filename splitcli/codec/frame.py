@@ -235,6 +235,20 @@ class _Reader:
         return np.frombuffer(self.take(count * dt.itemsize, what), dt)
 
 
+def _saturate(below: np.ndarray, limit: float) -> np.ndarray:
+    """below [tokens, hidden] float32 with NaN -> 0 and everything else clipped to [-limit, limit],
+    in place. Eq. 7 can land past the dtype's range when a token's max is near it (the zero
+    point's rounding adds up to s/2; an fp16 input at 65504 would turn inf in the cast); the true
+    value was finite, so saturating only reduces error. NaN cannot arise from a valid frame (a
+    forged scale can make inf - inf in the unrotation). One check on the per-token path: the max
+    of |below| is NaN if any entry is (np.max propagates NaN) and NaN <= limit is False, so this
+    also catches NaN and +-inf."""
+    if below.size == 0 or np.abs(below).max() <= limit:
+        return below
+    np.nan_to_num(below, copy=False, nan=0.0)
+    return np.clip(below, -limit, limit, out=below)
+
+
 def decode(frame: bytes, cfg: CodecConfig | None = None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
            max_hidden: int = MAX_HIDDEN, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
     """Decode a frame into a tensor [tokens, hidden] of the encoded dtype.
@@ -354,14 +368,7 @@ def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: 
             below = unrotate(below, seed)
         if flags & FLAG_CHANNEL_SCALE:
             below *= scale
-    limit = _FINITE_MAX[torch_dtype]
-    if not (np.isfinite(below).all() and (below.size == 0 or float(np.abs(below).max()) <= limit)):
-        # eq. 7 can land past the dtype's range when a token's max is near it (the zero point's
-        # rounding adds up to s/2; an fp16 input at 65504 would turn inf in the cast); the true
-        # value was finite, so saturating only reduces error. NaN cannot arise from a valid frame.
-        np.nan_to_num(below, copy=False, nan=0.0)
-        np.clip(below, -limit, limit, out=below)
-    out = torch.from_numpy(below).to(torch_dtype)
+    out = torch.from_numpy(_saturate(below, _FINITE_MAX[torch_dtype])).to(torch_dtype)
     if n_outliers:
         exact = torch.from_numpy(values.astype(bits_dtype.newbyteorder("=")).view(
             np.int32 if bits_dtype.itemsize == 4 else np.int16).copy()).view(torch_dtype)
