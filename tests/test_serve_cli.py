@@ -203,16 +203,23 @@ def test_serve_edge_openai_client_over_serve_cloud(tiny, tiny_model_dir, tmp_pat
             assert proc.wait(30) == 0
 
 
+def _shards(model_dir, tmp_path):
+    """`splitllm quantize` shards (4-bit edge layers) and a copy holding the edge shard alone, as an
+    edge device does."""
+    full = tmp_path / "shards"
+    r = CliRunner().invoke(app, ["quantize", "-m", str(model_dir), "-l", "2", "--front-bits", "4", "--back-bits",
+                                 "none", "--group-size", "32", "--out", str(full)])
+    assert r.exit_code == 0, r.output
+    edge_only = shutil.copytree(full, tmp_path / "edge-only")
+    (edge_only / "cloud.safetensors").unlink()
+    return full, edge_only
+
+
 def test_serve_edge_from_the_edge_shard_alone(tiny, tiny_model_dir, tmp_path):
     import openai
 
     runner = CliRunner()
-    full = tmp_path / "shards"
-    r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "-l", "2", "--front-bits", "4", "--back-bits", "none",
-                            "--group-size", "32", "--out", str(full)])
-    assert r.exit_code == 0, r.output
-    edge_only = shutil.copytree(full, tmp_path / "edge-only")
-    (edge_only / "cloud.safetensors").unlink()  # an edge device holds its own shard only
+    full, edge_only = _shards(tiny_model_dir, tmp_path)
     with serve_cloud(tiny_model_dir, tmp_path=tmp_path) as (_, addr, _):
         out = tmp_path / "want.json"
         r = runner.invoke(app, ["generate", "--shards", str(full), "-p", "Hello there", "-n", "5", "--cloud", addr,
@@ -238,12 +245,7 @@ def test_v3_codec_from_a_quantized_edge_shard_over_serve_cloud(tiny_model_dir, t
     import openai
 
     runner = CliRunner()
-    full = tmp_path / "shards"
-    r = runner.invoke(app, ["quantize", "-m", str(tiny_model_dir), "-l", "2", "--front-bits", "4", "--back-bits", "none",
-                            "--group-size", "32", "--out", str(full)])
-    assert r.exit_code == 0, r.output
-    edge_only = shutil.copytree(full, tmp_path / "edge-only")
-    (edge_only / "cloud.safetensors").unlink()
+    full, edge_only = _shards(tiny_model_dir, tmp_path)
     base = ["generate", "--shards", str(full), "-p", "Hello there", "-n", "5", *V3, *extra, "--json"]
     local = runner.invoke(app, [*base, str(tmp_path / "local.json")])
     assert local.exit_code == 0, local.output

@@ -17,7 +17,6 @@ import torch
 from conftest import _tiny
 from splitcli.codec.calibrate import calibrate_settings
 from splitcli.deploy import SplitSpec, build_split
-from splitcli.deploy.calibrate import edge_hidden
 from splitcli.errors import SplitLLMError
 from splitcli.plan.codec_settings import CodecSettings
 from splitcli.runtime.codec_wire import CodecWire
@@ -26,8 +25,8 @@ from splitcli.serve.client import RemoteCloud, generate_remote, open_message
 from splitcli.serve.cloud import CloudServer, CloudServicer, CloudSettings
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.protocol import chunk_frame
+from test_serve_client import KEY, SHA, raw_call
 
-SHA, KEY = "0" * 63 + "1", "test-key"
 PROMPT = [1, 5, 9, 33, 7, 12, 40]
 ROT_ALPHA = CodecSettings(rotation="hadamard", rotation_seed=7, channel_alpha=0.5, q_bar=4)
 TARGET = CodecSettings(rotation="hadamard", rotation_seed=7, channel_alpha=0.5, target_rel_error=0.1)
@@ -105,21 +104,6 @@ def _in_process_at(split, prompt, q_bar):
 
     session = split.session(wire=CodecWire(with_q_bar(split.wire.cfg, q_bar), keep_stats=False))
     return generate(session, torch.tensor([prompt]), None, SamplingConfig(max_new_tokens=1)).tokens[0].tolist()[0]
-
-
-def raw_call(server, msgs):
-    """Send `msgs` on one stream; (replies, status code or None)."""
-    from splitcli.serve.proto import split_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = pb_grpc.SplitCloudStub(channel).Session(iter(msgs), metadata=[("authorization", f"Bearer {KEY}")],
-                                                       timeout=30)
-        replies = []
-        try:
-            replies.extend(call)
-            return replies, None
-        except grpc.RpcError as exc:
-            return replies, exc.code()
 
 
 def _hostile(edge, server, change):

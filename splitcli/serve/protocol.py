@@ -36,15 +36,20 @@ PB_TO_ROTATION = {v: k for k, v in ROTATION_TO_PB.items()}
 MAX_CHANNEL_SCALE = 1e12
 
 
+def _set_tau(msg, tau: float | None, tau_quantile: float | None) -> None:
+    """Exactly one of the two optional fields is present on the wire, as in both dataclasses."""
+    if tau is not None:
+        msg.tau = tau
+    else:
+        msg.tau_quantile = tau_quantile
+
+
 def codec_to_pb(settings: CodecSettings) -> pb.CodecSettings:
     msg = pb.CodecSettings(q_bar=settings.q_bar, q_bar_min=settings.q_bar_min, delta=settings.delta,
                            entropy=settings.entropy, n_classes=settings.n_classes,
                            rotation=ROTATION_TO_PB[settings.rotation], rotation_seed=settings.rotation_seed,
                            channel_alpha=settings.channel_alpha)
-    if settings.tau is not None:
-        msg.tau = settings.tau
-    else:
-        msg.tau_quantile = settings.tau_quantile
+    _set_tau(msg, settings.tau, settings.tau_quantile)
     if settings.target_rel_error is not None:
         msg.target_rel_error = settings.target_rel_error
     return msg
@@ -69,10 +74,7 @@ def codec_config_to_pb(cfg: CodecConfig) -> pb.CodecConfig:
                          entropy=cfg.entropy, channel_scale=cfg.channel_scale or (),
                          channel_class=bytes(cfg.channel_class or ()),
                          symbol_model=[pb.SymbolCounts(counts=m) for m in cfg.symbol_model or ()])
-    if cfg.tau is not None:
-        msg.tau = cfg.tau
-    else:
-        msg.tau_quantile = cfg.tau_quantile
+    _set_tau(msg, cfg.tau, cfg.tau_quantile)
     if cfg.rotation_seed is not None:
         msg.rotation_seed = cfg.rotation_seed
     return msg
