@@ -99,6 +99,32 @@ def test_static_cache_grows_past_its_capacity_with_identical_results():
         StaticKV(1, 1, 4, capacity=0)
 
 
+def test_a_generation_past_the_context_is_the_context_error_not_an_allocation():
+    # reserve() used to size the static caches to prompt + max_new_tokens as given: a huge
+    # max_new_tokens was a torch allocation failure (traceback) before any token was made
+    from splitcli.errors import SplitLLMError
+
+    model = _tiny("llama")  # context 256
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    split = build_split(_lm(model), SplitSpec(split_layer=2, qa=8))
+    for session in (FastUnsplitSession(model), fast_split_session(split)):
+        session.reserve(10**12)
+        caches = session._static_caches()
+        assert len(caches) in (1, 2) and all(c.capacity == 256 for c in caches)
+        with pytest.raises(SplitLLMError, match="exceeds the model's context of 256"):
+            generate(session, ids, None, SamplingConfig(max_new_tokens=10**12))
+    eager = UnsplitSession(model)
+    eager.reserve(10**12)  # a growing cache: nothing to size
+    assert eager._static_caches() == []
+
+
+def test_each_fast_unsplit_session_gets_the_capacity_it_asks_for():
+    model = _tiny("llama")
+    a, b, c = FastUnsplitSession(model, capacity=8), FastUnsplitSession(model, capacity=64), FastUnsplitSession(model)
+    assert (a.cache.capacity, b.cache.capacity, c.cache.capacity) == (8, 64, 256)
+    assert a.model is b.model  # the fast model (weights) is still built once per model
+
+
 def test_batch_change_within_a_cache_is_refused():
     from splitcli.errors import SplitLLMError
 

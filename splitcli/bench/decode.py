@@ -85,9 +85,7 @@ def bytes_per_step(edge_parts, cloud_parts, split_layer: int, context: int, kv_b
 
 def _timed_decode(session: Session, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> dict:
     """Prefill (untimed), then feed `tokens` one at a time: tok/s and mean ms per stage."""
-    reserve = getattr(session, "reserve", None)
-    if reserve is not None:
-        reserve(prompt_ids.shape[1] + tokens.shape[1])
+    session.reserve(prompt_ids.shape[1] + tokens.shape[1])
     session.prefill(prompt_ids)
     n0 = len(session.stats)
     walls = []

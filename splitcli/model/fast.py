@@ -9,7 +9,8 @@ with the model's own cos/sin (each in a cheaper spelling with bit-identical resu
 logits match the eager path (tested: max |Δlogit| is stated in tests/test_decode_fast.py).
 
 `FastEdgeHalf` / `FastCloudHalf` have the call signatures of `split.EdgeHalf` / `CloudHalf`
-(`(ids | hidden, position_ids, attention_mask, cache[, logits_to_keep])` and `new_cache()`), so
+(`(ids | hidden, position_ids, attention_mask, cache[, logits_to_keep])` and `new_cache()`; the
+fast ones take an optional `capacity`), so
 `runtime.session.SplitSession.from_halves` and a cloud server drive them unchanged. Their cache is
 a `StaticKV` (or a quantized one, `splitcli.quant.static_kv`): allocated once for `capacity`
 positions, written in place, and grown by doubling (one copy) if a sequence outgrows it.
@@ -256,19 +257,18 @@ class FastLayers:
 class FastEdgeHalf:
     """Embeddings + layers [0, ℓ) on the fast path; same call as `split.EdgeHalf`."""
 
-    def __init__(self, parts: DecoderParts, split_layer: int, kv_bits: int = 16, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, parts: DecoderParts, split_layer: int, kv_bits: int = 16):
         self.parts = parts
         self.split_layer = validate_split_layer(split_layer, parts.num_layers)
         self.layers = FastLayers(parts, 0, split_layer)
-        self.kv_bits, self.capacity = kv_bits, capacity
+        self.kv_bits = kv_bits
 
-    def new_cache(self):
+    def new_cache(self, capacity: int = DEFAULT_CAPACITY):
         if self.kv_bits >= 16:
-            return self.layers.new_cache(self.capacity)
+            return self.layers.new_cache(capacity)
         from ..quant.static_kv import QuantStaticKV
 
-        return QuantStaticKV(len(self.layers.layers), self.layers.n_kv, self.layers.head_dim, self.kv_bits,
-                             self.capacity)
+        return QuantStaticKV(len(self.layers.layers), self.layers.n_kv, self.layers.head_dim, self.kv_bits, capacity)
 
     @torch.inference_mode()
     def __call__(self, input_ids, position_ids, attention_mask, cache):
@@ -294,15 +294,14 @@ class _Head:
 class FastCloudHalf:
     """Layers [ℓ, L) + final norm + LM head on the fast path; same call as `split.CloudHalf`."""
 
-    def __init__(self, parts: DecoderParts, split_layer: int, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, parts: DecoderParts, split_layer: int):
         self.parts = parts
         self.split_layer = validate_split_layer(split_layer, parts.num_layers)
         self.layers = FastLayers(parts, split_layer, parts.num_layers)
-        self.capacity = capacity
         self.head = _Head(parts)
 
-    def new_cache(self):
-        return self.layers.new_cache(self.capacity)
+    def new_cache(self, capacity: int = DEFAULT_CAPACITY):
+        return self.layers.new_cache(capacity)
 
     @torch.inference_mode()
     def __call__(self, hidden, position_ids, attention_mask, cache, logits_to_keep: int = 0):
@@ -314,14 +313,13 @@ class FastModel:
     """The whole model on the fast path (the unsplit reference of the fast split): one stack of
     all L layers, so the split and the unsplit run the same code per layer."""
 
-    def __init__(self, parts: DecoderParts, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, parts: DecoderParts):
         self.parts = parts
         self.layers = FastLayers(parts, 0, parts.num_layers)
-        self.capacity = capacity
         self.head = _Head(parts)
 
-    def new_cache(self):
-        return self.layers.new_cache(self.capacity)
+    def new_cache(self, capacity: int = DEFAULT_CAPACITY):
+        return self.layers.new_cache(capacity)
 
     @torch.inference_mode()
     def __call__(self, input_ids, position_ids, attention_mask, cache, logits_to_keep: int = 0):

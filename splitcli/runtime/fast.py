@@ -47,35 +47,25 @@ def fast_cloud_half(cloud) -> FastCloudHalf | None:
     return _CLOUDS[cloud]
 
 
-class _Reserving:
-    """`reserve(total)`: size the static caches for a whole generation before its first forward."""
-
-    def _caches(self) -> list:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def reserve(self, total_tokens: int) -> None:
-        for cache in self._caches():
-            cache.reserve(total_tokens)
-
-
-class FastSplitSession(_Reserving, SplitSession):
+class FastSplitSession(SplitSession):
     """SplitSession over fast halves: edge -> wire -> cloud, each half with a static cache."""
 
-    def _caches(self) -> list:
+    def _static_caches(self) -> list:
         return [self.edge_cache, self.cloud_cache]
 
 
-class FastUnsplitSession(_Reserving, Session):
-    """The whole model on the fast path (`FastModel`): the unsplit reference of a fast split."""
+class FastUnsplitSession(Session):
+    """The whole model on the fast path (`FastModel`): the unsplit reference of a fast split.
+    `capacity`: positions its cache preallocates (grown on demand)."""
 
     def __init__(self, model, capacity: int = DEFAULT_CAPACITY):
         super().__init__(_context_length(model))
         if model not in _MODELS:
-            _MODELS[model] = FastModel(decoder_parts(model), capacity)
+            _MODELS[model] = FastModel(decoder_parts(model))
         self.model = _MODELS[model]
-        self.cache = self.model.new_cache()
+        self.cache = self.model.new_cache(capacity)
 
-    def _caches(self) -> list:
+    def _static_caches(self) -> list:
         return [self.cache]
 
     def _run(self, input_ids, positions, mask, logits_to_keep, stats):

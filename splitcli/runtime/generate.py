@@ -94,9 +94,7 @@ def generate(
 ) -> GenerationResult:
     """Prefill the prompt [B, T], then decode up to cfg.max_new_tokens tokens one at a time."""
     stream = TokenStream(cfg, input_ids.shape[0], eos_token_ids)
-    reserve = getattr(session, "reserve", None)  # fast-path sessions size their static caches once
-    if reserve is not None:
-        reserve(input_ids.shape[1] + cfg.max_new_tokens)
+    session.reserve(input_ids.shape[1] + cfg.max_new_tokens)  # fast-path sessions size their caches once
     logits = session.prefill(input_ids, attention_mask, chunk_size=prefill_chunk)[:, -1]
     n_prefill = len(session.stats)
     prefill = _sum_stats(session.stats[:n_prefill])

@@ -52,6 +52,17 @@ class Session:
     def length(self) -> int:
         return 0 if self._s.mask is None else self._s.mask.shape[1]
 
+    def reserve(self, total_tokens: int) -> None:
+        """Size the session's preallocated caches for `total_tokens` positions before the first
+        forward (sessions with growing caches have none). Never past the model's context: a longer
+        generation is stopped by `forward`'s one-line context error, not by a huge allocation."""
+        n = min(total_tokens, self.context_length or total_tokens)
+        for cache in self._static_caches():
+            cache.reserve(n)
+
+    def _static_caches(self) -> list:
+        return []
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 1):
         """Feed new tokens [B, T] (mask [B, T] for the new tokens; 0 = left padding). Returns logits [B, T', V]."""
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
