@@ -61,3 +61,18 @@ def test_v3_codec_settings_and_calibrated_config_round_trip():
         wire = pb.CodecConfig.FromString(codec_config_to_pb(cfg).SerializeToString())
         got = codec_config_from_pb(wire, 64)
         assert got == cfg and got._scale_crc == cfg._scale_crc and got._static_crc == cfg._static_crc
+
+
+def test_a_rotation_the_model_cannot_take_is_named():
+    import pytest
+
+    from splitcli.codec import CodecConfig
+    from splitcli.errors import SplitLLMError
+    from splitcli.plan.codec_settings import CodecSettings
+    from splitcli.serve.protocol import check_codec_config
+
+    settings = CodecSettings(rotation="hadamard", rotation_seed=3, tau=1.0, entropy=False)
+    cfg = CodecConfig.from_settings(settings)
+    check_codec_config(cfg, settings, 576)  # 9 x 64: supported
+    with pytest.raises(SplitLLMError, match="rotation hadamard does not support the model's hidden size 2050"):
+        check_codec_config(cfg, settings, 2050)  # odd factor 1025 > 1024
