@@ -39,7 +39,10 @@ from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 
 RAY_MISSING = "the Ray backend needs Ray Serve, an optional extra: pip install 'splitllm[ray]'"
 APP_NAME = "splitllm-cloud"
-OPEN_TIMEOUT_S = 30.0  # one replica's answer to an Open (admission only, no forward)
+OPEN_TIMEOUT_S = 30.0  # all tries of one Open together (admission only, no forward)
+#: How long an Open waits for the one before it; past that it goes on without the lock (a stuck
+#: replica must not hold every admission), only placing itself on a load that may lag by one.
+OPEN_LOCK_WAIT_S = 1.0
 
 
 def require_ray() -> None:
@@ -237,17 +240,24 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining: it admits no new session")
         key = uuid.uuid4().hex
         # Opens go one at a time (admission takes milliseconds, no forward), so each sees the load
-        # the ones before it placed and a burst of sessions spreads over the replicas.
-        with self._open_lock:
+        # the ones before it placed and a burst of sessions spreads over the replicas; one stuck
+        # Open holds the others for OPEN_LOCK_WAIT_S at most.
+        locked = self._open_lock.acquire(timeout=OPEN_LOCK_WAIT_S)
+        try:
             try:
                 answer = self._open(key, first)
             except _Lost as exc:
                 answer = {"replica": "", "replies": [], "status": ("UNAVAILABLE",
                                                                    f"no cloud replica could take the session: {exc}")}
+            except SplitLLMError as exc:  # the replica's code raised (_call): one line, not its traceback
+                answer = {"replica": "", "replies": [], "status": ("INTERNAL", str(exc))}
             if answer["status"] is None:
                 with self._lock:
                     self._sessions[key] = (answer["replica"], first.open.max_tokens * answer["bytes_per_token"])
                     self._counters.sessions_admitted += 1
+        finally:
+            if locked:
+                self._open_lock.release()
         replica = answer["replica"]
         replies, status = answer["replies"], answer["status"]
         if status is not None:  # refused: the replica's Opened and its status, as a local server sends them
@@ -269,6 +279,9 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
                     context.abort(grpc.StatusCode.UNAVAILABLE,
                                   f"cloud replica {replica} holding this session was lost ({exc}); reconnect to "
                                   "rebuild the session")
+                except SplitLLMError as exc:  # the replica's code raised; `ended` stays False: the
+                    # finally below still asks the replica to free the session, which may be alive
+                    context.abort(grpc.StatusCode.INTERNAL, str(exc))
                 self._count_route(time.perf_counter() - started - answer.get("held_s", 0.0))
                 for raw in answer["replies"]:
                     reply = pb.ServerMessage.FromString(raw)
@@ -303,26 +316,33 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
         try:
             return method.remote(*args, **kwargs).result(timeout_s=timeout_s or self.options.call_timeout_s)
         except RayTaskError as exc:  # the replica's code raised: a bug there, not a lost replica
-            raise SplitLLMError(f"cloud replica failed: {exc}") from None
+            # One line for the edge's status: the cause, not Ray's multi-line traceback text.
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+            lines = str(cause if cause is not None else exc).strip().splitlines()
+            what = f"{type(cause).__name__}: {lines[0] if lines else ''}" if cause is not None else \
+                (lines[-1] if lines else type(exc).__name__)
+            raise SplitLLMError(f"cloud replica failed: {what}") from None
         except (RayError, TimeoutError) as exc:
             raise _Lost(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
     def _open(self, key: str, first: pb.ClientMessage) -> dict:
-        """Admission across replicas: most free KV first, the next one when a replica is full."""
+        """Admission across replicas: most free KV first, the next one when a replica is full.
+        All tries together get OPEN_TIMEOUT_S: admission runs no forward, so a replica that takes
+        longer is treated as lost, and a stuck one ends this Open (UNAVAILABLE) at that deadline."""
         message = first.SerializeToString()
+        deadline = time.monotonic() + min(OPEN_TIMEOUT_S, self.options.call_timeout_s)
         full: list[str] = []
         lost = 0
         while True:
             try:
-                # Admission runs no forward: a replica that takes long to answer is treated as lost,
-                # so one stuck replica cannot hold the (serialized) Opens of every new session.
                 answer = self._call(self.handle.open, key, message, exclude=tuple(full), load=self._load(),
-                                    timeout_s=min(OPEN_TIMEOUT_S, self.options.call_timeout_s))
+                                    timeout_s=max(deadline - time.monotonic(), 1e-3))
             except _Lost:
                 lost += 1  # Serve drops a dead replica from the candidates; try again, boundedly
-                if lost > self.options.max_replicas + 2:
+                pause = 0.05 * lost
+                if lost > self.options.max_replicas + 2 or time.monotonic() + pause >= deadline:
                     raise
-                time.sleep(0.05 * lost)
+                time.sleep(pause)
                 continue
             status = answer["status"]
             if status is None or status[0] != "RESOURCE_EXHAUSTED":
