@@ -218,3 +218,24 @@ def test_defaults_fall_back_to_the_stated_target_on_massive_activations():
     # a hand-set tau is the user's choice: reported, not overridden
     cfg, report = calibrate_settings(calib, CodecSettings(tau=3e4))
     assert cfg.tau == 3e4 and not report["met"] and "fallback" not in report
+
+
+def test_bench_sweep_calibrates_each_recipe_as_deployment_does():
+    # the sweep's "paper" row on massive activations: deployment's guard falls back to the default
+    # target; the sweep used to calibrate the fixed settings (calibrate_from_samples) instead
+    from splitcli.bench.codec import PAPER, SWEEP_RECIPES, recipe_config, recipe_settings
+    from splitcli.codec.calibrate import calibrate_settings
+    from splitcli.plan.codec_settings import DEFAULT_TARGET_REL_ERROR
+
+    calib = _massive_fixture(0)
+    paper = recipe_settings(CodecSettings(), dict(SWEEP_RECIPES)[PAPER])
+    cfg, chosen = recipe_config(calib, paper)
+    deployed, report = calibrate_settings(calib, paper)
+    assert cfg == deployed and chosen == report
+    assert "fallback" in chosen and chosen["target_rel_error"] == DEFAULT_TARGET_REL_ERROR and chosen["met"]
+    assert cfg != calibrate_from_samples(calib, paper)
+    # an ordinary hidden state keeps the fixed recipe, and the row then has no "chosen"
+    rng = np.random.default_rng(4)
+    plain = (rng.standard_normal((512, 64)) * np.exp(rng.normal(0, 0.5, 64))).astype(np.float32)
+    cfg, chosen = recipe_config(plain, paper)
+    assert chosen is None and cfg == calibrate_from_samples(plain, paper) and cfg.q_bar == 6

@@ -12,10 +12,11 @@ Protocol (stated in the JSON under "protocol"):
 - Timings (`splitcli.codec.measure.measure_codec`): median encode / decode ms of one-token frames,
   prefill encode MB/s of fp32 input for the first window.
 - Sweep (paper Figs. 6-7, extended to format v3's switches): every recipe of SWEEP_RECIPES at
-  every ℓ asked for, each calibrated on the same calibration slice; size, rel_l2 and ppl over
-  fewer, shorter windows (`sweep_windows` x `sweep_seqlen`, the first of the file) to stay
-  affordable, against ppl_fp on those same windows; per recipe also encode + decode ms of a
-  one-token frame and prefill encode MB/s.
+  every ℓ asked for, each calibrated on the same calibration slice the way deployment calibrates
+  (`recipe_config`: the error guard's fallback included, reported in the row's "chosen"); size,
+  rel_l2 and ppl over fewer, shorter windows (`sweep_windows` x `sweep_seqlen`, the first of the
+  file) to stay affordable, against ppl_fp on those same windows; per recipe also encode + decode
+  ms of a one-token frame and prefill encode MB/s.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
-from ..codec.calibrate import calibrate_from_samples, calibrate_to_target
+from ..codec.calibrate import calibrate_settings
+from ..codec.config import CodecConfig
 from ..codec.measure import measure_codec
 from ..deploy import Split, SplitSpec, build_split
 from ..deploy.calibrate import calib_tokens_for, calibrated_config, calibration_ids, edge_hidden, read_wikitext
@@ -200,13 +202,22 @@ def recipe_settings(params: CodecSettings, overrides: dict) -> CodecSettings:
     return CodecSettings(**kw)
 
 
+def recipe_config(calib, settings: CodecSettings) -> tuple[CodecConfig, dict | None]:
+    """The config deployment would use for `settings` on these hidden states [tokens, hidden]
+    (`calibrate_settings`, as `deploy.calibrate.calibrated_config` does: a target, or the guard's
+    fallback to the default target when fixed settings wipe out the non-massive channels), and
+    what a target calibration chose (given or fallen back to), else None."""
+    cfg, report = calibrate_settings(calib, settings)
+    return cfg, (report if "target_rel_error" in report else None)
+
+
 def sweep_codec_ppl(lm, params: CodecSettings, layers, ids, text: str, windows: int, seqlen: int,
                     tick, repeats: int = 30) -> dict:
-    """Every recipe at every ℓ in `layers`: calibrated on the calibration slice (the last
-    calibration window of wiki.test.raw), then ratio vs fp16, rel_l2, WikiText-2 ppl on the first
-    `windows` x `seqlen` tokens (one frame per window, fewer tokens than the headline, said in the
-    output), encode + decode ms of one-token frames (median of `repeats`) and prefill encode MB/s
-    (median of 3 encodes of one `seqlen`-token frame)."""
+    """Every recipe at every ℓ in `layers`: calibrated (`recipe_config`) on the calibration
+    slice (the last calibration window of wiki.test.raw), then ratio vs fp16, rel_l2, WikiText-2
+    ppl on the first `windows` x `seqlen` tokens (one frame per window, fewer tokens than the
+    headline, said in the output), encode + decode ms of one-token frames (median of `repeats`)
+    and prefill encode MB/s (median of 3 encodes of one `seqlen`-token frame)."""
     model = lm.model
     hidden_size = model.config.hidden_size
     n_calib = calib_tokens_for(model)
@@ -220,11 +231,7 @@ def sweep_codec_ppl(lm, params: CodecSettings, layers, ids, text: str, windows: 
         advance(1)
         for i, (name, overrides) in enumerate(SWEEP_RECIPES):
             p = recipe_settings(params, overrides)
-            chosen = None
-            if p.target_rel_error is not None:
-                cfg, chosen = calibrate_to_target(calib, p)
-            else:
-                cfg = calibrate_from_samples(calib, p)
+            cfg, chosen = recipe_config(calib, p)
             wire = CodecWire(cfg)
             probe = _Probe(wire)
             for h in raw.hidden:                                # the ppl windows' own frames
