@@ -44,3 +44,22 @@ def test_bytes_per_step_counts_weights_head_row_and_kv():
     expect = weights + (0 if not head_tied else model.lm_head.weight.numel() * 4) + row + kv
     assert bytes_per_step(parts, parts, 4, 10) == expect
     assert copy_bandwidth_gb_s(nbytes=1 << 20, repeats=2) > 0
+
+
+def test_llama_cpp_runs_a_prompt_past_its_old_fixed_context():
+    # n_ctx was a fixed 1024: a --context 1000 --tokens 64 run went past it inside llm.eval and
+    # ended in a traceback; the context now follows llama.cpp's own prompt tokens + the steps
+    import importlib.util
+
+    import pytest
+
+    from splitcli.bench.decode import llama_cpp_runner
+    from splitcli.model.loader import resolve_model
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    gguf = resolve_model("smollm2-135m").path
+    prompt = "The history of the city begins with a small settlement on the river, where " * 70
+    run = llama_cpp_runner(gguf, 1, prompt, 4)
+    out = run()
+    assert out["tok_s"] > 0 and out["step_ms"] > 0

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from ..deploy import SplitSpec, build_split
+from ..errors import SplitLLMError
 from ..model.split import CloudHalf, EdgeHalf, decoder_parts
 from ..runtime.fast import FastUnsplitSession, fast_split_session, fast_unsupported_model
 from ..runtime.generate import SamplingConfig, encode_prompts, generate
@@ -123,25 +124,41 @@ def _hf_generate_tok_s(model, prompt_ids: torch.Tensor, n: int) -> dict:
     return {"tok_s": tok_s, "step_ms": 1e3 / tok_s}
 
 
-def llama_cpp_runner(gguf_path, threads: int, prompt: str, n: int):
-    """A callable timing llama.cpp greedy decode of n tokens on the GGUF (None if not installed)."""
+def llama_cpp_runner(gguf_path, threads: int, prompt: str, n: int, n_ctx: int = 1024):
+    """A callable timing llama.cpp greedy decode of n tokens on the GGUF (None if not installed).
+    Its context holds llama.cpp's own tokens of `prompt` (they may differ from ours) plus the n
+    steps: opened at `n_ctx` and opened again larger when that is short. What llama.cpp refuses
+    is a one-line SplitLLMError."""
     if importlib.util.find_spec("llama_cpp") is None or gguf_path is None:
         return None
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
-                verbose=False, seed=0)
-    prompt_tokens = llm.tokenize(prompt.encode())
+    def open_llama(size: int):
+        return Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=size,
+                     verbose=False, seed=0)
+
+    try:
+        llm = open_llama(n_ctx)
+        prompt_tokens = llm.tokenize(prompt.encode())
+        need = len(prompt_tokens) + n + 1
+        if need > llm.n_ctx():
+            llm.close()
+            llm = open_llama(need)
+    except (RuntimeError, ValueError) as e:
+        raise SplitLLMError(f"llama.cpp cannot run {gguf_path}: {e}") from None
 
     def run() -> dict:
-        llm.reset()
-        llm.eval(prompt_tokens)
-        tok = llm.sample(top_k=1, temp=0.0)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            llm.eval([tok])
+        try:
+            llm.reset()
+            llm.eval(prompt_tokens)
             tok = llm.sample(top_k=1, temp=0.0)
-        dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(n):
+                llm.eval([tok])
+                tok = llm.sample(top_k=1, temp=0.0)
+            dt = time.perf_counter() - t0
+        except (RuntimeError, ValueError) as e:
+            raise SplitLLMError(f"llama.cpp failed decoding {len(prompt_tokens)} + {n} tokens: {e}") from None
         return {"tok_s": n / dt, "step_ms": 1e3 * dt / n}
 
     return run
@@ -163,8 +180,6 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     threads = torch.get_num_threads()
     why_not = fast_unsupported_model(lm.model)
     if why_not is not None:
-        from ..errors import SplitLLMError
-
         raise SplitLLMError(f"bench decode compares the fast path, which does not support this model: {why_not}")
     say(f"measuring: decode of {n_tokens} tokens after a {context}-token prompt, ℓ = {split_layer}, "
         f"{threads} torch thread(s), {repeats} rounds; medians")
@@ -188,7 +203,8 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         name: (lambda make=make: _timed_decode(make(), ids, tokens)) for name, make in sessions.items()}
     if hf_generate:
         runners["hf_generate"] = lambda: _hf_generate_tok_s(pristine, ids, n_tokens)
-    llama = llama_cpp_runner(gguf_path, threads, lm.tokenizer.decode(ids[0]), n_tokens) if llama_cpp else None
+    llama = llama_cpp_runner(gguf_path, threads, lm.tokenizer.decode(ids[0]), n_tokens,
+                             ids.shape[1] + n_tokens + 1) if llama_cpp else None
     if llama is not None:
         runners["llama_cpp"] = llama
 
