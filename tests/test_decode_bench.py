@@ -16,7 +16,7 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
     d = json.loads(out.read_text())
     for key in ("unsplit_tok_s", "split_tok_s", "overhead", "hf_generate_tok_s", "split_int4_tok_s",
                 "split_int8_tok_s", "bandwidth_gb_s", "bound_tok_s", "old_split_tok_s", "old_unsplit_tok_s"):
-        assert isinstance(d[key], float) and d[key] > 0 or key == "overhead", key
+        assert isinstance(d[key], float) and (d[key] > 0 or key == "overhead"), key  # overhead may be < 0
     assert d["overhead"] == 1 - d["split_tok_s"] / d["unsplit_tok_s"]
     assert d["llama_cpp_tok_s"] is None and d["prompt_tokens"] == 8 and d["tokens"] == 4
     c = d["configs"]
@@ -43,6 +43,11 @@ def test_bytes_per_step_counts_weights_head_row_and_kv():
     kv = 4 * 2 * 2 * 16 * 4 * 10  # layers x (K, V) x kv heads x head_dim x 4 bytes x context
     expect = weights + (0 if not head_tied else model.lm_head.weight.numel() * 4) + row + kv
     assert bytes_per_step(parts, parts, 4, 10) == expect
+    # a quantized edge KV (one group per head, fp16 scale + zero): per layer, K and V x 2 kv heads x
+    # (16 x bits / 8 code bytes + 4) x 10 positions, against 2 x 2 x 16 x 4 x 10 = 2560 in float32
+    fp = bytes_per_step(parts, parts, 2, 10)
+    assert fp - bytes_per_step(parts, parts, 2, 10, kv_bits=8) == 2 * (2560 - 2 * 2 * (16 + 4) * 10)
+    assert fp - bytes_per_step(parts, parts, 2, 10, kv_bits=4) == 2 * (2560 - 2 * 2 * (8 + 4) * 10)
     assert copy_bandwidth_gb_s(nbytes=1 << 20, repeats=2) > 0
 
 

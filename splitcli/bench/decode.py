@@ -34,8 +34,10 @@ from typing import Callable
 import torch
 
 from ..deploy import SplitSpec, build_split
+from ..deploy.measure import head_dims
 from ..errors import SplitLLMError
 from ..model.split import CloudHalf, EdgeHalf, decoder_parts
+from ..quant.kv_format import KVQuantConfig, fp_kv_bytes_per_token, kv_bytes_per_token
 from ..runtime.fast import FastUnsplitSession, fast_split_session, fast_unsupported_model
 from ..runtime.generate import SamplingConfig, encode_prompts, generate
 from ..runtime.session import Session, SplitSession, UnsplitSession
@@ -71,15 +73,13 @@ def _tensor_bytes(modules) -> int:
 def bytes_per_step(edge_parts, cloud_parts, split_layer: int, context: int, kv_bits: int = 16) -> int:
     """Bytes one decode step reads (module docstring): layers [0, ℓ) of the edge's parts, [ℓ, L)
     + norm + head of the cloud's, one embedding row, and K/V over `context` positions."""
-    cfg = cloud_parts.config
-    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_kv, head_dim = head_dims(cloud_parts.config)
     layers = _tensor_bytes(edge_parts.layers[:split_layer]) + _tensor_bytes(cloud_parts.layers[split_layer:])
     head = _tensor_bytes([cloud_parts.norm, cloud_parts.lm_head])
     emb = edge_parts.embed_tokens
     row = _tensor_bytes([emb]) // max(1, getattr(emb, "num_embeddings", 1))
-    kv_fp = 2 * n_kv * head_dim * 4 * context  # per layer
-    kv_edge = kv_fp if kv_bits >= 16 else 2 * n_kv * context * (head_dim * kv_bits // 8 + 4)  # fp16 scale + zero
+    kv_fp = fp_kv_bytes_per_token(1, n_kv, head_dim) * context  # per layer
+    kv_edge = kv_fp if kv_bits >= 16 else kv_bytes_per_token(1, n_kv, head_dim, KVQuantConfig(bits=kv_bits)) * context
     n = cloud_parts.num_layers
     return layers + head + row + split_layer * kv_edge + (n - split_layer) * kv_fp
 
@@ -100,9 +100,8 @@ def _timed_decode(session: Session, prompt_ids: torch.Tensor, tokens: torch.Tens
     n = len(steps)
     edge = sum(s.edge_ms for s in steps) / n
     codec = sum(s.encode_ms + s.decode_ms for s in steps) / n
-    cloud = sum(s.cloud_ms for s in steps) / n
-    if not isinstance(session, SplitSession):
-        cloud = sum(s.total_ms for s in steps) / n  # the unsplit model: all of it counts as compute
+    # the unsplit model: all of its step counts as compute
+    cloud = sum(s.cloud_ms if isinstance(session, SplitSession) else s.total_ms for s in steps) / n
     step_ms = 1e3 * sum(walls) / n
     return {"tok_s": n / total, "step_ms": step_ms, "edge_ms": edge, "codec_ms": codec, "cloud_ms": cloud,
             "python_ms": max(0.0, step_ms - edge - codec - cloud)}
@@ -218,7 +217,7 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     samples: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
-        for k, name in enumerate(order):
+        for name in order:
             tick(f"round {r + 1}/{repeats}: {name}", r, repeats)
             samples[name].append(runners[name]())
         tick(f"round {r + 1}/{repeats} done", r + 1, repeats)
@@ -227,11 +226,8 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
 
     mean_context = ids.shape[1] + n_tokens / 2
     full = decoder_parts(lm.model)
-    step_bytes = {
-        "unsplit": bytes_per_step(full, full, full.num_layers, mean_context),
-        "old_unsplit": bytes_per_step(full, full, full.num_layers, mean_context),
-        "hf_generate": bytes_per_step(full, full, full.num_layers, mean_context),
-    }
+    unsplit_bytes = bytes_per_step(full, full, full.num_layers, mean_context)
+    step_bytes = {"unsplit": unsplit_bytes, "old_unsplit": unsplit_bytes, "hf_generate": unsplit_bytes}
     for name, sp in splits.items():
         step_bytes[name] = bytes_per_step(sp.edge.parts, sp.cloud.parts, split_layer, mean_context, sp.spec.qa)
     step_bytes["old_split"] = step_bytes["split"]
