@@ -86,3 +86,46 @@ def test_symbol_model_needs_absolute_tau_and_valid_counts():
     for bad in (good[:1], (good[0], good[1][:-1]), (good[0], (0,) * 8), (good[0], (70000,) * 8)):
         with pytest.raises(SplitLLMError):
             CodecConfig(tau=10.0, tau_quantile=None, q_bar=3, q_min=2, symbol_model=bad)
+
+
+def test_channel_scale_alpha_and_normalization_hand_checked():
+    x = torch.tensor([[1.0, 4.0, 100.0], [-1.0, -4.0, 0.0]])  # rms below 50: 1, 4, median 2.5
+    assert calibrate_channel_scale(x, 50.0, alpha=0.5) == pytest.approx((1.0, 2.0, 2.5 ** 0.5))
+    norm = calibrate_channel_scale(x, 50.0, alpha=0.5, normalize=True)   # geometric mean 1
+    gm = (1.0 * 2.0 * 2.5 ** 0.5) ** (1 / 3)
+    assert norm == pytest.approx((1.0 / gm, 2.0 / gm, 2.5 ** 0.5 / gm), rel=1e-6)
+    assert calibrate_channel_scale(x, 50.0, alpha=0.0, normalize=True) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("samples, msg", [
+    ([], "empty"), (torch.zeros(0, 8), "empty"), ([np.zeros((0, 8), np.float32)], "empty"),
+    (torch.tensor([[1.0, float("nan")]]), "NaN or Inf"), ([torch.ones(2, 2), torch.tensor([[float("inf"), 0.0]])], "NaN or Inf"),
+])
+def test_every_calibration_entry_refuses_empty_or_non_finite_samples(samples, msg):
+    from splitcli.codec.calibrate import calibrate_from_samples, calibrate_settings
+    from splitcli.plan.codec_settings import CodecSettings
+
+    # channel scale used to return all ones from zero tokens; calibrate_from_samples([]) raised a
+    # bare ValueError from np.concatenate
+    for call in (lambda: calibrate_channel_scale(samples, 1.0), lambda: calibrate_channel_class(samples, 1.0),
+                 lambda: calibrate_from_samples(samples, CodecSettings()),
+                 lambda: calibrate_settings(samples, CodecSettings(channel_alpha=0.5))):
+        with pytest.raises(SplitLLMError, match=msg):
+            call()
+
+
+def test_target_calibration_computes_the_channel_scale_once_per_tau(monkeypatch):
+    import splitcli.codec.calibrate as cal
+    from splitcli.plan.codec_settings import CodecSettings
+
+    calls = []
+    real = cal.channel_rms_below
+    monkeypatch.setattr(cal, "channel_rms_below", lambda s, tau: calls.append(tau) or real(s, tau))
+    x = _hidden(128).numpy()
+    settings = CodecSettings(target_rel_error=0.1, channel_alpha=0.5, entropy=False)
+    cfg, report = cal.calibrate_to_target(x, settings)
+    # one scale per tau tried (quantiles, and the bulk's with _hidden's loud channels), none per
+    # q_bar or for the result: was one per candidate plus one
+    assert report["massive_channels"] > 0 and report["candidates"] == 3 * len(cal.TARGET_Q_BARS)
+    assert len(calls) == 3 and len(set(calls)) == 3 and report["tau"] in calls
+    assert cfg.channel_scale == cal.calibrate_channel_scale(x, report["tau"], 0.5, normalize=True)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from splitcli.codec import CodecConfig, FrameError, decode, encode, encode_with_stats
-from splitcli.codec.calibrate import (bulk_channels, bulk_rel_error, calibrate_from_samples, calibrate_to_target,
-                                      channel_alpha_scale)
+from splitcli.codec.calibrate import (bulk_channels, bulk_rel_error, calibrate_channel_scale, calibrate_from_samples,
+                                      calibrate_to_target)
 from splitcli.codec.frame import FLAG_ROTATION
 from splitcli.codec.transform import rotate, rotation_supported, unrotate
 from splitcli.errors import SplitLLMError
@@ -197,7 +197,7 @@ def test_target_not_reachable_is_reported_not_hidden():
 
 def test_channel_alpha_scale_has_unit_geometric_mean():
     x = _massive_fixture(3, tokens=128)
-    s = np.asarray(channel_alpha_scale(x, 1e3, 0.5))
+    s = np.asarray(calibrate_channel_scale(x, 1e3, 0.5, normalize=True))
     assert abs(float(np.exp(np.log(s).mean())) - 1) < 1e-4 and (s > 0).all()
 
 

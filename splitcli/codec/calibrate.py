@@ -19,6 +19,7 @@ import torch
 
 from splitcli.codec.config import MAX_CLASSES, CodecConfig
 from splitcli.codec.entropy import COUNT_TOTAL
+from splitcli.codec.frame import decode, encode
 from splitcli.codec.tabq import tab_q
 from splitcli.codec.threshold import calibrate_tau, split_threshold
 from splitcli.codec.transform import rotate
@@ -27,30 +28,42 @@ from splitcli.plan.codec_settings import (DEFAULT_TARGET_REL_ERROR, DEFAULT_TAU_
                                           CodecSettings)
 
 
-def channel_rms_below(samples: torch.Tensor | np.ndarray | Iterable, tau: float) -> np.ndarray:
-    """RMS of T_below (entries with |x| < tau) per channel over samples [.., hidden]; channels
-    that are empty or all-zero below tau get the median RMS."""
+def _samples_2d(samples: torch.Tensor | np.ndarray | Iterable) -> np.ndarray:
+    """Samples (one tensor/array [.., hidden] or an iterable of them) as float32 [tokens, hidden];
+    no tokens, or NaN/Inf anywhere, raise."""
     if isinstance(samples, (torch.Tensor, np.ndarray)):
         samples = [samples]
-    sq, n = None, None
-    for s in samples:
-        a = s.detach().to("cpu", torch.float32).numpy() if isinstance(s, torch.Tensor) else np.asarray(s, np.float32)
-        a = a.reshape(-1, a.shape[-1]).astype(np.float64)                     # [rows, hidden]
-        if not np.isfinite(a).all():
-            raise SplitLLMError("cannot calibrate channels: the samples contain NaN or Inf")
-        keep = np.abs(a) < tau
-        part_sq, part_n = np.where(keep, a * a, 0).sum(0), keep.sum(0)
-        sq, n = (part_sq, part_n) if sq is None else (sq + part_sq, n + part_n)
-    if sq is None or sq.size == 0:
-        raise SplitLLMError("cannot calibrate channels from empty samples")
+    rows = [s.detach().to("cpu", torch.float32).numpy() if isinstance(s, torch.Tensor) else np.asarray(s, np.float32)
+            for s in samples]
+    if not rows:
+        raise SplitLLMError("cannot calibrate the codec from empty samples")
+    x = np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])              # [tokens, hidden]
+    if x.size == 0:
+        raise SplitLLMError("cannot calibrate the codec from empty samples")
+    if not np.isfinite(x).all():
+        raise SplitLLMError("cannot calibrate the codec: the samples contain NaN or Inf")
+    return x
+
+
+def channel_rms_below(samples, tau: float) -> np.ndarray:
+    """RMS of T_below (entries with |x| < tau) per channel over samples [.., hidden]; channels
+    that are empty or all-zero below tau get the median RMS."""
+    a = _samples_2d(samples).astype(np.float64)                                # [tokens, hidden]
+    keep = np.abs(a) < tau
+    sq, n = np.where(keep, a * a, 0).sum(0), keep.sum(0)                        # [hidden] each
     rms = np.sqrt(np.divide(sq, n, out=np.zeros_like(sq), where=n > 0))
     good = rms[rms > 0]
     return np.where(rms > 0, rms, float(np.median(good)) if good.size else 1.0)
 
 
-def calibrate_channel_scale(samples, tau: float) -> tuple[float, ...]:
-    """Per-channel RMS of T_below, for `CodecConfig.channel_scale`."""
-    return tuple(float(v) for v in channel_rms_below(samples, tau).astype(np.float32))
+def calibrate_channel_scale(samples, tau: float, alpha: float = 1.0, normalize: bool = False) -> tuple[float, ...]:
+    """Per-channel rms_c^alpha of T_below, for `CodecConfig.channel_scale`. With normalize, scaled
+    to geometric mean 1 (so alpha only reshapes the channels, not the overall step): what
+    `CodecSettings.channel_alpha` calibrates."""
+    s = channel_rms_below(samples, tau) ** alpha
+    if normalize:
+        s = s / np.exp(np.log(s).mean())
+    return tuple(float(v) for v in s.astype(np.float32))
 
 
 def calibrate_channel_class(samples, tau: float, n_classes: int = 8) -> tuple[int, ...]:
@@ -104,24 +117,6 @@ def calibrate_config(samples, base: CodecConfig | None = None, *, tau_quantile: 
     return replace(cfg, symbol_model=calibrate_symbol_model(samples, cfg)) if symbol_model else cfg
 
 
-def channel_alpha_scale(samples, tau: float, alpha: float) -> tuple[float, ...]:
-    """rms_c^alpha of T_below per channel, normalized to geometric mean 1 (so alpha only reshapes
-    the channels, not the overall step), for `CodecConfig.channel_scale`."""
-    s = channel_rms_below(samples, tau) ** alpha
-    return tuple(float(v) for v in (s / np.exp(np.log(s).mean())).astype(np.float32))
-
-
-def _samples_2d(samples) -> np.ndarray:
-    if isinstance(samples, (torch.Tensor, np.ndarray)):
-        samples = [samples]
-    rows = [s.detach().to("cpu", torch.float32).numpy() if isinstance(s, torch.Tensor) else np.asarray(s, np.float32)
-            for s in samples]
-    x = np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])              # [tokens, hidden]
-    if x.size == 0 or not np.isfinite(x).all():
-        raise SplitLLMError("cannot calibrate the codec from empty or non-finite samples")
-    return x
-
-
 def calibrate_from_samples(samples, settings: CodecSettings) -> CodecConfig:
     """The deployment config from hidden states [tokens, hidden]: τ fixed (from the quantile,
     or as given), the channel scale (channel_alpha > 0), and, with entropy coding, channel
@@ -129,12 +124,27 @@ def calibrate_from_samples(samples, settings: CodecSettings) -> CodecConfig:
     `target_rel_error`, `calibrate_to_target` picks τ and q̄ first (see there)."""
     if settings.target_rel_error is not None:
         return calibrate_to_target(samples, settings)[0]
-    x = _samples_2d(samples)
+    return _fixed_config(_samples_2d(samples), settings)
+
+
+def _alpha_scale(x: np.ndarray, tau: float, settings: CodecSettings) -> tuple[float, ...] | None:
+    """The channel scale `settings.channel_alpha` asks for at this tau, or None (alpha 0)."""
+    if settings.channel_alpha == 0:
+        return None
+    return calibrate_channel_scale(x, tau, settings.channel_alpha, normalize=True)
+
+
+def _fixed_config(x: np.ndarray, settings: CodecSettings,
+                  channel_scale: tuple[float, ...] | None = None) -> CodecConfig:
+    """`calibrate_from_samples` without a target on checked samples x [tokens, hidden];
+    channel_scale: `_alpha_scale` at settings.tau if the caller has it already (calibrate_to_target
+    computes it once per tau, not once per q_bar)."""
     cfg = CodecConfig.from_settings(settings)
     if settings.tau is None:
         cfg = replace(cfg, tau=calibrate_tau(x, settings.tau_quantile), tau_quantile=None)
     if settings.channel_alpha > 0:
-        cfg = replace(cfg, channel_scale=channel_alpha_scale(x, cfg.tau, settings.channel_alpha))
+        cfg = replace(cfg, channel_scale=channel_scale if channel_scale is not None else
+                      _alpha_scale(x, cfg.tau, settings))
     if settings.entropy:
         if cfg._scale is None and cfg.rotation_seed is None:    # the paper's domain: as before v3
             classes = calibrate_channel_class(x, cfg.tau, settings.n_classes)
@@ -178,8 +188,6 @@ def calibrate_to_target(samples, settings: CodecSettings) -> tuple[CodecConfig, 
     alone (so massive channels travel exactly), and q̄ in TARGET_Q_BARS, the smallest frame over
     the samples whose `bulk_rel_error` is <= the target; if none meets it, the most accurate.
     Returns the calibrated config and what was chosen and measured (for the user to see)."""
-    from splitcli.codec.frame import decode, encode   # frame imports this module's siblings only
-
     target = settings.target_rel_error
     if target is None:
         raise SplitLLMError("calibrate_to_target needs settings with a target_rel_error")
@@ -195,21 +203,22 @@ def calibrate_to_target(samples, settings: CodecSettings) -> tuple[CodecConfig, 
             taus["bulk quantile 0.999"] = calibrate_tau(x[:, cols], 0.999)
     tried = []
     for tau_name, tau in taus.items():
+        scale = _alpha_scale(x, tau, settings)                 # depends on tau only, not on q_bar
         for q_bar in TARGET_Q_BARS:
             trial = replace(settings, tau=tau, tau_quantile=None, q_bar=q_bar, q_bar_min=min(settings.q_bar_min, q_bar),
                             target_rel_error=None)
-            cfg = calibrate_from_samples(x, replace(trial, entropy=False))   # reconstruction only
+            cfg = _fixed_config(x, replace(trial, entropy=False), scale)      # reconstruction only
             frame = encode(x, replace(cfg, entropy=settings.entropy))
             err = bulk_rel_error(decode(frame, cfg).numpy(), x, cols)
             tried.append(dict(tau_from=tau_name, tau=tau, q_bar=q_bar, bytes_per_token=len(frame) / x.shape[0],
-                              bulk_rel_error=err, settings=trial))
+                              bulk_rel_error=err, settings=trial, scale=scale))
     met = [t for t in tried if t["bulk_rel_error"] <= target]
     best = min(met, key=lambda t: t["bytes_per_token"]) if met else min(tried, key=lambda t: t["bulk_rel_error"])
     report = dict(target_rel_error=target, met=bool(met), tau_from=best["tau_from"], tau=best["tau"],
                   q_bar=best["q_bar"], bulk_rel_error=best["bulk_rel_error"],
                   bytes_per_token=best["bytes_per_token"], massive_channels=int(x.shape[1] - cols.size),
                   candidates=len(tried))
-    return calibrate_from_samples(x, best["settings"]), report
+    return _fixed_config(x, best["settings"], best["scale"]), report
 
 
 def calibrate_settings(samples, settings: CodecSettings) -> tuple[CodecConfig, dict]:
@@ -218,12 +227,10 @@ def calibrate_settings(samples, settings: CodecSettings) -> tuple[CodecConfig, d
     the fixed settings are checked: when they leave more than GUARD_REL_ERROR on the non-massive
     channels (τ inside massive activations wipes the other channels out) and τ was not set by
     hand, calibration falls back to DEFAULT_TARGET_REL_ERROR and says so in the report."""
-    from splitcli.codec.frame import decode, encode
-
     if settings.target_rel_error is not None:
         return calibrate_to_target(samples, settings)
     x = _samples_2d(samples)
-    cfg = calibrate_from_samples(x, settings)
+    cfg = _fixed_config(x, settings)
     cols = bulk_channels(x)
     err = bulk_rel_error(decode(encode(x, replace(cfg, entropy=False)), cfg).numpy(), x, cols)
     if err > GUARD_REL_ERROR and settings.tau is None:
