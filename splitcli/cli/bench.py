@@ -9,7 +9,7 @@ from rich.progress import Progress
 
 from .common import (
     DATA_DIR_OPTION, FORCE_JSON_OPTION, JSON_OPTION, MODEL_OPTION, check_output_path, cli_errors,
-    codec_options, console, err_console, load_model_with_status, write_json,
+    codec_options, console, err_console, load_model_with_status, parse_count_list, write_json,
 )
 
 app = typer.Typer(help="Benchmarks (medians of repeats, measured side by side, JSON out).", no_args_is_help=True)
@@ -206,12 +206,9 @@ def quant_cmd(
     from ..errors import SplitLLMError
 
     check_output_path(json_out, force)
-    try:
-        lws = sorted({int(x) for x in lw.split(",") if x.strip()})
-    except ValueError:
-        raise SplitLLMError(f"--lw must be comma-separated integers, got {lw!r}") from None
-    if not lws or windows < 1 or seqlen < 2 or repeats < 1 or decode_threads < 0:
-        raise SplitLLMError("--lw needs at least one value; --windows, --repeats >= 1, --seqlen >= 2, --decode-threads >= 0")
+    lws = parse_count_list(lw, "--lw", 0)
+    if windows < 1 or seqlen < 2 or repeats < 1 or decode_threads < 0:
+        raise SplitLLMError("--windows, --repeats must be >= 1, --seqlen >= 2, --decode-threads >= 0")
     data = resolve_data_dir(data_dir)
     lm = load_model_with_status(model)
     console.print(f"measuring: WikiText-2 perplexity ({windows} x {seqlen} tokens) of 4-bit OPSC front/back at ℓw = "
@@ -261,12 +258,7 @@ def serve_cmd(
 
     check_output_path(json_out, force)
     check_output_path(plot, force)
-    try:
-        counts = sorted({int(x) for x in clients.split(",") if x.strip()})
-    except ValueError:
-        raise SplitLLMError(f"--clients must be comma-separated integers, got {clients!r}") from None
-    if not counts or counts[0] < 1 or counts[-1] > 64:
-        raise SplitLLMError(f"--clients needs values in 1..64, got {clients!r}")
+    counts = parse_count_list(clients, "--clients", 1, 64)
     if tokens < 2 or repeats < 1 or threads < 0:
         raise SplitLLMError("--tokens must be >= 2, --repeats >= 1 and --threads >= 0")
     if wire not in ("none", "fp16", "tabq"):
@@ -318,13 +310,7 @@ def _ray_bench_replicas(backend: str, replicas: str, plot) -> list[int] | None:
     require_ray()
     if plot is not None:
         raise SplitLLMError("--plot draws the local backend's figure: leave it out with --backend ray")
-    try:
-        counts = sorted({int(x) for x in replicas.split(",") if x.strip()})
-    except ValueError:
-        raise SplitLLMError(f"--replicas must be comma-separated integers, got {replicas!r}") from None
-    if not counts or counts[0] < 1 or counts[-1] > 16:
-        raise SplitLLMError(f"--replicas needs values in 1..16, got {replicas!r}")
-    return counts
+    return parse_count_list(replicas, "--replicas", 1, 16)
 
 
 def _print_serve_table(r: dict) -> None:

@@ -79,16 +79,29 @@ def json_safe(x):
     return x
 
 
-def parse_int_list(text: str, option: str) -> tuple[int, ...]:
-    """'4,8,16' -> (4, 8, 16); anything else is a one-line error naming the option."""
+def parse_int_list(text: str, option: str, skip_empty: bool = False) -> tuple[int, ...]:
+    """'4,8,16' -> (4, 8, 16) (with `skip_empty`, '4,,8,' too); anything else is a one-line error
+    naming the option."""
     items = [t.strip() for t in text.split(",")] if text else []
+    if skip_empty:
+        items = [t for t in items if t]
     try:
         values = tuple(int(t) for t in items)
     except ValueError:
         values = ()
     if not values:
-        raise SplitLLMError(f"{option} expects comma-separated integers like 4,8,16, got {text!r}")
+        raise SplitLLMError(f"{option} must be comma-separated integers like 4,8,16, got {text!r}")
     return values
+
+
+def parse_count_list(text: str, option: str, lo: int, hi: int | None = None) -> list[int]:
+    """'4,1,4,' -> [1, 4]: `parse_int_list`'s integers (empty items skipped), deduplicated and
+    sorted, each in lo..hi (hi None: no upper bound); anything else is a one-line error."""
+    counts = sorted(set(parse_int_list(text, option, skip_empty=True)))
+    if counts[0] < lo or (hi is not None and counts[-1] > hi):
+        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise SplitLLMError(f"{option} needs values {bound}, got {text!r}")
+    return counts
 
 
 # ------------------------------------------------------------------ the codec option group
