@@ -19,6 +19,7 @@ from splitcli.quant.rtn import (
     check_bits,
     check_group_size,
     dequantize_groupwise,
+    dequantize_symmetric_rows,
     pack_codes,
     quantize_groupwise,
     quantize_symmetric_rows,
@@ -258,7 +259,7 @@ class Int8Linear(nn.Module):
         return cls(linear.in_features, linear.out_features, q, s, bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.codes.to(dtype) * self.scales.to(dtype)[:, None]  # [N, K]
+        return dequantize_symmetric_rows(self.codes, self.scales, dtype)  # [N, K]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._kernel:

@@ -123,6 +123,11 @@ def quantize_symmetric_rows(
     return q.clamp_(-127, 127).to(torch.int8), scale
 
 
+def dequantize_symmetric_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_symmetric_rows`: q [N, K], scale [N] -> w_hat = q * scale [N, K] in `dtype`."""
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
 def dequantize_groupwise(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

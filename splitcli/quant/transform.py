@@ -30,7 +30,17 @@ from splitcli.quant.modules import (
     WEIGHT_SCALE_DTYPE,
     int4_kernel_supports,
 )
-from splitcli.quant.rtn import KEEP_BITS, SUPPORTED_BITS, check_bits, check_group_size, packed_width
+from splitcli.quant.rtn import (
+    KEEP_BITS,
+    SUPPORTED_BITS,
+    check_bits,
+    check_group_size,
+    dequantize_groupwise,
+    dequantize_symmetric_rows,
+    packed_width,
+    quantize_groupwise,
+    quantize_symmetric_rows,
+)
 
 FORMAT_VERSION = 1
 _KIND = {QuantLinear: 0, Int4Linear: 1, QuantEmbedding: 2, Int8Linear: 3}
@@ -174,8 +184,6 @@ def default_group_size(shapes: LayerShapes, preferred: tuple[int, ...] = (128, 6
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, ...]:
     """`weight` [N, K] in the scheme `quantize_layers_` stores at `bits`: 8 -> (q int8, scale [N])
     per-channel symmetric; other widths -> (q, scale, zero) group-wise RTN with bf16 scales."""
-    from splitcli.quant.rtn import quantize_groupwise, quantize_symmetric_rows
-
     if bits == 8:
         return quantize_symmetric_rows(weight, WEIGHT_SCALE_DTYPE)
     return quantize_groupwise(weight, bits, group_size, WEIGHT_SCALE_DTYPE)
@@ -183,11 +191,8 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int) -> tuple[t
 
 def dequantize_weight(quantized: tuple[torch.Tensor, ...], bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of `quantize_weight`: the [N, K] weight the runtime computes with."""
-    from splitcli.quant.rtn import dequantize_groupwise
-
     if bits == 8:
-        q, s = quantized
-        return q.to(dtype) * s.to(dtype)[:, None]
+        return dequantize_symmetric_rows(*quantized, dtype)
     return dequantize_groupwise(*quantized, bits, dtype)
 
 
