@@ -14,7 +14,9 @@ def test_table4_reports_every_window_and_every_result():
                progress=lambda done, total, what: seen.append((done, total, what)))
     whats = [w for _, _, w in seen]
     assert whats[:2] == ["ppl fp32: window 1/2", "ppl fp32: window 2/2"]
-    assert any(w.startswith("ppl fp ℓw=0: ") or w.startswith("ppl fp32") for w in whats)
     assert "ppl front ℓw=2: window 2/2" in whats and "ppl back ℓw=2: window 1/2" in whats
     finished = [w for w in whats if "window" not in w]
-    assert len(finished) == 3 and all(t == 3 for _, t, _ in seen)  # fp, front 2, back 2
+    # one line per finished run, in order, each with its perplexity: fp (labelled ℓw=0), front 2, back 2
+    assert [w.rsplit(": ", 1)[0] for w in finished] == ["ppl fp ℓw=0", "ppl front ℓw=2", "ppl back ℓw=2"]
+    assert all(float(w.rsplit(": ", 1)[1]) > 1 for w in finished)
+    assert [d for d, _, w in seen if w in finished] == [1, 2, 3] and all(t == 3 for _, t, _ in seen)
