@@ -209,3 +209,22 @@ def test_split_with_codec_v3_switches_runs_close_to_raw(llama, tmp_path, monkeyp
     coded = split.session(split.wire).forward(ids, None, logits_to_keep=0)
     raw = split.session(RawWire("fp32")).forward(ids, None, logits_to_keep=0)
     assert _rel(coded, raw) < 0.1
+
+
+def test_cache_file_holds_one_report_and_a_hit_returns_what_the_miss_did(llama, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    data = write_wikitext(tmp_path / "data")
+    lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
+    for settings, key in ((CodecSettings(), "check"), (CodecSettings(target_rel_error=0.05), "chosen")):
+        cfg, miss = calibrated_config(lm, 2, settings, data)
+        stored = json.loads(Path(miss["path"]).read_text())
+        assert "chosen" not in stored and "check" not in stored and stored["report"] == miss[key]
+        assert ("check" if key == "chosen" else "chosen") not in miss
+        _, hit = calibrated_config(lm, 2, settings, data)
+        assert hit == dict(miss, cache="hit")
+    # a report that is not a mapping is a corrupt file: recalibrated, never trusted
+    Path(miss["path"]).write_text(json.dumps(dict(stored, report="target_rel_error")))
+    cfg3, info3 = calibrated_config(lm, 2, CodecSettings(target_rel_error=0.05), data)
+    assert info3["cache"] == "miss" and cfg3 == cfg and json.loads(Path(miss["path"]).read_text())["report"] == miss["chosen"]

@@ -31,7 +31,7 @@ CALIB_TOKENS = 2048
 #: Characters read from the end of the text to find the calibration slice: plenty for
 #: CALIB_TOKENS tokens, and tokenizing it is cheap compared with the whole file.
 _CALIB_CHARS = 64 * CALIB_TOKENS
-_CACHE_SCHEMA = 2   # 2: the file also holds what a target_rel_error calibration chose
+_CACHE_SCHEMA = 3   # 2: the file also holds what a target_rel_error calibration chose; 3: as one "report"
 
 
 def wikitext_path(data_dir=None) -> Path:
@@ -83,11 +83,18 @@ def cache_dir() -> Path:
     return cache_root() / "codec"
 
 
+def _with_report(info: dict, cache: str, report: dict) -> dict:
+    """info plus the cache outcome and calibrate_settings' report: under "chosen" when it holds a
+    target (given, or the guard's fallback), else under "check" (the fixed settings' distortion)."""
+    return dict(info, cache=cache, **{"chosen" if "target_rel_error" in report else "check": report})
+
+
 def calibrated_config(lm, split_layer: int, params: CodecSettings, data_dir=None,
                       progress: Callable[[str], None] | None = None) -> tuple[CodecConfig, dict]:
     """The CodecConfig for (lm's weights, split layer, params), from the cache or calibrated now.
 
-    Returns (config, info) with info = {"cache": "hit"|"miss"|"none", "path", "calib_tokens", ...}.
+    Returns (config, info) with info = {"cache": "hit"|"miss"|"none", "path", "calib_tokens", ...,
+    and "chosen" or "check" (see `_with_report`)}.
     A corrupt cache file is recalibrated and overwritten, never trusted."""
     if not params.needs_samples:
         return CodecConfig.from_settings(params), {"cache": "none"}
@@ -99,16 +106,18 @@ def calibrated_config(lm, split_layer: int, params: CodecSettings, data_dir=None
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-            cfg = CodecConfig.from_dict(data["config"])
-            chosen, check = data.get("chosen"), data.get("check")
-            return cfg, dict(info, cache="hit", **({"chosen": chosen} if chosen else {"check": check}))
+            cfg, report = CodecConfig.from_dict(data["config"]), data["report"]
+            if not isinstance(report, dict):
+                raise TypeError("the calibration report is not a mapping")
+            return cfg, _with_report(info, "hit", report)
         except (OSError, ValueError, KeyError, TypeError, SplitLLMError):
             pass   # fall through: recalibrate and replace the bad file
     if progress is not None:
         progress(f"calibrating the codec at layer {split_layer} on {info['calib_slice']} (cached afterwards)")
     samples = edge_hidden(lm.model, split_layer, calibration_ids(lm.tokenizer, text, n_tokens))
     cfg, report = calibrate_settings(samples, params)
-    chosen = report if "target_rel_error" in report else None      # a target (given or fallen back to)
+    out = _with_report(info, "miss", report)
+    chosen = out.get("chosen")                                     # a target (given or fallen back to)
     if progress is not None and chosen is not None:
         progress(f"{chosen['fallback'] + ': ' if 'fallback' in chosen else ''}codec target "
                  f"{chosen['target_rel_error']}: chose q_bar {chosen['q_bar']}, tau {chosen['tau']:.4g} "
@@ -120,7 +129,6 @@ def calibrated_config(lm, split_layer: int, params: CodecSettings, data_dir=None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(dict(model_sha256=lm.sha256, split_layer=split_layer, params=params.to_dict(),
-                                   text_sha256=text_sha, calib_tokens=n_tokens, config=cfg.to_dict(), chosen=chosen,
-                                   check=None if chosen else report)))
+                                   text_sha256=text_sha, calib_tokens=n_tokens, config=cfg.to_dict(), report=report)))
     tmp.replace(path)
-    return cfg, dict(info, cache="miss", **({"chosen": chosen} if chosen else {"check": report}))
+    return cfg, out
