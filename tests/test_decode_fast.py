@@ -183,3 +183,18 @@ def test_fast_greedy_equals_the_eager_path_on_the_readme_prompts(real_lm):
     # measured 9.7e-5 on logits of magnitude ~30: only the float weights' layout differs (MKL sums
     # the transposed layout in another order); the bound leaves a margin
     assert worst <= 1e-3
+
+
+def test_every_edge_names_its_kv_bits_one_way():
+    # the fast path reads edge.kv_bits from a plain EdgeHalf, a planned edge and a shard-loaded one alike
+    from splitcli.deploy import PlannedEdge
+    from splitcli.model.shard_loader import QuantEdgeHalf
+
+    model = _tiny("llama")
+    parts = decoder_parts(model)
+    assert EdgeHalf(parts, 2).kv_bits == 16
+    edge = build_split(_lm(model), SplitSpec(split_layer=2, qa=4)).edge
+    assert isinstance(edge, PlannedEdge) and isinstance(edge, QuantEdgeHalf) and edge.kv_bits == 4
+    assert type(edge.new_cache()).__name__ == "QuantizedKVCache"
+    assert isinstance(fast_split_session(build_split(_lm(model), SplitSpec(split_layer=2, qa=4))).edge_cache,
+                      QuantStaticKV)

@@ -24,8 +24,9 @@ from typing import Any, Callable
 from splitcli.configio import overlay
 from splitcli.cost.memory import KEEP_BITS, layer_weight_bits
 from splitcli.errors import SplitLLMError
+from splitcli.model.shard_loader import QuantEdgeHalf
 from splitcli.model.shards import EMBED_BITS
-from splitcli.model.split import CloudHalf, DecoderParts, EdgeHalf, decoder_parts, new_cache, validate_split_layer
+from splitcli.model.split import CloudHalf, DecoderParts, EdgeHalf, decoder_parts, validate_split_layer
 from splitcli.plan.codec_settings import CodecSettings
 from splitcli.plan.schema import Plan
 
@@ -106,19 +107,12 @@ class SplitSpec:
         return list(bits[: self.split_layer])
 
 
-class PlannedEdge(EdgeHalf):
-    """EdgeHalf whose cache holds keys and values at `qa` bits (16: the model's float cache)."""
+class PlannedEdge(QuantEdgeHalf):
+    """The edge half of a plan: a QuantEdgeHalf whose cache holds keys and values at the spec's
+    `qa` bits (`kv_bits`; 16: the model's float cache), as a shard-loaded edge does."""
 
     def __init__(self, parts: DecoderParts, split_layer: int, qa: int):
-        super().__init__(parts, split_layer)
-        self.qa = qa
-
-    def new_cache(self):
-        if self.qa >= KEEP_BITS:
-            return new_cache(self.parts)
-        from splitcli.quant import KVQuantConfig, QuantizedKVCache
-
-        return QuantizedKVCache(KVQuantConfig(bits=self.qa))
+        super().__init__(parts, split_layer, kv_bits=qa)
 
 
 def planned_edge(model, spec: SplitSpec) -> PlannedEdge:

@@ -144,6 +144,8 @@ class LayerRange:
 class EdgeHalf:
     """Embeddings + layers [0, ℓ): token ids in, hidden state at ℓ out."""
 
+    kv_bits = 16  # the bits its KV cache stores keys/values at: the model's float cache (QuantEdgeHalf: fewer)
+
     def __init__(self, parts: DecoderParts, split_layer: int):
         self.parts = parts
         self.split_layer = validate_split_layer(split_layer, parts.num_layers)

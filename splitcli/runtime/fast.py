@@ -24,17 +24,12 @@ _CLOUDS: "weakref.WeakKeyDictionary[object, FastCloudHalf]" = weakref.WeakKeyDic
 _MODELS: "weakref.WeakKeyDictionary[object, FastModel]" = weakref.WeakKeyDictionary()
 
 
-def edge_kv_bits(edge) -> int:
-    """The KV bits an eager edge half stores (PlannedEdge.qa, QuantEdgeHalf.kv_bits, else 16)."""
-    return int(getattr(edge, "qa", getattr(edge, "kv_bits", 16)))
-
-
 def fast_edge_half(edge) -> FastEdgeHalf | None:
     """The fast twin of an eager edge half (same parts, ℓ and KV bits), or None if unsupported."""
     if edge not in _EDGES:
-        if fast_unsupported(edge.parts, 0, edge.split_layer) is not None or edge_kv_bits(edge) not in (16, 8, 4):
+        if fast_unsupported(edge.parts, 0, edge.split_layer) is not None or edge.kv_bits not in (16, 8, 4):
             return None
-        _EDGES[edge] = FastEdgeHalf(edge.parts, edge.split_layer, edge_kv_bits(edge))
+        _EDGES[edge] = FastEdgeHalf(edge.parts, edge.split_layer, edge.kv_bits)
     return _EDGES[edge]
 
 
