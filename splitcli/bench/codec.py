@@ -248,7 +248,7 @@ def sweep_codec_ppl(lm, params: CodecSettings, layers, ids, text: str, windows: 
                        encode_decode_ms_token=timing.encode_ms_token + timing.decode_ms_token,
                        prefill_encode_mb_s=timing.prefill_encode_mb_s)
             if chosen is not None:
-                row["chosen"] = {k: v for k, v in chosen.items() if k != "settings"}
+                row["chosen"] = chosen
             out.append(row)
             advance(i + 2)
     return dict(ppl_windows=windows, ppl_seqlen=seqlen, layers=list(layers), rows=out, paper=PAPER, ours=OURS,
