@@ -130,3 +130,38 @@ def test_huge_range():
     q, s, z = quantize_groupwise(w, 8, 4, torch.float32)
     w_hat = dequantize_groupwise(q, s, z, 8, torch.float64)
     assert float((w.double() - w_hat).abs().max()) <= float(s) / 2 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 8), (3, 16)])
+def test_dequantize_into_out_is_the_same_values(bits, group):
+    from splitcli.quant.rtn import dequantize_groupwise, quantize_groupwise
+
+    w = torch.randn(2, 3, 7, 32, generator=torch.Generator().manual_seed(bits + group)) * 3
+    q, s, z = quantize_groupwise(w, bits, group, torch.float16)
+    want = dequantize_groupwise(q, s, z, bits)
+    scratch = torch.full((2, 3, 9, 32), float("nan"))
+    view = scratch[:, :, :7]  # a non-contiguous view, as the static KV cache's scratch prefix is
+    got = dequantize_groupwise(q, s, z, bits, out=view)
+    assert got is view and torch.equal(got, want)
+    assert bool(scratch[:, :, 7:].isnan().all())  # nothing written past the view
+    assert torch.equal(dequantize_groupwise(q, s, z, bits, torch.float64),
+                       dequantize_groupwise(q, s, z, bits, torch.float64, out=torch.empty(2, 3, 7, 32, dtype=torch.float64)))
+
+
+def test_every_static_cache_checks_its_capacity_and_counts_its_bytes():
+    from splitcli.model.fast import StaticKV
+    from splitcli.quant.static_kv import QuantStaticKV
+
+    for make in (lambda c: StaticKV(2, 3, 32, capacity=c), lambda c: QuantStaticKV(2, 3, 32, 8, capacity=c)):
+        with pytest.raises(SplitLLMError, match="capacity >= 1, got 0"):
+            make(0)
+        cache = make(4)
+        assert cache.nbytes() == 0 and cache.capacity == 4
+        cache.reserve(6, batch=1)
+        assert cache.capacity == 6
+    assert StaticKV(2, 3, 32).capacity == QuantStaticKV(2, 3, 32, 4).capacity == 256
+    fp, q8 = StaticKV(2, 3, 32, capacity=5), QuantStaticKV(2, 3, 32, 8, capacity=5)
+    fp.reserve(5, 1)
+    q8.reserve(5, 1)
+    assert fp.nbytes() == 2 * 2 * 3 * 5 * 32 * 4  # layers x (K, V) x kv heads x positions x D x float32
+    assert q8.nbytes() == 2 * 2 * 3 * 5 * (32 + 2 * 2)  # 8-bit codes + fp16 scale and zero per head

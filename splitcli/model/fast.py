@@ -27,10 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import SplitLLMError
+from ..quant.static_kv import DEFAULT_CAPACITY, QuantStaticKV, StaticCache
 from .split import DecoderParts, validate_split_layer
 
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
-DEFAULT_CAPACITY = 256  # positions preallocated when the caller does not say (grown on demand)
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -115,45 +115,28 @@ class _Layer:
         self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
 
 
-class StaticKV:
+class StaticKV(StaticCache):
     """Float K/V of `n_layers` layers: k, v [n_layers, B, kv_heads, capacity, head_dim], allocated once
     at the first forward (when the batch is known) and written in place; `length` positions are
     filled. Growing past the capacity doubles it (one copy), so a sequence is never cut short."""
 
+    BATCH_DIM, POS_DIM = 1, 3
+
     def __init__(self, n_layers: int, n_kv: int, head_dim: int, capacity: int = DEFAULT_CAPACITY,
                  dtype: torch.dtype = torch.float32):
-        if capacity < 1:
-            raise SplitLLMError(f"a KV cache needs capacity >= 1, got {capacity}")
+        super().__init__(capacity)
         self.n_layers, self.n_kv, self.head_dim, self.dtype = n_layers, n_kv, head_dim, dtype
-        self._capacity = capacity
         self.k = self.v = None
-        self.length = 0
 
-    @property
-    def capacity(self) -> int:
-        return self._capacity
+    def _tensors(self) -> tuple:
+        return self.k, self.v
+
+    def _store(self, tensors: tuple) -> None:
+        self.k, self.v = tensors
 
     def _alloc(self, batch: int, capacity: int):
-        return torch.zeros(self.n_layers, batch, self.n_kv, capacity, self.head_dim, dtype=self.dtype)
-
-    def reserve(self, total: int, batch: int | None = None) -> None:
-        """Make room for `total` positions of `batch` rows (None: the rows already held). Before the
-        first forward this only raises the capacity to allocate; later it doubles (one copy)."""
-        if self.k is None:
-            self._capacity = max(self._capacity, total)
-            if batch is not None:
-                self.k, self.v = self._alloc(batch, self._capacity), self._alloc(batch, self._capacity)
-            return
-        if batch is not None and batch != self.k.shape[1]:
-            raise SplitLLMError(f"this KV cache holds {self.k.shape[1]} rows, the input has {batch}")
-        if total <= self._capacity:
-            return
-        cap = max(total, 2 * self._capacity)
-        for name in ("k", "v"):
-            old, new = getattr(self, name), self._alloc(self.k.shape[1], cap)
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
-            setattr(self, name, new)
-        self._capacity = cap
+        shape = (self.n_layers, batch, self.n_kv, capacity, self.head_dim)
+        return torch.zeros(*shape, dtype=self.dtype), torch.zeros(*shape, dtype=self.dtype)
 
     def write(self, i: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [B, kv_heads, T, D] at positions [start, start + T) of layer i; returns the
@@ -162,9 +145,6 @@ class StaticKV:
         self.k[i, :, :, start:end] = k
         self.v[i, :, :, start:end] = v
         return self.k[i, :, :, :end], self.v[i, :, :, :end]
-
-    def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.numel() * self.k.element_size() * 2
 
 
 class RopeTable:
@@ -266,8 +246,6 @@ class FastEdgeHalf:
     def new_cache(self, capacity: int = DEFAULT_CAPACITY):
         if self.kv_bits >= 16:
             return self.layers.new_cache(capacity)
-        from ..quant.static_kv import QuantStaticKV
-
         return QuantStaticKV(len(self.layers.layers), self.layers.n_kv, self.layers.head_dim, self.kv_bits, capacity)
 
     @torch.inference_mode()
@@ -291,17 +269,24 @@ class _Head:
         return self.head(_rms_norm(hidden, self.norm_w, self.eps))
 
 
-class FastCloudHalf:
-    """Layers [ℓ, L) + final norm + LM head on the fast path; same call as `split.CloudHalf`."""
+class _LayersToHead:
+    """Layers [start, L) + final norm + LM head: the cloud half (start = ℓ) and the whole model (0)."""
 
-    def __init__(self, parts: DecoderParts, split_layer: int):
+    def __init__(self, parts: DecoderParts, start: int):
         self.parts = parts
-        self.split_layer = validate_split_layer(split_layer, parts.num_layers)
-        self.layers = FastLayers(parts, split_layer, parts.num_layers)
+        self.layers = FastLayers(parts, start, parts.num_layers)
         self.head = _Head(parts)
 
     def new_cache(self, capacity: int = DEFAULT_CAPACITY):
         return self.layers.new_cache(capacity)
+
+
+class FastCloudHalf(_LayersToHead):
+    """Layers [ℓ, L) + final norm + LM head on the fast path; same call as `split.CloudHalf`."""
+
+    def __init__(self, parts: DecoderParts, split_layer: int):
+        self.split_layer = validate_split_layer(split_layer, parts.num_layers)
+        super().__init__(parts, split_layer)
 
     @torch.inference_mode()
     def __call__(self, hidden, position_ids, attention_mask, cache, logits_to_keep: int = 0):
@@ -309,17 +294,12 @@ class FastCloudHalf:
         return self.head(self.layers(hidden, position_ids, attention_mask, cache), logits_to_keep)
 
 
-class FastModel:
+class FastModel(_LayersToHead):
     """The whole model on the fast path (the unsplit reference of the fast split): one stack of
     all L layers, so the split and the unsplit run the same code per layer."""
 
     def __init__(self, parts: DecoderParts):
-        self.parts = parts
-        self.layers = FastLayers(parts, 0, parts.num_layers)
-        self.head = _Head(parts)
-
-    def new_cache(self, capacity: int = DEFAULT_CAPACITY):
-        return self.layers.new_cache(capacity)
+        super().__init__(parts, 0)
 
     @torch.inference_mode()
     def __call__(self, input_ids, position_ids, attention_mask, cache, logits_to_keep: int = 0):

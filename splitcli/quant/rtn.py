@@ -129,16 +129,22 @@ def dequantize_symmetric_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch
 
 
 def dequantize_groupwise(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inverse of `quantize_groupwise`: q [..., width] codes -> [..., width] in `dtype`."""
+    """Inverse of `quantize_groupwise`: q [..., width] codes -> [..., width] in `dtype`. With `out`
+    (a [..., width] tensor of `dtype`, a view is fine) the result is written there and returned,
+    with no new tensor the size of the result (the codes are read as they are stored: exact)."""
     groups = scale.shape[-1]
     width = q.shape[-1]
-    g = q.reshape(*q.shape[:-1], groups, width // groups).to(dtype)  # [..., groups, group_size]
+    g = q.reshape(*q.shape[:-1], groups, width // groups)  # [..., groups, group_size]
     s = scale.to(dtype).unsqueeze(-1)  # [..., groups, 1]
+    offset = zero.to(dtype).unsqueeze(-1) - 2 ** (bits - 1) * s
     # one fused pass over the big tensor: w = q * s + (zero - mid * s)
-    w = torch.addcmul(zero.to(dtype).unsqueeze(-1) - 2 ** (bits - 1) * s, g, s)
-    return w.reshape(q.shape)
+    if out is None:
+        return torch.addcmul(offset, g.to(dtype), s).reshape(q.shape)
+    torch.addcmul(offset, g, s, out=out.unflatten(-1, (groups, width // groups)))
+    return out
 
 
 def _chunk(bits: int) -> tuple[int, int]:

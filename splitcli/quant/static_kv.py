@@ -1,9 +1,11 @@
-"""The quantized KV cache of the fast decode path (`splitcli.model.fast`): preallocated, written in
-place, the same numbers as `kv_cache.QuantizedKVCache`.
+"""The preallocated KV caches of the fast decode path (`splitcli.model.fast`): `StaticCache`, what
+every one shares (allocate at the first forward, refuse a batch change, grow by doubling with one
+prefix copy), and `QuantStaticKV`, the quantized one, with the same numbers as
+`kv_cache.QuantizedKVCache`. The float one, `model.fast.StaticKV`, is a StaticCache too.
 
-Per layer, K and V are stacked and stored as packed codes [2, B, kv_heads, capacity, P] uint8 plus
-scales / zeros [2, B, kv_heads, capacity, G] (per-token groups along head_dim, asymmetric RTN of
-`splitcli.quant.rtn`, KVQuantConfig's layout). A step quantizes only its new tokens; attention
+Per layer, QuantStaticKV stacks K and V and stores packed codes [2, B, kv_heads, capacity, P] uint8
+plus scales / zeros [2, B, kv_heads, capacity, G] (per-token groups along head_dim, asymmetric RTN
+of `splitcli.quant.rtn`, KVQuantConfig's layout). A step quantizes only its new tokens; attention
 reads the dequantized [0, length) prefix of one layer at a time, written into one float scratch
 [2, B, kv_heads, capacity, D] shared by all layers (the transient term of the edge memory model,
 allocated once instead of per layer and step: 30 vs 71 us per layer at 256 tokens, same values).
@@ -16,57 +18,95 @@ import torch
 
 from splitcli.errors import SplitLLMError
 from splitcli.quant.kv_format import SCALE_DTYPES, KVQuantConfig
-from splitcli.quant.rtn import pack_codes, packed_width, quantize_groupwise, unpack_codes
+from splitcli.quant.rtn import dequantize_groupwise, pack_codes, packed_width, quantize_groupwise, unpack_codes
+
+DEFAULT_CAPACITY = 256  # positions preallocated when the caller does not say (grown on demand)
 
 
-class QuantStaticKV:
-    """Drop-in for `model.fast.StaticKV` holding K/V at `bits` (8 or 4)."""
+class StaticCache:
+    """Tensors preallocated for `capacity` positions, `length` of them filled. A subclass names its
+    tensors (`_tensors`, `_store`), how to allocate them (`_alloc`) and which dims hold the batch
+    and the positions (BATCH_DIM, POS_DIM, the same in every tensor)."""
 
-    def __init__(self, n_layers: int, n_kv: int, head_dim: int, bits: int, capacity: int = 256,
-                 cfg: KVQuantConfig | None = None):
-        self.cfg = cfg or KVQuantConfig(bits=bits)
-        if self.cfg.bits != bits:
-            raise SplitLLMError(f"KV config holds {self.cfg.bits} bits, the cache was asked for {bits}")
+    BATCH_DIM: int
+    POS_DIM: int
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY):
         if capacity < 1:
             raise SplitLLMError(f"a KV cache needs capacity >= 1, got {capacity}")
-        self.n_layers, self.n_kv, self.head_dim, self.bits = n_layers, n_kv, head_dim, bits
-        self.group = self.cfg.group_for(head_dim)
-        self.scale_dtype = SCALE_DTYPES[self.cfg.scale_dtype]
         self._capacity = capacity
-        self.codes = self.scales = self.zeros = None
-        self._scratch = None  # [2, B, kv_heads, capacity, D] float: one layer's dequantized K, V
         self.length = 0
 
     @property
     def capacity(self) -> int:
         return self._capacity
 
-    def _alloc(self, batch: int, capacity: int):
-        lead = (self.n_layers, 2, batch, self.n_kv, capacity)
-        groups = self.head_dim // self.group
-        return (torch.zeros(*lead, packed_width(self.head_dim, self.bits), dtype=torch.uint8),
-                torch.zeros(*lead, groups, dtype=self.scale_dtype), torch.zeros(*lead, groups, dtype=self.scale_dtype))
+    def _tensors(self) -> tuple:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _store(self, tensors: tuple) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _alloc(self, batch: int, capacity: int) -> tuple:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def reserve(self, total: int, batch: int | None = None) -> None:
-        """As `StaticKV.reserve`: allocate at the first forward, double (one copy) when outgrown."""
-        if self.codes is None:
+        """Make room for `total` positions of `batch` rows (None: the rows already held). Before the
+        first forward this only raises the capacity to allocate; later it doubles (one copy)."""
+        first = self._tensors()[0]
+        if first is None:
             self._capacity = max(self._capacity, total)
             if batch is not None:
-                self.codes, self.scales, self.zeros = self._alloc(batch, self._capacity)
-                self._scratch = None
+                self._store(self._alloc(batch, self._capacity))
             return
-        held = self.codes.shape[2]
+        held = first.shape[self.BATCH_DIM]
         if batch is not None and batch != held:
             raise SplitLLMError(f"this KV cache holds {held} rows, the input has {batch}")
         if total <= self._capacity:
             return
         cap = max(total, 2 * self._capacity)
         new = self._alloc(held, cap)
-        for old, fresh in zip((self.codes, self.scales, self.zeros), new):
-            fresh[:, :, :, :, : self.length] = old[:, :, :, :, : self.length]
-        self.codes, self.scales, self.zeros = new
-        self._scratch = None
+        for old, fresh in zip(self._tensors(), new):
+            fresh.narrow(self.POS_DIM, 0, self.length).copy_(old.narrow(self.POS_DIM, 0, self.length))
+        self._store(new)
         self._capacity = cap
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds for its allocated capacity."""
+        if self._tensors()[0] is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+
+class QuantStaticKV(StaticCache):
+    """Drop-in for `model.fast.StaticKV` holding K/V at `bits` (8 or 4)."""
+
+    BATCH_DIM, POS_DIM = 2, 4  # [n_layers, 2, B, kv_heads, capacity, ...]
+
+    def __init__(self, n_layers: int, n_kv: int, head_dim: int, bits: int, capacity: int = DEFAULT_CAPACITY,
+                 cfg: KVQuantConfig | None = None):
+        self.cfg = cfg or KVQuantConfig(bits=bits)
+        if self.cfg.bits != bits:
+            raise SplitLLMError(f"KV config holds {self.cfg.bits} bits, the cache was asked for {bits}")
+        super().__init__(capacity)
+        self.n_layers, self.n_kv, self.head_dim, self.bits = n_layers, n_kv, head_dim, bits
+        self.group = self.cfg.group_for(head_dim)
+        self.scale_dtype = SCALE_DTYPES[self.cfg.scale_dtype]
+        self.codes = self.scales = self.zeros = None
+        self._scratch = None  # [2, B, kv_heads, capacity, D] float: one layer's dequantized K, V
+
+    def _tensors(self) -> tuple:
+        return self.codes, self.scales, self.zeros
+
+    def _store(self, tensors: tuple) -> None:
+        self.codes, self.scales, self.zeros = tensors
+        self._scratch = None  # sized to the old capacity
+
+    def _alloc(self, batch: int, capacity: int):
+        lead = (self.n_layers, 2, batch, self.n_kv, capacity)
+        groups = self.head_dim // self.group
+        return (torch.zeros(*lead, packed_width(self.head_dim, self.bits), dtype=torch.uint8),
+                torch.zeros(*lead, groups, dtype=self.scale_dtype), torch.zeros(*lead, groups, dtype=self.scale_dtype))
 
     def write(self, i: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Quantize k, v [B, kv_heads, T, D] into positions [start, start + T) of layer i; returns
@@ -81,18 +121,6 @@ class QuantStaticKV:
             codes = unpack_codes(codes, self.bits, self.head_dim)
         if self._scratch is None or self._scratch.dtype != k.dtype:
             self._scratch = torch.empty(*self.codes.shape[1:5], self.head_dim, dtype=k.dtype)
-        kv = self._scratch[:, :, :, :end]  # [2, B, kv_heads, end, D]
-        # dequantize_groupwise's arithmetic (w = q * s + (zero - mid * s)) into the scratch
-        g = self.head_dim // self.group
-        s = self.scales[i, :, :, :, :end].to(k.dtype).unsqueeze(-1)  # [2, B, H, end, G, 1]
-        offset = self.zeros[i, :, :, :, :end].to(k.dtype).unsqueeze(-1) - 2 ** (self.bits - 1) * s
-        view = kv.unflatten(-1, (g, self.group))  # [2, B, H, end, G, group]
-        torch.mul(codes.unflatten(-1, (g, self.group)), s, out=view)
-        view.add_(offset)
+        kv = dequantize_groupwise(codes, self.scales[i, :, :, :, :end], self.zeros[i, :, :, :, :end], self.bits,
+                                  k.dtype, out=self._scratch[:, :, :, :end])  # [2, B, kv_heads, end, D]
         return kv[0], kv[1]
-
-    def nbytes(self) -> int:
-        """Bytes held (codes + scales + zeros) for the allocated capacity."""
-        if self.codes is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
