@@ -174,7 +174,8 @@ def test_a_replica_error_reaches_the_edge_as_internal_one_line(front, split):
         assert "\n" not in details and "Traceback" not in details and "boom in the replica" in details
         # the session the replica may still hold is released: the front asked it to close
         deadline = time.monotonic() + 10
-        while (handle.closed == [] or server.servicer.session_count) and time.monotonic() < deadline:
+        while (handle.closed == [] or server.servicer.session_count or handle.replica.servicer.session_count) \
+                and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(handle.closed) == 1 and server.servicer.session_count == 0
         assert handle.replica.servicer.session_count == 0
@@ -209,3 +210,53 @@ def test_a_stuck_replica_does_not_hold_other_opens(front, split, monkeypatch):
     finally:
         stuck.close()
         other.close()
+
+
+def test_a_silent_edge_is_freed_after_the_idle_timeout(front, split):
+    server, handle = front  # idle_timeout_s = 0.6
+    admitted, mute = Edge(server.port), Edge(server.port)  # mute: authenticated, never sends its Open
+    try:
+        admitted.send(_open_msg(split))
+        assert admitted.recv().opened.admitted
+        deadline = time.monotonic() + 5
+        while server.servicer.waiting_count != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.servicer.session_count == 1 and server.servicer.waiting_count == 1
+        assert server.servicer.kv_used > 0
+        started = time.monotonic()
+        # both streams end (the front's gRPC workers are free again) within the timeout + the
+        # reaper's period, and the session's entry and reservation with them
+        assert admitted.wait_end(5)[0] == grpc.StatusCode.CANCELLED
+        assert mute.wait_end(5)[0] == grpc.StatusCode.CANCELLED
+        assert time.monotonic() - started < 0.6 + 1.5
+        assert server.servicer.session_count == 0 and server.servicer.waiting_count == 0
+        assert server.servicer.kv_used == 0
+        # the replica is told to free it (fire and forget; its own reaper would, later)
+        deadline = time.monotonic() + 10
+        while (not handle.closed or handle.replica.servicer.session_count) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(handle.closed) == 1 and handle.replica.servicer.session_count == 0
+    finally:
+        admitted.close()
+        mute.close()
+
+
+def test_a_busy_session_is_not_reaped(front, split):
+    """A step the replica takes longer than the idle timeout to answer is not idle time."""
+    server, handle = front  # idle_timeout_s = 0.6
+    slow = handle._feed
+
+    def feed(key, message, replica=""):
+        time.sleep(1.5)
+        return slow(key, message, replica)
+
+    handle.feed = handle._method(feed)
+    edge = Edge(server.port)
+    try:
+        edge.send(_open_msg(split))
+        assert edge.recv().opened.admitted
+        edge.send(pb.ClientMessage(close=pb.Close()))
+        assert edge.wait_end(10) == (grpc.StatusCode.OK, "")
+        assert handle.closed == []  # ended by its Close, not by the reaper
+    finally:
+        edge.close()

@@ -41,6 +41,7 @@ from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 from splitcli.serve.protocol import (PB_TO_IKV, PB_TO_WIRE, PROTOCOL_VERSION, check_codec_config, codec_config_from_pb,
                                      codec_from_pb, decode_frame)
+from splitcli.serve.state import ServeCounters, ServingState  # noqa: F401 - ServeCounters: imported from here too
 
 #: Most chunks one step may arrive in (bounds per-step bookkeeping whatever the sizes).
 MAX_CHUNKS = 4096
@@ -54,37 +55,6 @@ def cloud_kv_bytes_per_token(cloud) -> int:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     itemsize = next(cloud.parts.lm_head.parameters()).element_size()
     return fp_kv_bytes_per_token(cloud.parts.num_layers - cloud.split_layer, kv_heads, head_dim, itemsize)
-
-
-@dataclass
-class ServeCounters:
-    """Running totals since start (what issue 13's /metrics will export); read via `counters()`."""
-
-    sessions_admitted: int = 0
-    sessions_refused: int = 0
-    prompt_tokens: int = 0      # positions of each session's first step
-    generated_tokens: int = 0   # tokens (or top-k answers) sent back
-    frame_bytes_in: int = 0     # payload bytes of complete steps
-    reply_bytes_out: int = 0    # serialized bytes of the token / top-k replies
-
-
-class ServingState:
-    """What serve-cloud reads of a SplitCloud servicer, local or the Ray front (serve/ray_backend.py):
-    the counters and the drain flag, under the servicer's `_lock` (`_counters`, `_draining`)."""
-
-    def counters(self) -> ServeCounters:
-        with self._lock:
-            return dataclasses.replace(self._counters)
-
-    def start_draining(self) -> None:
-        """Admit no new session (UNAVAILABLE); running ones go on to their end."""
-        with self._lock:
-            self._draining = True
-
-    @property
-    def draining(self) -> bool:
-        with self._lock:
-            return self._draining
 
 
 class _Refused(Exception):
@@ -105,9 +75,6 @@ class _Session:
     sampling: SamplingConfig
     top_k: int
     generator: torch.Generator
-    context: object
-    last_active: float
-    busy: bool = False  # a step is being processed: not idle, whatever its length
     next_step: int = 0
     next_chunk: int = 0
     chunks: list | None = None
@@ -131,7 +98,6 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
         self._sessions: dict[str, _Session] = {}
         self.batcher = Batcher(self.cloud, settings.batch_window_ms / 1e3, settings.max_batch,
                                active=lambda: len(self._sessions))  # a racy read is fine for a hint
-        self._pending: dict[int, tuple[object, float]] = {}  # streams not yet past Open: (context, since)
         self._kv_used = 0
         self._ids = itertools.count()
         self._counters = ServeCounters()
@@ -141,14 +107,11 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
         #: on_token(first, seconds) per reply: since admission for a session's first, else since its last.
         self.on_step = None
         self.on_token = None
-        self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap, name="splitllm-cloud-reaper", daemon=True)
-        self._reaper.start()
+        self._start_reaper(settings.idle_timeout_s)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        self._stop.set()
-        self._reaper.join(timeout=5)
+        self._stop_reaper()
         self.batcher.stop()
         with self._lock:
             for sess in list(self._sessions.values()):
@@ -160,31 +123,17 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
             return self._kv_used
 
     @property
-    def waiting_count(self) -> int:
-        """Streams connected but not yet past their Open (the server queues no admitted work)."""
-        with self._lock:
-            return len(self._pending)
-
-    @property
     def session_count(self) -> int:
         with self._lock:
             return len(self._sessions)
 
-    def _reap(self) -> None:
-        period = min(1.0, self.settings.idle_timeout_s / 4)
-        while not self._stop.wait(period):
-            now = time.monotonic()
-            limit = self.settings.idle_timeout_s
-            with self._lock:
-                # A busy session is never reaped: its step may sit in a batch with other sessions'.
-                idle = [s for s in self._sessions.values() if not s.busy and now - s.last_active > limit]
-                for sess in idle:
-                    self._release_locked(sess)
-                silent = [c for c, since in self._pending.values() if now - since > limit]
-            for context in [s.context for s in idle] + silent:
-                context.cancel()  # ends the stream; its handler's request iterator stops
+    def _reaped_locked(self, key) -> None:  # ServingState's reaper: the session was idle too long
+        sess = self._sessions.get(key)
+        if sess is not None:
+            self._release_locked(sess)
 
     def _release_locked(self, sess: _Session) -> None:
+        self._watched.pop(sess.id, None)
         if self._sessions.pop(sess.id, None) is not None:
             self._kv_used -= sess.reserved
             sess.state.closed = True
@@ -209,7 +158,7 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
             last_reply = None
             admitted_at = time.monotonic()
             for msg in request_iterator:
-                sess.last_active = time.monotonic()
+                self._touch(sess.id)
                 kind = msg.WhichOneof("kind")
                 if kind == "close":
                     return
@@ -218,15 +167,14 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
                     continue
                 if kind != "step":
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected a step or close, got {kind or 'nothing'}")
-                with self._lock:  # under the reaper's lock: a session is either reaped or busy, never both
-                    if sess.id not in self._sessions:
-                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the session was idle too long and was freed")
-                    sess.busy = True
+                # A busy session is never reaped: its step may sit in a batch with other sessions'.
+                if not self._touch(sess.id, busy=True):
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the session was idle too long and was freed")
                 held = time.perf_counter()
                 try:
                     token = self._step(sess, msg.step, context)
                 finally:
-                    sess.busy, sess.last_active = False, time.monotonic()
+                    self._touch(sess.id)
                 if token is not None:
                     token.cloud_us = int((time.perf_counter() - held) * 1e6)
                     reply = pb.ServerMessage(token=token)
@@ -248,13 +196,11 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
 
     def _first_message(self, request_iterator, context) -> pb.ClientMessage:
         # Registered so the reaper can cancel a stream that never sends its Open.
-        with self._lock:
-            self._pending[id(context)] = (context, time.monotonic())
+        self._watch(("open", id(context)), context, waiting=True)
         try:
             first = next(request_iterator, None)
         finally:
-            with self._lock:
-                self._pending.pop(id(context), None)
+            self._unwatch(("open", id(context)))
         if first is None or first.WhichOneof("kind") != "open":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must start with an Open message")
         return first
@@ -303,9 +249,9 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
                                f"{self.settings.kv_budget_bytes - self._kv_used} free")
             sess = _Session(id=f"s{next(self._ids)}", state=CloudState(self.cloud.new_cache()), i_kv=ikv,
                             max_tokens=msg.max_tokens, reserved=reserved, sampling=sampling, top_k=top_k,
-                            generator=torch.Generator().manual_seed(sampling.seed), context=context,
-                            last_active=time.monotonic(), codec=session_codec)
+                            generator=torch.Generator().manual_seed(sampling.seed), codec=session_codec)
             self._sessions[sess.id] = sess
+            self._watch_locked(sess.id, context)
             self._kv_used += reserved
             self._counters.sessions_admitted += 1
         return sess

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import grpc
 
 from splitcli.errors import SplitLLMError
-from splitcli.serve.cloud import CloudServer, CloudSettings, ServeCounters, ServingState
+from splitcli.serve.cloud import CloudServer, CloudSettings
+from splitcli.serve.state import ServeCounters, ServingState
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 
@@ -179,7 +180,9 @@ class _Lost(Exception):
 class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
     """The SplitCloud service of the front: auth here, sessions on the replicas. Offers what
     serve-cloud's /metrics and drain read of a CloudServicer (counters, session and waiting
-    counts, kv_used, draining, on_step / on_token hooks); the batch-size histogram is per replica."""
+    counts, kv_used, draining, on_step / on_token hooks); the batch-size histogram is per replica.
+    A silent edge is reaped here as on a local server (ServingState): its stream, worker thread and
+    session entry go, and the replica is told to free the session."""
 
     def __init__(self, handle, settings: CloudSettings, options: RayOptions):
         self.handle, self.settings, self.options = handle, settings, options
@@ -188,22 +191,17 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
         self._sessions: dict[str, tuple[str, int]] = {}  # key -> (replica id, KV bytes reserved)
         self._open_lock = threading.Lock()
         self._route_s, self._routed = 0.0, 0
-        self._pending = 0
         self._counters = ServeCounters()
         self._draining = False
         self.on_step = None
         self.on_token = None
+        self._start_reaper(settings.idle_timeout_s)
 
     # -- what serve-cloud reads (besides ServingState's counters and drain flag) ----------------------
     @property
     def session_count(self) -> int:
         with self._lock:
             return len(self._sessions)
-
-    @property
-    def waiting_count(self) -> int:
-        with self._lock:
-            return self._pending
 
     @property
     def kv_used(self) -> int:
@@ -218,20 +216,21 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
             return out
 
     def close(self) -> None:
-        pass  # sessions live on the replicas; the front holds no thread of its own
+        self._stop_reaper()  # sessions live on the replicas; the reaper is the front's only thread
+
+    def _reaped_locked(self, key) -> None:  # ServingState's reaper: the edge was silent too long
+        self._sessions.pop(key, None)
 
     # -- the RPC ----------------------------------------------------------------------------------
     def Session(self, request_iterator, context):
         got = dict(context.invocation_metadata()).get("authorization", "")
         if not isinstance(got, str) or not hmac.compare_digest(got.encode(), self._expected_auth):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
-        with self._lock:
-            self._pending += 1
+        self._watch(("open", id(context)), context, waiting=True)  # reaped if its Open never comes
         try:
             first = next(request_iterator, None)
         finally:
-            with self._lock:
-                self._pending -= 1
+            self._unwatch(("open", id(context)))
         if first is None or first.WhichOneof("kind") != "open":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must start with an Open message")
         if self.draining:
@@ -255,6 +254,7 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
                 with self._lock:
                     self._sessions[key] = (answer["replica"], first.open.max_tokens * answer["bytes_per_token"])
                     self._counters.sessions_admitted += 1
+                    self._watch_locked(key, context)
         finally:
             if locked:
                 self._open_lock.release()
@@ -270,10 +270,13 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
             admitted_at = last = time.monotonic()
             first_token = True
             for msg in request_iterator:
+                if not self._touch(key, busy=True):  # busy while the replica works on it: not idle
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the session was idle too long and was freed")
                 self._count_in(msg)
                 started = time.perf_counter()
                 try:
                     answer = self._call(self.handle.feed, key, msg.SerializeToString(), replica=replica)
+                    self._touch(key)
                 except _Lost as exc:
                     ended = True
                     context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -303,6 +306,7 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
         finally:
             with self._lock:
                 self._sessions.pop(key, None)
+                self._watched.pop(key, None)
             if not ended:  # the edge went away mid-session: free its KV now (fire and forget)
                 try:
                     self.handle.close.remote(key, replica=replica)
