@@ -28,7 +28,8 @@ from splitcli.runtime.adaptive import measured_link_model
 from splitcli.runtime.generate import SamplingConfig, generate
 from splitcli.runtime.link import MeasuredLink, parse_link
 from splitcli.serve.adaptive import LiveRun, RemotePolicy
-from splitcli.serve.client import RemoteCloud, generate_remote, generate_remote_handoff, open_message
+from splitcli.serve.client import RemoteCloud, generate_remote, open_message
+from splitcli.serve.handoff import generate_remote_handoff
 from splitcli.serve.cloud import CloudServer, CloudSettings
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc

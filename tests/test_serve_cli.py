@@ -300,7 +300,7 @@ def test_recovery_in_process_restart_every_wire(tiny_llama, wire):
 
 @pytest.mark.parametrize("w", [0, 3])
 def test_recovery_after_an_i_kv_0_handoff(tiny_llama, w):
-    from splitcli.serve.client import generate_remote_handoff
+    from splitcli.serve.handoff import generate_remote_handoff
 
     split = build_split(tiny_llama, SplitSpec(split_layer=2, wire="fp16"))
     settings = CloudSettings(model_sha256=tiny_llama.sha256, api_key=KEY)

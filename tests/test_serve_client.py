@@ -351,7 +351,7 @@ def test_handoff_over_the_wire_equals_in_process(lm, w, q_w1, i_kv):
     used); q_w1 = 4: the edge's local model is its 4-bit OPSC model."""
     from splitcli.deploy import handoff_session, opsc_edge_model
     from splitcli.runtime.handoff import handoff_generate
-    from splitcli.serve.client import generate_remote_handoff
+    from splitcli.serve.handoff import generate_remote_handoff
 
     split = build_split(lm, SplitSpec(split_layer=2, q_w1=q_w1, group_size=32))
     cfg = SamplingConfig(max_new_tokens=7)

@@ -67,7 +67,8 @@ def _handoff_curve(lm, split, server: ServerProcess, prompt_ids, n_tokens: int, 
     """Fig. 5b: for each W̄ the edge generates W̄ tokens alone (full model here), then hands over."""
     from ..deploy.split import opsc_edge_model
     from ..runtime.generate import SamplingConfig
-    from ..serve.client import RemoteCloud, generate_remote_handoff
+    from ..serve.client import RemoteCloud
+    from ..serve.handoff import generate_remote_handoff
 
     cloud = RemoteCloud(target=f"127.0.0.1:{server.ports['split']}", api_key=server.api_key,
                         model_sha256=lm.sha256, timeout_s=300.0)

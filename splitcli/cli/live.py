@@ -93,7 +93,8 @@ def run_live_remote(live: LiveOptions, lm, split, ids, cfg, eos, cloud):
     from ..plan.early_exit import ExitPolicy
     from ..runtime.adaptive import measured_link_model
     from ..serve.adaptive import LiveRun, RemotePolicy
-    from ..serve.client import generate_remote, generate_remote_handoff
+    from ..serve.client import generate_remote
+    from ..serve.handoff import generate_remote_handoff
 
     policy = ExitPolicy(live.deadline_s, live.q_bar, live.q_bar_min, live.i_kv, measured_link_model(live.eps))
     run = LiveRun(RemotePolicy(policy, live.link), split)

@@ -1,6 +1,6 @@
 """Algorithm 2 on the measured network link: the networked edge decides every decode step.
 
-`serve.client` calls a `LiveRun` around each step of `generate_remote` / `generate_remote_handoff`
+`serve.client` / `serve.handoff` call a `LiveRun` around each step of `generate_remote` / `generate_remote_handoff`
 (`generate --cloud HOST:PORT --deadline D`, and `serve-edge` with a deadline). Per decode step:
 
 1. R and the link's fixed latency come from a `runtime.link.MeasuredLink` fed by this session's

@@ -6,7 +6,8 @@ split's wire, and the cloud answers with the next token (it samples: greedy, or 
 top-p with the request's seed, the same sampler as in-process) or with its top-k logits (the edge
 samples). Prefill frames larger than a message are chunked. Errors come back as `RemoteError`
 carrying the gRPC status. `generate_remote_handoff` is Fig. 5b: the edge generates the first w
-tokens alone, then hands the session over (I_kv = 0: hidden states at ℓ; 1: KV rows of [ℓ, L)).
+tokens alone, then hands the session over (I_kv = 0: hidden states at ℓ; 1: KV rows of [ℓ, L));
+it lives in serve/handoff.py, on this module's stream and step machinery.
 
 Recovery: when the stream breaks mid-generation (the cloud restarted, the connection dropped),
 `generate_remote` reconnects with bounded exponential backoff (`RemoteCloud.retries`) and rebuilds
@@ -16,7 +17,7 @@ for. Greedy output is identical to an uninterrupted run; with temperature > 0 an
 sampling, the cloud's sampler restarts from the seed, so sampled tokens after a reconnect differ
 (top-k mode, where the edge samples, is unaffected). TLS: `RemoteCloud.root_certificates`.
 
-`generate_remote_handoff` recovers the same way after an I_kv = 0 handoff (its history starts
+`generate_remote_handoff` (serve/handoff.py) recovers the same way after an I_kv = 0 handoff (its history starts
 with the hidden states of the local tokens); after an I_kv = 1 handoff a break is an error.
 
 Algorithm 2: with `live` (a `serve.adaptive.LiveRun`) every decode step is decided on the link
@@ -27,7 +28,6 @@ output after a recovery equals an uninterrupted run only where every step kept t
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -358,148 +358,5 @@ def generate_remote(split, input_ids, cfg: SamplingConfig, cloud: RemoteCloud,
     finally:
         if steps is not None:
             steps.stream.close()  # the latest stream: a reconnect replaces it
-        if own_channel:
-            channel.close()
-
-
-def _probe(stream: _Stream, live) -> None:
-    """A Probe of the live run's probe size, timed: the link's first large sample (a handoff
-    decides before any step has crossed)."""
-    from splitcli.serve.adaptive import Exchange
-
-    padding = bytes(live.settings.probe_bytes)
-    t0 = time.perf_counter()
-    live.shape(len(padding))
-    stream.send(pb.ClientMessage(probe=pb.Probe(padding=padding)))
-    reply = stream.receive()
-    if reply.WhichOneof("kind") != "probe" or reply.probe.received != len(padding):
-        raise SplitLLMError("the cloud answered a probe with something else")
-    live.measured(Exchange(len(padding), time.perf_counter() - t0, 0.0))
-
-
-def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, cloud: RemoteCloud, *,
-                            local_tokens: int, i_kv: int = 0, eos_token_ids: set[int] | None = None,
-                            channel: grpc.Channel | None = None, live=None) -> Iterator[int]:
-    """Fig. 5b over the network: the edge's model of all layers (`edge_model`, e.g.
-    `deploy.opsc_edge_model`) prefills and samples the first `local_tokens` tokens here, as
-    `runtime.handoff.handoff_generate` does in process; then the session crosses to the cloud and
-    generation goes on split. I_kv = 0: the hidden states at ℓ of every position so far cross as
-    one step (the cloud re-processes them; its reply is dropped, the edge already sampled that
-    token). I_kv = 1: the KV rows of layers [ℓ, L) cross as one KV step (installed, not answered).
-    The cloud is contacted only at the handoff. Greedy output equals the in-process handoff; with
-    temperature > 0 the cloud's sampler starts from the seed at the handoff, so sampled tokens
-    after it differ from in process. With `live` (Algorithm 2), `i_kv` is the plan's: the handoff
-    step is decided on a probe of the link (keep, compress, I_kv = 0 instead of the KV rows, or
-    stop with the local tokens), and every split step after it like `generate_remote`'s."""
-    from splitcli.model.split import decoder_parts, new_cache
-    from splitcli.runtime.generate import TokenStream
-    from splitcli.runtime.handoff import KVPayload, cache_rows, encode_kv, install_rows
-
-    if isinstance(local_tokens, bool) or not isinstance(local_tokens, int) or local_tokens < 0:
-        raise SplitLLMError(f"local tokens w must be an integer >= 0, got {local_tokens!r}")
-    if i_kv not in (0, 1):
-        raise SplitLLMError(f"I_kv must be 0 or 1, got {i_kv!r}")
-    if local_tokens == 0:
-        yield from generate_remote(split, input_ids, cfg, cloud, eos_token_ids, channel=channel, live=live)
-        return
-    ids = _prompt_ids(input_ids)
-    ell = split.spec.split_layer
-    tokens = TokenStream(cfg, 1, eos_token_ids)
-    local_cache = new_cache(decoder_parts(edge_model))
-    hidden_at_l: list[torch.Tensor] = []
-
-    @torch.inference_mode()
-    def local_forward(new: torch.Tensor, position: int) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = edge_model(input_ids=new, position_ids=torch.arange(position, position + new.shape[1])[None],
-                         cache=local_cache, use_cache=True, logits_to_keep=1, output_hidden_states=True)
-        hidden_at_l.append(out.hidden_states[ell])  # the input of layer ℓ: what the edge half would send
-        if live is not None:
-            seconds = time.perf_counter() - t0
-            live.row("local", "local", "the edge generates alone", None, i_kv, None, None, seconds, None,
-                     check=live.step > 0)
-            live.last_compute_s = seconds / new.shape[1]
-        return out.logits[:, -1]
-
-    if live is not None:
-        live.i_kv, live.step = i_kv, 0
-    logits, position = local_forward(ids, 0), ids.shape[1]
-    while True:
-        nxt = tokens.sample(logits)
-        yield int(nxt[0])
-        if tokens.finished:
-            return
-        if len(tokens.out) == local_tokens:
-            break
-        if live is not None:
-            live.step = len(tokens.out)
-        logits, position = local_forward(nxt[:, None], position), position + 1
-    own_channel = channel is None
-    channel = channel or cloud.channel()
-    stream = steps = None
-
-    def reopen():
-        return _open_stream(split, cloud, channel, ids.shape[1] + cfg.max_new_tokens, cfg, 0, i_kv, live=live)
-
-    try:
-        stream, chunk = reopen()
-        # The edge half's cache takes over layers [0, ℓ) of the local cache; layers >= ℓ are dropped.
-        edge_cache = split.edge.new_cache()
-        length, rows = cache_rows(local_cache, range(ell), 0)
-        install_rows(edge_cache, KVPayload(0, length, tuple(rows)), rows[0].keys.dtype)
-        n_layers = decoder_parts(edge_model).num_layers
-        count, kv_rows = cache_rows(local_cache, range(ell, n_layers), 0)
-        kv_frame = encode_kv(kv_rows, 0, count) if i_kv == 1 else b""
-        use_kv, decided = i_kv, None
-        if live is not None:
-            live.step = len(tokens.out)
-            if live.adaptive_server:
-                _probe(stream, live)
-            else:
-                live.note("no probe (the cloud predates Probe): the handoff is decided on the Open round trip alone")
-            decided = live.decide(live.handoff_bytes(len(kv_frame), count), dataclasses.replace(live.policy, i_kv=i_kv))
-            if decided[0].step is Step.STOP:
-                live.stop("handoff", *decided)
-                stream.send(pb.ClientMessage(close=pb.Close()))
-                return
-            use_kv = live.i_kv = min(i_kv, decided[0].i_kv)
-        # Recovery replays hidden states at ℓ: with I_kv = 0 they are the whole history. With I_kv = 1
-        # the cloud's rows for the local tokens came from the edge's (OPSC) model; re-processing
-        # their hidden states would not rebuild the same cache, so a break there is an error.
-        recover = reopen if cloud.retries and use_kv == 0 else None
-        steps = _SplitSteps(split, stream, chunk, cfg, cache=edge_cache, reopen=recover, cloud=cloud, live=live)
-        history = torch.cat(hidden_at_l, dim=1)
-        if use_kv == 1:
-            lead = (chunk_frame(kv_frame, 0, 0, count, chunk, kind=pb.PAYLOAD_KV), len(kv_frame), 0)
-            steps.position, steps.step_id = count, 1
-        elif live is None:
-            steps.send_hidden(history)  # the handoff: its token is already sampled
-            lead = ()
-        else:  # the history crosses in the handoff step's exchange, at the decided q̄; its reply is known
-            q_bar, _ = live.q_bar_for(decided[0])
-            frame, field = live.encode(history.reshape(count, -1), q_bar)
-            lead = (chunk_frame(frame, 0, 0, count, chunk, q_bar=field), len(frame), 1)
-            steps.history.append(history)
-            steps.position, steps.step_id = count, 1
-        stage, kv_bytes = "handoff", len(kv_frame) if use_kv else 0
-        while True:
-            if live is not None:
-                live.step = len(tokens.out)
-            token = steps.step(nxt[:, None], stage=stage, decided=decided, lead=lead, kv_bytes=kv_bytes)
-            if token is None:
-                break
-            stage, decided, lead, kv_bytes = "split", None, (), 0
-            if live is not None:
-                live.i_kv = 0  # split steps after the handoff carry hidden states only
-            nxt = torch.tensor([token])
-            yield token
-            tokens.out.append(nxt)
-            if token in tokens.eos or len(tokens.out) >= cfg.max_new_tokens:
-                break
-        steps.stream.send(pb.ClientMessage(close=pb.Close()))
-    finally:
-        latest = steps.stream if steps is not None else stream  # a reconnect replaces the stream
-        if latest is not None:
-            latest.close()
         if own_channel:
             channel.close()
