@@ -5,6 +5,8 @@ file), with explicit flags winning."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import socket
 import urllib.request
 from pathlib import Path
@@ -30,6 +32,17 @@ def _free_port() -> int:
 def _write(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+def test_example_writes_out_the_defaults_but_the_marked_choices():
+    """configs/serve.yaml says its values are the defaults except those marked as its choices."""
+    example = ServeConfig.load(EXAMPLE)
+    differ = {f.name for got, default in ((example.cloud, CloudConfig()), (example.edge, EdgeConfig()))
+              for f in dataclasses.fields(default) if getattr(got, f.name) != getattr(default, f.name)}
+    assert differ == {"metrics_port", "deadline_s"}
+    marked = [line.split(":")[0].strip() for line in EXAMPLE.read_text(encoding="utf-8").splitlines()
+              if "this example's choice" in line and not line.lstrip().startswith("#")]
+    assert marked == ["metrics_port", "deadline"]
 
 
 def test_validation_and_errors(tmp_path):
