@@ -73,6 +73,17 @@ def test_autoscale_bounds_are_checked(tiny_model_dir):
         assert out.exit_code == 2 and "--autoscale must be MIN:MAX" in out.output, (bad, out.output)
 
 
+def test_replicas_and_an_empty_autoscale_are_checked_by_the_options(tiny_model_dir):
+    """RayOptions checks the values (once); the error names the flag. An empty --autoscale was
+    taken as no autoscaling."""
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'splitllm[ray]'")
+    for flags, message in ((["--replicas", "0"], "--replicas must be an integer >= 1, got 0"),
+                           (["--autoscale", ""], "--autoscale must be MIN:MAX with 1 <= MIN <= MAX, got ''")):
+        out = CliRunner().invoke(app, ["serve-cloud", "-m", str(tiny_model_dir), "--api-key", "k",
+                                       "--backend", "ray", *flags])
+        assert out.exit_code == 2 and message in out.output and "Traceback" not in out.output, out.output
+
+
 def test_bench_serve_ray_flags_are_checked(tmp_path):
     out = CliRunner().invoke(app, ["bench", "serve", "--json", str(tmp_path / "a.json"), "--replicas", "2"])
     assert out.exit_code == 2 and "--replicas needs --backend ray" in out.output
@@ -101,3 +112,36 @@ def test_bench_serve_backend_ray_end_to_end(tiny_model_dir, tmp_path):
     assert ray["route_ms_per_message"] > 0 and ray["cpu_ms_per_token_replicas"] > 0
     assert data["overhead_at_1_replica"][0]["p50_ratio_ray_over_local"] > 0
     assert "Ray at 1 replica vs local" in r.output
+
+
+def test_the_ray_front_keeps_no_copy_of_the_model(tiny_model_dir, monkeypatch):
+    """The front reads what it needs of the model (sha256, L, the resolved spec) and lets the weights
+    go before the replicas start: each replica loads its own copy."""
+    import gc
+    import signal as signals
+    import weakref
+
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'splitllm[ray]'")
+    from splitcli.cli import serve as serve_cli
+    from splitcli.errors import SplitLLMError
+    from splitcli.serve import ray_backend
+
+    loaded = []
+    real_load = serve_cli.load_model_with_status
+
+    def load(spec):
+        lm = real_load(spec)
+        loaded.append(weakref.ref(lm.model))
+        return lm
+
+    class Replicas:  # stands in for RayCloudServer: where the replicas would load their copies
+        def __init__(self, *args, **kwargs):
+            gc.collect()
+            raise SplitLLMError(f"front model alive: {loaded[0]() is not None}")
+
+    monkeypatch.setattr(serve_cli, "load_model_with_status", load)
+    monkeypatch.setattr(ray_backend, "RayCloudServer", Replicas)
+    monkeypatch.setattr(signals, "signal", lambda *args: None)  # the command's handlers stay out of pytest
+    out = CliRunner().invoke(app, ["serve-cloud", "-m", str(tiny_model_dir), "-l", "2", "--api-key", "k",
+                                   "--port", "0", "--backend", "ray"])
+    assert out.exit_code == 2 and "front model alive: False" in out.output, out.output

@@ -202,6 +202,7 @@ def serve_cloud_cmd(
     lm = load_model_with_status(model_ref)
     check_plan_fits(plan, lm)
     settings = c.settings(lm.sha256, key)
+    model_id = lm.model_id
     if ray_options is None:
         # keep_stats=False: a server's wire must not keep one record per frame for its lifetime
         split = build_split(lm, spec, data_dir, progress, keep_stats=False)
@@ -209,6 +210,7 @@ def serve_cloud_cmd(
     else:  # each replica loads the model and builds the split itself
         spec = spec.resolve(lm.model)
         layers = (spec.split_layer, decoder_parts(lm.model).num_layers)
+        del lm  # the front needs none of the weights: no copy beside the replicas' for the server's life
     stop = threading.Event()
     # Installed before the server starts, so a SIGTERM from the moment it serves drains (during the
     # model load it still ends the process at once: there is nothing to drain yet).
@@ -233,7 +235,7 @@ def serve_cloud_cmd(
             httpd = start_metrics_http(c.host, c.metrics_port, server, scope)
         metrics = f"; metrics on http://{_join(c.host, httpd.server_address[1])}/metrics" if httpd else ""
         # One line on stdout, flushed: scripts and tests read the bound address from it.
-        print(f"serving {lm.model_id} cloud layers [{layers[0]}, {layers[1]}) "
+        print(f"serving {model_id} cloud layers [{layers[0]}, {layers[1]}) "
               f"on {_join(c.host, server.port)} ({'TLS' if credentials else 'plaintext'}){metrics}", flush=True)
         if ray_options is not None:
             err_console.print(f"cloud half on Ray Serve: {ray_options.describe()}; the limits below hold per replica",
@@ -271,10 +273,12 @@ def _ray_options(backend: str, replicas, autoscale, address):
     require_ray()
     if replicas is not None and autoscale is not None:
         raise SplitLLMError("give --replicas or --autoscale, not both")
-    if replicas is not None and replicas < 1:
-        raise SplitLLMError(f"--replicas must be >= 1, got {replicas}")
-    return RayOptions(replicas=replicas or 1, autoscale=parse_autoscale(autoscale) if autoscale else None,
-                      address=address, num_cpus=os.cpu_count() or 1)
+    try:
+        return RayOptions(replicas=1 if replicas is None else replicas,
+                          autoscale=parse_autoscale(autoscale) if autoscale is not None else None,
+                          address=address, num_cpus=os.cpu_count() or 1)
+    except SplitLLMError as exc:  # "ray option replicas ..." -> "--replicas ...": the flag the user gave
+        raise SplitLLMError(str(exc).replace("ray option ", "--", 1)) from None
 
 
 def _check_ports(**flags) -> None:

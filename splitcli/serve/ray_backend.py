@@ -40,6 +40,7 @@ from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 
 RAY_MISSING = "the Ray backend needs Ray Serve, an optional extra: pip install 'splitllm[ray]'"
 APP_NAME = "splitllm-cloud"
+AUTOSCALE_FORM = "MIN:MAX with 1 <= MIN <= MAX"
 OPEN_TIMEOUT_S = 30.0  # all tries of one Open together (admission only, no forward)
 #: How long an Open waits for the one before it; past that it goes on without the lock (a stuck
 #: replica must not hold every admission), only placing itself on a load that may lag by one.
@@ -71,6 +72,7 @@ class RayOptions:
     call_timeout_s: float = 300.0       # one forwarded message (a long prefill included)
 
     def __post_init__(self) -> None:
+        # Errors say "ray option NAME ...": the CLI names the flag of the same name instead.
         for name in ("replicas", "num_cpus", "replica_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -78,7 +80,7 @@ class RayOptions:
         if self.autoscale is not None:
             lo, hi = self.autoscale
             if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
-                raise SplitLLMError(f"autoscale must be MIN:MAX with 1 <= MIN <= MAX, got {lo}:{hi}")
+                raise SplitLLMError(f"ray option autoscale must be {AUTOSCALE_FORM}, got {lo}:{hi}")
         if self.object_store_bytes < 75 << 20:  # Ray's own minimum
             raise SplitLLMError("ray option object_store_bytes must be >= 75 MiB")
         for name in ("replica_cpus", "health_check_period_s", "call_timeout_s"):
@@ -97,15 +99,14 @@ class RayOptions:
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
-    """'MIN:MAX' -> (min, max), checked."""
+    """'MIN:MAX' -> (min, max), two integers; their bounds are `RayOptions`'s to check."""
     lo, sep, hi = text.partition(":")
     try:
-        bounds = (int(lo), int(hi)) if sep else None
+        if sep:
+            return int(lo), int(hi)
     except ValueError:
-        bounds = None
-    if bounds is None or not 1 <= bounds[0] <= bounds[1]:
-        raise SplitLLMError(f"--autoscale must be MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
-    return bounds
+        pass
+    raise SplitLLMError(f"ray option autoscale must be {AUTOSCALE_FORM}, got {text!r}")
 
 
 def load_model_split(model: str, spec, data_dir=None):
