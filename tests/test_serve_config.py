@@ -45,6 +45,19 @@ def test_example_writes_out_the_defaults_but_the_marked_choices():
     assert marked == ["metrics_port", "deadline"]
 
 
+def test_the_config_limits_are_the_servers_own_defaults():
+    """CloudConfig's limits default to CloudSettings' (one place for each number), and settings()
+    carries every one of them across; a frame may always be as large as one message."""
+    from splitcli.serve.config import CloudSettings
+
+    assert CloudConfig().settings("sha", "key") == CloudSettings(model_sha256="sha", api_key="key")
+    custom = CloudConfig(max_sessions=3, kv_budget_bytes=5 << 20, idle_timeout_s=7.0, batch_window_ms=0.0,
+                         max_batch=2, max_message_bytes=128 << 20).settings("sha", "key")
+    assert (custom.max_sessions, custom.kv_budget_bytes, custom.idle_timeout_s, custom.batch_window_ms,
+            custom.max_batch, custom.max_message_bytes, custom.max_frame_bytes) == \
+        (3, 5 << 20, 7.0, 0.0, 2, 128 << 20, 128 << 20)
+
+
 def test_validation_and_errors(tmp_path):
     assert ServeConfig.load(BASE).plan == Plan.load(BASE)  # a bare plan: every serve default
     assert ServeConfig.load(BASE).cloud == CloudConfig() and ServeConfig.load(BASE).edge == EdgeConfig()

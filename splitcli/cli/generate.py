@@ -136,14 +136,13 @@ def generate_cmd(
 def _remote_options(cloud: str, api_key: str | None, ca: Path | None, unsupported: dict) -> dict:
     """--cloud's settings, checked before the model loads."""
     from ..errors import SplitLLMError
+    from ..serve.config import check_target
     from .serve import api_key_from
 
     given = [flag for flag, value in unsupported.items() if value]
     if given:
         raise SplitLLMError(f"--cloud runs plain split generation: it does not take {', '.join(given)}")
-    host, _, port = cloud.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SplitLLMError(f"--cloud expects HOST:PORT, got {cloud!r}")
+    check_target("--cloud", cloud)
     pem = None
     if ca is not None:
         try:

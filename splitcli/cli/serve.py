@@ -282,9 +282,10 @@ def _ray_options(backend: str, replicas, autoscale, address):
 
 
 def _check_ports(**flags) -> None:
+    from ..serve.config import check_port
+
     for name, value in flags.items():
-        if value is not None and not 0 <= value <= 65535:
-            raise SplitLLMError(f"--{name.replace('_', '-')} must lie in [0, 65535], got {value}")
+        check_port(f"--{name.replace('_', '-')}", value, optional=True)
 
 
 def _join(host: str, port: int) -> str:

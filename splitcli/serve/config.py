@@ -20,12 +20,13 @@ sets the defaults, explicit flags win (`configio.overlay`).
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitcli.errors import SplitLLMError
+from splitcli.plan._validate import check_int, check_number
 
 SERVE_FORMAT_VERSION = 1
 API_KEY_ENV = "SPLITLLM_API_KEY"
@@ -53,31 +54,31 @@ class CloudSettings:
             raise SplitLLMError("the cloud needs an API key (bearer token); refusing to serve without one")
         for name in ("max_sessions", "kv_budget_bytes", "max_message_bytes", "max_frame_bytes", "max_batch",
                      "max_top_k"):
-            _check_int(f"cloud setting {name}", getattr(self, name), 1)
-        if not self.idle_timeout_s > 0:
-            raise SplitLLMError(f"cloud setting idle_timeout_s must be > 0, got {self.idle_timeout_s!r}")
+            check_int(getattr(self, name), f"cloud setting {name}", 1)
+        check_number(self.idle_timeout_s, "cloud setting idle_timeout_s", 0, strict=True)
         if not 0 <= self.batch_window_ms <= 1000:
             raise SplitLLMError(f"cloud setting batch_window_ms must lie in [0, 1000], got {self.batch_window_ms!r}")
         if self.max_frame_bytes < self.max_message_bytes:
             raise SplitLLMError("cloud setting max_frame_bytes must be >= max_message_bytes")
 
 
-def _check_int(what: str, value, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise SplitLLMError(f"{what} must be an integer {bound}, got {value!r}")
+#: CloudSettings' own defaults: the config's limits default to them (one place for each number).
+_LIMITS = {f.name: f.default for f in dataclasses.fields(CloudSettings) if f.default is not dataclasses.MISSING}
 
 
-def _check_seconds(what: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise SplitLLMError(f"{what} must be a finite time {'>=' if allow_zero else '>'} 0 s, got {value!r}")
-
-
-def _check_port(what: str, value, optional: bool = False) -> None:
+def check_port(what: str, value, optional: bool = False) -> None:
+    """A TCP port in [0, 65535] (0: pick a free one); None passes when `optional`."""
     if value is None and optional:
         return
-    _check_int(what, value, 0, 65535)
+    check_int(value, what, 0, 65535)
+
+
+def check_target(what: str, value) -> str:
+    """HOST:PORT (a cloud server's address), returned as given."""
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SplitLLMError(f"{what} expects HOST:PORT, got {value!r}")
+    return value
 
 
 def _check_env_name(what: str, value, optional: bool = False) -> None:
@@ -87,12 +88,6 @@ def _check_env_name(what: str, value, optional: bool = False) -> None:
         raise SplitLLMError(f"{what} must name an environment variable (letters, digits, _), got {value!r}")
 
 
-def _check_target(what: str, value: str) -> None:
-    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SplitLLMError(f"{what} expects HOST:PORT, got {value!r}")
-
-
 @dataclass(frozen=True)
 class CloudConfig:
     """`serve-cloud`'s settings (the `serve.cloud` section; flags of the same meaning win)."""
@@ -100,12 +95,13 @@ class CloudConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     api_key_env: str = API_KEY_ENV      # the variable holding the bearer token (--api-key wins)
-    max_sessions: int = 8
-    kv_budget_bytes: int = 1 << 30
-    idle_timeout_s: float = 60.0
-    batch_window_ms: float = 2.0
-    max_batch: int = 16
-    max_message_bytes: int = 4 << 20
+    # the server's limits (CloudSettings' fields of the same name, and their defaults)
+    max_sessions: int = _LIMITS["max_sessions"]
+    kv_budget_bytes: int = _LIMITS["kv_budget_bytes"]
+    idle_timeout_s: float = _LIMITS["idle_timeout_s"]
+    batch_window_ms: float = _LIMITS["batch_window_ms"]
+    max_batch: int = _LIMITS["max_batch"]
+    max_message_bytes: int = _LIMITS["max_message_bytes"]
     drain_timeout_s: float = 30.0
     metrics_port: int | None = None     # None: no /metrics, /health
     tls_cert: Path | None = None
@@ -114,21 +110,20 @@ class CloudConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
             raise SplitLLMError(f"serve.cloud.host must be a non-empty address, got {self.host!r}")
-        _check_port("serve.cloud.port", self.port)
-        _check_port("serve.cloud.metrics_port", self.metrics_port, optional=True)
+        check_port("serve.cloud.port", self.port)
+        check_port("serve.cloud.metrics_port", self.metrics_port, optional=True)
         _check_env_name("serve.cloud.api_key_env", self.api_key_env)
-        _check_seconds("serve.cloud.drain_timeout", self.drain_timeout_s, allow_zero=True)
+        check_number(self.drain_timeout_s, "serve.cloud.drain_timeout")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SplitLLMError("serve.cloud: TLS needs both tls_cert and tls_key")
         # the server's own limits, checked by the type that enforces them
         self.settings("-", "-")
 
     def settings(self, model_sha256: str, api_key: str) -> CloudSettings:
-        return CloudSettings(model_sha256=model_sha256, api_key=api_key, max_sessions=self.max_sessions,
-                             kv_budget_bytes=self.kv_budget_bytes, idle_timeout_s=self.idle_timeout_s,
-                             max_message_bytes=self.max_message_bytes,
-                             max_frame_bytes=max(64 << 20, self.max_message_bytes),
-                             batch_window_ms=self.batch_window_ms, max_batch=self.max_batch)
+        """The CloudSettings these limits make (a frame may always be as large as one message)."""
+        limits = {name: getattr(self, name) for name in _LIMITS if hasattr(self, name)}
+        return CloudSettings(model_sha256=model_sha256, api_key=api_key, **limits,
+                             max_frame_bytes=max(_LIMITS["max_frame_bytes"], self.max_message_bytes))
 
 
 @dataclass(frozen=True)
@@ -149,15 +144,15 @@ class EdgeConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
             raise SplitLLMError(f"serve.edge.host must be a non-empty address, got {self.host!r}")
-        _check_port("serve.edge.port", self.port)
-        _check_target("serve.edge.cloud", self.cloud)
+        check_port("serve.edge.port", self.port)
+        check_target("serve.edge.cloud", self.cloud)
         _check_env_name("serve.edge.api_key_env", self.api_key_env)
         _check_env_name("serve.edge.cloud_api_key_env", self.cloud_api_key_env, optional=True)
-        _check_int("serve.edge.max_running", self.max_running, 1)
+        check_int(self.max_running, "serve.edge.max_running", 1)
         if self.model_name is not None and (not isinstance(self.model_name, str) or not self.model_name):
             raise SplitLLMError(f"serve.edge.model_name must be a non-empty string, got {self.model_name!r}")
         if self.deadline_s is not None:
-            _check_seconds("serve.edge.deadline", self.deadline_s)
+            check_number(self.deadline_s, "serve.edge.deadline", 0, strict=True)
         if not (isinstance(self.eps, float) and 0 < self.eps < 1):
             raise SplitLLMError(f"serve.edge.eps must lie in (0, 1), got {self.eps!r}")
 
