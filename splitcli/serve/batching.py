@@ -142,7 +142,7 @@ class Batcher:
         work = _Work(state, hidden)
         with self._out_lock:
             self._out.pop(id(state), None)
-            if state.done_at is not None and hidden.shape[1] == 1:
+            if state.done_at is not None and self._decodable_shape(work):
                 gap = min(time.monotonic() - state.done_at, 1.0)
                 state.gap_s = gap if state.gap_s is None else 0.8 * state.gap_s + 0.2 * gap
         self._queue.put(work)
@@ -192,11 +192,10 @@ class Batcher:
         if not cap:
             return 0.0
         limit = start + cap
-        with self._out_lock:
-            for key in [k for k, st in self._out.items() if st.closed]:
-                del self._out[key]
+        with self._out_lock:  # ended sessions are dropped from _out after each forward (_execute)
             # each session at its own pace, with a quarter of slack (paces jitter)
-            due = [st.done_at + 1.25 * st.gap_s + 0.001 for st in self._out.values() if st.gap_s is not None]
+            due = [st.done_at + 1.25 * st.gap_s + 0.001 for st in self._out.values()
+                   if st.gap_s is not None and not st.closed]
         due = [t for t in due if t <= limit]
         return min(limit, max(due) + 0.001) if due else 0.0
 
