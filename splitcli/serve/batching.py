@@ -145,7 +145,9 @@ class Batcher:
             if state.done_at is not None and self._decodable_shape(work):
                 gap = min(time.monotonic() - state.done_at, 1.0)
                 state.gap_s = gap if state.gap_s is None else 0.8 * state.gap_s + 0.2 * gap
-        self._queue.put(work)
+            # Queued under the same lock: a step is always either expected (in _out) or queued,
+            # never neither while a batch is being formed (it would run alone, out of step).
+            self._queue.put(work)
         deadline = time.monotonic() + timeout_s
         while not work.done.wait(0.05):
             if self._stop.is_set():
@@ -176,10 +178,8 @@ class Batcher:
                 while len(batch) < min(self.max_batch, self.active()):
                     deadline = max(start + self.window_s, self._stragglers_due(start))
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = self._queue.get(timeout=remaining)
+                    try:  # past the deadline, still take what is already queued
+                        item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                     except queue.Empty:
                         break
                     (batch if self._decodable(item) else carry).append(item)
