@@ -20,7 +20,6 @@ the SIGTERM handler live in the `serve-cloud` command (splitcli/cli/serve.py), w
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import itertools
 import threading
 import time
@@ -41,7 +40,7 @@ from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 from splitcli.serve.protocol import (PB_TO_IKV, PB_TO_WIRE, PROTOCOL_VERSION, check_codec_config, codec_config_from_pb,
                                      codec_from_pb, decode_frame)
-from splitcli.serve.state import ServeCounters, ServingState  # noqa: F401 - ServeCounters: imported from here too
+from splitcli.serve.state import ServeCounters, ServingState, expected_auth  # noqa: F401 - ServeCounters: imported from here too
 
 #: Most chunks one step may arrive in (bounds per-step bookkeeping whatever the sizes).
 MAX_CHUNKS = 4096
@@ -102,7 +101,7 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
         self._ids = itertools.count()
         self._counters = ServeCounters()
         self._draining = False
-        self._expected_auth = f"Bearer {settings.api_key}".encode()
+        self._expected_auth = expected_auth(settings.api_key)
         #: Metrics hooks (must not raise): on_step(seconds, n_tokens) after each forward;
         #: on_token(first, seconds) per reply: since admission for a session's first, else since its last.
         self.on_step = None
@@ -188,22 +187,6 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
         finally:
             with self._lock:
                 self._release_locked(sess)
-
-    def _authenticate(self, context) -> None:
-        got = dict(context.invocation_metadata()).get("authorization", "")
-        if not isinstance(got, str) or not hmac.compare_digest(got.encode(), self._expected_auth):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
-
-    def _first_message(self, request_iterator, context) -> pb.ClientMessage:
-        # Registered so the reaper can cancel a stream that never sends its Open.
-        self._watch(("open", id(context)), context, waiting=True)
-        try:
-            first = next(request_iterator, None)
-        finally:
-            self._unwatch(("open", id(context)))
-        if first is None or first.WhichOneof("kind") != "open":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must start with an Open message")
-        return first
 
     def _admit(self, msg: pb.Open, context) -> _Session:
         spec = self.split.spec

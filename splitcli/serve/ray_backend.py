@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hmac
 import os
 import threading
 import time
@@ -34,7 +33,7 @@ import grpc
 
 from splitcli.errors import SplitLLMError
 from splitcli.serve.cloud import CloudServer, CloudSettings
-from splitcli.serve.state import ServeCounters, ServingState
+from splitcli.serve.state import ServeCounters, ServingState, expected_auth
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 
@@ -187,7 +186,7 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
 
     def __init__(self, handle, settings: CloudSettings, options: RayOptions):
         self.handle, self.settings, self.options = handle, settings, options
-        self._expected_auth = f"Bearer {settings.api_key}".encode()
+        self._expected_auth = expected_auth(settings.api_key)
         self._lock = threading.Lock()
         self._sessions: dict[str, tuple[str, int]] = {}  # key -> (replica id, KV bytes reserved)
         self._open_lock = threading.Lock()
@@ -224,16 +223,8 @@ class RayFrontServicer(ServingState, pb_grpc.SplitCloudServicer):
 
     # -- the RPC ----------------------------------------------------------------------------------
     def Session(self, request_iterator, context):
-        got = dict(context.invocation_metadata()).get("authorization", "")
-        if not isinstance(got, str) or not hmac.compare_digest(got.encode(), self._expected_auth):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
-        self._watch(("open", id(context)), context, waiting=True)  # reaped if its Open never comes
-        try:
-            first = next(request_iterator, None)
-        finally:
-            self._unwatch(("open", id(context)))
-        if first is None or first.WhichOneof("kind") != "open":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must start with an Open message")
+        self._authenticate(context)
+        first = self._first_message(request_iterator, context)
         if self.draining:
             self._refused()
             yield pb.ServerMessage(opened=pb.Opened(admitted=False, reason="the server is draining"))

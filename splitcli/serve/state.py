@@ -1,6 +1,6 @@
 """What every SplitCloud servicer shares, the local one (serve/cloud.py) and the Ray front
-(serve/ray_backend.py): the counters serve-cloud's /metrics reads, the drain flag, and the idle
-reaper that ends silent streams.
+(serve/ray_backend.py): the bearer-token check and the wait for a stream's Open, the counters
+serve-cloud's /metrics reads, the drain flag, and the idle reaper that ends silent streams.
 
 The reaper: each servicer registers every stream it waits on under a key, with its gRPC context,
 as soon as it authenticated: first as waiting (no Open yet), then as a session once admitted. A
@@ -12,9 +12,12 @@ and its context is cancelled: the handler's request iterator stops and its worke
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import threading
 import time
 from dataclasses import dataclass
+
+import grpc
 
 
 @dataclass
@@ -37,10 +40,32 @@ class _Watched:
     busy: bool = False  # a step is being processed: not idle, whatever its length
 
 
+def expected_auth(api_key: str) -> bytes:
+    """The authorization metadata a client must send: `Bearer <key>`."""
+    return f"Bearer {api_key}".encode()
+
+
 class ServingState:
-    """Counters, drain flag and idle reaper of a SplitCloud servicer. The servicer sets `_lock`,
-    `_counters`, `_draining` and calls `_start_reaper(idle_timeout_s)` in its constructor and
-    `_stop_reaper()` in its `close()`."""
+    """Auth, counters, drain flag and idle reaper of a SplitCloud servicer. The servicer sets
+    `_expected_auth` (expected_auth(key)), `_lock`, `_counters`, `_draining` and calls
+    `_start_reaper(idle_timeout_s)` in its constructor and `_stop_reaper()` in its `close()`."""
+
+    def _authenticate(self, context) -> None:
+        got = dict(context.invocation_metadata()).get("authorization", "")
+        if not isinstance(got, str) or not hmac.compare_digest(got.encode(), self._expected_auth):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+
+    def _first_message(self, request_iterator, context):
+        """The stream's first message, which must be an Open (else INVALID_ARGUMENT). Registered
+        meanwhile so the reaper can cancel a stream that never sends it."""
+        self._watch(("open", id(context)), context, waiting=True)
+        try:
+            first = next(request_iterator, None)
+        finally:
+            self._unwatch(("open", id(context)))
+        if first is None or first.WhichOneof("kind") != "open":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must start with an Open message")
+        return first
 
     def counters(self) -> ServeCounters:
         with self._lock:
