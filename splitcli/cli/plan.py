@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from rich.table import Table
 
 from ..plan.advise import DEFAULT_Q_BARS
 from ..plan.enumerate import DEFAULT_EMBED_BITS
+from ..plan.recipes import DEFAULT_MAX_CODEC_ERROR
 from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, parse_int_list
 
 
@@ -29,19 +31,25 @@ def plan_cmd(
     proxy_windows: int = typer.Option(1, "--proxy-windows", help="Proxy: WikiText-2 windows to score."),
     proxy_seqlen: int = typer.Option(512, "--proxy-seqlen", help="Proxy: tokens per window."),
     q_bars: str = typer.Option(None, "--q-bar", help=f"Codec q̄ values to consider [default: those the profile measured, else {','.join(map(str, DEFAULT_Q_BARS))}]."),
+    rotation: str = typer.Option(None, "--rotation", help="Pin the codec recipe's rotation (none or hadamard) [default: choose among the recipes the profile measured]."),
+    channel_alpha: float = typer.Option(None, "--channel-alpha", help="Pin the codec recipe's channel α in [0, 1] [default: choose among the measured recipes]."),
+    codec_error: float = typer.Option(DEFAULT_MAX_CODEC_ERROR, "--codec-error", help="Largest codec error (mean per-token relative error of the non-massive channels, measured per recipe by the profile) a candidate may have."),
     embed_bits: int = typer.Option(DEFAULT_EMBED_BITS, "--embed-bits", help="How the edge stores its embedding: 8 (quantize's default) or 16 (as loaded)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the chosen plan here (YAML)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     sweep: str = typer.Option(None, "--sweep", help="Also print a sweep table; only 'max-tokens' (W̄) is supported."),
 ):
-    """Pick the split layer, weight bits, KV bits and codec q̄ that maximize Ψ under the budgets (eq. 8), ties going to the smaller accuracy drop, then the lower latency, then the smaller memory."""
+    """Pick the split layer, weight bits, KV bits, codec q̄ and codec recipe that maximize Ψ under the budgets (eq. 8), ties going to the smaller accuracy drop, then the lower latency, then fewer wire bytes, then the smaller memory."""
     from ..configio import load_config
     from ..cost.latency import LinkModel
     from ..errors import SplitLLMError
     from ..model.shards import EMBED_BITS
     from ..deploy.proxy import PerplexityProxy, calibration_windows, resolve_data_dir
     from ..plan.eval_table import load_accuracy_table
-    from ..plan.advise import default_rate, default_space, latency_model, step_latency
+    from ..plan.advise import default_rate, default_space
+    from ..plan.recipes import (
+        check_max_codec_error, explain_recipe, pinned_recipes, recipe_latency_model, recipe_step_latency,
+    )
     from ..plan.enumerate import search_plans, to_plan
     from ..plan.profile import Profile
     from ..plan.schema import Budgets
@@ -63,9 +71,19 @@ def plan_cmd(
         raise SplitLLMError(f"--embed-bits must be {' or '.join(map(str, EMBED_BITS))}, got {embed_bits}")
     if sweep not in (None, "max-tokens"):
         raise SplitLLMError(f"--sweep supports only 'max-tokens', got {sweep!r}")
+    # bad values fail before anything loads, naming the flag
+    for flag, check in (("--codec-error", lambda: check_max_codec_error(codec_error)),
+                        ("--rotation", lambda: pinned_recipes((), rotation, None)),
+                        ("--channel-alpha", lambda: pinned_recipes((), None, channel_alpha))):
+        try:
+            check()
+        except SplitLLMError as e:
+            raise SplitLLMError(f"{flag}: {e}") from None
     check_output_path(out, force)
     profile = Profile.from_dict(load_config(profile_path))
     space = default_space(profile, None if q_bars is None else parse_int_list(q_bars, "--q-bar"))
+    measured = profile.codec.recipes if profile.codec is not None else ()
+    space = dataclasses.replace(space, recipes=pinned_recipes(measured, rotation, channel_alpha))
     budgets = Budgets(memory_bytes=memory, max_accuracy_drop=drop, deadline_s=deadline_s)
     rate = default_rate(link) if link is not None else None
     # The profile's group size is the one its weight bytes were counted at; one that records
@@ -88,9 +106,11 @@ def plan_cmd(
         source = (f"PROXY: WikiText-2 perplexity increase over {proxy_windows} x {proxy_seqlen} tokens "
                   f"(edge weights + KV quantized; codec not modeled), not task accuracy")
     search = search_plans(profile, space, budgets, max_tokens, accuracy, embed_bits=embed_bits,
-                          latency=latency_model(profile, link, rate))
-    _print_ranking(search, profile, link, rate, budgets)
-    err_console.print(f"accuracy: {source}", highlight=False)
+                          latency=recipe_latency_model(profile, link, rate), max_codec_error=codec_error)
+    several = len(space.recipes) > 1   # name the recipe in descriptions only when there was a choice
+    _print_ranking(search, profile, link, rate, budgets, several)
+    err_console.print(f"accuracy: {source}; codec: its measured error <= {codec_error:g} (--codec-error)",
+                      highlight=False)
     if search.winner is None:
         from ..units import format_bytes
 
@@ -98,7 +118,7 @@ def plan_cmd(
         if deadline_s is not None and fastest is not None and fastest.latency_s > deadline_s:
             raise SplitLLMError(
                 f"no configuration meets the deadline of {deadline_s * 1e3:.1f} ms: the fastest candidate "
-                f"({_describe(fastest.candidate, profile.n_layers)}) predicts {fastest.latency_s * 1e3:.1f} ms "
+                f"({_describe(fastest.candidate, profile.n_layers, several)}) predicts {fastest.latency_s * 1e3:.1f} ms "
                 f"per token{'' if link is not None else ' of edge compute alone'}", exit_code=3)
         if search.min_memory_bytes is None:
             within = " within the deadline" if deadline_s is not None else ""
@@ -109,7 +129,9 @@ def plan_cmd(
             f"{format_bytes(search.min_memory_bytes)} ({search.min_memory_bytes} bytes)", exit_code=3)
 
     winner = search.winner
-    latency = step_latency(profile, winner.candidate, link, rate)
+    latency = recipe_step_latency(profile, winner.candidate, link, rate)
+    recipe_line = explain_recipe(search, profile, codec_error, pinned=rotation is not None or channel_alpha is not None)
+    console.print(recipe_line, highlight=False)
     if sweep == "max-tokens":
         _print_sweep(profile, winner.candidate, memory, max_tokens, embed_bits)
     notes = {
@@ -120,6 +142,7 @@ def plan_cmd(
         "predicted_wire_bytes_per_token": latency.wire_bytes,
         "predicted_step_ms": latency.total_s * 1e3 if link is not None else None,
         "rate_bps": rate, "profile": str(profile_path), "profile_device": profile.device.name,
+        "codec_recipe": recipe_line, "codec_error_bound": codec_error,
     }
     # Saved as costed: another spelling of the same edge could keep more layers in the shard.
     plan = to_plan(winner.candidate, profile, budgets, max_tokens, group_size=group_size,
@@ -135,29 +158,30 @@ def _profile_default_group_size() -> int:
     return ProfileSettings().group_size
 
 
-def _describe(candidate, n_layers: int) -> str:
+def _describe(candidate, n_layers: int, recipe: bool = False) -> str:
     from ..plan.advise import describe_weights, edge_weight_bits
 
     return (f"ℓ = {candidate.split_layer}, weights {describe_weights(edge_weight_bits(candidate, n_layers))}, "
-            f"Qa {candidate.qa}, q̄ {candidate.q_bar}")
+            f"Qa {candidate.qa}, q̄ {candidate.q_bar}" + (f", recipe {candidate.recipe.name}" if recipe else ""))
 
 
-def _print_ranking(search, profile, link, rate, budgets) -> None:
-    from ..plan.advise import describe_weights, edge_weight_bits, step_latency, summary_rows
+def _print_ranking(search, profile, link, rate, budgets, several_recipes: bool = False) -> None:
+    from ..plan.advise import describe_weights, edge_weight_bits, summary_rows
+    from ..plan.recipes import recipe_step_latency
     from ..units import format_bytes
 
     title = f"eq. (8) over {len(search.ranked)} candidates, {search.accuracy_evaluations} accuracy evaluations"
     table = Table(title=title)
-    for col in ("#", "", "ℓ", "edge weights", "Qa", "q̄", "edge memory", "Ψ", "acc. drop", "edge ms/token",
+    for col in ("#", "", "ℓ", "edge weights", "Qa", "q̄", "recipe", "edge memory", "Ψ", "acc. drop", "edge ms/token",
                 "step ms" if link is not None else "wire B/token"):
         table.add_column(col, justify="left" if col in ("edge weights", "") else "right")
     rows = summary_rows(search, profile.n_layers)
     for i, r in enumerate(rows, 1):
         c = r.candidate
-        lat = step_latency(profile, c, link, rate)
+        lat = recipe_step_latency(profile, c, link, rate)
         mark = {"chosen": "[bold green]chosen[/]", "lost": "lost", "rejected": "[red]rejected[/]"}[r.status]
         table.add_row(
-            str(i), mark, str(c.split_layer), describe_weights(edge_weight_bits(c, profile.n_layers)), str(c.qa), str(c.q_bar),
+            str(i), mark, str(c.split_layer), describe_weights(edge_weight_bits(c, profile.n_layers)), str(c.qa), str(c.q_bar), c.recipe.name,
             format_bytes(r.memory.total_bytes) if r.memory else "-", f"{r.psi:g}",
             "-" if r.accuracy_drop is None or math.isnan(r.accuracy_drop) else f"{100 * r.accuracy_drop:.2f}%",
             f"{lat.compute_s * 1e3:.1f}",
@@ -183,7 +207,7 @@ def _print_ranking(search, profile, link, rate, budgets) -> None:
             highlight=False,
         )
         if search.runner_up is not None:
-            console.print(w.reason.replace("the runner-up", f"({_describe(search.runner_up.candidate, profile.n_layers)})", 1),
+            console.print(w.reason.replace("the runner-up", f"({_describe(search.runner_up.candidate, profile.n_layers, several_recipes)})", 1),
                           highlight=False)
 
 

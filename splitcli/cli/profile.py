@@ -8,6 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..plan.recipes import PROFILE_RECIPES, format_recipes
 from .common import (
     MODEL_OPTION, check_output_path, cli_errors, console, err_console, load_model_with_status, parse_int_list,
 )
@@ -23,22 +24,24 @@ def profile_cmd(
     decode_context: int = typer.Option(64, "--decode-context", help="Cached tokens each timed decode step attends to (about half of the plan's W̄ is typical)."),
     repeats: int = typer.Option(5, "--repeats", help="Timed calls per measurement (median, after one warm-up)."),
     group_size: int = typer.Option(64, "--group-size", help="Weight quantization group size."),
+    recipes: str = typer.Option(format_recipes(PROFILE_RECIPES), "--recipes", help="Codec recipes to measure at each q̄, as ROTATION:ALPHA items (none:0 = the paper's, hadamard:0.5 = rotation + channel α 0.5)."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch's default); recorded in the profile."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
 ):
-    """Measure per-layer latency (prefill, decode, at each weight bit width) and exact sizes on this machine."""
+    """Measure per-layer latency (prefill, decode, at each weight bit width) and exact sizes on this machine, and the codec's frame size and error per recipe and q̄."""
     import torch
 
     from ..configio import write_yaml
     from ..errors import SplitLLMError
     from ..deploy.measure import ProfileSettings, measure_profile
+    from ..plan.recipes import parse_recipes
     from ..units import format_bytes
 
     check_output_path(out, force)
     settings = ProfileSettings(
         bits=parse_int_list(bits, "--bits"), kv_bits=parse_int_list(kv_bits, "--kv-bits"),
         tokens=parse_int_list(tokens, "--tokens"), repeats=repeats, group_size=group_size,
-        decode_context=decode_context,
+        decode_context=decode_context, recipes=parse_recipes(recipes),
     )
     if threads < 0:
         raise SplitLLMError(f"--threads must be >= 0, got {threads}")
@@ -51,6 +54,8 @@ def profile_cmd(
 
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=f"profiling {what}")
+            if what.startswith("codec recipe"):  # one line per recipe (the codec section is new)
+                bar.console.print(f"measured {what}", highlight=False)
 
         profile = measure_profile(lm.model, lm.model_id, settings, progress=progress)
     write_yaml(out, profile.to_dict(), overwrite=force)
@@ -82,4 +87,11 @@ def profile_cmd(
         f"codec {codec}",
         highlight=False,
     )
+    if profile.codec is not None:
+        for recipe in profile.codec.recipes:
+            pts = sorted((p for p in profile.codec.points if p.recipe == recipe), key=lambda p: p.q_bar)
+            err_console.print(
+                f"codec recipe {recipe.name} ({recipe.describe()}): q̄ " + "/".join(str(p.q_bar) for p in pts)
+                + " -> " + "/".join(f"{p.bytes_per_token:g}" for p in pts) + " B/token, error "
+                + "/".join("-" if p.rel_error is None else f"{p.rel_error:.3g}" for p in pts), highlight=False)
     console.print(f"wrote {out}", highlight=False)

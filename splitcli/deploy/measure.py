@@ -38,6 +38,7 @@ import torch
 from splitcli.errors import SplitLLMError
 from splitcli.model.split import LayerRange, decoder_parts, new_cache
 from splitcli.plan.profile import CodecCost, DeviceInfo, LayerCost, Profile, StageCost
+from splitcli.plan.recipes import PROFILE_RECIPES, Recipe
 from splitcli.quant import (
     KEEP_BITS, SUPPORTED_BITS, KVQuantConfig, fp_kv_bytes_per_token, kv_bytes_per_token,
     layer_shapes_of, layer_weight_bytes, quantize_layers_,
@@ -46,8 +47,9 @@ from splitcli.quant import (
 Progress = Callable[[int, int, str], None]
 """progress(done, total, what) after each timed unit of work."""
 
-CodecHook = Callable[[torch.Tensor, int], "CodecCost | None"]
-"""codec_hook(hidden [N, H] at the middle layer, repeats) -> codec timings and sizes, or None."""
+CodecHook = Callable[[torch.Tensor, int, tuple[Recipe, ...], Callable[[str], None]], "CodecCost | None"]
+"""codec_hook(hidden [N, H] at the middle layer, repeats, recipes, tick) -> codec timings, sizes
+and errors per recipe (tick(what) once per recipe), or None."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,13 @@ class ProfileSettings:
     group_size: int = 64
     seed: int = 0
     decode_context: int = 64
+    recipes: tuple[Recipe, ...] = PROFILE_RECIPES  # codec recipes to measure (splitcli.plan.recipes)
 
     def __post_init__(self) -> None:
+        recipes = tuple(dict.fromkeys(self.recipes))
+        if not recipes or not all(isinstance(r, Recipe) for r in recipes):
+            raise SplitLLMError("profile recipes must be a non-empty list of codec recipes")
+        object.__setattr__(self, "recipes", recipes)
         for name in ("bits", "kv_bits", "tokens"):
             value = tuple(sorted(set(getattr(self, name))))
             object.__setattr__(self, name, value)
@@ -275,24 +282,46 @@ class _Timer:
         return per_layer, statistics.median(stack_decode)
 
 
-def default_codec_hook(hidden: torch.Tensor, repeats: int) -> CodecCost | None:
-    """Codec timing per token and frame sizes at a few q_bar, calibrated on `hidden` itself.
-    (Pass codec_hook=None to `measure_profile` for a profile without a codec section; the planner
-    then estimates wire bytes as hidden * q_bar / 8.)"""
+#: q̄ values `splitllm profile` measures the codec at (with every recipe).
+PROFILE_Q_BARS = (4, 6, 8)
+
+
+def default_codec_hook(hidden: torch.Tensor, repeats: int, recipes: tuple[Recipe, ...] = PROFILE_RECIPES,
+                       tick: Callable[[str], None] | None = None) -> CodecCost | None:
+    """Per recipe and q̄ in PROFILE_Q_BARS (τ at the default quantile): the codec calibrated the
+    way deployment calibrates (`calibrate_from_samples`) on the first 3/4 of the tokens of
+    `hidden` [N, H], then measured on the last 1/4 (held out; all tokens when N < 4): the frame
+    size of one token (a decode step sends one), encode / decode ms of it, and the distortion
+    `bulk_rel_error` over the held-out tokens. Encode / decode ms are the median over every
+    point. (Pass codec_hook=None to `measure_profile` for a profile without a codec section; the
+    planner then estimates wire bytes as hidden * q_bar / 8.)"""
+    from dataclasses import replace
+
     from splitcli import codec
-    from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE
+    from splitcli.codec.calibrate import bulk_channels, bulk_rel_error, calibrate_from_samples
+    from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE, CodecSettings
     from splitcli.plan.profile import CodecPoint
 
     samples = hidden.reshape(-1, hidden.shape[-1]).float()  # [N, H]
-    one = samples[-1:]  # a decode step sends one token
+    n = samples.shape[0]
+    calib, held = (samples[: n - n // 4], samples[n - n // 4:]) if n >= 4 else (samples, samples)
+    one = held[-1:]  # a decode step sends one token
+    x = held.numpy()
+    cols = bulk_channels(x)
     points, enc, dec = [], [], []
-    for q_bar in (4, 6, 8):
-        cfg = codec.calibrate_config(samples, codec.CodecConfig(q_bar=q_bar), tau_quantile=DEFAULT_TAU_QUANTILE)
-        frame = codec.encode(one, cfg)
-        enc.append(median_ms(lambda: codec.encode(one, cfg), repeats))
-        dec.append(median_ms(lambda: codec.decode(frame, cfg), repeats))
-        points.append(CodecPoint(q_bar=q_bar, tau=DEFAULT_TAU_QUANTILE, bytes_per_token=float(len(frame)),
-                                 tau_is_quantile=True))
+    for recipe in recipes:
+        for q_bar in PROFILE_Q_BARS:
+            settings = CodecSettings(q_bar=q_bar, tau_quantile=DEFAULT_TAU_QUANTILE, **recipe.to_dict())
+            cfg = calibrate_from_samples(calib, settings)
+            frame = codec.encode(one, cfg)
+            enc.append(median_ms(lambda: codec.encode(one, cfg), repeats))
+            dec.append(median_ms(lambda: codec.decode(frame, cfg), repeats))
+            # entropy coding is lossless: reconstruct from the faster bit-packed frame
+            err = bulk_rel_error(codec.decode(codec.encode(held, replace(cfg, entropy=False)), cfg).numpy(), x, cols)
+            points.append(CodecPoint(q_bar=q_bar, tau=DEFAULT_TAU_QUANTILE, bytes_per_token=float(len(frame)),
+                                     tau_is_quantile=True, rel_error=err, **recipe.to_dict()))
+        if tick:
+            tick(f"codec recipe {recipe.name} ({recipe.describe()})")
     return CodecCost(statistics.median(enc), statistics.median(dec), tuple(points))
 
 
@@ -321,7 +350,7 @@ def measure_profile(
     ids = torch.randint(0, vocab, (1, needed), generator=gen)  # [1, T+1]
     positions = torch.arange(needed)[None]  # [1, T+1]
     n_kv, head_dim = head_dims(config)
-    total = (len(settings.bits) + 1) * (settings.repeats + 1) + 2
+    total = (len(settings.bits) + 1) * (settings.repeats + 1) + 2 + (len(settings.recipes) if codec_hook else 0)
     done = 0
 
     def tick(what: str) -> None:
@@ -381,7 +410,7 @@ def measure_profile(
                   for m in (parts.norm, parts.lm_head) for p in m.parameters()}
     head = StageCost(weight_bytes=float(sum(head_bytes.values())), decode_ms=median_ms(head_step, settings.repeats))
     tick("head")
-    codec = codec_hook(middle_hidden[0], settings.repeats) if codec_hook else None
+    codec = codec_hook(middle_hidden[0], settings.repeats, settings.recipes, tick) if codec_hook else None
     return Profile(
         model_id=model_id, hidden_size=config.hidden_size, n_kv_heads=n_kv, head_dim=head_dim,
         device=device_info(), layers=tuple(layers), embedding=embedding, head=head, codec=codec,

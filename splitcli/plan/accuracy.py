@@ -8,7 +8,8 @@ The proxy (used when no results table is given; it runs the model, so it lives i
 `splitcli.deploy.proxy`) is WikiText-2 perplexity on a short calibration slice (by default 1 window of 512 tokens from the start of the test split), with the candidate's
 edge layers [0, l) fake-quantized to their OPSC weight bits (group-wise RTN, dequantized back to
 fp32) and, when Qa < 16, the edge layers' keys and values stored in a Qa-bit cache. What it does
-not model: the codec (q_bar, tau) on the hidden state. It is a proxy: a few hundred tokens rank
+not model: the codec (q_bar, tau, recipe) on the hidden state; the planner bounds the codec's
+own measured error instead (`splitcli.plan.recipes`). It is a proxy: a few hundred tokens rank
 configurations, they do not measure task accuracy; the planner says so in its output.
 
 Cost control: each layer's quantized codes are computed once per bit width and reused; perplexity
@@ -29,7 +30,7 @@ from splitcli.errors import SplitLLMError
 from splitcli.plan.enumerate import Candidate
 
 TABLE_FORMAT_VERSION = 1
-_CANDIDATE_KEYS = ("split_layer", "l_w", "method", "q_w1", "q_w2", "qa", "q_bar", "tau")
+_CANDIDATE_KEYS = ("split_layer", "l_w", "method", "q_w1", "q_w2", "qa", "q_bar", "tau", "rotation", "channel_alpha")
 _MATCH_KEYS = _CANDIDATE_KEYS + ("edge_bits",)
 
 
@@ -46,7 +47,8 @@ class AccuracyTable:
      "results": [{"split_layer": 15, "l_w": 15, "method": "front", "q_w1": 4, "q_w2": null,
                   "qa": 16, "value": 25.7}, {"q_w1": 8, "drop": 0.002}, ...]}
     Each result gives `value` (turned into a drop against `baseline`) or `drop` directly. Keys it
-    leaves out (any of split_layer, l_w, method, q_w1, q_w2, qa, q_bar, tau) match every
+    leaves out (any of split_layer, l_w, method, q_w1, q_w2, qa, q_bar, tau, and the codec
+    recipe's rotation and channel_alpha) match every
     candidate; the first matching result wins. A candidate no result matches counts as not
     measured, which the planner rejects. A result may also give `edge_bits` (the weight bits of
     edge layers [0, l), 16 = unquantized), which matches every (l_w, method, q_w1, q_w2) that puts

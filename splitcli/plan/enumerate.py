@@ -1,4 +1,5 @@
-"""The planner of eq. (8): enumerate (l, l_w, Q_w, Q_a, q_bar, tau), keep what fits, rank the rest.
+"""The planner of eq. (8): enumerate (l, l_w, Q_w, Q_a, q_bar, tau, codec recipe), keep what fits,
+rank the rest.
 
 How eq. (8) was read:
 - (8c) memory is the EDGE's memory only (DESIGN.md §1): embedding (at embed_bits, as the edge
@@ -26,6 +27,13 @@ How eq. (8) was read:
   the best (Psi, l) tie group that has one, not just the first that passes.
 - Deadline (`budgets.deadline_s`, enforced when a `latency` model is given): a candidate whose
   predicted per-token latency exceeds it is rejected before its accuracy is measured.
+- Codec recipe (rotation, channel alpha; `splitcli.plan.recipes`, not in the paper): one more
+  enumerated choice. Psi does not see it. With `max_codec_error`, a candidate whose recipe's
+  measured codec error (the profile's `rel_error` at its q_bar, tau, recipe) exceeds the bound is
+  rejected on accuracy before the (expensive) accuracy source runs; an unmeasured error (a
+  format-1 profile) is not checked. Among recipes that pass, the ranking above decides: an
+  accuracy source that does not see the codec gives them one drop, so the smaller frame wins
+  (lower latency over a link, else fewer wire bytes).
 - The winner's reason names the rule that put it ahead of the runner-up (the best candidate that
   passed every constraint with another edge configuration), e.g. "smaller accuracy drop".
 """
@@ -41,6 +49,8 @@ from splitcli.cost.memory import EdgeMemory, edge_memory, layer_weight_bits
 from splitcli.errors import SplitLLMError
 from splitcli.plan.profile import Profile
 from splitcli.plan.codec_settings import CodecSettings
+from splitcli.plan.ranking import Decision, decide, format_ms, total_memory, why_lost
+from splitcli.plan.recipes import PAPER_RECIPE, Recipe
 from splitcli.plan.schema import Budgets, Plan
 from splitcli.units import format_bytes
 
@@ -67,11 +77,18 @@ class Candidate:
     qa: int
     q_bar: int
     tau: float
+    rotation: str = "none"          # the codec recipe (splitcli.plan.recipes); default: the paper's
+    channel_alpha: float = 0.0
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.rotation, self.channel_alpha)
 
     def sort_key(self) -> tuple:
         """A total order for deterministic ranking (q_w2 None sorts first)."""
         return (self.split_layer, self.l_w, self.method, self.q_w1,
-                -1 if self.q_w2 is None else self.q_w2, self.qa, self.q_bar, self.tau)
+                -1 if self.q_w2 is None else self.q_w2, self.qa, self.q_bar, self.tau,
+                self.rotation, self.channel_alpha)
 
     def edge_bits(self, n_layers: int) -> tuple[int | None, ...]:
         """Weight bits of the edge layers [0, split_layer) (None: layer not kept)."""
@@ -81,7 +98,7 @@ class Candidate:
     def config_key(self, n_layers: int) -> tuple:
         """Candidates that run identically on the edge share this key: OPSC spellings differ
         (e.g. every l_w >= l, or l_w = 0 with (4, 8) vs all-8-bit) but the edge does not."""
-        return (self.split_layer, self.edge_bits(n_layers), self.qa, self.q_bar, self.tau)
+        return (self.split_layer, self.edge_bits(n_layers), self.qa, self.q_bar, self.tau, self.recipe)
 
 
 @dataclass(frozen=True)
@@ -98,9 +115,10 @@ class SearchSpace:
     tau_is_quantile: bool = False
     # Also try l_w = l at every split layer: with q_w2 None that edge keeps just the layers it runs.
     split_as_l_w: bool = False
+    recipes: tuple[Recipe, ...] = (PAPER_RECIPE,)
 
     def __post_init__(self) -> None:
-        for name in ("split_layers", "q_w", "qa", "q_bar", "tau", "methods"):
+        for name in ("split_layers", "q_w", "qa", "q_bar", "tau", "methods", "recipes"):
             value = tuple(getattr(self, name))
             object.__setattr__(self, name, value)
             if not value:
@@ -110,16 +128,18 @@ class SearchSpace:
         for method in self.methods:
             if method not in ("front", "back"):
                 raise SplitLLMError(f"OPSC method must be 'front' or 'back', got {method!r}")
+        if not all(isinstance(r, Recipe) for r in self.recipes):
+            raise SplitLLMError("search space recipes must be Recipe entries")
 
     def candidates(self, n_layers: int) -> Iterable[Candidate]:
-        for l, method, (q_w1, q_w2), qa, q_bar, tau in itertools.product(
-            self.split_layers, self.methods, self.q_w, self.qa, self.q_bar, self.tau
+        for l, method, (q_w1, q_w2), qa, q_bar, tau, recipe in itertools.product(
+            self.split_layers, self.methods, self.q_w, self.qa, self.q_bar, self.tau, self.recipes
         ):
             l_ws = (l,) if self.l_w is None else self.l_w
             if self.split_as_l_w and l not in l_ws:
                 l_ws = tuple(sorted((*l_ws, l)))
             for l_w in l_ws:
-                yield Candidate(l, l_w, method, q_w1, q_w2, qa, q_bar, tau)
+                yield Candidate(l, l_w, method, q_w1, q_w2, qa, q_bar, tau, recipe.rotation, recipe.channel_alpha)
 
 
 Status = Literal["chosen", "lost", "rejected"]
@@ -139,6 +159,7 @@ class Ranked:
     psi: float = 0.0
     memory: EdgeMemory | None = None
     wire_bytes_per_token: float = 0.0
+    codec_error: float | None = None      # the recipe's measured codec error (None: not measured)
     accuracy_drop: float | None = None
     latency_s: float | None = None
     rejected_by: Constraint | None = None
@@ -217,62 +238,8 @@ def _group_key(r: Ranked) -> tuple:
 def _objective_key(r: Ranked) -> tuple:
     """The full ranking (module docstring); an unmeasured drop sorts after every measured one."""
     drop = math.inf if r.accuracy_drop is None or math.isnan(r.accuracy_drop) else r.accuracy_drop
-    return (*_group_key(r), drop, r.latency_s or 0.0, r.wire_bytes_per_token, _total(r),
+    return (*_group_key(r), drop, r.latency_s or 0.0, r.wire_bytes_per_token, total_memory(r),
             r.candidate.sort_key())
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f} ms"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The first ranking rule on which one candidate beats another: `rule` names it for the
-    winner ("smaller accuracy drop"), `won` and `lost` say it with the values for each side."""
-
-    rule: str
-    won: str
-    lost: str
-
-
-def _decide(better: Ranked, worse: Ranked) -> Decision | None:
-    """Why `better` ranks ahead of `worse` (module docstring's order); None on a full tie."""
-    b, w = better, worse
-    if b.psi != w.psi:
-        return Decision("higher Psi", f"higher Psi ({b.psi:g} > {w.psi:g})",
-                        f"lower Psi ({w.psi:g} < {b.psi:g})")
-    lb, lw = b.candidate.split_layer, w.candidate.split_layer
-    if lb != lw:
-        return Decision("more edge layers", f"same Psi, more edge layers ({lb} > {lw})",
-                        f"same Psi, fewer edge layers ({lw} < {lb})")
-    if b.accuracy_drop is not None and w.accuracy_drop is not None and b.accuracy_drop != w.accuracy_drop:
-        db, dw = f"{100 * b.accuracy_drop:.3g}%", f"{100 * w.accuracy_drop:.3g}%"
-        return Decision("smaller accuracy drop", f"same Psi and l, smaller accuracy drop ({db} < {dw})",
-                        f"same Psi and l, larger accuracy drop ({dw} > {db})")
-    tb, tw = b.latency_s or 0.0, w.latency_s or 0.0
-    if tb != tw:
-        return Decision("lower predicted latency",
-                        f"same Psi, l and accuracy, lower predicted latency ({_ms(tb)} < {_ms(tw)} per token)",
-                        f"same Psi, l and accuracy, higher predicted latency ({_ms(tw)} > {_ms(tb)} per token)")
-    wb, ww = b.wire_bytes_per_token, w.wire_bytes_per_token
-    if wb != ww:
-        return Decision("fewer wire bytes", f"same Psi, l, accuracy and latency, fewer wire bytes/token ({wb:g} < {ww:g})",
-                        f"same Psi, l, accuracy and latency, more wire bytes/token ({ww:g} > {wb:g})")
-    mb, mw = _total(b), _total(w)
-    if mb != mw:
-        return Decision("less edge memory",
-                        f"same Psi, l, accuracy, latency and wire bytes, less edge memory "
-                        f"({format_bytes(mb)} < {format_bytes(mw)})",
-                        f"same Psi, l, accuracy, latency and wire bytes, more edge memory "
-                        f"({format_bytes(mw)} > {format_bytes(mb)})")
-    return None
-
-
-def _why_lost(r: Ranked, best: Ranked, n_layers: int) -> str:
-    if r.candidate.config_key(n_layers) == best.candidate.config_key(n_layers):
-        return "same edge configuration as the chosen plan (another OPSC spelling of it)"
-    decision = _decide(best, r)
-    return decision.lost if decision else "tie on every rule; lost on enumeration order"
 
 
 def search_plans(
@@ -284,6 +251,7 @@ def search_plans(
     evaluate_all: bool = False,
     embed_bits: int = DEFAULT_EMBED_BITS,
     latency: Callable[[Candidate], float] | None = None,
+    max_codec_error: float | None = None,
 ) -> PlanSearch:
     """Solve eq. (8) by enumeration (see module docstring for the readings).
 
@@ -294,6 +262,8 @@ def search_plans(
     latency(candidate) -> predicted seconds per token (e.g. `advise.latency_model`): breaks
     ties after the accuracy drop and, with `budgets.deadline_s`, rejects what misses it. Without
     it the deadline is only recorded (nothing here could predict a step's time).
+    max_codec_error: reject candidates whose recipe's measured codec error exceeds it (module
+    docstring); None: not checked.
     """
     L = profile.n_layers
     if max_tokens < 1:
@@ -346,7 +316,7 @@ def search_plans(
 
     invalid: list[Ranked] = []
     costed: list[Ranked] = []
-    wire_cache: dict[tuple[int, float], float] = {}
+    wire_cache: dict[tuple, tuple[float, float | None]] = {}
     for cand in space.candidates(L):
         # Memory does not depend on the codec choice: cost each (l, OPSC, Qa) once.
         memory_key = (cand.split_layer, cand.l_w, cand.method, cand.q_w1, cand.q_w2, cand.qa)
@@ -356,11 +326,12 @@ def search_plans(
         if isinstance(memory, str):
             invalid.append(Ranked(cand, "rejected", f"invalid: {memory}", rejected_by="invalid"))
             continue
-        if (cand.q_bar, cand.tau) not in wire_cache:
-            wire_cache[cand.q_bar, cand.tau] = profile.wire_bytes_per_token(
-                cand.q_bar, cand.tau, space.tau_is_quantile)
+        codec_key = (cand.q_bar, cand.tau, space.tau_is_quantile, cand.recipe)
+        if codec_key not in wire_cache:
+            wire_cache[codec_key] = (profile.wire_bytes_per_token(*codec_key), profile.codec_rel_error(*codec_key))
+        wire, codec_error = wire_cache[codec_key]
         costed.append(Ranked(cand, "lost", "", psi(cand.split_layer, L, cand.qa, cand.q_bar),
-                             memory, wire_cache[cand.q_bar, cand.tau], latency_s=latency_of(cand)))
+                             memory, wire, codec_error=codec_error, latency_s=latency_of(cand)))
 
     budget, max_drop = budgets.memory_bytes, budgets.max_accuracy_drop
     deadline = budgets.deadline_s if latency is not None else None
@@ -368,8 +339,11 @@ def search_plans(
     def misses_deadline(r: Ranked) -> bool:
         return deadline is not None and r.latency_s is not None and r.latency_s > deadline
 
-    fits = sorted((r for r in costed if _total(r) <= budget), key=_objective_key)
-    over = sorted((r for r in costed if _total(r) > budget), key=_memory_key)
+    def codec_too_lossy(r: Ranked) -> bool:
+        return max_codec_error is not None and r.codec_error is not None and r.codec_error > max_codec_error
+
+    fits = sorted((r for r in costed if total_memory(r) <= budget), key=_objective_key)
+    over = sorted((r for r in costed if total_memory(r) > budget), key=_memory_key)
 
     # Walk the (Psi, l) tie groups best first. Within the first group holding a candidate that
     # passes accuracy, every member is measured so the smallest drop can win; later groups are
@@ -381,8 +355,13 @@ def search_plans(
         passed: list[Ranked] = []
         for r in group:
             if misses_deadline(r):
-                reason = f"misses deadline ({_ms(r.latency_s)} > {_ms(deadline)})"  # type: ignore[arg-type]
+                reason = f"misses deadline ({format_ms(r.latency_s)} > {format_ms(deadline)})"  # type: ignore[arg-type]
                 failed.append(replace(r, status="rejected", reason=reason, rejected_by="deadline"))
+                continue
+            if codec_too_lossy(r):
+                reason = (f"accuracy: codec error {r.codec_error:.3g} > allowed {max_codec_error:.3g} "
+                          f"({r.candidate.recipe.describe()}, q̄ {r.candidate.q_bar})")
+                failed.append(replace(r, status="rejected", reason=reason, rejected_by="accuracy"))
                 continue
             if winner is not None and not evaluate_all:
                 lost.append(r)
@@ -405,10 +384,10 @@ def search_plans(
     runner_up: Ranked | None = None
     decision: Decision | None = None
     if winner is not None:
-        lost = sorted((replace(r, reason=_why_lost(r, winner, L)) for r in lost), key=_objective_key)
+        lost = sorted((replace(r, reason=why_lost(r, winner, L)) for r in lost), key=_objective_key)
         winner_key = winner.candidate.config_key(L)
         runner_up = next((r for r in lost if r.candidate.config_key(L) != winner_key), None)
-        decision = _decide(winner, runner_up) if runner_up is not None else None
+        decision = decide(winner, runner_up) if runner_up is not None else None
         if runner_up is None:
             reason = "the only configuration that passes every constraint"
         elif decision is None:
@@ -420,7 +399,7 @@ def search_plans(
 
     over_budget = [
         replace(r, status="rejected", rejected_by="memory",
-                reason=f"memory: {format_bytes(_total(r))} > budget {format_bytes(budget)}")
+                reason=f"memory: {format_bytes(total_memory(r))} > budget {format_bytes(budget)}")
         for r in over
     ]
 
@@ -429,28 +408,24 @@ def search_plans(
         # Accuracy and latency do not depend on the budget: the cheapest candidate that passes
         # both is the smallest budget that makes the problem feasible.
         for r in sorted(costed, key=_memory_key):
-            if misses_deadline(r):
+            if misses_deadline(r) or codec_too_lossy(r):
                 continue
             drop = drop_of(r.candidate)
             if not math.isnan(drop) and drop <= max_drop:
-                min_memory = int(math.ceil(_total(r)))
+                min_memory = int(math.ceil(total_memory(r)))
                 break
 
     fastest = None
     if latency is not None and costed:
-        fastest = min(costed, key=lambda r: (r.latency_s, _total(r), r.candidate.sort_key()))
+        fastest = min(costed, key=lambda r: (r.latency_s, total_memory(r), r.candidate.sort_key()))
 
     ranked = tuple(([winner] if winner else []) + lost + failed + over_budget + invalid)
     return PlanSearch(winner, ranked, min_memory, len(cache), runner_up,
                       decision.rule if decision is not None else None, fastest)
 
 
-def _total(r: Ranked) -> float:
-    return r.memory.total_bytes if r.memory is not None else math.inf
-
-
 def _memory_key(r: Ranked) -> tuple:
-    return (_total(r), r.candidate.sort_key())
+    return (total_memory(r), r.candidate.sort_key())
 
 
 def to_plan(
@@ -467,10 +442,12 @@ def to_plan(
     embed_bits: int = DEFAULT_EMBED_BITS,
     notes: dict | None = None,
 ) -> Plan:
-    """The persisted Plan for a chosen candidate. The codec settings the search did not choose
-    (delta, q_bar_min, entropy coding, ...) are CodecSettings' defaults unless given."""
+    """The persisted Plan for a chosen candidate, its codec recipe (rotation, channel alpha)
+    included. The codec settings the search did not choose (delta, q_bar_min, entropy coding,
+    the rotation seed, ...) are CodecSettings' defaults unless given."""
     chosen: dict = {"q_bar": candidate.q_bar, "tau": None if tau_is_quantile else candidate.tau,
-                    "tau_quantile": candidate.tau if tau_is_quantile else None}
+                    "tau_quantile": candidate.tau if tau_is_quantile else None,
+                    **candidate.recipe.to_dict()}
     if delta is not None:
         chosen["delta"] = delta
     if q_bar_min is not None:

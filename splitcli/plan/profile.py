@@ -5,7 +5,9 @@ names: `_ms` milliseconds, `_bytes` bytes. Layer k is decoder layer k (0-based).
 - prefill_ms: {token count: ms to prefill that many tokens through the layer}
 - weight_bytes: {bits: bytes of the layer's weights at that bit width} (eq. 1's B_w(k; Q))
 - kv_bytes_per_token: {Qa bits: bytes one token adds to the layer's KV cache, overhead included}
-- codec points: bytes per token the TS + TAB-Q + rANS codec produced at (q_bar, tau)
+- codec points: bytes per token the TS + TAB-Q + rANS codec produced at (q_bar, tau, recipe),
+  the recipe being the rotation and channel α (`splitcli.plan.recipes`), and the distortion it
+  left (`rel_error`, mean per-token relative L2 error of the non-massive channels; format 2)
 - decode_ms_by_bits / prefill_ms_by_bits (optional): the same timings with the layer's weights at
   that bit width (16 = not quantized), since a 4-bit kernel runs at another speed than fp32;
   `decode_ms` / `prefill_ms` stay the timings of the layer as loaded.
@@ -25,10 +27,14 @@ import numpy as np
 from splitcli.cost.memory import KEEP_BITS, hidden_token_bytes
 from splitcli.errors import SplitLLMError
 from splitcli.plan._validate import (
-    check_int, check_keys, check_number, check_table, check_version, require_mapping,
+    check_int, check_keys, check_number, check_table, require_mapping,
 )
+from splitcli.plan.recipes import PAPER_RECIPE, Recipe
 
-PROFILE_FORMAT_VERSION = 1
+#: 2: codec points carry their recipe (rotation, channel_alpha) and measured rel_error.
+PROFILE_FORMAT_VERSION = 2
+#: Versions this splitllm reads; a version-1 file's codec points are the paper's recipe.
+READABLE_PROFILE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -155,12 +161,17 @@ class StageCost:
 
 @dataclass(frozen=True)
 class CodecPoint:
-    """Measured wire size of the codec at one (q_bar, tau); tau is absolute unless `tau_is_quantile`."""
+    """Measured wire size of the codec at one (q_bar, tau, recipe); tau is absolute unless
+    `tau_is_quantile`. `rel_error`: the distortion measured with it (None: not measured, as in
+    a format-1 profile). The recipe defaults to the paper's (no rotation, α 0)."""
 
     q_bar: int
     tau: float
     bytes_per_token: float
     tau_is_quantile: bool = False
+    rotation: str = "none"
+    channel_alpha: float = 0.0
+    rel_error: float | None = None
 
     def __post_init__(self) -> None:
         check_int(self.q_bar, "codec q_bar", 2, 16)
@@ -168,10 +179,22 @@ class CodecPoint:
         check_number(self.bytes_per_token, "codec bytes_per_token")
         if not isinstance(self.tau_is_quantile, bool):
             raise SplitLLMError("codec tau_is_quantile must be true or false")
+        object.__setattr__(self, "channel_alpha", Recipe(self.rotation, self.channel_alpha).channel_alpha)
+        if self.rel_error is not None:
+            check_number(self.rel_error, "codec rel_error")
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.rotation, self.channel_alpha)
+
+    @property
+    def key(self) -> tuple:
+        return (self.q_bar, self.tau, self.tau_is_quantile, self.recipe)
 
     def to_dict(self) -> dict[str, Any]:
         return {"q_bar": self.q_bar, "tau": self.tau, "bytes_per_token": self.bytes_per_token,
-                "tau_is_quantile": self.tau_is_quantile}
+                "tau_is_quantile": self.tau_is_quantile, "rotation": self.rotation,
+                "channel_alpha": self.channel_alpha, "rel_error": self.rel_error}
 
 
 @dataclass(frozen=True)
@@ -190,16 +213,29 @@ class CodecCost:
         for point in self.points:
             if not isinstance(point, CodecPoint):
                 raise SplitLLMError("codec points must be CodecPoint entries")
-            key = (point.q_bar, point.tau, point.tau_is_quantile)
-            if key in seen:
-                raise SplitLLMError(f"duplicate codec point q_bar={point.q_bar}, tau={point.tau}")
-            seen.add(key)
+            if point.key in seen:
+                raise SplitLLMError(f"duplicate codec point q_bar={point.q_bar}, tau={point.tau}, "
+                                    f"{point.recipe.describe()}")
+            seen.add(point.key)
 
-    def bytes_per_token(self, q_bar: int, tau: float, tau_is_quantile: bool = False) -> float:
-        for point in self.points:
-            if (point.q_bar, point.tau, point.tau_is_quantile) == (q_bar, tau, tau_is_quantile):
-                return point.bytes_per_token
-        raise SplitLLMError(f"profile has no codec measurement for q_bar={q_bar}, tau={tau}")
+    def point(self, q_bar: int, tau: float, tau_is_quantile: bool = False,
+              recipe: Recipe = PAPER_RECIPE) -> CodecPoint | None:
+        """The point measured at (q_bar, tau, recipe), or None."""
+        key = (q_bar, tau, tau_is_quantile, recipe)
+        return next((p for p in self.points if p.key == key), None)
+
+    def bytes_per_token(self, q_bar: int, tau: float, tau_is_quantile: bool = False,
+                        recipe: Recipe = PAPER_RECIPE) -> float:
+        point = self.point(q_bar, tau, tau_is_quantile, recipe)
+        if point is None:
+            raise SplitLLMError(f"profile has no codec measurement for q_bar={q_bar}, tau={tau}, "
+                                f"{recipe.describe()}")
+        return point.bytes_per_token
+
+    @property
+    def recipes(self) -> tuple[Recipe, ...]:
+        """The recipes measured, in the order first measured."""
+        return tuple(dict.fromkeys(p.recipe for p in self.points))
 
     def to_dict(self) -> dict[str, Any]:
         return {"encode_ms_per_token": self.encode_ms_per_token,
@@ -207,7 +243,8 @@ class CodecCost:
                 "points": [p.to_dict() for p in self.points]}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "CodecCost":
+    def from_dict(cls, data: Any, version: int = PROFILE_FORMAT_VERSION) -> "CodecCost":
+        """Version 1 points hold no recipe or error (the paper's recipe, error not measured)."""
         data = require_mapping(data, "profile codec")
         required = {"encode_ms_per_token", "decode_ms_per_token", "points"}
         check_keys(data, required, set(), "profile codec")
@@ -216,8 +253,8 @@ class CodecCost:
         points = []
         for i, item in enumerate(data["points"]):
             item = require_mapping(item, f"profile codec point {i}")
-            check_keys(item, {"q_bar", "tau", "bytes_per_token"}, {"tau_is_quantile"},
-                       f"profile codec point {i}")
+            optional = {"tau_is_quantile"} | ({"rotation", "channel_alpha", "rel_error"} if version >= 2 else set())
+            check_keys(item, {"q_bar", "tau", "bytes_per_token"}, optional, f"profile codec point {i}")
             points.append(CodecPoint(**item))
         return cls(data["encode_ms_per_token"], data["decode_ms_per_token"], tuple(points))
 
@@ -275,15 +312,20 @@ class Profile:
             out.append(layer.kv_bytes_per_token[qa])
         return out
 
-    def wire_bytes_per_token(self, q_bar: int, tau: float, tau_is_quantile: bool = False) -> float:
-        """Hidden-state bytes per token on the wire at (q_bar, tau): the measured codec point, or
-        hidden * q_bar / 8 when unmeasured (the TAB-Q body alone, without the sparse outliers or
-        the entropy coder's gain: a rough estimate, good for ranking, not for a wire budget)."""
-        if self.codec is not None:
-            for point in self.codec.points:
-                if (point.q_bar, point.tau, point.tau_is_quantile) == (q_bar, tau, tau_is_quantile):
-                    return point.bytes_per_token
-        return hidden_token_bytes(self.hidden_size, q_bar)
+    def wire_bytes_per_token(self, q_bar: int, tau: float, tau_is_quantile: bool = False,
+                             recipe: Recipe = PAPER_RECIPE) -> float:
+        """Hidden-state bytes per token on the wire at (q_bar, tau, recipe): the measured codec
+        point, or hidden * q_bar / 8 when unmeasured (the TAB-Q body alone, without the sparse
+        outliers or the entropy coder's gain: a rough estimate, good for ranking, not for a wire
+        budget)."""
+        point = self.codec.point(q_bar, tau, tau_is_quantile, recipe) if self.codec is not None else None
+        return point.bytes_per_token if point is not None else hidden_token_bytes(self.hidden_size, q_bar)
+
+    def codec_rel_error(self, q_bar: int, tau: float, tau_is_quantile: bool = False,
+                        recipe: Recipe = PAPER_RECIPE) -> float | None:
+        """The distortion measured at (q_bar, tau, recipe); None when not measured."""
+        point = self.codec.point(q_bar, tau, tau_is_quantile, recipe) if self.codec is not None else None
+        return None if point is None else point.rel_error
 
     def activation_peaks(self) -> list[float]:
         return [layer.activation_peak_bytes for layer in self.layers]
@@ -338,7 +380,10 @@ class Profile:
     @classmethod
     def from_dict(cls, data: Any) -> "Profile":
         data = require_mapping(data, "profile")
-        check_version(data, PROFILE_FORMAT_VERSION, "profile")
+        version = data.get("format_version")
+        if isinstance(version, bool) or version not in READABLE_PROFILE_VERSIONS:
+            raise SplitLLMError(f"profile has format_version {version!r}; this splitllm reads versions "
+                                f"{', '.join(map(str, READABLE_PROFILE_VERSIONS))} (re-run `splitllm profile`)")
         required = {"format_version", "model_id", "hidden_size", "n_kv_heads", "head_dim",
                     "device", "layers", "embedding", "head"}
         check_keys(data, required, {"codec", "group_size", "decode_context"}, "profile")
@@ -353,7 +398,7 @@ class Profile:
                          for k, item in enumerate(data["layers"])),
             embedding=StageCost.from_dict(data["embedding"], "profile embedding"),
             head=StageCost.from_dict(data["head"], "profile head"),
-            codec=None if codec is None else CodecCost.from_dict(codec),
+            codec=None if codec is None else CodecCost.from_dict(codec, version),
             group_size=data.get("group_size"), decode_context=data.get("decode_context"),
         )
 
