@@ -206,7 +206,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, K]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        sz = self.scales_and_zeros
+        if not sz.is_contiguous():  # a view into a fused [K/g, N', 2] (model.fused): the kernel misreads strides
+            sz = sz.contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)  # [..., N]
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)

@@ -1,0 +1,128 @@
+"""model/fused.py: one product for q/k/v and gate/up equals the separate products bit for bit, the
+modules keep computing what they did (their tensors become views of the fused ones: no second
+copy), and the fast path's cheaper spellings (rms norm, rotary as a matrix) match the originals."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from splitcli.model.fast import _rms_norm, _rope, _rope_matrix
+from splitcli.model.fused import FusedLinear, _joined, fused_call, residual_call
+from splitcli.model.shard_loader import resident_bytes
+from splitcli.quant.modules import Int4Linear, Int8Linear, QuantLinear
+
+K = 128
+SIZES = (128, 64, 64)  # q, k, v widths: multiples of the int4 kernel's row tiles (64 with AVX-512)
+
+
+def _linears(bias: bool, sizes=SIZES, seed: int = 0) -> list[nn.Linear]:
+    torch.manual_seed(seed)
+    return [nn.Linear(K, n, bias=bias) for n in sizes]
+
+
+def _make(kind: str, bias: bool, sizes=SIZES) -> list[nn.Module]:
+    lins = _linears(bias, sizes)
+    if kind == "float":
+        return lins
+    if kind == "int4":
+        return [Int4Linear.from_linear(m, 32) for m in lins]
+    return [Int8Linear.from_linear(m) for m in lins]
+
+
+@pytest.mark.parametrize("kind", ["float", "int4", "int8"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(kind, bias):
+    mods = _make(kind, bias)
+    x = torch.randn(2, 3, K)
+    before = [m(x) for m in mods]
+    bytes_before = resident_bytes(nn.ModuleList(mods))
+    fused = FusedLinear.build(mods)
+    assert fused is not None and fused.kind == kind and fused.out_features == sum(SIZES)
+    y = fused(x)  # [2, 3, N]
+    assert y.dtype == torch.float32 and y.shape == (2, 3, sum(SIZES))
+    assert torch.equal(y, torch.cat(before, -1))
+    # the modules still compute exactly what they did, now from views of the fused tensors
+    assert all(torch.equal(m(x), b) for m, b in zip(mods, before))
+    assert resident_bytes(nn.ModuleList(mods)) == bytes_before
+    # building again over the same modules finds the joined tensors instead of copying them
+    again = FusedLinear.build(mods)
+    tensors = {"float": "weight", "int4": "packed", "int8": "codes"}[kind]
+    assert getattr(again, tensors).data_ptr() == getattr(fused, tensors).data_ptr()
+    assert torch.equal(again(x), y)
+    # residual + product, the bf16 -> fp32 cast folded into the add
+    one = FusedLinear.build([mods[0]])
+    r = torch.randn(2, 3, SIZES[0])
+    assert torch.equal(one.add_to(r, x), r + before[0])
+
+
+def test_int4_rows_that_straddle_a_kernel_tile_are_fused_only_without_a_second_copy():
+    # 32 rows: a whole tile with AVX2 / the default kernel, half of one with AVX-512
+    mods = _make("int4", False, sizes=(32, 32, 64))
+    x = torch.randn(1, K)
+    before = [m(x) for m in mods]
+    held = resident_bytes(nn.ModuleList(mods))
+    call = fused_call(mods)
+    assert torch.equal(call(x), torch.cat(before, -1))
+    assert resident_bytes(nn.ModuleList(mods)) == held
+    assert all(torch.equal(m(x), b) for m, b in zip(mods, before))
+
+
+def test_int4_fused_survives_a_deepcopy_and_its_modules_export_the_same_codes():
+    mods = _make("int4", False)
+    exported = [m.export() for m in mods]
+    FusedLinear.build(mods)
+    assert not mods[0].scales_and_zeros.is_contiguous()  # a view into the fused [K/g, N, 2]
+    for m, e in zip(mods, exported):
+        assert all(torch.equal(m.export()[k], v) for k, v in e.items())
+    twin = copy.deepcopy(nn.ModuleList(mods))
+    x = torch.randn(1, K)
+    assert all(torch.equal(a(x), b(x)) for a, b in zip(twin, mods))
+
+
+def test_what_cannot_fuse_falls_back_to_the_modules_own_forwards():
+    lins = _linears(False)
+    mixed = [lins[0], Int8Linear.from_linear(lins[1]), lins[2]]
+    assert FusedLinear.build(mixed) is None
+    x = torch.randn(1, 2, K)
+    expect = torch.cat([m(x) for m in mixed], -1)
+    assert torch.equal(fused_call(mixed)(x), expect)
+    q = QuantLinear.from_linear(lins[0], 3, 32)  # no kernel at 3 bits
+    assert FusedLinear.build([q]) is None
+    r = torch.randn(1, 2, SIZES[0])
+    assert torch.equal(residual_call(q)(r, x), r + q(x))
+    ragged = _linears(True) + [nn.Linear(K, 16, bias=False)]  # bias on some only
+    assert FusedLinear.build(ragged) is None
+
+
+def test_joined_accepts_only_adjacent_slices_of_one_tensor():
+    whole = torch.arange(24.0).reshape(6, 4)
+    assert _joined([whole[:2], whole[2:6]], 0).data_ptr() == whole.data_ptr()
+    assert _joined([whole[:2], whole[3:6]], 0) is None  # a gap
+    assert _joined([whole[2:4], whole[:2]], 0) is None  # out of order
+    assert _joined([whole[:2], torch.zeros(4, 4)], 0) is None  # another storage
+    cols = whole.t().contiguous()  # [4, 6]
+    assert _joined([cols[:, :3], cols[:, 3:]], 1) is not None
+
+
+def test_rms_norm_is_llama_rms_norm_bit_for_bit():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96))
+    x = torch.randn(3, 5, 96) * 7
+    assert torch.equal(_rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
+
+
+def test_rotary_as_one_matrix_equals_the_elementwise_rotary():
+    d = 16
+    pos = torch.tensor([[3], [40]])  # two rows at different positions
+    theta = pos[..., None].float() / 10000 ** (torch.arange(d // 2) / (d // 2))  # [B, 1, D/2]
+    cos = torch.cat([theta.cos(), theta.cos()], -1)[:, None]  # [B, 1, 1, D]
+    sin = torch.cat([-theta.sin(), theta.sin()], -1)[:, None]  # signed, as RopeTable stores it
+    x = torch.randn(2, 5, 1, d)  # [B, heads, 1, D]
+    m = _rope_matrix(cos, sin)  # [B, D, D]
+    got = torch.bmm(x.view(2, 5, d), m).view(2, 5, 1, d)
+    assert float((got - _rope(x, cos, sin)).abs().max()) <= 1e-6
