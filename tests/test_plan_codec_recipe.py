@@ -118,6 +118,30 @@ def test_parse_and_pin_recipes():
         pinned_recipes(measured, "fft", None)
 
 
+def test_points_are_read_at_the_nearest_measured_split_layer():
+    points = tuple(CodecPoint(4, TAU, b, True, rel_error=e, split_layer=l) for l, b, e in ((1, 10.0, 0.1), (3, 30.0, 0.3)))
+    profile = _profile(points)
+    assert [profile.wire_bytes_per_token(4, TAU, True, split_layer=l) for l in (1, 2, 3)] == [10.0, 10.0, 30.0]
+    assert profile.codec_rel_error(4, TAU, True, split_layer=3) == 0.3
+    assert profile.wire_bytes_per_token(4, TAU, True) == 30.0          # no layer: the middle measured one
+    assert profile.codec.point(4, TAU, True, OURS_RECIPE, 2) is None   # another recipe is never substituted
+    assert profile.codec.split_layers == (1, 3)
+    with pytest.raises(SplitLLMError, match="split_layer 9 exceeds the 4 layers"):
+        _profile(points + (CodecPoint(4, TAU, 1.0, True, split_layer=9),))
+    with pytest.raises(SplitLLMError, match="codec split_layer must lie in"):
+        CodecPoint(4, TAU, 1.0, True, split_layer=0)
+    # the planner costs and bounds each candidate at its own ℓ: paper passes at ℓ = 1 only
+    paper = tuple(CodecPoint(4, TAU, b, True, rel_error=e, split_layer=l) for l, b, e in ((1, 10.0, 0.1), (3, 20.0, 0.5)))
+    ours = tuple(CodecPoint(4, TAU, 40.0, True, rel_error=0.05, split_layer=l, **ROT) for l in (1, 3))
+    space = SearchSpace(split_layers=(1, 3), q_w=((8, None),), qa=(16,), q_bar=(4,), tau=(TAU,), tau_is_quantile=True,
+                        recipes=PROFILE_RECIPES)
+    search = search_plans(_profile(paper + ours), space, Budgets(10**8, 0.01), 64, lambda c: 0.0, max_codec_error=0.15)
+    w = search.winner
+    assert (w.candidate.split_layer, w.candidate.recipe, w.wire_bytes_per_token) == (3, OURS_RECIPE, 40.0)
+    at1 = [r for r in search.ranked if r.candidate.split_layer == 1 and r.candidate.recipe == PAPER_RECIPE]
+    assert at1[0].wire_bytes_per_token == 10.0 and at1[0].codec_error == 0.1
+
+
 # --- the planner's choice ---------------------------------------------------------------------------
 
 def _winner(search):
@@ -196,7 +220,7 @@ def test_plan_command_chooses_says_why_and_honours_a_pin(tmp_path):
     r = run("plan", "--profile", profile, "--mem", "10MB", "--accuracy-table", table, "-o", out)
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
-    assert "codec recipe: rot+α0.5 (rotation hadamard, α 0.5) at q̄ 4: 30 B/token, error 0.05 (bound 0.15)" in text
+    assert "codec recipe: rot+α0.5 (rotation hadamard, α 0.5) at q̄ 4: 30 B/token, error 0.05; error bound 0.15" in text
     assert "paper: 20 B/token, error 0.5 - accuracy: codec error 0.5 > allowed 0.15" in text
     plan = Plan.load(out)
     assert (plan.codec.rotation, plan.codec.channel_alpha) == ("hadamard", 0.5)
@@ -232,7 +256,7 @@ def test_profile_measures_each_recipe_and_the_chosen_plan_deploys(tmp_path, monk
     from test_deploy_calibrate import CharTokenizer, write_wikitext
 
     from splitcli.deploy import SplitSpec, build_split
-    from splitcli.deploy.measure import PROFILE_Q_BARS, ProfileSettings, measure_profile
+    from splitcli.deploy.measure import PROFILE_Q_BARS, ProfileSettings, codec_split_layers, measure_profile
     from splitcli.runtime.generate import SamplingConfig, generate
 
     model = _tiny("llama")
@@ -243,12 +267,16 @@ def test_profile_measures_each_recipe_and_the_chosen_plan_deploys(tmp_path, monk
     assert [w for w in ticks if w.startswith("codec recipe")] == [
         "codec recipe paper (rotation none, α 0)", "codec recipe rot+α0.5 (rotation hadamard, α 0.5)"]
     assert measured.codec.recipes == PROFILE_RECIPES
-    assert {(p.q_bar, p.recipe) for p in measured.codec.points} == {(q, r) for q in PROFILE_Q_BARS for r in PROFILE_RECIPES}
+    layers = codec_split_layers(4)
+    assert layers == (1, 2, 3) == measured.codec.split_layers
+    assert {(p.q_bar, p.recipe, p.split_layer) for p in measured.codec.points} == {
+        (q, r, l) for q in PROFILE_Q_BARS for r in PROFILE_RECIPES for l in layers}
     assert all(p.rel_error is not None and 0 <= p.rel_error < 1 and p.bytes_per_token > 0 for p in measured.codec.points)
     # error falls as q̄ grows, for each recipe
     for recipe in PROFILE_RECIPES:
-        errs = [measured.codec_rel_error(q, TAU, True, recipe) for q in PROFILE_Q_BARS]
-        assert errs[0] >= errs[-1]
+        for layer in layers:
+            errs = [measured.codec_rel_error(q, TAU, True, recipe, layer) for q in PROFILE_Q_BARS]
+            assert errs[0] >= errs[-1]
     assert Profile.from_dict(yaml.safe_load(yaml.safe_dump(measured.to_dict()))) == measured
 
     # plan on points where only the rotated recipe meets the bound, then deploy what it wrote
@@ -278,7 +306,8 @@ def test_profile_command_says_each_recipe(tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     for name in ("paper (rotation none, α 0)", "rot+α0.5 (rotation hadamard, α 0.5)", "rot (rotation hadamard, α 0)"):
-        assert f"measured codec recipe {name}" in text and f"codec recipe {name}: q̄ 4/6/8 ->" in text
+        assert f"measured codec recipe {name}" in text
+    assert "codec: B/token of a one-token frame (error) by split layer ℓ" in text
     assert Profile.from_dict(yaml.safe_load(out.read_text())).codec.recipes == (
         PAPER_RECIPE, OURS_RECIPE, Recipe("hadamard", 0.0))
     r = run(*args, "--recipes", "hadamard:1.5", "-o", tmp_path / "q.yaml")

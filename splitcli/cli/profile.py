@@ -88,10 +88,24 @@ def profile_cmd(
         highlight=False,
     )
     if profile.codec is not None:
-        for recipe in profile.codec.recipes:
-            pts = sorted((p for p in profile.codec.points if p.recipe == recipe), key=lambda p: p.q_bar)
-            err_console.print(
-                f"codec recipe {recipe.name} ({recipe.describe()}): q̄ " + "/".join(str(p.q_bar) for p in pts)
-                + " -> " + "/".join(f"{p.bytes_per_token:g}" for p in pts) + " B/token, error "
-                + "/".join("-" if p.rel_error is None else f"{p.rel_error:.3g}" for p in pts), highlight=False)
+        err_console.print(_codec_table(profile.codec))
     console.print(f"wrote {out}", highlight=False)
+
+
+def _codec_table(codec) -> Table:
+    """Bytes of a one-token frame (and the held-out error) per split layer, recipe and q̄."""
+    q_bars = sorted({p.q_bar for p in codec.points})
+    table = Table(title="codec: B/token of a one-token frame (error) by split layer ℓ")
+    table.add_column("ℓ", justify="right")
+    for recipe in codec.recipes:
+        for q in q_bars:
+            table.add_column(f"{recipe.name} q̄{q}", justify="right")
+    for layer in codec.split_layers or (None,):
+        cells = []
+        for recipe in codec.recipes:
+            for q in q_bars:
+                p = next((p for p in codec.points if (p.recipe, p.q_bar, p.split_layer) == (recipe, q, layer)), None)
+                cells.append("-" if p is None else f"{p.bytes_per_token:.0f}" + (
+                    "" if p.rel_error is None else f" ({p.rel_error:.2f})"))
+        table.add_row("?" if layer is None else str(layer), *cells)
+    return table

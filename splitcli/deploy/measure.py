@@ -18,6 +18,10 @@ Sizes are exact, from `splitcli.quant`'s byte accounting: weight bytes at each b
 quantized, held in the model's float dtype, i.e. 4 bytes per value on this fp32 runtime) and KV
 bytes one token adds at each Qa (16 = the runtime's float cache, 4 bytes per value).
 
+The codec (`default_codec_hook`): each recipe of `ProfileSettings.recipes` at q̄ 4, 6, 8, on the
+hidden state leaving layers [0, ℓ) at a few split layers ℓ (`codec_split_layers`): the one-token
+frame size and the distortion on held-out tokens, calibrated as deployment calibrates.
+
 Reading of "peak activation bytes": the CPU allocator keeps no peak counter, so the transient
 peak of one layer is estimated from tensor shapes at the largest profiled token count
 (`activation_peak_bytes`); it is an estimate, the rest are measurements.
@@ -47,9 +51,9 @@ from splitcli.quant import (
 Progress = Callable[[int, int, str], None]
 """progress(done, total, what) after each timed unit of work."""
 
-CodecHook = Callable[[torch.Tensor, int, tuple[Recipe, ...], Callable[[str], None]], "CodecCost | None"]
-"""codec_hook(hidden [N, H] at the middle layer, repeats, recipes, tick) -> codec timings, sizes
-and errors per recipe (tick(what) once per recipe), or None."""
+CodecHook = Callable[[dict[int, torch.Tensor], int, tuple[Recipe, ...], Callable[[str], None]], "CodecCost | None"]
+"""codec_hook({split layer: hidden [N, H]}, repeats, recipes, tick) -> codec timings, sizes and
+errors per recipe and layer (tick(what) once per recipe), or None."""
 
 
 @dataclass(frozen=True)
@@ -284,17 +288,28 @@ class _Timer:
 
 #: q̄ values `splitllm profile` measures the codec at (with every recipe).
 PROFILE_Q_BARS = (4, 6, 8)
+#: Held-out tokens whose one-token frames give a codec point's bytes per token (their mean).
+SIZE_TOKENS = 32
 
 
-def default_codec_hook(hidden: torch.Tensor, repeats: int, recipes: tuple[Recipe, ...] = PROFILE_RECIPES,
+def codec_split_layers(n_layers: int) -> tuple[int, ...]:
+    """Split layers ℓ the profile measures the codec at: every max(1, L // 6)-th in 1..L-1, the
+    middle one and L - 1 (for L = 30: 5, 10, 15, 20, 25, 29), so the planner's candidate ℓ is
+    never more than L // 12 layers from a measured one."""
+    step = max(1, n_layers // 6)
+    return tuple(sorted({*range(step, n_layers, step), n_layers // 2, n_layers - 1} - {0}))
+
+
+def default_codec_hook(hiddens: dict[int, torch.Tensor], repeats: int, recipes: tuple[Recipe, ...] = PROFILE_RECIPES,
                        tick: Callable[[str], None] | None = None) -> CodecCost | None:
-    """Per recipe and q̄ in PROFILE_Q_BARS (τ at the default quantile): the codec calibrated the
-    way deployment calibrates (`calibrate_from_samples`) on the first 3/4 of the tokens of
-    `hidden` [N, H], then measured on the last 1/4 (held out; all tokens when N < 4): the frame
-    size of one token (a decode step sends one), encode / decode ms of it, and the distortion
-    `bulk_rel_error` over the held-out tokens. Encode / decode ms are the median over every
-    point. (Pass codec_hook=None to `measure_profile` for a profile without a codec section; the
-    planner then estimates wire bytes as hidden * q_bar / 8.)"""
+    """Per recipe, split layer ℓ (key of `hiddens`: the hidden state [N, H] leaving layers
+    [0, ℓ)) and q̄ in PROFILE_Q_BARS (τ at the default quantile): the codec calibrated the way
+    deployment calibrates (`calibrate_from_samples`) on the first 3/4 of the tokens, then
+    measured on the last 1/4 (held out; all tokens when N < 4): the mean size of a one-token
+    frame (a decode step sends one) over up to SIZE_TOKENS held-out tokens, encode / decode ms of
+    the last one's, and the distortion `bulk_rel_error` over the held-out tokens. Encode / decode ms are the median over every point. (Pass
+    codec_hook=None to `measure_profile` for a profile without a codec section; the planner then
+    estimates wire bytes as hidden * q_bar / 8.)"""
     from dataclasses import replace
 
     from splitcli import codec
@@ -302,24 +317,31 @@ def default_codec_hook(hidden: torch.Tensor, repeats: int, recipes: tuple[Recipe
     from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE, CodecSettings
     from splitcli.plan.profile import CodecPoint
 
-    samples = hidden.reshape(-1, hidden.shape[-1]).float()  # [N, H]
-    n = samples.shape[0]
-    calib, held = (samples[: n - n // 4], samples[n - n // 4:]) if n >= 4 else (samples, samples)
-    one = held[-1:]  # a decode step sends one token
-    x = held.numpy()
-    cols = bulk_channels(x)
+    splits = {}
+    for layer, hidden in sorted(hiddens.items()):
+        samples = hidden.reshape(-1, hidden.shape[-1]).float()  # [N, H]
+        n = samples.shape[0]
+        calib, held = (samples[: n - n // 4], samples[n - n // 4:]) if n >= 4 else (samples, samples)
+        splits[layer] = calib, held, held.numpy(), bulk_channels(held.numpy())
     points, enc, dec = [], [], []
     for recipe in recipes:
-        for q_bar in PROFILE_Q_BARS:
-            settings = CodecSettings(q_bar=q_bar, tau_quantile=DEFAULT_TAU_QUANTILE, **recipe.to_dict())
-            cfg = calibrate_from_samples(calib, settings)
-            frame = codec.encode(one, cfg)
-            enc.append(median_ms(lambda: codec.encode(one, cfg), repeats))
-            dec.append(median_ms(lambda: codec.decode(frame, cfg), repeats))
-            # entropy coding is lossless: reconstruct from the faster bit-packed frame
-            err = bulk_rel_error(codec.decode(codec.encode(held, replace(cfg, entropy=False)), cfg).numpy(), x, cols)
-            points.append(CodecPoint(q_bar=q_bar, tau=DEFAULT_TAU_QUANTILE, bytes_per_token=float(len(frame)),
-                                     tau_is_quantile=True, rel_error=err, **recipe.to_dict()))
+        for layer, (calib, held, x, cols) in splits.items():
+            one = held[-1:]  # a decode step sends one token
+            for q_bar in PROFILE_Q_BARS:
+                settings = CodecSettings(q_bar=q_bar, tau_quantile=DEFAULT_TAU_QUANTILE, **recipe.to_dict())
+                cfg = calibrate_from_samples(calib, settings)
+                frame = codec.encode(one, cfg)
+                # one token's frame varies with the token (SmolLM2, paper q̄ 6, ℓ = 29: 216-438 B
+                # over 64 held-out tokens): the mean over up to SIZE_TOKENS, each sent alone
+                # as a decode step sends it
+                sizes = [len(codec.encode(held[i:i + 1], cfg)) for i in range(min(SIZE_TOKENS, held.shape[0]))]
+                enc.append(median_ms(lambda: codec.encode(one, cfg), repeats))
+                dec.append(median_ms(lambda: codec.decode(frame, cfg), repeats))
+                # entropy coding is lossless: reconstruct from the faster bit-packed frame
+                y = codec.decode(codec.encode(held, replace(cfg, entropy=False)), cfg).numpy()
+                points.append(CodecPoint(q_bar=q_bar, tau=DEFAULT_TAU_QUANTILE, bytes_per_token=statistics.fmean(sizes),
+                                         tau_is_quantile=True, rel_error=bulk_rel_error(y, x, cols),
+                                         split_layer=layer, **recipe.to_dict()))
         if tick:
             tick(f"codec recipe {recipe.name} ({recipe.describe()})")
     return CodecCost(statistics.median(enc), statistics.median(dec), tuple(points))
@@ -350,7 +372,9 @@ def measure_profile(
     ids = torch.randint(0, vocab, (1, needed), generator=gen)  # [1, T+1]
     positions = torch.arange(needed)[None]  # [1, T+1]
     n_kv, head_dim = head_dims(config)
-    total = (len(settings.bits) + 1) * (settings.repeats + 1) + 2 + (len(settings.recipes) if codec_hook else 0)
+    codec_layers = codec_split_layers(n_layers)  # none for a 1-layer model: nothing to split
+    total = (len(settings.bits) + 1) * (settings.repeats + 1) + 2 + (
+        len(settings.recipes) if codec_hook and codec_layers else 0)
     done = 0
 
     def tick(what: str) -> None:
@@ -400,7 +424,6 @@ def measure_profile(
             decode_ms_by_bits=decode_by_bits, prefill_ms_by_bits=prefill_by_bits,
         ))
     hidden = inputs[-1]
-    middle_hidden = inputs[n_layers // 2]
     x_last = hidden[:, -1:]
 
     def head_step():
@@ -410,7 +433,8 @@ def measure_profile(
                   for m in (parts.norm, parts.lm_head) for p in m.parameters()}
     head = StageCost(weight_bytes=float(sum(head_bytes.values())), decode_ms=median_ms(head_step, settings.repeats))
     tick("head")
-    codec = codec_hook(middle_hidden[0], settings.repeats, settings.recipes, tick) if codec_hook else None
+    codec = codec_hook({l: inputs[l][0] for l in codec_layers}, settings.repeats, settings.recipes,
+                       tick) if codec_hook and codec_layers else None
     return Profile(
         model_id=model_id, hidden_size=config.hidden_size, n_kv_heads=n_kv, head_dim=head_dim,
         device=device_info(), layers=tuple(layers), embedding=embedding, head=head, codec=codec,

@@ -29,7 +29,8 @@ How eq. (8) was read:
   predicted per-token latency exceeds it is rejected before its accuracy is measured.
 - Codec recipe (rotation, channel alpha; `splitcli.plan.recipes`, not in the paper): one more
   enumerated choice. Psi does not see it. With `max_codec_error`, a candidate whose recipe's
-  measured codec error (the profile's `rel_error` at its q_bar, tau, recipe) exceeds the bound is
+  measured codec error (the profile's `rel_error` at its q_bar, tau, recipe, nearest measured
+  split layer; its wire bytes come from the same point) exceeds the bound is
   rejected on accuracy before the (expensive) accuracy source runs; an unmeasured error (a
   format-1 profile) is not checked. Among recipes that pass, the ranking above decides: an
   accuracy source that does not see the codec gives them one drop, so the smaller frame wins
@@ -326,7 +327,7 @@ def search_plans(
         if isinstance(memory, str):
             invalid.append(Ranked(cand, "rejected", f"invalid: {memory}", rejected_by="invalid"))
             continue
-        codec_key = (cand.q_bar, cand.tau, space.tau_is_quantile, cand.recipe)
+        codec_key = (cand.q_bar, cand.tau, space.tau_is_quantile, cand.recipe, cand.split_layer)
         if codec_key not in wire_cache:
             wire_cache[codec_key] = (profile.wire_bytes_per_token(*codec_key), profile.codec_rel_error(*codec_key))
         wire, codec_error = wire_cache[codec_key]

@@ -29,12 +29,11 @@ from splitcli.errors import SplitLLMError
 from splitcli.plan._validate import (
     check_int, check_keys, check_number, check_table, require_mapping,
 )
+from splitcli.plan.codec_profile import PROFILE_FORMAT_VERSION, READABLE_PROFILE_VERSIONS, CodecCost, CodecPoint
 from splitcli.plan.recipes import PAPER_RECIPE, Recipe
 
-#: 2: codec points carry their recipe (rotation, channel_alpha) and measured rel_error.
-PROFILE_FORMAT_VERSION = 2
-#: Versions this splitllm reads; a version-1 file's codec points are the paper's recipe.
-READABLE_PROFILE_VERSIONS = (1, 2)
+__all__ = ["PROFILE_FORMAT_VERSION", "READABLE_PROFILE_VERSIONS", "CodecCost", "CodecPoint", "DeviceInfo",
+           "LayerCost", "Profile", "StageCost", "profile_from_architecture"]
 
 
 @dataclass(frozen=True)
@@ -160,106 +159,6 @@ class StageCost:
 
 
 @dataclass(frozen=True)
-class CodecPoint:
-    """Measured wire size of the codec at one (q_bar, tau, recipe); tau is absolute unless
-    `tau_is_quantile`. `rel_error`: the distortion measured with it (None: not measured, as in
-    a format-1 profile). The recipe defaults to the paper's (no rotation, α 0)."""
-
-    q_bar: int
-    tau: float
-    bytes_per_token: float
-    tau_is_quantile: bool = False
-    rotation: str = "none"
-    channel_alpha: float = 0.0
-    rel_error: float | None = None
-
-    def __post_init__(self) -> None:
-        check_int(self.q_bar, "codec q_bar", 2, 16)
-        check_number(self.tau, "codec tau")
-        check_number(self.bytes_per_token, "codec bytes_per_token")
-        if not isinstance(self.tau_is_quantile, bool):
-            raise SplitLLMError("codec tau_is_quantile must be true or false")
-        object.__setattr__(self, "channel_alpha", Recipe(self.rotation, self.channel_alpha).channel_alpha)
-        if self.rel_error is not None:
-            check_number(self.rel_error, "codec rel_error")
-
-    @property
-    def recipe(self) -> Recipe:
-        return Recipe(self.rotation, self.channel_alpha)
-
-    @property
-    def key(self) -> tuple:
-        return (self.q_bar, self.tau, self.tau_is_quantile, self.recipe)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"q_bar": self.q_bar, "tau": self.tau, "bytes_per_token": self.bytes_per_token,
-                "tau_is_quantile": self.tau_is_quantile, "rotation": self.rotation,
-                "channel_alpha": self.channel_alpha, "rel_error": self.rel_error}
-
-
-@dataclass(frozen=True)
-class CodecCost:
-    """Codec timing per token and its wire size at each measured (q_bar, tau)."""
-
-    encode_ms_per_token: float
-    decode_ms_per_token: float
-    points: tuple[CodecPoint, ...]
-
-    def __post_init__(self) -> None:
-        check_number(self.encode_ms_per_token, "codec encode_ms_per_token")
-        check_number(self.decode_ms_per_token, "codec decode_ms_per_token")
-        object.__setattr__(self, "points", tuple(self.points))
-        seen = set()
-        for point in self.points:
-            if not isinstance(point, CodecPoint):
-                raise SplitLLMError("codec points must be CodecPoint entries")
-            if point.key in seen:
-                raise SplitLLMError(f"duplicate codec point q_bar={point.q_bar}, tau={point.tau}, "
-                                    f"{point.recipe.describe()}")
-            seen.add(point.key)
-
-    def point(self, q_bar: int, tau: float, tau_is_quantile: bool = False,
-              recipe: Recipe = PAPER_RECIPE) -> CodecPoint | None:
-        """The point measured at (q_bar, tau, recipe), or None."""
-        key = (q_bar, tau, tau_is_quantile, recipe)
-        return next((p for p in self.points if p.key == key), None)
-
-    def bytes_per_token(self, q_bar: int, tau: float, tau_is_quantile: bool = False,
-                        recipe: Recipe = PAPER_RECIPE) -> float:
-        point = self.point(q_bar, tau, tau_is_quantile, recipe)
-        if point is None:
-            raise SplitLLMError(f"profile has no codec measurement for q_bar={q_bar}, tau={tau}, "
-                                f"{recipe.describe()}")
-        return point.bytes_per_token
-
-    @property
-    def recipes(self) -> tuple[Recipe, ...]:
-        """The recipes measured, in the order first measured."""
-        return tuple(dict.fromkeys(p.recipe for p in self.points))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"encode_ms_per_token": self.encode_ms_per_token,
-                "decode_ms_per_token": self.decode_ms_per_token,
-                "points": [p.to_dict() for p in self.points]}
-
-    @classmethod
-    def from_dict(cls, data: Any, version: int = PROFILE_FORMAT_VERSION) -> "CodecCost":
-        """Version 1 points hold no recipe or error (the paper's recipe, error not measured)."""
-        data = require_mapping(data, "profile codec")
-        required = {"encode_ms_per_token", "decode_ms_per_token", "points"}
-        check_keys(data, required, set(), "profile codec")
-        if not isinstance(data["points"], list):
-            raise SplitLLMError("profile codec points must be a list")
-        points = []
-        for i, item in enumerate(data["points"]):
-            item = require_mapping(item, f"profile codec point {i}")
-            optional = {"tau_is_quantile"} | ({"rotation", "channel_alpha", "rel_error"} if version >= 2 else set())
-            check_keys(item, {"q_bar", "tau", "bytes_per_token"}, optional, f"profile codec point {i}")
-            points.append(CodecPoint(**item))
-        return cls(data["encode_ms_per_token"], data["decode_ms_per_token"], tuple(points))
-
-
-@dataclass(frozen=True)
 class Profile:
     """Per-layer measured costs of `model_id` on `device` (see module docstring for units)."""
 
@@ -294,6 +193,9 @@ class Profile:
         for k, layer in enumerate(self.layers):
             if not isinstance(layer, LayerCost):
                 raise SplitLLMError(f"profile layer {k} must be a LayerCost")
+        if self.codec is not None and self.codec.split_layers and self.codec.split_layers[-1] > len(self.layers):
+            raise SplitLLMError(f"profile codec split_layer {self.codec.split_layers[-1]} exceeds the "
+                                f"{len(self.layers)} layers")
 
     @property
     def n_layers(self) -> int:
@@ -313,18 +215,19 @@ class Profile:
         return out
 
     def wire_bytes_per_token(self, q_bar: int, tau: float, tau_is_quantile: bool = False,
-                             recipe: Recipe = PAPER_RECIPE) -> float:
-        """Hidden-state bytes per token on the wire at (q_bar, tau, recipe): the measured codec
-        point, or hidden * q_bar / 8 when unmeasured (the TAB-Q body alone, without the sparse
-        outliers or the entropy coder's gain: a rough estimate, good for ranking, not for a wire
-        budget)."""
-        point = self.codec.point(q_bar, tau, tau_is_quantile, recipe) if self.codec is not None else None
+                             recipe: Recipe = PAPER_RECIPE, split_layer: int | None = None) -> float:
+        """Hidden-state bytes per token on the wire at (q_bar, tau, recipe), split at
+        `split_layer`: the codec point measured nearest to it (`CodecCost.point`), or hidden *
+        q_bar / 8 when unmeasured (the TAB-Q body alone, without the sparse outliers or the
+        entropy coder's gain: a rough estimate, good for ranking, not for a wire budget)."""
+        point = self.codec.point(q_bar, tau, tau_is_quantile, recipe, split_layer) if self.codec is not None else None
         return point.bytes_per_token if point is not None else hidden_token_bytes(self.hidden_size, q_bar)
 
     def codec_rel_error(self, q_bar: int, tau: float, tau_is_quantile: bool = False,
-                        recipe: Recipe = PAPER_RECIPE) -> float | None:
-        """The distortion measured at (q_bar, tau, recipe); None when not measured."""
-        point = self.codec.point(q_bar, tau, tau_is_quantile, recipe) if self.codec is not None else None
+                        recipe: Recipe = PAPER_RECIPE, split_layer: int | None = None) -> float | None:
+        """The distortion measured at (q_bar, tau, recipe) nearest to `split_layer`; None when
+        not measured."""
+        point = self.codec.point(q_bar, tau, tau_is_quantile, recipe, split_layer) if self.codec is not None else None
         return None if point is None else point.rel_error
 
     def activation_peaks(self) -> list[float]:

@@ -53,8 +53,8 @@ def decide(better: Ranked, worse: Ranked) -> Decision | None:
                         f"same Psi, l and accuracy, higher predicted latency ({format_ms(tw)} > {format_ms(tb)} per token)")
     wb, ww = b.wire_bytes_per_token, w.wire_bytes_per_token
     if wb != ww:
-        return Decision("fewer wire bytes", f"same Psi, l, accuracy and latency, fewer wire bytes/token ({wb:g} < {ww:g})",
-                        f"same Psi, l, accuracy and latency, more wire bytes/token ({ww:g} > {wb:g})")
+        return Decision("fewer wire bytes", f"same Psi, l, accuracy and latency, fewer wire bytes/token ({wb:.4g} < {ww:.4g})",
+                        f"same Psi, l, accuracy and latency, more wire bytes/token ({ww:.4g} > {wb:.4g})")
     mb, mw = total_memory(b), total_memory(w)
     if mb != mw:
         return Decision("less edge memory",

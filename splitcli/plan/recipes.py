@@ -116,11 +116,15 @@ def explain_recipe(search, profile, max_codec_error: float | None, pinned: bool 
 
     w = search.winner.candidate
     def size_error(c) -> str:
-        err = profile.codec_rel_error(c.q_bar, c.tau, True, c.recipe)
-        return (f"{profile.wire_bytes_per_token(c.q_bar, c.tau, True, c.recipe):g} B/token, "
-                + ("error not measured" if err is None else f"error {err:.3g}"))
+        p = profile.codec.point(c.q_bar, c.tau, True, c.recipe, c.split_layer) if profile.codec else None
+        if p is None:
+            return (f"{profile.wire_bytes_per_token(c.q_bar, c.tau, True, c.recipe, c.split_layer):.4g} B/token "
+                    "(estimate), error not measured")
+        at = "" if p.split_layer is None else f" (measured at ℓ = {p.split_layer})"
+        return (f"{p.bytes_per_token:.4g} B/token, "
+                + ("error not measured" if p.rel_error is None else f"error {p.rel_error:.3g}") + at)
 
-    bound = "" if max_codec_error is None else f" (bound {max_codec_error:g})"
+    bound = "" if max_codec_error is None else f"; error bound {max_codec_error:g}"
     head = f"codec recipe: {w.recipe.name} ({w.recipe.describe()}) at q̄ {w.q_bar}: {size_error(w)}{bound}"
     if pinned:
         head += "; pinned by --rotation/--channel-alpha"
@@ -137,19 +141,20 @@ def explain_recipe(search, profile, max_codec_error: float | None, pinned: bool 
 
 
 def recipe_step_latency(profile, candidate, link, rate_bps, i_kv: int = 1):
-    """`advise.step_latency` with the hidden state's bytes at the candidate's recipe (advise
-    costs the paper's recipe): the same compute, the wire corrected by the recipe's measured
-    frame size, the link time recomputed for it."""
+    """`advise.step_latency` with the hidden state's bytes at the candidate's recipe and split
+    layer (advise costs the paper's recipe at the profile's middle measured layer): the same
+    compute, the wire corrected by the frame size measured nearest the candidate's ℓ, the link
+    time recomputed for it."""
     from dataclasses import replace
 
     from splitcli.plan.advise import step_latency
 
     base = step_latency(profile, candidate, link, rate_bps, i_kv, True)
-    paper = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, True)
-    ours = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, True, candidate.recipe)
-    if ours == paper:
+    advised = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, True)
+    actual = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, True, candidate.recipe, candidate.split_layer)
+    if actual == advised:
         return base
-    wire = base.wire_bytes - paper + ours
+    wire = base.wire_bytes - advised + actual
     comm = link.comm_seconds(wire, rate_bps) if link is not None and rate_bps else 0.0
     return replace(base, wire_bytes=wire, comm_s=comm)
 
