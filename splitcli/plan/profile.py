@@ -5,9 +5,10 @@ names: `_ms` milliseconds, `_bytes` bytes. Layer k is decoder layer k (0-based).
 - prefill_ms: {token count: ms to prefill that many tokens through the layer}
 - weight_bytes: {bits: bytes of the layer's weights at that bit width} (eq. 1's B_w(k; Q))
 - kv_bytes_per_token: {Qa bits: bytes one token adds to the layer's KV cache, overhead included}
-- codec points: bytes per token the TS + TAB-Q + rANS codec produced at (q_bar, tau, recipe),
-  the recipe being the rotation and channel α (`splitcli.plan.recipes`), and the distortion it
-  left (`rel_error`, mean per-token relative L2 error of the non-massive channels; format 2)
+- codec points (`splitcli.plan.codec_profile`): bytes per token the TS + TAB-Q + rANS codec
+  produced at (q_bar, tau, recipe, split layer), the recipe being the rotation and channel α
+  (`splitcli.plan.recipes`), and the distortion it left (`rel_error`, mean per-token relative L2
+  error of the non-massive channels; format 2)
 - decode_ms_by_bits / prefill_ms_by_bits (optional): the same timings with the layer's weights at
   that bit width (16 = not quantized), since a 4-bit kernel runs at another speed than fp32;
   `decode_ms` / `prefill_ms` stay the timings of the layer as loaded.
