@@ -4,8 +4,8 @@ A recipe is the part of the codec settings that is neither q̄ nor τ (which the
 enumerates): the orthogonal rotation of T_below and the per-channel scaling exponent α
 (`CodecSettings.rotation`, `.channel_alpha`). The paper's recipe is (none, 0); this project's
 (docs/results.md, "Codec v3") is (hadamard, 0.5). `splitllm profile` measures every recipe of
-PROFILE_RECIPES at each q̄ it measures: the wire bytes of a one-token frame and the codec's
-distortion (`rel_error`, the mean per-token relative L2 error of the non-massive channels,
+PROFILE_RECIPES at each q̄ and split layer it measures (`splitcli.plan.codec_profile`): the
+mean wire bytes of a one-token frame and the codec's distortion (`rel_error`, the mean per-token relative L2 error of the non-massive channels,
 `splitcli.codec.calibrate.bulk_rel_error`: the figure `target_rel_error` bounds). The planner
 enumerates the measured recipes like any other choice, rejects a recipe whose measured error
 exceeds its codec-error bound, and among those left its objective (eq. 8, then accuracy drop,
@@ -115,6 +115,7 @@ def explain_recipe(search, profile, max_codec_error: float | None, pinned: bool 
     from dataclasses import replace
 
     w = search.winner.candidate
+
     def size_error(c) -> str:
         p = profile.codec.point(c.q_bar, c.tau, True, c.recipe, c.split_layer) if profile.codec else None
         if p is None:
