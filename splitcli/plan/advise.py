@@ -13,7 +13,8 @@ Readings:
   [W / 1000, 2 W log2(1 + gamma)], i.e. around the link's capacity.
 - Edge latency per token: embedding + the edge layers at their weight bits (per-bit timings from
   the profile) + the codec's encode time when the profile has one; the wire carries the hidden
-  state of one token (codec size, or hidden * q_bar / 8) plus, with I_kv = 1, the new token's KV
+  state of one token (the codec frame measured at the candidate's recipe nearest its ℓ, or
+  hidden * q_bar / 8) plus, with I_kv = 1, the new token's KV
   for the cloud layers at 16 bits (`io_bytes_per_step`), sent in the eq. (11) epsilon-outage
   time at rate R. The cloud's compute is not included: the profile measures the edge device
   only, so the predicted step is what the edge and the link spend (a lower bound on the whole).
@@ -142,7 +143,10 @@ def step_latency(profile: Profile, candidate: Candidate, link: LinkModel | None,
     compute = profile.edge_decode_ms_at(edge_weight_bits(candidate, profile.n_layers)) / 1e3
     if profile.codec is not None:
         compute += profile.codec.encode_ms_per_token / 1e3
-    hidden = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, tau_is_quantile)
+    # the frame of the candidate's own recipe at the measured split layer nearest its ℓ: frames
+    # differ by recipe and by layer (the paper's q8 at the middle layer vs at ℓ = 29: 304 vs 391 B)
+    hidden = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, tau_is_quantile, candidate.recipe,
+                                          candidate.split_layer)
     wire = io_bytes_per_step(i_kv, 1, hidden, cloud_kv_bytes_per_token(profile, candidate.split_layer))
     comm = link.comm_seconds(wire, rate_bps) if link is not None and rate_bps else 0.0
     return StepLatency(compute, wire, comm)
@@ -202,7 +206,8 @@ def sweep_rows(profile: Profile, candidate: Candidate, memory_budget: int, total
     if w_bars is None:
         w_bars = sorted({0, total_tokens // 8, total_tokens // 4, total_tokens // 2, total_tokens, 2 * total_tokens})
     w_bars = list(w_bars)
-    per_token = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, True)
+    per_token = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, True, candidate.recipe,
+                                             candidate.split_layer)
     points = sweep_max_tokens(w_bars, total_tokens, per_token, profile.hidden_size * 2.0)
     kv = profile.kv_bytes_per_token(candidate.qa)
     rows = []

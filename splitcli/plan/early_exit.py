@@ -31,6 +31,7 @@ from splitcli.cost.latency import LinkModel
 from splitcli.cost.memory import io_bytes_per_step
 from splitcli.errors import SplitLLMError
 from splitcli.plan.profile import Profile
+from splitcli.plan.recipes import Recipe
 from splitcli.plan.schema import Plan
 
 WireBytes = Callable[[int, int, int], float]
@@ -153,12 +154,14 @@ def max_tokens_under_deadline(
 def wire_bytes_model(profile: Profile, plan: Plan, cloud_kv_bits: int = 16) -> WireBytes:
     """The WireBytes function for `plan` on `profile`: one decode step (one new token).
 
-    Hidden state: `Profile.wire_bytes_per_token` at (q_bar, the plan's tau). I_kv = 1 adds the new
+    Hidden state: `Profile.wire_bytes_per_token` at (q_bar, the plan's tau, the plan's codec recipe,
+    measured nearest the plan's split layer ℓ). I_kv = 1 adds the new
     token's KV for the cloud layers [l, L) at `cloud_kv_bits` (the cloud runs full precision),
     following the reading in `splitcli.cost.memory.io_bytes_per_step`. w does not change a decode
     step's payload under that reading; it is accepted for runtimes that model otherwise.
     """
     tau, is_quantile = plan.codec.tau_value, plan.codec.tau_quantile is not None
+    recipe = Recipe(plan.codec.rotation, plan.codec.channel_alpha)
     cloud_layers = range(plan.split_layer, plan.n_layers)
     if profile.n_layers != plan.n_layers:
         raise SplitLLMError(
@@ -168,7 +171,7 @@ def wire_bytes_model(profile: Profile, plan: Plan, cloud_kv_bits: int = 16) -> W
     cloud_kv = float(sum(kv_per_layer[k] for k in cloud_layers))
 
     def wire_bytes(q_bar: int, i_kv: int, w: int) -> float:
-        hidden = profile.wire_bytes_per_token(q_bar, tau, is_quantile)
+        hidden = profile.wire_bytes_per_token(q_bar, tau, is_quantile, recipe, plan.split_layer)
         return io_bytes_per_step(i_kv, 1, hidden, cloud_kv)
 
     return wire_bytes

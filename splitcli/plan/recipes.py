@@ -142,22 +142,11 @@ def explain_recipe(search, profile, max_codec_error: float | None, pinned: bool 
 
 
 def recipe_step_latency(profile, candidate, link, rate_bps, i_kv: int = 1):
-    """`advise.step_latency` with the hidden state's bytes at the candidate's recipe and split
-    layer (advise costs the paper's recipe at the profile's middle measured layer): the same
-    compute, the wire corrected by the frame size measured nearest the candidate's ℓ, the link
-    time recomputed for it."""
-    from dataclasses import replace
-
+    """`advise.step_latency` at a tau quantile: the hidden state's bytes at the candidate's recipe
+    measured nearest its split layer (advise reads both from the candidate; kept for callers)."""
     from splitcli.plan.advise import step_latency
 
-    base = step_latency(profile, candidate, link, rate_bps, i_kv, True)
-    advised = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, True)
-    actual = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, True, candidate.recipe, candidate.split_layer)
-    if actual == advised:
-        return base
-    wire = base.wire_bytes - advised + actual
-    comm = link.comm_seconds(wire, rate_bps) if link is not None and rate_bps else 0.0
-    return replace(base, wire_bytes=wire, comm_s=comm)
+    return step_latency(profile, candidate, link, rate_bps, i_kv, True)
 
 
 def recipe_latency_model(profile, link, rate_bps, i_kv: int = 1):
