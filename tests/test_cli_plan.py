@@ -62,6 +62,7 @@ def test_profile_tiny(tiny_model_dir, tmp_path):
     assert set(profile.layers[3].prefill_ms_by_bits[4]) == {1, 8}
     assert profile.embedding.weight_bytes == 49152 * 64 * 4
     assert profile.device.threads >= 1 and "torch" in profile.device.name
+    assert profile.timed_path == "fast" and "timed on the fast decode path" in flat(r.output)
     assert_clean_error(run(*args), "--force")
 
 

@@ -28,7 +28,7 @@ def profile_cmd(
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch's default); recorded in the profile."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
 ):
-    """Measure per-layer latency (prefill, decode, at each weight bit width) and exact sizes on this machine, and the codec's frame size and error per recipe and q̄."""
+    """Measure per-layer latency (prefill, decode, at each weight bit width; on the fast decode path `generate` runs when the model supports it, else the eager one; the profile records which) and exact sizes on this machine, and the codec's frame size and error per recipe and q̄."""
     import torch
 
     from ..configio import write_yaml
@@ -61,7 +61,13 @@ def profile_cmd(
     write_yaml(out, profile.to_dict(), overwrite=force)
 
     bits_label = "/".join(f"{b}b" for b in settings.bits)
-    table = Table(title=f"{lm.model_id} on {profile.device.cpu} ({profile.device.threads} threads)")
+    if profile.timed_path == "fast":
+        path = "the fast decode path (what generate runs)"
+    else:
+        from ..runtime.fast import fast_unsupported_model
+
+        path = f"the eager path (no fast path: {fast_unsupported_model(lm.model)})"
+    table = Table(title=f"{lm.model_id} on {profile.device.cpu} ({profile.device.threads} threads), timed on {path}")
     for col in ("layer", f"decode ms {bits_label} ({settings.decode_context} cached)", f"prefill {settings.tokens[-1]} ms",
                 f"weights {bits_label}", "KV B/token Qa " + "/".join(map(str, settings.kv_bits))):
         table.add_column(col, justify="right")

@@ -1,7 +1,11 @@
 """Measure a `Profile` of a loaded model on this machine (what `splitllm profile` writes).
 
-Per decoder layer k, each timed on its own through `LayerRange(parts, k, k + 1)` (so masks and
-rotary embeddings are built the way the runtime builds them) on the real output of layer k - 1,
+Layers are timed on the path `splitllm generate` decodes on: the fast decode path
+(`splitcli.deploy.measure_fast`: each layer as a one-layer `FastLayers` over a static cache, on
+copies of the layers) when the model supports it, else the eager one described here; the profile
+records which (`timed_path`). Eager: per decoder layer k, each timed on its own through
+`LayerRange(parts, k, k + 1)` (so masks and rotary embeddings are built the way the runtime
+builds them) on the real output of layer k - 1,
 median of `repeats` samples after one warm-up; samples are taken in rounds over all layers so
 that a burst of load on a shared machine spreads over many layers:
 - prefill_ms[T]: T tokens into an empty KV cache;
@@ -13,7 +17,10 @@ that a burst of load on a shared machine spreads over many layers:
   `prefill_ms_by_bits`; 16 = the layer as loaded), because the 4-bit CPU kernel runs at its own
   speed. Quantized layers are copies swapped in and back out, so the model is left as it was.
 The masks and rotary embeddings LayerRange builds are paid once per edge forward: their cost
-(timed with pass-through layers) is subtracted from each layer and added to the embedding stage.
+(timed with pass-through layers; on the fast path derived from the alone and stack timings,
+`measure_fast.fast_overhead_ms`) is subtracted from each layer and added to the embedding stage.
+The head (final norm + LM head) is timed for one token, on the fast path on a copy of the LM head
+laid out as that path lays it out.
 Sizes are exact, from `splitcli.quant`'s byte accounting: weight bytes at each bit width (16 = not
 quantized, held in the model's float dtype, i.e. 4 bytes per value on this fp32 runtime) and KV
 bytes one token adds at each Qa (16 = the runtime's float cache, 4 bytes per value).
@@ -39,6 +46,7 @@ from typing import Callable
 
 import torch
 
+from splitcli.deploy.measure_fast import FAST, FastTimer, fast_head, fast_overhead_ms, layer_copies, timed_path
 from splitcli.errors import SplitLLMError
 from splitcli.model.split import LayerRange, decoder_parts, new_cache
 from splitcli.plan.profile import CodecCost, DeviceInfo, LayerCost, Profile, StageCost
@@ -373,7 +381,9 @@ def measure_profile(
     positions = torch.arange(needed)[None]  # [1, T+1]
     n_kv, head_dim = head_dims(config)
     codec_layers = codec_split_layers(n_layers)  # none for a 1-layer model: nothing to split
-    total = (len(settings.bits) + 1) * (settings.repeats + 1) + 2 + (
+    path = timed_path(parts)
+    fast = path == FAST
+    total = (len(settings.bits) + (0 if fast else 1)) * (settings.repeats + 1) + 2 + (
         len(settings.recipes) if codec_hook and codec_layers else 0)
     done = 0
 
@@ -389,18 +399,29 @@ def measure_profile(
     inputs = [parts.embed_tokens(ids)]  # inputs[k]: what layer k sees, [1, T+1, H]
     for k in range(n_layers):
         inputs.append(LayerRange(parts, k, k + 1)(inputs[k], positions, None, None))
-    timer = _Timer(parts, inputs, positions, settings)
-    # What LayerRange costs around the layers (masks, rotary) is paid once per edge forward, not
-    # once per layer: measured with pass-through layers, subtracted from each layer and charged
-    # to the embedding stage, which runs once per forward too.
-    overhead, _ = timer.time_all([_PassThrough() for _ in range(n_layers)], tick, "masks + rotary")
-    over_prefill = {t: statistics.median(o[0][t] for o in overhead) for t in settings.tokens}
-    over_decode = statistics.median(o[1] for o in overhead)
+    as_loaded = KEEP_BITS if KEEP_BITS in settings.bits else settings.bits[-1]
     by_bits, stack_decode = {}, {}
-    for b in settings.bits:
-        variants = [_variant(layer, b, settings.group_size) for layer in parts.layers]
-        by_bits[b], stack_decode[b] = timer.time_all(variants, tick, f"{b}-bit layers")
-        del variants
+    if fast:
+        timer = FastTimer(parts, inputs, positions, settings)
+        for b in settings.bits:  # copies at every width: the fast path rewrites what it wraps
+            variants = layer_copies(parts.layers, lambda layer: _variant(layer, b, settings.group_size))
+            by_bits[b], stack_decode[b] = timer.time_all(variants, tick, f"{b}-bit layers (fast path)")
+            del variants
+        # the per-forward cost (rotary, cache bookkeeping) the alone timings paid n times
+        over_decode = fast_overhead_ms([by_bits[as_loaded][k][1] for k in range(n_layers)], stack_decode[as_loaded])
+        over_prefill = {t: 0.0 for t in settings.tokens}
+    else:
+        timer = _Timer(parts, inputs, positions, settings)
+        # What LayerRange costs around the layers (masks, rotary) is paid once per edge forward, not
+        # once per layer: measured with pass-through layers, subtracted from each layer and charged
+        # to the embedding stage, which runs once per forward too.
+        overhead, _ = timer.time_all([_PassThrough() for _ in range(n_layers)], tick, "masks + rotary")
+        over_prefill = {t: statistics.median(o[0][t] for o in overhead) for t in settings.tokens}
+        over_decode = statistics.median(o[1] for o in overhead)
+        for b in settings.bits:
+            variants = [_variant(layer, b, settings.group_size) for layer in parts.layers]
+            by_bits[b], stack_decode[b] = timer.time_all(variants, tick, f"{b}-bit layers")
+            del variants
     embedding = StageCost(
         weight_bytes=float(sum(p.numel() * p.element_size() for p in parts.embed_tokens.parameters())),
         weight_bytes_by_bits=embedding_bytes_table(parts.embed_tokens),
@@ -416,7 +437,6 @@ def measure_profile(
         prefill_by_bits = {b: {t: max(0.0, ms - over_prefill[t]) for t, ms in by_bits[b][k][0].items()}
                            for b in settings.bits}
         decode_by_bits = {b: max(0.0, by_bits[b][k][1] - over_decode) * scale[b] for b in settings.bits}
-        as_loaded = KEEP_BITS if KEEP_BITS in settings.bits else settings.bits[-1]
         layers.append(LayerCost(
             prefill_ms=prefill_by_bits[as_loaded], decode_ms=decode_by_bits[as_loaded],
             weight_bytes=weight_bytes_table(parts.layers[k], settings.bits, settings.group_size),
@@ -426,8 +446,10 @@ def measure_profile(
     hidden = inputs[-1]
     x_last = hidden[:, -1:]
 
+    head_fn = fast_head(parts) if fast else (lambda x: parts.lm_head(parts.norm(x)))
+
     def head_step():
-        return parts.lm_head(parts.norm(x_last))
+        return head_fn(x_last)
 
     head_bytes = {id(p): p.numel() * p.element_size()
                   for m in (parts.norm, parts.lm_head) for p in m.parameters()}
@@ -438,5 +460,5 @@ def measure_profile(
     return Profile(
         model_id=model_id, hidden_size=config.hidden_size, n_kv_heads=n_kv, head_dim=head_dim,
         device=device_info(), layers=tuple(layers), embedding=embedding, head=head, codec=codec,
-        group_size=settings.group_size, decode_context=settings.decode_context,
+        group_size=settings.group_size, decode_context=settings.decode_context, timed_path=path,
     )

@@ -15,6 +15,9 @@ names: `_ms` milliseconds, `_bytes` bytes. Layer k is decoder layer k (0-based).
 - embedding weight_bytes_by_bits (optional): the embedding table's bytes as the edge shard stores
   it ({8: per-row 8-bit codes + scales}); the planner costs the edge's embedding at the plan's
   embed_bits, since `splitllm quantize` writes it at 8 bits by default.
+- timed_path (optional, format 2): "fast" when the timings were taken on the fast decode path
+  `splitllm generate` runs (`splitcli.model.fast`), "eager" on the Hugging Face modules; absent:
+  not recorded (profiles written before it was, all timed eagerly).
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ from splitcli.plan._validate import (
 from splitcli.plan.codec_profile import PROFILE_FORMAT_VERSION, READABLE_PROFILE_VERSIONS, CodecCost, CodecPoint
 from splitcli.plan.recipes import PAPER_RECIPE, Recipe
 
-__all__ = ["PROFILE_FORMAT_VERSION", "READABLE_PROFILE_VERSIONS", "CodecCost", "CodecPoint", "DeviceInfo",
+#: Decode paths a profile's timings can come from (`Profile.timed_path`).
+TIMED_PATHS: tuple[str, ...] = ("fast", "eager")
+
+__all__ = ["PROFILE_FORMAT_VERSION", "TIMED_PATHS", "READABLE_PROFILE_VERSIONS", "CodecCost", "CodecPoint", "DeviceInfo",
            "LayerCost", "Profile", "StageCost", "profile_from_architecture"]
 
 
@@ -174,6 +180,7 @@ class Profile:
     codec: CodecCost | None = None
     group_size: int | None = None  # weight quantization group the weight_bytes were counted for
     decode_context: int | None = None  # cached tokens each timed decode step attended to
+    timed_path: str | None = None  # "fast" / "eager": the decode path the timings were taken on
     format_version: int = PROFILE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -183,6 +190,8 @@ class Profile:
             check_int(self.group_size, "profile group_size", 1)
         if self.decode_context is not None:
             check_int(self.decode_context, "profile decode_context", 1)
+        if self.timed_path not in TIMED_PATHS + (None,):
+            raise SplitLLMError(f"profile timed_path must be one of {', '.join(TIMED_PATHS)}, got {self.timed_path!r}")
         check_int(self.hidden_size, "profile hidden_size", 1)
         check_int(self.n_kv_heads, "profile n_kv_heads", 1)
         check_int(self.head_dim, "profile head_dim", 1)
@@ -279,6 +288,7 @@ class Profile:
             "codec": None if self.codec is None else self.codec.to_dict(),
             "group_size": self.group_size, "decode_context": self.decode_context,
             "layers": [layer.to_dict() for layer in self.layers],
+            **({} if self.timed_path is None else {"timed_path": self.timed_path}),
         }
 
     @classmethod
@@ -290,7 +300,8 @@ class Profile:
                                 f"{', '.join(map(str, READABLE_PROFILE_VERSIONS))} (re-run `splitllm profile`)")
         required = {"format_version", "model_id", "hidden_size", "n_kv_heads", "head_dim",
                     "device", "layers", "embedding", "head"}
-        check_keys(data, required, {"codec", "group_size", "decode_context"}, "profile")
+        optional = {"codec", "group_size", "decode_context"} | ({"timed_path"} if version >= 2 else set())
+        check_keys(data, required, optional, "profile")
         if not isinstance(data["layers"], list):
             raise SplitLLMError("profile layers must be a list")
         codec = data.get("codec")
@@ -304,6 +315,7 @@ class Profile:
             head=StageCost.from_dict(data["head"], "profile head"),
             codec=None if codec is None else CodecCost.from_dict(codec, version),
             group_size=data.get("group_size"), decode_context=data.get("decode_context"),
+            timed_path=data.get("timed_path"),
         )
 
 
