@@ -259,7 +259,7 @@ class FastLayers:
         a = a.reshape(b, 1, nh * d) if rot is not None else a.transpose(1, 2).reshape(b, t, nh * d)
         x = ly.o(x, a)  # x + o(a)
         gate, up = ly.gate_up(_rms_norm(x, ly.w_post, ly.eps_post)).split(ly.n_inter, -1)  # [B, T, I] each
-        return ly.down(x, ly.act(gate) * up)  # x + down(act(gate) * up)
+        return ly.down(x, ly.act(gate).mul_(up))  # x + down(act(gate) * up)
 
 
 class FastEdgeHalf:

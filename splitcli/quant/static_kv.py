@@ -93,6 +93,7 @@ class QuantStaticKV(StaticCache):
         self.group = self.cfg.group_for(head_dim)
         self.scale_dtype = SCALE_DTYPES[self.cfg.scale_dtype]
         self.codes = self.scales = self.zeros = None
+        self._layers = ()  # per layer (codes, scales, zeros) views [2, B, kv_heads, capacity, ...], made once
         self._scratch = None  # [2, B, kv_heads, capacity, D] float: one layer's dequantized K, V
 
     def _tensors(self) -> tuple:
@@ -100,6 +101,7 @@ class QuantStaticKV(StaticCache):
 
     def _store(self, tensors: tuple) -> None:
         self.codes, self.scales, self.zeros = tensors
+        self._layers = tuple(zip(*(t.unbind(0) for t in tensors)))
         self._scratch = None  # sized to the old capacity
 
     def _alloc(self, batch: int, capacity: int):
@@ -111,16 +113,18 @@ class QuantStaticKV(StaticCache):
     def write(self, i: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Quantize k, v [B, kv_heads, T, D] into positions [start, start + T) of layer i; returns
         the dequantized K, V over [0, start + T) (what attention sees, new tokens included)."""
-        end = start + k.shape[2]
+        t = k.shape[2]
+        end = start + t
         q, s, z = quantize_groupwise(torch.stack([k, v]), self.bits, self.group, self.scale_dtype)
-        self.codes[i, :, :, :, start:end] = pack_codes(q, self.bits) if self.bits != 8 else q
-        self.scales[i, :, :, :, start:end] = s
-        self.zeros[i, :, :, :, start:end] = z
-        codes = self.codes[i, :, :, :, :end]
+        codes, scales, zeros = self._layers[i]  # [2, B, kv_heads, capacity, ...]: views, no indexing per step
+        codes.narrow(3, start, t).copy_(pack_codes(q, self.bits) if self.bits != 8 else q)
+        scales.narrow(3, start, t).copy_(s)
+        zeros.narrow(3, start, t).copy_(z)
+        codes = codes.narrow(3, 0, end)
         if self.bits != 8:  # 8-bit codes are stored unpacked
             codes = unpack_codes(codes, self.bits, self.head_dim)
         if self._scratch is None or self._scratch.dtype != k.dtype:
             self._scratch = torch.empty(*self.codes.shape[1:5], self.head_dim, dtype=k.dtype)
-        kv = dequantize_groupwise(codes, self.scales[i, :, :, :, :end], self.zeros[i, :, :, :, :end], self.bits,
-                                  k.dtype, out=self._scratch[:, :, :, :end])  # [2, B, kv_heads, end, D]
+        kv = dequantize_groupwise(codes, scales.narrow(3, 0, end), zeros.narrow(3, 0, end), self.bits,
+                                  k.dtype, out=self._scratch.narrow(3, 0, end))  # [2, B, kv_heads, end, D]
         return kv[0], kv[1]
