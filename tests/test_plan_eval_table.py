@@ -113,3 +113,32 @@ def test_plan_from_eval_results_prefers_less_memory_at_equal_accuracy(tmp_path):
     assert Plan.load(out).edge_weight_bits == (8, 8, 8)
     assert_clean_error(CliRunner().invoke(app, args + ["--force", "--accuracy-table", str(files[1])]),
                        "one fp run as the baseline")
+
+
+def _with_recipe(path, **pipeline):
+    data = json.loads(path.read_text())
+    data["pipeline"].update(pipeline)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_each_run_keeps_its_codec_recipe_whatever_the_file_order(tmp_path):
+    fp = eval_file(tmp_path, "fp", pipeline="fp", accs=(0.6, 0.5))
+    paper = eval_file(tmp_path, "paper", q_bar=4, accs=(0.30, 0.30))
+    rot = _with_recipe(eval_file(tmp_path, "rot", q_bar=4, accs=(0.55, 0.5)),
+                       rotation="hadamard", rotation_seed=0, channel_alpha=0.5)
+    c_paper = cand(q_bar=4)
+    c_rot = Candidate(3, 3, "front", 4, None, 16, 4, 0.999, "hadamard", 0.5)
+    for files in ([fp, paper, rot], [fp, rot, paper]):
+        table = table_from_eval_results(files)
+        assert table.drop(c_paper) == pytest.approx((0.55 - 0.30) / 0.55)
+        assert table.drop(c_rot) == pytest.approx((0.55 - 0.525) / 0.55)
+        # a recipe no run measured stays unmeasured
+        assert math.isnan(table.drop(Candidate(3, 3, "front", 4, None, 16, 4, 0.999, "none", 0.5)))
+
+
+def test_a_run_that_calibrated_to_a_target_error_is_refused(tmp_path):
+    fp = eval_file(tmp_path, "fp", pipeline="fp")
+    run = _with_recipe(eval_file(tmp_path, "s"), target_rel_error=0.1)
+    with pytest.raises(SplitLLMError, match="--target-error is not a plan candidate"):
+        table_from_eval_results([fp, run])

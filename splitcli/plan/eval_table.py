@@ -2,12 +2,14 @@
 
 The files must come from one model, share one task list and limit, and include exactly one `fp`
 run (the baseline). Each `split` run becomes a row keyed by what it fixes: ℓ, the weight bits of
-its edge layers, the codec's q̄ and τ quantile, and Qa = 16 (the evaluator keeps the KV cache in
-float, so only Qa = 16 candidates are measured by it). The value is the mean of the tasks'
+its edge layers, the codec's q̄, τ quantile and recipe (rotation, channel α; eval records them
+only when on, so a run without them is the paper's recipe), and Qa = 16 (the evaluator keeps the
+KV cache in float, so only Qa = 16 candidates are measured by it). The value is the mean of the tasks'
 headline metrics (acc_norm for HellaSwag/PIQA/ARC, acc for the rest); when every task is a
 perplexity task it is their mean perplexity instead (lower is better). Other pipelines (local,
-baselines) and split runs on a raw or fp16 wire do not correspond to a plan candidate and are
-refused, so a table never silently mixes in numbers that mean something else.
+baselines), split runs on a raw or fp16 wire, and runs whose codec calibrated itself to a
+`target_rel_error` (--target-error) do not correspond to a plan candidate and are refused, so a
+table never silently mixes in numbers that mean something else.
 """
 
 from __future__ import annotations
@@ -47,12 +49,18 @@ def _row(data: Mapping[str, Any], where: str) -> dict[str, Any]:
                             "(plans always run the TS + TAB-Q codec)")
     if pipe.get("tau") is not None:
         raise SplitLLMError(f"{where}: an absolute --tau is not a plan candidate (plans use a τ quantile)")
+    if pipe.get("target_rel_error"):
+        raise SplitLLMError(f"{where}: a run with --target-error is not a plan candidate "
+                            "(calibration chose its own τ and q̄; plans fix them)")
     bits = (data.get("info") or {}).get("weight_bits")
     ell = pipe.get("split_layer")
     if not isinstance(bits, list) or not isinstance(ell, int) or not 1 <= ell < len(bits):
         raise SplitLLMError(f"{where}: no per-layer weight bits or split layer recorded")
     return {"split_layer": ell, "edge_bits": bits[:ell], "qa": pipe.get("qa", 16), "q_bar": pipe.get("q_bar"),
-            "tau": pipe.get("tau_quantile") or DEFAULT_TAU_QUANTILE}
+            "tau": pipe.get("tau_quantile") or DEFAULT_TAU_QUANTILE,
+            # eval records the codec recipe only when it is on; off is the paper's recipe. Keyed
+            # always, so one recipe's accuracy never stands in for another's.
+            "rotation": pipe.get("rotation", "none"), "channel_alpha": float(pipe.get("channel_alpha", 0.0))}
 
 
 def table_from_eval_results(paths: Iterable[str | os.PathLike[str]]) -> AccuracyTable:
