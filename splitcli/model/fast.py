@@ -3,10 +3,14 @@ one Python function per layer and no Hugging Face module dispatch, mask builder 
 
 Why: at batch 1 a decode step of a small model is bound by reading the weights once, but the eager
 Hugging Face path spends about as long again in Python (module calls, mask construction, cache
-concatenation). This path runs the same arithmetic as `LlamaDecoderLayer` in the same order —
-RMSNorm as `weight * (x * rsqrt(mean(x^2) + eps))`, rotary as `q * cos + rotate_half(q) * sin`
-with the model's own cos/sin (each in a cheaper spelling with bit-identical results), SDPA with `enable_gqa` and the layer's `scaling`, SiLU MLP — so its
-logits match the eager path (tested: max |Δlogit| is stated in tests/test_decode_fast.py).
+concatenation). This path runs the same arithmetic as `LlamaDecoderLayer` —
+RMSNorm as `weight * (x * rsqrt(mean(x^2) + eps))` (bit-identical), rotary as
+`q * cos + rotate_half(q) * sin` with the model's own cos/sin (bit-identical for a prefill; for one
+new token, q and k of a layer rotate as one product with a [D, D] matrix built once per step,
+equal up to fused multiply-add rounding), SDPA with `enable_gqa` and the layer's `scaling`, SiLU
+MLP — with q/k/v and gate/up each as ONE product and o/down added into the residual
+(`splitcli.model.fused`: every op costs µs of dispatch at batch 1), so its logits match the eager
+path (tested: max |Δlogit| is stated in tests/test_decode_fast.py).
 
 `FastEdgeHalf` / `FastCloudHalf` have the call signatures of `split.EdgeHalf` / `CloudHalf`
 (`(ids | hidden, position_ids, attention_mask, cache[, logits_to_keep])` and `new_cache()`; the
