@@ -312,3 +312,36 @@ def test_profile_command_says_each_recipe(tiny_model_dir, tmp_path):
         PAPER_RECIPE, OURS_RECIPE, Recipe("hadamard", 0.0))
     r = run(*args, "--recipes", "hadamard:1.5", "-o", tmp_path / "q.yaml")
     assert r.exit_code == 2 and "--recipes: codec channel_alpha must lie in [0, 1], got 1.5" in r.output, r.output
+
+
+# --- review findings on the planner (ties, messages, counts) ----------------------------------------
+
+def _search_at(profile, q_bar, recipes=PROFILE_RECIPES, **kw):
+    space = SearchSpace(split_layers=(2,), q_w=((8, None),), qa=(16,), q_bar=(q_bar,), tau=(TAU,),
+                        tau_is_quantile=True, recipes=recipes)
+    return search_plans(profile, space, Budgets(10**8, 0.01), 64, lambda c: 0.0, max_codec_error=0.15, **kw)
+
+
+def test_an_unmeasured_q_bar_keeps_the_papers_recipe():
+    profile = _profile(_points(20.0, 0.10, 30.0, 0.05))       # measured at q̄ 4 only
+    # both recipes get the same estimate at q̄ 5: the tie goes to the paper's recipe, not to 'hadamard' < 'none'
+    assert _winner(_search_at(profile, 5)) == PAPER_RECIPE
+    search = _search_at(profile, 5, measured_recipes_only=True)
+    assert _winner(search) == PAPER_RECIPE
+    (rot,) = [r for r in search.ranked if r.candidate.recipe == OURS_RECIPE]
+    assert rot.rejected_by == "invalid" and "not measured at q̄ 5" in rot.reason
+    # pinned, it is planned on the estimate; measured, it still competes
+    assert _winner(_search_at(profile, 5, recipes=(OURS_RECIPE,), measured_recipes_only=False)) == OURS_RECIPE
+    assert _winner(_search_at(_profile(_points(40.0, 0.10, 30.0, 0.05)), 4, measured_recipes_only=True)) == OURS_RECIPE
+
+
+def test_plan_command_at_an_unmeasured_q_bar_keeps_the_papers_recipe(tmp_path):
+    profile, table = _files(tmp_path, _points(20.0, 0.10, 30.0, 0.05))
+    out = tmp_path / "plan.yaml"
+    r = run("plan", "--profile", profile, "--mem", "10MB", "--accuracy-table", table, "--q-bar", "5", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert (Plan.load(out).codec.rotation, Plan.load(out).codec.channel_alpha) == ("none", 0.0)
+    r = run("plan", "--profile", profile, "--mem", "10MB", "--accuracy-table", table, "--q-bar", "5",
+            "--rotation", "hadamard", "-o", out, "--force")
+    assert r.exit_code == 0, r.output
+    assert Plan.load(out).codec.rotation == "hadamard"

@@ -105,8 +105,10 @@ def plan_cmd(
         accuracy = proxy.drop
         source = (f"PROXY: WikiText-2 perplexity increase over {proxy_windows} x {proxy_seqlen} tokens "
                   f"(edge weights + KV quantized; codec not modeled), not task accuracy")
+    pinned = rotation is not None or channel_alpha is not None
     search = search_plans(profile, space, budgets, max_tokens, accuracy, embed_bits=embed_bits,
-                          latency=recipe_latency_model(profile, link, rate), max_codec_error=codec_error)
+                          latency=recipe_latency_model(profile, link, rate), max_codec_error=codec_error,
+                          measured_recipes_only=not pinned)
     several = len(space.recipes) > 1   # name the recipe in descriptions only when there was a choice
     _print_ranking(search, profile, link, rate, budgets, several)
     err_console.print(f"accuracy: {source}; codec: its measured error <= {codec_error:g} (--codec-error)",
@@ -130,7 +132,7 @@ def plan_cmd(
 
     winner = search.winner
     latency = recipe_step_latency(profile, winner.candidate, link, rate)
-    recipe_line = explain_recipe(search, profile, codec_error, pinned=rotation is not None or channel_alpha is not None)
+    recipe_line = explain_recipe(search, profile, codec_error, pinned=pinned)
     console.print(recipe_line, highlight=False)
     if sweep == "max-tokens":
         _print_sweep(profile, winner.candidate, memory, max_tokens, embed_bits)

@@ -34,7 +34,9 @@ How eq. (8) was read:
   rejected on accuracy before the (expensive) accuracy source runs; an unmeasured error (a
   format-1 profile) is not checked. Among recipes that pass, the ranking above decides: an
   accuracy source that does not see the codec gives them one drop, so the smaller frame wins
-  (lower latency over a link, else fewer wire bytes).
+  (lower latency over a link, else fewer wire bytes). On a full tie the paper's recipe goes
+  first, and with `measured_recipes_only` another recipe is only enumerated where the profile
+  measured it (else it would tie the paper's on the same estimate).
 - The winner's reason names the rule that put it ahead of the runner-up (the best candidate that
   passed every constraint with another edge configuration), e.g. "smaller accuracy drop".
 """
@@ -89,7 +91,8 @@ class Candidate:
         """A total order for deterministic ranking (q_w2 None sorts first)."""
         return (self.split_layer, self.l_w, self.method, self.q_w1,
                 -1 if self.q_w2 is None else self.q_w2, self.qa, self.q_bar, self.tau,
-                self.rotation, self.channel_alpha)
+                # the paper's recipe first on a full tie: another recipe must win on a measured rule
+                self.recipe != PAPER_RECIPE, self.rotation, self.channel_alpha)
 
     def edge_bits(self, n_layers: int) -> tuple[int | None, ...]:
         """Weight bits of the edge layers [0, split_layer) (None: layer not kept)."""
@@ -253,6 +256,7 @@ def search_plans(
     embed_bits: int = DEFAULT_EMBED_BITS,
     latency: Callable[[Candidate], float] | None = None,
     max_codec_error: float | None = None,
+    measured_recipes_only: bool = False,
 ) -> PlanSearch:
     """Solve eq. (8) by enumeration (see module docstring for the readings).
 
@@ -265,6 +269,10 @@ def search_plans(
     it the deadline is only recorded (nothing here could predict a step's time).
     max_codec_error: reject candidates whose recipe's measured codec error exceeds it (module
     docstring); None: not checked.
+    measured_recipes_only: reject (as invalid) a recipe other than the paper's at a (q̄, τ) the
+    profile did not measure it at: its size is then the estimate the paper's recipe gets too and
+    its error is unknown, so nothing measured could justify switching codec (a caller passes
+    False when the user pinned the recipe).
     """
     L = profile.n_layers
     if max_tokens < 1:
@@ -328,6 +336,12 @@ def search_plans(
             invalid.append(Ranked(cand, "rejected", f"invalid: {memory}", rejected_by="invalid"))
             continue
         codec_key = (cand.q_bar, cand.tau, space.tau_is_quantile, cand.recipe, cand.split_layer)
+        if measured_recipes_only and cand.recipe != PAPER_RECIPE and (
+                profile.codec is None or profile.codec.point(*codec_key) is None):
+            invalid.append(Ranked(cand, "rejected", f"invalid: recipe {cand.recipe.name} not measured at "
+                                  f"q̄ {cand.q_bar}, τ {cand.tau:g} (pin it to plan on the estimate)",
+                                  rejected_by="invalid"))
+            continue
         if codec_key not in wire_cache:
             wire_cache[codec_key] = (profile.wire_bytes_per_token(*codec_key), profile.codec_rel_error(*codec_key))
         wire, codec_error = wire_cache[codec_key]
