@@ -20,6 +20,9 @@ the eager path's masks + rotary, and scales the layers so they sum to the stack 
 timings keep their per-call cost (a static cache allocation and a table lookup: tens of µs
 against ms of prefill).
 
+Memory: while one width is timed its copies are alive, so the as-loaded width holds a second
+float copy of every layer (SmolLM2-135M: +405 MiB; a 7B fp32 model would need its layers twice).
+
 The head: the LM head on a copy re-laid out as the fast path lays it out (`relayout_linear_`:
 its batch-1 product streams that layout faster), after the model's final norm.
 """
