@@ -29,6 +29,8 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
     # quantized edges read fewer bytes per step than the fp32 split
     assert c["split_int4"]["bytes_per_step"] < c["split_int8"]["bytes_per_step"] < c["split"]["bytes_per_step"]
     assert d["fraction_of_bound"] == c["split"]["tok_s"] / c["split"]["bound_tok_s"]
+    for bits in (4, 8):  # the ceiling the bytes set on each quantized edge's speed-up
+        assert d[f"int{bits}_bound_ratio"] == c["split"]["bytes_per_step"] / c[f"split_int{bits}"]["bytes_per_step"] > 1
 
 
 def test_bytes_per_step_counts_weights_head_row_and_kv():

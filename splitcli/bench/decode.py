@@ -269,6 +269,10 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "split_int4_kv8_tok_s": tok["split_int4_kv8"],
         "int4_over_fp32_split": tok["split_int4"] / s,
         "int8_over_fp32_split": tok["split_int8"] / s,
+        # the most int4_over_fp32_split can be when both runs read memory equally fast: the fp32
+        # cloud (and LM head) is common to both, so at ℓ = L/2 this is ~1.5 whatever the kernels
+        "int4_bound_ratio": step_bytes["split"] / step_bytes["split_int4"],
+        "int8_bound_ratio": step_bytes["split"] / step_bytes["split_int8"],
         "kv8_edge_ms_ratio": kv_ratio,  # edge step with Qa = 8 over the fp KV's (int4 edge both)
         "kv8_step_ratio": tok["split_int4"] / tok["split_int4_kv8"],  # whole split step, same pair
         "llama_cpp_tok_s": tok.get("llama_cpp"),
