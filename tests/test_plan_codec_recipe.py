@@ -165,6 +165,7 @@ def test_more_accurate_recipe_wins_when_the_smaller_violates_the_bound():
     assert _winner(_search(_profile(_points(20.0, 0.50, 30.0, 0.05)), max_codec_error=None)) == PAPER_RECIPE
     none = _search(_profile(_points(20.0, 0.50, 30.0, 0.40)))
     assert none.winner is None and none.min_memory_bytes is None
+    assert none.codec_bound_only and none.least_lossy.codec_error == 0.40
 
 
 def test_the_link_ranks_recipes_by_their_own_frame():
@@ -345,3 +346,54 @@ def test_plan_command_at_an_unmeasured_q_bar_keeps_the_papers_recipe(tmp_path):
             "--rotation", "hadamard", "-o", out, "--force")
     assert r.exit_code == 0, r.output
     assert Plan.load(out).codec.rotation == "hadamard"
+
+
+def test_plan_command_names_the_codec_bound_when_it_blocks_every_plan(tmp_path):
+    profile, table = _files(tmp_path, _points(20.0, 0.50, 30.0, 0.40))     # both recipes above 0.15
+    for pin, hint in (([], "choose another --q-bar"), (["--rotation", "none"], "drop the --rotation/--channel-alpha pin")):
+        for drop in ("1%", "50%"):
+            r = run("plan", "--profile", profile, "--mem", "10MB", "--accuracy-table", table, "--accuracy-drop", drop, *pin)
+            text = " ".join(r.output.split())
+            assert r.exit_code == 3, r.output
+            assert "has a codec error above --codec-error 0.15" in text and "raise --codec-error" in text, text
+            assert hint in text and "raise --accuracy-drop" not in text, text
+    smallest = run("plan", "--profile", profile, "--mem", "10MB", "--accuracy-table", table)
+    assert "smallest measured: 0.4, rot+α0.5 at q̄ 4" in " ".join(smallest.output.split())
+
+
+def test_plan_command_says_when_the_codec_error_was_not_measured(tmp_path):
+    profile, table = _files(tmp_path, _points(20.0, 0.10, 30.0, 0.05))
+    r = run("plan", "--profile", profile, "--mem", "10MB", "--accuracy-table", table)
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "codec: its measured error 0.1 <= 0.15 (--codec-error)" in text, text
+    for args in (["--q-bar", "5"], ["--q-bar", "5", "--rotation", "hadamard"]):   # unmeasured q̄, pinned recipe
+        r = run("plan", "--profile", profile, "--mem", "10MB", "--accuracy-table", table, *args)
+        text = " ".join(r.output.split())
+        assert r.exit_code == 0, r.output
+        assert "codec: error not measured" in text and "--codec-error not applied" in text, text
+        assert "its measured error" not in text
+    old = _profile(()).to_dict()                                             # a format-1 profile
+    old["format_version"] = 1
+    old["codec"]["points"] = [{"q_bar": 4, "tau": TAU, "bytes_per_token": 20.0, "tau_is_quantile": True}]
+    write_yaml(tmp_path / "v1.yaml", old)
+    r = run("plan", "--profile", tmp_path / "v1.yaml", "--mem", "10MB", "--accuracy-table", table)
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "codec: error not measured" in text and "its measured error" not in text, text
+
+
+def test_proxy_evaluations_are_not_counted_per_recipe(tiny_model_dir, tmp_path):
+    import re
+
+    profile = tmp_path / "profile.yaml"
+    write_yaml(profile, dataclasses.replace(_profile(_points(20.0, 0.10, 30.0, 0.05)),
+                                            model_id=str(tiny_model_dir)).to_dict())
+    data = tmp_path / "data"
+    (data / "wikitext2").mkdir(parents=True)
+    (data / "wikitext2" / "wiki.test.raw").write_text(" = Valkyria = \n\n The game began development in 2010 . " * 20)
+    counts = []
+    for pin in ([], ["--rotation", "none"]):
+        r = run("plan", "--profile", profile, "--mem", "10MB", "--data-dir", data, "--proxy-seqlen", "32",
+                "--accuracy-drop", "50%", "--q-bar", "4", *pin)
+        assert r.exit_code == 0, r.output
+        counts.append(re.search(r"(\d+) proxy evaluations", " ".join(r.output.split())))
+    assert all(counts) and counts[0].group(1) == counts[1].group(1)

@@ -90,6 +90,7 @@ def plan_cmd(
     # none falls back to what `splitllm profile` measures by default.
     group_size = profile.group_size or _profile_default_group_size()
 
+    proxy = None
     if accuracy_table:
         table = load_accuracy_table(accuracy_table)
         files = ", ".join(map(str, accuracy_table))
@@ -110,9 +111,11 @@ def plan_cmd(
                           latency=recipe_latency_model(profile, link, rate), max_codec_error=codec_error,
                           measured_recipes_only=not pinned)
     several = len(space.recipes) > 1   # name the recipe in descriptions only when there was a choice
-    _print_ranking(search, profile, link, rate, budgets, several)
-    err_console.print(f"accuracy: {source}; codec: its measured error <= {codec_error:g} (--codec-error)",
-                      highlight=False)
+    # Real work: the proxy caches by edge weights and KV bits, so q̄ and recipe cost it no run.
+    scored = (f"{proxy.evaluations} proxy evaluations (baseline included)" if proxy is not None
+              else f"{search.accuracy_evaluations} accuracy look-ups in the table")
+    _print_ranking(search, profile, link, rate, budgets, several, scored)
+    err_console.print(f"accuracy: {source}; codec: {_codec_check(search, codec_error)}", highlight=False)
     if search.winner is None:
         from ..units import format_bytes
 
@@ -124,6 +127,18 @@ def plan_cmd(
                 f"per token{'' if link is not None else ' of edge compute alone'}", exit_code=3)
         if search.min_memory_bytes is None:
             within = " within the deadline" if deadline_s is not None else ""
+            lossy = search.least_lossy
+            if lossy is not None:
+                best = (f"smallest measured: {lossy.codec_error:.3g}, {lossy.candidate.recipe.name} "
+                        f"at q̄ {lossy.candidate.q_bar}")
+                fixes = "raise --codec-error, choose another --q-bar" + (
+                    " or drop the --rotation/--channel-alpha pin" if pinned else "")
+                if search.codec_bound_only:
+                    raise SplitLLMError(f"every candidate{within} has a codec error above --codec-error "
+                                        f"{codec_error:g} ({best}): {fixes}", exit_code=3)
+                raise SplitLLMError(f"no configuration passes both the accuracy drop of {drop:.4g} and "
+                                    f"--codec-error {codec_error:g} at any memory{within} ({best}): "
+                                    f"raise --accuracy-drop, or {fixes}", exit_code=3)
             raise SplitLLMError(f"no configuration passes the accuracy drop of {drop:.4g} at any memory{within}: "
                                 "raise --accuracy-drop", exit_code=3)
         raise SplitLLMError(
@@ -154,6 +169,17 @@ def plan_cmd(
         console.print(f"wrote {out}", highlight=False)
 
 
+def _codec_check(search, bound: float) -> str:
+    """What the codec-error bound did for this plan: said as measured only where it was."""
+    w = search.winner
+    if w is None:
+        return f"candidates whose measured error exceeds {bound:g} rejected (--codec-error)"
+    if w.codec_error is None:
+        return ("error not measured (the profile predates it, or did not measure this q̄ or recipe); "
+                "--codec-error not applied")
+    return f"its measured error {w.codec_error:.3g} <= {bound:g} (--codec-error)"
+
+
 def _profile_default_group_size() -> int:
     from ..deploy.measure import ProfileSettings
 
@@ -167,12 +193,12 @@ def _describe(candidate, n_layers: int, recipe: bool = False) -> str:
             f"Qa {candidate.qa}, q̄ {candidate.q_bar}" + (f", recipe {candidate.recipe.name}" if recipe else ""))
 
 
-def _print_ranking(search, profile, link, rate, budgets, several_recipes: bool = False) -> None:
+def _print_ranking(search, profile, link, rate, budgets, several_recipes: bool = False, scored: str = "") -> None:
     from ..plan.advise import describe_weights, edge_weight_bits, summary_rows
     from ..plan.recipes import recipe_step_latency
     from ..units import format_bytes
 
-    title = f"eq. (8) over {len(search.ranked)} candidates, {search.accuracy_evaluations} accuracy evaluations"
+    title = f"eq. (8) over {len(search.ranked)} candidates" + (f", {scored}" if scored else "")
     table = Table(title=title)
     for col in ("#", "", "ℓ", "edge weights", "Qa", "q̄", "recipe", "edge memory", "Ψ", "acc. drop", "edge ms/token",
                 "step ms" if link is not None else "wire B/token"):

@@ -179,6 +179,11 @@ class PlanSearch:
     configuration other than the winner's, and `decided_by` the rule that put the winner ahead
     of it (e.g. "smaller accuracy drop"; None without a runner-up). `fastest` is the valid
     candidate with the lowest predicted latency (None without a latency model).
+    `accuracy_evaluations` counts the candidates whose drop was asked of the accuracy source (a
+    source that caches, like the proxy, may run fewer). When nothing passes at any memory and the
+    codec-error bound rejected some candidate that met the deadline, `least_lossy` is the one of
+    those with the smallest measured codec error, and `codec_bound_only` says the bound rejected
+    every such candidate (so no --accuracy-drop could help).
     """
 
     winner: Ranked | None
@@ -188,6 +193,8 @@ class PlanSearch:
     runner_up: Ranked | None = None
     decided_by: str | None = None
     fastest: Ranked | None = None
+    least_lossy: Ranked | None = None
+    codec_bound_only: bool = False
 
 
 def candidate_edge_memory(
@@ -430,13 +437,22 @@ def search_plans(
                 min_memory = int(math.ceil(total_memory(r)))
                 break
 
+    least_lossy, codec_bound_only = None, False
+    if winner is None and min_memory is None:
+        # Say whether the codec bound, not the drop, is what no budget can get past.
+        timely = [r for r in costed if not misses_deadline(r)]
+        lossy = [r for r in timely if codec_too_lossy(r)]
+        if lossy:
+            least_lossy = min(lossy, key=lambda r: (r.codec_error, r.candidate.sort_key()))
+            codec_bound_only = len(lossy) == len(timely)
+
     fastest = None
     if latency is not None and costed:
         fastest = min(costed, key=lambda r: (r.latency_s, total_memory(r), r.candidate.sort_key()))
 
     ranked = tuple(([winner] if winner else []) + lost + failed + over_budget + invalid)
     return PlanSearch(winner, ranked, min_memory, len(cache), runner_up,
-                      decision.rule if decision is not None else None, fastest)
+                      decision.rule if decision is not None else None, fastest, least_lossy, codec_bound_only)
 
 
 def _memory_key(r: Ranked) -> tuple:
