@@ -397,3 +397,12 @@ def test_proxy_evaluations_are_not_counted_per_recipe(tiny_model_dir, tmp_path):
         assert r.exit_code == 0, r.output
         counts.append(re.search(r"(\d+) proxy evaluations", " ".join(r.output.split())))
     assert all(counts) and counts[0].group(1) == counts[1].group(1)
+
+
+def test_plan_help_shows_the_defaults_the_readme_shows():
+    r = runner.invoke(app, ["plan", "--help"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    for text in ("[default: those the profile measured, else 4,6,8]",
+                 "[default: choose among the recipes the profile measured]",
+                 "[default: choose among the measured recipes]"):
+        assert text in r.output, r.output
