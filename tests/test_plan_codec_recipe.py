@@ -72,6 +72,14 @@ def test_unknown_profile_version_is_one_line(version):
     with pytest.raises(SplitLLMError) as e:
         Profile.from_dict(data)
     assert "format_version" in str(e.value) and "reads versions 1, 2" in str(e.value) and "\n" not in str(e.value)
+    assert ("newer splitllm" in str(e.value)) == (version == 3)  # a future file: upgrade, not re-profile
+
+
+def test_codec_point_without_a_layer_is_the_middle_measured_layer():
+    pts = tuple(CodecPoint(q_bar=4, tau=TAU, bytes_per_token=float(layer), tau_is_quantile=True, split_layer=layer)
+                for layer in (5, 10, 15, 20, 25, 29))
+    codec = CodecCost(0.1, 0.1, pts)  # as measured on a 30-layer model
+    assert codec.point(4, TAU, True).split_layer == 15
 
 
 def test_recipe_key_round_trips(tmp_path):
@@ -123,7 +131,7 @@ def test_points_are_read_at_the_nearest_measured_split_layer():
     profile = _profile(points)
     assert [profile.wire_bytes_per_token(4, TAU, True, split_layer=l) for l in (1, 2, 3)] == [10.0, 10.0, 30.0]
     assert profile.codec_rel_error(4, TAU, True, split_layer=3) == 0.3
-    assert profile.wire_bytes_per_token(4, TAU, True) == 30.0          # no layer: the middle measured one
+    assert profile.wire_bytes_per_token(4, TAU, True) == 10.0          # no layer: the middle measured one (lower on a tie)
     assert profile.codec.point(4, TAU, True, OURS_RECIPE, 2) is None   # another recipe is never substituted
     assert profile.codec.split_layers == (1, 3)
     with pytest.raises(SplitLLMError, match="split_layer 9 exceeds the 4 layers"):
@@ -170,17 +178,16 @@ def test_more_accurate_recipe_wins_when_the_smaller_violates_the_bound():
 
 def test_the_link_ranks_recipes_by_their_own_frame():
     from splitcli.cost.latency import LinkModel
-    from splitcli.plan.advise import default_rate
-    from splitcli.plan.recipes import recipe_latency_model, recipe_step_latency
+    from splitcli.plan.advise import default_rate, latency_model, step_latency
 
     profile = _profile(_points(20.0, 0.10, 400.0, 0.05))
     link = LinkModel(1e6, 10.0, 1e-3)
     rate = default_rate(link)
     paper = Candidate(2, 2, "front", 8, None, 16, 4, TAU)
     ours = dataclasses.replace(paper, **ROT)
-    a, b = recipe_step_latency(profile, paper, link, rate), recipe_step_latency(profile, ours, link, rate)
+    a, b = step_latency(profile, paper, link, rate), step_latency(profile, ours, link, rate)
     assert b.wire_bytes - a.wire_bytes == 380.0 and b.comm_s > a.comm_s and a.compute_s == b.compute_s
-    search = _search(profile, latency=recipe_latency_model(profile, link, rate))
+    search = _search(profile, latency=latency_model(profile, link, rate))
     assert _winner(search) == PAPER_RECIPE and search.decided_by == "lower predicted latency"
 
 

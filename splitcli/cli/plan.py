@@ -46,10 +46,8 @@ def plan_cmd(
     from ..model.shards import EMBED_BITS
     from ..deploy.proxy import PerplexityProxy, calibration_windows, resolve_data_dir
     from ..plan.eval_table import load_accuracy_table
-    from ..plan.advise import default_rate, default_space
-    from ..plan.recipes import (
-        check_max_codec_error, explain_recipe, pinned_recipes, recipe_latency_model, recipe_step_latency,
-    )
+    from ..plan.advise import default_rate, default_space, latency_model, step_latency
+    from ..plan.recipes import check_max_codec_error, explain_recipe, pinned_recipes
     from ..plan.enumerate import search_plans, to_plan
     from ..plan.profile import Profile
     from ..plan.schema import Budgets
@@ -108,7 +106,7 @@ def plan_cmd(
                   f"(edge weights + KV quantized; codec not modeled), not task accuracy")
     pinned = rotation is not None or channel_alpha is not None
     search = search_plans(profile, space, budgets, max_tokens, accuracy, embed_bits=embed_bits,
-                          latency=recipe_latency_model(profile, link, rate), max_codec_error=codec_error,
+                          latency=latency_model(profile, link, rate), max_codec_error=codec_error,
                           measured_recipes_only=not pinned)
     several = len(space.recipes) > 1   # name the recipe in descriptions only when there was a choice
     # Real work: the proxy caches by edge weights and KV bits, so q̄ and recipe cost it no run.
@@ -146,7 +144,7 @@ def plan_cmd(
             f"{format_bytes(search.min_memory_bytes)} ({search.min_memory_bytes} bytes)", exit_code=3)
 
     winner = search.winner
-    latency = recipe_step_latency(profile, winner.candidate, link, rate)
+    latency = step_latency(profile, winner.candidate, link, rate)
     recipe_line = explain_recipe(search, profile, codec_error, pinned=pinned)
     console.print(recipe_line, highlight=False)
     if sweep == "max-tokens":
@@ -194,8 +192,7 @@ def _describe(candidate, n_layers: int, recipe: bool = False) -> str:
 
 
 def _print_ranking(search, profile, link, rate, budgets, several_recipes: bool = False, scored: str = "") -> None:
-    from ..plan.advise import describe_weights, edge_weight_bits, summary_rows
-    from ..plan.recipes import recipe_step_latency
+    from ..plan.advise import describe_weights, edge_weight_bits, step_latency, summary_rows
     from ..units import format_bytes
 
     title = f"eq. (8) over {len(search.ranked)} candidates" + (f", {scored}" if scored else "")
@@ -206,7 +203,7 @@ def _print_ranking(search, profile, link, rate, budgets, several_recipes: bool =
     rows = summary_rows(search, profile.n_layers)
     for i, r in enumerate(rows, 1):
         c = r.candidate
-        lat = recipe_step_latency(profile, c, link, rate)
+        lat = step_latency(profile, c, link, rate)
         mark = {"chosen": "[bold green]chosen[/]", "lost": "lost", "rejected": "[red]rejected[/]"}[r.status]
         table.add_row(
             str(i), mark, str(c.split_layer), describe_weights(edge_weight_bits(c, profile.n_layers)), str(c.qa), str(c.q_bar), c.recipe.name,

@@ -302,8 +302,8 @@ SIZE_TOKENS = 32
 
 def codec_split_layers(n_layers: int) -> tuple[int, ...]:
     """Split layers ℓ the profile measures the codec at: every max(1, L // 6)-th in 1..L-1, the
-    middle one and L - 1 (for L = 30: 5, 10, 15, 20, 25, 29), so the planner's candidate ℓ is
-    never more than L // 12 layers from a measured one."""
+    middle one and L - 1 (for L = 30: 5, 10, 15, 20, 25, 29): a candidate ℓ above the first of
+    them is at most about L // 12 layers from a measured one, one below it up to L // 6 - 1."""
     step = max(1, n_layers // 6)
     return tuple(sorted({*range(step, n_layers, step), n_layers // 2, n_layers - 1} - {0}))
 

@@ -296,8 +296,11 @@ class Profile:
         data = require_mapping(data, "profile")
         version = data.get("format_version")
         if isinstance(version, bool) or version not in READABLE_PROFILE_VERSIONS:
+            newer = isinstance(version, int) and version > max(READABLE_PROFILE_VERSIONS)
+            advice = ("written by a newer splitllm: upgrade, or re-run `splitllm profile` with this one" if newer
+                      else "re-run `splitllm profile`")
             raise SplitLLMError(f"profile has format_version {version!r}; this splitllm reads versions "
-                                f"{', '.join(map(str, READABLE_PROFILE_VERSIONS))} (re-run `splitllm profile`)")
+                                f"{', '.join(map(str, READABLE_PROFILE_VERSIONS))} ({advice})")
         required = {"format_version", "model_id", "hidden_size", "n_kv_heads", "head_dim",
                     "device", "layers", "embedding", "head"}
         optional = {"codec", "group_size", "decode_context"} | ({"timed_path"} if version >= 2 else set())

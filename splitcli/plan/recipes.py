@@ -139,19 +139,3 @@ def explain_recipe(search, profile, max_codec_error: float | None, pinned: bool 
             continue
         others.append(f"{r.name}: {size_error(other.candidate)} - {other.reason}")
     return head + ("; not chosen: " + "; ".join(others) if others else "")
-
-
-def recipe_step_latency(profile, candidate, link, rate_bps, i_kv: int = 1):
-    """`advise.step_latency` at a tau quantile: the hidden state's bytes at the candidate's recipe
-    measured nearest its split layer (advise reads both from the candidate; kept for callers)."""
-    from splitcli.plan.advise import step_latency
-
-    return step_latency(profile, candidate, link, rate_bps, i_kv, True)
-
-
-def recipe_latency_model(profile, link, rate_bps, i_kv: int = 1):
-    """candidate -> predicted seconds per token (`recipe_step_latency`), for `search_plans`."""
-    def predict(candidate) -> float:
-        return recipe_step_latency(profile, candidate, link, rate_bps, i_kv).total_s
-
-    return predict
