@@ -27,13 +27,13 @@ def quantize_cmd(
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),
     config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: its ℓ, ℓw, method, Qw1, Qw2, group size, Qa (KV bits) and embedding bits; explicit flags win."),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ) (default: the plan's, else L // 2)."),
-    front_bits: int = typer.Option(None, "--front-bits", help="Qw1: bits of the OPSC-quantized layers (2, 3, 4, 8 or 16 = keep) [default: the plan's, else 4]."),
-    back_bits: str = typer.Option(None, "--back-bits", help="Qw2: bits of the other layers on the edge, or 'none' = the edge keeps only what it runs [default: the plan's, else none]."),
+    front_bits: int = typer.Option(None, "--front-bits", help="Qw1: bits of the OPSC-quantized layers (2, 3, 4, 8 or 16 = keep) \\[default: the plan's, else 4]."),
+    back_bits: str = typer.Option(None, "--back-bits", help="Qw2: bits of the other layers on the edge, or 'none' = the edge keeps only what it runs \\[default: the plan's, else none]."),
     l_w: int = typer.Option(None, "--lw", help="ℓw: how many layers get Qw1 (default: the plan's, else ℓ)."),
-    method: str = typer.Option(None, "--method", help="front: layers [0, ℓw) at Qw1; back: the last ℓw layers (Table 4) [default: the plan's, else front]."),
+    method: str = typer.Option(None, "--method", help="front: layers [0, ℓw) at Qw1; back: the last ℓw layers (Table 4) \\[default: the plan's, else front]."),
     group_size: int = typer.Option(None, "--group-size", "-g", help="Weight quantization group size (default: the plan's, else 128 or 64, whichever divides every layer width)."),
-    embed_bits: int = typer.Option(None, "--embed-bits", help="Edge embedding: 8 (per-row groups) or 16 (kept float32) [default: the plan's, else 8]."),
-    kv_bits: int = typer.Option(None, "--kv-bits", help="Edge KV cache bits recorded for the runtime: 16 (float), 8 or 4 [default: the plan's Qa, else 16]."),
+    embed_bits: int = typer.Option(None, "--embed-bits", help="Edge embedding: 8 (per-row groups) or 16 (kept float32) \\[default: the plan's, else 8]."),
+    kv_bits: int = typer.Option(None, "--kv-bits", help="Edge KV cache bits recorded for the runtime: 16 (float), 8 or 4 \\[default: the plan's Qa, else 16]."),
     force: bool = typer.Option(False, "--force", help="Overwrite the files of an existing --out directory."),
 ):
     """Quantize the edge's layers and write edge/cloud shards plus a manifest (deterministic)."""
