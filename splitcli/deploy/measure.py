@@ -46,7 +46,8 @@ from typing import Callable
 
 import torch
 
-from splitcli.deploy.measure_fast import FAST, FastTimer, fast_head, fast_overhead_ms, layer_copies, timed_path
+from splitcli.deploy.measure_fast import (FAST, FastTimer, fast_head, fast_overhead_ms, layer_copies, new_samples,
+                                          record_round, round_medians, timed_path)
 from splitcli.errors import SplitLLMError
 from splitcli.model.split import LayerRange, decoder_parts, new_cache
 from splitcli.plan.profile import CodecCost, DeviceInfo, LayerCost, Profile, StageCost
@@ -262,9 +263,7 @@ class _Timer:
         """Per layer: ({T: median prefill ms}, median decode ms) with `layers` swapped in, and the
         median decode step of all of them run as one stack (the runtime's way)."""
         n, originals = len(layers), list(self.parts.layers)
-        prefill = [{t: [] for t in self.settings.tokens} for _ in range(n)]
-        decode: list[list[float]] = [[] for _ in range(n)]
-        stack_decode: list[float] = []
+        samples = new_samples(n, self.settings.tokens)
         p = self.prefix
         try:
             for k, layer in enumerate(layers):
@@ -280,18 +279,12 @@ class _Timer:
                 stack(self.inputs[0][:, p:p + 1], self.positions[:, p:p + 1], None, cache)
                 stack_ms = (time.perf_counter() - t0) * 1e3
                 if r:
-                    stack_decode.append(stack_ms)
-                    for k in range(n):
-                        decode[k].append(d_round[k])
-                        for t, ms in p_round[k].items():
-                            prefill[k][t].append(ms)
+                    record_round(samples, stack_ms, d_round, p_round)
                 tick(f"{what}, round {r}/{self.settings.repeats}")
         finally:
             for k, layer in enumerate(originals):
                 self.parts.layers[k] = layer
-        per_layer = [({t: statistics.median(v) for t, v in prefill[k].items()}, statistics.median(decode[k]))
-                     for k in range(n)]
-        return per_layer, statistics.median(stack_decode)
+        return round_medians(samples)
 
 
 #: q̄ values `splitllm profile` measures the codec at (with every recipe).

@@ -97,9 +97,7 @@ class FastTimer:
         stack = FastLayers(parts, 0, n)  # finds the fused weights the singles made (no second copy)
         filled = [self._filled(f, h[k]) for k, f in enumerate(singles)]
         stack_filled = self._filled(stack, h[0])
-        prefill = [{t: [] for t in self.settings.tokens} for _ in range(n)]
-        decode: list[list[float]] = [[] for _ in range(n)]
-        stack_decode: list[float] = []
+        samples = new_samples(n, self.settings.tokens)
         for r in range(self.settings.repeats + 1):  # round 0 warms up
             # decode steps of all layers back to back (as in an edge forward), then the prefills
             d_round = [self._step(f, h[k], filled[k]) for k, f in enumerate(singles)]
@@ -114,15 +112,9 @@ class FastTimer:
                 p_round.append(row)
             stack_ms = self._step(stack, h[0], stack_filled)
             if r:
-                stack_decode.append(stack_ms)
-                for k in range(n):
-                    decode[k].append(d_round[k])
-                    for t, ms in p_round[k].items():
-                        prefill[k][t].append(ms)
+                record_round(samples, stack_ms, d_round, p_round)
             tick(f"{what}, round {r}/{self.settings.repeats}")
-        per_layer = [({t: statistics.median(v) for t, v in prefill[k].items()}, statistics.median(decode[k]))
-                     for k in range(n)]
-        return per_layer, statistics.median(stack_decode)
+        return round_medians(samples)
 
 
 def fast_head(parts) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -132,3 +124,27 @@ def fast_head(parts) -> Callable[[torch.Tensor], torch.Tensor]:
     relayout_linear_(head)
     norm = parts.norm
     return lambda x: head(norm(x))
+
+
+def new_samples(n: int, tokens) -> tuple:
+    """Empty (stack_decode, decode, prefill) tables for n layers (`record_round`)."""
+    return [], [[] for _ in range(n)], [{t: [] for t in tokens} for _ in range(n)]
+
+
+def record_round(samples: tuple, stack_ms: float, d_round: list[float], p_round: list[dict[int, float]]) -> None:
+    """Append one timing round to samples = (stack_decode [ms], decode [layer][ms], prefill [layer]{tokens: [ms]})
+    (the eager and the fast timer keep the same tables)."""
+    stack_decode, decode, prefill = samples
+    stack_decode.append(stack_ms)
+    for k, ms in enumerate(d_round):
+        decode[k].append(ms)
+        for t, v in p_round[k].items():
+            prefill[k][t].append(v)
+
+
+def round_medians(samples: tuple) -> tuple[list[tuple[dict[int, float], float]], float]:
+    """Per layer (prefill ms by tokens, decode ms) and the whole stack's decode ms: medians over rounds."""
+    stack_decode, decode, prefill = samples
+    per_layer = [({t: statistics.median(v) for t, v in prefill[k].items()}, statistics.median(decode[k]))
+                 for k in range(len(decode))]
+    return per_layer, statistics.median(stack_decode)
