@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from splitcli.model.fast import _rms_norm, _rope, _rope_matrix
+from splitcli.model.fast import _rms_norm
 from splitcli.model.fused import FusedLinear, _joined, fused_call, residual_call
 from splitcli.model.shard_loader import resident_bytes
 from splitcli.quant.modules import Int4Linear, Int8Linear, QuantLinear
@@ -114,15 +114,3 @@ def test_rms_norm_is_llama_rms_norm_bit_for_bit():
         norm.weight.copy_(torch.randn(96))
     x = torch.randn(3, 5, 96) * 7
     assert torch.equal(_rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
-
-
-def test_rotary_as_one_matrix_equals_the_elementwise_rotary():
-    d = 16
-    pos = torch.tensor([[3], [40]])  # two rows at different positions
-    theta = pos[..., None].float() / 10000 ** (torch.arange(d // 2) / (d // 2))  # [B, 1, D/2]
-    cos = torch.cat([theta.cos(), theta.cos()], -1)[:, None]  # [B, 1, 1, D]
-    sin = torch.cat([-theta.sin(), theta.sin()], -1)[:, None]  # signed, as RopeTable stores it
-    x = torch.randn(2, 5, 1, d)  # [B, heads, 1, D]
-    m = _rope_matrix(cos, sin)  # [B, D, D]
-    got = torch.bmm(x.view(2, 5, d), m).view(2, 5, 1, d)
-    assert float((got - _rope(x, cos, sin)).abs().max()) <= 1e-6

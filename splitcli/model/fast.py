@@ -101,15 +101,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
-def _rope_matrix(cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """cos, signed sin [B, 1, 1, D] of one position per row -> M [B, D, D] with x @ M = _rope(x):
-    M[e, e] = cos_e and M[(e + D/2) % D, e] = sin_e. Built once per step for every layer, so a layer's
-    rotary of q and k together is one batched product instead of ~8 elementwise ops (the sum of two
-    products and zeros, so equal to _rope up to the rounding of a fused multiply-add)."""
-    b, d = cos.shape[0], cos.shape[-1]
-    return torch.diag_embed(cos.reshape(b, d)) + torch.diag_embed(sin_signed.reshape(b, d)).roll(d // 2, -2)
-
-
 def _act_fn(act: nn.Module):
     # SiLU through F.silu directly (same function, no module call per step); anything else as given
     return F.silu if type(act) is nn.SiLU or type(act).__name__ == "SiLUActivation" else act
@@ -236,31 +227,32 @@ class FastLayers:
         start = cache.length
         cache.reserve(start + t, b)
         cos, sin = self.rope(position_ids)
-        rot = _rope_matrix(cos, sin) if t == 1 else None  # [B, D, D], shared by every layer
         mask = _attention_mask(attention_mask, start, t, b)
         causal = mask is None and t > 1
         for i, ly in enumerate(self.layers):
-            hidden = self._layer(ly, i, hidden, cos, sin, rot, mask, causal, cache, start)
+            hidden = self._layer(ly, i, hidden, cos, sin, mask, causal, cache, start)
         cache.length = start + t
         return hidden
 
     @staticmethod
-    def _layer(ly: _Layer, i: int, x, cos, sin, rot, mask, causal: bool, cache, start: int):
-        # x [B, T, H]; rot [B, D, D] when T == 1 (decode), else None (rotary elementwise)
+    def _layer(ly: _Layer, i: int, x, cos, sin, mask, causal: bool, cache, start: int):
+        # x [B, T, H]; cos, signed sin [B, 1, T, D]
         b, t, _ = x.shape
         nh, nqk, d = ly.n_heads, ly.n_heads + ly.n_kv, ly.head_dim
         qkv = ly.qkv(_rms_norm(x, ly.w_in, ly.eps_in))  # [B, T, (nh + 2 nkv) D]
-        if rot is not None:  # one token: [B, T, heads, D] is [B, heads, T, D] in memory
-            heads = qkv.view(b, nqk + ly.n_kv, d)
-            qk = torch.bmm(heads[:, :nqk], rot).unsqueeze(2)  # [B, nh + nkv, 1, D]
-            v = heads[:, nqk:].unsqueeze(2)  # [B, nkv, 1, D]
+        # rotary elementwise, q and k in one call: a [D, D] product per token was cheaper (~35 us per
+        # layer) but rounds differently, and through the quantized kernels' bf16 casts and 4-bit KV
+        # codes that drifted quantized edges away from the eager path (a plan's greedy text changed)
+        if t == 1:  # one token: [B, T, heads, D] is [B, heads, T, D] in memory
+            heads = qkv.view(b, nqk + ly.n_kv, 1, d)
+            qk, v = _rope(heads[:, :nqk], cos, sin), heads[:, nqk:]  # [B, nh + nkv, 1, D], [B, nkv, 1, D]
         else:
             heads = qkv.view(b, t, nqk + ly.n_kv, d).transpose(1, 2)  # [B, heads, T, D]
             qk, v = _rope(heads[:, :nqk], cos, sin), heads[:, nqk:]
         keys, values = cache.write(i, start, qk[:, nh:], v)  # [B, nkv, start + T, D]
         a = F.scaled_dot_product_attention(qk[:, :nh], keys, values, attn_mask=mask, scale=ly.scaling,
                                            is_causal=causal, enable_gqa=ly.n_kv != nh)  # [B, nh, T, D]
-        a = a.reshape(b, 1, nh * d) if rot is not None else a.transpose(1, 2).reshape(b, t, nh * d)
+        a = a.reshape(b, 1, nh * d) if t == 1 else a.transpose(1, 2).reshape(b, t, nh * d)
         x = ly.o(x, a)  # x + o(a)
         gate, up = ly.gate_up(_rms_norm(x, ly.w_post, ly.eps_post)).split(ly.n_inter, -1)  # [B, T, I] each
         return ly.down(x, ly.act(gate).mul_(up))  # x + down(act(gate) * up)
