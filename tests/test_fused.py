@@ -114,3 +114,26 @@ def test_rms_norm_is_llama_rms_norm_bit_for_bit():
         norm.weight.copy_(torch.randn(96))
     x = torch.randn(3, 5, 96) * 7
     assert torch.equal(_rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_model_saves_and_reloads_after_a_fast_session(family, tmp_path):
+    # fused q/k/v and gate/up weights are interleaved column views of one tensor; save_pretrained
+    # (transformers' shared-storage check views each tensor flat) must still write them
+    import transformers as tf
+
+    from splitcli.runtime.fast import FastUnsplitSession
+    from splitcli.runtime.generate import SamplingConfig, generate
+    from tests.conftest import _tiny
+
+    model = _tiny(family)
+    ids = torch.randint(0, 128, (1, 6))
+    before = model(ids).logits
+    generate(FastUnsplitSession(model), ids, None, SamplingConfig(max_new_tokens=3))
+    assert not model.model.layers[0].self_attn.q_proj.weight.is_contiguous()  # fused: a column view
+    model.save_pretrained(tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    saved, own = reloaded.state_dict(), model.state_dict()
+    assert saved.keys() == own.keys() and all(torch.equal(saved[k], own[k]) for k in own)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, before, atol=1e-5, rtol=0)

@@ -71,6 +71,24 @@ def _slices(whole: torch.Tensor, sizes: list[int], dim: int) -> list[torch.Tenso
     return out
 
 
+def _contiguous_state(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook of a fused module: its own tensors that are strided views of a fused one
+    go out as contiguous copies. Why: transformers' save_pretrained views every tensor that shares a
+    storage flat (`_find_disjoint`), which a column view of [K, N1 + N2 + ...] cannot be. Costs one
+    transient copy of those tensors per state_dict call; nothing is held."""
+    for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        key = prefix + name
+        if t is not None and key in state and not state[key].is_contiguous():
+            state[key] = state[key].contiguous()
+
+
+def _save_contiguous(mods: list[nn.Module]) -> None:
+    for m in mods:
+        if not getattr(m, "_fused_state_hook", False):
+            m.register_state_dict_post_hook(_contiguous_state)
+            m._fused_state_hook = True
+
+
 def _kind(mods: list[nn.Module]) -> str | None:
     """"float" / "int4" / "int8" when every module runs on that product with the same input width
     and bias presence; None otherwise (e.g. QuantLinear, mixed kinds)."""
@@ -118,6 +136,7 @@ class FusedLinear:
         self.sizes = [m.out_features for m in mods]
         self.out_features = sum(self.sizes)
         self.bias = None
+        _save_contiguous(mods)
         with torch.no_grad():
             getattr(self, "_fuse_" + kind)(mods)
             if mods[0].bias is not None:
