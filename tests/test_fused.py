@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from splitcli.model.fast import _rms_norm
-from splitcli.model.fused import FusedLinear, _joined, fused_call, residual_call
+from splitcli.model.fused import FusedLinear, _int4_repacked, _joined, fused_call, residual_call
 from splitcli.model.shard_loader import resident_bytes
 from splitcli.quant.modules import Int4Linear, Int8Linear, QuantLinear
 
@@ -43,9 +43,9 @@ def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(k
     y = fused(x)  # [2, 3, N]
     assert y.dtype == torch.float32 and y.shape == (2, 3, sum(SIZES))
     assert torch.equal(y, torch.cat(before, -1))
+    assert resident_bytes(nn.ModuleList(mods)) == bytes_before  # the fast path holds no second copy
     # the modules still compute exactly what they did, now from views of the fused tensors
     assert all(torch.equal(m(x), b) for m, b in zip(mods, before))
-    assert resident_bytes(nn.ModuleList(mods)) == bytes_before
     # building again over the same modules finds the joined tensors instead of copying them
     again = FusedLinear.build(mods)
     tensors = {"float": "weight", "int4": "packed", "int8": "codes"}[kind]
@@ -63,10 +63,33 @@ def test_int4_rows_that_straddle_a_kernel_tile_are_fused_only_without_a_second_c
     x = torch.randn(1, K)
     before = [m(x) for m in mods]
     held = resident_bytes(nn.ModuleList(mods))
+    fusable = _int4_repacked(mods) is not None  # this CPU's tiles hold each module's rows whole
     call = fused_call(mods)
+    assert isinstance(call, FusedLinear) == fusable  # fused exactly when no second copy is needed
     assert torch.equal(call(x), torch.cat(before, -1))
     assert resident_bytes(nn.ModuleList(mods)) == held
     assert all(torch.equal(m(x), b) for m, b in zip(mods, before))
+
+
+def test_an_eager_int4_module_copies_its_fused_scales_once_not_per_call(monkeypatch):
+    import splitcli.quant.modules as qm
+
+    mods = _make("int4", False)
+    x = torch.randn(1, K)
+    before = mods[1](x)
+    FusedLinear.build(mods)
+    assert not mods[1].scales_and_zeros.is_contiguous()
+    seen = []  # the scales_and_zeros each kernel call gets (held, so no address is reused)
+    real = qm._INT4_MM
+
+    def spy(x2, packed, group, sz):
+        seen.append(sz)
+        return real(x2, packed, group, sz)
+
+    monkeypatch.setattr(qm, "_INT4_MM", spy)
+    outs = [mods[1](x) for _ in range(3)]
+    assert all(torch.equal(o, before) for o in outs)
+    assert all(sz.is_contiguous() for sz in seen) and len({sz.data_ptr() for sz in seen}) == 1
 
 
 def test_int4_fused_survives_a_deepcopy_and_its_modules_export_the_same_codes():

@@ -9,11 +9,15 @@ as one; int8 164 vs 78; fp32 207 vs 174; int4 gate/up 170 vs 149.
 Memory: the fused weight REPLACES the separate ones. The modules' own tensors are re-pointed to
 views of the concatenated tensor (float weights: columns of one [K, N1 + N2 + ...] tensor, the
 layout `relayout_linear_` gives a single linear; int8 codes/scales and the int4 kernel's packed
-rows: row slices), so the model holds each weight once and the eager modules compute exactly as
-before. The one exception is the int4 kernel's scales_and_zeros [K/g, N, 2]: a slice along N is not
-contiguous, so the eager `Int4Linear` copies its view per call (its forward checks; the kernel reads
-a strided one wrong). Building twice over the same modules finds the joined tensor again
-(`_joined`) instead of concatenating a second copy.
+rows: row slices), so the model holds each weight once. The eager modules then compute what they
+computed after `relayout_linear_`: quantized ones bit for bit as before fusing, float ones not
+bit for bit as a never-fused [N, K] weight (the transposed layout rounds differently, ~1e-6 at
+T = 1). The one exception is the int4 kernel's scales_and_zeros [K/g, N, 2]: a slice along N is not
+contiguous (the kernel reads a strided one wrong), so an eager `Int4Linear` call copies its view
+once and keeps the copy (8/g of its packed bytes: 1/8 at g = 64), and only when the eager module
+runs after fusing; the fast path reads the fused tensor and holds no copy. Building twice over the
+same modules finds the joined tensor again (`_joined`) instead of concatenating a second copy.
+The modules' state_dict hands out contiguous copies of such views (`_contiguous_state`).
 
 Every fused output equals the separate products concatenated (tested bit for bit: the kernels
 compute each output column from its own row of weights).
@@ -177,7 +181,7 @@ class FusedLinear:
         self.packed = _join([m.packed for m in mods], 0)  # joined by build() (one module: its own)
         self.scales_and_zeros = _join([m.scales_and_zeros for m in mods], 1)  # [K/g, N, 2] bf16
         for m, sz in zip(mods, _slices(self.scales_and_zeros, self.sizes, 1)):
-            m.scales_and_zeros = sz  # strided view: Int4Linear.forward makes it contiguous per call
+            m.use_scales_and_zeros(sz)  # strided view: an eager Int4Linear.forward copies it once
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> the raw product [tokens, N] (bf16 for the quantized kinds, no bias)."""

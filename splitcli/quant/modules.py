@@ -29,6 +29,7 @@ from splitcli.quant.rtn import (
 WEIGHT_SCALE_DTYPE = torch.bfloat16  # the CPU int4 kernel takes bf16 scales and zeros
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 _INT4_KERNEL_ROW_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu refuses other row counts
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu  # looked up here once (and patchable by tests)
 
 
 def int4_kernel_supports(out_features: int, in_features: int, group_size: int) -> bool:
@@ -162,6 +163,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)  # [N, K/2] uint8, this CPU's private kernel layout
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/group, N, 2] bf16
         self.register_buffer("bias", bias)  # [N] float32 or None
+        # a contiguous copy of scales_and_zeros for the kernel, made at the first eager call after it
+        # became a strided view (model.fused); None while it is contiguous. Non-persistent: not saved
+        self.register_buffer("_sz_kernel", None, persistent=False)
 
     @classmethod
     def from_portable(
@@ -208,12 +212,19 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, K]
         sz = self.scales_and_zeros
         if not sz.is_contiguous():  # a view into a fused [K/g, N', 2] (model.fused): the kernel misreads strides
-            sz = sz.contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
+            if self._sz_kernel is None:  # copied once, not per call
+                self._sz_kernel = sz.contiguous()
+            sz = self._sz_kernel
+        y = _INT4_MM(x2, self.packed, self.group_size, sz)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)  # [..., N]
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
+
+    def use_scales_and_zeros(self, sz: torch.Tensor) -> None:
+        """Point scales_and_zeros [K/g, N, 2] at `sz` (e.g. a strided view of a fused tensor); the
+        eager kernel's contiguous copy of the old one is dropped."""
+        self.scales_and_zeros, self._sz_kernel = sz, None
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=4, group={self.group_size}, kernel=cpu-int4"
