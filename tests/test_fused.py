@@ -160,3 +160,25 @@ def test_a_model_saves_and_reloads_after_a_fast_session(family, tmp_path):
     assert saved.keys() == own.keys() and all(torch.equal(saved[k], own[k]) for k in own)
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, before, atol=1e-5, rtol=0)
+
+
+def test_relayout_linear_is_the_fused_float_layout_of_one_module():
+    from splitcli.model.fast import relayout_linear_
+
+    lin = _linears(True, sizes=(64,))[0]
+    x = torch.randn(1, K)
+    before = lin(x)
+    relayout_linear_(lin)
+    w = lin.weight
+    assert w.shape == (64, K) and not w.is_contiguous() and w.t().is_contiguous()  # [K, N] underneath
+    assert torch.allclose(lin(x), before, atol=1e-6, rtol=0)
+    assert lin.state_dict()["weight"].is_contiguous()  # saves like a fused module (its state_dict hook)
+    # one rule: FusedLinear finds that layout instead of copying it, and relayout again changes nothing
+    assert FusedLinear.build([lin]).weight.data_ptr() == w.data_ptr()
+    relayout_linear_(lin)
+    assert lin.weight.data_ptr() == w.data_ptr()
+    # a quantized module is left as it is
+    q = Int8Linear.from_linear(lin)
+    codes = q.codes
+    relayout_linear_(q)
+    assert q.codes is codes

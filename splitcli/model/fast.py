@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from ..errors import SplitLLMError
 from ..quant.static_kv import DEFAULT_CAPACITY, QuantStaticKV, StaticCache
-from .fused import fused_call, residual_call
+from .fused import FusedLinear, fused_call, is_float_linear, residual_call
 from .split import DecoderParts, validate_split_layer
 
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -72,11 +72,11 @@ def relayout_linear_(m: nn.Module) -> None:
     place: same values, same shape, no extra memory, and every caller (this path and the eager
     module alike) computes with it. MKL's batch-1 product streams that layout faster: measured on
     this 2-core host over SmolLM2-135M's 538 MB of linears, 25 ms vs 35 ms per pass (21 vs 15
-    GB/s). A weight tied to the embedding moves with it (the lookup then gathers a strided row)."""
-    if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.is_contiguous() \
-            and m.weight.dim() == 2 and m.weight.shape[0] > 1 and m.weight.device.type == "cpu":
-        with torch.no_grad():
-            m.weight.data = m.weight.detach().t().contiguous().t()
+    GB/s). A weight tied to the embedding moves with it (the lookup then gathers a strided row).
+    Anything else is left alone. The layout is `FusedLinear`'s for one module (one rule for both:
+    a weight already laid out so is found, not copied)."""
+    if is_float_linear(m):
+        FusedLinear.build([m])
 
 
 def _linear_fn(m: nn.Module):

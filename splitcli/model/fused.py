@@ -109,6 +109,12 @@ def _kind(mods: list[nn.Module]) -> str | None:
     return None
 
 
+def is_float_linear(m: nn.Module) -> bool:
+    """Whether m is a float32 CPU nn.Linear, whose weight `FusedLinear` (and `relayout_linear_`)
+    re-lays out as the transpose of a contiguous [K, N] tensor."""
+    return _kind([m]) == "float"
+
+
 def _int4_repacked(mods: list[Int4Linear]) -> torch.Tensor | None:
     """The int4 kernel's packed [N, K/2] of the modules' rows stacked, when each module's own packed
     bytes are a row slice of it (so the modules can hold views); None when they are not.
