@@ -199,6 +199,22 @@ def test_quantized_fast_split_matches_the_eager_split_on_the_real_model(real_lm,
     assert worst <= 5e-4  # measured <= 5e-5 (only the float weights' layout differs)
 
 
+def test_float_edge_with_4_bit_kv_runs_the_same_plan_on_both_paths(real_lm):
+    # q_w1 = 16, Qa = 4: both paths store the edge's K/V at 4 bits, and on the same weight layout they
+    # are bit-identical. Run eagerly on a model no fast session has re-laid out, the float products
+    # round ~1e-6 differently (relayout_linear_); at 4 bits a few codes then flip at layer 8 and the
+    # split drifts 0.6 logits at prefill (review: "q_w1=16 qa=4 disagree"). Not a plan mismatch.
+    model = copy.deepcopy(real_lm.model)
+    split = build_split(_lm(model), SplitSpec(split_layer=15, q_w1=16, qa=4))
+    ids, _ = encode_prompts(real_lm.tokenizer, [README_PROMPTS[0]])
+    fast = fast_split_session(split)  # re-lays out the shared float weights first
+    eager = SplitSession.from_halves(split.edge, split.cloud)
+    assert isinstance(fast.edge_cache, QuantStaticKV) and fast.edge_cache.bits == 4
+    assert split.edge.kv_bits == 4 and type(split.edge.new_cache()).__name__ == "QuantizedKVCache"
+    a, b = _logits_run(eager, ids, None, 12), _logits_run(fast, ids, None, 12)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_every_edge_names_its_kv_bits_one_way():
     # the fast path reads edge.kv_bits from a plain EdgeHalf, a planned edge and a shard-loaded one alike
     from splitcli.deploy import PlannedEdge

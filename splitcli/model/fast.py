@@ -5,12 +5,16 @@ Why: at batch 1 a decode step of a small model is bound by reading the weights o
 Hugging Face path spends about as long again in Python (module calls, mask construction, cache
 concatenation). This path runs the same arithmetic as `LlamaDecoderLayer` —
 RMSNorm as `weight * (x * rsqrt(mean(x^2) + eps))` (bit-identical), rotary as
-`q * cos + rotate_half(q) * sin` with the model's own cos/sin (bit-identical for a prefill; for one
-new token, q and k of a layer rotate as one product with a [D, D] matrix built once per step,
-equal up to fused multiply-add rounding), SDPA with `enable_gqa` and the layer's `scaling`, SiLU
-MLP — with q/k/v and gate/up each as ONE product and o/down added into the residual
-(`splitcli.model.fused`: every op costs µs of dispatch at batch 1), so its logits match the eager
-path (tested: max |Δlogit| is stated in tests/test_decode_fast.py).
+`q * cos + rotate_half(q) * sin` with the model's own cos/sin (bit-identical; q and k rotate in one
+call), SDPA with `enable_gqa` and the layer's `scaling`, SiLU MLP — with q/k/v and gate/up each as
+ONE product and o/down added into the residual (`splitcli.model.fused`: every op costs µs of
+dispatch at batch 1). What differs from the eager path is the float weights' layout
+(`relayout_linear_`), which the eager modules share once a fast session was built. Tested in
+tests/test_decode_fast.py: on SmolLM2 the fp32 split is within 1e-3 of the eager model (measured
+9.7e-5; same greedy text), quantized edges (int4, int8 + 4-bit KV) within 5e-4 over 12 steps
+(measured <= 5e-5), and a float edge with 4-bit KV bit-identical on the same layout; against a
+model never re-laid out, 4-bit KV codes can flip on the ~1e-6 layout difference and that case
+drifts (0.6 logits at prefill, 14-29 per decode step in review repro s6.py).
 
 `FastEdgeHalf` / `FastCloudHalf` have the call signatures of `split.EdgeHalf` / `CloudHalf`
 (`(ids | hidden, position_ids, attention_mask, cache[, logits_to_keep])` and `new_cache()`; the
