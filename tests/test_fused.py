@@ -90,6 +90,10 @@ def test_an_eager_int4_module_copies_its_fused_scales_once_not_per_call(monkeypa
     outs = [mods[1](x) for _ in range(3)]
     assert all(torch.equal(o, before) for o in outs)
     assert all(sz.is_contiguous() for sz in seen) and len({sz.data_ptr() for sz in seen}) == 1
+    # written in place through the view (load_state_dict does): the copy follows
+    with torch.no_grad():
+        mods[1].scales_and_zeros.mul_(2)
+    assert torch.equal(mods[1](x), 2 * before)  # scales and zeros doubled: every weight doubled (no bias)
 
 
 def test_int4_fused_survives_a_deepcopy_and_its_modules_export_the_same_codes():

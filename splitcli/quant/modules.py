@@ -166,6 +166,7 @@ class Int4Linear(nn.Module):
         # a contiguous copy of scales_and_zeros for the kernel, made at the first eager call after it
         # became a strided view (model.fused); None while it is contiguous. Non-persistent: not saved
         self.register_buffer("_sz_kernel", None, persistent=False)
+        self._sz_version = -1
 
     @classmethod
     def from_portable(
@@ -212,8 +213,10 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, K]
         sz = self.scales_and_zeros
         if not sz.is_contiguous():  # a view into a fused [K/g, N', 2] (model.fused): the kernel misreads strides
-            if self._sz_kernel is None:  # copied once, not per call
-                self._sz_kernel = sz.contiguous()
+            # copied once, not per call; again only if the view was written in place since (its
+            # version counter, shared with the fused tensor, moved: e.g. load_state_dict)
+            if self._sz_kernel is None or self._sz_version != sz._version:
+                self._sz_kernel, self._sz_version = sz.contiguous(), sz._version
             sz = self._sz_kernel
         y = _INT4_MM(x2, self.packed, self.group_size, sz)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)  # [..., N]
