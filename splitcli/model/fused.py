@@ -29,9 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..quant.modules import Int4Linear, Int8Linear, int4_kernel_pack, int4_kernel_unpack
+from ..quant.modules import _INT4_MM, Int4Linear, Int8Linear, int4_kernel_pack, int4_kernel_unpack
 
-_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 _INT8_MM = torch.ops.aten._weight_int8pack_mm
 
 
@@ -65,14 +64,6 @@ def _join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     of, else a new one (the caller re-points the modules at its slices, so nothing is duplicated)."""
     whole = _joined(parts, dim)
     return whole if whole is not None else torch.cat(parts, dim).contiguous()
-
-
-def _slices(whole: torch.Tensor, sizes: list[int], dim: int) -> list[torch.Tensor]:
-    out, off = [], 0
-    for n in sizes:
-        out.append(whole.narrow(dim, off, n))
-        off += n
-    return out
 
 
 def _contiguous_state(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
@@ -129,7 +120,7 @@ def _int4_repacked(mods: list[Int4Linear]) -> torch.Tensor | None:
     k, g = mods[0].in_features, mods[0].group_size
     codes = torch.cat([int4_kernel_unpack(m.packed, m.out_features, k, g) for m in mods])  # [N, K]
     packed = int4_kernel_pack(codes)  # [N, K/2]
-    rows = _slices(packed, [m.out_features for m in mods], 0)
+    rows = packed.split([m.out_features for m in mods], 0)
     return packed if all(torch.equal(r, m.packed) for r, m in zip(rows, mods)) else None
 
 
@@ -151,7 +142,7 @@ class FusedLinear:
             getattr(self, "_fuse_" + kind)(mods)
             if mods[0].bias is not None:
                 self.bias = _join([m.bias.detach() for m in mods], 0)
-                for m, b in zip(mods, _slices(self.bias, self.sizes, 0)):
+                for m, b in zip(mods, self.bias.split(self.sizes, 0)):
                     if isinstance(m.bias, nn.Parameter):
                         m.bias.data = b
                     else:  # a buffer (Int4Linear, Int8Linear)
@@ -165,28 +156,28 @@ class FusedLinear:
             if packed is None:
                 return None
             with torch.no_grad():
-                for m, rows in zip(mods, _slices(packed, [m.out_features for m in mods], 0)):
+                for m, rows in zip(mods, packed.split([m.out_features for m in mods], 0)):
                     m.packed = rows
         return None if kind is None else cls(kind, mods)
 
     def _fuse_float(self, mods) -> None:
         # [K, N1 + N2 + ...] contiguous: the batch-1 layout relayout_linear_ gives one linear
         wt = _join([m.weight.detach().t() for m in mods], 1)
-        for m, part in zip(mods, _slices(wt, self.sizes, 1)):
+        for m, part in zip(mods, wt.split(self.sizes, 1)):
             m.weight.data = part.t()  # [N_i, K] view, same values
         self.weight = wt.t()  # [N, K]
 
     def _fuse_int8(self, mods) -> None:
         self.codes = _join([m.codes for m in mods], 0)  # [N, K] int8
         self.scales = _join([m.scales for m in mods], 0)  # [N] bf16
-        for m, c, s in zip(mods, _slices(self.codes, self.sizes, 0), _slices(self.scales, self.sizes, 0)):
+        for m, c, s in zip(mods, self.codes.split(self.sizes, 0), self.scales.split(self.sizes, 0)):
             m.codes, m.scales = c, s
 
     def _fuse_int4(self, mods) -> None:
         self.group_size = mods[0].group_size
         self.packed = _join([m.packed for m in mods], 0)  # joined by build() (one module: its own)
         self.scales_and_zeros = _join([m.scales_and_zeros for m in mods], 1)  # [K/g, N, 2] bf16
-        for m, sz in zip(mods, _slices(self.scales_and_zeros, self.sizes, 1)):
+        for m, sz in zip(mods, self.scales_and_zeros.split(self.sizes, 1)):
             m.use_scales_and_zeros(sz)  # strided view: an eager Int4Linear.forward copies it once
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
