@@ -1,7 +1,8 @@
 """Quantized KV cache for the edge at Q_a bits (paper eq. (2)), pluggable into transformers 5.x.
 
 Keys and values [batch, kv_heads, tokens, head_dim] are quantized per token in groups along
-head_dim (asymmetric RTN from splitcli.quant.rtn, group = head_dim by default) and only the packed
+head_dim (asymmetric RTN, `splitcli.quant.rtn.quantize_kv`, the fast path's static cache's quantizer
+too, so both store the same bits; group = head_dim by default) and only the packed
 codes plus scales/zeros are kept. Per-token groups never change once written, so new tokens are
 appended without re-quantizing old ones and no full-precision residual window is needed for
 correctness (unlike transformers' KIVI-style `QuantizedLayer`, which groups per channel and has to
@@ -10,6 +11,10 @@ hold recent tokens in full precision until a group fills). We do not use its qua
 Reading of "the cache holds Q_a-bit activations": attention always sees the dequantized stored
 values, including the tokens of the current step, so a prefill and a token-by-token decode of the
 same text see the same keys and values.
+
+Non-finite K/V are not checked per step (that would cost a host sync); a NaN or Inf, or a group
+beyond the scale dtype's range, dequantizes to NaN/Inf for its whole group (see `quantize_kv`),
+as a float cache would carry it, never to finite garbage.
 
 Memory: what is held between steps is exactly `kv_bytes_per_token` x tokens (see `nbytes`). Each
 `update` additionally makes one layer's dequantized K/V (float, freed after that layer's
@@ -25,7 +30,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from splitcli.errors import SplitLLMError
 from splitcli.quant.kv_format import SCALE_DTYPES, KVQuantConfig
-from splitcli.quant.rtn import dequantize_groupwise, pack_codes, quantize_groupwise, unpack_codes
+from splitcli.quant.rtn import dequantize_groupwise, pack_codes, quantize_kv, unpack_codes
 
 
 class _Stored:
@@ -62,14 +67,17 @@ class QuantizedKVLayer(DynamicLayer):
 
     def _quantize(self, kv: torch.Tensor) -> _Stored:
         g = self.cfg.group_for(kv.shape[-1])
-        q, s, z = quantize_groupwise(kv, self.cfg.bits, g, SCALE_DTYPES[self.cfg.scale_dtype])
-        return _Stored(pack_codes(q, self.cfg.bits), s, z)
+        q, s, z = quantize_kv(kv, self.cfg.bits, g, SCALE_DTYPES[self.cfg.scale_dtype])
+        return _Stored(q if self.cfg.bits == 8 else pack_codes(q, self.cfg.bits, check_range=False), s, z)
 
     def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         st = self._kv
         # 8-bit codes are stored unpacked: skip the copy unpack_codes would make
         q = st.codes if self.cfg.bits == 8 else unpack_codes(st.codes, self.cfg.bits, self._head_dim)
-        return dequantize_groupwise(q, st.scales, st.zeros, self.cfg.bits, dtype)  # [2, B, H, T, head_dim]
+        # through `out`, as QuantStaticKV does: the same ops, so the same values also with float32
+        # scales (where the fused addcmul of the out-less path rounds q * scale differently)
+        out = torch.empty(q.shape, dtype=dtype)
+        return dequantize_groupwise(q, st.scales, st.zeros, self.cfg.bits, dtype, out=out)  # [2, B, H, T, head_dim]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         kv = torch.stack([key_states, value_states])  # [2, B, H, T_new, head_dim]

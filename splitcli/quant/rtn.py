@@ -101,6 +101,74 @@ def quantize_groupwise(
     return q.to(torch.uint8).reshape(x.shape), scale, zero
 
 
+# Margins that make the float32 step a provable upper bound of the step the group needs: relative
+# (covers the few float32 roundings and fp16's rounding to nearest) and absolute (covers underflow,
+# so a stored step is never 0). Derivation in `quantize_kv`'s docstring.
+_KV_STEP_MARGIN = {torch.float16: (2.0**-10, 2.0**-24), torch.float32: (2.0**-20, 2.0**-126)}
+
+
+def quantize_kv(
+    x: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The KV cache's per-token quantizer: the number format of `quantize_groupwise` (asymmetric
+    RTN along the last axis, w_hat = (q - mid) * scale + zero), computed in float32 with a fixed
+    ~18 small ops and no host sync, since it runs per layer per decode step. Weights keep
+    `quantize_groupwise` (float64, minimal scales), whose shards are pinned.
+
+    x [..., width] (cast to float32) -> (q uint8 [..., width] unpacked codes, scale, zero
+    [..., width/group_size] in `scale_dtype`, float16 or float32). With `out` = (q, scale, zero)
+    destinations (views are fine) the results are written there and returned, so a static cache
+    stores them in place; without it they are allocated. Both ways run the same ops (same bits).
+
+    Per group: lo, hi = min, max; zero = lo + (mid / qmax) (hi - lo) rounded to `scale_dtype`;
+    N = max((zero - lo) / mid, (hi - zero) / (qmax - mid)) is the step the stored zero needs;
+    scale = fl_sd(fl32(fl32(N') (1 + c)) + d) with N' the float32 N and (c, d) = (2^-10, 2^-24)
+    for float16, (2^-20, 2^-126) for float32 (`_KV_STEP_MARGIN`).
+
+    Guarantees, for a group whose stored scale and zero are finite (x float32, bits <= 8):
+    - scale >= N (the margins exceed N' 's float32 error, fp16's half-ulp 2^-11 relative and its
+      half subnormal spacing 2^-25; underflow adds at most 2^-148), so no code is clipped, and
+      scale > 0 (scale >= 2^-24 for float16); scale <= N (1 + 2^-9) + 2^-23 (float16).
+    - Every element is reconstructed within (1/2 + 2^-15) stored steps:
+          |x - ((q - mid) * scale + zero)| <= (1/2 + 2^-15) * scale   (exact arithmetic)
+      since t = (x - zero) / scale lies in [-mid, qmax - mid], its float32 evaluation is within
+      mid * 2^-23 <= 2^-16 of t, and rounding adds 1/2. `dequantize_groupwise` in float32 then
+      adds its own rounding, at most 2^-22 * (|zero| + qmax * scale).
+    - A constant group whose value `scale_dtype` represents is reconstructed exactly (t = 0).
+    Non-finite input and overflow are not checked (a check would cost a host sync per step) but
+    cannot yield finite garbage: a NaN or +-Inf in a group, or a zero / step beyond
+    `scale_dtype`'s range (float16: |zero| or N past 65504; values themselves beyond it are fine
+    when the group's zero and step fit), makes that group's stored scale or zero non-finite and so
+    every dequantized value of the group NaN or Inf. Its codes are then unspecified; other groups
+    are unaffected.
+    """
+    check_bits(bits)
+    width = x.shape[-1]
+    check_group_size(width, group_size)
+    if scale_dtype not in _KV_STEP_MARGIN:
+        raise SplitLLMError(f"KV scales must be float16 or float32, got {scale_dtype}")
+    qmax, mid = 2**bits - 1, 2 ** (bits - 1)
+    rel, absolute = _KV_STEP_MARGIN[scale_dtype]
+    lead, groups = x.shape[:-1], width // group_size
+    if out is None:
+        out = (torch.empty(x.shape, dtype=torch.uint8), torch.empty(*lead, groups, dtype=scale_dtype),
+               torch.empty(*lead, groups, dtype=scale_dtype))
+    q_out, s_out, z_out = out
+    g = x.float().unflatten(-1, (groups, group_size))  # [..., groups, group_size]; no copy for float32
+    lo, hi = torch.aminmax(g, dim=-1)  # NaN-propagating
+    z_out.copy_(torch.lerp(lo, hi, mid / qmax))  # the cast to scale_dtype rounds to nearest
+    z = z_out.float()  # exact
+    # (1 + c) folded into the divisors: (1 + c) / mid is exact, (1 + c) / (qmax - mid) one rounding
+    need = torch.maximum((z - lo).mul_((1 + rel) / mid), (hi - z).mul_((1 + rel) / (qmax - mid)))
+    s_out.copy_(need.add_(absolute))
+    s = s_out.float().unsqueeze(-1)
+    t = (g - z.unsqueeze(-1)).div_(s)
+    # clamp is a no-op for finite groups (t in [-mid, qmax - mid] up to 2^-16); it keeps +-Inf in range
+    q_out.unflatten(-1, (groups, group_size)).copy_(t.round_().add_(mid).clamp_(0, qmax))
+    return q_out, s_out, z_out
+
+
 def quantize_symmetric_rows(
     w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,8 +232,10 @@ def packed_width(n: int, bits: int) -> int:
     return -(-n // per) * nbytes
 
 
-def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack codes q [..., n] (values < 2**bits) into uint8 [..., packed_width(n, bits)]."""
+def pack_codes(q: torch.Tensor, bits: int, check_range: bool = True) -> torch.Tensor:
+    """Pack codes q [..., n] (values < 2**bits) into uint8 [..., packed_width(n, bits)].
+    `check_range=False` skips the range check (two host syncs) for codes in range by construction
+    (`quantize_kv`'s, per decode step)."""
     check_bits(bits)
     per, nbytes = _chunk(bits)
     n = q.shape[-1]
@@ -173,7 +243,7 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
         return q.to(torch.uint8).clone()
     # int32 holds a whole chunk (at most 24 bits) and is far faster than int64 here
     x = q.to(torch.int32)
-    if bool((x < 0).any()) or bool((x >= 2**bits).any()):
+    if check_range and (bool((x < 0).any()) or bool((x >= 2**bits).any())):
         raise SplitLLMError(f"codes out of range for {bits}-bit packing")
     pad = -n % per
     if pad:
