@@ -24,6 +24,8 @@ Run (1 torch thread, under the shared CPU lock):
   flock -s /tmp/splitllm-cpu.lock .venv/bin/python scripts/experiments/codec_context.py \
       --windows 4 --steps 1.5,1.75,2.0,2.25 --sets h1,emb,none
   (~13 min on a shared 2-core machine; add --energy-only for part 1 alone.)
+  KLT basis, MSE step (alpha 0), 16 entropy classes:
+  ... --windows 4 --sets h1 --basis klt --alpha 0 --classes 16 --steps 2.0,2.5
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from splitcli.deploy.calibrate import edge_hidden, read_wikitext
 from splitcli.model.loader import load_model
 from splitcli.model.split import CloudHalf, decoder_parts
 
-SEQ, CLASSES, K, CAL = 2048, 8, 512, 4
+SEQ, K, CAL = 2048, 512, 4
 HIST = {"none": 0, "emb": 0, "h1": 1, "h2": 2, "h2m": 3}  # number of [H] history blocks
 
 
@@ -90,8 +92,9 @@ def quantize(x, tau, scale, step):
     return torch.where(out, x, sym * scale * step), sym.long(), out
 
 
-def closed_loop(h, ids, emb, W, n, tau, scale, step):
-    # DPCM over one window: returns reconstruction [T, H], symbols [T-1, H], outlier mask [T-1, H]
+def closed_loop(h, ids, emb, W, n, tau, scale, step, U):
+    # DPCM over one window: returns reconstruction [T, H], symbols [T-1, H], outlier mask [T-1, H];
+    # the residual is quantized in the orthogonal basis U (identity = channels, or the KLT)
     E = 2 * emb.shape[1] + 1
     pe = emb_feats(emb, ids) @ W[:E]
     Wh = [W[E + b * h.shape[1]: E + (b + 1) * h.shape[1]] for b in range(n)]
@@ -102,8 +105,8 @@ def closed_loop(h, ids, emb, W, n, tau, scale, step):
     for t in range(1, len(h)):
         past = [rec[t - 1] if t >= 2 else zero, rec[t - 2] if t >= 3 else zero, run / max(t - 1, 1)]
         p = pe[t] + sum((past[b] @ Wh[b] for b in range(n)), zero)
-        q, s, o = quantize(h[t] - p, tau, scale, step)
-        rec[t] = p + q
+        q, s, o = quantize((h[t] - p) @ U, tau, scale, step)
+        rec[t] = p + q @ U.T
         run += rec[t]
         syms.append(s)
         outs.append(o)
@@ -131,7 +134,10 @@ def main() -> None:
     ap.add_argument("--steps", default="1.5,2.0,2.5,3.0")
     ap.add_argument("--sets", default="h1,emb,none", help="closed-loop feature sets (part 2)")
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--classes", type=int, default=8, help="entropy-model classes (components grouped by RMS)")
     ap.add_argument("--energy-only", action="store_true")
+    ap.add_argument("--basis", choices=("chan", "klt"), default="chan",
+                    help="quantize the residual per channel or in the KLT of the calibration residual")
     args = ap.parse_args()
     torch.set_num_threads(1)
     lm = load_model()
@@ -181,21 +187,24 @@ def main() -> None:
         # tau and channel scale from open-loop residuals of the calibration windows (true past)
         cal = torch.cat([(h - torch.cat([emb_feats(emb, i), hist_feats(h, n)], 1) @ W0)[1:]
                          for h, i in zip(fit_h[-CAL:], tail[-CAL:])])
+        cen = cal - cal.mean(0)
+        U = torch.linalg.eigh((cen.T @ cen).double())[1].float() if args.basis == "klt" else torch.eye(H)
+        cal = cal @ U
         tau = torch.quantile(cal.abs().flatten()[::7], 0.999).item()
         crms = torch.where(cal.abs() > tau, 0.0, cal).pow(2).mean(0).sqrt().clamp_min(1e-6)
         scale = crms ** args.alpha / (crms ** args.alpha).mean()
-        cls = torch.bucketize(crms, torch.quantile(crms, torch.linspace(0, 1, CLASSES + 1)[1:-1]))
+        cls = torch.bucketize(crms, torch.quantile(crms, torch.linspace(0, 1, args.classes + 1)[1:-1]))
         for step in (float(s) for s in args.steps.split(",")):
             W = W0 if n == 0 else solve(*grams[name], n_rows, (scale * step) ** 2 / 12, n)
-            hist = torch.ones(CLASSES, 2 * K + 1)
+            hist = torch.ones(args.classes, 2 * K + 1)
             for h, i in zip(fit_h[-CAL:], tail[-CAL:]):                   # closed-loop symbols on calibration text
-                _, csym, _ = closed_loop(h, i, emb, W, n, tau, scale, step)
-                for k in range(CLASSES):
+                _, csym, _ = closed_loop(h, i, emb, W, n, tau, scale, step, U)
+                for k in range(args.classes):
                     hist[k] += torch.bincount(csym[:, cls == k].flatten().clamp(-K, K) + K, minlength=2 * K + 1)
             logp = torch.log2(hist / hist.sum(1, keepdim=True))
             bits, ent, total, err = 0.0, 0.0, 0.0, 0.0
             for h, i in zip(hs, wins):
-                rec, sym, out = closed_loop(h, i, emb, W, n, tau, scale, step)
+                rec, sym, out = closed_loop(h, i, emb, W, n, tau, scale, step, U)
                 s = sym.clamp(-K, K) + K
                 e = -logp[cls[None].expand_as(s), s].sum().item()
                 ent += e
@@ -203,7 +212,7 @@ def main() -> None:
                 err += ((rec - h)[1:].pow(2).sum() / h[1:].pow(2).sum()).sqrt().item() / n_eval
                 total += nll(rec, i)
             values = n_eval * SEQ * H
-            print(json.dumps(dict(part="closed_loop", set=name, step=step, alpha=args.alpha,
+            print(json.dumps(dict(part="closed_loop", set=name, basis=args.basis, step=step, alpha=args.alpha,
                                   bits_per_value=bits / values, symbol_bits_per_value=ent / values,
                                   ratio_vs_fp16=16 * values / bits, rel_err=err,
                                   ppl_ratio=math.exp(total / n_tok) / ppl_fp)), flush=True)
