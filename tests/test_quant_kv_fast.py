@@ -156,9 +156,9 @@ def test_no_host_sync_and_few_ops_per_write():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             fn()
         counts.append(len([e for e in prof.events() if e.cpu_parent is None]))
-    # 26 top-level aten calls (18 of them compute, the rest views and allocations) against the float64
-    # weight quantizer's, which also syncs; the bound pins "few ops" without pinning the count exactly
-    assert counts[0] <= 28 and counts[0] < counts[1] / 1.5, counts
+    # 23 top-level aten calls (14 of them compute, the rest views and allocations) against the float64
+    # weight quantizer's 49, which also syncs; the bound pins "few ops" without pinning the count exactly
+    assert counts[0] <= 25 and counts[0] < counts[1] / 1.5, counts
 
 
 def test_pack_without_range_check_is_the_same_bytes():

@@ -26,6 +26,7 @@ whole chunk; `unpack_codes` needs the original length to drop the padding.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -107,13 +108,23 @@ def quantize_groupwise(
 _KV_STEP_MARGIN = {torch.float16: (2.0**-10, 2.0**-24), torch.float32: (2.0**-20, 2.0**-126)}
 
 
+@functools.cache
+def _kv_constants(bits: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(k_lo, k_hi, d, mid) as float32 0-dim tensors: a Python scalar costs a wrap and a cast per
+    op (~4 us each here, per layer per step). k_lo = (1 + c) / mid is exact (mid a power of two);
+    k_hi = (1 + c) / (qmax - mid) is rounded to float32 once."""
+    qmax, mid = 2**bits - 1, 2 ** (bits - 1)
+    rel, absolute = _KV_STEP_MARGIN[scale_dtype]
+    return tuple(torch.tensor(v, dtype=torch.float32) for v in ((1 + rel) / mid, (1 + rel) / (qmax - mid), absolute, mid))
+
+
 def quantize_kv(
     x: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The KV cache's per-token quantizer: the number format of `quantize_groupwise` (asymmetric
-    RTN along the last axis, w_hat = (q - mid) * scale + zero), computed in float32 with a fixed
-    ~18 small ops and no host sync, since it runs per layer per decode step. Weights keep
+    RTN along the last axis, w_hat = (q - mid) * scale + zero), computed in float32 with 14 small
+    ops and no host sync, since it runs per layer per decode step. Weights keep
     `quantize_groupwise` (float64, minimal scales), whose shards are pinned.
 
     x [..., width] (cast to float32) -> (q uint8 [..., width] unpacked codes, scale, zero
@@ -123,49 +134,49 @@ def quantize_kv(
 
     Per group: lo, hi = min, max; zero = lo + (mid / qmax) (hi - lo) rounded to `scale_dtype`;
     N = max((zero - lo) / mid, (hi - zero) / (qmax - mid)) is the step the stored zero needs;
-    scale = fl_sd(fl32(fl32(N') (1 + c)) + d) with N' the float32 N and (c, d) = (2^-10, 2^-24)
-    for float16, (2^-20, 2^-126) for float32 (`_KV_STEP_MARGIN`).
+    scale = fl_sd(max(d + fl32(zero - lo) k_lo, d + fl32(hi - zero) k_hi)) in float32, with
+    k_lo = (1 + c) / mid, k_hi = (1 + c) / (qmax - mid) and (c, d) = (2^-10, 2^-24) for float16,
+    (2^-20, 2^-126) for float32 (`_KV_STEP_MARGIN`); codes q = round(mid + fl32(x - zero) / scale).
 
     Guarantees, for a group whose stored scale and zero are finite (x float32, bits <= 8):
-    - scale >= N (the margins exceed N' 's float32 error, fp16's half-ulp 2^-11 relative and its
-      half subnormal spacing 2^-25; underflow adds at most 2^-148), so no code is clipped, and
-      scale > 0 (scale >= 2^-24 for float16); scale <= N (1 + 2^-9) + 2^-23 (float16).
+    - scale >= N (the margins exceed the float32 evaluation's <= 4 roundings of 2^-24, fp16's
+      half-ulp 2^-11 relative and its half subnormal spacing 2^-25; underflow adds at most 2^-148),
+      so no code is clipped, and scale > 0 (scale >= 2^-24 for float16). Not much more:
+      scale <= N (1 + 2^-9) + 2^-23 for float16, <= N (1 + 2^-19) + 2^-125 for float32.
     - Every element is reconstructed within (1/2 + 2^-15) stored steps:
           |x - ((q - mid) * scale + zero)| <= (1/2 + 2^-15) * scale   (exact arithmetic)
-      since t = (x - zero) / scale lies in [-mid, qmax - mid], its float32 evaluation is within
-      mid * 2^-23 <= 2^-16 of t, and rounding adds 1/2. `dequantize_groupwise` in float32 then
-      adds its own rounding, at most 2^-22 * (|zero| + qmax * scale).
+      since t = (x - zero) / scale lies in [-mid, qmax - mid] (scale >= N), mid + t is evaluated in
+      float32 within mid * 2^-23 + 2^-17 <= 2^-16 + 2^-17 of its value, and rounding adds 1/2.
+      `dequantize_groupwise` in float32 then adds its own rounding, at most
+      2^-22 * (|zero| + qmax * scale).
     - A constant group whose value `scale_dtype` represents is reconstructed exactly (t = 0).
     Non-finite input and overflow are not checked (a check would cost a host sync per step) but
     cannot yield finite garbage: a NaN or +-Inf in a group, or a zero / step beyond
     `scale_dtype`'s range (float16: |zero| or N past 65504; values themselves beyond it are fine
-    when the group's zero and step fit), makes that group's stored scale or zero non-finite and so
-    every dequantized value of the group NaN or Inf. Its codes are then unspecified; other groups
-    are unaffected.
+    when the group's zero and step fit; float32: hi - lo past 3.4e38), makes that group's stored
+    scale or zero non-finite and so every dequantized value of the group NaN or Inf. Its codes are
+    then unspecified; other groups are unaffected.
     """
     check_bits(bits)
     width = x.shape[-1]
     check_group_size(width, group_size)
     if scale_dtype not in _KV_STEP_MARGIN:
         raise SplitLLMError(f"KV scales must be float16 or float32, got {scale_dtype}")
-    qmax, mid = 2**bits - 1, 2 ** (bits - 1)
-    rel, absolute = _KV_STEP_MARGIN[scale_dtype]
+    k_lo, k_hi, d, mid = _kv_constants(bits, scale_dtype)
     lead, groups = x.shape[:-1], width // group_size
     if out is None:
         out = (torch.empty(x.shape, dtype=torch.uint8), torch.empty(*lead, groups, dtype=scale_dtype),
                torch.empty(*lead, groups, dtype=scale_dtype))
     q_out, s_out, z_out = out
-    g = x.float().unflatten(-1, (groups, group_size))  # [..., groups, group_size]; no copy for float32
+    x = x if x.dtype == torch.float32 else x.float()
+    g = x.reshape(*lead, groups, group_size)  # [..., groups, group_size]: a view for the caches' input
     lo, hi = torch.aminmax(g, dim=-1)  # NaN-propagating
-    z_out.copy_(torch.lerp(lo, hi, mid / qmax))  # the cast to scale_dtype rounds to nearest
+    z_out.copy_(torch.lerp(lo, hi, 2 ** (bits - 1) / (2**bits - 1)))  # the cast to scale_dtype rounds to nearest
     z = z_out.float()  # exact
-    # (1 + c) folded into the divisors: (1 + c) / mid is exact, (1 + c) / (qmax - mid) one rounding
-    need = torch.maximum((z - lo).mul_((1 + rel) / mid), (hi - z).mul_((1 + rel) / (qmax - mid)))
-    s_out.copy_(need.add_(absolute))
-    s = s_out.float().unsqueeze(-1)
-    t = (g - z.unsqueeze(-1)).div_(s)
-    # clamp is a no-op for finite groups (t in [-mid, qmax - mid] up to 2^-16); it keeps +-Inf in range
-    q_out.unflatten(-1, (groups, group_size)).copy_(t.round_().add_(mid).clamp_(0, qmax))
+    s_out.copy_(torch.maximum(torch.addcmul(d, z - lo, k_lo), torch.addcmul(d, hi - z, k_hi)))
+    t = torch.addcdiv(mid, g - z.unsqueeze(-1), s_out.float().unsqueeze(-1))  # mid + (x - zero) / scale
+    # clamp is a no-op for finite groups (mid + t in [0, qmax] up to 2^-15); it keeps +-Inf in range
+    q_out.view(*lead, groups, group_size).copy_(t.round_().clamp_(0, 2**bits - 1))
     return q_out, s_out, z_out
 
 
@@ -207,13 +218,16 @@ def dequantize_groupwise(
     width = q.shape[-1]
     g = q.reshape(*q.shape[:-1], groups, width // groups)  # [..., groups, group_size]
     s = scale.to(dtype).unsqueeze(-1)  # [..., groups, 1]
-    offset = zero.to(dtype).unsqueeze(-1) - 2 ** (bits - 1) * s
-    # one fused pass over the big tensor: w = q * s + (zero - mid * s)
     if out is None:
+        offset = zero.to(dtype).unsqueeze(-1) - 2 ** (bits - 1) * s
+        # one fused pass over the big tensor: w = q * s + (zero - mid * s)
         return torch.addcmul(offset, g.to(dtype), s).reshape(q.shape)
+    # the same offset in one op (mid * s is exact, one rounding either way): 19 vs 39 us for a
+    # 256-token prefix's fp16 scales, which the KV caches dequantize per layer per step
+    offset = torch.sub(zero.unsqueeze(-1), s, alpha=2 ** (bits - 1))
     # three in-place passes beat addcmul's out= path (which promotes the int8 codes through a
     # temporary): 46 vs 154 us per layer for a 256-token 8-bit KV prefix, same values
-    o = out.unflatten(-1, (groups, width // groups))
+    o = out.view(*out.shape[:-1], groups, width // groups)
     o.copy_(g)
     o.mul_(s).add_(offset)
     return out
