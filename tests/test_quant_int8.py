@@ -119,7 +119,7 @@ def test_fake_quantized_weight_is_the_runtime_scheme():
 
 def test_static_quantized_kv_returns_exactly_the_dequantized_stored_values():
     from splitcli.quant import KVQuantConfig
-    from splitcli.quant.rtn import dequantize_groupwise, quantize_groupwise
+    from splitcli.quant.rtn import dequantize_groupwise, quantize_kv
     from splitcli.quant.static_kv import QuantStaticKV
 
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def test_static_quantized_kv_returns_exactly_the_dequantized_stored_values():
             got_k, got_v = cache.write(1, cache.length, k, v)
             cache.length += t
             want = torch.stack([torch.cat(ks, 2), torch.cat(vs, 2)])
-            q, s, z = quantize_groupwise(want, bits, group or 32, torch.float16)
+            q, s, z = quantize_kv(want, bits, group or 32, torch.float16)
             ref = dequantize_groupwise(q, s, z, bits)
             assert torch.equal(got_k, ref[0]) and torch.equal(got_v, ref[1]), (bits, group, step)
         assert cache.capacity >= 10

@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 from splitcli.model.shards import dir_digest, read_manifest
-
-CANDIDATES = ("default", "avx2", "avx512")
+from tests.cpu_capabilities import offered
 
 
 def _env(cap: str) -> dict[str, str]:
@@ -33,13 +32,8 @@ def _run(cap: str, code: str, *args: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def capabilities() -> tuple[str, ...]:
-    """The capabilities torch actually dispatches to here (an unsupported request falls back)."""
-    got = []
-    for cap in CANDIDATES:
-        seen = _run(cap, "import torch; print(torch.backends.cpu.get_cpu_capability())")
-        if seen.lower() == cap:
-            got.append(cap)
-    return tuple(got)
+    """The capabilities torch dispatches to here and the CPU can run (tests/cpu_capabilities.py)."""
+    return offered()
 
 
 _EXPORT = """
