@@ -30,7 +30,6 @@ Run (1 torch thread, under the shared CPU lock):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -38,18 +37,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-from splitcli.deploy.calibrate import edge_hidden, read_wikitext
-from splitcli.model.loader import load_model
+from splitcli.deploy.calibrate import edge_hidden
 from splitcli.model.split import CloudHalf, decoder_parts
+
+# run as a script, this directory is on sys.path
+from codec_predictor import experiment_parser, load_experiment
+from codec_predictor import features as emb_feats  # ids [T] -> [T, 2H + 1]: E[t], E[t-1], 1
 
 SEQ, K, CAL = 2048, 512, 4
 HIST = {"none": 0, "emb": 0, "h1": 1, "h2": 2, "h2m": 3}  # number of [H] history blocks
-
-
-def emb_feats(emb, ids):
-    # ids [T] -> [T, 2H + 1]: E[t], E[t-1] (zeros at t = 0), 1
-    prev = torch.cat([torch.zeros(1, emb.shape[1]), emb[ids[:-1]]])
-    return torch.cat([emb[ids], prev, torch.ones(len(ids), 1)], 1)
 
 
 def hist_feats(h, n):
@@ -127,24 +123,15 @@ def hidden_cache(lm, ids, ell, n_fit, n_eval):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--split-layer", type=int, default=15)
-    ap.add_argument("--windows", type=int, default=2)
-    ap.add_argument("--fit-windows", type=int, default=24)
-    ap.add_argument("--steps", default="1.5,2.0,2.5,3.0")
+    ap = experiment_parser(__doc__, "1.5,2.0,2.5,3.0")
     ap.add_argument("--sets", default="h1,emb,none", help="closed-loop feature sets (part 2)")
-    ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--classes", type=int, default=8, help="entropy-model classes (components grouped by RMS)")
     ap.add_argument("--energy-only", action="store_true")
     ap.add_argument("--basis", choices=("chan", "klt"), default="chan",
                     help="quantize the residual per channel or in the KLT of the calibration residual")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    lm = load_model()
-    text, _ = read_wikitext()
-    ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    lm, ids, emb = load_experiment()
     ell, n_eval = args.split_layer, args.windows
-    emb = lm.model.get_input_embeddings().weight.detach().float()
     c = hidden_cache(lm, ids, ell, args.fit_windows, max(n_eval, 4))
     tail, wins, fit_h, hs = c["tail"], c["wins"][:n_eval], c["fit_h"], c["hs"][:n_eval]
     n_rows = sum(len(h) - 1 for h in fit_h)

@@ -51,20 +51,30 @@ def quantize(x, tau, scale, step):
     return torch.where(out, x, sym * scale * step), sym.long(), out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def experiment_parser(doc: str, steps: str) -> argparse.ArgumentParser:
+    """The options every codec-prediction experiment shares (this script and codec_context.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--split-layer", type=int, default=15)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--fit-windows", type=int, default=24)
-    ap.add_argument("--steps", default="1.0,1.5,1.75,2.0")
+    ap.add_argument("--steps", default=steps)
     ap.add_argument("--alpha", type=float, default=0.5)
-    args = ap.parse_args()
+    return ap
+
+
+def load_experiment():
+    """(model, token ids of wiki.test.raw [N], input embeddings [V, H]) on one torch thread."""
     torch.set_num_threads(1)
     lm = load_model()
     text, _ = read_wikitext()
     ids = torch.tensor(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return lm, ids, lm.model.get_input_embeddings().weight.detach().float()
+
+
+def main() -> None:
+    args = experiment_parser(__doc__, "1.0,1.5,1.75,2.0").parse_args()
+    lm, ids, emb = load_experiment()
     ell, n_eval = args.split_layer, args.windows
-    emb = lm.model.get_input_embeddings().weight.detach().float()
     with torch.inference_mode():
         tail = ids[-SEQ * args.fit_windows:].reshape(args.fit_windows, SEQ)
         fit_h = [edge_hidden(lm.model, ell, w.tolist()) for w in tail]
