@@ -10,7 +10,8 @@ from rich.table import Table
 
 from ..plan.recipes import PROFILE_RECIPES, format_recipes
 from .common import (
-    MODEL_OPTION, check_output_path, cli_errors, console, err_console, load_model_with_status, parse_int_list,
+    DATA_DIR_OPTION, MODEL_OPTION, check_output_path, cli_errors, console, err_console, load_model_with_status,
+    parse_int_list,
 )
 
 
@@ -26,14 +27,16 @@ def profile_cmd(
     group_size: int = typer.Option(64, "--group-size", help="Weight quantization group size."),
     recipes: str = typer.Option(format_recipes(PROFILE_RECIPES), "--recipes", help="Codec recipes to measure at each q̄, as ROTATION:ALPHA items (none:0 = the paper's, hadamard:0.5 = rotation + channel α 0.5)."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch's default); recorded in the profile."),
+    data_dir: Path = DATA_DIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
 ):
-    """Measure per-layer latency (prefill, decode, at each weight bit width; on the fast decode path `generate` runs when the model supports it, else the eager one; the profile records which) and exact sizes on this machine, and the codec's frame size and error per recipe and q̄."""
+    """Measure per-layer latency (prefill, decode, at each weight bit width; on the fast decode path `generate` runs when the model supports it, else the eager one; the profile records which) and exact sizes on this machine, and the codec's frame size and error per recipe and q̄ (on the hidden states of the calibration text, the tail of WikiText-2's test split, when the data directory holds it; else of random tokens; the profile records which)."""
     import torch
 
     from ..configio import write_yaml
     from ..errors import SplitLLMError
-    from ..deploy.measure import ProfileSettings, measure_profile
+    from ..deploy.calibrate import wikitext_path
+    from ..deploy.measure import ProfileSettings, measure_profile, profile_tokens, text_codec_ids
     from ..plan.recipes import parse_recipes
     from ..units import format_bytes
 
@@ -47,7 +50,10 @@ def profile_cmd(
         raise SplitLLMError(f"--threads must be >= 0, got {threads}")
     if threads:
         torch.set_num_threads(threads)
+    if data_dir is not None:
+        wikitext_path(data_dir)   # a named data directory must hold the text: say so before the model loads
     lm = load_model_with_status(model)
+    codec_ids, why_random = text_codec_ids(lm.tokenizer, profile_tokens(settings), data_dir)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console) as bar:
         task = bar.add_task("profiling", total=None)
@@ -57,7 +63,7 @@ def profile_cmd(
             if what.startswith("codec recipe"):  # one line per recipe (the codec section is new)
                 bar.console.print(f"measured {what}", highlight=False)
 
-        profile = measure_profile(lm.model, lm.model_id, settings, progress=progress)
+        profile = measure_profile(lm.model, lm.model_id, settings, progress=progress, codec_ids=codec_ids)
     write_yaml(out, profile.to_dict(), overwrite=force)
 
     bits_label = "/".join(f"{b}b" for b in settings.bits)
@@ -95,6 +101,9 @@ def profile_cmd(
     )
     if profile.codec is not None:
         err_console.print(_codec_table(profile.codec))
+        source = (f"the last {len(codec_ids)} tokens of wikitext2/wiki.test.raw (the calibration text)"
+                  if codec_ids is not None else f"random tokens ({why_random})")
+        err_console.print(f"codec points measured on {source}: codec_source {profile.codec_source}", highlight=False)
     console.print(f"wrote {out}", highlight=False)
 
 

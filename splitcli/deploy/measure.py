@@ -27,7 +27,12 @@ bytes one token adds at each Qa (16 = the runtime's float cache, 4 bytes per val
 
 The codec (`default_codec_hook`): each recipe of `ProfileSettings.recipes` at q̄ 4, 6, 8, on the
 hidden state leaving layers [0, ℓ) at a few split layers ℓ (`codec_split_layers`): the one-token
-frame size and the distortion on held-out tokens, calibrated as deployment calibrates.
+frame size and the distortion on held-out tokens, calibrated as deployment calibrates. Its hidden
+states come from real text when the caller passes `codec_ids` (`text_codec_ids`: the tail of
+WikiText-2's test text, the slice deployment calibrates on), else from the timing's random ids:
+random tokens make hidden states unlike text's (SmolLM2, ℓ = 29, paper q̄ 6: 341 B per token
+predicted, 263 B sent by generate on text). `Profile.codec_source` records which. The timings
+always run on the random ids.
 
 Reading of "peak activation bytes": the CPU allocator keeps no peak counter, so the transient
 peak of one layer is estimated from tensor shapes at the largest profiled token count
@@ -50,7 +55,7 @@ from splitcli.deploy.measure_fast import (FAST, FastTimer, fast_head, fast_overh
                                           record_round, round_medians, timed_path)
 from splitcli.errors import SplitLLMError
 from splitcli.model.split import LayerRange, decoder_parts, new_cache
-from splitcli.plan.profile import CodecCost, DeviceInfo, LayerCost, Profile, StageCost
+from splitcli.plan.profile import CODEC_SOURCES, CodecCost, DeviceInfo, LayerCost, Profile, StageCost
 from splitcli.plan.recipes import PROFILE_RECIPES, Recipe
 from splitcli.quant import (
     KEEP_BITS, SUPPORTED_BITS, KVQuantConfig, fp_kv_bytes_per_token, kv_bytes_per_token,
@@ -348,6 +353,29 @@ def default_codec_hook(hiddens: dict[int, torch.Tensor], repeats: int, recipes: 
     return CodecCost(statistics.median(enc), statistics.median(dec), tuple(points))
 
 
+def profile_tokens(settings: ProfileSettings) -> int:
+    """Tokens of the sequence a profile runs through the model (timings and the codec)."""
+    return max(settings.tokens[-1], settings.decode_context) + 1
+
+
+def text_codec_ids(tokenizer, n_tokens: int, data_dir=None) -> tuple[list[int] | None, str]:
+    """(the last n_tokens tokens of WikiText-2's test text, as deployment calibration slices it;
+    "") for the codec points, or (None, why not) when there is no tokenizer or the data is not
+    found. An explicit `data_dir` that lacks the text is an error (a user who named it meant it);
+    only the implicit places fall back."""
+    from splitcli.deploy.calibrate import calibration_ids, read_wikitext
+
+    if tokenizer is None:
+        return None, "the model has no tokenizer"
+    try:
+        text, _ = read_wikitext(data_dir)
+    except SplitLLMError as e:
+        if data_dir is not None:
+            raise
+        return None, f"no evaluation text ({e})"
+    return calibration_ids(tokenizer, text, n_tokens), ""
+
+
 @torch.inference_mode()
 def measure_profile(
     model,
@@ -355,13 +383,16 @@ def measure_profile(
     settings: ProfileSettings = ProfileSettings(),
     progress: Progress | None = None,
     codec_hook: CodecHook | None = default_codec_hook,
+    codec_ids: "list[int] | torch.Tensor | None" = None,
 ) -> Profile:
-    """Measure `model` (fp32, eval mode) on this machine; see the module docstring."""
+    """Measure `model` (fp32, eval mode) on this machine; see the module docstring. `codec_ids`:
+    the calibration text's token ids (`text_codec_ids`) whose hidden states the codec points are
+    measured on; None: the timing's random ids."""
     parts = decoder_parts(model)
     config = parts.config
     n_layers = parts.num_layers
     context = getattr(config, "max_position_embeddings", None)
-    needed = max(settings.tokens[-1], settings.decode_context) + 1
+    needed = profile_tokens(settings)
     if context is not None and needed > context:
         raise SplitLLMError(f"largest token count or decode context ({needed - 1}) + 1 exceeds the model's "
                             f"context of {context}")
@@ -448,10 +479,28 @@ def measure_profile(
                   for m in (parts.norm, parts.lm_head) for p in m.parameters()}
     head = StageCost(weight_bytes=float(sum(head_bytes.values())), decode_ms=median_ms(head_step, settings.repeats))
     tick("head")
-    codec = codec_hook({l: inputs[l][0] for l in codec_layers}, settings.repeats, settings.recipes,
-                       tick) if codec_hook and codec_layers else None
+    codec = codec_hook(_codec_hiddens(parts, inputs, codec_layers, codec_ids), settings.repeats,
+                       settings.recipes, tick) if codec_hook and codec_layers else None
     return Profile(
         model_id=model_id, hidden_size=config.hidden_size, n_kv_heads=n_kv, head_dim=head_dim,
         device=device_info(), layers=tuple(layers), embedding=embedding, head=head, codec=codec,
         group_size=settings.group_size, decode_context=settings.decode_context, timed_path=path,
+        codec_source=CODEC_SOURCES[0 if codec_ids is None else 1],
     )
+
+
+def _codec_hiddens(parts, inputs: list[torch.Tensor], layers: tuple[int, ...], codec_ids) -> dict[int, torch.Tensor]:
+    """{ℓ: hidden [N, H] leaving layers [0, ℓ)}: of the timing's random ids (already computed,
+    `inputs`) or of `codec_ids`, run through layers [0, max ℓ) the same way."""
+    if codec_ids is None or not layers:
+        return {l: inputs[l][0] for l in layers}
+    ids, vocab = torch.as_tensor(codec_ids, dtype=torch.long).reshape(1, -1), parts.embed_tokens.num_embeddings
+    if ids.shape[1] < 1 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise SplitLLMError(f"codec token ids must be a non-empty sequence in [0, {vocab})")
+    pos = torch.arange(ids.shape[1])[None]                              # [1, N]
+    h, out = parts.embed_tokens(ids), {}
+    for k in range(max(layers)):
+        h = LayerRange(parts, k, k + 1)(h, pos, None, None)
+        if k + 1 in layers:
+            out[k + 1] = h[0]
+    return out

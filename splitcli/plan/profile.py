@@ -18,6 +18,10 @@ names: `_ms` milliseconds, `_bytes` bytes. Layer k is decoder layer k (0-based).
 - timed_path (optional, format 2): "fast" when the timings were taken on the fast decode path
   `splitllm generate` runs (`splitcli.model.fast`), "eager" on the Hugging Face modules; absent:
   not recorded (profiles written before it was, all timed eagerly).
+- codec_source (optional, format 2): the tokens whose hidden states the codec points were
+  measured on: "calibration text" (the tail of WikiText-2's wiki.test.raw, the slice deployment
+  calibrates on) or "random tokens" (no data directory or no tokenizer); absent: "random tokens"
+  (profiles written before it was recorded all measured random tokens).
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ from splitcli.plan.recipes import PAPER_RECIPE, Recipe
 
 #: Decode paths a profile's timings can come from (`Profile.timed_path`).
 TIMED_PATHS: tuple[str, ...] = ("fast", "eager")
+#: Token sources a profile's codec points can be measured on (`Profile.codec_source`); the first
+#: is what a profile without the field measured.
+CODEC_SOURCES: tuple[str, ...] = ("random tokens", "calibration text")
 
-__all__ = ["PROFILE_FORMAT_VERSION", "TIMED_PATHS", "READABLE_PROFILE_VERSIONS", "CodecCost", "CodecPoint", "DeviceInfo",
+__all__ = ["CODEC_SOURCES", "PROFILE_FORMAT_VERSION", "TIMED_PATHS", "READABLE_PROFILE_VERSIONS", "CodecCost", "CodecPoint", "DeviceInfo",
            "LayerCost", "Profile", "StageCost", "profile_from_architecture"]
 
 
@@ -181,6 +188,7 @@ class Profile:
     group_size: int | None = None  # weight quantization group the weight_bytes were counted for
     decode_context: int | None = None  # cached tokens each timed decode step attended to
     timed_path: str | None = None  # "fast" / "eager": the decode path the timings were taken on
+    codec_source: str = CODEC_SOURCES[0]  # the tokens the codec points were measured on
     format_version: int = PROFILE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -192,6 +200,9 @@ class Profile:
             check_int(self.decode_context, "profile decode_context", 1)
         if self.timed_path not in TIMED_PATHS + (None,):
             raise SplitLLMError(f"profile timed_path must be one of {', '.join(TIMED_PATHS)}, got {self.timed_path!r}")
+        if self.codec_source not in CODEC_SOURCES:
+            raise SplitLLMError(f"profile codec_source must be one of {', '.join(CODEC_SOURCES)}, "
+                                f"got {self.codec_source!r}")
         check_int(self.hidden_size, "profile hidden_size", 1)
         check_int(self.n_kv_heads, "profile n_kv_heads", 1)
         check_int(self.head_dim, "profile head_dim", 1)
@@ -289,6 +300,9 @@ class Profile:
             "group_size": self.group_size, "decode_context": self.decode_context,
             "layers": [layer.to_dict() for layer in self.layers],
             **({} if self.timed_path is None else {"timed_path": self.timed_path}),
+            # left out when it is what a profile without it means (random tokens) or nothing was measured
+            **({} if self.codec is None or self.codec_source == CODEC_SOURCES[0]
+               else {"codec_source": self.codec_source}),
         }
 
     @classmethod
@@ -303,7 +317,8 @@ class Profile:
                                 f"{', '.join(map(str, READABLE_PROFILE_VERSIONS))} ({advice})")
         required = {"format_version", "model_id", "hidden_size", "n_kv_heads", "head_dim",
                     "device", "layers", "embedding", "head"}
-        optional = {"codec", "group_size", "decode_context"} | ({"timed_path"} if version >= 2 else set())
+        optional = {"codec", "group_size", "decode_context"} | (
+            {"timed_path", "codec_source"} if version >= 2 else set())
         check_keys(data, required, optional, "profile")
         if not isinstance(data["layers"], list):
             raise SplitLLMError("profile layers must be a list")
@@ -318,7 +333,7 @@ class Profile:
             head=StageCost.from_dict(data["head"], "profile head"),
             codec=None if codec is None else CodecCost.from_dict(codec, version),
             group_size=data.get("group_size"), decode_context=data.get("decode_context"),
-            timed_path=data.get("timed_path"),
+            timed_path=data.get("timed_path"), codec_source=data.get("codec_source", CODEC_SOURCES[0]),
         )
 
 
