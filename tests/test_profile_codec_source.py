@@ -86,9 +86,11 @@ def test_codec_source_round_trips_and_old_profiles_load_as_random_tokens():
     assert Profile.from_dict(data).codec_source == "random tokens"
     data["format_version"], data["codec"] = 1, None            # format 1 (its codec section aside)
     assert Profile.from_dict(data).codec_source == "random tokens"
-    data["codec_source"] = "calibration text"                 # version 1 never held it
-    with pytest.raises(SplitLLMError, match="unknown keys codec_source"):
-        Profile.from_dict(data)
+    data["codec_source"] = "calibration text"                 # versions 1 and 2 never held it
+    for old in (1, 2):
+        data["format_version"] = old
+        with pytest.raises(SplitLLMError, match="unknown keys codec_source"):
+            Profile.from_dict(data)
     assert "codec_source" not in _profile(codec=None, codec_source="calibration text").to_dict()  # no points
     assert "codec_source" not in _profile().to_dict()         # random tokens: what a profile without it means
 

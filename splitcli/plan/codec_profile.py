@@ -18,9 +18,11 @@ from splitcli.plan._validate import check_int, check_keys, check_number, require
 from splitcli.plan.recipes import PAPER_RECIPE, Recipe
 
 #: 2: codec points carry their recipe (rotation, channel_alpha), measured rel_error and split layer.
-PROFILE_FORMAT_VERSION = 2
+#: 3: the profile may say which tokens the codec points were measured on (codec_source), so an
+#: older splitllm says "newer format" instead of "unknown key".
+PROFILE_FORMAT_VERSION = 3
 #: Versions this splitllm reads; a version-1 file's codec points are the paper's recipe.
-READABLE_PROFILE_VERSIONS = (1, 2)
+READABLE_PROFILE_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ names: `_ms` milliseconds, `_bytes` bytes. Layer k is decoder layer k (0-based).
 - timed_path (optional, format 2): "fast" when the timings were taken on the fast decode path
   `splitllm generate` runs (`splitcli.model.fast`), "eager" on the Hugging Face modules; absent:
   not recorded (profiles written before it was, all timed eagerly).
-- codec_source (optional, format 2): the tokens whose hidden states the codec points were
+- codec_source (optional, format 3): the tokens whose hidden states the codec points were
   measured on: "calibration text" (the tail of WikiText-2's wiki.test.raw, the slice deployment
   calibrates on) or "random tokens" (no data directory or no tokenizer); absent: "random tokens"
   (profiles written before it was recorded all measured random tokens).
@@ -318,7 +318,7 @@ class Profile:
         required = {"format_version", "model_id", "hidden_size", "n_kv_heads", "head_dim",
                     "device", "layers", "embedding", "head"}
         optional = {"codec", "group_size", "decode_context"} | (
-            {"timed_path", "codec_source"} if version >= 2 else set())
+            {"timed_path"} if version >= 2 else set()) | ({"codec_source"} if version >= 3 else set())
         check_keys(data, required, optional, "profile")
         if not isinstance(data["layers"], list):
             raise SplitLLMError("profile layers must be a list")
