@@ -233,6 +233,7 @@ def test_plan_command_chooses_says_why_and_honours_a_pin(tmp_path):
     plan = Plan.load(out)
     assert (plan.codec.rotation, plan.codec.channel_alpha) == ("hadamard", 0.5)
     assert plan.notes["codec_error_bound"] == 0.15 and "rot+α0.5" in plan.notes["codec_recipe"]
+    assert plan.notes["codec_recipe"].endswith("(codec measured on random tokens)")  # the profile's source, said
     # a looser bound: the smaller paper recipe; a pin: kept even though it is larger
     r = run("plan", "--profile", profile, "--mem", "10MB", "--accuracy-table", table, "--codec-error", "0.6",
             "-o", out, "--force")

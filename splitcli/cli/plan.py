@@ -146,6 +146,8 @@ def plan_cmd(
     winner = search.winner
     latency = step_latency(profile, winner.candidate, link, rate)
     recipe_line = explain_recipe(search, profile, codec_error, pinned=pinned)
+    if profile.codec is not None:  # the profile's codec points: text or random tokens (they code differently)
+        recipe_line += f" (codec measured on {profile.codec_source})"
     console.print(recipe_line, highlight=False)
     if sweep == "max-tokens":
         _print_sweep(profile, winner.candidate, memory, max_tokens, embed_bits)
