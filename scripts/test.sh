@@ -18,6 +18,10 @@ quant_tests=$(ls tests/test_quant_*.py tests/test_bench_quant.py tests/test_fuse
 # torch accepts a capability the CPU lacks (and then dies on an illegal instruction), so the list
 # comes from tests/cpu_capabilities.py, which also asks the CPU
 offered=$("$PY" tests/cpu_capabilities.py)
+if ! grep -qx default <<<"$offered"; then
+  echo "[test] the CPU capability probe (tests/cpu_capabilities.py) did not even offer 'default': $offered" >&2
+  exit 1
+fi
 for cap in default avx2 avx512; do
   if ! grep -qx "$cap" <<<"$offered"; then
     echo "[test] ATEN_CPU_CAPABILITY=$cap: not offered by this CPU, skipped"

@@ -102,7 +102,8 @@ NAN, INF = float("nan"), float("inf")
 ])
 def test_non_finite_or_unrepresentable_groups_dequantize_non_finite(row, lone, lone_bad, sd):
     x = torch.randn(2, 1, 3, 4, 64, generator=torch.Generator().manual_seed(5))
-    x[1, 0, 2, 3] = torch.linspace(row, -row, 64) if abs(row) == 3e7 or abs(row) == 3e38 else row
+    # the two extremes alternating: linspace(-3e38, 3e38) has no finite value in float32 (its step overflows)
+    x[1, 0, 2, 3] = torch.tensor([row, -row]).repeat(32) if abs(row) in (3e7, 3e38) else row
     x[0, 0, 1, 2, 17] = lone
     hit = torch.zeros(2, 1, 3, 4, 2, dtype=torch.bool)  # groups of 32
     hit[1, 0, 2, 3, :] = True
@@ -182,3 +183,21 @@ def test_eager_and_static_caches_store_the_same_bits(bits, group, sd):
         assert torch.equal(ke, ks) and torch.equal(ve, vs)
     for held, name in zip(eager._kv.tensors(), ("codes", "scales", "zeros")):
         assert torch.equal(held, getattr(static, name)[0].narrow(3, 0, start)), name
+
+
+def test_nan_gets_a_code_in_range_and_inputs_with_grad_are_detached():
+    # a NaN's code must stay within its bits: a packed code past qmax would spill into the next group
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(11))
+    x[0, 1] = NAN
+    for bits in (3, 4):
+        q, s, z = quantize_kv(x, bits, 4, torch.float16)
+        assert int(q.max()) <= 2**bits - 1 and q[0, 1] == 0
+        assert not torch.isfinite(dequantize_groupwise(q, s, z, bits)[0, :4]).any()
+        assert torch.isfinite(dequantize_groupwise(q, s, z, bits)[0, 4:]).all()
+    # the cache is pluggable into transformers, which may run with autograd on: no graph is kept,
+    # also after the first call happened under inference_mode
+    with torch.inference_mode():
+        quantize_kv(torch.randn(1, 8), 8, 8, torch.float16)
+    w = torch.randn(1, 8, requires_grad=True)
+    q, s, z = quantize_kv(w * 2, 8, 8, torch.float16)
+    assert not (s.requires_grad or z.requires_grad or q.requires_grad)

@@ -168,15 +168,18 @@ def quantize_kv(
         out = (torch.empty(x.shape, dtype=torch.uint8), torch.empty(*lead, groups, dtype=scale_dtype),
                torch.empty(*lead, groups, dtype=scale_dtype))
     q_out, s_out, z_out = out
-    x = x if x.dtype == torch.float32 else x.float()
+    # detached: a cache holds codes, never an autograd graph (HF may call it with grad enabled)
+    x = x.detach() if x.dtype == torch.float32 else x.detach().float()
     g = x.reshape(*lead, groups, group_size)  # [..., groups, group_size]: a view for the caches' input
     lo, hi = torch.aminmax(g, dim=-1)  # NaN-propagating
     z_out.copy_(torch.lerp(lo, hi, 2 ** (bits - 1) / (2**bits - 1)))  # the cast to scale_dtype rounds to nearest
     z = z_out.float()  # exact
     s_out.copy_(torch.maximum(torch.addcmul(d, z - lo, k_lo), torch.addcmul(d, hi - z, k_hi)))
     t = torch.addcdiv(mid, g - z.unsqueeze(-1), s_out.float().unsqueeze(-1))  # mid + (x - zero) / scale
-    # clamp is a no-op for finite groups (mid + t in [0, qmax] up to 2^-15); it keeps +-Inf in range
-    q_out.view(*lead, groups, group_size).copy_(t.round_().clamp_(0, 2**bits - 1))
+    # clamp is a no-op for finite groups (mid + t in [0, qmax] up to 2^-15); it keeps +-Inf in range,
+    # and NaN becomes a defined code (NaN -> uint8 is undefined, and a packed code past qmax would
+    # spill into the next group's bits); the group itself still dequantizes non-finite (its scale/zero)
+    q_out.view(*lead, groups, group_size).copy_(t.round_().nan_to_num_(0.0).clamp_(0, 2**bits - 1))
     return q_out, s_out, z_out
 
 
