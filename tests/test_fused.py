@@ -1,4 +1,5 @@
-"""model/fused.py: one product for q/k/v and gate/up equals the separate products bit for bit, the
+"""model/fused.py: one product for q/k/v and gate/up equals the separate products (bit for bit for the
+quantized kernels, to fp32 rounding for float GEMMs), the
 modules keep computing what they did (their tensors become views of the fused ones: no second
 copy), and the fast path's cheaper spellings (rms norm, rotary as a matrix) match the originals."""
 
@@ -22,6 +23,15 @@ def _linears(bias: bool, sizes=SIZES, seed: int = 0) -> list[nn.Linear]:
     return [nn.Linear(K, n, bias=bias) for n in sizes]
 
 
+def _same(kind: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Quantized kernels compute each output column from its own row of weights: bit for bit.
+    A float GEMM may block the reduction differently for another N (seen under
+    ATEN_CPU_CAPABILITY=default on an AMD Zen 3: ~1e-7 apart), so float holds to fp32 rounding."""
+    if kind != "float":
+        return torch.equal(a, b)
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _make(kind: str, bias: bool, sizes=SIZES) -> list[nn.Module]:
     lins = _linears(bias, sizes)
     if kind == "float":
@@ -42,10 +52,10 @@ def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(k
     assert fused is not None and fused.kind == kind and fused.out_features == sum(SIZES)
     y = fused(x)  # [2, 3, N]
     assert y.dtype == torch.float32 and y.shape == (2, 3, sum(SIZES))
-    assert torch.equal(y, torch.cat(before, -1))
+    assert _same(kind, y, torch.cat(before, -1))
     assert resident_bytes(nn.ModuleList(mods)) == bytes_before  # the fast path holds no second copy
-    # the modules still compute exactly what they did, now from views of the fused tensors
-    assert all(torch.equal(m(x), b) for m, b in zip(mods, before))
+    # the modules still compute what they did, now from views of the fused tensors
+    assert all(_same(kind, m(x), b) for m, b in zip(mods, before))
     # building again over the same modules finds the joined tensors instead of copying them
     again = FusedLinear.build(mods)
     tensors = {"float": "weight", "int4": "packed", "int8": "codes"}[kind]
@@ -54,7 +64,7 @@ def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(k
     # residual + product, the bf16 -> fp32 cast folded into the add
     one = FusedLinear.build([mods[0]])
     r = torch.randn(2, 3, SIZES[0])
-    assert torch.equal(one.add_to(r, x), r + before[0])
+    assert _same(kind, one.add_to(r, x), r + before[0])
 
 
 def test_int4_rows_that_straddle_a_kernel_tile_are_fused_only_without_a_second_copy():
