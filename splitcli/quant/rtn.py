@@ -123,7 +123,7 @@ def quantize_kv(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The KV cache's per-token quantizer: the number format of `quantize_groupwise` (asymmetric
-    RTN along the last axis, w_hat = (q - mid) * scale + zero), computed in float32 with 14 small
+    RTN along the last axis, w_hat = (q - mid) * scale + zero), computed in float32 with 15 small
     ops and no host sync, since it runs per layer per decode step. Weights keep
     `quantize_groupwise` (float64, minimal scales), whose shards are pinned.
 
