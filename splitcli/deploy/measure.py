@@ -420,9 +420,7 @@ def measure_profile(
     emb_prefill = {t: median_ms(lambda: parts.embed_tokens(ids[:, :t]), settings.repeats) for t in settings.tokens}
     emb_decode = median_ms(lambda: parts.embed_tokens(ids[:, :1]), settings.repeats)
     tick("embedding")
-    inputs = [parts.embed_tokens(ids)]  # inputs[k]: what layer k sees, [1, T+1, H]
-    for k in range(n_layers):
-        inputs.append(LayerRange(parts, k, k + 1)(inputs[k], positions, None, None))
+    inputs = layer_inputs(parts, ids, n_layers)  # inputs[k]: what layer k sees, [1, T+1, H]
     as_loaded = KEEP_BITS if KEEP_BITS in settings.bits else settings.bits[-1]
     by_bits, stack_decode = {}, {}
     if fast:
@@ -497,10 +495,15 @@ def _codec_hiddens(parts, inputs: list[torch.Tensor], layers: tuple[int, ...], c
     ids, vocab = torch.as_tensor(codec_ids, dtype=torch.long).reshape(1, -1), parts.embed_tokens.num_embeddings
     if ids.shape[1] < 1 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise SplitLLMError(f"codec token ids must be a non-empty sequence in [0, {vocab})")
-    pos = torch.arange(ids.shape[1])[None]                              # [1, N]
-    h, out = parts.embed_tokens(ids), {}
-    for k in range(max(layers)):
-        h = LayerRange(parts, k, k + 1)(h, pos, None, None)
-        if k + 1 in layers:
-            out[k + 1] = h[0]
+    h = layer_inputs(parts, ids, max(layers))
+    return {l: h[l][0] for l in layers}
+
+
+def layer_inputs(parts, ids: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """ids [1, T] -> [embeddings, out of layer 0, ..., out of layer n - 1], each [1, T, H]
+    (positions 0..T-1, no mask): what each of layers 0..n sees."""
+    positions = torch.arange(ids.shape[1])[None]  # [1, T]
+    out = [parts.embed_tokens(ids)]
+    for k in range(n):
+        out.append(LayerRange(parts, k, k + 1)(out[k], positions, None, None))
     return out
