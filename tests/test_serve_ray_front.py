@@ -260,3 +260,39 @@ def test_a_busy_session_is_not_reaped(front, split):
         assert handle.closed == []  # ended by its Close, not by the reaper
     finally:
         edge.close()
+
+
+def _failing_init(started: list, fail_times: int):
+    """A ray.init that starts a child (as a real one starts its GCS) and raises, `fail_times` times."""
+    import subprocess
+    import sys
+
+    def init(**kwargs):
+        if len(started) < fail_times:
+            started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+            raise Exception("The current node timed out during startup.")  # what Ray raises
+
+    return init
+
+
+@pytest.mark.parametrize("fail_times", [1, 2])
+def test_a_failed_local_start_is_cleared_and_tried_once_more(monkeypatch, fail_times):
+    import ray
+
+    started: list = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "init", _failing_init(started, fail_times))
+    try:
+        if fail_times < ray_backend.LOCAL_START_TRIES:
+            assert ray_backend.start_ray(RayOptions()) is True
+        else:
+            with pytest.raises(ray_backend.SplitLLMError, match="could not start a local Ray instance after 2 tries"):
+                ray_backend.start_ray(RayOptions())
+        assert len(started) == fail_times
+        # every child a failed try started is gone (reaped: poll() has its exit status)
+        assert all(p.poll() is not None for p in started)
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()

@@ -44,6 +44,10 @@ OPEN_TIMEOUT_S = 30.0  # all tries of one Open together (admission only, no forw
 #: How long an Open waits for the one before it; past that it goes on without the lock (a stuck
 #: replica must not hold every admission), only placing itself on a load that may lag by one.
 OPEN_LOCK_WAIT_S = 1.0
+#: Ray gives its raylet a fixed 30 s to register with the GCS and then raises. On a busy 2-core CI
+#: host a raylet once never came up (no log of its own) while the next start, 45 s later, did: one
+#: more try after clearing the failed one costs seconds; a second failure is reported.
+LOCAL_START_TRIES = 2
 
 
 def require_ray() -> None:
@@ -140,9 +144,52 @@ def start_ray(options: RayOptions) -> bool:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=options.num_cpus, include_dashboard=False, object_store_memory=options.object_store_bytes,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
-    return True
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        before = _descendant_pids()
+        try:
+            ray.init(num_cpus=options.num_cpus, include_dashboard=False,
+                     object_store_memory=options.object_store_bytes, _node_ip_address="127.0.0.1",
+                     log_to_driver=False)
+            return True
+        except Exception as e:  # Ray raises a plain Exception when its node does not come up
+            # A failed init leaves its GCS, monitor and dashboard running and unowned (ray.shutdown
+            # does not know them): stop what this try started before the next one or the error.
+            ray.shutdown()
+            _stop_pids(_descendant_pids() - before)
+            if attempt == LOCAL_START_TRIES:
+                raise SplitLLMError(f"could not start a local Ray instance after {attempt} tries: {e} "
+                                    "(Ray's logs: /tmp/ray/session_latest/logs)") from e
+    raise AssertionError("unreachable")
+
+
+def _descendant_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _stop_pids(pids: set[int], wait_s: float = 5.0) -> None:
+    """SIGTERM `pids`, then SIGKILL whatever still runs after `wait_s`."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=wait_s)
 
 
 def deploy(factory, settings: CloudSettings, options: RayOptions):
