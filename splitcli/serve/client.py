@@ -1,7 +1,8 @@
 """The edge side of the protocol: run the edge half here, stream its frames to a cloud server.
 
 `generate_remote` is `runtime.generate.generate` for one prompt with the cloud across a gRPC
-stream: the edge embeds and runs layers [0, ℓ) with its own cache, encodes each step with the
+stream: the edge embeds and runs layers [0, ℓ) with its own cache (on the fast decode path of
+`runtime.fast` where the model supports it, as `generate` does), encodes each step with the
 split's wire, and the cloud answers with the next token (it samples: greedy, or temperature /
 top-p with the request's seed, the same sampler as in-process) or with its top-k logits (the edge
 samples). Prefill frames larger than a message are chunked. Errors come back as `RemoteError`
@@ -207,18 +208,31 @@ def _prompt_ids(input_ids) -> torch.Tensor:
     return ids
 
 
+def _edge_and_cache(split, cache, capacity: int):
+    """The edge half this stage runs and its cache: the fast decode path (`runtime.fast`, a static
+    cache for `capacity` positions) as `generate` runs it, unless the model is one it does not
+    support or the caller brings its own cache (a handoff's, rows of the local model installed)."""
+    from splitcli.runtime.fast import fast_edge_half
+
+    fast = fast_edge_half(split.edge) if cache is None else None
+    if fast is None:
+        return split.edge, split.edge.new_cache() if cache is None else cache
+    limit = getattr(split.edge.parts.config, "max_position_embeddings", None) or capacity
+    return fast, fast.new_cache(max(1, min(capacity, limit))) if capacity else fast.new_cache()
+
+
 class _SplitSteps:
     """The split stage on the edge: edge half with its own cache, one frame per step, the reply."""
 
     def __init__(self, split, stream: _Stream, chunk: int, cfg: SamplingConfig, cache=None,
                  position: int = 0, step_id: int = 0, reopen: Callable | None = None,
-                 cloud: RemoteCloud | None = None, live=None):
+                 cloud: RemoteCloud | None = None, live=None, capacity: int = 0):
         self.split, self.stream, self.chunk, self.cfg = split, stream, chunk, cfg
         # With `reopen` (a new admitted stream and its chunk size), a broken stream is rebuilt from
         # `history`: every hidden state [1, t, H] this edge has sent, in order.
         self.reopen, self.cloud = reopen, cloud
         self.history: list[torch.Tensor] = []
-        self.cache = split.edge.new_cache() if cache is None else cache
+        self.edge, self.cache = _edge_and_cache(split, cache, capacity)
         self.position, self.step_id = position, step_id
         self.vocab = split.edge.parts.config.vocab_size  # the embedding may be a QuantEmbedding (no .weight)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # the edge samples only in top-k mode
@@ -306,7 +320,7 @@ class _SplitSteps:
                 return None
             q_bar, note = live.q_bar_for(decision)
         c0 = time.perf_counter()
-        hidden = self.split.edge(ids, torch.arange(self.position, self.position + t)[None], None, self.cache)
+        hidden = self.edge(ids, torch.arange(self.position, self.position + t)[None], None, self.cache)
         edge_s = time.perf_counter() - c0
         token = self.send_hidden(hidden, q_bar, lead)
         if live is not None:
@@ -342,7 +356,7 @@ def generate_remote(split, input_ids, cfg: SamplingConfig, cloud: RemoteCloud,
     try:
         stream, chunk = reopen()
         steps = _SplitSteps(split, stream, chunk, cfg, reopen=reopen if cloud.retries else None, cloud=cloud,
-                            live=live)
+                            live=live, capacity=ids.shape[1] + cfg.max_new_tokens)
         new = ids
         for i in range(cfg.max_new_tokens):
             if live is not None:
