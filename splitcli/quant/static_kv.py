@@ -72,6 +72,25 @@ class StaticCache:
         self._store(new)
         self._capacity = cap
 
+    @property
+    def rows(self) -> int:
+        """Batch rows allocated (0 before the first forward)."""
+        first = self._tensors()[0]
+        return 0 if first is None else first.shape[self.BATCH_DIM]
+
+    def copy_rows(self, row: int, at: int, src: "StaticCache", src_row: int, src_at: int, n: int) -> None:
+        """Copy positions [src_at, src_at + n) of `src`'s batch row `src_row` into positions
+        [at, at + n) of this cache's row `row`, every tensor (a batched server stacks sessions'
+        caches into one and writes each row's new position back). Both caches must be allocated,
+        of one class and layout; `length` is the caller's to set. Values are copied bit for bit."""
+        if type(src) is not type(self) or not self.rows or not src.rows:
+            raise SplitLLMError("copy_rows needs two allocated caches of the same kind")
+        if at + n > self._capacity or src_at + n > src._capacity:
+            raise SplitLLMError(f"copy_rows of {n} positions past a cache's capacity")
+        for dst_t, src_t in zip(self._tensors(), src._tensors()):
+            dst = dst_t.narrow(self.BATCH_DIM, row, 1).narrow(self.POS_DIM, at, n)
+            dst.copy_(src_t.narrow(self.BATCH_DIM, src_row, 1).narrow(self.POS_DIM, src_at, n))
+
     def nbytes(self) -> int:
         """Bytes the cache holds for its allocated capacity."""
         if self._tensors()[0] is None:

@@ -6,7 +6,9 @@ hides the padding and each row's own position id (the same left-padding conventi
 `runtime.session`: position = real tokens before this one). The new rows are then cut back into
 each session's cache without the padding, so a session's cache never depends on who it was batched
 with. A single step (and every prefill) runs on the session's cache directly, with no mask, exactly
-as the in-process split does, so an unbatched session is bit-identical to `generate`.
+as the in-process split does, so an unbatched session is bit-identical to `generate`. The cloud half
+is the eager `CloudHalf` (Hugging Face caches, `forward_batch`) or the fast one (static caches,
+`batching_fast.forward_batch_fast`); a Batcher runs one kind only.
 
 Stacking copies every cache each batched step: O(batch x length x cloud layers) memory traffic,
 correct first; a paged cache shared across sessions is the faster layout (issue 13's benchmark
@@ -26,6 +28,7 @@ import torch
 
 from splitcli.errors import SplitLLMError
 from splitcli.model.split import CloudHalf, new_cache
+from splitcli.serve.batching_fast import check_cache, forward_batch_fast, is_fast
 
 
 @dataclass
@@ -55,7 +58,10 @@ def can_batch(cloud: CloudHalf) -> bool:
 
 
 def forward_one(cloud: CloudHalf, state: CloudState, hidden: torch.Tensor) -> torch.Tensor:
-    """Positions [length, length + T) of one session on its own cache (no mask: as in-process)."""
+    """Positions [length, length + T) of one session on its own cache (no mask: as in-process).
+    `cloud` is the eager `CloudHalf` or the fast one (`model.fast.FastCloudHalf`, same call) with
+    the cache kind it makes."""
+    check_cache(cloud, state.cache)
     t = hidden.shape[1]
     positions = torch.arange(state.length, state.length + t)[None]
     logits = cloud(hidden, positions, None, state.cache, logits_to_keep=1)
@@ -69,7 +75,8 @@ def _cloud_layers(cloud: CloudHalf, cache):
 
 def forward_batch(cloud: CloudHalf, states: list[CloudState], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     """One-token steps of several sessions (each with a non-empty cache) as one forward.
-    Returns each session's logits [V]; each session's cache grows by its own row only."""
+    Returns each session's logits [V]; each session's cache grows by its own row only. The fast
+    half's counterpart is `batching_fast.forward_batch_fast`."""
     from transformers.cache_utils import DynamicLayer
 
     lengths = [s.length for s in states]
@@ -126,6 +133,7 @@ class Batcher:
         # adds latency (a lone session never waits out the window).
         self.active = active or (lambda: max_batch)
         self.batchable = can_batch(cloud)
+        self._forward_batch = forward_batch_fast if is_fast(cloud) else forward_batch
         # Observability in constant memory (a server runs for months): totals, the largest batch
         # and a hook that sees every batch size (the metrics histogram), never an ever-growing list.
         self.forwards = 0  # cloud forwards run
@@ -224,7 +232,7 @@ class Batcher:
             if len(live) == 1:
                 live[0].logits = forward_one(self.cloud, live[0].state, live[0].hidden)
             else:
-                out = forward_batch(self.cloud, [w.state for w in live], [w.hidden for w in live])
+                out = self._forward_batch(self.cloud, [w.state for w in live], [w.hidden for w in live])
                 for w, logits in zip(live, out):
                     w.logits = logits
             now = time.monotonic()

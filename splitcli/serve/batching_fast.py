@@ -1,0 +1,89 @@
+"""Continuous batching on the fast cloud half (`model.fast.FastCloudHalf`, a `StaticKV` per session).
+
+The same contract as `serve.batching.forward_batch` for the eager half: a batch of one-token
+decode steps runs as one forward over the sessions' caches stacked and left-padded to the
+longest, with an attention mask hiding the padding and each row's own position id (real tokens
+before it). The stacking differs: each session's K/V rows [0, n) are copied into row i of one
+B-row static cache at positions [longest - n, longest) (the padding stays zero: finite, and masked
+out), the forward writes every row's new position at `longest`, and only that one position is
+copied back into each session's cache at its own position n. Earlier positions of a session's
+cache are never written, and nothing of the batch (padding, other rows, its capacity) reaches
+it: a session's cache never depends on who it was batched with.
+
+Single steps and prefills do not come here: `batching.forward_one` runs them on the session's own
+cache with no mask, as the in-process `FastSplitSession` does, so an unbatched session is
+bit-identical to it. A batched step is not (the products run with M = B rows and attention over
+the padded length): within float rounding of the same step alone (tests/test_serve_fast_cloud.py
+states the bound).
+
+A KV handoff (I_kv = 1) writes the edge's rows into a session's static cache through the cache's
+own `write` (`install_static_rows`), the counterpart of `runtime.handoff.install_rows` for the
+eager cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitcli.errors import SplitLLMError
+from splitcli.model.fast import FastCloudHalf
+from splitcli.quant.static_kv import StaticCache
+
+
+def is_fast(cloud) -> bool:
+    return isinstance(cloud, FastCloudHalf)
+
+
+def check_cache(cloud, cache) -> None:
+    """A fast half runs on static caches only and an eager half on Hugging Face caches only: the
+    two never meet in one forward."""
+    if is_fast(cloud) != isinstance(cache, StaticCache):
+        half, kind = ("fast", "a Hugging Face") if is_fast(cloud) else ("eager", "a static")
+        raise SplitLLMError(f"the {half} cloud half was given {kind} cache")
+
+
+@torch.inference_mode()
+def forward_batch_fast(cloud: FastCloudHalf, states: list, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One-token steps of several sessions (each with a non-empty one-row static cache) as one
+    forward. Returns each session's logits [V]; each session's cache gains its own new position only."""
+    lengths = [s.length for s in states]
+    for s, n in zip(states, lengths):
+        check_cache(cloud, s.cache)
+        if s.cache.rows != 1 or s.cache.length != n or n < 1:
+            raise SplitLLMError("batched decode needs one-row static caches holding the sessions' lengths")
+    longest, b = max(lengths), len(states)
+    batch = cloud.new_cache(longest + 1)
+    batch.reserve(longest + 1, b)  # [layers, B, kv_heads, longest + 1, D] zeros: the padding stays finite
+    for i, (s, n) in enumerate(zip(states, lengths)):
+        batch.copy_rows(i, longest - n, s.cache, 0, 0, n)
+    batch.length = longest
+    mask = torch.zeros(b, longest + 1, dtype=torch.long)  # [B, past + 1], 1 = a real position
+    for i, n in enumerate(lengths):
+        mask[i, longest - n:] = 1
+    positions = torch.tensor(lengths)[:, None]  # [B, 1]
+    logits = cloud(torch.cat(hidden), positions, mask, batch, logits_to_keep=1)  # [B, 1, V]
+    for i, (s, n) in enumerate(zip(states, lengths)):
+        s.cache.reserve(n + 1)  # within the session's reservation; grows (doubling) only past it
+        s.cache.copy_rows(0, n, batch, i, longest, 1)
+        s.cache.length = n + 1
+        s.length += 1
+    return [logits[i, -1] for i in range(b)]
+
+
+@torch.inference_mode()
+def install_static_rows(cache: StaticCache, payload, first_layer: int, dtype: torch.dtype) -> None:
+    """Write a KV payload's rows (layers [first_layer, first_layer + cache layers), positions
+    [start, start + count)) into a one-row static cache whose length is `start`; the caller has
+    checked the layers are exactly the cache's. Full-attention layers only: every layer brings
+    all `count` rows."""
+    if cache.length != payload.start:
+        raise SplitLLMError(f"KV rows start at position {payload.start}, but the receiving cache holds {cache.length}")
+    for r in payload.layers:
+        if r.keys.shape[2] != payload.count or r.values.shape[2] != payload.count:
+            raise SplitLLMError(f"layer {r.layer} received {r.keys.shape[2]} of {payload.count} rows "
+                                "but is not a sliding-window layer")
+    end = payload.start + payload.count
+    cache.reserve(end, 1)
+    for r in payload.layers:
+        cache.write(r.layer - first_layer, payload.start, r.keys.to(dtype), r.values.to(dtype))
+    cache.length = end
