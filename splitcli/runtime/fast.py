@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 
-from ..model.fast import DEFAULT_CAPACITY, FastCloudHalf, FastEdgeHalf, FastModel, fast_unsupported
+from ..model.fast import DEFAULT_CAPACITY, FastCloudHalf, FastEdgeHalf, FastModel, _LayersToHead, fast_unsupported
 from ..model.split import decoder_parts
 from .session import Session, SplitSession, _context_length
 
@@ -33,12 +33,23 @@ def fast_edge_half(edge) -> FastEdgeHalf | None:
     return _EDGES[edge]
 
 
+class _FastAllLayers(FastCloudHalf):
+    """ℓ = 0: every decoder layer + head over embeddings, the cloud-only baseline `bench serve`
+    serves with the same server (a FastCloudHalf otherwise refuses ℓ outside 1..L-1)."""
+
+    def __init__(self, parts):
+        self.split_layer = 0
+        _LayersToHead.__init__(self, parts, 0)
+
+
 def fast_cloud_half(cloud) -> FastCloudHalf | None:
-    """The fast twin of an eager cloud half, or None if unsupported."""
+    """The fast twin of an eager cloud half (ℓ = 0 included: the cloud-only baseline), or None if
+    unsupported."""
     if cloud not in _CLOUDS:
         if fast_unsupported(cloud.parts, cloud.split_layer, cloud.parts.num_layers) is not None:
             return None
-        _CLOUDS[cloud] = FastCloudHalf(cloud.parts, cloud.split_layer)
+        _CLOUDS[cloud] = (FastCloudHalf(cloud.parts, cloud.split_layer) if cloud.split_layer
+                          else _FastAllLayers(cloud.parts))
     return _CLOUDS[cloud]
 
 

@@ -12,6 +12,11 @@ chunks together by `max_frame_bytes`, tokens by the session's admitted `max_toke
 is decoded only up to the size its step claims. A stream idle for `idle_timeout_s` is cancelled
 and its session freed.
 
+The cloud half runs on the fast decode path (`runtime.fast.fast_cloud_half`: one static KV cache
+per session, preallocated for the positions its Open reserved) when the model supports it, else on
+the eager Hugging Face half; one servicer runs one kind for all its sessions (prefills, decode
+steps, batches, KV handoffs), so a static cache never meets an eager forward or the reverse.
+
 TLS: `CloudServer(..., credentials=grpc.ssl_server_credentials(...))`. The metrics endpoint and
 the SIGTERM handler live in the `serve-cloud` command (splitcli/cli/serve.py), which reads
 `counters()`, the `on_step` / `on_token` hooks and `CloudServer.drain` from here.
@@ -33,8 +38,10 @@ from splitcli.codec.config import MIN_Q
 from splitcli.errors import SplitLLMError
 from splitcli.quant import fp_kv_bytes_per_token
 from splitcli.runtime.adaptive import with_q_bar
+from splitcli.runtime.fast import fast_cloud_half
 from splitcli.runtime.generate import SamplingConfig, sample_next
 from splitcli.serve.batching import Batcher, CloudState
+from splitcli.serve.batching_fast import install_static_rows, is_fast
 from splitcli.serve.config import CloudSettings  # noqa: F401 - its home is serve.config; imported from here too
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
@@ -84,11 +91,13 @@ class _Session:
 
 
 class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
-    """Per-session cloud state, admission, auth and limits around one split's cloud half."""
+    """Per-session cloud state, admission, auth and limits around one split's cloud half.
+    `fast`: run the half on the fast path where supported (False: the eager half, as before)."""
 
-    def __init__(self, split, settings: CloudSettings):
+    def __init__(self, split, settings: CloudSettings, fast: bool = True):
         self.split, self.settings = split, settings
-        self.cloud = split.cloud
+        self.cloud = (fast_cloud_half(split.cloud) if fast else None) or split.cloud
+        self.fast = is_fast(self.cloud)
         self.hidden_size = self.cloud.parts.config.hidden_size
         self.vocab = self.cloud.parts.lm_head.weight.shape[0]
         self.context_length = getattr(self.cloud.parts.config, "max_position_embeddings", None)
@@ -230,7 +239,9 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
                 raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"KV budget exhausted: {reserved} bytes asked, "
                                f"{self.settings.kv_budget_bytes - self._kv_used} free")
-            sess = _Session(id=f"s{next(self._ids)}", state=CloudState(self.cloud.new_cache()), i_kv=ikv,
+            # a static cache holds exactly the positions reserved (allocated at its first forward)
+            cache = self.cloud.new_cache(msg.max_tokens) if self.fast else self.cloud.new_cache()
+            sess = _Session(id=f"s{next(self._ids)}", state=CloudState(cache), i_kv=ikv,
                             max_tokens=msg.max_tokens, reserved=reserved, sampling=sampling, top_k=top_k,
                             generator=torch.Generator().manual_seed(sampling.seed), codec=session_codec)
             self._sessions[sess.id] = sess
@@ -333,7 +344,11 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
                                     f"{layout.layers.stop - 1}")
             if not all(torch.isfinite(r.keys).all() and torch.isfinite(r.values).all() for r in payload.layers):
                 raise SplitLLMError("KV rows hold NaN or Inf")
-            install_rows(sess.state.cache, payload, next(parts.lm_head.parameters()).dtype)
+            dtype = next(parts.lm_head.parameters()).dtype
+            if self.fast:
+                install_static_rows(sess.state.cache, payload, self.cloud.split_layer, dtype)
+            else:
+                install_rows(sess.state.cache, payload, dtype)
         except SplitLLMError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step_id}: {exc}")
         sess.state.length += n_tokens

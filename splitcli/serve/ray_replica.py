@@ -2,11 +2,12 @@
 
 A replica holds one `CloudServicer` (serve/cloud.py): admission against its own session limit and
 KV budget, step ordering, frame checks, idle reaping, counters, and one `Batcher` (continuous
-batching stays per replica). The servicer is not copied here: each session is the servicer's own
-`Session` generator, fed through `InProcessStream` instead of a gRPC stream, so every rule a local
-`serve-cloud` enforces is enforced here by the same lines. The gRPC front (serve/ray_backend.py)
-forwards each client message of a session to the replica that admitted it (serve/ray_router.py
-pins it there) and relays the replies and the final status.
+batching stays per replica; the half on the fast path where the model supports it, as in
+`serve-cloud`: `stats()["fast_cloud"]` says which). The servicer is not copied here: each session
+is the servicer's own `Session` generator, fed through `InProcessStream` instead of a gRPC stream,
+so every rule a local `serve-cloud` enforces is enforced here by the same lines. The gRPC front
+(serve/ray_backend.py) forwards each client message of a session to the replica that admitted it
+(serve/ray_router.py pins it there) and relays the replies and the final status.
 
 Messages cross Ray as serialized protobuf bytes; a status crosses as (code name, details).
 """
@@ -231,6 +232,7 @@ class SplitReplica:
         return {"replica": self.replica_id, "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss,
                 "streams": streams,
                 "sessions": self.servicer.session_count, "kv_used": self.servicer.kv_used,
+                "fast_cloud": self.servicer.fast,
                 "counters": dataclasses.asdict(self.servicer.counters()),
                 "forwards": b.forwards, "batched_steps": b.batched_steps, "largest_batch": b.largest_batch}
 
