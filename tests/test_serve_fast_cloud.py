@@ -45,7 +45,7 @@ def split(lm, request):
 
 @contextlib.contextmanager
 def serving(split, **settings):
-    server = CloudServer(split, CloudSettings(**{"model_sha256": SHA, "api_key": KEY, "max_top_k": VOCAB,
+    server = CloudServer(split, CloudSettings(**{"model_sha256": SHA, "api_key": KEY, "max_top_k": _vocab(split),
                                                  **settings}))
     try:
         yield server
@@ -54,11 +54,15 @@ def serving(split, **settings):
     assert server.servicer.session_count == 0 and server.servicer.kv_used == 0
 
 
+def _vocab(split) -> int:
+    return split.cloud.parts.lm_head.weight.shape[0]
+
+
 def _open(split, max_tokens=40, kv_mode=pb.KV_HIDDEN):
     return pb.ClientMessage(open=pb.Open(
         model_sha256=SHA, split_layer=split.spec.split_layer, wire=WIRE_TO_PB[split.spec.wire], max_tokens=max_tokens,
         kv_mode=kv_mode, codec=codec_to_pb(split.spec.codec), protocol_version=1,
-        sampling=pb.Sampling(top_k_logits=VOCAB)))
+        sampling=pb.Sampling(top_k_logits=_vocab(split))))
 
 
 def _stream(server, requests):
@@ -70,7 +74,7 @@ def _stream(server, requests):
 
 def _full_logits(token: pb.Token) -> torch.Tensor:
     """The vocab-wide top-k a step returned, back in vocab order [V] (float32 on the wire, exact)."""
-    out = torch.full((VOCAB,), float("nan"))
+    out = torch.full((len(token.top_k.token_ids),), float("nan"))
     out[torch.tensor(list(token.top_k.token_ids))] = torch.tensor(list(token.top_k.logits))
     return out
 
@@ -130,6 +134,24 @@ def test_unbatched_remote_session_is_bit_identical_to_fast_split_session(split):
             assert tokens == ref_tokens
             assert max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits)) == 0.0
         assert server.servicer.batcher.largest_batch == 1
+
+
+def test_real_model_remote_session_is_the_fast_path_bit_for_bit(real_lm):
+    """SmolLM2-135M at ℓ = 15, raw fp32 wire, prefill + 3 decode steps over the server: every
+    vocab-wide logit equals the in-process FastSplitSession's (max |Δ| == 0). (Once the fast half
+    is built the eager one computes on the same re-laid-out weights and, here, the same values: what
+    shows the server ran the fast half is `servicer.fast` and, in the next test, its static cache.)"""
+    import copy
+
+    lm = SimpleNamespace(model=copy.deepcopy(real_lm.model), tokenizer=None, sha256=SHA)  # the fixture's layout untouched
+    split = build_split(lm, SplitSpec(split_layer=15, wire="none"))
+    prompt = real_lm.tokenizer("The capital of France is")["input_ids"]
+    with serving(split) as server:
+        assert server.servicer.fast
+        ref_tokens, ref_logits = _reference(split, prompt, 4)
+        tokens, logits = _remote(server, split, prompt, 4)
+    assert tokens == ref_tokens
+    assert max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits)) == 0.0
 
 
 def test_session_cache_is_the_reservation(split):
@@ -307,6 +329,13 @@ def test_eager_when_asked_or_unsupported(lm):
         assert not eager.fast and eager.cloud is split.cloud
     finally:
         eager.close()
+    half = SimpleNamespace(model=_tiny("llama").to(torch.bfloat16), tokenizer=None, sha256=SHA)
+    split = build_split(half, SplitSpec(split_layer=2, wire="none"))
+    servicer = CloudServicer(split, settings)  # the static cache is float32: a bf16 model stays eager
+    try:
+        assert not servicer.fast and servicer.cloud is split.cloud
+    finally:
+        servicer.close()
     sliding = SimpleNamespace(model=_tiny("gemma2"), tokenizer=None, sha256=SHA)
     split = build_split(sliding, SplitSpec(split_layer=2, wire="none"))
     assert fast_cloud_half(split.cloud) is None
