@@ -26,6 +26,15 @@ Run (1 torch thread, under the shared CPU lock):
   (~13 min on a shared 2-core machine; add --energy-only for part 1 alone.)
   KLT basis, MSE step (alpha 0), 16 entropy classes:
   ... --windows 4 --sets h1 --basis klt --alpha 0 --classes 16 --steps 2.0,2.5
+Part 3 (--adaptive): the same symbols (same quantizer, reconstruction and perplexity) rated under
+adaptive entropy models, histograms per (component class, context) fitted on calibration text only:
+  prevmag / prevmean : backward, the same component's |s| at t-1 (0, 1, >=2) / token t-1's mean |s|
+  intra              : backward, inside token t: decoded |s| so far over its calibration mean
+  gain / ngain       : forward, token t's residual log2 RMS (ngain: in units of each component's RMS)
+                       in G levels, sent as side info (coded conditioned on the previous level)
+  a+b                : context products
+with add-one smoothing and "parent" smoothing (same prior mass, shaped like the class histogram).
+  ... --windows 4 --sets h1 --basis klt --alpha 0 --classes 16 --steps 2.0,2.25,2.5 --adaptive
 """
 
 from __future__ import annotations
@@ -89,24 +98,135 @@ def quantize(x, tau, scale, step):
 
 
 def closed_loop(h, ids, emb, W, n, tau, scale, step, U):
-    # DPCM over one window: returns reconstruction [T, H], symbols [T-1, H], outlier mask [T-1, H];
-    # the residual is quantized in the orthogonal basis U (identity = channels, or the KLT)
+    # DPCM over one window: returns reconstruction [T, H], symbols [T-1, H], outlier mask [T-1, H],
+    # residual before quantization [T-1, H]; the residual is quantized in the orthogonal basis U
+    # (identity = channels, or the KLT)
     E = 2 * emb.shape[1] + 1
     pe = emb_feats(emb, ids) @ W[:E]
     Wh = [W[E + b * h.shape[1]: E + (b + 1) * h.shape[1]] for b in range(n)]
     rec = torch.zeros_like(h)
     rec[0] = h[0]                                                   # sink token: fp16 on the wire
-    syms, outs = [], []
+    syms, outs, res = [], [], []
     zero, run = torch.zeros(h.shape[1]), torch.zeros(h.shape[1])
     for t in range(1, len(h)):
         past = [rec[t - 1] if t >= 2 else zero, rec[t - 2] if t >= 3 else zero, run / max(t - 1, 1)]
         p = pe[t] + sum((past[b] @ Wh[b] for b in range(n)), zero)
-        q, s, o = quantize((h[t] - p) @ U, tau, scale, step)
+        r = (h[t] - p) @ U
+        q, s, o = quantize(r, tau, scale, step)
         rec[t] = p + q @ U.T
         run += rec[t]
         syms.append(s)
         outs.append(o)
-    return rec, torch.stack(syms), torch.stack(outs)
+        res.append(r)
+    return rec, torch.stack(syms), torch.stack(outs), torch.stack(res)
+
+
+def token_gain(res, out, crms, norm):
+    # res, out [T-1, H] -> log2 RMS per token [T-1] over the non-outlier components (outliers go exact);
+    # norm: in units of each component's calibration RMS, so every component weighs the same
+    r = res / crms if norm else res
+    r = torch.where(out, 0.0, r)
+    return 0.5 * torch.log2(r.pow(2).sum(1) / (~out).sum(1).clamp_min(1) + 1e-12)
+
+
+def cal_buckets(x, n):
+    # calibration values [N] -> n-1 inner quantile thresholds (n equally filled buckets)
+    return torch.quantile(x.flatten().float(), torch.linspace(0, 1, n + 1)[1:-1])
+
+
+VARIANTS = ("static", "prevmag", "prevmean", "prevmag+prevmean", "intra", "intra+prevmag", "gain",
+            "gain+prevmag", "ngain", "ngain+prevmag", "ngain+prevmag+prevmean")
+
+
+def intra_ratio(sym, order, e):
+    # backward gain inside token t: components are decoded in order (largest calibration RMS first);
+    # component j sees (sum of |s| decoded before it + 1) / (their calibration mean |s| + 1) [T-1, H]
+    mag = (sym[:, order] - K).abs().float()
+    cm = torch.cumsum(mag, 1) - mag
+    ce = torch.cumsum(e[order], 0) - e[order]
+    ratio = torch.empty_like(mag)
+    ratio[:, order] = (cm + 1) / (ce + 1)
+    return ratio
+
+
+def window_feats(sym, res, out, crms, thr, order, e):
+    # one window's symbols sym [T-1, H] (clamped index 0..2K) -> what the contexts are built from.
+    # Backward contexts use only symbols of token t-1, which the decoder already has; token 1 (the
+    # first after the sink) has no past residual and takes context 0. Gain levels [T-1] travel as
+    # side info (forward-adaptive).
+    H = sym.shape[1]
+    mag = (sym - K).abs()
+    pm = torch.cat([torch.zeros(1), mag[:-1].float().mean(1)])                    # mean |s| of token t-1
+    return dict(sym=sym, prev_mag=torch.cat([torch.zeros(1, H, dtype=torch.long), mag[:-1].clamp_max(2)]),
+                pmb=torch.bucketize(pm, thr["pm"]), intra=torch.bucketize(intra_ratio(sym, order, e), thr["intra"]),
+                gain=torch.bucketize(token_gain(res, out, crms, False), thr["gain"]),
+                ngain=torch.bucketize(token_gain(res, out, crms, True), thr["ngain"]))
+
+
+def context(name, f, cls, G, B):
+    # variant name, window feats -> (context index [T-1, H], contexts per component class); every
+    # context refines one class: class = index // multiplier
+    T1, H = f["sym"].shape
+    c, mult = cls[None].expand(T1, H), 1
+    for part in name.split("+"):
+        if part == "prevmag":
+            c, mult = c * 3 + f["prev_mag"], mult * 3
+        elif part == "prevmean":
+            c, mult = c * B + f["pmb"][:, None], mult * B
+        elif part == "intra":
+            c, mult = c * B + f["intra"], mult * B
+        elif part in ("gain", "ngain"):
+            c, mult = c * G + f[part][:, None], mult * G
+    return c, mult
+
+
+def adaptive_rates(cal, ev, cls, crms, n_cls, G, B):
+    # cal, ev: lists of (sym, res, out) per window -> {variant: (symbol bits with "parent" smoothing,
+    # gain side-info bits, symbol bits with add-one)} on the evaluation windows. Histograms (and gain /
+    # bucket thresholds) come from the calibration windows only. Both smoothings add the same prior
+    # mass (2K + 1 counts per context): add-one (as the static model), and "parent" (the prior shaped
+    # like the context's static component-class histogram, which many sparse contexts need).
+    NS = 2 * K + 1
+    thr = {"pm": cal_buckets(torch.cat([(s - K).abs().float().mean(1) for s, _, _ in cal]), B),
+           "gain": cal_buckets(torch.cat([token_gain(r, o, crms, False) for _, r, o in cal]), G),
+           "ngain": cal_buckets(torch.cat([token_gain(r, o, crms, True) for _, r, o in cal]), G)}
+    order = torch.argsort(crms, descending=True)
+    e = torch.cat([(s - K).abs().float() for s, _, _ in cal]).mean(0)            # calibration mean |s| [H]
+    thr["intra"] = cal_buckets(torch.cat([intra_ratio(s, order, e) for s, _, _ in cal])[:, ::7], B)
+    cal_f = [window_feats(s, r, o, crms, thr, order, e) for s, r, o in cal]
+    ev_f = [window_feats(s, r, o, crms, thr, order, e) for s, r, o in ev]
+
+    def counts(name, n_ctx):
+        cnt = torch.zeros(n_ctx * NS)
+        for f in cal_f:
+            cnt += torch.bincount((context(name, f, cls, G, B)[0] * NS + f["sym"]).flatten(), minlength=n_ctx * NS)
+        return cnt.view(n_ctx, NS)
+
+    def xent(name, logp):
+        return sum(-logp[context(name, f, cls, G, B)[0], f["sym"]].sum().item() for f in ev_f)
+
+    def prev(g):
+        return torch.cat([torch.zeros(1, dtype=torch.long), g[:-1]])
+
+    parent = counts("static", n_cls) + 1
+    parent /= parent.sum(1, keepdim=True)
+    out = {}
+    for name in VARIANTS:
+        mult = context(name, ev_f[0], cls, G, B)[1]
+        cnt = counts(name, n_cls * mult)
+        lp_add1 = torch.log2((cnt + 1) / (cnt + 1).sum(1, keepdim=True))
+        lp_par = torch.log2((cnt + NS * parent.repeat_interleave(mult, 0)) / (cnt.sum(1, keepdim=True) + NS))
+        side, lev = 0.0, name.split("+")[0]
+        if lev in ("gain", "ngain"):
+            # gain level per token, coded with a histogram conditioned on the previous token's level
+            # (G x G, add-one, calibration text): the side info's honest cross-entropy
+            hg = torch.ones(G * G)
+            for f in cal_f:
+                hg += torch.bincount(prev(f[lev]) * G + f[lev], minlength=G * G)
+            lg = torch.log2(hg.view(G, G) / hg.view(G, G).sum(1, keepdim=True))
+            side = sum(-lg[prev(f[lev]), f[lev]].sum().item() for f in ev_f)
+        out[name] = (xent(name, lp_par), side, xent(name, lp_add1))
+    return out
 
 
 def hidden_cache(lm, ids, ell, n_fit, n_eval):
@@ -129,6 +249,12 @@ def main() -> None:
     ap.add_argument("--energy-only", action="store_true")
     ap.add_argument("--basis", choices=("chan", "klt"), default="chan",
                     help="quantize the residual per channel or in the KLT of the calibration residual")
+    ap.add_argument("--adaptive", action="store_true",
+                    help="also rate the same symbols under adaptive entropy models (one line per variant)")
+    ap.add_argument("--gains", type=int, default=4, help="--adaptive: per-token gain levels G (side info)")
+    ap.add_argument("--mean-buckets", type=int, default=4, help="--adaptive: buckets B of mean |s| of token t-1")
+    ap.add_argument("--hist-windows", type=int, default=CAL,
+                    help="--adaptive: calibration windows the adaptive histograms are fitted on (last of the fit text)")
     args = ap.parse_args()
     lm, ids, emb = load_experiment()
     ell, n_eval = args.split_layer, args.windows
@@ -184,15 +310,25 @@ def main() -> None:
         for step in (float(s) for s in args.steps.split(",")):
             W = W0 if n == 0 else solve(*grams[name], n_rows, (scale * step) ** 2 / 12, n)
             hist = torch.ones(args.classes, 2 * K + 1)
+            cal_syms = []                                                  # (sym index, residual, outliers)
             for h, i in zip(fit_h[-CAL:], tail[-CAL:]):                   # closed-loop symbols on calibration text
-                _, csym, _ = closed_loop(h, i, emb, W, n, tau, scale, step, U)
+                _, csym, cout, cres = closed_loop(h, i, emb, W, n, tau, scale, step, U)
+                if args.adaptive and args.hist_windows == CAL:
+                    cal_syms.append((csym.clamp(-K, K) + K, cres, cout))
                 for k in range(args.classes):
                     hist[k] += torch.bincount(csym[:, cls == k].flatten().clamp(-K, K) + K, minlength=2 * K + 1)
             logp = torch.log2(hist / hist.sum(1, keepdim=True))
-            bits, ent, total, err = 0.0, 0.0, 0.0, 0.0
+            if args.adaptive and args.hist_windows != CAL:
+                for h, i in zip(fit_h[-args.hist_windows:], tail[-args.hist_windows:]):
+                    _, csym, cout, cres = closed_loop(h, i, emb, W, n, tau, scale, step, U)
+                    cal_syms.append((csym.clamp(-K, K) + K, cres, cout))
+            bits, ent, total, err, n_out, ev_syms = 0.0, 0.0, 0.0, 0.0, 0, []
             for h, i in zip(hs, wins):
-                rec, sym, out = closed_loop(h, i, emb, W, n, tau, scale, step, U)
+                rec, sym, out, res = closed_loop(h, i, emb, W, n, tau, scale, step, U)
                 s = sym.clamp(-K, K) + K
+                if args.adaptive:
+                    ev_syms.append((s, res, out))
+                n_out += out.sum().item()
                 e = -logp[cls[None].expand_as(s), s].sum().item()
                 ent += e
                 bits += e + 16 * H + 16 * (SEQ - 1) + 26 * out.sum().item()
@@ -203,6 +339,21 @@ def main() -> None:
                                   bits_per_value=bits / values, symbol_bits_per_value=ent / values,
                                   ratio_vs_fp16=16 * values / bits, rel_err=err,
                                   ppl_ratio=math.exp(total / n_tok) / ppl_fp)), flush=True)
+            if not args.adaptive:
+                continue
+            # same quantizer, same symbols and reconstruction (so the same ppl and error): only the rate moves
+            over = n_eval * (16 * H + 16 * (SEQ - 1)) + 26 * n_out          # sink fp16, headers, outliers
+            rates = adaptive_rates(cal_syms, ev_syms, cls, crms, args.classes, args.gains, args.mean_buckets)
+            base = (rates["static"][2] + over) / values                      # add-one static = the line above
+            for v, (b_par, side, b_add1) in rates.items():
+                for sm, b in (("add1", b_add1), ("parent", b_par)):
+                    bpv = (b + side + over) / values
+                    print(json.dumps(dict(part="adaptive", set=name, step=step, variant=v, smoothing=sm,
+                                          gains=args.gains, mean_buckets=args.mean_buckets,
+                                          hist_windows=args.hist_windows, bits_per_value=bpv,
+                                          side_bits_per_value=side / values, delta_vs_static=bpv - base,
+                                          ratio_vs_fp16=16 / bpv, rel_err=err,
+                                          ppl_ratio=math.exp(total / n_tok) / ppl_fp)), flush=True)
 
 
 if __name__ == "__main__":
