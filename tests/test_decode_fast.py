@@ -165,6 +165,18 @@ def test_unsupported_models_fall_back_to_the_eager_session():
         FastLayers(decoder_parts(_tiny("gemma2")), 0, 2)
 
 
+def test_a_bf16_model_runs_the_eager_session():
+    """The fast path is float32 (rotary tables, caches, fused products): a bf16 model used to crash
+    in F.linear; it now falls back, and generates."""
+    model = _tiny("llama").to(torch.bfloat16)
+    split = build_split(_lm(model), SplitSpec(split_layer=2, wire="none"))
+    assert "bfloat16" in fast_unsupported(decoder_parts(model), 0, 4)
+    s = fast_split_session(split)
+    assert type(s) is SplitSession
+    out = generate(s, torch.tensor([[1, 2, 3]]), None, SamplingConfig(max_new_tokens=3)).tokens
+    assert out.shape == (1, 3)
+
+
 def test_fast_greedy_equals_the_eager_path_on_the_readme_prompts(real_lm):
     model = copy.deepcopy(real_lm.model)  # keep the shared fixture's weight layout untouched
     eager_parts = decoder_parts(real_lm.model)

@@ -23,7 +23,7 @@ fast ones take an optional `capacity`), so
 a `StaticKV` (or a quantized one, `splitcli.quant.static_kv`): allocated once for `capacity`
 positions, written in place, and grown by doubling (one copy) if a sequence outgrows it.
 
-Supported: model types in FAST_MODEL_TYPES with full attention only, no logit softcapping, and
+Supported: float32 models of the types in FAST_MODEL_TYPES with full attention only, no logit softcapping, and
 linear layers that are nn.Linear or one of splitcli.quant's modules. `fast_unsupported` says why
 anything else is not, and callers fall back to the eager halves.
 """
@@ -56,6 +56,9 @@ def fast_unsupported(parts: DecoderParts, start: int, end: int) -> str | None:
         return "final logit softcapping"
     if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
+    if parts.norm.weight.dtype != torch.float32:
+        # its rotary tables, static caches and fused products are float32 (a bf16 model crashed in F.linear)
+        return f"{parts.norm.weight.dtype} weights (the fast path runs float32 models)"
     for i in range(start, end):
         layer = parts.layers[i]
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
