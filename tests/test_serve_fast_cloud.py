@@ -16,7 +16,7 @@ import torch
 from conftest import _tiny
 from splitcli.deploy import SplitSpec, build_split
 from splitcli.errors import SplitLLMError
-from splitcli.model.fast import FastCloudHalf
+from splitcli.model.fast import FastCloudHalf, row_major_head
 from splitcli.plan.codec_settings import CodecSettings
 from splitcli.runtime.fast import FastSplitSession, fast_cloud_half, fast_edge_half, fast_split_session
 from splitcli.runtime.handoff import KVRows, decode_kv, encode_kv, kv_layout
@@ -188,8 +188,10 @@ def _hidden(edge, n, seed):
     return edge(ids, torch.arange(n)[None], None, edge.new_cache())
 
 
-def test_batched_decode_within_rounding_of_alone(split):
-    """Sessions of lengths 9, 3, 5, 1 decode 4 steps batched and alone. Bound (tighter than the eager
+@pytest.mark.parametrize("row_major", [False, True], ids=["own-head", "row-major-head"])
+def test_batched_decode_within_rounding_of_alone(split, row_major):
+    """Sessions of lengths 9, 3, 5, 1 decode 4 steps batched and alone (the batched head in the
+    half's own layout, or the Batcher's row-major copy). Bound (tighter than the eager
     batching test's 1e-4): same argmax, logits within 1e-5 (measured ~1e-7), the new K/V positions
     within 1e-6; and bit for bit: the positions a session held before a batched step are untouched,
     its capacity stays its own and nothing is written past its length (no padding, no other row)."""
@@ -205,7 +207,7 @@ def test_batched_decode_within_rounding_of_alone(split):
         nxt = [_hidden(edge, 1, 100 + 10 * step + i) for i in range(len(prompts))]
         before = [(s.cache.k.clone(), s.cache.v.clone()) for s in batched]
         ref = [forward_one(cloud, s, h) for s, h in zip(solo, nxt)]
-        got = forward_batch_fast(cloud, batched, nxt)
+        got = forward_batch_fast(cloud, batched, nxt, head_rows=row_major_head(cloud.parts) if row_major else None)
         worst = max(worst, max(float((r - g).abs().max()) for r, g in zip(ref, got)))
         assert [int(r.argmax()) for r in ref] == [int(g.argmax()) for g in got]
         for s, (k, v) in zip(batched, before):
@@ -364,3 +366,15 @@ def test_cloud_only_baseline_runs_fast_and_equals_the_fast_unsplit_model(lm):
         got.append(forward_one(cloud, state, split.edge(torch.tensor([[tok]]), None, None, None)))
         ref.append(ref_session.forward(torch.tensor([[tok]]))[0, -1])
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_row_major_head_only_for_several_rows(split):
+    """One row keeps the half's own head (bit for bit what generate computes); several rows use the
+    copy, within fp32 rounding of the own head; a quantized or biased head gets no copy."""
+    _, cloud = _fast_halves(split)
+    rows = row_major_head(cloud.parts)
+    assert rows.is_contiguous() and torch.equal(rows, cloud.parts.lm_head.weight)
+    x = torch.randn(3, 2, cloud.parts.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(cloud.head(x[:1, -1:], 1, rows), cloud.head(x[:1, -1:], 1))
+    assert float((cloud.head(x, 0, rows) - cloud.head(x, 0)).abs().max()) < 1e-5
+    assert row_major_head(SimpleNamespace(lm_head=torch.nn.Linear(4, 8))) is None  # a bias

@@ -18,6 +18,7 @@ cache layers are not plain `DynamicLayer`s, run their decode steps one after ano
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from splitcli.errors import SplitLLMError
+from splitcli.model.fast import row_major_head
 from splitcli.model.split import CloudHalf, new_cache
 from splitcli.serve.batching_fast import check_cache, forward_batch_fast, is_fast
 
@@ -133,7 +135,11 @@ class Batcher:
         # adds latency (a lone session never waits out the window).
         self.active = active or (lambda: max_batch)
         self.batchable = can_batch(cloud)
-        self._forward_batch = forward_batch_fast if is_fast(cloud) else forward_batch
+        self._forward_batch = forward_batch
+        if is_fast(cloud):
+            # The fast half's head layout is the batch-1 one; batched steps get their own copy.
+            head_rows = row_major_head(cloud.parts) if self.batchable and max_batch > 1 else None
+            self._forward_batch = functools.partial(forward_batch_fast, head_rows=head_rows)
         # Observability in constant memory (a server runs for months): totals, the largest batch
         # and a hook that sees every batch size (the metrics histogram), never an ever-growing list.
         self.forwards = 0  # cloud forwards run

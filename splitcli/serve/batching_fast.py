@@ -43,9 +43,12 @@ def check_cache(cloud, cache) -> None:
 
 
 @torch.inference_mode()
-def forward_batch_fast(cloud: FastCloudHalf, states: list, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+def forward_batch_fast(cloud: FastCloudHalf, states: list, hidden: list[torch.Tensor],
+                       head_rows: torch.Tensor | None = None) -> list[torch.Tensor]:
     """One-token steps of several sessions (each with a non-empty one-row static cache) as one
-    forward. Returns each session's logits [V]; each session's cache gains its own new position only."""
+    forward. Returns each session's logits [V]; each session's cache gains its own new position only.
+    `head_rows`: the LM head as a contiguous [V, H] copy (`model.fast.row_major_head`), which runs
+    several rows 2.5-3x faster than the batch-1 layout; None uses the half's own."""
     lengths = [s.length for s in states]
     for s, n in zip(states, lengths):
         check_cache(cloud, s.cache)
@@ -61,7 +64,7 @@ def forward_batch_fast(cloud: FastCloudHalf, states: list, hidden: list[torch.Te
     for i, n in enumerate(lengths):
         mask[i, longest - n:] = 1
     positions = torch.tensor(lengths)[:, None]  # [B, 1]
-    logits = cloud(torch.cat(hidden), positions, mask, batch, logits_to_keep=1)  # [B, 1, V]
+    logits = cloud(torch.cat(hidden), positions, mask, batch, logits_to_keep=1, head_rows=head_rows)  # [B, 1, V]
     for i, (s, n) in enumerate(zip(states, lengths)):
         s.cache.reserve(n + 1)  # within the session's reservation; grows (doubling) only past it
         s.cache.copy_rows(0, n, batch, i, longest, 1)
