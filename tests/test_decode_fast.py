@@ -240,3 +240,20 @@ def test_every_edge_names_its_kv_bits_one_way():
     assert type(edge.new_cache()).__name__ == "QuantizedKVCache"
     assert isinstance(fast_split_session(build_split(_lm(model), SplitSpec(split_layer=2, qa=4))).edge_cache,
                       QuantStaticKV)
+
+
+def test_rope_table_grows_to_the_models_own_values():
+    """Positions past the table (1024 to start) rebuild it as one (cos, sin) pair; the values are the
+    rotary module's own at every position."""
+    from splitcli.model.fast import RopeTable
+
+    parts = decoder_parts(_tiny("llama"))
+    head_dim = parts.config.hidden_size // parts.config.num_attention_heads
+    table = RopeTable(parts.rotary_emb, head_dim, n=8)
+    pos = torch.tensor([[3, 8, 40]])
+    cos, sin = table(pos)
+    assert table.table[0].shape[0] == 41
+    ref_cos, ref_sin = parts.rotary_emb(torch.zeros(1, 1, head_dim), pos)  # [1, 3, D]
+    half = head_dim // 2
+    assert torch.equal(cos[:, 0], ref_cos)
+    assert torch.equal(sin[:, 0], torch.cat((-ref_sin[..., :half], ref_sin[..., half:]), -1))

@@ -172,26 +172,28 @@ class StaticKV(StaticCache):
 
 class RopeTable:
     """cos/sin [positions, head_dim] from the model's own rotary module (computed per position, so
-    identical to what it returns for any position_ids), extended by doubling when needed."""
+    identical to what it returns for any position_ids), extended by doubling when needed. One half
+    serves many threads (a server's sessions): the pair is swapped as one tuple, so a reader never
+    sees a grown cos with the old sin."""
 
     def __init__(self, rotary: nn.Module, head_dim: int, n: int = 1024):
         self.rotary, self.head_dim = rotary, head_dim
-        self.cos = self.sin = torch.empty(0, head_dim)
-        self._grow(n)
+        self.table = self._build(n)
 
-    def _grow(self, n: int) -> None:
+    def _build(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.zeros(1, 1, self.head_dim)
         cos, sin = self.rotary(x, torch.arange(n)[None])  # [1, n, D]
         half = self.head_dim // 2
-        self.cos = cos[0].contiguous()
-        self.sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # sign of rotate_half folded in
+        # sign of rotate_half folded into sin
+        return cos[0].contiguous(), torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
 
     def __call__(self, position_ids: torch.Tensor):
         """position_ids [B, T] -> cos, signed sin [B, 1, T, D] (broadcast over heads)."""
         top = int(position_ids.max()) + 1
-        if top > self.cos.shape[0]:
-            self._grow(max(top, 2 * self.cos.shape[0]))
-        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+        cos, sin = self.table
+        if top > cos.shape[0]:
+            cos, sin = self.table = self._build(max(top, 2 * cos.shape[0]))
+        return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
 
 
 def _attention_mask(attention_mask, start: int, t: int, batch: int):
