@@ -379,3 +379,23 @@ def test_row_major_head_only_for_several_rows(split):
         assert torch.equal(cloud.head(x[:1, -1:], 1, rows), cloud.head(x[:1, -1:], 1))
         assert float((cloud.head(x, 0, rows) - cloud.head(x, 0)).abs().max()) < 1e-5
     assert row_major_head(SimpleNamespace(lm_head=torch.nn.Linear(4, 8))) is None  # a bias
+
+
+def test_a_session_released_mid_batch_does_not_fail_the_others(split, monkeypatch):
+    """The server releases a session (its cache set to None) from another thread, possibly while
+    its batched step runs: every session of the batch still gets its logits and its own position."""
+    edge, cloud = _fast_halves(split)
+    states = [CloudState(cloud.new_cache(16)) for _ in range(3)]
+    for seed, (s, n) in enumerate(zip(states, (4, 2, 3))):
+        forward_one(cloud, s, _hidden(edge, n, seed))
+    call = type(cloud).__call__
+
+    def releasing(self, *args, **kwargs):
+        out = call(self, *args, **kwargs)
+        states[1].closed, states[1].cache = True, None  # what CloudServicer's release does
+        return out
+
+    monkeypatch.setattr(type(cloud), "__call__", releasing)
+    out = forward_batch_fast(cloud, states, [_hidden(edge, 1, 50 + i) for i in range(3)])
+    assert len(out) == 3 and [s.length for s in states] == [5, 3, 4]
+    assert states[0].cache.length == 5 and states[2].cache.length == 4

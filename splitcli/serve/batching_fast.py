@@ -49,26 +49,28 @@ def forward_batch_fast(cloud: FastCloudHalf, states: list, hidden: list[torch.Te
     forward. Returns each session's logits [V]; each session's cache gains its own new position only.
     `head_rows`: the LM head as a contiguous [V, H] copy (`model.fast.row_major_head`), which runs
     several rows 2.5-3x faster than the batch-1 layout; None uses the half's own."""
-    lengths = [s.length for s in states]
-    for s, n in zip(states, lengths):
-        check_cache(cloud, s.cache)
-        if s.cache.rows != 1 or s.cache.length != n or n < 1:
+    # Each cache is taken once: a session released mid-step (its state's cache set to None) still
+    # gets its row written into the cache it had, and the other sessions of the batch go on.
+    caches, lengths = [s.cache for s in states], [s.length for s in states]
+    for c, n in zip(caches, lengths):
+        check_cache(cloud, c)
+        if c.rows != 1 or c.length != n or n < 1:
             raise SplitLLMError("batched decode needs one-row static caches holding the sessions' lengths")
     longest, b = max(lengths), len(states)
     batch = cloud.new_cache(longest + 1)
     batch.reserve(longest + 1, b)  # [layers, B, kv_heads, longest + 1, D] zeros: the padding stays finite
-    for i, (s, n) in enumerate(zip(states, lengths)):
-        batch.copy_rows(i, longest - n, s.cache, 0, 0, n)
+    for i, (c, n) in enumerate(zip(caches, lengths)):
+        batch.copy_rows(i, longest - n, c, 0, 0, n)
     batch.length = longest
     mask = torch.zeros(b, longest + 1, dtype=torch.long)  # [B, past + 1], 1 = a real position
     for i, n in enumerate(lengths):
         mask[i, longest - n:] = 1
     positions = torch.tensor(lengths)[:, None]  # [B, 1]
     logits = cloud(torch.cat(hidden), positions, mask, batch, logits_to_keep=1, head_rows=head_rows)  # [B, 1, V]
-    for i, (s, n) in enumerate(zip(states, lengths)):
-        s.cache.reserve(n + 1)  # within the session's reservation; grows (doubling) only past it
-        s.cache.copy_rows(0, n, batch, i, longest, 1)
-        s.cache.length = n + 1
+    for i, (s, c, n) in enumerate(zip(states, caches, lengths)):
+        c.reserve(n + 1)  # within the session's reservation; grows (doubling) only past it
+        c.copy_rows(0, n, batch, i, longest, 1)
+        c.length = n + 1
         s.length += 1
     return [logits[i, -1] for i in range(b)]
 
