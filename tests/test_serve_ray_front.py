@@ -262,14 +262,38 @@ def test_a_busy_session_is_not_reaped(front, split):
         edge.close()
 
 
-def _failing_init(started: list, fail_times: int):
-    """A ray.init that starts a child (as a real one starts its GCS) and raises, `fail_times` times."""
+# A child that starts a grandchild of its own when told to (a line on stdin) and prints its pid.
+_PARENT = ("import subprocess, sys, time\n"
+           "sys.stdin.readline()\n"
+           "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+           "print(p.pid, flush=True)\n"
+           "time.sleep(60)\n")
+
+
+def _parent():
     import subprocess
     import sys
 
+    return subprocess.Popen([sys.executable, "-c", _PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _grandchild(parent) -> int:
+    parent.stdin.write("go\n")
+    parent.stdin.flush()
+    return int(parent.stdout.readline())
+
+
+def _failing_init(started: list, grandchildren: list, bystander, fail_times: int):
+    """A ray.init that starts a child with a grandchild (as a real one starts its GCS and the GCS
+    its workers) and raises, `fail_times` times; meanwhile a child that was running before it
+    (`bystander`, not Ray's) starts a grandchild of its own."""
+
     def init(**kwargs):
+        if not grandchildren:
+            grandchildren.append(_grandchild(bystander))
         if len(started) < fail_times:
-            started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+            started.append(_parent())
+            grandchildren.append(_grandchild(started[-1]))
             raise Exception("The current node timed out during startup.")  # what Ray raises
 
     return init
@@ -277,12 +301,15 @@ def _failing_init(started: list, fail_times: int):
 
 @pytest.mark.parametrize("fail_times", [1, 2])
 def test_a_failed_local_start_is_cleared_and_tried_once_more(monkeypatch, fail_times):
+    import psutil
     import ray
 
     started: list = []
+    grandchildren: list = []
+    bystander = _parent()
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
-    monkeypatch.setattr(ray, "init", _failing_init(started, fail_times))
+    monkeypatch.setattr(ray, "init", _failing_init(started, grandchildren, bystander, fail_times))
     try:
         if fail_times < ray_backend.LOCAL_START_TRIES:
             assert ray_backend.start_ray(RayOptions()) is True
@@ -290,9 +317,15 @@ def test_a_failed_local_start_is_cleared_and_tried_once_more(monkeypatch, fail_t
             with pytest.raises(ray_backend.SplitLLMError, match="could not start a local Ray instance after 2 tries"):
                 ray_backend.start_ray(RayOptions())
         assert len(started) == fail_times
-        # every child a failed try started is gone (reaped: poll() has its exit status)
+        # every process tree a failed try started is gone (its root reaped: poll() has a status) ...
         assert all(p.poll() is not None for p in started)
+        for pid in grandchildren[1:]:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        # ... and what was running before, with what it started since, is not Ray's: left alone
+        assert bystander.poll() is None and psutil.Process(grandchildren[0]).status() != psutil.STATUS_ZOMBIE
     finally:
-        for p in started:
+        for p in (*started, bystander):
+            for c in psutil.Process(p.pid).children(recursive=True) if p.poll() is None else ():
+                c.kill()
             p.kill()
             p.wait()

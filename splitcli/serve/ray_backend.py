@@ -145,7 +145,7 @@ def start_ray(options: RayOptions) -> bool:
 
     ray_constants.ENABLE_RAY_CLUSTER = False
     for attempt in range(1, LOCAL_START_TRIES + 1):
-        before = _descendant_pids()
+        before = _child_pids()
         try:
             ray.init(num_cpus=options.num_cpus, include_dashboard=False,
                      object_store_memory=options.object_store_bytes, _node_ip_address="127.0.0.1",
@@ -155,27 +155,30 @@ def start_ray(options: RayOptions) -> bool:
             # A failed init leaves its GCS, monitor and dashboard running and unowned (ray.shutdown
             # does not know them): stop what this try started before the next one or the error.
             ray.shutdown()
-            _stop_pids(_descendant_pids() - before)
+            _stop_trees(_child_pids() - before)
             if attempt == LOCAL_START_TRIES:
                 raise SplitLLMError(f"could not start a local Ray instance after {attempt} tries: {e} "
                                     "(Ray's logs: /tmp/ray/session_latest/logs)") from e
     raise AssertionError("unreachable")
 
 
-def _descendant_pids() -> set[int]:
+def _child_pids() -> set[int]:
     import psutil
 
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+    return {p.pid for p in psutil.Process().children()}
 
 
-def _stop_pids(pids: set[int], wait_s: float = 5.0) -> None:
-    """SIGTERM `pids`, then SIGKILL whatever still runs after `wait_s`."""
+def _stop_trees(pids: set[int], wait_s: float = 5.0) -> None:
+    """SIGTERM the processes `pids` (children this process started) and their descendants, then
+    SIGKILL whatever still runs after `wait_s`. Only new children's trees: a grandchild of a child
+    that was already running is not Ray's to stop."""
     import psutil
 
     procs = []
     for pid in pids:
         try:
-            procs.append(psutil.Process(pid))
+            root = psutil.Process(pid)
+            procs += [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             continue
     for p in procs:
