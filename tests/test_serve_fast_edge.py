@@ -76,3 +76,12 @@ def test_sent_hidden_states_and_tokens_equal_the_in_process_fast_split(split, mo
         want = edge(ids, torch.arange(position, position + t)[None], None, cache)
         assert torch.equal(hidden, want.reshape(t, -1))
         position += t
+
+
+def test_an_edge_of_no_layers_has_no_fast_twin(split):
+    """The cloud-only baseline's 'edge' (embeddings only, ℓ = 0, no KV bits) keeps its own call."""
+    from splitcli.bench.serve_replay import _EmbedOnly
+
+    embed = _EmbedOnly(split.edge.parts)
+    assert fast_edge_half(embed) is None
+    assert _edge_and_cache(SimpleNamespace(edge=embed), None, 8) == (embed, None)

@@ -11,6 +11,7 @@ for `CloudHalf` (same call, `new_cache()` gives a preallocated cache), or None w
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 from ..model.fast import DEFAULT_CAPACITY, FastCloudHalf, FastEdgeHalf, FastModel, _LayersToHead, fast_unsupported
@@ -22,15 +23,21 @@ from .session import Session, SplitSession, _context_length
 _EDGES: "weakref.WeakKeyDictionary[object, FastEdgeHalf]" = weakref.WeakKeyDictionary()
 _CLOUDS: "weakref.WeakKeyDictionary[object, FastCloudHalf]" = weakref.WeakKeyDictionary()
 _MODELS: "weakref.WeakKeyDictionary[object, FastModel]" = weakref.WeakKeyDictionary()
+# Built once under a lock: a server's threads asking at once would otherwise each fuse the weights
+# (same values, the memory twice).
+_BUILD = threading.Lock()
 
 
 def fast_edge_half(edge) -> FastEdgeHalf | None:
     """The fast twin of an eager edge half (same parts, ℓ and KV bits), or None if unsupported."""
-    if edge not in _EDGES:
-        if fast_unsupported(edge.parts, 0, edge.split_layer) is not None or edge.kv_bits not in (16, 8, 4):
-            return None
-        _EDGES[edge] = FastEdgeHalf(edge.parts, edge.split_layer, edge.kv_bits)
-    return _EDGES[edge]
+    with _BUILD:
+        if edge not in _EDGES:
+            # an edge of no layers (the cloud-only baseline's embedding) has no fast twin
+            if (edge.split_layer < 1 or getattr(edge, "kv_bits", None) not in (16, 8, 4)
+                    or fast_unsupported(edge.parts, 0, edge.split_layer) is not None):
+                return None
+            _EDGES[edge] = FastEdgeHalf(edge.parts, edge.split_layer, edge.kv_bits)
+        return _EDGES[edge]
 
 
 class _FastAllLayers(FastCloudHalf):
@@ -45,12 +52,13 @@ class _FastAllLayers(FastCloudHalf):
 def fast_cloud_half(cloud) -> FastCloudHalf | None:
     """The fast twin of an eager cloud half (ℓ = 0 included: the cloud-only baseline), or None if
     unsupported."""
-    if cloud not in _CLOUDS:
-        if fast_unsupported(cloud.parts, cloud.split_layer, cloud.parts.num_layers) is not None:
-            return None
-        _CLOUDS[cloud] = (FastCloudHalf(cloud.parts, cloud.split_layer) if cloud.split_layer
-                          else _FastAllLayers(cloud.parts))
-    return _CLOUDS[cloud]
+    with _BUILD:
+        if cloud not in _CLOUDS:
+            if fast_unsupported(cloud.parts, cloud.split_layer, cloud.parts.num_layers) is not None:
+                return None
+            _CLOUDS[cloud] = (FastCloudHalf(cloud.parts, cloud.split_layer) if cloud.split_layer
+                              else _FastAllLayers(cloud.parts))
+        return _CLOUDS[cloud]
 
 
 class FastSplitSession(SplitSession):
@@ -66,9 +74,10 @@ class FastUnsplitSession(Session):
 
     def __init__(self, model, capacity: int = DEFAULT_CAPACITY):
         super().__init__(_context_length(model))
-        if model not in _MODELS:
-            _MODELS[model] = FastModel(decoder_parts(model))
-        self.model = _MODELS[model]
+        with _BUILD:
+            if model not in _MODELS:
+                _MODELS[model] = FastModel(decoder_parts(model))
+            self.model = _MODELS[model]
         self.cache = self.model.new_cache(capacity)
 
     def _static_caches(self) -> list:
