@@ -257,3 +257,17 @@ def test_rope_table_grows_to_the_models_own_values():
     half = head_dim // 2
     assert torch.equal(cos[:, 0], ref_cos)
     assert torch.equal(sin[:, 0], torch.cat((-ref_sin[..., :half], ref_sin[..., half:]), -1))
+
+
+def test_dynamic_rotary_scaling_runs_the_eager_session():
+    """Dynamic / longrope rotary frequencies depend on the longest position seen: the fast path's
+    prebuilt table would change them, so such a model stays eager."""
+    import transformers as tf
+
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(**TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    assert "dynamic" in fast_unsupported(decoder_parts(model), 0, 4)
+    assert type(fast_split_session(build_split(_lm(model), SplitSpec(split_layer=2)))) is SplitSession

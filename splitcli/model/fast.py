@@ -56,6 +56,11 @@ def fast_unsupported(parts: DecoderParts, start: int, end: int) -> str | None:
         return "final logit softcapping"
     if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
+    rope = getattr(parts.rotary_emb, "rope_type", "default")
+    if any(kind in str(rope) for kind in ("dynamic", "longrope")):
+        # their frequencies depend on the longest position seen; the table is built past it
+        # once, which would change the shared rotary module and every later position's values
+        return f"{rope} rotary scaling"
     if parts.norm.weight.dtype != torch.float32:
         # its rotary tables, static caches and fused products are float32 (a bf16 model crashed in F.linear)
         return f"{parts.norm.weight.dtype} weights (the fast path runs float32 models)"
