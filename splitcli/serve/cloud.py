@@ -63,15 +63,6 @@ def cloud_kv_bytes_per_token(cloud) -> int:
     return fp_kv_bytes_per_token(cloud.parts.num_layers - cloud.split_layer, kv_heads, head_dim, itemsize)
 
 
-def fast_served_half(cloud):
-    """The fast twin of `cloud` (`runtime.fast.fast_cloud_half`) for a float32 model, else None.
-    The fast path's static cache holds float32 K/V (its bytes are admission's reservation only
-    then) and it does not run other dtypes; such a model stays on the eager half."""
-    if cloud.parts.norm.weight.dtype != torch.float32:
-        return None
-    return fast_cloud_half(cloud)
-
-
 class _Refused(Exception):
     """An Open the server does not admit: the status code and the one-line reason."""
 
@@ -105,7 +96,7 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
 
     def __init__(self, split, settings: CloudSettings, fast: bool = True):
         self.split, self.settings = split, settings
-        self.cloud = (fast_served_half(split.cloud) if fast else None) or split.cloud
+        self.cloud = (fast_cloud_half(split.cloud) if fast else None) or split.cloud
         self.fast = is_fast(self.cloud)
         self.hidden_size = self.cloud.parts.config.hidden_size
         self.vocab = self.cloud.parts.lm_head.weight.shape[0]
