@@ -213,11 +213,12 @@ def _edge_and_cache(split, cache, capacity: int):
     cache for `capacity` positions) as `generate` runs it, unless the model is one it does not
     support or the caller brings its own cache (a handoff's, rows of the local model installed)."""
     from splitcli.runtime.fast import fast_edge_half
+    from splitcli.runtime.session import _context_length
 
     fast = fast_edge_half(split.edge) if cache is None else None
     if fast is None:
         return split.edge, split.edge.new_cache() if cache is None else cache
-    limit = getattr(split.edge.parts.config, "max_position_embeddings", None) or capacity
+    limit = _context_length(split.edge.parts) or capacity  # as Session.reserve caps it
     return fast, fast.new_cache(max(1, min(capacity, limit))) if capacity else fast.new_cache()
 
 
