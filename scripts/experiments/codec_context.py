@@ -35,6 +35,10 @@ adaptive entropy models, histograms per (component class, context) fitted on cal
   a+b                : context products
 with add-one smoothing and "parent" smoothing (same prior mass, shaped like the class histogram).
   ... --windows 4 --sets h1 --basis klt --alpha 0 --classes 16 --steps 2.0,2.25,2.5 --adaptive
+Part 4, spending the error where the cloud's loss is sensitive (codec_sensitivity.py writes the inputs):
+  --basis fisher --gamma G : quantize r F^G Q (F the empirical Fisher of the NLL w.r.t. h_l)
+  --token-mult FILE        : per-token step multipliers predicted on the edge (4 side-info bits/token)
+  --deadzone THETA         : round |x|/step up only past k + 1/2 + THETA (decoder unchanged)
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from codec_predictor import experiment_parser, load_experiment
 from codec_predictor import features as emb_feats  # ids [T] -> [T, 2H + 1]: E[t], E[t-1], 1
 
 SEQ, K, CAL = 2048, 512, 4
+DEADZONE = [0.0]  # set from --deadzone (one value per run)
 HIST = {"none": 0, "emb": 0, "h1": 1, "h2": 2, "h2m": 3}  # number of [H] history blocks
 
 
@@ -91,16 +96,20 @@ def solve(xtx, xty, n_rows, noise_var=None, n=0, ridge=10.0):
     return torch.linalg.solve(a, xty).float()
 
 
-def quantize(x, tau, scale, step):
+def quantize(x, tau, scale, step, deadzone=0.0):
+    # deadzone theta: |x| / step rounds up only past k + 1/2 + theta (fewer, cheaper symbols near zero;
+    # the decoder is unchanged)
     out = x.abs() > tau
-    sym = torch.round(torch.where(out, torch.zeros_like(x), x) / (scale * step))
+    v = torch.where(out, torch.zeros_like(x), x) / (scale * step)
+    sym = torch.sign(v) * torch.floor(v.abs() + 0.5 - deadzone).clamp_min(0)
     return torch.where(out, x, sym * scale * step), sym.long(), out
 
 
-def closed_loop(h, ids, emb, W, n, tau, scale, step, U):
+def closed_loop(h, ids, emb, W, n, tau, scale, step, U, Ui=None, mult=None):
     # DPCM over one window: returns reconstruction [T, H], symbols [T-1, H], outlier mask [T-1, H],
     # residual before quantization [T-1, H]; the residual is quantized in the orthogonal basis U
-    # (identity = channels, or the KLT)
+    # (identity = channels, or the KLT) or through an invertible analysis matrix U with synthesis Ui
+    Ui = U.T if Ui is None else Ui
     E = 2 * emb.shape[1] + 1
     pe = emb_feats(emb, ids) @ W[:E]
     Wh = [W[E + b * h.shape[1]: E + (b + 1) * h.shape[1]] for b in range(n)]
@@ -112,8 +121,8 @@ def closed_loop(h, ids, emb, W, n, tau, scale, step, U):
         past = [rec[t - 1] if t >= 2 else zero, rec[t - 2] if t >= 3 else zero, run / max(t - 1, 1)]
         p = pe[t] + sum((past[b] @ Wh[b] for b in range(n)), zero)
         r = (h[t] - p) @ U
-        q, s, o = quantize(r, tau, scale, step)
-        rec[t] = p + q @ U.T
+        q, s, o = quantize(r, tau, scale, step if mult is None else step * mult[t].item(), DEADZONE[0])
+        rec[t] = p + q @ Ui
         run += rec[t]
         syms.append(s)
         outs.append(o)
@@ -247,8 +256,15 @@ def main() -> None:
     ap.add_argument("--sets", default="h1,emb,none", help="closed-loop feature sets (part 2)")
     ap.add_argument("--classes", type=int, default=8, help="entropy-model classes (components grouped by RMS)")
     ap.add_argument("--energy-only", action="store_true")
-    ap.add_argument("--basis", choices=("chan", "klt"), default="chan",
-                    help="quantize the residual per channel or in the KLT of the calibration residual")
+    ap.add_argument("--basis", choices=("chan", "klt", "fisher"), default="chan",
+                    help="quantize the residual per channel, in the KLT of the calibration residual, or in the "
+                         "KLT of the residual weighted by F^gamma (F: Fisher of the NLL w.r.t. h_l, --fisher)")
+    ap.add_argument("--fisher", default="/tmp/fisher-l15.pt", help="--basis fisher: file with F [H, H]")
+    ap.add_argument("--token-mult", default=None,
+                    help="file with per-token step multipliers (lists 'fit' and 'ev' of [T]) predicted on the edge "
+                         "from h_t and the tokens; costs 4 bits of side info per token")
+    ap.add_argument("--deadzone", type=float, default=0.0, help="rounding deadzone theta in [0, 0.5)")
+    ap.add_argument("--gamma", type=float, default=0.5, help="--basis fisher: exponent of F (0 = plain KLT)")
     ap.add_argument("--adaptive", action="store_true",
                     help="also rate the same symbols under adaptive entropy models (one line per variant)")
     ap.add_argument("--gains", type=int, default=4, help="--adaptive: per-token gain levels G (side info)")
@@ -256,6 +272,7 @@ def main() -> None:
     ap.add_argument("--hist-windows", type=int, default=CAL,
                     help="--adaptive: calibration windows the adaptive histograms are fitted on (last of the fit text)")
     args = ap.parse_args()
+    DEADZONE[0] = args.deadzone
     lm, ids, emb = load_experiment()
     ell, n_eval = args.split_layer, args.windows
     c = hidden_cache(lm, ids, ell, args.fit_windows, max(n_eval, 4))
@@ -301,18 +318,37 @@ def main() -> None:
         cal = torch.cat([(h - torch.cat([emb_feats(emb, i), hist_feats(h, n)], 1) @ W0)[1:]
                          for h, i in zip(fit_h[-CAL:], tail[-CAL:])])
         cen = cal - cal.mean(0)
-        U = torch.linalg.eigh((cen.T @ cen).double())[1].float() if args.basis == "klt" else torch.eye(H)
+        U, Ui = torch.eye(H), None
+        if args.basis == "klt":
+            U = torch.linalg.eigh((cen.T @ cen).double())[1].float()
+        elif args.basis == "fisher":
+            # y = r F^gamma Q: the weighted error (r-space error)^T F (r-space error) becomes plain MSE in y
+            # at gamma 1/2; F^gamma is scaled to determinant 1 so a step costs the same rate in every basis
+            ev, V = torch.linalg.eigh(torch.load(args.fisher)["F"].double())
+            ev = ev.clamp_min(ev.max() * 1e-6)
+            ev = ev / ev.log().mean().exp()
+            Fg, Fgi = (V * ev ** args.gamma) @ V.T, (V * ev ** -args.gamma) @ V.T
+            cw = cen.double() @ Fg
+            Q = torch.linalg.eigh(cw.T @ cw)[1]
+            U, Ui = (Fg @ Q).float(), (Q.T @ Fgi).float()
         cal = cal @ U
         tau = torch.quantile(cal.abs().flatten()[::7], 0.999).item()
         crms = torch.where(cal.abs() > tau, 0.0, cal).pow(2).mean(0).sqrt().clamp_min(1e-6)
         scale = crms ** args.alpha / (crms ** args.alpha).mean()
         cls = torch.bucketize(crms, torch.quantile(crms, torch.linspace(0, 1, args.classes + 1)[1:-1]))
+        tm = torch.load(args.token_mult) if args.token_mult else None
+        fit_m = tm["fit"] if tm else [None] * len(fit_h)
+        ev_m = tm["ev"] if tm else [None] * len(hs)
+        side = 4 * (SEQ - 1) if tm else 0
         for step in (float(s) for s in args.steps.split(",")):
-            W = W0 if n == 0 else solve(*grams[name], n_rows, (scale * step) ** 2 / 12, n)
+            # the history's quantization noise in channel space: diag(Ui^T diag(var) Ui) (= var for an orthogonal U)
+            nv = (scale * step) ** 2 / 12
+            nv = nv if Ui is None else (Ui.pow(2) * nv[:, None]).sum(0)
+            W = W0 if n == 0 else solve(*grams[name], n_rows, nv, n)
             hist = torch.ones(args.classes, 2 * K + 1)
             cal_syms = []                                                  # (sym index, residual, outliers)
-            for h, i in zip(fit_h[-CAL:], tail[-CAL:]):                   # closed-loop symbols on calibration text
-                _, csym, cout, cres = closed_loop(h, i, emb, W, n, tau, scale, step, U)
+            for h, i, m in zip(fit_h[-CAL:], tail[-CAL:], fit_m[-CAL:]):  # closed-loop symbols on calibration text
+                _, csym, cout, cres = closed_loop(h, i, emb, W, n, tau, scale, step, U, Ui, m)
                 if args.adaptive and args.hist_windows == CAL:
                     cal_syms.append((csym.clamp(-K, K) + K, cres, cout))
                 for k in range(args.classes):
@@ -320,24 +356,24 @@ def main() -> None:
             logp = torch.log2(hist / hist.sum(1, keepdim=True))
             if args.adaptive and args.hist_windows != CAL:
                 for h, i in zip(fit_h[-args.hist_windows:], tail[-args.hist_windows:]):
-                    _, csym, cout, cres = closed_loop(h, i, emb, W, n, tau, scale, step, U)
+                    _, csym, cout, cres = closed_loop(h, i, emb, W, n, tau, scale, step, U, Ui)
                     cal_syms.append((csym.clamp(-K, K) + K, cres, cout))
             bits, ent, total, err, n_out, ev_syms = 0.0, 0.0, 0.0, 0.0, 0, []
-            for h, i in zip(hs, wins):
-                rec, sym, out, res = closed_loop(h, i, emb, W, n, tau, scale, step, U)
+            for h, i, m in zip(hs, wins, ev_m):
+                rec, sym, out, res = closed_loop(h, i, emb, W, n, tau, scale, step, U, Ui, m)
                 s = sym.clamp(-K, K) + K
                 if args.adaptive:
                     ev_syms.append((s, res, out))
                 n_out += out.sum().item()
                 e = -logp[cls[None].expand_as(s), s].sum().item()
                 ent += e
-                bits += e + 16 * H + 16 * (SEQ - 1) + 26 * out.sum().item()
+                bits += e + 16 * H + 16 * (SEQ - 1) + 26 * out.sum().item() + side
                 err += ((rec - h)[1:].pow(2).sum() / h[1:].pow(2).sum()).sqrt().item() / n_eval
                 total += nll(rec, i)
             values = n_eval * SEQ * H
-            print(json.dumps(dict(part="closed_loop", set=name, basis=args.basis, step=step, alpha=args.alpha,
+            print(json.dumps(dict(part="closed_loop", set=name, basis=args.basis, gamma=args.gamma, step=step, alpha=args.alpha,
                                   bits_per_value=bits / values, symbol_bits_per_value=ent / values,
-                                  ratio_vs_fp16=16 * values / bits, rel_err=err,
+                                  ratio_vs_fp16=16 * values / bits, rel_err=err, token_mult=args.token_mult, deadzone=args.deadzone,
                                   ppl_ratio=math.exp(total / n_tok) / ppl_fp)), flush=True)
             if not args.adaptive:
                 continue
