@@ -429,3 +429,37 @@ def test_remote_backend_equals_in_process(split, lm):
             backend.close()
         server.stop(0)
     assert server.servicer.session_count == 0
+
+
+class GateTokenizer:
+    """Blocks inside tokenization until released: a long prompt's tokenization, made deterministic."""
+    eos_token_id, chat_template = 0, None
+
+    def __init__(self):
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, text, add_special_tokens=True):
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the tokenizer"
+        raise RuntimeError("released")
+
+
+def test_tokenizing_a_prompt_does_not_block_the_event_loop():
+    # Review finding: prompts were tokenized inside the async handler, so a few 1 MiB prompts
+    # stalled /health (4 ms -> 1.9 s) and served the requests one after another.
+    import httpx2 as httpx
+
+    tok = GateTokenizer()
+    app = create_app(FailingBackend(), model_name=NAME, api_key=None, tokenizer=tok)
+    with uvicorn_serving(app) as base:
+        root = base.removesuffix("/v1")
+        post = threading.Thread(target=lambda: httpx.post(f"{base}/completions", json=_body(), timeout=40))
+        post.start()
+        try:
+            assert tok.entered.wait(20), "the completion never reached the tokenizer"
+            r = httpx.get(f"{root}/health", timeout=5)   # times out while the loop is blocked
+            assert r.status_code == 200
+        finally:
+            tok.release.set()
+            post.join(40)
+        assert not post.is_alive()

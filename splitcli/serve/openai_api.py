@@ -378,7 +378,10 @@ def create_app(backend, *, model_name: str, api_key: str | None, tokenizer, eos_
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(request: Request):
         req = api.parse(CompletionRequest, await api.read_json(request))
-        job = api.admit(req, api.completion_ids(req), default_max=16)  # 16: the OpenAI API's default
+        # Tokenizing a long prompt takes ~1 s per MiB: off the event loop, so /health, /metrics and
+        # the other requests' streams keep going meanwhile.
+        ids = await run_in_threadpool(api.completion_ids, req)
+        job = api.admit(req, ids, default_max=16)  # 16: the OpenAI API's default
 
         def chunk(text, finish):
             return {"id": f"cmpl-{job.id}", "object": "text_completion", "created": job.created,
@@ -394,7 +397,8 @@ def create_app(backend, *, model_name: str, api_key: str | None, tokenizer, eos_
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat_completions(request: Request):
         req = api.parse(ChatRequest, await api.read_json(request))
-        job = api.admit(req, api.chat_ids(req), default_max=api.default_max_tokens)
+        ids = await run_in_threadpool(api.chat_ids, req)  # off the loop, as for completions
+        job = api.admit(req, ids, default_max=api.default_max_tokens)
         base = {"id": f"chatcmpl-{job.id}", "created": job.created, "model": model_name}
 
         def chunk(delta, finish):
