@@ -200,3 +200,14 @@ def test_client_checks_the_clouds_answers():
     for msg, step, match in bad:
         with pytest.raises(SplitLLMError, match=match):
             _to_token(msg, step, cfg, 128, g)
+    # NaN / +inf / nothing finite would crash sampling (torch.multinomial) with a traceback; a
+    # masked (-inf) entry beside finite ones is a real answer
+    hot = SamplingConfig(temperature=0.8)
+    nan, inf = float("nan"), float("inf")
+    for vals in ([nan, 0.0], [inf, 0.0], [-inf, -inf]):
+        msg = pb.ServerMessage(token=pb.Token(step_id=0, top_k=pb.TopK(token_ids=[1, 2], logits=vals)))
+        for c in (cfg, hot):
+            with pytest.raises(SplitLLMError, match="not finite"):
+                _to_token(msg, 0, c, 128, g)
+    masked = pb.ServerMessage(token=pb.Token(step_id=0, top_k=pb.TopK(token_ids=[1, 2], logits=[-inf, 0.0])))
+    assert _to_token(masked, 0, hot, 128, g) == 2

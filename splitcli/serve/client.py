@@ -168,8 +168,12 @@ def _to_token(reply: pb.ServerMessage, step_id: int, cfg: SamplingConfig, vocab:
     ids = torch.tensor(list(tok.top_k.token_ids), dtype=torch.long)
     if int(ids.max()) >= vocab:
         raise SplitLLMError("the cloud sent top-k logits with invalid token ids")
+    vals = torch.tensor(list(tok.top_k.logits), dtype=torch.float32)
+    # -inf is a masked token (allowed); NaN / +inf, or nothing finite, would crash sampling
+    if vals.isnan().any() or vals.isposinf().any() or not vals.isfinite().any():
+        raise SplitLLMError("the cloud sent top-k logits that are not finite")
     logits = torch.full((1, vocab), float("-inf"))
-    logits[0, ids] = torch.tensor(list(tok.top_k.logits), dtype=torch.float32)
+    logits[0, ids] = vals
     return int(sample_next(logits, cfg, generator)[0])
 
 
