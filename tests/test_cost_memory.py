@@ -22,6 +22,9 @@ def test_layer_weight_bits_front_and_back():
         layer_weight_bits(3, 4, 4, 16)
     with pytest.raises(SplitLLMError, match="front"):
         layer_weight_bits(3, 1, 4, 16, "middle")  # type: ignore[arg-type]
+    assert len(layer_weight_bits(10_000, 0, 4, 8)) == 10_000
+    with pytest.raises(SplitLLMError, match=r"n_layers must be an integer in \[1, 10000\]"):
+        layer_weight_bits(10**12, 0, 4, 8)  # refused before a 10^12-entry tuple is built
 
 
 def test_eq1_hand_values():

@@ -123,6 +123,8 @@ def test_plan_edge_bits():
     (dict(format_version=7), "format_version"),
     (dict(model_id=""), "model_id"),
     (dict(embed_bits=4), "embed_bits"),
+    # review: a typo like this built a 10^12-entry per-layer tuple before any other check (hang, OOM)
+    (dict(n_layers=10**12, l_w=10**12), r"plan n_layers must lie in \[1, 10000\], got 1000000000000"),
 ])
 def test_plan_validation(over, message):
     with pytest.raises(SplitLLMError, match=message):

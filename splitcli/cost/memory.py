@@ -28,6 +28,11 @@ LayerByteTable = Sequence[Mapping[int, float]]
 """bytes[layer][bits]: measured (or computed) weight bytes of one decoder layer at a bit width."""
 
 
+#: Most decoder layers a plan may name. No model comes near it (the largest open models have ~130);
+#: it keeps a typo such as n_layers: 1e12 from building a per-layer table that never finishes.
+MAX_LAYERS = 10_000
+
+
 def _check_count(name: str, value: int, low: int = 0, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (
         high is not None and value > high
@@ -52,7 +57,7 @@ def layer_weight_bits(
     back:  the last l_w layers [L - l_w, L) at q_w1, the rest at q_w2 (the paper's Table 4).
     q_w2 = None marks layers the edge does not keep; their entry is None.
     """
-    _check_count("n_layers", n_layers, 1)
+    _check_count("n_layers", n_layers, 1, MAX_LAYERS)
     _check_count("l_w", l_w, 0, n_layers)
     if method == "front":
         return tuple(q_w1 if k < l_w else q_w2 for k in range(n_layers))

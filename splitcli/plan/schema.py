@@ -15,7 +15,7 @@ from typing import Any
 
 from splitcli.configio import load_config, write_yaml
 from splitcli.plan.codec_settings import CodecSettings
-from splitcli.cost.memory import layer_weight_bits
+from splitcli.cost.memory import MAX_LAYERS, layer_weight_bits
 from splitcli.errors import SplitLLMError
 from splitcli.plan._validate import (
     check_int, check_keys, check_number, check_version, require_mapping,
@@ -75,7 +75,7 @@ class Plan:
             raise SplitLLMError("plan model_id must be a non-empty string")
         if self.format_version != PLAN_FORMAT_VERSION:
             raise SplitLLMError(f"plan format_version must be {PLAN_FORMAT_VERSION}")
-        check_int(self.n_layers, "plan n_layers", 1)
+        check_int(self.n_layers, "plan n_layers", 1, MAX_LAYERS)
         check_int(self.split_layer, "plan split_layer", 1, self.n_layers)
         check_int(self.l_w, "plan l_w", 0, self.n_layers)
         if self.method not in ("front", "back"):
