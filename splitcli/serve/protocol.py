@@ -157,9 +157,12 @@ def chunk_frame(frame: bytes, step_id: int, position: int, n_tokens: int, max_ch
 def decode_frame(wire, frame: bytes, n_tokens: int, hidden_size: int, cfg=None) -> torch.Tensor:
     """A peer's frame -> hidden states [n_tokens, H] float32, or SplitLLMError; `cfg` replaces a
     codec wire's config (a frame coded at another q̄). Sizes are capped at
-    what the step claims before the codec allocates anything; a raw frame's length must match its
-    header exactly (RawWire checks), so neither can make the server allocate more than it received
-    times a small factor."""
+    what the step claims (n_tokens x hidden, n_tokens within the session's admitted tokens)
+    before the codec allocates anything, and a raw frame's length must match its header exactly
+    (RawWire checks). What a codec frame decodes to is bounded by that claim, not by the frame's
+    bytes: an entropy-coded body may legitimately be tiny (a constant tensor costs no body bits;
+    rANS decodes symbols at the start of its range from an empty stream), so a 14 KB frame can
+    decode to 16 MB, and the work it costs is that of the admitted step."""
     if isinstance(wire, CodecWire):
         from splitcli.codec import decode
 
