@@ -13,7 +13,7 @@ A serve config is a YAML file with a `serve:` section and a plan beside it, usua
 Sizes and times take units (`1GiB`, `60s`, `2ms`) or bare numbers (bytes, seconds). Relative
 file paths (TLS certificate, key, CA) are relative to the serve config given to the command.
 Keys are checked: an unknown one is an error
-that names the known ones. A file without `serve:` is a bare plan (every serve setting at its
+that names the known ones, and `null` ("off") is taken only by keys whose default is null. A file without `serve:` is a bare plan (every serve setting at its
 default), so both commands still take a plain plan.yaml. The one overlay rule applies: the file
 sets the defaults, explicit flags win (`configio.overlay`).
 """
@@ -170,6 +170,10 @@ def _time(v):
     return parse_time(v)
 
 
+def _ms(v):
+    return _time(v) * 1e3
+
+
 def _path(v, base: Path):
     if not isinstance(v, str) or not v:
         raise SplitLLMError(f"expected a file path, got {v!r}")
@@ -179,7 +183,7 @@ def _path(v, base: Path):
 
 _CLOUD_KEYS = {"host": ("host", None), "port": ("port", None), "api_key_env": ("api_key_env", None),
                "max_sessions": ("max_sessions", None), "kv_budget": ("kv_budget_bytes", _size),
-               "idle_timeout": ("idle_timeout_s", _time), "batch_window": ("batch_window_ms", lambda v: _time(v) * 1e3),
+               "idle_timeout": ("idle_timeout_s", _time), "batch_window": ("batch_window_ms", _ms),
                "max_batch": ("max_batch", None), "max_message": ("max_message_bytes", _size),
                "drain_timeout": ("drain_timeout_s", _time), "metrics_port": ("metrics_port", None),
                "tls_cert": ("tls_cert", _path), "tls_key": ("tls_key", _path)}
@@ -187,6 +191,17 @@ _EDGE_KEYS = {"host": ("host", None), "port": ("port", None), "cloud": ("cloud",
               "api_key_env": ("api_key_env", None), "cloud_api_key_env": ("cloud_api_key_env", None),
               "cloud_ca": ("cloud_ca", _path), "max_running": ("max_running", None),
               "model_name": ("model_name", None), "deadline": ("deadline_s", _time), "eps": ("eps", float)}
+
+
+#: What a key takes, for "must be a time, got null": by its parser, else by its field's type.
+_KINDS = {_size: "a size", _time: "a time", _ms: "a time", _path: "a file path", float: "a number"}
+_TYPE_KINDS = {"int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _nullable(cls) -> set[str]:
+    """The fields of `cls` whose default is None: for them `null` means "off"; for every other
+    field null is an error (it would reach the checks as None and fail with a TypeError)."""
+    return {f.name for f in dataclasses.fields(cls) if f.default is None}
 
 
 def _section(cls, keys: dict, raw, where: str, base: Path):
@@ -198,8 +213,13 @@ def _section(cls, keys: dict, raw, where: str, base: Path):
     if unknown:
         raise SplitLLMError(f"{where} has no setting {', '.join(map(repr, unknown))} (settings: {', '.join(keys)})")
     values = {}
+    nullable = _nullable(cls)
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
     for key, value in raw.items():
         name, parse = keys[key]
+        if value is None and name not in nullable:
+            kind = _KINDS.get(parse) or _TYPE_KINDS.get(str(types[name]), "a value")
+            raise SplitLLMError(f"{where}.{key}: must be {kind}, got null (leave the key out for the default)")
         if value is not None and parse is not None:
             try:
                 value = parse(value, base) if parse is _path else parse(value)
