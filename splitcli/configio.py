@@ -14,8 +14,10 @@ Include semantics:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,13 +39,23 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+def io_reason(exc: BaseException) -> str:
+    """The one-line cause of a failed read or write: an OSError's strerror ("Not a directory"),
+    else the first line of the message (RecursionError and friends have no strerror)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
 def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SplitLLMError(f"config file not found: {path}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise SplitLLMError(f"cannot read config file {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        # any OSError: a parent that is a file (ENOTDIR), a name too long, EIO, a directory...
+        raise SplitLLMError(f"cannot read config file {path}: {io_reason(exc)}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -53,6 +65,9 @@ def _read_mapping(path: Path) -> dict[str, Any]:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(exc, "problem", None) or "syntax error"
         raise SplitLLMError(f"invalid YAML in {path}{where}: {problem}") from None
+    except RecursionError as exc:
+        # the YAML composer recurses per nesting level: `[[[[...` a few thousand deep
+        raise SplitLLMError(f"cannot read config file {path}: {io_reason(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -72,8 +87,18 @@ def _include_list(raw: Any, path: Path) -> list[str]:
     raise SplitLLMError(f"'{INCLUDE_KEY}' in {path} must be a file name or a list of file names")
 
 
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except RuntimeError:
+        # py3.11's pathlib raises RuntimeError("Symlink loop from ...") rather than an OSError
+        raise SplitLLMError(f"cannot read config file {path}: symlink loop") from None
+    except OSError as exc:
+        raise SplitLLMError(f"cannot read config file {path}: {io_reason(exc)}") from None
+
+
 def _load(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
-    resolved = path.resolve()
+    resolved = _resolve(path)
     if resolved in stack:
         cycle = " -> ".join(str(p) for p in (*stack[stack.index(resolved):], resolved))
         raise SplitLLMError(f"config include cycle: {cycle}")
@@ -90,7 +115,12 @@ def _load(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a YAML mapping from `path`, resolving `include:` recursively (see module docstring)."""
-    return _load(Path(os.path.expanduser(os.fspath(path))), ())
+    path = Path(os.path.expanduser(os.fspath(path)))
+    try:
+        return _load(path, ())
+    except RecursionError as exc:
+        # YAML that parses but nests deeper than deep_merge's copy can follow
+        raise SplitLLMError(f"cannot read config file {path}: {io_reason(exc)}") from None
 
 
 def dump_yaml(data: Mapping[str, Any]) -> str:
@@ -104,7 +134,7 @@ def write_yaml(
     """Write `data` as YAML to `path`; refuse to replace an existing file unless `overwrite`.
 
     The text goes to a temporary file in the same directory first and is renamed into place, so
-    a crash never leaves a half-written file behind. Returns the path written.
+    a crash never leaves a half-written file behind (`write_text_file`). Returns the path written.
     """
     target = Path(os.path.expanduser(os.fspath(path)))
     if target.exists() and not overwrite:
@@ -114,25 +144,56 @@ def write_yaml(
     text = dump_yaml(data)
     if not target.parent.is_dir():
         raise SplitLLMError(f"cannot write {target}: directory {target.parent} does not exist")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    return write_text_file(target, text, overwrite=overwrite)
+
+
+def _create_temp(target: Path) -> tuple[int, Path]:
+    """A new, uniquely named file beside `target`, opened for writing: (fd, path).
+
+    Like tempfile.mkstemp(dir=...), but created with mode 0o666 so the umask applies: the
+    output gets the permissions a plain open() would give it, not mkstemp's 0o600.
+    """
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise SplitLLMError(f"cannot write {target}: no free temporary name in {target.parent}")
+
+
+def write_text_file(path: str | os.PathLike[str], text: str, *, overwrite: bool = False) -> Path:
+    """Write `text` to `path` through a temporary file of its own in the same directory.
+
+    A user's file (e.g. `<path>.tmp`) is never touched, and two writers never share a temporary.
+    Without `overwrite` the file is linked into place only if `path` is still absent (it may have
+    appeared since the caller checked, e.g. during a long run). Every OSError is a one-line
+    SplitLLMError; the temporary is removed whatever happens. Returns the path written.
+    """
+    target = Path(os.path.expanduser(os.fspath(path)))
+    tmp: Path | None = None
     try:
-        tmp.write_text(text, encoding="utf-8")
-        if not overwrite:
-            # Re-check right before the rename: another process may have created it meanwhile.
+        fd, tmp = _create_temp(target)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
             try:
-                os.link(tmp, target)
+                os.link(tmp, target)  # fails with FileExistsError if it appeared meanwhile
             except FileExistsError:
                 raise SplitLLMError(f"{target} already exists; pass --force to overwrite it") from None
             except OSError:
-                # Filesystems without hard links: fall back to a plain rename.
+                # Filesystems without hard links: check again, then a plain rename (a small race).
+                if os.path.lexists(target):
+                    raise SplitLLMError(f"{target} already exists; pass --force to overwrite it") from None
                 os.replace(tmp, target)
-        else:
-            os.replace(tmp, target)
-    except PermissionError as exc:
-        raise SplitLLMError(f"cannot write {target}: {exc}") from None
+    except OSError as exc:
+        raise SplitLLMError(f"cannot write {target}: {io_reason(exc)}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return target
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from splitcli.configio import io_reason
 from splitcli.errors import SplitLLMError
 
 SPEC_VERSION = 1
@@ -168,12 +169,18 @@ def task_spec_from_dict(raw: Any, source: str = "") -> TaskSpec:
 def load_task_spec(path: str | os.PathLike[str]) -> TaskSpec:
     """Load and validate a user's YAML task spec."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise SplitLLMError(f"task spec {p} not found")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if not p.is_file():
+            raise SplitLLMError(f"task spec {p} not found")
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:  # a name too long, EIO, bad UTF-8 ...
+        raise SplitLLMError(f"cannot read task spec {p}: {io_reason(e)}") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SplitLLMError(f"task spec {p} is not valid YAML: {str(e).splitlines()[0]}") from e
+    except RecursionError as e:  # `[[[[...` nested thousands deep
+        raise SplitLLMError(f"cannot read task spec {p}: {io_reason(e)}") from None
     return task_spec_from_dict(raw, source=str(p))
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from splitcli.cost.memory import KEEP_BITS, layer_weight_bits
+from splitcli.configio import io_reason
 from splitcli.errors import SplitLLMError
 from splitcli.plan.enumerate import Candidate
 
@@ -121,8 +122,10 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SplitLLMError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SplitLLMError(f"cannot read {what} {path}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        # ValueError: bad JSON, bad UTF-8, an integer over Python's 4300-digit limit;
+        # RecursionError: `[[[[...` nested thousands deep
+        raise SplitLLMError(f"cannot read {what} {path}: {io_reason(exc)}") from None
 
 
 def _bits_tuple(value: Any, where: str) -> tuple[int, ...]:
