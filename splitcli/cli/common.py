@@ -60,10 +60,13 @@ def check_output_path(path: Path | None, force: bool) -> None:
 
 
 def write_json(path: Path, data: dict, force: bool) -> None:
+    """Write `data` to `path` as JSON, atomically, through a temporary of its own (a user's
+    `<path>.tmp` is left alone). Without --force, a file that appeared at `path` during the run
+    is refused, not replaced; a failed write is a one-line error."""
+    from ..configio import write_text_file
+
     check_output_path(path, force)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text_file(path, json.dumps(data, indent=2, sort_keys=True) + "\n", overwrite=force)
 
 
 def json_safe(x):
