@@ -21,6 +21,18 @@ from pathlib import Path
 from splitcli.errors import SplitLLMError
 
 DATA_ENV = "SPLITLLM_DATA"
+CACHE_ENV = "SPLITLLM_CACHE"
+
+
+def cache_root() -> Path:
+    """Where splitllm keeps what it builds once per user (converted models, codec calibrations,
+    eval results, compiled kernels): $SPLITLLM_CACHE, else $XDG_CACHE_HOME/splitllm, else
+    ~/.cache/splitllm."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "splitllm"
+
 #: WikiText-2's raw test split: perplexity, codec calibration and the planner's proxy read it.
 WIKITEXT2_TEST = "wikitext2/wiki.test.raw"
 

@@ -144,3 +144,16 @@ def pytest_sessionfinish(session, exitstatus):
             pass
     if session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(params=["kernel4", "torch"])
+def int4_layout(request, monkeypatch):
+    """Each Int4Linear built in the test holds this layout: splitllm's own AVX2 kernel (skipped
+    where it is unavailable, e.g. under ATEN_CPU_CAPABILITY=default) or torch's int4 kernel."""
+    from splitcli.quant import kernel4
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernel4, "available", lambda: False)
+    elif not kernel4.available():
+        pytest.skip(f"splitllm's int4 kernel is unavailable here: {kernel4.why_unavailable()}")
+    return request.param

@@ -2,6 +2,7 @@
 
 import json
 
+from splitcli.quant import kernel4
 from splitcli.bench.decode import bytes_per_step, copy_bandwidth_gb_s
 from splitcli.model.split import decoder_parts
 from tests.test_cli import run
@@ -20,8 +21,17 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
     assert d["overhead"] == 1 - d["split_tok_s"] / d["unsplit_tok_s"]
     assert d["llama_cpp_tok_s"] is None and d["prompt_tokens"] == 8 and d["tokens"] == 4
     c = d["configs"]
+    # the int4 edge also on torch's kernel, side by side, where splitllm's own kernel runs it
+    on_kernel4 = kernel4.available()
     assert set(c) == {"old_unsplit", "old_split", "unsplit", "split", "split_int4", "split_int8", "split_int4_kv8",
-                      "hf_generate"}
+                      "hf_generate"} | ({"split_int4_torch"} if on_kernel4 else set())
+    assert d["int4_kernel"] == ("splitllm-avx2" if on_kernel4 else f"torch ({kernel4.why_unavailable()})")
+    if on_kernel4:
+        assert d["split_int4_torch_kernel_tok_s"] == c["split_int4_torch"]["tok_s"] > 0
+        assert c["split_int4_torch"]["bytes_per_step"] == c["split_int4"]["bytes_per_step"]  # same bytes, other kernel
+        assert d["int4_torch_kernel_over_fp32_split"] == c["split_int4_torch"]["tok_s"] / c["split"]["tok_s"]
+    else:
+        assert d["split_int4_torch_kernel_tok_s"] is None
     for name in ("split", "split_int4", "split_int8"):
         row = c[name]
         assert len(row["tok_s_runs"]) == 2 and row["edge_ms"] > 0 and row["cloud_ms"] > 0 and row["python_ms"] >= 0

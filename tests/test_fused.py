@@ -37,13 +37,18 @@ def _make(kind: str, bias: bool, sizes=SIZES) -> list[nn.Module]:
     if kind == "float":
         return lins
     if kind == "int4":
-        return [Int4Linear.from_linear(m, 32) for m in lins]
+        return [Int4Linear.from_linear(m, 64) for m in lins]
     return [Int8Linear.from_linear(m) for m in lins]
 
 
-@pytest.mark.parametrize("kind", ["float", "int4", "int8"])
+@pytest.mark.parametrize("kind", ["float", "int4", "int4 on torch's kernel", "int8"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(kind, bias):
+def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(kind, bias, monkeypatch):
+    if kind == "int4 on torch's kernel":
+        from splitcli.quant import kernel4
+
+        monkeypatch.setattr(kernel4, "available", lambda: False)
+        kind = "int4"
     mods = _make(kind, bias)
     x = torch.randn(2, 3, K)
     before = [m(x) for m in mods]
@@ -67,13 +72,14 @@ def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(k
     assert _same(kind, one.add_to(r, x), r + before[0])
 
 
-def test_int4_rows_that_straddle_a_kernel_tile_are_fused_only_without_a_second_copy():
+def test_int4_rows_that_straddle_a_kernel_tile_are_fused_only_without_a_second_copy(int4_layout):
     # 32 rows: a whole tile with AVX2 / the default kernel, half of one with AVX-512
     mods = _make("int4", False, sizes=(32, 32, 64))
     x = torch.randn(1, K)
     before = [m(x) for m in mods]
     held = resident_bytes(nn.ModuleList(mods))
     fusable = _int4_repacked(mods) is not None  # this CPU's tiles hold each module's rows whole
+    assert fusable or int4_layout == "torch"  # kernel4's layout is row by row
     call = fused_call(mods)
     assert isinstance(call, FusedLinear) == fusable  # fused exactly when no second copy is needed
     assert torch.equal(call(x), torch.cat(before, -1))
@@ -83,6 +89,9 @@ def test_int4_rows_that_straddle_a_kernel_tile_are_fused_only_without_a_second_c
 
 def test_an_eager_int4_module_copies_its_fused_scales_once_not_per_call(monkeypatch):
     import splitcli.quant.modules as qm
+    from splitcli.quant import kernel4
+
+    monkeypatch.setattr(kernel4, "available", lambda: False)  # torch's layout: kernel4's views are contiguous
 
     mods = _make("int4", False)
     x = torch.randn(1, K)
@@ -106,11 +115,13 @@ def test_an_eager_int4_module_copies_its_fused_scales_once_not_per_call(monkeypa
     assert torch.equal(mods[1](x), 2 * before)  # scales and zeros doubled: every weight doubled (no bias)
 
 
-def test_int4_fused_survives_a_deepcopy_and_its_modules_export_the_same_codes():
+def test_int4_fused_survives_a_deepcopy_and_its_modules_export_the_same_codes(int4_layout):
     mods = _make("int4", False)
     exported = [m.export() for m in mods]
     FusedLinear.build(mods)
-    assert not mods[0].scales_and_zeros.is_contiguous()  # a view into the fused [K/g, N, 2]
+    # a view into the fused [K/g, N, 2] (torch's layout; kernel4's [N, K/g, 2] slices stay contiguous)
+    assert mods[0].scales_and_zeros.is_contiguous() == (int4_layout == "kernel4")
+    assert mods[0].scales_and_zeros.data_ptr() != 0 and mods[0].layout == int4_layout
     for m, e in zip(mods, exported):
         assert all(torch.equal(m.export()[k], v) for k, v in e.items())
     twin = copy.deepcopy(nn.ModuleList(mods))

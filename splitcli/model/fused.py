@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..quant import kernel4
 from ..quant.modules import _INT4_MM, Int4Linear, Int8Linear, int4_kernel_pack, int4_kernel_unpack
 
 _INT8_MM = torch.ops.aten._weight_int8pack_mm
@@ -96,7 +97,7 @@ def _kind(mods: list[nn.Module]) -> str | None:
         return None
     if type(m0) is nn.Linear and all(m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" for m in mods):
         return "float"
-    if type(m0) is Int4Linear and all(m.group_size == m0.group_size for m in mods):
+    if type(m0) is Int4Linear and all(m.group_size == m0.group_size and m.layout == m0.layout for m in mods):
         return "int4"
     if type(m0) is Int8Linear and all(m._kernel for m in mods):
         return "int8"
@@ -116,10 +117,13 @@ def _int4_repacked(mods: list[Int4Linear]) -> torch.Tensor | None:
     The packed layout is private to this CPU (tiles of 64 rows with AVX-512, 32 with AVX2): the
     codes are read back through the kernel (exact) and packed again, and every module's rows are
     compared with its bytes. A module whose rows straddle a tile would need a second copy of the
-    weight, so those layers are not fused (SmolLM2's widths are multiples of 64: always fused)."""
+    weight, so those layers are not fused (SmolLM2's widths are multiples of 64: always fused).
+    kernel4's layout is row by row: its rows always stack."""
     joined = _joined([m.packed for m in mods], 0)
     if joined is not None:
         return joined
+    if mods[0].layout == "kernel4":
+        return torch.cat([m.packed for m in mods], 0)
     k, g = mods[0].in_features, mods[0].group_size
     codes = torch.cat([int4_kernel_unpack(m.packed, m.out_features, k, g) for m in mods])  # [N, K]
     packed = int4_kernel_pack(codes)  # [N, K/2]
@@ -132,7 +136,7 @@ class FusedLinear:
     Build with `FusedLinear.build(mods)` (None when the modules cannot be fused)."""
 
     __slots__ = ("kind", "in_features", "out_features", "sizes", "weight", "bias", "packed", "scales_and_zeros",
-                 "group_size", "codes", "scales")
+                 "group_size", "codes", "scales", "layout")
 
     def __init__(self, kind: str, mods: list[nn.Module]):
         self.kind = kind
@@ -177,14 +181,20 @@ class FusedLinear:
             m.codes, m.scales = c, s
 
     def _fuse_int4(self, mods) -> None:
-        self.group_size = mods[0].group_size
+        self.group_size, self.layout = mods[0].group_size, mods[0].layout
         self.packed = _join([m.packed for m in mods], 0)  # joined by build() (one module: its own)
-        self.scales_and_zeros = _join([m.scales_and_zeros for m in mods], 1)  # [K/g, N, 2] bf16
-        for m, sz in zip(mods, self.scales_and_zeros.split(self.sizes, 1)):
-            m.use_scales_and_zeros(sz)  # strided view: an eager Int4Linear.forward copies it once
+        # torch's [K/g, N, 2] joins along N (strided views: an eager Int4Linear.forward copies its
+        # one once); kernel4's [N, K/g, 2] along rows (contiguous views)
+        dim = 0 if self.layout == "kernel4" else 1
+        self.scales_and_zeros = _join([m.scales_and_zeros for m in mods], dim)
+        for m, sz in zip(mods, self.scales_and_zeros.split(self.sizes, dim)):
+            m.use_scales_and_zeros(sz)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> the raw product [tokens, N] (bf16 for the quantized kinds, no bias)."""
+        """x [..., K] -> the raw product [tokens, N] (bf16 for torch's quantized kernels, no bias)."""
+        if self.kind == "int4" and self.layout == "kernel4":
+            return kernel4.mm(x.reshape(-1, self.in_features).float(), self.packed, self.scales_and_zeros,
+                              self.group_size)
         if self.kind == "int4":
             return _INT4_MM(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group_size,
                             self.scales_and_zeros)

@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitcli.data import cache_root
+
 # Set before transformers is imported anywhere through us: the tool must never reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -62,13 +64,6 @@ class LoadedModel:
     source: ModelSource
     model_id: str  # stable identity: built-in name or resolved path
     sha256: str  # of the weights file(s) the model was read from
-
-
-def cache_root() -> Path:
-    env = os.environ.get("SPLITLLM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "splitllm"
 
 
 def resolve_model(spec: str) -> ModelSource:

@@ -1,7 +1,7 @@
-"""Quantized drop-in modules: Int4Linear (torch CPU int4 kernel), Int8Linear (torch CPU int8
-weight-only kernel, per-output-channel symmetric), QuantLinear (any bit width, dequantized on the
-fly: the planner does not pick widths that only run here) and QuantEmbedding (row gather, then
-dequantize only the rows used).
+"""Quantized drop-in modules: Int4Linear (splitllm's AVX2 kernel or torch's CPU int4 kernel),
+Int8Linear (torch CPU int8 weight-only kernel, per-output-channel symmetric), QuantLinear (any bit
+width, dequantized on the fly: the planner does not pick widths that only run here) and
+QuantEmbedding (row gather, then dequantize only the rows used).
 
 Every module keeps only its quantized tensors in memory and can `export()` them in the portable
 storage format of `splitcli.quant.rtn` (packed uint8 codes + bf16 scales + bf16 zeros + optional
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from splitcli.errors import SplitLLMError
+from splitcli.quant import kernel4
 from splitcli.quant.rtn import (
     check_bits,
     check_group_size,
@@ -137,13 +138,18 @@ class QuantLinear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """4-bit linear on torch's CPU kernel `_weight_int4pack_mm_for_cpu`.
+    """4-bit linear on a CPU kernel: splitllm's own (`kernel4`, x86-64 AVX2, chosen at construction
+    where it is available) or torch's `_weight_int4pack_mm_for_cpu` (everywhere else).
 
-    Drop-in for a float32 nn.Linear: the input is cast to bf16 for the kernel and the output cast
-    back to the input dtype (relative error ~3e-3 vs the dequantized reference, from bf16).
-    Holds the kernel's packed weight [N, K/2] uint8 (laid out for this CPU at construction) and
-    `scales_and_zeros` [K/group, N, 2] bf16 — the same numbers as the portable format, only
-    re-laid out. `export()` always gives portable codes, read back through the kernel.
+    Drop-in for a float32 nn.Linear. `layout` says which kernel holds the weights:
+    - "kernel4": packed [N, K/2] uint8 in kernel4's layout (the same on every CPU) and
+      `scales_and_zeros` [N, K/group, 2] bf16; float32 in and out (relative error ~3e-5 vs the
+      dequantized reference, from the int16 input).
+    - "torch": torch's packed [N, K/2] (laid out for this CPU at construction) and
+      `scales_and_zeros` [K/group, N, 2] bf16; the input is cast to bf16 for the kernel and the
+      output back (relative error ~3e-3).
+    Both hold the same numbers as the portable format, only re-laid out; `export()` always gives
+    portable codes.
     """
 
     bits = 4
@@ -156,12 +162,16 @@ class Int4Linear(nn.Module):
         packed: torch.Tensor,
         scales_and_zeros: torch.Tensor,
         bias: torch.Tensor | None,
+        layout: str = "torch",
     ):
         super().__init__()
         _check_int4_shape(out_features, in_features, group_size)
+        if layout not in ("torch", "kernel4"):
+            raise SplitLLMError(f"unknown Int4Linear layout {layout!r}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("packed", packed)  # [N, K/2] uint8, this CPU's private kernel layout
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/group, N, 2] bf16
+        self.layout = layout
+        self.register_buffer("packed", packed)  # [N, K/2] uint8 in `layout`
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/group, N, 2] or [N, K/group, 2] bf16
         self.register_buffer("bias", bias)  # [N] float32 or None
         # a contiguous copy of scales_and_zeros for the kernel, made at the first eager call after it
         # became a strided view (model.fused); None while it is contiguous. Non-persistent: not saved
@@ -181,6 +191,9 @@ class Int4Linear(nn.Module):
     ) -> "Int4Linear":
         _check_int4_shape(out_features, in_features, group_size)
         q = unpack_codes(codes, 4, in_features)  # [N, K]
+        if kernel4.available() and kernel4.supports(in_features, group_size):
+            sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()  # [N, K/g, 2]
+            return cls(in_features, out_features, group_size, kernel4.pack(q), sz, bias, "kernel4")
         sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/g, N, 2]
         return cls(in_features, out_features, group_size, int4_kernel_pack(q), sz, bias)
 
@@ -193,12 +206,13 @@ class Int4Linear(nn.Module):
         )
 
     def export(self) -> dict[str, torch.Tensor]:
-        q = int4_kernel_unpack(self.packed, self.out_features, self.in_features, self.group_size)  # [N, K]
-        out = {
-            "codes": pack_codes(q, 4),
-            "scales": self.scales_and_zeros[..., 0].t().contiguous(),
-            "zeros": self.scales_and_zeros[..., 1].t().contiguous(),
-        }
+        if self.layout == "kernel4":
+            q = kernel4.unpack(self.packed)  # [N, K]
+            sz = self.scales_and_zeros  # [N, K/g, 2]
+        else:
+            q = int4_kernel_unpack(self.packed, self.out_features, self.in_features, self.group_size)  # [N, K]
+            sz = self.scales_and_zeros.transpose(0, 1)  # [N, K/g, 2]
+        out = {"codes": pack_codes(q, 4), "scales": sz[..., 0].contiguous(), "zeros": sz[..., 1].contiguous()}
         if self.bias is not None:
             out["bias"] = self.bias
         return out
@@ -210,6 +224,11 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.layout == "kernel4":
+            y = kernel4.mm(x.reshape(-1, self.in_features).float(), self.packed, self.scales_and_zeros,
+                           self.group_size)
+            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)  # [..., N]
+            return y if self.bias is None else y + self.bias.to(x.dtype)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, K]
         sz = self.scales_and_zeros
         if not sz.is_contiguous():  # a view into a fused [K/g, N', 2] (model.fused): the kernel misreads strides
@@ -225,12 +244,14 @@ class Int4Linear(nn.Module):
         return y
 
     def use_scales_and_zeros(self, sz: torch.Tensor) -> None:
-        """Point scales_and_zeros [K/g, N, 2] at `sz` (e.g. a strided view of a fused tensor); the
-        eager kernel's contiguous copy of the old one is dropped."""
+        """Point scales_and_zeros at `sz` in this module's layout (e.g. a view of a fused tensor:
+        strided for the torch layout, a row slice for kernel4's); the eager torch kernel's
+        contiguous copy of the old one is dropped."""
         self.scales_and_zeros, self._sz_kernel = sz, None
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits=4, group={self.group_size}, kernel=cpu-int4"
+        kernel = "splitllm-avx2" if self.layout == "kernel4" else "cpu-int4"
+        return f"in={self.in_features}, out={self.out_features}, bits=4, group={self.group_size}, kernel={kernel}"
 
 
 INT8_KERNEL_COL_MULTIPLE = 16  # _weight_int8pack_mm crashes (AVX-512) on other input widths
