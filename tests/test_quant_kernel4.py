@@ -159,3 +159,27 @@ def test_where_the_kernel_cannot_run_int4_stays_on_torch_and_says_why(tmp_path):
         layout, why = _layout_in_subprocess(tmp_path)  # then with one: built into the cache, used
         assert (layout, why) == ("kernel4", "")
         assert len(list((tmp_path / "cache" / "kernels").glob("kernel4-*.so"))) == 1
+
+
+def test_operands_that_do_not_fit_never_reach_the_c_code():
+    from splitcli.errors import SplitLLMError
+
+    packed, sz, _, _ = _weights(16, 128, 64)
+    for bad_packed, bad_sz, k in [
+        (packed[:, :32], sz, 128),  # too few bytes per row
+        (packed, sz[:, :1], 128),  # too few groups
+        (packed, sz[:15], 128),  # rows disagree
+        (packed, sz.float(), 128),  # wrong dtype
+        (packed.t().contiguous().t(), sz, 128),  # not contiguous
+        (packed, sz, 256),  # another input width
+    ]:
+        with pytest.raises(SplitLLMError, match="kernel4 operands do not fit"):
+            kernel4.check_operands(k, bad_packed, bad_sz, 64)
+        if kernel4.available():
+            with pytest.raises(SplitLLMError):
+                kernel4.mm(torch.randn(1, k), bad_packed, bad_sz, 64)
+    with pytest.raises(SplitLLMError):  # at construction too
+        Int4Linear(128, 16, 64, packed, sz[:, :1].contiguous(), None, "kernel4")
+    with pytest.raises(SplitLLMError, match="packed rows"):
+        Int4Linear(128, 32, 64, packed, sz, None, "kernel4")
+    assert Int4Linear(128, 16, 64, packed, sz, None, "kernel4").layout == "kernel4"  # the fitting ones pass

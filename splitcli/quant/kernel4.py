@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from splitcli.data import cache_root
+from splitcli.errors import SplitLLMError
 
 KERNEL_ENV = "SPLITLLM_INT4_KERNEL"  # "torch" keeps every Int4Linear on torch's kernel
 _SOURCE = Path(__file__).with_name("kernel4.c")
@@ -157,12 +158,27 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return codes.reshape(n, half * 2)
 
 
+def check_operands(in_features: int, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> None:
+    """Raise SplitLLMError unless (packed, sz) are this layout's tensors for `in_features` inputs:
+    the C code trusts every size it is given, so nothing else may reach it."""
+    n = packed.shape[0] if packed.dim() == 2 else -1
+    ok = (supports(in_features, group_size) and packed.dtype == torch.uint8 and sz.dtype == torch.bfloat16
+          and tuple(packed.shape) == (n, in_features // 2) and tuple(sz.shape) == (n, in_features // group_size, 2)
+          and packed.is_contiguous() and sz.is_contiguous() and packed.device.type == sz.device.type == "cpu")
+    if not ok:
+        raise SplitLLMError(
+            f"kernel4 operands do not fit: packed {tuple(packed.shape)} {packed.dtype}, scales_and_zeros "
+            f"{tuple(sz.shape)} {sz.dtype} for {in_features} inputs in groups of {group_size} (want contiguous "
+            f"[N, {in_features // 2}] uint8 and [N, {in_features // max(group_size, 1)}, 2] bfloat16)")
+
+
 def mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [M, K] float32 @ W.T -> [M, N] float32, W given as (packed [N, K/2], sz [N, K/G, 2] bf16),
-    both contiguous. Only when `available()`."""
+    """x [M, K] @ W.T -> [M, N] float32, W given as (packed [N, K/2], sz [N, K/G, 2] bf16), both
+    contiguous. Only when `available()`."""
     lib = _lib()
-    x = x.contiguous()
+    x = x.to(torch.float32).contiguous()
     m, k = x.shape
+    check_operands(k, packed, sz, group_size)
     n = packed.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     if m == 0:

@@ -168,6 +168,10 @@ class Int4Linear(nn.Module):
         _check_int4_shape(out_features, in_features, group_size)
         if layout not in ("torch", "kernel4"):
             raise SplitLLMError(f"unknown Int4Linear layout {layout!r}")
+        if layout == "kernel4":
+            kernel4.check_operands(in_features, packed, scales_and_zeros, group_size)
+            if packed.shape[0] != out_features:
+                raise SplitLLMError(f"Int4Linear: {packed.shape[0]} packed rows for {out_features} outputs")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.layout = layout
         self.register_buffer("packed", packed)  # [N, K/2] uint8 in `layout`
