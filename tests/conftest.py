@@ -146,14 +146,14 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-@pytest.fixture(params=["kernel4", "torch"])
+@pytest.fixture(params=["splitllm", "torch"])
 def int4_layout(request, monkeypatch):
     """Each Int4Linear built in the test holds this layout: splitllm's own AVX2 kernel (skipped
     where it is unavailable, e.g. under ATEN_CPU_CAPABILITY=default) or torch's int4 kernel."""
-    from splitcli.quant import kernel4
+    from splitcli.quant import kernels
 
     if request.param == "torch":
-        monkeypatch.setattr(kernel4, "available", lambda: False)
-    elif not kernel4.available():
-        pytest.skip(f"splitllm's int4 kernel is unavailable here: {kernel4.why_unavailable()}")
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    elif not kernels.available():
+        pytest.skip(f"splitllm's int4 kernel is unavailable here: {kernels.why_unavailable()}")
     return request.param

@@ -2,7 +2,7 @@
 
 import json
 
-from splitcli.quant import kernel4
+from splitcli.quant import kernels
 from splitcli.bench.decode import bytes_per_step, copy_bandwidth_gb_s
 from splitcli.model.split import decoder_parts
 from tests.test_cli import run
@@ -22,16 +22,18 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
     assert d["llama_cpp_tok_s"] is None and d["prompt_tokens"] == 8 and d["tokens"] == 4
     c = d["configs"]
     # the int4 edge also on torch's kernel, side by side, where splitllm's own kernel runs it
-    on_kernel4 = kernel4.available()
+    on_kernels = kernels.available()
     assert set(c) == {"old_unsplit", "old_split", "unsplit", "split", "split_int4", "split_int8", "split_int4_kv8",
-                      "hf_generate"} | ({"split_int4_torch"} if on_kernel4 else set())
-    assert d["int4_kernel"] == ("splitllm-avx2" if on_kernel4 else f"torch ({kernel4.why_unavailable()})")
-    if on_kernel4:
-        assert d["split_int4_torch_kernel_tok_s"] == c["split_int4_torch"]["tok_s"] > 0
-        assert c["split_int4_torch"]["bytes_per_step"] == c["split_int4"]["bytes_per_step"]  # same bytes, other kernel
-        assert d["int4_torch_kernel_over_fp32_split"] == c["split_int4_torch"]["tok_s"] / c["split"]["tok_s"]
-    else:
-        assert d["split_int4_torch_kernel_tok_s"] is None
+                      "hf_generate"} | ({"split_int4_torch", "split_int8_torch"} if on_kernels else set())
+    assert d["quant_kernels"] == ("splitllm-avx2" if on_kernels else f"torch ({kernels.why_unavailable()})")
+    for bits in (4, 8):
+        if on_kernels:
+            assert d[f"split_int{bits}_torch_kernel_tok_s"] == c[f"split_int{bits}_torch"]["tok_s"] > 0
+            # the same bytes, the other kernel
+            assert c[f"split_int{bits}_torch"]["bytes_per_step"] == c[f"split_int{bits}"]["bytes_per_step"]
+            assert d[f"int{bits}_torch_kernel_over_fp32_split"] == c[f"split_int{bits}_torch"]["tok_s"] / c["split"]["tok_s"]
+        else:
+            assert d[f"split_int{bits}_torch_kernel_tok_s"] is None
     for name in ("split", "split_int4", "split_int8"):
         row = c[name]
         assert len(row["tok_s_runs"]) == 2 and row["edge_ms"] > 0 and row["cloud_ms"] > 0 and row["python_ms"] >= 0

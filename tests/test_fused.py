@@ -41,14 +41,14 @@ def _make(kind: str, bias: bool, sizes=SIZES) -> list[nn.Module]:
     return [Int8Linear.from_linear(m) for m in lins]
 
 
-@pytest.mark.parametrize("kind", ["float", "int4", "int4 on torch's kernel", "int8"])
+@pytest.mark.parametrize("kind", ["float", "int4", "int4 on torch's kernel", "int8", "int8 on torch's kernel"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(kind, bias, monkeypatch):
-    if kind == "int4 on torch's kernel":
-        from splitcli.quant import kernel4
+    if kind.endswith(" on torch's kernel"):
+        from splitcli.quant import kernels
 
-        monkeypatch.setattr(kernel4, "available", lambda: False)
-        kind = "int4"
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        kind = kind.split()[0]
     mods = _make(kind, bias)
     x = torch.randn(2, 3, K)
     before = [m(x) for m in mods]
@@ -79,7 +79,7 @@ def test_int4_rows_that_straddle_a_kernel_tile_are_fused_only_without_a_second_c
     before = [m(x) for m in mods]
     held = resident_bytes(nn.ModuleList(mods))
     fusable = _int4_repacked(mods) is not None  # this CPU's tiles hold each module's rows whole
-    assert fusable or int4_layout == "torch"  # kernel4's layout is row by row
+    assert fusable or int4_layout == "torch"  # splitllm's layout is row by row
     call = fused_call(mods)
     assert isinstance(call, FusedLinear) == fusable  # fused exactly when no second copy is needed
     assert torch.equal(call(x), torch.cat(before, -1))
@@ -89,9 +89,9 @@ def test_int4_rows_that_straddle_a_kernel_tile_are_fused_only_without_a_second_c
 
 def test_an_eager_int4_module_copies_its_fused_scales_once_not_per_call(monkeypatch):
     import splitcli.quant.modules as qm
-    from splitcli.quant import kernel4
+    from splitcli.quant import kernels
 
-    monkeypatch.setattr(kernel4, "available", lambda: False)  # torch's layout: kernel4's views are contiguous
+    monkeypatch.setattr(kernels, "available", lambda: False)  # torch's layout: splitllm's views are contiguous
 
     mods = _make("int4", False)
     x = torch.randn(1, K)
@@ -119,8 +119,8 @@ def test_int4_fused_survives_a_deepcopy_and_its_modules_export_the_same_codes(in
     mods = _make("int4", False)
     exported = [m.export() for m in mods]
     FusedLinear.build(mods)
-    # a view into the fused [K/g, N, 2] (torch's layout; kernel4's [N, K/g, 2] slices stay contiguous)
-    assert mods[0].scales_and_zeros.is_contiguous() == (int4_layout == "kernel4")
+    # a view into the fused [K/g, N, 2] (torch's layout; splitllm's [N, K/g, 2] slices stay contiguous)
+    assert mods[0].scales_and_zeros.is_contiguous() == (int4_layout == "splitllm")
     assert mods[0].scales_and_zeros.data_ptr() != 0 and mods[0].layout == int4_layout
     for m, e in zip(mods, exported):
         assert all(torch.equal(m.export()[k], v) for k, v in e.items())

@@ -9,9 +9,10 @@ path, so every path does identical work from the same prompt):
                 float weights of the model it is built on (`model.fast.relayout_linear_`);
 - unsplit / split           the fast path (`model.fast`, `runtime.fast`), compression off;
 - split_int4 / split_int8   the fast split with the edge's layers [0, ℓ) at 4 / 8 bits (int4 /
-                int8 kernels), fp32 cloud; int4 runs on splitllm's AVX2 kernel where it is
-                available (`quant.kernel4`), else torch's;
-- split_int4_torch   split_int4 on torch's int4 kernel (only when kernel4 is available);
+                int8 kernels), fp32 cloud; one-token products run on splitllm's AVX2 kernels
+                where they are available (`quant.kernels`), else on torch's;
+- split_int4_torch / split_int8_torch   the same edges on torch's kernels (only where splitllm's
+                run), side by side;
 - split_int4_kv8            split_int4 with the edge's KV cache at 8 bits (Qa = 8);
 - llama_cpp     llama.cpp (`llama-cpp-python`, optional) on the model's GGUF file, same threads.
 Repeats run in rounds, each round every path once in a rotated order, so drifting load hits all
@@ -39,7 +40,7 @@ from ..deploy import SplitSpec, build_split
 from ..deploy.measure import head_dims
 from ..errors import SplitLLMError
 from ..model.split import CloudHalf, EdgeHalf, decoder_parts
-from ..quant import kernel4
+from ..quant import kernels
 from ..quant.kv_format import KVQuantConfig, fp_kv_bytes_per_token, kv_bytes_per_token
 from ..runtime.fast import FastUnsplitSession, fast_split_session, fast_unsupported_model
 from ..runtime.generate import SamplingConfig, encode_prompts, generate
@@ -193,11 +194,12 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     splits = {name: build_split(lm, SplitSpec(split_layer=split_layer, q_w1=bits, qa=qa))
               for name, bits, qa in (("split", 16, 16), ("split_int4", 4, 16), ("split_int8", 8, 16),
                                      ("split_int4_kv8", 4, 8))}
-    int4_kernel = "splitllm-avx2" if kernel4.available() else f"torch ({kernel4.why_unavailable()})"
-    say(f"int4 edge kernel: {int4_kernel}")
-    if kernel4.available():  # the same int4 edge on torch's kernel, side by side
-        with kernel4.disabled():
-            splits["split_int4_torch"] = build_split(lm, SplitSpec(split_layer=split_layer, q_w1=4, qa=16))
+    quant_kernels = "splitllm-avx2" if kernels.available() else f"torch ({kernels.why_unavailable()})"
+    say(f"quantized edge kernels: {quant_kernels}")
+    if kernels.available():  # the same quantized edges on torch's kernels, side by side
+        with kernels.disabled():
+            for bits in (4, 8):
+                splits[f"split_int{bits}_torch"] = build_split(lm, SplitSpec(split_layer=split_layer, q_w1=bits, qa=16))
     sessions: dict[str, Callable[[], Session]] = {
         "old_unsplit": lambda: UnsplitSession(pristine),
         "old_split": lambda: SplitSession.from_halves(EdgeHalf(old_parts, split_layer),
@@ -276,9 +278,11 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "split_int8_tok_s": tok["split_int8"],
         "split_int4_kv8_tok_s": tok["split_int4_kv8"],
         "int4_over_fp32_split": tok["split_int4"] / s,
-        "int4_kernel": int4_kernel,
+        "quant_kernels": quant_kernels,
         "split_int4_torch_kernel_tok_s": tok.get("split_int4_torch"),
         "int4_torch_kernel_over_fp32_split": tok["split_int4_torch"] / s if "split_int4_torch" in tok else None,
+        "split_int8_torch_kernel_tok_s": tok.get("split_int8_torch"),
+        "int8_torch_kernel_over_fp32_split": tok["split_int8_torch"] / s if "split_int8_torch" in tok else None,
         "int8_over_fp32_split": tok["split_int8"] / s,
         # the most int4_over_fp32_split can be when both runs read memory equally fast: the fp32
         # cloud (and LM head) is common to both, so at ℓ = L/2 this is ~1.5 whatever the kernels

@@ -85,11 +85,13 @@ def _print_decode_summary(r: dict) -> None:
         f"fast split {r['split_tok_s']:.1f} tok/s = {r['split_speedup_vs_old']:.2f}x the old split "
         f"({r['old_split_tok_s']:.1f}), {100 * r['fraction_of_bound']:.0f}% of its bound; split overhead vs fast "
         f"unsplit {100 * r['overhead']:.1f}%; int4 edge {r['int4_over_fp32_split']:.2f}x (bytes allow "
-        f"{r['int4_bound_ratio']:.2f}x; kernel {r['int4_kernel']}"
-        + (f", torch's int4 kernel {r['int4_torch_kernel_over_fp32_split']:.2f}x"
+        f"{r['int4_bound_ratio']:.2f}x"
+        + (f"; on torch's kernel {r['int4_torch_kernel_over_fp32_split']:.2f}x"
            if r.get("int4_torch_kernel_over_fp32_split") else "")
-        + f"), int8 edge {r['int8_over_fp32_split']:.2f}x (bytes allow "
-        f"{r['int8_bound_ratio']:.2f}x) the fp32 split; Qa = 8 edge step {r['kv8_edge_ms_ratio']:.2f}x the fp KV's "
+        + f"), int8 edge {r['int8_over_fp32_split']:.2f}x (bytes allow {r['int8_bound_ratio']:.2f}x"
+        + (f"; on torch's kernel {r['int8_torch_kernel_over_fp32_split']:.2f}x"
+           if r.get("int8_torch_kernel_over_fp32_split") else "")
+        + f") the fp32 split, kernels {r['quant_kernels']}; Qa = 8 edge step {r['kv8_edge_ms_ratio']:.2f}x the fp KV's "
         f"(whole step {r['kv8_step_ratio']:.2f}x)"
         + (f"; llama.cpp {r['llama_cpp_tok_s']:.1f} tok/s" if r.get("llama_cpp_tok_s") else ""),
         highlight=False,

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..quant import kernel4
+from ..quant import kernels
 from ..quant.modules import _INT4_MM, Int4Linear, Int8Linear, int4_kernel_pack, int4_kernel_unpack
 
 _INT8_MM = torch.ops.aten._weight_int8pack_mm
@@ -99,7 +99,7 @@ def _kind(mods: list[nn.Module]) -> str | None:
         return "float"
     if type(m0) is Int4Linear and all(m.group_size == m0.group_size and m.layout == m0.layout for m in mods):
         return "int4"
-    if type(m0) is Int8Linear and all(m._kernel for m in mods):
+    if type(m0) is Int8Linear and all(m._kernel and m.gemv == m0.gemv for m in mods):
         return "int8"
     return None
 
@@ -118,11 +118,11 @@ def _int4_repacked(mods: list[Int4Linear]) -> torch.Tensor | None:
     codes are read back through the kernel (exact) and packed again, and every module's rows are
     compared with its bytes. A module whose rows straddle a tile would need a second copy of the
     weight, so those layers are not fused (SmolLM2's widths are multiples of 64: always fused).
-    kernel4's layout is row by row: its rows always stack."""
+    splitllm's layout is row by row: its rows always stack."""
     joined = _joined([m.packed for m in mods], 0)
     if joined is not None:
         return joined
-    if mods[0].layout == "kernel4":
+    if mods[0].layout == "splitllm":
         return torch.cat([m.packed for m in mods], 0)
     k, g = mods[0].in_features, mods[0].group_size
     codes = torch.cat([int4_kernel_unpack(m.packed, m.out_features, k, g) for m in mods])  # [N, K]
@@ -136,7 +136,7 @@ class FusedLinear:
     Build with `FusedLinear.build(mods)` (None when the modules cannot be fused)."""
 
     __slots__ = ("kind", "in_features", "out_features", "sizes", "weight", "bias", "packed", "scales_and_zeros",
-                 "group_size", "codes", "scales", "layout")
+                 "group_size", "codes", "scales", "layout", "gemv")
 
     def __init__(self, kind: str, mods: list[nn.Module]):
         self.kind = kind
@@ -175,6 +175,7 @@ class FusedLinear:
         self.weight = wt.t()  # [N, K]
 
     def _fuse_int8(self, mods) -> None:
+        self.gemv = mods[0].gemv
         self.codes = _join([m.codes for m in mods], 0)  # [N, K] int8
         self.scales = _join([m.scales for m in mods], 0)  # [N] bf16
         for m, c, s in zip(mods, self.codes.split(self.sizes, 0), self.scales.split(self.sizes, 0)):
@@ -184,20 +185,22 @@ class FusedLinear:
         self.group_size, self.layout = mods[0].group_size, mods[0].layout
         self.packed = _join([m.packed for m in mods], 0)  # joined by build() (one module: its own)
         # torch's [K/g, N, 2] joins along N (strided views: an eager Int4Linear.forward copies its
-        # one once); kernel4's [N, K/g, 2] along rows (contiguous views)
-        dim = 0 if self.layout == "kernel4" else 1
+        # one once); splitllm's [N, K/g, 2] along rows (contiguous views)
+        dim = 0 if self.layout == "splitllm" else 1
         self.scales_and_zeros = _join([m.scales_and_zeros for m in mods], dim)
         for m, sz in zip(mods, self.scales_and_zeros.split(self.sizes, dim)):
             m.use_scales_and_zeros(sz)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> the raw product [tokens, N] (bf16 for torch's quantized kernels, no bias)."""
-        if self.kind == "int4" and self.layout == "kernel4":
-            return kernel4.mm(x.reshape(-1, self.in_features).float(), self.packed, self.scales_and_zeros,
+        if self.kind == "int4" and self.layout == "splitllm":
+            return kernels.mm4(x.reshape(-1, self.in_features).float(), self.packed, self.scales_and_zeros,
                               self.group_size)
         if self.kind == "int4":
             return _INT4_MM(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group_size,
                             self.scales_and_zeros)
+        if self.kind == "int8" and self.gemv and x.numel() <= kernels.GEMV_MAX_TOKENS * self.in_features:
+            return kernels.mm8(x.reshape(-1, self.in_features), self.codes, self.scales)
         if self.kind == "int8":
             return _INT8_MM(x.reshape(-1, self.in_features).to(torch.bfloat16), self.codes, self.scales)
         return F.linear(x.reshape(-1, self.in_features), self.weight)

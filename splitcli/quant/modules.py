@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from splitcli.errors import SplitLLMError
-from splitcli.quant import kernel4
+from splitcli.quant import kernels
 from splitcli.quant.rtn import (
     check_bits,
     check_group_size,
@@ -138,11 +138,11 @@ class QuantLinear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """4-bit linear on a CPU kernel: splitllm's own (`kernel4`, x86-64 AVX2, chosen at construction
+    """4-bit linear on a CPU kernel: splitllm's own (`kernels`, x86-64 AVX2, chosen at construction
     where it is available) or torch's `_weight_int4pack_mm_for_cpu` (everywhere else).
 
     Drop-in for a float32 nn.Linear. `layout` says which kernel holds the weights:
-    - "kernel4": packed [N, K/2] uint8 in kernel4's layout (the same on every CPU) and
+    - "splitllm": packed [N, K/2] uint8 in splitllm's layout (the same on every CPU) and
       `scales_and_zeros` [N, K/group, 2] bf16; float32 in and out (relative error ~3e-5 vs the
       dequantized reference, from the int16 input).
     - "torch": torch's packed [N, K/2] (laid out for this CPU at construction) and
@@ -166,10 +166,10 @@ class Int4Linear(nn.Module):
     ):
         super().__init__()
         _check_int4_shape(out_features, in_features, group_size)
-        if layout not in ("torch", "kernel4"):
+        if layout not in ("torch", "splitllm"):
             raise SplitLLMError(f"unknown Int4Linear layout {layout!r}")
-        if layout == "kernel4":
-            kernel4.check_operands(in_features, packed, scales_and_zeros, group_size)
+        if layout == "splitllm":
+            kernels.check_operands4(in_features, packed, scales_and_zeros, group_size)
             if packed.shape[0] != out_features:
                 raise SplitLLMError(f"Int4Linear: {packed.shape[0]} packed rows for {out_features} outputs")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
@@ -195,9 +195,9 @@ class Int4Linear(nn.Module):
     ) -> "Int4Linear":
         _check_int4_shape(out_features, in_features, group_size)
         q = unpack_codes(codes, 4, in_features)  # [N, K]
-        if kernel4.available() and kernel4.supports(in_features, group_size):
+        if kernels.available() and kernels.supports4(in_features, group_size):
             sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()  # [N, K/g, 2]
-            return cls(in_features, out_features, group_size, kernel4.pack(q), sz, bias, "kernel4")
+            return cls(in_features, out_features, group_size, kernels.pack4(q), sz, bias, "splitllm")
         sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/g, N, 2]
         return cls(in_features, out_features, group_size, int4_kernel_pack(q), sz, bias)
 
@@ -210,8 +210,8 @@ class Int4Linear(nn.Module):
         )
 
     def export(self) -> dict[str, torch.Tensor]:
-        if self.layout == "kernel4":
-            q = kernel4.unpack(self.packed)  # [N, K]
+        if self.layout == "splitllm":
+            q = kernels.unpack4(self.packed)  # [N, K]
             sz = self.scales_and_zeros  # [N, K/g, 2]
         else:
             q = int4_kernel_unpack(self.packed, self.out_features, self.in_features, self.group_size)  # [N, K]
@@ -228,8 +228,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.layout == "kernel4":
-            y = kernel4.mm(x.reshape(-1, self.in_features).float(), self.packed, self.scales_and_zeros,
+        if self.layout == "splitllm":
+            y = kernels.mm4(x.reshape(-1, self.in_features).float(), self.packed, self.scales_and_zeros,
                            self.group_size)
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)  # [..., N]
             return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -249,12 +249,12 @@ class Int4Linear(nn.Module):
 
     def use_scales_and_zeros(self, sz: torch.Tensor) -> None:
         """Point scales_and_zeros at `sz` in this module's layout (e.g. a view of a fused tensor:
-        strided for the torch layout, a row slice for kernel4's); the eager torch kernel's
+        strided for the torch layout, a row slice for splitllm's); the eager torch kernel's
         contiguous copy of the old one is dropped."""
         self.scales_and_zeros, self._sz_kernel = sz, None
 
     def extra_repr(self) -> str:
-        kernel = "splitllm-avx2" if self.layout == "kernel4" else "cpu-int4"
+        kernel = "splitllm-avx2" if self.layout == "splitllm" else "cpu-int4"
         return f"in={self.in_features}, out={self.out_features}, bits=4, group={self.group_size}, kernel={kernel}"
 
 
@@ -267,7 +267,9 @@ def int8_kernel_supports(in_features: int) -> bool:
 
 
 class Int8Linear(nn.Module):
-    """8-bit linear on torch's CPU weight-only kernel `_weight_int8pack_mm`.
+    """8-bit linear on torch's CPU weight-only kernel `_weight_int8pack_mm`, and for up to
+    `kernels.GEMV_MAX_TOKENS` tokens on splitllm's AVX2 kernel where it is available (decided at
+    construction: `gemv`; int16 input, relative error ~3e-5 against ~3e-3 for torch's bf16 input).
 
     Weights are per-output-channel symmetric int8 codes [N, K] with one bf16 scale per row
     (`quantize_symmetric_rows`): exactly the kernel's operands, so the stored, held and computed
@@ -293,6 +295,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(WEIGHT_SCALE_DTYPE).contiguous())  # [N] bf16
         self.register_buffer("bias", bias)  # [N] float32 or None
         self._kernel = int8_kernel_supports(in_features)
+        self.gemv = kernels.available() and kernels.supports8(in_features)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -308,8 +311,11 @@ class Int8Linear(nn.Module):
             b = None if self.bias is None else self.bias.to(x.dtype)
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), b)
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, K]
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)  # [tokens, N] bf16
+        x2 = x.reshape(-1, self.in_features)  # [tokens, K]
+        if self.gemv and x2.shape[0] <= kernels.GEMV_MAX_TOKENS:
+            y = kernels.mm8(x2, self.codes, self.scales)  # [tokens, N] float32
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self.scales)  # bf16
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
@@ -322,7 +328,7 @@ class Int8Linear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        kernel = "cpu-int8" if self._kernel else "dequantize"
+        kernel = ("splitllm-avx2 / cpu-int8" if self.gemv else "cpu-int8") if self._kernel else "dequantize"
         return f"in={self.in_features}, out={self.out_features}, bits=8, per-channel symmetric, kernel={kernel}"
 
 

@@ -1,4 +1,4 @@
-"""quant/kernel4: splitllm's AVX2 4-bit kernel. Its layout round-trips exactly and is the same
+"""quant/kernels: splitllm's AVX2 4-bit kernel. Its layout round-trips exactly and is the same
 bytes on every CPU; its product equals the float product of the dequantized weight within the
 int16 input's bound (one token) or to float rounding (a prefill); zero, empty, NaN, inf and huge
 inputs behave as a float product would; where it cannot run, Int4Linear stays on torch's kernel
@@ -14,18 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from splitcli.quant import kernel4
+from splitcli.quant import kernels
 from splitcli.quant.modules import Int4Linear
 from splitcli.quant.rtn import dequantize_groupwise, quantize_groupwise
 
-needs_kernel = pytest.mark.skipif(not kernel4.available(), reason=f"kernel4 unavailable: {kernel4.why_unavailable()}")
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
 
 
 def _weights(n: int, k: int, g: int, seed: int = 0):
     torch.manual_seed(seed)
     q, s, z = quantize_groupwise(torch.randn(n, k), 4, g, torch.bfloat16)
     w = dequantize_groupwise(q, s, z, 4)  # [N, K] the float weight the codes stand for
-    return kernel4.pack(q), torch.stack([s, z], -1).contiguous(), w, q
+    return kernels.pack4(q), torch.stack([s, z], -1).contiguous(), w, q
 
 
 def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -35,12 +35,12 @@ def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def test_pack_round_trips_and_lays_each_run_out_as_documented():
     q = torch.randint(0, 16, (5, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    packed = kernel4.pack(q)
+    packed = kernels.pack4(q)
     assert packed.shape == (5, 128) and packed.dtype == torch.uint8
-    assert torch.equal(kernel4.unpack(packed), q)
-    # byte j of a run: codes c(j) and 32 + c(j), c = 0..7, 16..23, 8..15, 24..31 (kernel4.c)
+    assert torch.equal(kernels.unpack4(packed), q)
+    # byte j of a run: codes c(j) and 32 + c(j), c = 0..7, 16..23, 8..15, 24..31 (kernels.c)
     run = torch.arange(64, dtype=torch.uint8)[None] % 16  # one run, code k = k mod 16
-    b = kernel4.pack(run)[0]
+    b = kernels.pack4(run)[0]
     assert int(b[0]) == 0 | (0 << 4) and int(b[7]) == 7 | (7 << 4)
     assert int(b[8]) == 16 % 16 | ((48 % 16) << 4) and int(b[16]) == 8 | (8 << 4)  # bytes 8.. hold 16..
     assert int(b[31]) == 31 % 16 | ((63 % 16) << 4)
@@ -48,8 +48,8 @@ def test_pack_round_trips_and_lays_each_run_out_as_documented():
 
 @pytest.mark.parametrize("group", [64, 128, 256])
 def test_supported_groups_are_whole_runs(group):
-    assert kernel4.supports(512, group)
-    assert not kernel4.supports(512, 32) and not kernel4.supports(96, 64) and not kernel4.supports(512, 0)
+    assert kernels.supports4(512, group)
+    assert not kernels.supports4(512, 32) and not kernels.supports4(96, 64) and not kernels.supports4(512, 0)
 
 
 @needs_kernel
@@ -57,9 +57,9 @@ def test_supported_groups_are_whole_runs(group):
 @pytest.mark.parametrize("n", [1, 2, 3, 17])
 def test_one_token_product_is_within_the_int16_bound_of_the_float_one(group, n):
     packed, sz, w, _ = _weights(n, 768, group)
-    for m in range(1, kernel4.GEMV_MAX_TOKENS + 1):
+    for m in range(1, kernels.GEMV_MAX_TOKENS + 1):
         x = torch.randn(m, 768)
-        y = kernel4.mm(x, packed, sz, group)  # [M, N]
+        y = kernels.mm4(x, packed, sz, group)  # [M, N]
         assert y.shape == (m, n) and y.dtype == torch.float32
         err = (y.double() - x.double() @ w.double().t()).abs() / _bound(x, w)
         assert float(err.max()) < 2e-5  # int16 input: <= 2^-16 of each group's largest |x|, plus fp32 sums
@@ -68,12 +68,12 @@ def test_one_token_product_is_within_the_int16_bound_of_the_float_one(group, n):
 @needs_kernel
 def test_a_tokens_row_does_not_depend_on_the_others_in_the_call_or_on_row_pairing():
     packed, sz, w, _ = _weights(9, 512, 64)
-    x = torch.randn(kernel4.GEMV_MAX_TOKENS, 512)
-    together = kernel4.mm(x, packed, sz, 64)
-    alone = torch.cat([kernel4.mm(x[i : i + 1], packed, sz, 64) for i in range(x.shape[0])])
+    x = torch.randn(kernels.GEMV_MAX_TOKENS, 512)
+    together = kernels.mm4(x, packed, sz, 64)
+    alone = torch.cat([kernels.mm4(x[i : i + 1], packed, sz, 64) for i in range(x.shape[0])])
     assert torch.equal(together, alone)
     # rows run two at a time; an odd row alone (the last of 9, or any row on its own) is the same
-    rows = torch.cat([kernel4.mm(x, packed[i : i + 1].contiguous(), sz[i : i + 1].contiguous(), 64)
+    rows = torch.cat([kernels.mm4(x, packed[i : i + 1].contiguous(), sz[i : i + 1].contiguous(), 64)
                       for i in range(9)], 1)
     assert torch.equal(rows, together)
 
@@ -82,43 +82,43 @@ def test_a_tokens_row_does_not_depend_on_the_others_in_the_call_or_on_row_pairin
 def test_a_prefill_is_the_float_product_of_the_dequantized_weight():
     packed, sz, w, _ = _weights(1100, 256, 64)
     x = torch.randn(40, 256)
-    y = kernel4.mm(x, packed, sz, 64)
+    y = kernels.mm4(x, packed, sz, 64)
     assert float(((y.double() - x.double() @ w.double().t()).abs() / _bound(x, w)).max()) < 1e-6
 
 
 @needs_kernel
 def test_a_prefill_over_several_chunks_of_rows(monkeypatch):
-    monkeypatch.setattr(kernel4, "_CHUNK_BYTES", 3 * 256 * 4)  # 3 rows a chunk: 7 chunks, the last short
+    monkeypatch.setattr(kernels, "_CHUNK_BYTES", 3 * 256 * 4)  # 3 rows a chunk: 7 chunks, the last short
     packed, sz, w, _ = _weights(19, 256, 64)
     x = torch.randn(12, 256)
     ref = x @ w.t()
-    assert torch.allclose(kernel4.mm(x, packed, sz, 64), ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(kernels.mm4(x, packed, sz, 64), ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
 def test_zero_empty_constant_nan_inf_and_huge_inputs():
     packed, sz, w, _ = _weights(6, 128, 64)
-    assert kernel4.mm(torch.empty(0, 128), packed, sz, 64).shape == (0, 6)
-    assert torch.equal(kernel4.mm(torch.zeros(1, 128), packed, sz, 64), torch.zeros(1, 6))
+    assert kernels.mm4(torch.empty(0, 128), packed, sz, 64).shape == (0, 6)
+    assert torch.equal(kernels.mm4(torch.zeros(1, 128), packed, sz, 64), torch.zeros(1, 6))
     c = torch.full((1, 128), 0.75)
-    assert torch.allclose(kernel4.mm(c, packed, sz, 64), c @ w.t(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(kernels.mm4(c, packed, sz, 64), c @ w.t(), rtol=1e-5, atol=1e-5)
     x = torch.randn(3, 128)
     x[0, 5] = float("nan")
     x[1, 70] = float("inf")
-    y = kernel4.mm(x, packed, sz, 64)
+    y = kernels.mm4(x, packed, sz, 64)
     assert bool(torch.isnan(y[0]).all()) and not bool(torch.isfinite(y[1]).any())
     assert torch.allclose(y[2], x[2] @ w.t(), rtol=1e-4, atol=1e-4)  # the other tokens are untouched
     huge = torch.randn(1, 128) * 1e30
-    err = (kernel4.mm(huge, packed, sz, 64).double() - huge.double() @ w.double().t()).abs() / _bound(huge, w)
+    err = (kernels.mm4(huge, packed, sz, 64).double() - huge.double() @ w.double().t()).abs() / _bound(huge, w)
     assert float(err.max()) < 2e-5
 
 
 @needs_kernel
-def test_int4_linear_on_kernel4_exports_the_codes_it_was_given_and_matches_its_dequantized_weight():
+def test_int4_linear_on_kernels_exports_the_codes_it_was_given_and_matches_its_dequantized_weight():
     torch.manual_seed(1)
     lin = nn.Linear(256, 96)
     m = Int4Linear.from_linear(lin, 64)
-    assert m.layout == "kernel4" and "splitllm-avx2" in repr(m)
+    assert m.layout == "splitllm" and "splitllm-avx2" in repr(m)
     q, s, z = quantize_groupwise(lin.weight, 4, 64, torch.bfloat16)
     e = m.export()
     assert torch.equal(e["scales"], s) and torch.equal(e["zeros"], z)
@@ -127,17 +127,17 @@ def test_int4_linear_on_kernel4_exports_the_codes_it_was_given_and_matches_its_d
     y = m(x)
     ref = x @ m.dequantized_weight().t() + lin.bias
     assert y.shape == (2, 3, 96) and torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
-    with kernel4.disabled():
+    with kernels.disabled():
         t = Int4Linear.from_linear(lin, 64)
-    assert t.layout == "torch" and kernel4.available()
+    assert t.layout == "torch" and kernels.available()
     assert all(torch.equal(a, b) for a, b in zip(t.export().values(), e.values()))
     assert torch.allclose(t(x), y, rtol=2e-2, atol=2e-2)  # torch's kernel rounds x to bf16
     g32 = Int4Linear.from_linear(nn.Linear(256, 96), 32)
     assert g32.layout == "torch"  # 32-code groups are not whole runs: torch's kernel
 
 
-_LAYOUT = "from torch import nn; from splitcli.quant.modules import Int4Linear; from splitcli.quant import kernel4; " \
-          "print(Int4Linear.from_linear(nn.Linear(128, 32), 64).layout, '|', kernel4.why_unavailable())"
+_LAYOUT = "from torch import nn; from splitcli.quant.modules import Int4Linear; from splitcli.quant import kernels; " \
+          "print(Int4Linear.from_linear(nn.Linear(128, 32), 64).layout, '|', kernels.why_unavailable())"
 
 
 def _layout_in_subprocess(tmp_path, **env) -> tuple[str, str]:
@@ -149,16 +149,16 @@ def _layout_in_subprocess(tmp_path, **env) -> tuple[str, str]:
 
 
 def test_where_the_kernel_cannot_run_int4_stays_on_torch_and_says_why(tmp_path):
-    assert _layout_in_subprocess(tmp_path, SPLITLLM_INT4_KERNEL="torch") == ("torch", "SPLITLLM_INT4_KERNEL=torch")
+    assert _layout_in_subprocess(tmp_path, SPLITLLM_CPU_KERNELS="torch") == ("torch", "SPLITLLM_CPU_KERNELS=torch")
     layout, why = _layout_in_subprocess(tmp_path, ATEN_CPU_CAPABILITY="default")
     assert layout == "torch" and "DEFAULT" in why
-    if kernel4.available():  # a machine that can build it: without a compiler it cannot
+    if kernels.available():  # a machine that can build it: without a compiler it cannot
         layout, why = _layout_in_subprocess(tmp_path, CC=str(tmp_path / "no-such-cc"))
         assert layout == "torch" and "could not build" in why
         assert not list((tmp_path / "cache" / "kernels").glob("*.tmp"))  # no half-built file left
         layout, why = _layout_in_subprocess(tmp_path)  # then with one: built into the cache, used
-        assert (layout, why) == ("kernel4", "")
-        assert len(list((tmp_path / "cache" / "kernels").glob("kernel4-*.so"))) == 1
+        assert (layout, why) == ("splitllm", "")
+        assert len(list((tmp_path / "cache" / "kernels").glob("kernels-*.so"))) == 1
 
 
 def test_operands_that_do_not_fit_never_reach_the_c_code():
@@ -173,13 +173,67 @@ def test_operands_that_do_not_fit_never_reach_the_c_code():
         (packed.t().contiguous().t(), sz, 128),  # not contiguous
         (packed, sz, 256),  # another input width
     ]:
-        with pytest.raises(SplitLLMError, match="kernel4 operands do not fit"):
-            kernel4.check_operands(k, bad_packed, bad_sz, 64)
-        if kernel4.available():
+        with pytest.raises(SplitLLMError, match="4-bit kernel operands do not fit"):
+            kernels.check_operands4(k, bad_packed, bad_sz, 64)
+        if kernels.available():
             with pytest.raises(SplitLLMError):
-                kernel4.mm(torch.randn(1, k), bad_packed, bad_sz, 64)
+                kernels.mm4(torch.randn(1, k), bad_packed, bad_sz, 64)
     with pytest.raises(SplitLLMError):  # at construction too
-        Int4Linear(128, 16, 64, packed, sz[:, :1].contiguous(), None, "kernel4")
+        Int4Linear(128, 16, 64, packed, sz[:, :1].contiguous(), None, "splitllm")
     with pytest.raises(SplitLLMError, match="packed rows"):
-        Int4Linear(128, 32, 64, packed, sz, None, "kernel4")
-    assert Int4Linear(128, 16, 64, packed, sz, None, "kernel4").layout == "kernel4"  # the fitting ones pass
+        Int4Linear(128, 32, 64, packed, sz, None, "splitllm")
+    assert Int4Linear(128, 16, 64, packed, sz, None, "splitllm").layout == "splitllm"  # the fitting ones pass
+
+
+def _int8(n: int, k: int, seed: int = 0):
+    from splitcli.quant.modules import Int8Linear
+
+    torch.manual_seed(seed)
+    m = Int8Linear.from_linear(nn.Linear(k, n, bias=False))
+    return m, m.dequantized_weight()  # [N, K]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 3, 64])
+def test_8bit_one_token_product_is_within_the_int16_bound_and_int8linear_uses_it(n):
+    m, w = _int8(n, 192)
+    assert m.gemv and "splitllm-avx2" in repr(m)
+    for tokens in range(1, kernels.GEMV_MAX_TOKENS + 1):
+        x = torch.randn(tokens, 192)
+        y = kernels.mm8(x, m.codes, m.scales)
+        assert float(((y.double() - x.double() @ w.double().t()).abs() / _bound(x, w)).max()) < 2e-5
+        assert torch.equal(m(x), y)  # the module's own call runs it
+    # more tokens: torch's int8 kernel (bf16 input), within its rounding
+    x = torch.randn(kernels.GEMV_MAX_TOKENS + 1, 192)
+    assert float(((m(x).double() - x.double() @ w.double().t()).abs() / _bound(x, w)).max()) < 1e-2
+    with kernels.disabled():
+        assert not _int8(n, 192)[0].gemv
+
+
+@needs_kernel
+def test_8bit_zero_empty_nan_inf_and_rows_alone():
+    m, w = _int8(5, 128)
+    assert kernels.mm8(torch.empty(0, 128), m.codes, m.scales).shape == (0, 5)
+    assert torch.equal(kernels.mm8(torch.zeros(1, 128), m.codes, m.scales), torch.zeros(1, 5))
+    x = torch.randn(3, 128)
+    x[0, 3], x[1, 100] = float("nan"), float("-inf")
+    y = kernels.mm8(x, m.codes, m.scales)
+    assert bool(torch.isnan(y[0]).all()) and not bool(torch.isfinite(y[1]).any())
+    assert torch.allclose(y[2], x[2] @ w.t(), rtol=1e-4, atol=1e-4)
+    rows = torch.cat([kernels.mm8(x[2:], m.codes[i : i + 1], m.scales[i : i + 1]) for i in range(5)], 1)
+    assert torch.equal(rows, y[2:])  # rows two at a time or alone: the same arithmetic
+
+
+def test_8bit_operands_that_do_not_fit_never_reach_the_c_code():
+    from splitcli.errors import SplitLLMError
+
+    m, _ = _int8(4, 128)
+    for x, codes, scales in [
+        (torch.randn(1, 96), m.codes[:, :96].contiguous(), m.scales),  # width not whole groups of 64
+        (torch.randn(1, 128), m.codes[:, :64], m.scales),  # widths disagree
+        (torch.randn(1, 128), m.codes, m.scales[:3]),  # rows disagree
+        (torch.randn(1, 128), m.codes.to(torch.int16), m.scales),  # wrong dtype
+        (torch.randn(kernels.GEMV_MAX_TOKENS + 1, 128), m.codes, m.scales),  # too many tokens
+    ]:
+        with pytest.raises(SplitLLMError, match="8-bit kernel operands do not fit"):
+            kernels.mm8(x, codes, scales)

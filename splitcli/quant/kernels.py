@@ -1,20 +1,22 @@
-"""splitllm's own 4-bit weight kernel for x86-64 CPUs with AVX2 + FMA (`kernel4.c`).
+"""splitllm's own 4- and 8-bit weight kernels for x86-64 CPUs with AVX2 + FMA (`kernels.c`).
 
-Why: torch's CPU int4 kernel is compute-bound on AVX2 (2.7 GB/s of packed weights on a Zen 3
-core that streams 10+), so a 4-bit edge barely beats a float one there. This kernel widens the
-codes to int16 and uses vpmaddwd against the input rounded to int16 per weight group: 2.2-2.5x
-torch's kernel at one token, and ~100x closer to the float product of the dequantized weight
-(relative error ~3e-5 vs ~3e-3 for torch's bf16 input).
+Why: torch's CPU int4 and int8 kernels are compute-bound on AVX2 (2.7 and ~7 GB/s of weights on a
+Zen 3 core that streams 10+), so a quantized edge barely beats a float one there. These kernels
+widen the codes to int16 and use vpmaddwd against the input rounded to int16 per group of inputs:
+at one token 2.2-2.8x torch's int4 kernel and ~2.5x its int8 one, and ~100x closer to the float
+product of the dequantized weight (relative error ~3e-5 vs ~3e-3 for torch's bf16 input).
 
 The C source ships with the package and is compiled once per source version with the system C
 compiler into the user cache (`cache_root()/kernels`), then loaded with ctypes (which releases
 the GIL during the call). Where that is impossible (no compiler, not x86-64, a CPU without AVX2,
-`ATEN_CPU_CAPABILITY=default`, or `SPLITLLM_INT4_KERNEL=torch`) `available()` is False and
-`Int4Linear` stays on torch's kernel; `why_unavailable()` says why.
+`ATEN_CPU_CAPABILITY=default`, or `SPLITLLM_CPU_KERNELS=torch`) `available()` is False and
+`Int4Linear` / `Int8Linear` stay on torch's kernels; `why_unavailable()` says why.
 
-Layout (portable: the same bytes on every CPU; see kernel4.c): packed [N, K/2] uint8, 64 codes per
-32 bytes, interleaved for in-lane unpacking; scales_and_zeros [N, K/G, 2] bf16. Groups must be a
-multiple of 64 codes (`supports`); other group sizes stay on torch's kernel.
+4-bit layout (portable: the same bytes on every CPU; see kernels.c): packed [N, K/2] uint8, 64
+codes per 32 bytes, interleaved for in-lane unpacking; scales_and_zeros [N, K/G, 2] bf16. Groups
+must be a multiple of 64 codes (`supports4`); other group sizes stay on torch's kernel.
+8-bit: Int8Linear's own codes [N, K] int8 and scales [N] bf16, for K % 64 == 0 (`supports8`), one
+token per call (`mm8`); a prefill stays on torch's int8 kernel.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ import torch
 from splitcli.data import cache_root
 from splitcli.errors import SplitLLMError
 
-KERNEL_ENV = "SPLITLLM_INT4_KERNEL"  # "torch" keeps every Int4Linear on torch's kernel
-_SOURCE = Path(__file__).with_name("kernel4.c")
+KERNEL_ENV = "SPLITLLM_CPU_KERNELS"  # "torch" keeps every Int4Linear / Int8Linear on torch's kernels
+_SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c99")
-_ABI = 2
-#: Tokens per call up to which the kernel runs; above, a prefill dequantizes rows in chunks and
-#: multiplies in float (2x torch's int4 kernel at 64+ tokens here; the GEMV is 0.75x there).
+_ABI = 3
+#: Tokens per call up to which the 4-bit kernel runs; above, a prefill dequantizes rows in chunks
+#: and multiplies in float (2x torch's int4 kernel at 64+ tokens here; the GEMV is 0.75x there).
+#: The 8-bit kernel runs up to this many tokens too; above, torch's int8 kernel.
 GEMV_MAX_TOKENS = 8
 _CHUNK_BYTES = 4 << 20  # float rows dequantized at a time by a prefill
 
@@ -82,20 +85,22 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if why is not None:
         return None, why
     key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"kernel4-{key}.so"
+    path = cache_root() / "kernels" / f"kernels-{key}.so"
     try:
         if not path.exists():
             _build(path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"could not build or load {path.name}: {e}"
-    if lib.splitllm_q4_abi() != _ABI:
+    if lib.splitllm_abi() != _ABI:
         return None, f"{path} is not this version's kernel"
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.splitllm_q4_gemv.argtypes = [p, i64, i64, p, p, i64, i64, p, p]
     lib.splitllm_q4_gemv.restype = None
     lib.splitllm_q4_dequant.argtypes = [p, p, i64, i64, i64, i64, p]
     lib.splitllm_q4_dequant.restype = None
+    lib.splitllm_q8_gemv.argtypes = [p, i64, i64, p, p, i64, p, p]
+    lib.splitllm_q8_gemv.restype = None
     return lib, ""
 
 
@@ -108,15 +113,15 @@ def _lib() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether Int4Linear modules built now run on this kernel (decided once per process, and
-    False inside `disabled()`)."""
+    """Whether Int4Linear / Int8Linear modules built now run on these kernels (decided once per
+    process, and False inside `disabled()`)."""
     return _lib() is not None and not _state["off"]
 
 
 @contextlib.contextmanager
 def disabled():
-    """Int4Linear modules built inside hold torch's layout (bench decode times both kernels).
-    Modules built before keep theirs: the choice is made at construction."""
+    """Int4Linear / Int8Linear modules built inside run on torch's kernels (bench decode times
+    both). Modules built before keep theirs: the choice is made at construction."""
     with _lock:
         _state["off"] += 1
     try:
@@ -133,24 +138,24 @@ def why_unavailable() -> str:
 
 
 #: byte j of a 32-byte run holds codes _CODE_OF_BYTE[j] (low nibble) and 32 + that (high): the
-#: order in-lane unpacking of a 256-bit load undoes (kernel4.c)
+#: order in-lane unpacking of a 256-bit load undoes (kernels.c)
 _CODE_OF_BYTE = [*range(0, 8), *range(16, 24), *range(8, 16), *range(24, 32)]
 
 
-def supports(in_features: int, group_size: int) -> bool:
+def supports4(in_features: int, group_size: int) -> bool:
     """Whether this kernel's layout holds the shape: whole 64-code runs inside each group."""
     return group_size % 64 == 0 and 0 < group_size <= 4096 and in_features % group_size == 0
 
 
-def pack(q: torch.Tensor) -> torch.Tensor:
+def pack4(q: torch.Tensor) -> torch.Tensor:
     """Codes q [N, K] (0..15, K % 64 == 0) -> packed [N, K/2] uint8 in this kernel's layout."""
     n, k = q.shape
     runs = q.to(torch.uint8).reshape(n, k // 64, 2, 32)[..., _CODE_OF_BYTE]  # [N, K/64, (lo, hi), 32]
     return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack`: [N, K/2] uint8 -> codes [N, K] uint8 (exact; needs no kernel)."""
+def unpack4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack4`: [N, K/2] uint8 -> codes [N, K] uint8 (exact; needs no kernel)."""
     n, half = packed.shape
     runs = packed.reshape(n, half // 32, 1, 32)  # [N, K/64, 1, 32]
     codes = torch.empty(n, half // 32, 2, 32, dtype=torch.uint8)
@@ -158,27 +163,27 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return codes.reshape(n, half * 2)
 
 
-def check_operands(in_features: int, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> None:
+def check_operands4(in_features: int, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> None:
     """Raise SplitLLMError unless (packed, sz) are this layout's tensors for `in_features` inputs:
     the C code trusts every size it is given, so nothing else may reach it."""
     n = packed.shape[0] if packed.dim() == 2 else -1
-    ok = (supports(in_features, group_size) and packed.dtype == torch.uint8 and sz.dtype == torch.bfloat16
+    ok = (supports4(in_features, group_size) and packed.dtype == torch.uint8 and sz.dtype == torch.bfloat16
           and tuple(packed.shape) == (n, in_features // 2) and tuple(sz.shape) == (n, in_features // group_size, 2)
           and packed.is_contiguous() and sz.is_contiguous() and packed.device.type == sz.device.type == "cpu")
     if not ok:
         raise SplitLLMError(
-            f"kernel4 operands do not fit: packed {tuple(packed.shape)} {packed.dtype}, scales_and_zeros "
+            f"4-bit kernel operands do not fit: packed {tuple(packed.shape)} {packed.dtype}, scales_and_zeros "
             f"{tuple(sz.shape)} {sz.dtype} for {in_features} inputs in groups of {group_size} (want contiguous "
             f"[N, {in_features // 2}] uint8 and [N, {in_features // max(group_size, 1)}, 2] bfloat16)")
 
 
-def mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+def mm4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] float32, W given as (packed [N, K/2], sz [N, K/G, 2] bf16), both
     contiguous. Only when `available()`."""
     lib = _lib()
     x = x.to(torch.float32).contiguous()
     m, k = x.shape
-    check_operands(k, packed, sz, group_size)
+    check_operands4(k, packed, sz, group_size)
     n = packed.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
@@ -195,4 +200,32 @@ def mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int)
         n1 = min(n, n0 + rows)
         lib.splitllm_q4_dequant(packed.data_ptr(), sz.data_ptr(), k, group_size, n0, n1, w.data_ptr())
         yt[n0:n1] = w[: n1 - n0] @ x.t()
+    return y
+
+
+def supports8(in_features: int) -> bool:
+    """Whether `mm8` takes this input width: whole groups of 64 inputs."""
+    return in_features > 0 and in_features % 64 == 0
+
+
+def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (codes [N, K] int8 * scales [N, 1] bf16).T -> [M, N] float32, M <= GEMV_MAX_TOKENS.
+    Only when `available()`."""
+    lib = _lib()
+    x = x.to(torch.float32).contiguous()
+    m, k = x.shape
+    n = codes.shape[0] if codes.dim() == 2 else -1
+    if not (supports8(k) and m <= GEMV_MAX_TOKENS and codes.dtype == torch.int8 and scales.dtype == torch.bfloat16
+            and tuple(codes.shape) == (n, k) and tuple(scales.shape) == (n,) and codes.is_contiguous()
+            and scales.is_contiguous() and codes.device.type == scales.device.type == "cpu"):
+        raise SplitLLMError(
+            f"8-bit kernel operands do not fit: x {tuple(x.shape)}, codes {tuple(codes.shape)} {codes.dtype}, scales "
+            f"{tuple(scales.shape)} {scales.dtype} (want at most {GEMV_MAX_TOKENS} tokens of a width divisible by "
+            f"64, contiguous [N, K] int8 and [N] bfloat16)")
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m == 0:
+        return y
+    scratch = torch.empty(k * 2 + 8 * (k // 64), dtype=torch.uint8)
+    lib.splitllm_q8_gemv(x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), n, scratch.data_ptr(),
+                         y.data_ptr())
     return y
