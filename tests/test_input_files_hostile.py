@@ -360,3 +360,26 @@ def test_cli_generate_json_keeps_a_users_tmp_and_write_failure_is_one_line(tiny_
     r = CliRunner().invoke(app, [*args, "--force"])
     clean_error(r, "Read-only file system")
     assert "cannot write" in r.output
+
+
+# -- a shard directory's manifest ------------------------------------------------------------
+
+def test_shard_manifest_unreadable_is_one_line(tmp_path):
+    from splitcli.model.shards import MANIFEST_FILE, read_manifest
+
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / MANIFEST_FILE).write_text("[" * DEEP)
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / MANIFEST_FILE).write_bytes(b"\xff\xfe\x00 not text")
+    long_dir = tmp_path / ("x" * 300)
+    for shard_dir, fragment in [(deep, "is not a splitllm manifest: nested too deeply"),
+                                (binary, "is not valid YAML"),
+                                (long_dir, "File name too long"),
+                                (tmp_path / "absent", "holds no")]:
+        with pytest.raises(SplitLLMError, match=fragment) as info:
+            read_manifest(shard_dir)
+        assert "\n" not in str(info.value)
+    result = CliRunner().invoke(app, ["generate", "--shards", str(deep), "--prompt", "hi", "--max-new-tokens", "2"])
+    clean_error(result, "nested too deeply")

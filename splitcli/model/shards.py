@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..configio import io_reason
 from ..errors import SplitLLMError
 from .loader import file_sha256
 from .safetensors_io import payload_bytes
@@ -187,12 +188,20 @@ def read_manifest(shard_dir: Path) -> Manifest:
     import yaml
 
     path = Path(shard_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise SplitLLMError(f"{shard_dir} holds no {MANIFEST_FILE}: expected a directory written by `splitllm quantize`")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        if not path.is_file():
+            raise SplitLLMError(f"{shard_dir} holds no {MANIFEST_FILE}: expected a directory written by `splitllm quantize`")
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:  # a name too long, EIO, a permission denied...
+        raise SplitLLMError(f"cannot read {path}: {io_reason(e)}") from None
+    except UnicodeDecodeError as e:
         raise SplitLLMError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SplitLLMError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError as e:  # a hostile file nested past the interpreter's limit
+        raise SplitLLMError(f"{path} is not a splitllm manifest: {io_reason(e)}") from None
     return Manifest.from_dict(raw, str(path))
 
 
