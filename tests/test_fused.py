@@ -36,12 +36,13 @@ def _make(kind: str, bias: bool, sizes=SIZES) -> list[nn.Module]:
     lins = _linears(bias, sizes)
     if kind == "float":
         return lins
-    if kind == "int4":
-        return [Int4Linear.from_linear(m, 64) for m in lins]
+    if kind.startswith("int4"):  # "int4-g32": 32-code groups, which only torch's kernel takes
+        return [Int4Linear.from_linear(m, 32 if kind == "int4-g32" else 64) for m in lins]
     return [Int8Linear.from_linear(m) for m in lins]
 
 
-@pytest.mark.parametrize("kind", ["float", "int4", "int4 on torch's kernel", "int8", "int8 on torch's kernel"])
+@pytest.mark.parametrize("kind", ["float", "int4", "int4 on torch's kernel", "int4-g32", "int8",
+                                  "int8 on torch's kernel"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(kind, bias, monkeypatch):
     if kind.endswith(" on torch's kernel"):
@@ -50,14 +51,20 @@ def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(k
         monkeypatch.setattr(kernels, "available", lambda: False)
         kind = kind.split()[0]
     mods = _make(kind, bias)
+    if kind == "int4-g32":
+        assert all(m.layout == "torch" for m in mods)
+        kind = "int4"
     x = torch.randn(2, 3, K)
     before = [m(x) for m in mods]
+    many = torch.randn(12, K)  # more tokens than the one-token kernels take: the prefill paths
+    before_many = [m(many) for m in mods]
     bytes_before = resident_bytes(nn.ModuleList(mods))
     fused = FusedLinear.build(mods)
     assert fused is not None and fused.kind == kind and fused.out_features == sum(SIZES)
     y = fused(x)  # [2, 3, N]
     assert y.dtype == torch.float32 and y.shape == (2, 3, sum(SIZES))
     assert _same(kind, y, torch.cat(before, -1))
+    assert _same(kind, fused(many), torch.cat(before_many, -1))
     assert resident_bytes(nn.ModuleList(mods)) == bytes_before  # the fast path holds no second copy
     # the modules still compute what they did, now from views of the fused tensors
     assert all(_same(kind, m(x), b) for m, b in zip(mods, before))

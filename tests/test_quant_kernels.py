@@ -96,21 +96,64 @@ def test_a_prefill_over_several_chunks_of_rows(monkeypatch):
 
 
 @needs_kernel
-def test_zero_empty_constant_nan_inf_and_huge_inputs():
+def _same_nonfinite(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """NaN where b is NaN, the same infinities (sign included) where b has them."""
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.isinf() & (a > 0), b.isinf() & (b > 0)) \
+        and torch.equal(a.isinf() & (a < 0), b.isinf() & (b < 0))
+
+
+def _extremes(k: int) -> torch.Tensor:
+    """Tokens [8, K]: NaN, +inf, -inf, finite values whose float32 sum overflows, huge, tiny,
+    subnormal, and an ordinary one (each must come out as the float product would have it)."""
+    torch.manual_seed(5)
+    x = torch.randn(8, k)
+    x[0, 5] = float("nan")
+    x[1, 70 % k] = float("inf")
+    x[2, 3] = float("-inf")
+    x[3] = 1e37  # the group's float32 sum overflows; the product of the dequantized weight does not
+    x[4] *= 3e37
+    x[5] *= 1e-36
+    x[6] *= 1e-41  # subnormal
+    return x
+
+
+@needs_kernel
+def test_zero_empty_constant_and_extreme_inputs_match_the_float_product():
     packed, sz, w, _ = _weights(6, 128, 64)
     assert kernels.mm4(torch.empty(0, 128), packed, sz, 64).shape == (0, 6)
     assert torch.equal(kernels.mm4(torch.zeros(1, 128), packed, sz, 64), torch.zeros(1, 6))
     c = torch.full((1, 128), 0.75)
     assert torch.allclose(kernels.mm4(c, packed, sz, 64), c @ w.t(), rtol=1e-5, atol=1e-5)
-    x = torch.randn(3, 128)
-    x[0, 5] = float("nan")
-    x[1, 70] = float("inf")
-    y = kernels.mm4(x, packed, sz, 64)
-    assert bool(torch.isnan(y[0]).all()) and not bool(torch.isfinite(y[1]).any())
-    assert torch.allclose(y[2], x[2] @ w.t(), rtol=1e-4, atol=1e-4)  # the other tokens are untouched
-    huge = torch.randn(1, 128) * 1e30
-    err = (kernels.mm4(huge, packed, sz, 64).double() - huge.double() @ w.double().t()).abs() / _bound(huge, w)
-    assert float(err.max()) < 2e-5
+    x = _extremes(128)
+    y = kernels.mm4(x, packed, sz, 64)  # 8 tokens: the one-token kernel, the extremes left to float
+    ref = x @ w.t()
+    assert _same_nonfinite(y, ref)
+    finite = torch.isfinite(ref)
+    rel = (y - ref).abs()[finite] / (x.abs() @ w.abs().t())[finite]
+    assert float(rel.max()) < 2e-5  # huge, tiny and subnormal tokens included
+    assert torch.equal(kernels.mm4(x[7:], packed, sz, 64), y[7:])  # the ordinary token, alone: the same
+    m, w8 = _int8(6, 128)
+    y8 = kernels.mm8(x, m.codes, m.scales)
+    ref8 = x @ w8.t()
+    assert _same_nonfinite(y8, ref8)
+    finite = torch.isfinite(ref8)
+    assert float(((y8 - ref8).abs()[finite] / (x.abs() @ w8.abs().t())[finite]).max()) < 2e-5
+
+
+@needs_kernel
+def test_an_input_that_is_not_a_2d_cpu_tensor_is_refused_not_read():
+    from splitcli.errors import SplitLLMError
+
+    packed, sz, _, _ = _weights(16, 128, 64)
+    m8, _ = _int8(16, 128)
+    for x in (torch.randn(1, 128, device="meta"), torch.randn(128), torch.randn(1, 128).to_sparse()):
+        with pytest.raises(SplitLLMError, match="2-D strided CPU input"):
+            kernels.mm4(x, packed, sz, 64)
+        with pytest.raises(SplitLLMError, match="2-D strided CPU input"):
+            kernels.mm8(x, m8.codes, m8.scales)
+    lin = Int4Linear(128, 16, 64, packed, sz, None, "splitllm")
+    with pytest.raises(SplitLLMError):  # the meta input used to reach the C code: a segfault
+        lin(torch.randn(1, 128, device="meta"))
 
 
 @needs_kernel
@@ -156,9 +199,27 @@ def test_where_the_kernel_cannot_run_int4_stays_on_torch_and_says_why(tmp_path):
         layout, why = _layout_in_subprocess(tmp_path, CC=str(tmp_path / "no-such-cc"))
         assert layout == "torch" and "could not build" in why
         assert not list((tmp_path / "cache" / "kernels").glob("*.tmp"))  # no half-built file left
-        layout, why = _layout_in_subprocess(tmp_path)  # then with one: built into the cache, used
+        layout, why = _layout_in_subprocess(tmp_path, CC="env cc")  # then with one (a command line): built, used
         assert (layout, why) == ("splitllm", "")
-        assert len(list((tmp_path / "cache" / "kernels").glob("kernels-*.so"))) == 1
+        built = list((tmp_path / "cache" / "kernels").glob("kernels-*.so"))
+        assert len(built) == 1
+        built[0].write_bytes(built[0].read_bytes()[:100])  # damaged: built again, not given up on
+        assert _layout_in_subprocess(tmp_path) == ("splitllm", "")
+        assert built[0].stat().st_size > 1000
+
+
+def test_the_kernels_run_wherever_they_should():
+    """A build that breaks must fail the suite, not turn every kernel test into a skip."""
+    import platform
+    import shutil
+
+    expected = (platform.machine().lower() in ("x86_64", "amd64")
+                and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                and (shutil.which("cc") or shutil.which("gcc")) is not None
+                and os.environ.get(kernels.KERNEL_ENV, "").lower() != "torch")
+    if not expected:
+        pytest.skip("no AVX2 dispatch or no C compiler here: torch's kernels are the expected ones")
+    assert kernels.available(), kernels.why_unavailable()
 
 
 def test_operands_that_do_not_fit_never_reach_the_c_code():

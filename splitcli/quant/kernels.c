@@ -11,9 +11,10 @@
  * Why the activations go to int16: torch's kernel is compute-bound on AVX2 (it reads 2.7 GB/s of
  * packed weights here, where the machine streams 10+). Widening the codes to int16 and using
  * vpmaddwd takes two instructions per 16 codes instead of four per 8; x is rounded to int16 with
- * one scale per weight group (error <= 2^-16 of the group's largest |x|, below bf16's 2^-9 of
- * every element, which torch's kernel rounds x to). The integer sums are exact, so a row's output
- * does not depend on how many tokens share the call.
+ * one scale per weight group (error <= 2^-16 of the group's largest |x|; torch's kernel rounds
+ * each element to bf16, 2^-9 of itself: smaller only for elements below 1/128 of their group's
+ * largest, and on this project's models' activations int16 is 10-30x closer overall). The integer
+ * sums are exact, so a row's output does not depend on how many tokens share the call.
  *
  * 8-bit weights keep Int8Linear's operands (codes [N, K] int8, one bf16 scale per row) and the same
  * int16 input; torch's int8 kernel reads ~7-10 GB/s here, this one ~20-25 from cache.
@@ -23,7 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SPLITLLM_ABI 3
+#define SPLITLLM_ABI 4
 
 int splitllm_abi(void) { return SPLITLLM_ABI; }
 
@@ -41,24 +42,28 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* x [K] -> x16 [K] with x ~= x16 * sx[g]; xs[g] = the group's float sum (for the zero term) */
-static void quantize_x(const float *x, int64_t K, int64_t G, int16_t *x16, float *sx, float *xs) {
+/* x [K] -> x16 [K] with x ~= x16 * sx[g]; xs[g] = the group's sum (for the zero term).
+ * Returns 1 when the token is outside what int16 with a float scale carries faithfully: a NaN or
+ * inf (the float product's sign and NaN-ness depend on every term), a group's largest |x| past
+ * 1e30 (scaled sums could overflow where the float product does not) or below 1e-30 but not 0
+ * (the scale would lose precision). The caller computes such tokens in float instead. */
+static int quantize_x(const float *x, int64_t K, int64_t G, int16_t *x16, float *sx, float *xs) {
     for (int64_t g = 0; g < K / G; g++) {
         const float *xg = x + g * G;
-        float amax = 0.f, sum = 0.f;
+        float amax = 0.f;
+        double sum = 0.0;  /* a double sum of at most 4096 floats cannot overflow: non-finite iff NaN / inf */
         for (int64_t k = 0; k < G; k++) {
             float a = fabsf(xg[k]);
             amax = a > amax ? a : amax;
             sum += xg[k];
         }
-        /* a group holding NaN or inf: its int16 codes mean nothing (zeroed), and its sum, NaN or
-         * inf, makes the output non-finite through the zero term, as a float product would */
-        int finite = isfinite(sum);
-        float inv = (finite && amax > 0.f) ? 32767.f / amax : 0.f;
-        for (int64_t k = 0; k < G; k++) x16[g * G + k] = finite ? (int16_t)lrintf(xg[k] * inv) : 0;
-        sx[g] = inv > 0.f ? amax / 32767.f : 0.f;
-        xs[g] = sum;
+        if (!isfinite(sum) || amax > 1e30f || (amax > 0.f && amax < 1e-30f)) return 1;
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        for (int64_t k = 0; k < G; k++) x16[g * G + k] = (int16_t)lrintf(xg[k] * inv);
+        sx[g] = amax / 32767.f;
+        xs[g] = (float)sum;
     }
+    return 0;
 }
 
 /* the int32 dot products of one 64-code run (32 bytes at p) with x16 X0..X3, added to d.
@@ -73,51 +78,69 @@ static void quantize_x(const float *x, int64_t K, int64_t G, int16_t *x16, float
         d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), X3));     \
     }
 
-/* rows [n0, n1) of y for one token; two rows at a time share the loads of x.
- * |d| <= G * 15 * 32767 < 2^31 for G <= 4096 (kernels.py allows up to 256) */
+/* y for one token, four rows at a time: the x loads are shared, and each group's four int32 dot
+ * vectors are reduced together (one horizontal-add tree) and scaled as one float vector, instead
+ * of per-row scalar work that cost as much as the dot products themselves at G = 64.
+ * |d| <= G * 15 * 32767 < 2^31 for G <= 4096 (kernels.py allows up to 4096) */
 static void one_token(const int16_t *x16, const float *sx, const float *xs, int64_t K, const uint8_t *P,
                       const uint16_t *SZ, int64_t N, int64_t G, float *y) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    const __m128i hi16 = _mm_set1_epi32((int)0xFFFF0000);
     const int64_t ng = K / G, runs = G / 64, stride = K / 2;
-    for (int64_t n = 0; n < N; n += 2) {
-        const int two = n + 1 < N;
-        const uint8_t *pa = P + n * stride, *pb = two ? pa + stride : pa;
-        const uint16_t *sa = SZ + n * ng * 2, *sb = two ? sa + ng * 2 : sa;
+    for (int64_t n = 0; n < N; n += 4) {
+        const int64_t rows = N - n < 4 ? N - n : 4;
+        const uint8_t *p[4];
+        const uint16_t *sz[4];  /* each row's (scale, zero) bf16 pairs */
+        for (int i = 0; i < 4; i++) {
+            const int64_t r = n + (i < rows ? i : rows - 1);  /* a short block repeats its last row */
+            p[i] = P + r * stride;
+            sz[i] = SZ + r * ng * 2;
+        }
         const int16_t *xk = x16;
-        __m256 acca = _mm256_setzero_ps(), accb = acca;
-        float offa = 0.f, offb = 0.f;
+        __m128 acc = _mm_setzero_ps(), off = _mm_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
-            __m256i da = _mm256_setzero_si256(), db = da;
-            for (int64_t r = 0; r < runs; r++, pa += 32, pb += 32, xk += 64) {
+            __m256i d0 = _mm256_setzero_si256(), d1 = d0, d2 = d0, d3 = d0;
+            for (int64_t r = 0; r < runs; r++, xk += 64) {
                 const __m256i X0 = _mm256_loadu_si256((const __m256i *)xk);
                 const __m256i X1 = _mm256_loadu_si256((const __m256i *)(xk + 16));
                 const __m256i X2 = _mm256_loadu_si256((const __m256i *)(xk + 32));
                 const __m256i X3 = _mm256_loadu_si256((const __m256i *)(xk + 48));
-                DOT64(pa, da)
-                DOT64(pb, db)
+                DOT64(p[0], d0) DOT64(p[1], d1) DOT64(p[2], d2) DOT64(p[3], d3)
+                p[0] += 32; p[1] += 32; p[2] += 32; p[3] += 32;
             }
-            const float s = bf16_to_f32(sa[2 * g]), t = bf16_to_f32(sb[2 * g]);
-            acca = _mm256_fmadd_ps(_mm256_set1_ps(s * sx[g]), _mm256_cvtepi32_ps(da), acca);
-            accb = _mm256_fmadd_ps(_mm256_set1_ps(t * sx[g]), _mm256_cvtepi32_ps(db), accb);
-            offa += (bf16_to_f32(sa[2 * g + 1]) - 8.0f * s) * xs[g];
-            offb += (bf16_to_f32(sb[2 * g + 1]) - 8.0f * t) * xs[g];
+            /* [sum d0, sum d1, sum d2, sum d3] */
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm256_cvtepi32_ps(d0), _mm256_cvtepi32_ps(d1)),
+                                      _mm256_hadd_ps(_mm256_cvtepi32_ps(d2), _mm256_cvtepi32_ps(d3)));
+            __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            uint32_t w[4];  /* (scale, zero) as one word: scale in the low half (little-endian) */
+            for (int i = 0; i < 4; i++) memcpy(&w[i], sz[i] + 2 * g, 4);
+            __m128i pairs = _mm_loadu_si128((const __m128i *)w);
+            __m128 s = _mm_castsi128_ps(_mm_slli_epi32(pairs, 16)), z = _mm_castsi128_ps(_mm_and_si128(pairs, hi16));
+            acc = _mm_fmadd_ps(_mm_mul_ps(s, _mm_set1_ps(sx[g])), dots, acc);
+            off = _mm_fmadd_ps(_mm_sub_ps(z, _mm_mul_ps(_mm_set1_ps(8.0f), s)), _mm_set1_ps(xs[g]), off);
         }
-        y[n] = hsum8(acca) + offa;
-        if (two) y[n + 1] = hsum8(accb) + offb;
+        float out[4];
+        _mm_storeu_ps(out, _mm_add_ps(acc, off));
+        for (int64_t i = 0; i < rows; i++) y[n + i] = out[i];
     }
 }
 
-/* y [M, N] = x [M, K] @ W.T, one token at a time (decode: M is 1).
- * scratch: at least M*K int16 followed by 2*M*(K/G) floats (kernels.py sizes it). */
-void splitllm_q4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *P, const uint16_t *SZ, int64_t N,
-                      int64_t G, void *scratch, float *y) {
+/* y [M, N] = x [M, K] @ W.T, one token at a time (decode: M is 1), M <= 62.
+ * scratch: at least M*K int16 followed by 2*M*(K/G) floats (kernels.py sizes it).
+ * Returns a mask: bit m set = token m was left for the caller to compute in float (quantize_x). */
+int64_t splitllm_q4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *P, const uint16_t *SZ, int64_t N,
+                         int64_t G, void *scratch, float *y) {
     const int64_t ng = K / G;
     int16_t *x16 = (int16_t *)scratch;
     float *sx = (float *)(x16 + M * K), *xs = sx + M * ng;
+    int64_t left = 0;
     for (int64_t m = 0; m < M; m++) {
-        quantize_x(x + m * K, K, G, x16 + m * K, sx + m * ng, xs + m * ng);
-        one_token(x16 + m * K, sx + m * ng, xs + m * ng, K, P, SZ, N, G, y + m * N);
+        if (quantize_x(x + m * K, K, G, x16 + m * K, sx + m * ng, xs + m * ng))
+            left |= (int64_t)1 << m;
+        else
+            one_token(x16 + m * K, sx + m * ng, xs + m * ng, K, P, SZ, N, G, y + m * N);
     }
+    return left;
 }
 
 /* W [n1 - n0, K] float32: rows n0..n1 of the weight, for a prefill's float product */
@@ -151,16 +174,17 @@ void splitllm_q4_dequant(const uint8_t *P, const uint16_t *SZ, int64_t K, int64_
 /* 8-bit: y [M, N] = x [M, K] @ W.T with W[n, k] = c[n, k] * s[n] (Int8Linear's operands as they
  * are: codes C [N, K] int8, scales S [N] bf16). x is rounded to int16 per 64 inputs (K % 64 == 0);
  * |sum| <= 64 * 128 * 32767 per group fits int32 with room to spare. One token at a time. */
-void splitllm_q8_gemv(const float *x, int64_t M, int64_t K, const int8_t *C, const uint16_t *S, int64_t N,
-                      void *scratch, float *y) {
+int64_t splitllm_q8_gemv(const float *x, int64_t M, int64_t K, const int8_t *C, const uint16_t *S, int64_t N,
+                         void *scratch, float *y) {
     const int64_t G = 64, ng = K / G;
     int16_t *x16 = (int16_t *)scratch;
     float *sx = (float *)(x16 + K), *xs = sx + ng;
+    int64_t left = 0;  /* as splitllm_q4_gemv */
     for (int64_t m = 0; m < M; m++, x += K, y += N) {
-        quantize_x(x, K, G, x16, sx, xs);
-        float poison = 0.f;  /* NaN / inf in x: the float product would be non-finite */
-        for (int64_t g = 0; g < ng; g++)
-            if (!isfinite(xs[g])) poison = xs[g] * 0.f;
+        if (quantize_x(x, K, G, x16, sx, xs)) {
+            left |= (int64_t)1 << m;
+            continue;
+        }
         for (int64_t n = 0; n < N; n += 2) {
             const int two = n + 1 < N;
             const int8_t *ca = C + n * K, *cb = two ? ca + K : ca;
@@ -176,8 +200,9 @@ void splitllm_q8_gemv(const float *x, int64_t M, int64_t K, const int8_t *C, con
                 acca = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(da), acca);
                 accb = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(db), accb);
             }
-            y[n] = bf16_to_f32(S[n]) * hsum8(acca) + poison;
-            if (two) y[n + 1] = bf16_to_f32(S[n + 1]) * hsum8(accb) + poison;
+            y[n] = bf16_to_f32(S[n]) * hsum8(acca);
+            if (two) y[n + 1] = bf16_to_f32(S[n + 1]) * hsum8(accb);
         }
     }
+    return left;
 }

@@ -26,6 +26,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -40,7 +41,7 @@ from splitcli.errors import SplitLLMError
 KERNEL_ENV = "SPLITLLM_CPU_KERNELS"  # "torch" keeps every Int4Linear / Int8Linear on torch's kernels
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c99")
-_ABI = 3
+_ABI = 4
 #: Tokens per call up to which the 4-bit kernel runs; above, a prefill dequantizes rows in chunks
 #: and multiplies in float (2x torch's int4 kernel at 64+ tokens here; the GEMV is 0.75x there).
 #: The 8-bit kernel runs up to this many tokens too; above, torch's int8 kernel.
@@ -61,21 +62,45 @@ def _cpu_ok() -> str | None:
 
 
 def _build(dest: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not cc[0]:
         raise OSError("no C compiler (cc / gcc) on PATH")
     dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
+        r = subprocess.run([*cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True,
                            timeout=120)
         if r.returncode != 0:
-            raise OSError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+            lines = (r.stderr or r.stdout).strip().splitlines()
+            first = next((ln for ln in lines if "error" in ln), lines[0] if lines else f"exit {r.returncode}")
+            raise OSError(f"{' '.join(cc)} failed: {first.strip()}")
         os.replace(tmp, dest)  # atomic: processes building at once each install a whole file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    for old in dest.parent.glob("kernels-*.so"):  # earlier versions' builds: best effort
+        if old != dest:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    try:
+        abi = lib.splitllm_abi()
+    except AttributeError:
+        raise OSError(f"{path.name} has no splitllm_abi") from None
+    if abi != _ABI:
+        raise OSError(f"{path.name} holds ABI {abi}, this version needs {_ABI}")
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.splitllm_q4_gemv.argtypes = [p, i64, i64, p, p, i64, i64, p, p]
+    lib.splitllm_q4_gemv.restype = i64  # mask of tokens left to the float path
+    lib.splitllm_q4_dequant.argtypes = [p, p, i64, i64, i64, i64, p]
+    lib.splitllm_q4_dequant.restype = None
+    lib.splitllm_q8_gemv.argtypes = [p, i64, i64, p, p, i64, p, p]
+    lib.splitllm_q8_gemv.restype = i64
+    return lib
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
@@ -84,32 +109,34 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     why = _cpu_ok()
     if why is not None:
         return None, why
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"kernels-{key}.so"
     try:
+        key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+        path = cache_root() / "kernels" / f"kernels-{key}.so"
         if not path.exists():
             _build(path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"could not build or load {path.name}: {e}"
-    if lib.splitllm_abi() != _ABI:
-        return None, f"{path} is not this version's kernel"
-    i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.splitllm_q4_gemv.argtypes = [p, i64, i64, p, p, i64, i64, p, p]
-    lib.splitllm_q4_gemv.restype = None
-    lib.splitllm_q4_dequant.argtypes = [p, p, i64, i64, i64, i64, p]
-    lib.splitllm_q4_dequant.restype = None
-    lib.splitllm_q8_gemv.argtypes = [p, i64, i64, p, p, i64, p, p]
-    lib.splitllm_q8_gemv.restype = None
-    return lib, ""
+        try:
+            return _open(path), ""
+        except OSError:  # a damaged or foreign file under our name: build it again, once
+            _build(path)
+            return _open(path), ""
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # RuntimeError: no home directory
+        return None, f"could not build or load splitllm's CPU kernels: {e}"
 
 
 def _lib() -> ctypes.CDLL | None:
     if "lib" not in _state:
         with _lock:
             if "lib" not in _state:
-                _state["lib"], _state["why"] = _load()
+                lib, _state["why"] = _load()
+                _state["lib"] = lib  # last: a reader that sees "lib" finds "why" too
     return _state["lib"]
+
+
+def _need() -> ctypes.CDLL:
+    lib = _lib()
+    if lib is None:  # e.g. a module of this layout unpickled where the kernels cannot run
+        raise SplitLLMError(f"splitllm's CPU kernels are not available here: {_state['why']}")
+    return lib
 
 
 def available() -> bool:
@@ -121,7 +148,8 @@ def available() -> bool:
 @contextlib.contextmanager
 def disabled():
     """Int4Linear / Int8Linear modules built inside run on torch's kernels (bench decode times
-    both). Modules built before keep theirs: the choice is made at construction."""
+    both). Modules built before keep theirs: the choice is made at construction. Process-wide,
+    not per thread."""
     with _lock:
         _state["off"] += 1
     try:
@@ -144,7 +172,7 @@ _CODE_OF_BYTE = [*range(0, 8), *range(16, 24), *range(8, 16), *range(24, 32)]
 
 def supports4(in_features: int, group_size: int) -> bool:
     """Whether this kernel's layout holds the shape: whole 64-code runs inside each group."""
-    return group_size % 64 == 0 and 0 < group_size <= 4096 and in_features % group_size == 0
+    return group_size % 64 == 0 and 0 < group_size <= 4096 and in_features > 0 and in_features % group_size == 0
 
 
 def pack4(q: torch.Tensor) -> torch.Tensor:
@@ -177,11 +205,22 @@ def check_operands4(in_features: int, packed: torch.Tensor, sz: torch.Tensor, gr
             f"[N, {in_features // 2}] uint8 and [N, {in_features // max(group_size, 1)}, 2] bfloat16)")
 
 
+def _cpu_input(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type != "cpu" or x.layout != torch.strided or x.dim() != 2:
+        raise SplitLLMError(f"splitllm's CPU kernels take a 2-D strided CPU input, got {x.dim()}-D {x.layout} "
+                            f"on {x.device}")
+    return x.to(torch.float32).contiguous()
+
+
+def _left_rows(left: int, m: int) -> list[int]:
+    return [i for i in range(m) if left >> i & 1]
+
+
 def mm4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] float32, W given as (packed [N, K/2], sz [N, K/G, 2] bf16), both
     contiguous. Only when `available()`."""
-    lib = _lib()
-    x = x.to(torch.float32).contiguous()
+    lib = _need()
+    x = _cpu_input(x)
     m, k = x.shape
     check_operands4(k, packed, sz, group_size)
     n = packed.shape[0]
@@ -190,12 +229,25 @@ def mm4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
         return y
     if m <= GEMV_MAX_TOKENS:
         scratch = torch.empty(m * k * 2 + 8 * m * (k // group_size), dtype=torch.uint8)
-        lib.splitllm_q4_gemv(x.data_ptr(), m, k, packed.data_ptr(), sz.data_ptr(), n, group_size,
-                             scratch.data_ptr(), y.data_ptr())
+        left = lib.splitllm_q4_gemv(x.data_ptr(), m, k, packed.data_ptr(), sz.data_ptr(), n, group_size,
+                                    scratch.data_ptr(), y.data_ptr())
+        if left:  # NaN / inf / extreme magnitudes: these tokens as a float product
+            rows = _left_rows(left, m)
+            y[rows] = _float_product(lib, x[rows], packed, sz, group_size)
         return y
+    return _float_product(lib, x, packed, sz, group_size, y)
+
+
+def _float_product(lib, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int,
+                   y: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T in float32 (W dequantized in chunks of rows), into y [M, N] if given."""
+    m, k = x.shape
+    n = packed.shape[0]
+    if y is None:
+        y = torch.empty(m, n, dtype=torch.float32)
     rows = max(1, min(n, _CHUNK_BYTES // (4 * k)))
     w = torch.empty(rows, k, dtype=torch.float32)  # [rows, K] scratch, reused per chunk
-    yt = y.t()  # [N, M] view; chunks of its rows are written through torch.mm's out
+    yt = y.t()  # [N, M] view: each chunk of rows is assigned into it
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         lib.splitllm_q4_dequant(packed.data_ptr(), sz.data_ptr(), k, group_size, n0, n1, w.data_ptr())
@@ -211,8 +263,8 @@ def supports8(in_features: int) -> bool:
 def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ (codes [N, K] int8 * scales [N, 1] bf16).T -> [M, N] float32, M <= GEMV_MAX_TOKENS.
     Only when `available()`."""
-    lib = _lib()
-    x = x.to(torch.float32).contiguous()
+    lib = _need()
+    x = _cpu_input(x)
     m, k = x.shape
     n = codes.shape[0] if codes.dim() == 2 else -1
     if not (supports8(k) and m <= GEMV_MAX_TOKENS and codes.dtype == torch.int8 and scales.dtype == torch.bfloat16
@@ -226,6 +278,9 @@ def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Ten
     if m == 0:
         return y
     scratch = torch.empty(k * 2 + 8 * (k // 64), dtype=torch.uint8)
-    lib.splitllm_q8_gemv(x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), n, scratch.data_ptr(),
-                         y.data_ptr())
+    left = lib.splitllm_q8_gemv(x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), n, scratch.data_ptr(),
+                                y.data_ptr())
+    if left:  # NaN / inf / extreme magnitudes: these tokens as a float product
+        rows = _left_rows(left, m)
+        y[rows] = x[rows] @ (codes.to(torch.float32) * scales.to(torch.float32)[:, None]).t()
     return y
