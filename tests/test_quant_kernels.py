@@ -298,3 +298,26 @@ def test_8bit_operands_that_do_not_fit_never_reach_the_c_code():
     ]:
         with pytest.raises(SplitLLMError, match="8-bit kernel operands do not fit"):
             kernels.mm8(x, codes, scales)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group", [8, 16, 64])
+def test_kv8_prefix_dequantization_is_bit_for_bit_torchs(group):
+    from splitcli.quant.rtn import quantize_kv
+
+    torch.manual_seed(2)
+    cap, t, d = 40, 33, 64
+    x = torch.randn(2, 1, 3, cap, d) * torch.logspace(-6, 4, cap)[:, None]  # many magnitudes
+    x[0, 0, 1, 7, :group] = 3.0  # a constant group
+    q, s, z = quantize_kv(x, 8, group, torch.float16)  # [2, 1, 3, cap, D], [.., cap, D/G] x 2
+    s[1, 0, 2, 5, 0], z[1, 0, 2, 6, 0] = float("inf"), float("nan")  # non-finite groups dequantize as torch's do
+    views = [a.narrow(3, 0, t) for a in (q, s, z)]  # prefix views, as the cache hands them over
+    full = torch.full((2, 1, 3, cap, d), -7.0)
+    out = full.narrow(3, 0, t)
+    ref = dequantize_groupwise(*views, 8, torch.float32, out=torch.empty(2, 1, 3, t, d))
+    assert kernels.kv8_dequantize(*views, out)
+    assert torch.equal(out.nan_to_num(1.5), ref.nan_to_num(1.5)) and torch.equal(out.isnan(), ref.isnan())
+    assert bool((full[..., t:, :] == -7.0).all())  # nothing past the prefix written
+    # what it does not take is left to torch: float32 scales, a group that is not whole vectors
+    assert not kernels.kv8_dequantize(views[0], views[1].float(), views[2].float(), out)
+    assert not kernels.kv8_dequantize(views[0][..., :60], views[1], views[2], out[..., :60])

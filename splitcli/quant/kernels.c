@@ -24,7 +24,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SPLITLLM_ABI 4
+#define SPLITLLM_ABI 5
 
 int splitllm_abi(void) { return SPLITLLM_ABI; }
 
@@ -205,4 +205,29 @@ int64_t splitllm_q8_gemv(const float *x, int64_t M, int64_t K, const int8_t *C, 
         }
     }
     return left;
+}
+
+/* The 8-bit KV cache's prefix, dequantized into attention's float scratch with the roundings of
+ * rtn.dequantize_groupwise's out= path (the codes converted exactly, times the scale rounded, plus
+ * (zero - 128 scale) rounded: separate mul and add, never fused), so the values are bit for bit
+ * the same. Codes [planes, T, D] uint8, scales / zeros [planes, T, D/G] fp16, out [planes, T, D]
+ * float32, each plane at its own stride (the cache's capacity); G % 8 == 0. */
+void splitllm_kv8_dequant(const uint8_t *q, int64_t q_plane, const uint16_t *s, const uint16_t *z, int64_t sz_plane,
+                          int64_t planes, int64_t T, int64_t D, int64_t G, float *out, int64_t out_plane) {
+    const int64_t ng = D / G;
+    for (int64_t p = 0; p < planes; p++) {
+        for (int64_t t = 0; t < T; t++) {
+            const uint8_t *qr = q + p * q_plane + t * D;
+            const uint16_t *sr = s + p * sz_plane + t * ng, *zr = z + p * sz_plane + t * ng;
+            float *o = out + p * out_plane + t * D;
+            for (int64_t g = 0; g < ng; g++) {
+                const float sc = _cvtsh_ss(sr[g]);
+                const __m256 sv = _mm256_set1_ps(sc), ov = _mm256_set1_ps(_cvtsh_ss(zr[g]) - 128.0f * sc);
+                for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+                    __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + k))));
+                    _mm256_storeu_ps(o + k, _mm256_add_ps(_mm256_mul_ps(c, sv), ov));
+                }
+            }
+        }
+    }
 }

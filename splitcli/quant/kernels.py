@@ -40,8 +40,9 @@ from splitcli.errors import SplitLLMError
 
 KERNEL_ENV = "SPLITLLM_CPU_KERNELS"  # "torch" keeps every Int4Linear / Int8Linear on torch's kernels
 _SOURCE = Path(__file__).with_name("kernels.c")
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c99")
-_ABI = 4
+# -ffp-contract=off: the KV dequantizer must round as torch's separate mul and add do
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-std=c99")
+_ABI = 5
 #: Tokens per call up to which the 4-bit kernel runs; above, a prefill dequantizes rows in chunks
 #: and multiplies in float (2x torch's int4 kernel at 64+ tokens here; the GEMV is 0.75x there).
 #: The 8-bit kernel runs up to this many tokens too; above, torch's int8 kernel.
@@ -100,6 +101,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.splitllm_q4_dequant.restype = None
     lib.splitllm_q8_gemv.argtypes = [p, i64, i64, p, p, i64, p, p]
     lib.splitllm_q8_gemv.restype = i64
+    lib.splitllm_kv8_dequant.argtypes = [p, i64, p, p, i64, i64, i64, i64, i64, p, i64]
+    lib.splitllm_kv8_dequant.restype = None
     return lib
 
 
@@ -284,3 +287,44 @@ def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Ten
         rows = _left_rows(left, m)
         y[rows] = x[rows] @ (codes.to(torch.float32) * scales.to(torch.float32)[:, None]).t()
     return y
+
+
+def kv8_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, out: torch.Tensor) -> bool:
+    """The 8-bit KV prefix (codes [..., T, D] uint8, scales / zeros [..., T, D/G] float16) into
+    out [..., T, D] float32, bit for bit what `rtn.dequantize_groupwise(..., 8, out=out)` writes.
+    Each may be a prefix view of a larger capacity: rows contiguous, the leading dims one uniform
+    plane stride. Returns False (nothing written) where this kernel does not take the operands,
+    and the caller dequantizes with torch."""
+    lib = _lib()
+    if lib is None or _state["off"] or codes.dim() < 2:
+        return False
+    *lead, t, d = codes.shape
+    groups = scales.shape[-1]
+    planes = 1
+    for n in lead:
+        planes *= n
+
+    def plane_stride(x: torch.Tensor, width: int) -> int | None:
+        """The stride between consecutive [T, width] planes when every leading dim steps by it."""
+        if x.dim() != codes.dim() or x.device.type != "cpu" or x.stride(-1) != 1 or (t > 1 and x.stride(-2) != width):
+            return None
+        if not lead:
+            return 0
+        step = x.stride(-3)
+        expect = step
+        for i in range(x.dim() - 3, -1, -1):
+            if x.shape[i] > 1 and x.stride(i) != expect:
+                return None
+            expect *= x.shape[i]
+        return step
+
+    ok = (codes.dtype == torch.uint8 and scales.dtype == zeros.dtype == torch.float16 and out.dtype == torch.float32
+          and groups > 0 and d % groups == 0 and (d // groups) % 8 == 0 and tuple(scales.shape) == tuple(zeros.shape)
+          and tuple(scales.shape[:-1]) == tuple(codes.shape[:-1]) and tuple(out.shape) == tuple(codes.shape))
+    strides = [plane_stride(codes, d), plane_stride(scales, groups), plane_stride(zeros, groups), plane_stride(out, d)]
+    if not ok or None in strides or strides[1] != strides[2]:
+        return False
+    if planes and t:
+        lib.splitllm_kv8_dequant(codes.data_ptr(), strides[0], scales.data_ptr(), zeros.data_ptr(), strides[1],
+                                 planes, t, d, d // groups, out.data_ptr(), strides[3])
+    return True

@@ -10,6 +10,8 @@ quantizes only its new tokens, in float32 with no host sync, straight into the c
 reads the dequantized [0, length) prefix of one layer at a time, written into one float scratch
 [2, B, kv_heads, capacity, D] shared by all layers (the transient term of the edge memory model,
 allocated once instead of per layer and step: 30 vs 71 us per layer at 256 tokens, same values).
+With splitllm's CPU kernels (`quant.kernels`), an 8-bit prefix with fp16 scales is dequantized in one
+pass of C, bit for bit the same (~0.6 ms less per 15-layer step at 257 positions on this host).
 What the cache itself holds is exactly `kv_bytes_per_token` x capacity (`nbytes`).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from splitcli.errors import SplitLLMError
+from splitcli.quant import kernels
 from splitcli.quant.kv_format import SCALE_DTYPES, KVQuantConfig
 from splitcli.quant.rtn import dequantize_groupwise, pack_codes, packed_width, quantize_kv, unpack_codes
 
@@ -158,5 +161,7 @@ class QuantStaticKV(StaticCache):
                                   out=(torch.empty(kv.shape, dtype=torch.uint8), new[1], new[2]))
             new[0].copy_(pack_codes(q, self.bits, check_range=False))
             codes = unpack_codes(codes, self.bits, self.head_dim)
+        if self.bits == 8 and kernels.kv8_dequantize(codes, scales, zeros, self._scratch_view):
+            return self._scratch_view.unbind(0)  # the same values in one pass (fp16 scales, float32)
         return dequantize_groupwise(codes, scales, zeros, self.bits, k.dtype,
                                     out=self._scratch_view).unbind(0)  # K, V [B, kv_heads, start + T, D]
