@@ -59,7 +59,13 @@ def _cpu_ok() -> str | None:
     cap = torch.backends.cpu.get_cpu_capability()  # follows ATEN_CPU_CAPABILITY
     if cap not in ("AVX2", "AVX512"):
         return f"torch dispatches to {cap} on this CPU, not AVX2"
-    return None
+    try:  # torch's AVX2 implies FMA; F16C (the KV dequantizer) is asked of the CPU where Linux says
+        flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("flags")), None)
+    except OSError:
+        flags = None
+    missing = [f for f in ("avx2", "fma", "f16c") if flags is not None and f not in flags]
+    return f"the CPU lacks {', '.join(missing)}" if missing else None
 
 
 def _build(dest: Path) -> None:
