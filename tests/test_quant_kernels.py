@@ -321,3 +321,14 @@ def test_kv8_prefix_dequantization_is_bit_for_bit_torchs(group):
     # what it does not take is left to torch: float32 scales, a group that is not whole vectors
     assert not kernels.kv8_dequantize(views[0], views[1].float(), views[2].float(), out)
     assert not kernels.kv8_dequantize(views[0][..., :60], views[1], views[2], out[..., :60])
+
+
+def test_a_splitllm_layout_module_where_the_kernels_cannot_run_is_a_one_line_error(monkeypatch):
+    from splitcli.errors import SplitLLMError
+
+    packed, sz, _, _ = _weights(16, 128, 64)
+    lin = Int4Linear(128, 16, 64, packed, sz, None, "splitllm")  # e.g. unpickled on another machine
+    monkeypatch.setitem(kernels._state, "lib", None)
+    monkeypatch.setitem(kernels._state, "why", "not an x86-64 CPU (aarch64)")
+    with pytest.raises(SplitLLMError, match=r"not available here: not an x86-64 CPU \(aarch64\)"):
+        lin(torch.randn(1, 128))

@@ -228,10 +228,10 @@ def _left_rows(left: int, m: int) -> list[int]:
 def mm4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] float32, W given as (packed [N, K/2], sz [N, K/G, 2] bf16), both
     contiguous. Only when `available()`."""
-    lib = _need()
     x = _cpu_input(x)
     m, k = x.shape
     check_operands4(k, packed, sz, group_size)
+    lib = _need()
     n = packed.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
@@ -272,7 +272,6 @@ def supports8(in_features: int) -> bool:
 def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ (codes [N, K] int8 * scales [N, 1] bf16).T -> [M, N] float32, M <= GEMV_MAX_TOKENS.
     Only when `available()`."""
-    lib = _need()
     x = _cpu_input(x)
     m, k = x.shape
     n = codes.shape[0] if codes.dim() == 2 else -1
@@ -283,6 +282,7 @@ def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Ten
             f"8-bit kernel operands do not fit: x {tuple(x.shape)}, codes {tuple(codes.shape)} {codes.dtype}, scales "
             f"{tuple(scales.shape)} {scales.dtype} (want at most {GEMV_MAX_TOKENS} tokens of a width divisible by "
             f"64, contiguous [N, K] int8 and [N] bfloat16)")
+    lib = _need()
     y = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
         return y
