@@ -154,6 +154,23 @@ def int4_layout(request, monkeypatch):
 
     if request.param == "torch":
         monkeypatch.setattr(kernels, "available", lambda: False)
-    elif not kernels.available():
+        yield request.param
+        return
+    if not kernels.available():
         pytest.skip(f"splitllm's int4 kernel is unavailable here: {kernels.why_unavailable()}")
-    return request.param
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # it is chosen up to kernels.INT4_MAX_THREADS torch threads
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test (splitllm's CPU kernels are chosen by the
+    thread count: kernels.use_for_int4 / use_for_int8), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,6 +18,8 @@ from splitcli.quant import kernels
 from splitcli.quant.modules import Int4Linear
 from splitcli.quant.rtn import dequantize_groupwise, quantize_groupwise
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the kernels are chosen up to 1-2 threads
+
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
 
 
@@ -332,3 +334,18 @@ def test_a_splitllm_layout_module_where_the_kernels_cannot_run_is_a_one_line_err
     monkeypatch.setitem(kernels._state, "why", "not an x86-64 CPU (aarch64)")
     with pytest.raises(SplitLLMError, match=r"not available here: not an x86-64 CPU \(aarch64\)"):
         lin(torch.randn(1, 128))
+
+
+
+@needs_kernel
+def test_the_thread_count_chooses_between_splitllms_kernels_and_torchs():
+    m8, _ = _int8(16, 128)
+    x = torch.randn(1, 128)
+    alone = kernels.mm8(x, m8.codes, m8.scales)
+    assert torch.equal(m8(x), alone)  # one thread: splitllm's int8 kernel
+    torch.set_num_threads(2)  # the fixture restores it
+    assert not torch.equal(m8(x), alone)  # two: torch's (bf16 input), which is faster there
+    assert torch.allclose(m8(x), alone, rtol=2e-2, atol=2e-2)
+    assert Int4Linear.from_linear(nn.Linear(128, 16), 64).layout == "splitllm"  # int4: up to 2 threads
+    torch.set_num_threads(3)
+    assert Int4Linear.from_linear(nn.Linear(128, 16), 64).layout == "torch"

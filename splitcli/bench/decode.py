@@ -194,11 +194,13 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     splits = {name: build_split(lm, SplitSpec(split_layer=split_layer, q_w1=bits, qa=qa))
               for name, bits, qa in (("split", 16, 16), ("split_int4", 4, 16), ("split_int8", 8, 16),
                                      ("split_int4_kv8", 4, 8))}
-    quant_kernels = "splitllm-avx2" if kernels.available() else f"torch ({kernels.why_unavailable()})"
-    say(f"quantized edge kernels: {quant_kernels}")
-    if kernels.available():  # the same quantized edges on torch's kernels, side by side
-        with kernels.disabled():
-            for bits in (4, 8):
+    ours = {4: kernels.use_for_int4(), 8: kernels.available() and kernels.use_for_int8()}
+    why = kernels.why_unavailable() or f"{threads} threads"
+    kernel_names = {bits: "splitllm-avx2" if ours[bits] else f"torch ({why})" for bits in (4, 8)}
+    say(f"quantized edge kernels: int4 {kernel_names[4]}, int8 {kernel_names[8]}")
+    for bits in (4, 8):  # the same quantized edge on torch's kernel, side by side
+        if ours[bits]:
+            with kernels.disabled():
                 splits[f"split_int{bits}_torch"] = build_split(lm, SplitSpec(split_layer=split_layer, q_w1=bits, qa=16))
     sessions: dict[str, Callable[[], Session]] = {
         "old_unsplit": lambda: UnsplitSession(pristine),
@@ -278,7 +280,8 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "split_int8_tok_s": tok["split_int8"],
         "split_int4_kv8_tok_s": tok["split_int4_kv8"],
         "int4_over_fp32_split": tok["split_int4"] / s,
-        "quant_kernels": quant_kernels,
+        "int4_kernel": kernel_names[4],
+        "int8_kernel": kernel_names[8],
         "split_int4_torch_kernel_tok_s": tok.get("split_int4_torch"),
         "int4_torch_kernel_over_fp32_split": tok["split_int4_torch"] / s if "split_int4_torch" in tok else None,
         "split_int8_torch_kernel_tok_s": tok.get("split_int8_torch"),

@@ -91,7 +91,7 @@ def _print_decode_summary(r: dict) -> None:
         + f"), int8 edge {r['int8_over_fp32_split']:.2f}x (bytes allow {r['int8_bound_ratio']:.2f}x"
         + (f"; on torch's kernel {r['int8_torch_kernel_over_fp32_split']:.2f}x"
            if r.get("int8_torch_kernel_over_fp32_split") else "")
-        + f") the fp32 split, kernels {r['quant_kernels']}; Qa = 8 edge step {r['kv8_edge_ms_ratio']:.2f}x the fp KV's "
+        + f") the fp32 split, kernels int4 {r['int4_kernel']}, int8 {r['int8_kernel']}; Qa = 8 edge step {r['kv8_edge_ms_ratio']:.2f}x the fp KV's "
         f"(whole step {r['kv8_step_ratio']:.2f}x)"
         + (f"; llama.cpp {r['llama_cpp_tok_s']:.1f} tok/s" if r.get("llama_cpp_tok_s") else ""),
         highlight=False,

@@ -154,6 +154,25 @@ def available() -> bool:
     return _lib() is not None and not _state["off"]
 
 
+#: torch threads up to which splitllm's kernels (one thread per product) are chosen. Measured with
+#: `bench decode` on a 2-core Zen 3: at 1 thread the int4 / int8 edges ran 1.24x / 1.09x the fp32
+#: split against torch's kernels' 1.10x / 1.01x; at 2 threads 1.26x / 1.09x against 1.27x / 1.18x.
+INT4_MAX_THREADS = 2  # a tie at 2; torch's kernel scales with more threads, this one does not
+INT8_MAX_THREADS = 1  # torch's int8 kernel on 2 threads wins by ~8%
+
+
+def use_for_int4() -> bool:
+    """Whether an Int4Linear built now takes splitllm's layout: available, and torch runs on at
+    most INT4_MAX_THREADS threads (the layout is fixed at construction)."""
+    return available() and torch.get_num_threads() <= INT4_MAX_THREADS
+
+
+def use_for_int8() -> bool:
+    """Whether an Int8Linear's one-token product runs here now (asked per call: the operands are
+    torch's own, so the kernel can follow the thread setting)."""
+    return torch.get_num_threads() <= INT8_MAX_THREADS
+
+
 @contextlib.contextmanager
 def disabled():
     """Int4Linear / Int8Linear modules built inside run on torch's kernels (bench decode times

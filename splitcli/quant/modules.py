@@ -195,7 +195,7 @@ class Int4Linear(nn.Module):
     ) -> "Int4Linear":
         _check_int4_shape(out_features, in_features, group_size)
         q = unpack_codes(codes, 4, in_features)  # [N, K]
-        if kernels.available() and kernels.supports4(in_features, group_size):
+        if kernels.use_for_int4() and kernels.supports4(in_features, group_size):
             sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()  # [N, K/g, 2]
             return cls(in_features, out_features, group_size, kernels.pack4(q), sz, bias, "splitllm")
         sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/g, N, 2]
@@ -268,8 +268,9 @@ def int8_kernel_supports(in_features: int) -> bool:
 
 class Int8Linear(nn.Module):
     """8-bit linear on torch's CPU weight-only kernel `_weight_int8pack_mm`, and for up to
-    `kernels.GEMV_MAX_TOKENS` tokens on splitllm's AVX2 kernel where it is available (decided at
-    construction: `gemv`; int16 input, relative error ~3e-5 against ~3e-3 for torch's bf16 input).
+    `kernels.GEMV_MAX_TOKENS` tokens on splitllm's AVX2 kernel where it is available (`gemv`,
+    decided at construction) and torch runs on one thread (`kernels.use_for_int8`, per call; int16
+    input, relative error ~3e-5 against ~3e-3 for torch's bf16 input).
 
     Weights are per-output-channel symmetric int8 codes [N, K] with one bf16 scale per row
     (`quantize_symmetric_rows`): exactly the kernel's operands, so the stored, held and computed
@@ -312,7 +313,7 @@ class Int8Linear(nn.Module):
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), b)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # [tokens, K]
-        if self.gemv and x2.shape[0] <= kernels.GEMV_MAX_TOKENS:
+        if self.gemv and x2.shape[0] <= kernels.GEMV_MAX_TOKENS and kernels.use_for_int8():
             y = kernels.mm8(x2, self.codes, self.scales)  # [tokens, N] float32
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self.scales)  # bf16
