@@ -44,12 +44,19 @@ def _make(kind: str, bias: bool, sizes=SIZES) -> list[nn.Module]:
 @pytest.mark.parametrize("kind", ["float", "int4", "int4 on torch's kernel", "int4-g32", "int8",
                                   "int8 on torch's kernel"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(kind, bias, monkeypatch):
-    if kind.endswith(" on torch's kernel"):
-        from splitcli.quant import kernels
+def test_fused_product_equals_the_separate_products_and_holds_each_weight_once(kind, bias, monkeypatch, request):
+    from splitcli.quant import kernels
 
+    if kind.endswith(" on torch's kernel"):
         monkeypatch.setattr(kernels, "available", lambda: False)
         kind = kind.split()[0]
+    elif kind in ("int4", "int8") and kernels.available():  # splitllm's kernels: chosen at one thread
+        request.getfixturevalue("one_torch_thread")
+        calls = []
+        for name in ("mm4", "mm8"):
+            real = getattr(kernels, name)
+            monkeypatch.setattr(kernels, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+        request.addfinalizer(lambda: calls or pytest.fail("splitllm's kernel was never called"))
     mods = _make(kind, bias)
     if kind == "int4-g32":
         assert all(m.layout == "torch" for m in mods)

@@ -128,7 +128,8 @@ def test_zero_empty_constant_and_extreme_inputs_match_the_float_product():
     assert torch.allclose(kernels.mm4(c, packed, sz, 64), c @ w.t(), rtol=1e-5, atol=1e-5)
     x = _extremes(128)
     y = kernels.mm4(x, packed, sz, 64)  # 8 tokens: the one-token kernel, the extremes left to float
-    ref = x @ w.t()
+    # the float product a token at a time (near 3.4e38 whether a sum overflows depends on its order)
+    ref = torch.cat([x[i : i + 1] @ w.t() for i in range(8)])
     assert _same_nonfinite(y, ref)
     finite = torch.isfinite(ref)
     rel = (y - ref).abs()[finite] / (x.abs() @ w.abs().t())[finite]
@@ -136,7 +137,7 @@ def test_zero_empty_constant_and_extreme_inputs_match_the_float_product():
     assert torch.equal(kernels.mm4(x[7:], packed, sz, 64), y[7:])  # the ordinary token, alone: the same
     m, w8 = _int8(6, 128)
     y8 = kernels.mm8(x, m.codes, m.scales)
-    ref8 = x @ w8.t()
+    ref8 = torch.cat([x[i : i + 1] @ w8.t() for i in range(8)])
     assert _same_nonfinite(y8, ref8)
     finite = torch.isfinite(ref8)
     assert float(((y8 - ref8).abs()[finite] / (x.abs() @ w8.abs().t())[finite]).max()) < 2e-5
@@ -208,6 +209,13 @@ def test_where_the_kernel_cannot_run_int4_stays_on_torch_and_says_why(tmp_path):
         built[0].write_bytes(built[0].read_bytes()[:100])  # damaged: built again, not given up on
         assert _layout_in_subprocess(tmp_path) == ("splitllm", "")
         assert built[0].stat().st_size > 1000
+        # a loadable file of another ABI under the name: rebuilt, and the new build is what loads
+        # (dlopen would hand back the old object for the same name)
+        foreign = tmp_path / "foreign.c"
+        foreign.write_text("int splitllm_abi(void) { return 1; }\n")
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(built[0]), str(foreign)], check=True, timeout=120)
+        assert _layout_in_subprocess(tmp_path) == ("splitllm", "")
+        assert not list((tmp_path / "cache" / "kernels").glob("*.load"))
 
 
 def test_the_kernels_run_wherever_they_should():
@@ -323,6 +331,21 @@ def test_kv8_prefix_dequantization_is_bit_for_bit_torchs(group):
     # what it does not take is left to torch: float32 scales, a group that is not whole vectors
     assert not kernels.kv8_dequantize(views[0], views[1].float(), views[2].float(), out)
     assert not kernels.kv8_dequantize(views[0][..., :60], views[1], views[2], out[..., :60])
+    empty = torch.zeros(2, 1, 0, dtype=torch.uint8)  # no values: declined, never divided by (SIGFPE)
+    assert not kernels.kv8_dequantize(empty, torch.ones(2, 1, 1, dtype=torch.float16),
+                                      torch.ones(2, 1, 1, dtype=torch.float16), torch.empty(2, 1, 0))
+
+
+@needs_kernel
+def test_tokens_left_to_the_float_path_do_not_depend_on_each_other():
+    packed, sz, w, _ = _weights(6, 128, 64)
+    m8, _ = _int8(6, 128)
+    x = torch.randn(8, 128) * 1e36  # every token past 1e30: all eight fall back
+    x[3, 0] = float("nan")
+    for full, one in [(kernels.mm4(x, packed, sz, 64), lambda i: kernels.mm4(x[i : i + 1], packed, sz, 64)),
+                      (kernels.mm8(x, m8.codes, m8.scales), lambda i: kernels.mm8(x[i : i + 1], m8.codes, m8.scales))]:
+        alone = torch.cat([one(i) for i in range(8)])
+        assert torch.equal(full.nan_to_num(0.5), alone.nan_to_num(0.5))
 
 
 def test_a_splitllm_layout_module_where_the_kernels_cannot_run_is_a_one_line_error(monkeypatch):

@@ -163,11 +163,11 @@ def bench_quant(lm, lws=DEFAULT_LWS, windows: int = 8, seqlen: int = 2048, data_
         pred = predict_edge_memory(lm.model.config, measured_bytes, split_layer, spec.kv_bits,
                                    MEM_PROMPT_TOKENS, MEM_TOTAL_TOKENS)
         say(0, 0, "timing edge decode, fp32 vs int4")
-        edge = load_edge(out)
-        q_half = QuantEdgeHalf(edge.half.parts, split_layer, kv_bits=16)  # same float cache as fp32
         threads = torch.get_num_threads()
-        torch.set_num_threads(decode_threads or threads)
+        torch.set_num_threads(decode_threads or threads)  # first: the int4 kernel is chosen at load by it
         try:
+            edge = load_edge(out)
+            q_half = QuantEdgeHalf(edge.half.parts, split_layer, kv_bits=16)  # same float cache as fp32
             speed = edge_decode_speed(EdgeHalf(parts, split_layer), q_half, lm.model.config.vocab_size, repeats=repeats)
             q_kv_half = QuantEdgeHalf(edge.half.parts, split_layer, kv_bits=spec.kv_bits)
             speed_kv = edge_decode_speed(q_half, q_kv_half, lm.model.config.vocab_size, repeats=max(1, repeats // 2))

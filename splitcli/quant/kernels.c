@@ -14,7 +14,10 @@
  * one scale per weight group (error <= 2^-16 of the group's largest |x|; torch's kernel rounds
  * each element to bf16, 2^-9 of itself: smaller only for elements below 1/128 of their group's
  * largest, and on this project's models' activations int16 is 10-30x closer overall). The integer
- * sums are exact, so a row's output does not depend on how many tokens share the call.
+ * sums are exact, so a row's output does not depend on how many tokens share the call (tokens
+ * left to the float path are computed one at a time in kernels.py for the same reason). A weight
+ * group whose scale is inf gives +-inf here where the float product of the dequantized weight
+ * gives NaN (q inf + (z - 8 inf)); only corrupt weights have one.
  *
  * 8-bit weights keep Int8Linear's operands (codes [N, K] int8, one bf16 scale per row) and the same
  * int16 input; torch's int8 kernel reads ~7-10 GB/s here, this one ~20-25 from cache.

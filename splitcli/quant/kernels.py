@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -86,9 +87,11 @@ def _build(dest: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for old in dest.parent.glob("kernels-*.so"):  # earlier versions' builds: best effort
-        if old != dest:
-            with contextlib.suppress(OSError):
+    # other versions' builds left for a week: best effort, and not sooner, since two installed
+    # versions sharing a cache would otherwise delete each other's builds at every start
+    for old in dest.parent.glob("kernels-*.so"):
+        with contextlib.suppress(OSError):
+            if old != dest and time.time() - old.stat().st_mtime > 7 * 86400:
                 old.unlink()
 
 
@@ -127,7 +130,14 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             return _open(path), ""
         except OSError:  # a damaged or foreign file under our name: build it again, once
             _build(path)
-            return _open(path), ""
+            # dlopen hands back the object it already holds under a name it has loaded, even
+            # after the file was replaced: load the new build through a name of its own
+            fresh = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.load")
+            os.link(path, fresh)
+            try:
+                return _open(fresh), ""
+            finally:
+                fresh.unlink()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # RuntimeError: no home directory
         return None, f"could not build or load splitllm's CPU kernels: {e}"
 
@@ -244,6 +254,13 @@ def _left_rows(left: int, m: int) -> list[int]:
     return [i for i in range(m) if left >> i & 1]
 
 
+def _float_rows(y: torch.Tensor, left: int, product) -> None:
+    """Rows of y the C code left (NaN / inf / extreme magnitudes), each as a float product of its
+    own: one at a time, so a row's value does not depend on how many others fell back."""
+    for i in _left_rows(left, y.shape[0]):
+        y[i : i + 1] = product(i)
+
+
 def mm4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] float32, W given as (packed [N, K/2], sz [N, K/G, 2] bf16), both
     contiguous. Only when `available()`."""
@@ -259,9 +276,7 @@ def mm4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
         scratch = torch.empty(m * k * 2 + 8 * m * (k // group_size), dtype=torch.uint8)
         left = lib.splitllm_q4_gemv(x.data_ptr(), m, k, packed.data_ptr(), sz.data_ptr(), n, group_size,
                                     scratch.data_ptr(), y.data_ptr())
-        if left:  # NaN / inf / extreme magnitudes: these tokens as a float product
-            rows = _left_rows(left, m)
-            y[rows] = _float_product(lib, x[rows], packed, sz, group_size)
+        _float_rows(y, left, lambda i: _float_product(lib, x[i : i + 1], packed, sz, group_size))
         return y
     return _float_product(lib, x, packed, sz, group_size, y)
 
@@ -308,9 +323,14 @@ def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Ten
     scratch = torch.empty(k * 2 + 8 * (k // 64), dtype=torch.uint8)
     left = lib.splitllm_q8_gemv(x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), n, scratch.data_ptr(),
                                 y.data_ptr())
-    if left:  # NaN / inf / extreme magnitudes: these tokens as a float product
-        rows = _left_rows(left, m)
-        y[rows] = x[rows] @ (codes.to(torch.float32) * scales.to(torch.float32)[:, None]).t()
+    rows = max(1, min(n, _CHUNK_BYTES // (4 * k)))  # weight rows dequantized at a time
+
+    def product(i: int) -> torch.Tensor:
+        return torch.cat([x[i : i + 1] @ (codes[r : r + rows].to(torch.float32)
+                                          * scales[r : r + rows].to(torch.float32)[:, None]).t()
+                          for r in range(0, n, rows)], 1)
+
+    _float_rows(y, left, product)
     return y
 
 
@@ -344,7 +364,7 @@ def kv8_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         return step
 
     ok = (codes.dtype == torch.uint8 and scales.dtype == zeros.dtype == torch.float16 and out.dtype == torch.float32
-          and groups > 0 and d % groups == 0 and (d // groups) % 8 == 0 and tuple(scales.shape) == tuple(zeros.shape)
+          and d > 0 and groups > 0 and d % groups == 0 and (d // groups) % 8 == 0 and tuple(scales.shape) == tuple(zeros.shape)
           and tuple(scales.shape[:-1]) == tuple(codes.shape[:-1]) and tuple(out.shape) == tuple(codes.shape))
     strides = [plane_stride(codes, d), plane_stride(scales, groups), plane_stride(zeros, groups), plane_stride(out, d)]
     if not ok or None in strides or strides[1] != strides[2]:
