@@ -250,6 +250,11 @@ def _cpu_input(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
+def _chunk_rows(n: int, k: int) -> int:
+    """Weight rows of width k dequantized to float at a time (at most _CHUNK_BYTES, at least one)."""
+    return max(1, min(n, _CHUNK_BYTES // (4 * k)))
+
+
 def _left_rows(left: int, m: int) -> list[int]:
     return [i for i in range(m) if left >> i & 1]
 
@@ -288,7 +293,7 @@ def _float_product(lib, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor,
     n = packed.shape[0]
     if y is None:
         y = torch.empty(m, n, dtype=torch.float32)
-    rows = max(1, min(n, _CHUNK_BYTES // (4 * k)))
+    rows = _chunk_rows(n, k)
     w = torch.empty(rows, k, dtype=torch.float32)  # [rows, K] scratch, reused per chunk
     yt = y.t()  # [N, M] view: each chunk of rows is assigned into it
     for n0 in range(0, n, rows):
@@ -323,7 +328,7 @@ def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Ten
     scratch = torch.empty(k * 2 + 8 * (k // 64), dtype=torch.uint8)
     left = lib.splitllm_q8_gemv(x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), n, scratch.data_ptr(),
                                 y.data_ptr())
-    rows = max(1, min(n, _CHUNK_BYTES // (4 * k)))  # weight rows dequantized at a time
+    rows = _chunk_rows(n, k)
 
     def product(i: int) -> torch.Tensor:
         return torch.cat([x[i : i + 1] @ (codes[r : r + rows].to(torch.float32)
