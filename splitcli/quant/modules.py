@@ -1,8 +1,7 @@
 """Quantized drop-in modules: Int4Linear (splitllm's AVX2 kernel or torch's CPU int4 kernel),
 Int8Linear (torch CPU int8 weight-only kernel, per-output-channel symmetric; one-token products on
-splitllm's where it runs), QuantLinear (any bit
-width, dequantized on the fly: the planner does not pick widths that only run here) and
-QuantEmbedding (row gather, then dequantize only the rows used).
+splitllm's where it runs), QuantLinear (any bit width, dequantized on the fly: the planner does not
+pick widths that only run here) and QuantEmbedding (row gather, then dequantize only the rows used).
 
 Every module keeps only its quantized tensors in memory and can `export()` them in the portable
 storage format of `splitcli.quant.rtn` (packed uint8 codes + bf16 scales + bf16 zeros + optional
