@@ -194,7 +194,7 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     splits = {name: build_split(lm, SplitSpec(split_layer=split_layer, q_w1=bits, qa=qa))
               for name, bits, qa in (("split", 16, 16), ("split_int4", 4, 16), ("split_int8", 8, 16),
                                      ("split_int4_kv8", 4, 8))}
-    ours = {4: kernels.use_for_int4(), 8: kernels.available() and kernels.use_for_int8()}
+    ours = {4: kernels.use_for_int4(), 8: kernels.available() and kernels.use_for_int8(1)}
     why = kernels.why_unavailable() or f"{threads} threads"
     kernel_names = {bits: "splitllm-avx2" if ours[bits] else f"torch ({why})" for bits in (4, 8)}
     say(f"quantized edge kernels: int4 {kernel_names[4]}, int8 {kernel_names[8]}")

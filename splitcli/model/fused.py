@@ -199,8 +199,7 @@ class FusedLinear:
         if self.kind == "int4":
             return _INT4_MM(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group_size,
                             self.scales_and_zeros)
-        if self.kind == "int8" and self.gemv and x.numel() <= kernels.GEMV_MAX_TOKENS * self.in_features \
-                and kernels.use_for_int8():
+        if self.kind == "int8" and self.gemv and kernels.use_for_int8(x.numel() // self.in_features):
             return kernels.mm8(x.reshape(-1, self.in_features), self.codes, self.scales)
         if self.kind == "int8":
             return _INT8_MM(x.reshape(-1, self.in_features).to(torch.bfloat16), self.codes, self.scales)

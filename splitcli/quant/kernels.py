@@ -177,10 +177,11 @@ def use_for_int4() -> bool:
     return available() and torch.get_num_threads() <= INT4_MAX_THREADS
 
 
-def use_for_int8() -> bool:
-    """Whether an Int8Linear's one-token product runs here now (asked per call: the operands are
-    torch's own, so the kernel can follow the thread setting)."""
-    return torch.get_num_threads() <= INT8_MAX_THREADS
+def use_for_int8(tokens: int) -> bool:
+    """Whether an Int8Linear's product of `tokens` tokens runs here now: at most GEMV_MAX_TOKENS,
+    and torch on at most INT8_MAX_THREADS threads (asked per call: the operands are torch's own,
+    so the kernel can follow the thread setting). The caller knows its module has `gemv`."""
+    return tokens <= GEMV_MAX_TOKENS and torch.get_num_threads() <= INT8_MAX_THREADS
 
 
 @contextlib.contextmanager

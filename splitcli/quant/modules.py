@@ -313,7 +313,7 @@ class Int8Linear(nn.Module):
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), b)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # [tokens, K]
-        if self.gemv and x2.shape[0] <= kernels.GEMV_MAX_TOKENS and kernels.use_for_int8():
+        if self.gemv and kernels.use_for_int8(x2.shape[0]):
             y = kernels.mm8(x2, self.codes, self.scales)  # [tokens, N] float32
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.codes, self.scales)  # bf16
