@@ -28,6 +28,11 @@
 #include <string.h>
 
 #define SPLITLLM_ABI 5
+/* Rows ahead whose bytes are prefetched: the hardware prefetcher alone left one Zen 3 core reading
+ * int8 weights from memory at 7.7 GB/s; asking for the next block's rows gave 14.5 GB/s (1.9x)
+ * and the 4-bit kernel 1.14x (49152 x 576, 1 thread, median of 15; 4, 8, 16 and 32 rows ahead
+ * measured, 4 best, 32 worst by 4-7%). */
+#define PREFETCH_ROWS 4
 
 int splitllm_abi(void) { return SPLITLLM_ABI; }
 
@@ -92,6 +97,12 @@ static void one_token(const int16_t *x16, const float *sx, const float *xs, int6
     const int64_t ng = K / G, runs = G / 64, stride = K / 2;
     for (int64_t n = 0; n < N; n += 4) {
         const int64_t rows = N - n < 4 ? N - n : 4;
+        if (n + PREFETCH_ROWS + 4 <= N) {  /* the next block's packed rows and (scale, zero) pairs */
+            for (int64_t o = 0; o < 4 * stride; o += 64)
+                _mm_prefetch((const char *)(P + (n + PREFETCH_ROWS) * stride + o), _MM_HINT_T0);
+            for (int64_t o = 0; o < 16 * ng; o += 64)
+                _mm_prefetch((const char *)(SZ + (n + PREFETCH_ROWS) * ng * 2) + o, _MM_HINT_T0);
+        }
         const uint8_t *p[4];
         const uint16_t *sz[4];  /* each row's (scale, zero) bf16 pairs */
         for (int i = 0; i < 4; i++) {
@@ -190,6 +201,9 @@ int64_t splitllm_q8_gemv(const float *x, int64_t M, int64_t K, const int8_t *C, 
         }
         for (int64_t n = 0; n < N; n += 2) {
             const int two = n + 1 < N;
+            if (n + PREFETCH_ROWS + 2 <= N)  /* the next block's two rows (see PREFETCH_ROWS) */
+                for (int64_t o = 0; o < 2 * K; o += 64)
+                    _mm_prefetch((const char *)(C + (n + PREFETCH_ROWS) * K + o), _MM_HINT_T0);
             const int8_t *ca = C + n * K, *cb = two ? ca + K : ca;
             __m256 acca = _mm256_setzero_ps(), accb = acca;
             for (int64_t g = 0; g < ng; g++) {
