@@ -24,13 +24,27 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
     # the int4 edge also on torch's kernel, side by side, where splitllm's own kernel runs it
     ours = {4: kernels.available(), 8: kernels.available()}  # --threads 1: both, where they build
     assert set(c) == {"old_unsplit", "old_split", "unsplit", "split", "split_int4", "split_int8", "split_int4_kv8",
-                      "hf_generate"} | {f"split_int{b}_torch" for b in (4, 8) if ours[b]}
+                      "hf_generate", "split_full_head"} | {f"split_int{b}_torch" for b in (4, 8) if ours[b]}
+    # greedy steps on the screened LM head beside the float head computing every logit
+    assert d["split_full_head_tok_s"] == c["split_full_head"]["tok_s"] > 0
+    assert d["screened_head_speedup"] == d["split_tok_s"] / d["split_full_head_tok_s"]
+    assert c["split_full_head"]["bytes_per_step"] == c["old_split"]["bytes_per_step"]
+    if kernels.available():
+        v, h = 49152, 64  # the tiny model's vocabulary (the real tokenizer's) and width
+        rows = d["screened_head_rows"]["split"]
+        assert 1 <= rows <= v
+        # the screen's codes, scales and bound coefficients plus the float rows, instead of the head
+        assert c["split_full_head"]["bytes_per_step"] - c["split"]["bytes_per_step"] == \
+            v * h * 4 - round(v * h + 10 * v + rows * h * 4)
+    else:
+        assert set(d["screened_head_rows"].values()) == {None}
     for bits in (4, 8):
         assert d[f"int{bits}_kernel"] == ("splitllm-avx2" if ours[bits] else f"torch ({kernels.why_unavailable()})")
         if ours[bits]:
             assert d[f"split_int{bits}_torch_kernel_tok_s"] == c[f"split_int{bits}_torch"]["tok_s"] > 0
-            # the same bytes, the other kernel
-            assert c[f"split_int{bits}_torch"]["bytes_per_step"] == c[f"split_int{bits}"]["bytes_per_step"]
+            # the same bytes, the other kernel (up to the mean count of float LM-head rows its
+            # screen computed, measured per path: <= 8 rows of 64 floats apart here)
+            assert abs(c[f"split_int{bits}_torch"]["bytes_per_step"] - c[f"split_int{bits}"]["bytes_per_step"]) <= 8 * 64 * 4
             assert d[f"int{bits}_torch_kernel_over_fp32_split"] == c[f"split_int{bits}_torch"]["tok_s"] / c["split"]["tok_s"]
         else:
             assert d[f"split_int{bits}_torch_kernel_tok_s"] is None

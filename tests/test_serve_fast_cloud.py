@@ -58,11 +58,11 @@ def _vocab(split) -> int:
     return split.cloud.parts.lm_head.weight.shape[0]
 
 
-def _open(split, max_tokens=40, kv_mode=pb.KV_HIDDEN):
+def _open(split, max_tokens=40, kv_mode=pb.KV_HIDDEN, top_k=None):
     return pb.ClientMessage(open=pb.Open(
         model_sha256=SHA, split_layer=split.spec.split_layer, wire=WIRE_TO_PB[split.spec.wire], max_tokens=max_tokens,
         kv_mode=kv_mode, codec=codec_to_pb(split.spec.codec), protocol_version=1,
-        sampling=pb.Sampling(top_k_logits=_vocab(split))))
+        sampling=pb.Sampling(top_k_logits=top_k or _vocab(split))))
 
 
 def _stream(server, requests):
@@ -73,8 +73,9 @@ def _stream(server, requests):
 
 
 def _full_logits(token: pb.Token) -> torch.Tensor:
-    """The vocab-wide top-k a step returned, back in vocab order [V] (float32 on the wire, exact)."""
-    out = torch.full((len(token.top_k.token_ids),), float("nan"))
+    """The top-k a step returned, back in vocab order (float32 on the wire, exact)."""
+    ids = list(token.top_k.token_ids)
+    out = torch.full((max(len(ids), max(ids) + 1),), float("nan"))  # NaN where a short top-k sent nothing
     out[torch.tensor(list(token.top_k.token_ids))] = torch.tensor(list(token.top_k.logits))
     return out
 
@@ -91,7 +92,7 @@ def _reference(split, prompt, n):
     return tokens, logits
 
 
-def _remote(server, split, prompt, n, hold=None):
+def _remote(server, split, prompt, n, hold=None, top_k=None):
     """The same greedy generation against the server, the edge half here on the fast path (its
     frames encoded by the split's wire); each step waits for the previous reply. Returns the tokens
     and each step's logits [V]."""
@@ -101,7 +102,7 @@ def _remote(server, split, prompt, n, hold=None):
     got = threading.Event()
 
     def requests():
-        yield _open(split)
+        yield _open(split, top_k=top_k)
         ids, pos = prompt, 0
         for step in range(n):
             hidden = edge(torch.tensor([ids]), torch.arange(pos, pos + len(ids))[None], None, cache)
@@ -134,6 +135,24 @@ def test_unbatched_remote_session_is_bit_identical_to_fast_split_session(split):
             assert tokens == ref_tokens
             assert max(float((a - b).abs().max()) for a, b in zip(logits, ref_logits)) == 0.0
         assert server.servicer.batcher.largest_batch == 1
+
+
+def test_a_small_top_k_reply_screens_the_head_and_keeps_the_exact_top(split):
+    """top_k_logits = 5 (5 x 8 <= 128 rows): every step's head reads the int8 screen
+    (`quant.screen`); the reply holds the same 5 ids as the vocab-wide logits, with the float
+    products of those rows (one gathered product: within float rounding of the full head's)."""
+    with serving(split) as server:
+        head = server.servicer.cloud.head
+        head.build_screen()  # else after _Head.SCREEN_AFTER_STEPS such steps
+        before = head.screened[0]
+        ref_tokens, ref_logits = _reference(split, PROMPTS[0], 6)
+        channel_tokens, logits = _remote(server, split, PROMPTS[0], 6, top_k=5)
+        assert head.screened[0] - before == 6
+    assert channel_tokens == ref_tokens
+    for got, ref in zip(logits, ref_logits):
+        ids = torch.nonzero(~torch.isnan(got)).squeeze(1)
+        assert set(ids.tolist()) == set(ref.topk(5).indices.tolist())
+        assert torch.allclose(got[ids], ref[ids], rtol=0, atol=1e-5)
 
 
 def test_real_model_remote_session_is_the_fast_path_bit_for_bit(real_lm):

@@ -8,6 +8,11 @@ path, so every path does identical work from the same prompt):
                 path: run on a pristine copy of the model, since the fast path re-lays out the
                 float weights of the model it is built on (`model.fast.relayout_linear_`);
 - unsplit / split           the fast path (`model.fast`, `runtime.fast`), compression off;
+                every fast path steps as greedy `generate` does: its LM head reads the int8
+                screen and computes in float only the rows that can be the largest
+                (`quant.screen`; the same tokens), where splitllm's kernels run;
+- split_full_head           the fast fp32 split with the float LM head computing every logit
+                (as a sampling step does), beside `split`;
 - split_int4 / split_int8   the fast split with the edge's layers [0, ℓ) at 4 / 8 bits (int4 /
                 int8 kernels), fp32 cloud; one-token products run on splitllm's AVX2 kernels
                 where they are available (`quant.kernels`), else on torch's;
@@ -23,7 +28,9 @@ clock, and "python" = the step's wall time minus those (session bookkeeping, sam
 The bound: a large-copy probe (a 256 MiB tensor copied, read + write bytes / time, same threads,
 median, taken at the start and end of the run) gives the bandwidth; bytes read per step = every
 weight tensor the step runs (linear weights or their quantized codes + scales, norms, LM head),
-one embedding row and the KV cache at the mean context; bound tok/s = bandwidth / bytes.
+one embedding row and the KV cache at the mean context; bound tok/s = bandwidth / bytes. A
+screened head counts its codes, scales and bound coefficients plus the float rows it computed
+(their mean over the run) instead of the float head.
 """
 
 from __future__ import annotations
@@ -74,12 +81,15 @@ def _tensor_bytes(modules) -> int:
     return resident_bytes(nn.ModuleList(list(modules)))
 
 
-def bytes_per_step(edge_parts, cloud_parts, split_layer: int, context: int, kv_bits: int = 16) -> int:
+def bytes_per_step(edge_parts, cloud_parts, split_layer: int, context: int, kv_bits: int = 16,
+                   head_bytes: float | None = None) -> int:
     """Bytes one decode step reads (module docstring): layers [0, ℓ) of the edge's parts, [ℓ, L)
-    + norm + head of the cloud's, one embedding row, and K/V over `context` positions."""
+    + norm + head of the cloud's (`head_bytes` instead of the LM head's own where given: a
+    screened head), one embedding row, and K/V over `context` positions."""
     n_kv, head_dim = head_dims(cloud_parts.config)
     layers = _tensor_bytes(edge_parts.layers[:split_layer]) + _tensor_bytes(cloud_parts.layers[split_layer:])
-    head = _tensor_bytes([cloud_parts.norm, cloud_parts.lm_head])
+    head = _tensor_bytes([cloud_parts.norm]) + (_tensor_bytes([cloud_parts.lm_head]) if head_bytes is None
+                                                 else round(head_bytes))
     emb = edge_parts.embed_tokens
     row = _tensor_bytes([emb]) // max(1, getattr(emb, "num_embeddings", 1))
     kv_fp = fp_kv_bytes_per_token(1, n_kv, head_dim) * context  # per layer
@@ -88,16 +98,17 @@ def bytes_per_step(edge_parts, cloud_parts, split_layer: int, context: int, kv_b
     return layers + head + row + split_layer * kv_edge + (n - split_layer) * kv_fp
 
 
-def _timed_decode(session: Session, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> dict:
-    """Prefill (untimed), then feed `tokens` one at a time: tok/s and mean ms per stage."""
+def _timed_decode(session: Session, prompt_ids: torch.Tensor, tokens: torch.Tensor, top: int = 1) -> dict:
+    """Prefill (untimed), then feed `tokens` one at a time: tok/s and mean ms per stage. `top`:
+    `Session.forward`'s (1: the steps of greedy `generate`; 0: every logit)."""
     session.reserve(prompt_ids.shape[1] + tokens.shape[1])
-    session.prefill(prompt_ids)
+    session.prefill(prompt_ids, top=top)
     n0 = len(session.stats)
     walls = []
     t_start = time.perf_counter()
     for i in range(tokens.shape[1]):
         t0 = time.perf_counter()
-        session.forward(tokens[:, i : i + 1])
+        session.forward(tokens[:, i : i + 1], top=top)
         walls.append(time.perf_counter() - t0)
     total = time.perf_counter() - t_start
     steps = session.stats[n0:]
@@ -210,8 +221,11 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     }
     for name, sp in splits.items():
         sessions[name] = lambda sp=sp: fast_split_session(sp)
+    sessions["split_full_head"] = sessions["split"]
+    tops = {name: 0 if name == "split_full_head" else 1 for name in sessions}
     runners: dict[str, Callable[[], dict]] = {
-        name: (lambda make=make: _timed_decode(make(), ids, tokens)) for name, make in sessions.items()}
+        name: (lambda make=make, top=tops[name]: _timed_decode(make(), ids, tokens, top))
+        for name, make in sessions.items()}
     if hf_generate:
         runners["hf_generate"] = lambda: _hf_generate_tok_s(pristine, ids, n_tokens)
     llama = llama_cpp_runner(gguf_path, threads, lm.tokenizer.decode(ids[0]), n_tokens,
@@ -224,7 +238,10 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     for name, run in runners.items():  # warm-up: first calls allocate, page in and tabulate rotary
         tick(f"warm-up {name}", 0, repeats)
         if name not in ("hf_generate", "llama_cpp"):
-            _timed_decode(sessions[name](), ids, tokens[:, :4])
+            session = sessions[name]()
+            if tops[name] and _head(session) is not None:
+                _head(session).build_screen()  # now, not in a background thread during the timed rounds
+            _timed_decode(session, ids, tokens[:, :4], tops[name])
     names = list(runners)
     samples: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(repeats):
@@ -238,11 +255,19 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
 
     mean_context = ids.shape[1] + n_tokens / 2
     full = decoder_parts(lm.model)
+    heads = {name: _screened_head_bytes(sessions[name]()) for name in ("unsplit", *splits)}
+
+    def head_bytes(name: str) -> float | None:
+        return heads[name]["bytes"] if heads[name] else None
+
     unsplit_bytes = bytes_per_step(full, full, full.num_layers, mean_context)
-    step_bytes = {"unsplit": unsplit_bytes, "old_unsplit": unsplit_bytes, "hf_generate": unsplit_bytes}
+    step_bytes = {"unsplit": bytes_per_step(full, full, full.num_layers, mean_context, head_bytes=head_bytes("unsplit")),
+                  "old_unsplit": unsplit_bytes, "hf_generate": unsplit_bytes}
     for name, sp in splits.items():
-        step_bytes[name] = bytes_per_step(sp.edge.parts, sp.cloud.parts, split_layer, mean_context, sp.spec.qa)
-    step_bytes["old_split"] = step_bytes["split"]
+        step_bytes[name] = bytes_per_step(sp.edge.parts, sp.cloud.parts, split_layer, mean_context, sp.spec.qa,
+                                          head_bytes(name))
+    step_bytes["split_full_head"] = step_bytes["old_split"] = bytes_per_step(
+        splits["split"].edge.parts, splits["split"].cloud.parts, split_layer, mean_context)
     configs = {}
     for name in names:
         runs = samples[name]
@@ -275,6 +300,9 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "old_unsplit_tok_s": tok["old_unsplit"],
         "old_split_tok_s": tok["old_split"],
         "split_speedup_vs_old": s / tok["old_split"],
+        "split_full_head_tok_s": tok["split_full_head"],
+        "screened_head_speedup": s / tok["split_full_head"],  # greedy steps: int8-screened vs float LM head
+        "screened_head_rows": {name: heads[name]["rows"] if heads[name] else None for name in heads},
         "hf_generate_tok_s": tok.get("hf_generate"),
         "split_int4_tok_s": tok["split_int4"],
         "split_int8_tok_s": tok["split_int8"],
@@ -302,6 +330,24 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "configs": configs,
         "load_average": list(_load_average()),
     }
+
+
+def _head(session: Session):
+    """A fast session's LM head (`model.fast._Head`), else None."""
+    half = getattr(session, "cloud", None) or getattr(session, "model", None)
+    head = getattr(half, "head", None)
+    return head if hasattr(head, "build_screen") else None
+
+
+def _screened_head_bytes(session: Session) -> dict | None:
+    """What a fast session's screened LM head read per step over the run so far: {"bytes": screen
+    + float rows, "rows": mean float rows}; None when no step of it was screened."""
+    head = _head(session)
+    screen = getattr(head, "screen", None)
+    if screen is None or not head.screened[0]:
+        return None
+    rows = head.screened[1] / head.screened[0]
+    return {"bytes": screen.nbytes + rows * screen.cols * 4, "rows": rows}
 
 
 def _load_average() -> tuple[float, float, float]:

@@ -173,8 +173,8 @@ class CloudHalf:
         return new_cache(self.parts)
 
     @torch.inference_mode()
-    def __call__(self, hidden, position_ids, attention_mask, cache, logits_to_keep: int = 0):
-        # hidden [B, T, H] -> logits [B, T', V] with T' = logits_to_keep or T
+    def __call__(self, hidden, position_ids, attention_mask, cache, logits_to_keep: int = 0, top: int = 0):
+        # hidden [B, T, H] -> logits [B, T', V] with T' = logits_to_keep or T; every logit whatever `top`
         hidden = self.layers(hidden, position_ids, attention_mask, cache)
         hidden = self.parts.norm(hidden)
         if logits_to_keep:

@@ -309,9 +309,9 @@ def supports8(in_features: int) -> bool:
     return in_features > 0 and in_features % 64 == 0
 
 
-def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ (codes [N, K] int8 * scales [N, 1] bf16).T -> [M, N] float32, M <= GEMV_MAX_TOKENS.
-    Only when `available()`."""
+def _q8_call(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The checked C call behind `mm8` and `mm8_screen`: (x as float32 [M, K], y [M, N] with the
+    rows the C code computed, mask of the rows it left to float)."""
     x = _cpu_input(x)
     m, k = x.shape
     n = codes.shape[0] if codes.dim() == 2 else -1
@@ -325,10 +325,18 @@ def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Ten
     lib = _need()
     y = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
-        return y
+        return x, y, 0
     scratch = torch.empty(k * 2 + 8 * (k // 64), dtype=torch.uint8)
     left = lib.splitllm_q8_gemv(x.data_ptr(), m, k, codes.data_ptr(), scales.data_ptr(), n, scratch.data_ptr(),
                                 y.data_ptr())
+    return x, y, left
+
+
+def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ (codes [N, K] int8 * scales [N, 1] bf16).T -> [M, N] float32, M <= GEMV_MAX_TOKENS.
+    Only when `available()`."""
+    x, y, left = _q8_call(x, codes, scales)
+    n, k = y.shape[1], x.shape[1]
     rows = _chunk_rows(n, k)
 
     def product(i: int) -> torch.Tensor:
@@ -338,6 +346,14 @@ def mm8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Ten
 
     _float_rows(y, left, product)
     return y
+
+
+def mm8_screen(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """`mm8` of one token x [K] -> [N], or None where the C code leaves x to float (NaN, inf,
+    magnitudes past 1e30 or below 1e-30): a screen then computes its float product itself rather
+    than this one of the dequantized copy. Only when `available()`."""
+    _, y, left = _q8_call(x.reshape(1, -1), codes, scales)
+    return None if left else y[0]
 
 
 def kv8_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, out: torch.Tensor) -> bool:

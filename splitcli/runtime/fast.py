@@ -83,8 +83,8 @@ class FastUnsplitSession(Session):
     def _static_caches(self) -> list:
         return [self.cache]
 
-    def _run(self, input_ids, positions, mask, logits_to_keep, stats):
-        return self.model(input_ids, positions, mask, self.cache, logits_to_keep)
+    def _run(self, input_ids, positions, mask, logits_to_keep, stats, top=0):
+        return self.model(input_ids, positions, mask, self.cache, logits_to_keep, top)
 
 
 def fast_unsupported_model(model) -> str | None:

@@ -301,9 +301,9 @@ class HandoffSession(SplitSession):
         return self.edge.split_layer
 
     @torch.inference_mode()
-    def _run(self, input_ids, positions, mask, logits_to_keep, stats):
+    def _run(self, input_ids, positions, mask, logits_to_keep, stats, top=0):
         if not self.local:
-            return super()._run(input_ids, positions, mask, logits_to_keep, stats)
+            return super()._run(input_ids, positions, mask, logits_to_keep, stats, top)
         t0 = time.perf_counter()
         out = self.edge_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                               cache=self.edge_cache, use_cache=True, logits_to_keep=logits_to_keep,

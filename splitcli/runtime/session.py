@@ -63,8 +63,12 @@ class Session:
     def _static_caches(self) -> list:
         return []
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 1):
-        """Feed new tokens [B, T] (mask [B, T] for the new tokens; 0 = left padding). Returns logits [B, T', V]."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 1,
+                top: int = 0):
+        """Feed new tokens [B, T] (mask [B, T] for the new tokens; 0 = left padding). Returns logits [B, T', V].
+        `top` > 0: the caller reads only the `top` largest logits of a one-row step (greedy: 1), so
+        a fast-path head may return -inf for rows it proved cannot be among them
+        (`quant.screen`); the `top` largest come back exactly as a float32 head computes them."""
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise SplitLLMError("forward needs a non-empty [batch, tokens] tensor of token ids")
         b, t = input_ids.shape
@@ -85,23 +89,25 @@ class Session:
         mask_arg = full if self._s.padded else None  # all-ones masks let SDPA take its causal fast path
         stats = StepStats(tokens=b * t)
         t0 = time.perf_counter()
-        logits = self._run(input_ids, positions, mask_arg, logits_to_keep, stats)
+        logits = self._run(input_ids, positions, mask_arg, logits_to_keep, stats, top)
         stats.total_ms = (time.perf_counter() - t0) * 1e3
         self._s.stats.append(stats)
         return logits
 
-    def prefill(self, input_ids, attention_mask=None, chunk_size: int | None = None, logits_to_keep: int = 1):
-        """Feed a prompt, optionally in chunks of `chunk_size` tokens; returns the last chunk's logits."""
+    def prefill(self, input_ids, attention_mask=None, chunk_size: int | None = None, logits_to_keep: int = 1,
+                top: int = 0):
+        """Feed a prompt, optionally in chunks of `chunk_size` tokens; returns the last chunk's logits
+        (`top` as in `forward`)."""
         t = input_ids.shape[1]
         if not chunk_size or chunk_size >= t:
-            return self.forward(input_ids, attention_mask, logits_to_keep)
+            return self.forward(input_ids, attention_mask, logits_to_keep, top)
         logits = None
         for s in range(0, t, chunk_size):
             m = None if attention_mask is None else attention_mask[:, s : s + chunk_size]
-            logits = self.forward(input_ids[:, s : s + chunk_size], m, logits_to_keep)
+            logits = self.forward(input_ids[:, s : s + chunk_size], m, logits_to_keep, top)
         return logits
 
-    def _run(self, input_ids, positions, mask, logits_to_keep, stats):  # pragma: no cover - abstract
+    def _run(self, input_ids, positions, mask, logits_to_keep, stats, top=0):  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -118,7 +124,7 @@ class UnsplitSession(Session):
         self.cache = new_cache(decoder_parts(model))
 
     @torch.inference_mode()
-    def _run(self, input_ids, positions, mask, logits_to_keep, stats):
+    def _run(self, input_ids, positions, mask, logits_to_keep, stats, top=0):  # computes every logit
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -154,7 +160,7 @@ class SplitSession(Session):
         self.edge_cache = self.edge.new_cache()
         self.cloud_cache = self.cloud.new_cache()
 
-    def _run(self, input_ids, positions, mask, logits_to_keep, stats):
+    def _run(self, input_ids, positions, mask, logits_to_keep, stats, top=0):
         clock = time.perf_counter
         t0 = clock()
         hidden = self.edge(input_ids, positions, mask, self.edge_cache)  # [B, T, H]
@@ -164,7 +170,7 @@ class SplitSession(Session):
         t2 = clock()
         received = self.wire.decode(frame).reshape(b, t, h).to(hidden.dtype)
         t3 = clock()
-        logits = self.cloud(received, positions, mask, self.cloud_cache, logits_to_keep)
+        logits = self.cloud(received, positions, mask, self.cloud_cache, logits_to_keep, top=top)
         t4 = clock()
         stats.edge_ms, stats.encode_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         stats.decode_ms, stats.cloud_ms = (t3 - t2) * 1e3, (t4 - t3) * 1e3

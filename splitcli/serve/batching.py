@@ -48,6 +48,7 @@ class CloudState:
 class _Work:
     state: CloudState
     hidden: torch.Tensor  # [1, T, H]
+    top: int = 0  # `Session.forward`'s: a step run alone may screen its head (a batch of several does not)
     done: threading.Event = field(default_factory=threading.Event)
     logits: torch.Tensor | None = None  # [V] of the last position
     error: BaseException | None = None
@@ -59,14 +60,14 @@ def can_batch(cloud: CloudHalf) -> bool:
     return all(t == "full_attention" for t in types)
 
 
-def forward_one(cloud: CloudHalf, state: CloudState, hidden: torch.Tensor) -> torch.Tensor:
+def forward_one(cloud: CloudHalf, state: CloudState, hidden: torch.Tensor, top: int = 0) -> torch.Tensor:
     """Positions [length, length + T) of one session on its own cache (no mask: as in-process).
     `cloud` is the eager `CloudHalf` or the fast one (`model.fast.FastCloudHalf`, same call) with
-    the cache kind it makes."""
+    the cache kind it makes; `top` as `Session.forward`'s."""
     check_cache(cloud, state.cache)
     t = hidden.shape[1]
     positions = torch.arange(state.length, state.length + t)[None]
-    logits = cloud(hidden, positions, None, state.cache, logits_to_keep=1)
+    logits = cloud(hidden, positions, None, state.cache, logits_to_keep=1, top=top)
     state.length += t
     return logits[0, -1]
 
@@ -151,9 +152,11 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="splitllm-cloud-batcher", daemon=True)
         self._thread.start()
 
-    def run(self, state: CloudState, hidden: torch.Tensor, timeout_s: float = 300.0) -> torch.Tensor:
-        """Logits [V] of the last of `hidden`'s [1, T, H] positions, appended to `state`."""
-        work = _Work(state, hidden)
+    def run(self, state: CloudState, hidden: torch.Tensor, timeout_s: float = 300.0, top: int = 0) -> torch.Tensor:
+        """Logits [V] of the last of `hidden`'s [1, T, H] positions, appended to `state`. `top` > 0:
+        the caller reads only the `top` largest (`Session.forward`), so a step that runs alone may
+        return -inf for the rest."""
+        work = _Work(state, hidden, top)
         with self._out_lock:
             self._out.pop(id(state), None)
             if state.done_at is not None and self._decodable_shape(work):
@@ -236,7 +239,7 @@ class Batcher:
         started = time.monotonic()
         try:
             if len(live) == 1:
-                live[0].logits = forward_one(self.cloud, live[0].state, live[0].hidden)
+                live[0].logits = forward_one(self.cloud, live[0].state, live[0].hidden, live[0].top)
             else:
                 out = self._forward_batch(self.cloud, [w.state for w in live], [w.hidden for w in live])
                 for w, logits in zip(live, out):
