@@ -176,3 +176,74 @@ def test_the_head_builds_its_screen_in_the_background_after_enough_greedy_steps(
     assert head.screen is not None
     logits = session.forward(torch.tensor([[7]]), top=1)
     assert head.screened[0] == 1 and int(torch.isfinite(logits).sum()) == head.screened[1] >= 1
+
+
+def test_the_bound_coefficients_cover_each_term():
+    # a_j >= E_j + reference rounding, b_j >= 0.51 ||w_hat_j||_1, m_j >= 2.02 K u max|w_j| (module
+    # docstring): a screen with any term left out fails here
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(500, 192, generator=g) * torch.logspace(-3, 1, 500)[:, None]
+    screen = Int8Screen(w)
+    w_hat = screen.codes.double() * screen.scales.double()[:, None]
+    e = (w.double() - w_hat).abs().amax(-1)
+    u, k = 2.0**-24, w.shape[1]
+    assert bool((screen.a.double() >= e + 1.01 * k * u * w.double().abs().amax(-1)).all())
+    assert bool((screen.b.double() >= 0.51 * w_hat.abs().sum(-1)).all())
+    assert bool((screen.m.double() >= 2.02 * k * u * w.double().abs().amax(-1)).all())
+
+
+def test_rows_decided_by_the_inputs_int16_rounding_are_computed():
+    # (review 12) weights on the int8 grid, so E = 0; x has one large entry and small ones that the
+    # kernel's int16 rounds to 0 (row 0: ten of 0.49 steps) or to 1 (row 1: one of 0.51 steps):
+    # row 0's value (4.9 steps) beats row 1's (0.51) while its int8 product is 0 < row 1's
+    x = torch.zeros(64)
+    x[0] = 1.0
+    x[1:11] = 0.49 / 32767
+    x[11] = 0.51 / 32767
+    w = torch.zeros(16, 64)
+    w[0, 1:11] = 127 / 128
+    w[1, 11] = 127 / 128
+    w[2:, 0] = -127 / 128
+    out, _ = Int8Screen(w).top(x, 1, w)
+    assert int(out.argmax()) == int((w @ x).argmax()) == 0
+
+
+def test_subnormal_products_keep_the_float_heads_argmax():
+    # (review 12) logits in float32's subnormal range: the relative bounds underflow to 0 and the
+    # roundings to the subnormal grid decide; the absolute slack keeps every contender
+    x16 = torch.full((64,), 32767.0)
+    x16[5] = 20796.0
+    x = (x16 * 2.0**-38).float()
+    w = torch.zeros(16, 64)
+    w[0, 5] = 127 * 2.0**-127  # 40.3 subnormal steps
+    w[1, :] = 66 * 2.0**-133  # 63 products of ~0.5 steps: 63 steps in float32's sum
+    w[1, 0] = 127 * 2.0**-133
+    out, _ = Int8Screen(w).top(x, 1, w)
+    full = w @ x
+    assert int(out.argmax()) == int(full.argmax()) and bool(torch.isfinite(out[:2]).all())
+
+
+def test_inputs_whose_products_could_overflow_are_declined_and_unfit_weights_refused():
+    w = torch.randn(64, 64)
+    w[3] *= 1e25  # max|W| ~ 2^85
+    assert Int8Screen(w).top(torch.randn(64) * 1e10, 1, w) is None  # ||x||_1 max|W| past 2^100
+    assert Int8Screen(w).top(torch.randn(64), 1, w) is not None
+    huge = torch.full((8, 64), 3e38)
+    with pytest.raises(SplitLLMError):  # its error bounds overflow float32
+        Int8Screen(huge)
+
+
+def test_a_head_written_in_place_drops_its_stale_screen():
+    from conftest import _tiny
+    from splitcli.runtime.fast import FastUnsplitSession
+
+    model = _tiny("llama")
+    head = FastUnsplitSession(model).model.head
+    assert head.build_screen() is not None
+    hidden = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    before = int(head(hidden, 1, top=1).argmax())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["lm_head.weight"][5] = 3 * state["lm_head.weight"][before]  # row 5 becomes the largest
+    model.load_state_dict(state)  # copies into the head's weight in place
+    screened = head(hidden, 1, top=1)
+    assert head.screen is None and int(screened.argmax()) == int(head(hidden, 1).argmax()) == 5

@@ -323,25 +323,37 @@ class _Head:
         self._lock = threading.Lock()
         self._asked = 0  # one-row top-k steps served so far
         self._building = False
+        self._built_for = (-1, 0)  # the weight's (version, data_ptr) the screen was built from
         self.screened = [0, 0]  # steps the screen decided, float rows they computed (bench decode's bytes)
 
     def build_screen(self) -> Int8Screen | None:
         """Build the screen now (None where the head cannot have one)."""
         with self._lock:
             if self.screen is None and self.weight is not None:
+                built_for = self._weight_state()  # before reading: a change during the build shows later
                 try:
                     self.screen = Int8Screen(self.weight.detach())
-                except SplitLLMError:  # NaN / inf weights: no screen
+                    self._built_for = built_for
+                except (SplitLLMError, RuntimeError, MemoryError):  # NaN / inf weights, no memory: float head
                     self.weight = None
         return self.screen
 
+    def _weight_state(self) -> tuple[int, int]:
+        return self.weight._version, self.weight.data_ptr()
+
     def _ready_screen(self) -> Int8Screen | None:
-        if self.screen is None and self.weight is not None and not self._building:
+        screen = self.screen
+        if screen is not None and self.weight is not None and self._weight_state() != self._built_for:
+            # the head was written in place (load_state_dict) or re-pointed since: the screen would
+            # screen the old weights; drop it and count towards a new one
+            self.screen = screen = None
+            self._asked, self._building = 0, False
+        if screen is None and self.weight is not None and not self._building:
             self._asked += 1
             if self._asked >= self.SCREEN_AFTER_STEPS:
                 self._building = True
                 threading.Thread(target=self.build_screen, name="splitllm-head-screen", daemon=True).start()
-        return self.screen
+        return screen
 
     def __call__(self, hidden, logits_to_keep: int, rows_weight=None, top: int = 0):
         # hidden [B, T, H] -> logits [B, T', V]; rows_weight: `row_major_head`'s copy, used when

@@ -7,16 +7,17 @@ reply only k of them. `Int8Screen` reads per-row int8 codes of W (a quarter of t
 splitllm's 8-bit kernel, bounds each row's error rigorously, and computes in float32 only the rows
 whose bound reaches the k-th largest value found. Every row it skips is provably below that value,
 so the top k (indices and float32 values, ties included) are those of the float product of the
-kept rows; measured on SmolLM2-135M over 512 WikiText-2 positions: 1 row kept for top-1 (median;
-at most 11), 168 for top-64 (at most 321).
+kept rows; measured on SmolLM2-135M over 512 WikiText-2 positions: 2 rows kept for top-1 (median;
+at most 18), 178 for top-64 (at most 338).
 
 The bound, for row j with float32 weights w, codes q, bf16 scale s (w_hat = q s, symmetric RTN
 per row, `_quantize_rows`) and the kernel's input rounding x = sx_g x16 + r per group g of 64
 inputs (`kernels.c`: x16 = round(x 32767 / max|x_g|), sx_g = max|x_g| / 32767):
     x.w = S_exact + x.(w - w_hat) + s sum_i r_i q_i,   S_exact = s sum_g sx_g (x16_g . q_g)
     |x.(w - w_hat)|      <= E_j ||x||_1                 E_j = max_i |w_i - w_hat_i| (~ s / 2)
-    |s sum r_i q_i|       <= 0.51 max_g sx_g ||w_hat||_1 (|r_i| <= sx_g (1/2 + 2^-9), the float
-                                                        roundings of the scale and its inverse)
+    |s sum r_i q_i|       <= 0.51 max_g sx_g ||w_hat||_1 (|r_i| <= 0.506 sx_g: half a step plus the
+                                                        float roundings of the scale, its inverse
+                                                        and x * inverse; 0.5038 seen)
     |S - S_exact|         <= (K/64 + 5) 1.01 u 127 s (||x||_1 + 0.51 K max_g sx_g)
                              (the kernel's int32 -> float conversions, one FMA per group, the
                              horizontal sum and the scale: at most K/64 + 5 roundings of u = 2^-24
@@ -28,8 +29,13 @@ The threshold T is a lower bound of the k largest rows' values in any order too:
 of largest S_j computed, T = min (R_j - 2.02 K u M_j ||x||_1). A skipped row then lies below k
 kept rows however either is summed, so the kept rows' products (any kernel, any order) decide.
 The coefficients are computed in float64 and stored rounded up; e and the margin are computed in
-float32 and multiplied by 1 + 2^-10, which covers their own few roundings and the rounding of
-S + e and R - margin (both margins are >= 576 u times the values they are added to).
+float32 and multiplied by 1 + 2^-4, which covers their own roundings (l1's sum: K u relative) and
+the roundings of S + e and R - margin: both margins hold 1.01 K u M_j ||x||_1 >= 64 u |S_j| / 1.02
+(K >= 64; |S_j|, |R_j| <= 1.01 M_j ||x||_1), so a sixteenth of them exceeds u |S_j| + u e_j. An
+absolute (2 K + K/64 + 16) 2^-126 is added to both for roundings near and below the smallest
+normal float (flush-to-zero included), where relative bounds say nothing. Inputs whose products
+could overflow (||x||_1 max|W| >= 2^100) are declined, as are weights whose coefficients do not
+fit float32.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from ..errors import SplitLLMError
 from . import kernels
 
 _U = 2.0**-24  # float32 unit roundoff
-_ROWS_PER_BUILD_CHUNK = 4096  # rows quantized at a time (temporaries stay ~10 MB)
+_ROWS_PER_BUILD_CHUNK = 4096  # rows quantized at a time (float32 temporaries of 4096 x K: ~10 MB at K = 576)
 
 
 def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,7 +99,11 @@ class Int8Screen:
                 self.scales[r0:r0 + n] = s
         up = coef.float()
         up = torch.where(up.double() < coef, torch.nextafter(up, torch.tensor(float("inf"))), up)
+        if not bool(torch.isfinite(up).all()):  # weights near float32's limit: e would be inf or NaN
+            raise SplitLLMError("the weight's error bounds do not fit float32: no screen")
         self.a, self.b, self.m = (up[:, i].contiguous() for i in range(3))  # [V] each
+        self.w_max = float(coef[:, 2].max()) / (2.02 * k * _U) if v else 0.0  # max |W|
+        self.tiny = (2 * k + k // 64 + 16) * 2.0**-126  # absolute slack (module docstring)
 
     @property
     def nbytes(self) -> int:
@@ -115,11 +125,17 @@ class Int8Screen:
         if screened is None:
             return None
         xa = x.abs()
-        l1, slack = xa.sum(), 1 + 2.0**-10
-        e = (self.a * l1).add_(self.b, alpha=float(xa.amax()) / 32767).mul_(slack)  # [V]
+        l1, slack = xa.sum(), 1 + 2.0**-4
+        if float(l1) * self.w_max >= 2.0**100:  # products could overflow in some summation order
+            return None
+        e = (self.a * l1).add_(self.b, alpha=float(xa.amax()) / 32767).mul_(slack).add_(self.tiny)  # [V]
         first = screened.topk(k).indices if k > 1 else screened.argmax()[None]  # [k]
-        threshold = (_product(x, weight, first) - self.m[first] * l1 * slack).min()
+        threshold = (_product(x, weight, first) - self.m[first] * l1 * slack - self.tiny).min()
+        if not bool(torch.isfinite(threshold)):
+            return None
         keep = (screened.add_(e) >= threshold).nonzero().squeeze(1)  # [C]
+        if keep.numel() < k:  # cannot happen when the bound holds; the caller computes every row
+            return None
         if 4 * keep.numel() > self.rows:  # e.g. x = 0: every row ties; one full product is cheaper
             return F.linear(x, weight), self.rows
         out = torch.full((self.rows,), float("-inf"))
