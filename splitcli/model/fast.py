@@ -304,10 +304,11 @@ class _Head:
     quarter of the head's memory more) and compute in float only the rows that can be among the
     top; the rest come back -inf. Measured on SmolLM2-135M inside a greedy decode loop at ℓ = 15
     (the layers' weights evict the head from cache between steps; 1 thread, this 2-core host,
-    medians over 192 steps): 4.2 ms per head call against 7.2 ms for the float head. Building the screen takes ~0.4-0.6 s there, which
-    ~150 steps repay, so it is built in a background thread once the head has served
-    SCREEN_AFTER_STEPS such steps (a short generation never pays for it and no step stalls on it;
-    `build_screen()` builds it now). Where it cannot run (no splitllm kernels, a head that is not a
+    medians over 192 steps): 4.2 ms per head call against 7.2 ms for the float head. Building the
+    screen takes ~0.4-0.7 s there, which ~150 steps repay, so it is built in a background thread
+    once the head has served SCREEN_AFTER_STEPS such steps: a short generation never pays for it
+    and no step waits for it, though the steps beside the build share the CPU (measured once: 11
+    steps of 64-89 ms against ~55 before and ~50 after). `build_screen()` builds it now. Where it cannot run (no splitllm kernels, a head that is not a
     float32 bias-free linear, an input the kernel leaves to float) the float head computes every logit."""
 
     SCREEN_AFTER_STEPS = 64
