@@ -28,6 +28,11 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
     # greedy steps on the screened LM head beside the float head computing every logit
     assert d["split_full_head_tok_s"] == c["split_full_head"]["tok_s"] > 0
     assert d["screened_head_speedup"] == d["split_tok_s"] / d["split_full_head_tok_s"]
+    for key, base, other in (("screened_head_speedup_paired_median", "split_full_head", "split"),
+                             ("int4_over_fp32_split_paired_median", "split", "split_int4"),
+                             ("int8_over_fp32_split_paired_median", "split", "split_int8")):
+        ratios = sorted(b / a for a, b in zip(c[base]["tok_s_runs"], c[other]["tok_s_runs"]))
+        assert d[key] == (ratios[0] + ratios[1]) / 2  # the median of the 2 rounds' same-round ratios
     assert c["split_full_head"]["bytes_per_step"] == c["old_split"]["bytes_per_step"]
     if kernels.available():
         v, h = 49152, 64  # the tiny model's vocabulary (the real tokenizer's) and width

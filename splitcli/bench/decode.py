@@ -282,7 +282,12 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         configs[name] = row
     tok = {n: configs[n]["tok_s"] for n in names}
     u, s = tok["unsplit"], tok["split"]
-    paired = [b["tok_s"] / a["tok_s"] for a, b in zip(samples["unsplit"], samples["split"])]
+
+    def paired(base: str, other: str) -> float:
+        # median over rounds of other / base within the same round: the rounds of this host swing
+        # by +-10% together, so a ratio of the same round is steadier than one of two medians
+        return statistics.median(b["tok_s"] / a["tok_s"] for a, b in zip(samples[base], samples[other]))
+
     kv_ratio = configs["split_int4_kv8"]["edge_ms"] / configs["split_int4"]["edge_ms"]
     return {
         "model": lm.model_id,
@@ -294,7 +299,7 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "unsplit_tok_s": u,
         "split_tok_s": s,
         "overhead": 1 - s / u,
-        "overhead_paired_median": 1 - statistics.median(paired),
+        "overhead_paired_median": 1 - paired("unsplit", "split"),
         "unsplit_tok_s_runs": configs["unsplit"]["tok_s_runs"],
         "split_tok_s_runs": configs["split"]["tok_s_runs"],
         "old_unsplit_tok_s": tok["old_unsplit"],
@@ -302,12 +307,14 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "split_speedup_vs_old": s / tok["old_split"],
         "split_full_head_tok_s": tok["split_full_head"],
         "screened_head_speedup": s / tok["split_full_head"],  # greedy steps: int8-screened vs float LM head
+        "screened_head_speedup_paired_median": paired("split_full_head", "split"),
         "screened_head_rows": {name: heads[name]["rows"] if heads[name] else None for name in heads},
         "hf_generate_tok_s": tok.get("hf_generate"),
         "split_int4_tok_s": tok["split_int4"],
         "split_int8_tok_s": tok["split_int8"],
         "split_int4_kv8_tok_s": tok["split_int4_kv8"],
         "int4_over_fp32_split": tok["split_int4"] / s,
+        "int4_over_fp32_split_paired_median": paired("split", "split_int4"),
         "int4_kernel": kernel_names[4],
         "int8_kernel": kernel_names[8],
         "split_int4_torch_kernel_tok_s": tok.get("split_int4_torch"),
@@ -315,6 +322,7 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "split_int8_torch_kernel_tok_s": tok.get("split_int8_torch"),
         "int8_torch_kernel_over_fp32_split": tok["split_int8_torch"] / s if "split_int8_torch" in tok else None,
         "int8_over_fp32_split": tok["split_int8"] / s,
+        "int8_over_fp32_split_paired_median": paired("split", "split_int8"),
         # the most int4_over_fp32_split can be when both runs read memory equally fast: the fp32
         # cloud (and LM head) is common to both, so at ℓ = L/2 this is ~1.5 whatever the kernels
         "int4_bound_ratio": step_bytes["split"] / step_bytes["split_int4"],

@@ -84,12 +84,14 @@ def _print_decode_summary(r: dict) -> None:
     console.print(
         f"fast split {r['split_tok_s']:.1f} tok/s = {r['split_speedup_vs_old']:.2f}x the old split "
         f"({r['old_split_tok_s']:.1f}), {100 * r['fraction_of_bound']:.0f}% of its bound; split overhead vs fast "
-        f"unsplit {100 * r['overhead']:.1f}%; greedy steps on the int8-screened LM head "
-        f"{r['screened_head_speedup']:.2f}x the float head's ({r['split_full_head_tok_s']:.1f} tok/s); int4 edge {r['int4_over_fp32_split']:.2f}x (bytes allow "
-        f"{r['int4_bound_ratio']:.2f}x"
+        f"unsplit {100 * r['overhead']:.1f}% (paired {100 * r['overhead_paired_median']:.1f}%); greedy steps on the int8-screened LM head "
+        f"{r['screened_head_speedup']:.2f}x the float head's ({r['split_full_head_tok_s']:.1f} tok/s; paired "
+        f"{r['screened_head_speedup_paired_median']:.2f}x); int4 edge {r['int4_over_fp32_split']:.2f}x (paired "
+        f"{r['int4_over_fp32_split_paired_median']:.2f}x; bytes allow {r['int4_bound_ratio']:.2f}x"
         + (f"; on torch's kernel {r['int4_torch_kernel_over_fp32_split']:.2f}x"
            if r.get("int4_torch_kernel_over_fp32_split") else "")
-        + f"), int8 edge {r['int8_over_fp32_split']:.2f}x (bytes allow {r['int8_bound_ratio']:.2f}x"
+        + f"), int8 edge {r['int8_over_fp32_split']:.2f}x "
+        f"(paired {r['int8_over_fp32_split_paired_median']:.2f}x; bytes allow {r['int8_bound_ratio']:.2f}x"
         + (f"; on torch's kernel {r['int8_torch_kernel_over_fp32_split']:.2f}x"
            if r.get("int8_torch_kernel_over_fp32_split") else "")
         + f") the fp32 split, kernels int4 {r['int4_kernel']}, int8 {r['int8_kernel']}; Qa = 8 edge step {r['kv8_edge_ms_ratio']:.2f}x the fp KV's "
