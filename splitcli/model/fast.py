@@ -308,8 +308,9 @@ class _Head:
     screen takes ~0.4-0.7 s there, which ~150 steps repay, so it is built in a background thread
     once the head has served SCREEN_AFTER_STEPS such steps: a short generation never pays for it
     and no step waits for it, though the steps beside the build share the CPU (measured once: 11
-    steps of 64-89 ms against ~55 before and ~50 after). `build_screen()` builds it now. Where it cannot run (no splitllm kernels, a head that is not a
-    float32 bias-free linear, an input the kernel leaves to float) the float head computes every logit."""
+    steps of 64-89 ms against ~55 before and ~50 after). `build_screen()` builds it now. Where it
+    cannot run (no splitllm kernels, a head that is not a float32 bias-free linear, an input the
+    kernel leaves to float) the float head computes every logit."""
 
     SCREEN_AFTER_STEPS = 64
 
@@ -364,8 +365,9 @@ class _Head:
         x = _rms_norm(hidden, self.norm_w, self.eps)
         b, t, h = x.shape
         # past an eighth of the rows a screen would compute most of them in float anyway
-        if 0 < 8 * top <= self.rows and b * t == 1 and kernels.available() and self._ready_screen() is not None:
-            got = self.screen.top(x.reshape(h), top, self.weight)
+        screen = self._ready_screen() if 0 < 8 * top <= self.rows and b * t == 1 and kernels.available() else None
+        if screen is not None:  # this one: another thread may drop a stale self.screen meanwhile
+            got = screen.top(x.reshape(h), top, self.weight)
             if got is not None:
                 self.screened[0] += 1
                 self.screened[1] += got[1]

@@ -69,7 +69,7 @@ def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 class Int8Screen:
     """The screen of a float32 weight W [V, K] (any strides: it is read, never kept). Built in
-    ~0.4 s for SmolLM2's 49152 x 576 head on one core of this host."""
+    0.4-0.7 s for SmolLM2's 49152 x 576 head on one core of this host."""
 
     def __init__(self, weight: torch.Tensor):
         if weight.ndim != 2 or weight.dtype != torch.float32 or not kernels.supports8(weight.shape[1]):
