@@ -27,6 +27,12 @@ class SamplingConfig:
         if not 0 < self.top_p <= 1:
             raise SplitLLMError(f"--top-p must be in (0, 1], got {self.top_p}")
 
+    @property
+    def top(self) -> int:
+        """Logits a step sampled with this config reads (`Session.forward`'s `top`): the largest
+        only when greedy, all of them (0) when it samples."""
+        return 1 if self.temperature == 0 else 0
+
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]."""
@@ -64,12 +70,6 @@ class TokenStream:
         return nxt
 
     @property
-    def top(self) -> int:
-        """Logits of a step this stream reads (`Session.forward`'s `top`): the largest only when
-        greedy, all of them (0) when it samples."""
-        return 1 if self.cfg.temperature == 0 else 0
-
-    @property
     def all_eos(self) -> bool:
         return bool(self.done.all())
 
@@ -101,14 +101,14 @@ def generate(
     """Prefill the prompt [B, T], then decode up to cfg.max_new_tokens tokens one at a time."""
     stream = TokenStream(cfg, input_ids.shape[0], eos_token_ids)
     session.reserve(input_ids.shape[1] + cfg.max_new_tokens)  # fast-path sessions size their caches once
-    logits = session.prefill(input_ids, attention_mask, chunk_size=prefill_chunk, top=stream.top)[:, -1]
+    logits = session.prefill(input_ids, attention_mask, chunk_size=prefill_chunk, top=cfg.top)[:, -1]
     n_prefill = len(session.stats)
     prefill = _sum_stats(session.stats[:n_prefill])
     while True:
         nxt = stream.sample(logits)
         if stream.finished:
             break
-        logits = session.forward(nxt[:, None], top=stream.top)[:, -1]
+        logits = session.forward(nxt[:, None], top=cfg.top)[:, -1]
     return GenerationResult(stream.tokens(), prefill, session.stats[n_prefill:], stream.all_eos)
 
 

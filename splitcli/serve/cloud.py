@@ -369,12 +369,6 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
             sess.cfgs[q_bar] = with_q_bar(base, q_bar)
         return sess.cfgs[q_bar]
 
-    @staticmethod
-    def _top(sess: _Session) -> int:
-        """The logits a step's reply reads: the top-k it sends, the largest for greedy sampling,
-        all of them (0) when it samples."""
-        return sess.top_k or (1 if sess.sampling.temperature == 0 else 0)
-
     def _run_step(self, sess: _Session, step_id: int, position: int, n_tokens: int, frame: bytes, context,
                   q_bar: int = 0):
         cfg = self._codec_at(sess, q_bar, step_id, context)
@@ -384,7 +378,8 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {step_id}: {exc}")
         started = time.perf_counter()
         try:
-            logits = self.batcher.run(sess.state, hidden[None], top=self._top(sess))
+            # the logits its reply reads: the top-k it sends, else what its sampling reads
+            logits = self.batcher.run(sess.state, hidden[None], top=sess.top_k or sess.sampling.top)
         except SplitLLMError as exc:  # the frame was valid: the failure is the server's
             context.abort(grpc.StatusCode.INTERNAL, f"step {step_id}: {exc}")
         if self.on_step is not None:
