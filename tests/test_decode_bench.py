@@ -24,13 +24,20 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
     # the int4 edge also on torch's kernel, side by side, where splitllm's own kernel runs it
     ours = {4: kernels.available(), 8: kernels.available()}  # --threads 1: both, where they build
     assert set(c) == {"old_unsplit", "old_split", "unsplit", "split", "split_int4", "split_int8", "split_int4_kv8",
-                      "hf_generate", "split_full_head"} | {f"split_int{b}_torch" for b in (4, 8) if ours[b]}
+                      "hf_generate", "split_full_head", "split_torch_step", "split_int4_torch_step"} | {
+        f"split_int{b}_torch" for b in (4, 8) if ours[b]}
+    # the C decode step against the torch path's per-layer ops, the same splits side by side
+    assert d["c_step_speedup"] == d["split_tok_s"] / d["split_torch_step_tok_s"]
+    assert d["int4_c_step_speedup"] == d["split_int4_tok_s"] / d["split_int4_torch_step_tok_s"]
+    assert d["int4_over_fp32_split_torch_step"] == d["split_int4_torch_step_tok_s"] / d["split_torch_step_tok_s"]
+    assert c["split_torch_step"]["bytes_per_step"] == c["split"]["bytes_per_step"]
     # greedy steps on the screened LM head beside the float head computing every logit
     assert d["split_full_head_tok_s"] == c["split_full_head"]["tok_s"] > 0
     assert d["screened_head_speedup"] == d["split_tok_s"] / d["split_full_head_tok_s"]
     for key, base, other in (("screened_head_speedup_paired_median", "split_full_head", "split"),
                              ("int4_over_fp32_split_paired_median", "split", "split_int4"),
-                             ("int8_over_fp32_split_paired_median", "split", "split_int8")):
+                             ("int8_over_fp32_split_paired_median", "split", "split_int8"),
+                             ("c_step_speedup_paired_median", "split_torch_step", "split")):
         ratios = sorted(b / a for a, b in zip(c[base]["tok_s_runs"], c[other]["tok_s_runs"]))
         assert d[key] == (ratios[0] + ratios[1]) / 2  # the median of the 2 rounds' same-round ratios
     assert c["split_full_head"]["bytes_per_step"] == c["old_split"]["bytes_per_step"]

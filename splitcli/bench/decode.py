@@ -19,6 +19,9 @@ path, so every path does identical work from the same prompt):
 - split_int4_torch / split_int8_torch   the same edges on torch's kernels (only where splitllm's
                 run), side by side;
 - split_int4_kv8            split_int4 with the edge's KV cache at 8 bits (Qa = 8);
+- split_torch_step / split_int4_torch_step   split / split_int4 with every token on the torch
+                path's per-layer ops instead of one `decode_step.c` call per half (that call
+                runs a one-token step of batch 1 on a float cache where splitllm's kernels are);
 - llama_cpp     llama.cpp (`llama-cpp-python`, optional) on the model's GGUF file, same threads.
 Repeats run in rounds, each round every path once in a rotated order, so drifting load hits all
 alike; each path reports the median of its rounds.
@@ -35,6 +38,7 @@ screened head counts its codes, scales and bound coefficients plus the float row
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import statistics
@@ -47,7 +51,7 @@ from ..deploy import SplitSpec, build_split
 from ..deploy.measure import head_dims
 from ..errors import SplitLLMError
 from ..model.split import CloudHalf, EdgeHalf, decoder_parts
-from ..quant import kernels
+from ..quant import decode_step, kernels
 from ..quant.kv_format import KVQuantConfig, fp_kv_bytes_per_token, kv_bytes_per_token
 from ..runtime.fast import FastUnsplitSession, fast_split_session, fast_unsupported_model
 from ..runtime.generate import SamplingConfig, encode_prompts, generate
@@ -222,10 +226,17 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     for name, sp in splits.items():
         sessions[name] = lambda sp=sp: fast_split_session(sp)
     sessions["split_full_head"] = sessions["split"]
+    # the same fast splits with every token on the torch path (decode_step.c off), side by side
+    torch_steps = {"split_torch_step": "split", "split_int4_torch_step": "split_int4"}
+    for name, base in torch_steps.items():
+        sessions[name] = sessions[base]
     tops = {name: 0 if name == "split_full_head" else 1 for name in sessions}
-    runners: dict[str, Callable[[], dict]] = {
-        name: (lambda make=make, top=tops[name]: _timed_decode(make(), ids, tokens, top))
-        for name, make in sessions.items()}
+
+    def timed(name: str, toks: torch.Tensor, session: Session | None = None) -> dict:
+        with decode_step.disabled() if name in torch_steps else contextlib.nullcontext():
+            return _timed_decode(session or sessions[name](), ids, toks, tops[name])
+
+    runners: dict[str, Callable[[], dict]] = {name: (lambda name=name: timed(name, tokens)) for name in sessions}
     if hf_generate:
         runners["hf_generate"] = lambda: _hf_generate_tok_s(pristine, ids, n_tokens)
     llama = llama_cpp_runner(gguf_path, threads, lm.tokenizer.decode(ids[0]), n_tokens,
@@ -241,7 +252,7 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
             session = sessions[name]()
             if tops[name] and _head(session) is not None:
                 _head(session).build_screen()  # now, not in a background thread during the timed rounds
-            _timed_decode(session, ids, tokens[:, :4], tops[name])
+            timed(name, tokens[:, :4], session)
     names = list(runners)
     samples: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(repeats):
@@ -266,6 +277,8 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     for name, sp in splits.items():
         step_bytes[name] = bytes_per_step(sp.edge.parts, sp.cloud.parts, split_layer, mean_context, sp.spec.qa,
                                           head_bytes(name))
+    for name, base in torch_steps.items():
+        step_bytes[name] = step_bytes[base]
     step_bytes["split_full_head"] = step_bytes["old_split"] = bytes_per_step(
         splits["split"].edge.parts, splits["split"].cloud.parts, split_layer, mean_context)
     configs = {}
@@ -315,6 +328,13 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "split_int4_kv8_tok_s": tok["split_int4_kv8"],
         "int4_over_fp32_split": tok["split_int4"] / s,
         "int4_over_fp32_split_paired_median": paired("split", "split_int4"),
+        # decode_step.c (one C call per half per token) against the torch path's per-layer ops
+        "split_torch_step_tok_s": tok["split_torch_step"],
+        "split_int4_torch_step_tok_s": tok["split_int4_torch_step"],
+        "c_step_speedup": s / tok["split_torch_step"],
+        "c_step_speedup_paired_median": paired("split_torch_step", "split"),
+        "int4_c_step_speedup": tok["split_int4"] / tok["split_int4_torch_step"],
+        "int4_over_fp32_split_torch_step": tok["split_int4_torch_step"] / tok["split_torch_step"],
         "int4_kernel": kernel_names[4],
         "int8_kernel": kernel_names[8],
         "split_int4_torch_kernel_tok_s": tok.get("split_int4_torch"),

@@ -83,7 +83,9 @@ def _print_decode_summary(r: dict) -> None:
     wide.print(table)
     console.print(
         f"fast split {r['split_tok_s']:.1f} tok/s = {r['split_speedup_vs_old']:.2f}x the old split "
-        f"({r['old_split_tok_s']:.1f}), {100 * r['fraction_of_bound']:.0f}% of its bound; split overhead vs fast "
+        f"({r['old_split_tok_s']:.1f}), {100 * r['fraction_of_bound']:.0f}% of its bound; the C decode step "
+        f"{r['c_step_speedup']:.2f}x the torch path's (paired {r['c_step_speedup_paired_median']:.2f}x; int4 edge "
+        f"{r['int4_c_step_speedup']:.2f}x); split overhead vs fast "
         f"unsplit {100 * r['overhead']:.1f}% (paired {100 * r['overhead_paired_median']:.1f}%); greedy steps on the int8-screened LM head "
         f"{r['screened_head_speedup']:.2f}x the float head's ({r['split_full_head_tok_s']:.1f} tok/s; paired "
         f"{r['screened_head_speedup_paired_median']:.2f}x); int4 edge {r['int4_over_fp32_split']:.2f}x (paired "

@@ -27,7 +27,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SPLITLLM_ABI 5
+#define SPLITLLM_ABI 6
 /* Rows ahead whose bytes are prefetched: the hardware prefetcher alone left one Zen 3 core reading
  * int8 weights from memory at 7.7 GB/s; asking for the next block's rows gave 14.5 GB/s (1.9x)
  * and the 4-bit kernel 1.14x (49152 x 576, 1 thread, median of 15; 4, 8, 16 and 32 rows ahead
@@ -185,41 +185,48 @@ void splitllm_q4_dequant(const uint8_t *P, const uint16_t *SZ, int64_t K, int64_
     }
 }
 
+/* 8-bit, one token: y [N] = x16 [K] (groups of 64 scaled by sx) @ (C [N, K] int8 * S [N] bf16).T.
+ * |sum| <= 64 * 128 * 32767 per group fits int32 with room to spare. */
+static void q8_one_token(const int16_t *x16, const float *sx, int64_t K, const int8_t *C, const uint16_t *S, int64_t N,
+                         float *y) {
+    const int64_t G = 64, ng = K / G;
+    for (int64_t n = 0; n < N; n += 2) {
+        const int two = n + 1 < N;
+        if (n + PREFETCH_ROWS + 2 <= N)  /* the next block's two rows (see PREFETCH_ROWS) */
+            for (int64_t o = 0; o < 2 * K; o += 64)
+                _mm_prefetch((const char *)(C + (n + PREFETCH_ROWS) * K + o), _MM_HINT_T0);
+        const int8_t *ca = C + n * K, *cb = two ? ca + K : ca;
+        __m256 acca = _mm256_setzero_ps(), accb = acca;
+        for (int64_t g = 0; g < ng; g++) {
+            __m256i da = _mm256_setzero_si256(), db = da;
+            for (int64_t r = g * G; r < (g + 1) * G; r += 16) {
+                const __m256i X = _mm256_loadu_si256((const __m256i *)(x16 + r));
+                da = _mm256_add_epi32(da, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ca + r))), X));
+                db = _mm256_add_epi32(db, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(cb + r))), X));
+            }
+            const __m256 s = _mm256_set1_ps(sx[g]);
+            acca = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(da), acca);
+            accb = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(db), accb);
+        }
+        y[n] = bf16_to_f32(S[n]) * hsum8(acca);
+        if (two) y[n + 1] = bf16_to_f32(S[n + 1]) * hsum8(accb);
+    }
+}
+
 /* 8-bit: y [M, N] = x [M, K] @ W.T with W[n, k] = c[n, k] * s[n] (Int8Linear's operands as they
- * are: codes C [N, K] int8, scales S [N] bf16). x is rounded to int16 per 64 inputs (K % 64 == 0);
- * |sum| <= 64 * 128 * 32767 per group fits int32 with room to spare. One token at a time. */
+ * are: codes C [N, K] int8, scales S [N] bf16). x is rounded to int16 per 64 inputs (K % 64 == 0).
+ * One token at a time. */
 int64_t splitllm_q8_gemv(const float *x, int64_t M, int64_t K, const int8_t *C, const uint16_t *S, int64_t N,
                          void *scratch, float *y) {
-    const int64_t G = 64, ng = K / G;
+    const int64_t ng = K / 64;
     int16_t *x16 = (int16_t *)scratch;
     float *sx = (float *)(x16 + K), *xs = sx + ng;
     int64_t left = 0;  /* as splitllm_q4_gemv */
     for (int64_t m = 0; m < M; m++, x += K, y += N) {
-        if (quantize_x(x, K, G, x16, sx, xs)) {
+        if (quantize_x(x, K, 64, x16, sx, xs))
             left |= (int64_t)1 << m;
-            continue;
-        }
-        for (int64_t n = 0; n < N; n += 2) {
-            const int two = n + 1 < N;
-            if (n + PREFETCH_ROWS + 2 <= N)  /* the next block's two rows (see PREFETCH_ROWS) */
-                for (int64_t o = 0; o < 2 * K; o += 64)
-                    _mm_prefetch((const char *)(C + (n + PREFETCH_ROWS) * K + o), _MM_HINT_T0);
-            const int8_t *ca = C + n * K, *cb = two ? ca + K : ca;
-            __m256 acca = _mm256_setzero_ps(), accb = acca;
-            for (int64_t g = 0; g < ng; g++) {
-                __m256i da = _mm256_setzero_si256(), db = da;
-                for (int64_t r = g * G; r < (g + 1) * G; r += 16) {
-                    const __m256i X = _mm256_loadu_si256((const __m256i *)(x16 + r));
-                    da = _mm256_add_epi32(da, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ca + r))), X));
-                    db = _mm256_add_epi32(db, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(cb + r))), X));
-                }
-                const __m256 s = _mm256_set1_ps(sx[g]);
-                acca = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(da), acca);
-                accb = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(db), accb);
-            }
-            y[n] = bf16_to_f32(S[n]) * hsum8(acca);
-            if (two) y[n + 1] = bf16_to_f32(S[n + 1]) * hsum8(accb);
-        }
+        else
+            q8_one_token(x16, sx, K, C, S, N, y);
     }
     return left;
 }
@@ -248,3 +255,5 @@ void splitllm_kv8_dequant(const uint8_t *q, int64_t q_plane, const uint16_t *s, 
         }
     }
 }
+
+#include "decode_step.c"

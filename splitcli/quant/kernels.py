@@ -41,9 +41,10 @@ from splitcli.errors import SplitLLMError
 
 KERNEL_ENV = "SPLITLLM_CPU_KERNELS"  # "torch" keeps every Int4Linear / Int8Linear on torch's kernels
 _SOURCE = Path(__file__).with_name("kernels.c")
+_INCLUDED = (Path(__file__).with_name("decode_step.c"),)  # #included by kernels.c: part of the build's key
 # -ffp-contract=off: the KV dequantizer must round as torch's separate mul and add do
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-std=c99")
-_ABI = 5
+_ABI = 6
 #: Tokens per call up to which the 4-bit kernel runs; above, a prefill dequantizes rows in chunks
 #: and multiplies in float (2x torch's int4 kernel at 64+ tokens here; the GEMV is 0.75x there).
 #: The 8-bit kernel runs up to this many tokens too; above, torch's int8 kernel.
@@ -112,6 +113,12 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.splitllm_q8_gemv.restype = i64
     lib.splitllm_kv8_dequant.argtypes = [p, i64, p, p, i64, i64, i64, i64, i64, p, i64]
     lib.splitllm_kv8_dequant.restype = None
+    lib.splitllm_decode_scratch.argtypes = [p, i64, i64, i64]
+    lib.splitllm_decode_scratch.restype = i64
+    lib.splitllm_decode_step.argtypes = [p, i64, p, i64, p, p, p, i64, p]
+    lib.splitllm_decode_step.restype = i64  # 1: a quantized product left the token to float
+    lib.splitllm_kv8_quantize_rows.argtypes = [p, i64, i64, i64, p, p, p]
+    lib.splitllm_kv8_quantize_rows.restype = i64
     return lib
 
 
@@ -122,7 +129,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if why is not None:
         return None, why
     try:
-        key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+        source = b"".join(f.read_bytes() for f in (_SOURCE, *_INCLUDED))
+        key = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
         path = cache_root() / "kernels" / f"kernels-{key}.so"
         if not path.exists():
             _build(path)
@@ -168,7 +176,10 @@ def available() -> bool:
 #: `bench decode` on a 2-core Zen 3: at 1 thread the int4 / int8 edges ran 1.24x / 1.09x the fp32
 #: split against torch's kernels' 1.10x / 1.01x; at 2 threads 1.26x / 1.09x against 1.27x / 1.18x.
 INT4_MAX_THREADS = 2  # a tie at 2; torch's kernel scales with more threads, this one does not
-INT8_MAX_THREADS = 1  # torch's int8 kernel on 2 threads wins by ~8%
+# torch's int8 kernel on 2 threads won the torch path's products by ~8%, but a one-token step in
+# decode_step.c runs this kernel (up to model.fast.STEP_MAX_THREADS threads; the int8 edge step 5.7
+# vs 16.0 ms at 2 threads there), and the eager and fast paths should round a product the same way
+INT8_MAX_THREADS = 2
 
 
 def use_for_int4() -> bool:

@@ -1,0 +1,281 @@
+/* One decode token through a run of Llama-style decoder layers in one call (included by kernels.c).
+ *
+ * Why: at batch 1 the fast path's torch ops cost more than their arithmetic. Measured on the 2-core
+ * AVX2 host (SmolLM2-135M, l = 15, 1 thread, torch profiler): SDPA alone took ~110-125 us per layer
+ * for one query, and the ~30 other small ops of a layer (norms, rotary, cache writes, casts, views)
+ * ~300-500 us more, 7-11 ms per 15-layer half, as much as the int4 edge's products. Here a layer's
+ * non-product work is a few tens of us, and the products run on this file's kernels: float on an
+ * AVX2 GEMV over the batch-1 layout the fast path already gives float weights (W^T [K, N] contiguous),
+ * 4- and 8-bit on kernels.c's.
+ *
+ * The arithmetic is the fast path's (model/fast.py), in the same order where that is cheap:
+ * RMSNorm as (x * (1 / sqrt(mean(x^2) + eps))) * w, rotary as x * cos + roll(x, D/2) * sin_signed
+ * (separate multiply and add: kernels.py builds with -ffp-contract=off), attention as
+ * softmax(q.k * scaling) v over positions [0, pos], SiLU(gate) * up, residual adds. Sums run in
+ * another order than torch's (the norm's mean, the dot products, the float GEMV's k order), so
+ * the outputs differ from the torch path in the last bits; tests/test_decode_step.py bounds it.
+ * Results do not depend on anything but the inputs (no threads, no blocking that varies), so a
+ * split and an unsplit model running the same layers here agree bit for bit.
+ *
+ * A token whose input a 4- or 8-bit product would leave to float (quantize_x: NaN, inf, extreme
+ * magnitudes) stops the call with 1, and the caller runs the whole token on the torch path again
+ * from a copy of its input: that rewrites every cache position this call wrote. */
+
+typedef struct {
+    int64_t kind;  /* SL_FLOAT: a = W^T [K, N] float32 contiguous; SL_INT4: a = P, b = SZ, G (kernels.c's
+                      layout); SL_INT8: a = codes [N, K] int8, b = scales [N] bf16 */
+    int64_t K, N, G;
+    const void *a, *b;
+} sl_prod;
+
+typedef struct {
+    sl_prod qkv, o, gate_up, down;  /* qkv: [q | k | v] rows; gate_up: [gate | up] rows */
+    const float *w_in, *w_post;     /* the two RMSNorm weights [H] */
+    double eps_in, eps_post, scaling;
+    int64_t n_heads, n_kv, head_dim, inter;
+} sl_layer;
+
+enum { SL_FLOAT = 0, SL_INT4 = 1, SL_INT8 = 2 };
+
+/* The KV cache of the layers' run (batch 1). kind SL_KV_FLOAT: k / v are layer 0's [n_kv, cap, D]
+ * float32. SL_KV8: codes is layer 0's [2 (K, V), n_kv, cap, D] uint8, scales / zeros its
+ * [2, n_kv, cap, D / G] fp16 (QuantStaticKV at 8 bits, fp16 scales). Layer i's are
+ * i * (layer_stride or sz_layer_stride) elements on. */
+typedef struct {
+    int64_t kind;
+    float *k, *v;
+    uint8_t *codes;
+    uint16_t *scales, *zeros;
+    int64_t layer_stride, sz_layer_stride, cap, G;
+} sl_cache;
+
+enum { SL_KV_FLOAT = 0, SL_KV8 = 1 };
+
+/* rows ahead the float GEMV prefetches (its 4-row blocks stream one contiguous region) */
+#define SL_FLOAT_PREFETCH 8
+
+/* y [N] = x [K] @ W^T [K, N]; each y[n] sums k in ascending order, 4 rows per pass, fused. N % 16 == 0 */
+static void gemv_f32(const float *x, int64_t K, const float *W, int64_t N, float *y) {
+    memset(y, 0, (size_t)N * sizeof(float));
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]), x2 = _mm256_set1_ps(x[k + 2]),
+                     x3 = _mm256_set1_ps(x[k + 3]);
+        const float *w0 = W + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        const float *pf = k + SL_FLOAT_PREFETCH + 4 <= K ? w0 + SL_FLOAT_PREFETCH * N : NULL;
+        for (int64_t n = 0; n < N; n += 16) {
+            if (pf) {  /* the same 64 bytes of the four rows SL_FLOAT_PREFETCH ahead */
+                _mm_prefetch((const char *)(pf + n), _MM_HINT_T0);
+                _mm_prefetch((const char *)(pf + N + n), _MM_HINT_T0);
+                _mm_prefetch((const char *)(pf + 2 * N + n), _MM_HINT_T0);
+                _mm_prefetch((const char *)(pf + 3 * N + n), _MM_HINT_T0);
+            }
+            __m256 a = _mm256_loadu_ps(y + n), b = _mm256_loadu_ps(y + n + 8);
+            a = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n), a);
+            b = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n + 8), b);
+            a = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n), a);
+            b = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n + 8), b);
+            a = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n), a);
+            b = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n + 8), b);
+            a = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n), a);
+            b = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n + 8), b);
+            _mm256_storeu_ps(y + n, a);
+            _mm256_storeu_ps(y + n + 8, b);
+        }
+    }
+    for (; k < K; k++) {
+        const __m256 xk = _mm256_set1_ps(x[k]);
+        const float *w = W + k * N;
+        for (int64_t n = 0; n < N; n += 8)
+            _mm256_storeu_ps(y + n, _mm256_fmadd_ps(xk, _mm256_loadu_ps(w + n), _mm256_loadu_ps(y + n)));
+    }
+}
+
+/* y [N] = the product of x [K] with p's weight. scratch: K int16 + 2 (K / 64) floats at least.
+ * Returns 1 (y untouched) where a quantized product leaves x to float. */
+static int sl_product(const sl_prod *p, const float *x, void *scratch, float *y) {
+    if (p->kind == SL_FLOAT) {
+        gemv_f32(x, p->K, (const float *)p->a, p->N, y);
+        return 0;
+    }
+    const int64_t G = p->kind == SL_INT4 ? p->G : 64, ng = p->K / G;
+    int16_t *x16 = (int16_t *)scratch;
+    float *sx = (float *)(x16 + p->K), *xs = sx + ng;
+    if (quantize_x(x, p->K, G, x16, sx, xs)) return 1;
+    if (p->kind == SL_INT4)
+        one_token(x16, sx, xs, p->K, (const uint8_t *)p->a, (const uint16_t *)p->b, p->N, G, y);
+    else
+        q8_one_token(x16, sx, p->K, (const int8_t *)p->a, (const uint16_t *)p->b, p->N, y);
+    return 0;
+}
+
+/* out [H] = (x * (1 / sqrt(mean(x^2) + eps))) * w */
+static void rms_norm(const float *x, const float *w, int64_t H, double eps, float *out) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= H; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    float ss = hsum8(acc);
+    for (; i < H; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)H + (float)eps);
+    for (i = 0; i < H; i++) out[i] = (x[i] * r) * w[i];
+}
+
+/* x [D] rotated in place: x * cos + roll(x, D/2) * sin_signed (one head); tmp [D] */
+static void rope(float *x, const float *cos, const float *sin, int64_t D, float *tmp) {
+    const int64_t half = D / 2;  /* roll(x, D/2)[j] = x[j + D/2] below D/2, x[j - D/2] above */
+    for (int64_t j = 0; j < half; j++) tmp[j] = x[j] * cos[j] + x[j + half] * sin[j];
+    for (int64_t j = half; j < D; j++) tmp[j] = x[j] * cos[j] + x[j - half] * sin[j];
+    memcpy(x, tmp, (size_t)D * sizeof(float));
+}
+
+static inline float dot(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= D; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    float s = hsum8(acc);
+    for (; j < D; j++) s += a[j] * b[j];
+    return s;
+}
+
+/* out [D] = softmax_t(q . K[t] * scaling) V[t] over t in [0, T); K, V [T, D] (rows D apart); p [T] scratch */
+static void attend(const float *q, const float *K, const float *V, int64_t T, int64_t D, float scaling, float *p,
+                   float *out) {
+    float m = -INFINITY;
+    for (int64_t t = 0; t < T; t++) {
+        p[t] = dot(q, K + t * D, D) * scaling;
+        m = p[t] > m ? p[t] : m;
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < T; t++) sum += (p[t] = expf(p[t] - m));
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < D; j++) out[j] = 0.f;
+    for (int64_t t = 0; t < T; t++) {
+        const float w = p[t] * inv;
+        const float *v = V + t * D;
+        int64_t j = 0;
+        for (; j + 8 <= D; j += 8)
+            _mm256_storeu_ps(out + j, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(v + j), _mm256_loadu_ps(out + j)));
+        for (; j < D; j++) out[j] += w * v[j];
+    }
+}
+
+/* One token's k or v row x [D] into 8-bit codes q [D] and fp16 scale / zero per group of G, in
+ * rtn.quantize_kv's number format and arithmetic (float32, fp16 rounded to nearest, the same
+ * margins: see its docstring for the guarantees, which hold for any float32 evaluation order of
+ * its <= 4 roundings). Returns 1 (nothing written) for a non-finite value, scale or zero: the
+ * torch path then stores the group as quantize_kv does (non-finite scale or zero). */
+static int kv8_quantize(const float *x, int64_t D, int64_t G, uint8_t *q, uint16_t *scales, uint16_t *zeros) {
+    const float k_lo = (float)((1.0 + 0x1p-10) / 128.0), k_hi = (float)((1.0 + 0x1p-10) / 127.0), d = 0x1p-24f;
+    const float w = (float)(128.0 / 255.0);
+    for (int64_t g = 0; g < D / G; g++) {
+        const float *xg = x + g * G;
+        float lo = xg[0], hi = xg[0];
+        for (int64_t j = 0; j < G; j++) {
+            if (!isfinite(xg[j])) return 1;
+            lo = xg[j] < lo ? xg[j] : lo;
+            hi = xg[j] > hi ? xg[j] : hi;
+        }
+        /* torch.lerp(lo, hi, w) for w >= 1/2 as its vectorized kernel computes it, fused (and as its
+         * scalar form hi - (hi - lo) (1 - w) where contracted: 1 - w is exact) */
+        const float zf = fmaf(w - 1.0f, hi - lo, hi);
+        const uint16_t zh = _cvtss_sh(zf, _MM_FROUND_TO_NEAREST_INT);
+        const float z = _cvtsh_ss(zh);
+        const float a = d + (z - lo) * k_lo, b = d + (hi - z) * k_hi;
+        const uint16_t sh = _cvtss_sh(a > b ? a : b, _MM_FROUND_TO_NEAREST_INT);
+        const float sc = _cvtsh_ss(sh);
+        if (!isfinite(z) || !isfinite(sc)) return 1;
+        scales[g] = sh;
+        zeros[g] = zh;
+        for (int64_t j = 0; j < G; j++) {
+            float t = nearbyintf(128.0f + (xg[j] - z) / sc);
+            q[g * G + j] = (uint8_t)(t < 0.f ? 0.f : t > 255.f ? 255.f : t);
+        }
+    }
+    return 0;
+}
+
+/* the widest vector a step holds: H and every layer's product widths */
+static int64_t widest(const sl_layer *L, int64_t n_layers, int64_t H) {
+    int64_t most = H;
+    for (int64_t i = 0; i < n_layers; i++) {
+        const sl_layer *l = L + i;
+        const int64_t widths[] = {l->qkv.N, l->gate_up.N, l->n_heads * l->head_dim, l->inter, l->head_dim};
+        for (int j = 0; j < 5; j++) most = widths[j] > most ? widths[j] : most;
+    }
+    return most;
+}
+
+/* Floats of scratch splitllm_decode_step needs for a token at position pos (kernels.py sizes the
+ * buffer with this): h, y, a, act, tmp of the widest width, the attention weights [pos + 1] and
+ * the quantized input (K int16 and 2 floats per 64 inputs: within the widest width again). */
+int64_t splitllm_decode_scratch(const sl_layer *L, int64_t n_layers, int64_t H, int64_t pos) {
+    /* + an 8-bit cache's K and V prefix of one kv head, dequantized: 2 (pos + 1) D */
+    return 6 * widest(L, n_layers, H) + pos + 1 + 16 + 2 * (pos + 1) * L[0].head_dim;
+}
+
+/* x [H]: one token's hidden state, updated in place through layers L[0 .. n_layers). cos / sin:
+ * the rotary tables' row for this position [D]. C: the cache (all layers share n_kv and D).
+ * pos: the token's position (the cache holds [0, pos)). scratch: splitllm_decode_scratch(...)
+ * floats. Returns 0, or 1 where a quantized product or the 8-bit cache left the token to float
+ * (the caller reruns it; see the top of this file). */
+int64_t splitllm_decode_step(const sl_layer *L, int64_t n_layers, float *x, int64_t H, const float *cos,
+                             const float *sin, const sl_cache *C, int64_t pos, float *scratch) {
+    const int64_t most = widest(L, n_layers, H), cap = C->cap, T = pos + 1;
+    float *h = scratch, *y = h + most, *a = y + most, *act = a + most, *tmp = act + most, *q16 = tmp + most;
+    float *p = q16 + most, *Kd = p + T + 16, *Vd = Kd + T * L[0].head_dim;
+    for (int64_t i = 0; i < n_layers; i++) {
+        const sl_layer *l = L + i;
+        const int64_t nh = l->n_heads, nkv = l->n_kv, D = l->head_dim, group = nh / nkv;
+        rms_norm(x, l->w_in, H, l->eps_in, h);
+        if (sl_product(&l->qkv, h, q16, y)) return 1;  /* y = [q (nh D) | k (nkv D) | v (nkv D)] */
+        for (int64_t hd = 0; hd < nh + nkv; hd++) rope(y + hd * D, cos, sin, D, tmp);
+        for (int64_t g = 0; g < nkv; g++) {
+            const float *kn = y + (nh + g) * D, *vn = y + (nh + nkv + g) * D;
+            const float *Kg, *Vg;  /* this kv head's K, V over [0, T) */
+            if (C->kind == SL_KV_FLOAT) {
+                float *Kl = C->k + i * C->layer_stride + g * cap * D, *Vl = C->v + i * C->layer_stride + g * cap * D;
+                memcpy(Kl + pos * D, kn, (size_t)D * sizeof(float));
+                memcpy(Vl + pos * D, vn, (size_t)D * sizeof(float));
+                Kg = Kl, Vg = Vl;
+            } else {
+                const int64_t G = C->G, plane = nkv * cap * D, sz_plane = nkv * cap * (D / G);
+                uint8_t *ck = C->codes + i * C->layer_stride + g * cap * D;
+                uint16_t *sk = C->scales + i * C->sz_layer_stride + g * cap * (D / G);
+                uint16_t *zk = C->zeros + i * C->sz_layer_stride + g * cap * (D / G);
+                if (kv8_quantize(kn, D, G, ck + pos * D, sk + pos * (D / G), zk + pos * (D / G)) ||
+                    kv8_quantize(vn, D, G, ck + plane + pos * D, sk + sz_plane + pos * (D / G),
+                                 zk + sz_plane + pos * (D / G)))
+                    return 1;
+                /* K and V planes of [0, T) at once: kv8_dequant's values, bit for bit the torch path's */
+                splitllm_kv8_dequant(ck, plane, sk, zk, sz_plane, 2, T, D, G, Kd, T * D);
+                Kg = Kd, Vg = Vd;
+            }
+            for (int64_t hd = g * group; hd < (g + 1) * group; hd++)
+                attend(y + hd * D, Kg, Vg, T, D, (float)l->scaling, p, a + hd * D);
+        }
+        if (sl_product(&l->o, a, q16, y)) return 1;
+        for (int64_t j = 0; j < H; j++) x[j] += y[j];
+        rms_norm(x, l->w_post, H, l->eps_post, h);
+        if (sl_product(&l->gate_up, h, q16, y)) return 1;  /* y = [gate | up] */
+        for (int64_t j = 0; j < l->inter; j++) {
+            const float gte = y[j];
+            act[j] = (gte / (1.0f + expf(-gte))) * y[l->inter + j];
+        }
+        if (sl_product(&l->down, act, q16, y)) return 1;
+        for (int64_t j = 0; j < H; j++) x[j] += y[j];
+    }
+    return 0;
+}
+
+/* rows x [R, D] -> codes [R, D], scales / zeros [R, D / G] fp16 with the step's quantizer (tests
+ * hold it to rtn.quantize_kv). Returns the number of rows left unwritten (non-finite ones). */
+int64_t splitllm_kv8_quantize_rows(const float *x, int64_t R, int64_t D, int64_t G, uint8_t *q, uint16_t *s,
+                                   uint16_t *z) {
+    int64_t left = 0;
+    for (int64_t r = 0; r < R; r++)
+        left += kv8_quantize(x + r * D, D, G, q + r * D, s + r * (D / G), z + r * (D / G));
+    return left;
+}
