@@ -29,7 +29,7 @@ def decode_cmd(
     llama_cpp: bool = typer.Option(True, "--llama-cpp/--no-llama-cpp", help="Also time llama.cpp on the model's GGUF file, if llama-cpp-python is installed."),
     force: bool = FORCE_JSON_OPTION,
 ):
-    """Decode tok/s of every path side by side (HF generate, old and fast paths, unsplit and split, int4/int8 edges, llama.cpp) against the memory-bandwidth bound."""
+    """Decode tok/s of every path side by side (HF generate, old and fast paths, unsplit and split, int4/int8 edges, the C decode step against the torch path, llama.cpp) against the memory-bandwidth bound."""
     from ..bench.decode import bench_decode
     from ..errors import SplitLLMError
     from ..model.split import decoder_parts, validate_split_layer

@@ -3,23 +3,28 @@
  * Why: at batch 1 the fast path's torch ops cost more than their arithmetic. Measured on the 2-core
  * AVX2 host (SmolLM2-135M, l = 15, 1 thread, torch profiler): SDPA alone took ~110-125 us per layer
  * for one query, and the ~30 other small ops of a layer (norms, rotary, cache writes, casts, views)
- * ~300-500 us more, 7-11 ms per 15-layer half, as much as the int4 edge's products. Here a layer's
- * non-product work is a few tens of us, and the products run on this file's kernels: float on an
- * AVX2 GEMV over the batch-1 layout the fast path already gives float weights (W^T [K, N] contiguous),
- * 4- and 8-bit on kernels.c's.
+ * several hundred us more. Here a layer's non-product work is ~60 us (0.9 ms for 15 layers at
+ * position 230, most of it reading the KV prefix), and the products run on this file's float GEMV
+ * over the batch-1 layout the fast path already gives float weights (W^T [K, N] contiguous; it
+ * streamed 212 MB of fp32 weights in ~17 ms where MKL's batch-1 product took ~21) and on
+ * kernels.c's 4- and 8-bit kernels. bench decode, same host: the fp32 split step 39 ms against 55
+ * on the torch path, the int4 edge's 5.2-6.2 ms against 14-15.
  *
  * The arithmetic is the fast path's (model/fast.py), in the same order where that is cheap:
  * RMSNorm as (x * (1 / sqrt(mean(x^2) + eps))) * w, rotary as x * cos + roll(x, D/2) * sin_signed
  * (separate multiply and add: kernels.py builds with -ffp-contract=off), attention as
- * softmax(q.k * scaling) v over positions [0, pos], SiLU(gate) * up, residual adds. Sums run in
+ * softmax(q.k * scaling) v over positions [0, pos] of a float cache or an 8-bit one (new rows
+ * quantized as rtn.quantize_kv does, bit for bit, tested; the prefix read through kv8_dequant, as
+ * the torch path reads it), SiLU(gate) * up, residual adds. Sums run in
  * another order than torch's (the norm's mean, the dot products, the float GEMV's k order), so
  * the outputs differ from the torch path in the last bits; tests/test_decode_step.py bounds it.
  * Results do not depend on anything but the inputs (no threads, no blocking that varies), so a
  * split and an unsplit model running the same layers here agree bit for bit.
  *
  * A token whose input a 4- or 8-bit product would leave to float (quantize_x: NaN, inf, extreme
- * magnitudes) stops the call with 1, and the caller runs the whole token on the torch path again
- * from a copy of its input: that rewrites every cache position this call wrote. */
+ * magnitudes), or whose k / v row the 8-bit cache cannot store (non-finite values, scale or zero),
+ * stops the call with 1, and the caller runs the whole token on the torch path again from a copy
+ * of its input: that rewrites every cache position this call wrote. */
 
 typedef struct {
     int64_t kind;  /* SL_FLOAT: a = W^T [K, N] float32 contiguous; SL_INT4: a = P, b = SZ, G (kernels.c's
