@@ -215,7 +215,7 @@ def test_quantized_fast_split_matches_the_eager_split_on_the_real_model(real_lm,
 
 @pytest.mark.skipif(not kernels.available(), reason="no splitllm kernels here: every step runs on torch")
 @pytest.mark.parametrize("q_w1", [4, 8])
-def test_the_c_step_of_a_quantized_edge_stays_near_the_eager_split(real_lm, q_w1):
+def test_the_c_step_of_a_quantized_edge_stays_near_the_eager_split(real_lm, q_w1, one_torch_thread):
     # decode_step.c sums its norms, attention and float products in another order than torch; a
     # last-bit change of a 4- or 8-bit product's input can flip its int16 rounding, and where a
     # group holds one of SmolLM2's ~70-magnitude channels one step of that rounding is ~2e-3 of

@@ -2,6 +2,8 @@
 computes what the torch path does, its fallbacks (NaN / inf inputs, threads, disabled()) and its
 operand checks. The real-model bounds against the eager split are in test_decode_fast.py."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,7 +110,8 @@ def test_an_input_a_quantized_product_refuses_reruns_on_the_torch_path(two_threa
     assert c1.length == c2.length == 9
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))  # the torch path's result exactly
-    assert torch.equal(torch.nan_to_num(c1.k[:, :, :, :9]), torch.nan_to_num(c2.k[:, :, :, :9]))
+    for a, b in ((c1.k, c2.k), (c1.v, c2.v)):
+        assert torch.equal(torch.nan_to_num(a[:, :, :, :9]), torch.nan_to_num(b[:, :, :, :9]))
 
 
 @needs_kernels
@@ -187,10 +190,72 @@ def test_rows_the_8_bit_kv_quantizer_cannot_store_are_left_to_torch(bad):
 
 @needs_kernels
 @pytest.mark.parametrize("q_w1", [16, 4])
-def test_an_8_bit_kv_edge_runs_the_c_step_near_the_torch_path(two_threads, q_w1):
+def test_an_8_bit_kv_edge_runs_the_c_step_near_the_torch_path(two_threads, q_w1, monkeypatch):
     split = build_split(_lm(_tiny("llama")), SplitSpec(split_layer=2, q_w1=q_w1, qa=8))
     s = fast_split_session(split)
     assert type(s.edge_cache).__name__ == "QuantStaticKV" and s.edge_cache.bits == 8
+    step, calls = s.edge.layers.step, []
+
+    def counted(*args, **kw):  # the edge's own steps, on its 8-bit cache (the cloud's is float)
+        calls.append(sorted(kw))
+        return step(*args, **kw)
+
+    monkeypatch.setattr(s.edge.layers, "step", counted)
     c, t = _runs(split)
+    assert calls and all(kw == ["codes", "group", "scales", "zeros"] for kw in calls)
     diffs = [float((x - y).abs().max()) for x, y in zip(c[1:], t[1:])]
     assert 0 < max(diffs) <= 1e-4, diffs  # measured <= 2.4e-5 (float sums in another order, as above)
+
+
+@needs_kernels
+def test_the_8_bit_cache_operands_and_mismatched_layers_are_refused():
+    split = build_split(_lm(_tiny("llama")), SplitSpec(split_layer=2, q_w1=16, qa=8))
+    edge = fast_split_session(split).edge
+    step, cache = edge.layers.step, edge.new_cache(8)
+    cache.reserve(1, 1)
+    cos, sin = edge.layers.rope.row(0)
+    good = dict(codes=cache.codes, scales=cache.scales, zeros=cache.zeros, group=cache.group)
+    assert step(torch.zeros(64), cos, sin, 0, **good)  # the operands as the fast path passes them
+    for bad in ({"group": 0}, {"group": 3}, {"codes": cache.codes[:1]}, {"scales": cache.scales.float()},
+                {"zeros": None}, {"codes": cache.codes.transpose(4, 5)}):
+        with pytest.raises(ValueError, match="do not fit"):
+            step(torch.zeros(64), cos, sin, 0, **(good | bad))
+    ops = step.layers
+    odd = dataclasses.replace(ops[1], head_dim=8, n_heads=8, n_kv=4)  # one cache cannot hold both
+    assert "differ from the first layer" in DecodeStep.build([ops[0], odd], 64)[1]
+    with pytest.raises(ValueError, match="decode step: layer 1"):
+        DecodeStep([ops[0], odd], 64)
+
+
+@needs_kernels
+def test_a_one_token_prompt_runs_the_c_step_from_position_0(two_threads):
+    split = build_split(_lm(_tiny("llama")), SplitSpec(split_layer=2, q_w1=4, qa=16))
+    ids = _ids(1)
+    c = _logits_run(fast_split_session(split), ids, None, 4)
+    with decode_step.disabled():
+        t = _logits_run(fast_split_session(split), ids, None, 4)
+    assert 0 < max(float((x - y).abs().max()) for x, y in zip(c, t)) <= 1e-4
+
+
+@needs_kernels
+@pytest.mark.parametrize("q_w1", [16, 8])
+def test_as_many_kv_heads_as_heads_and_a_small_head_dim(two_threads, q_w1):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    split = build_split(_lm(model), SplitSpec(split_layer=1, q_w1=q_w1, qa=16))
+    assert fast_split_session(split).edge.layers.step is not None
+    c, t = _runs(split)
+    assert 0 < max(float((x - y).abs().max()) for x, y in zip(c[1:], t[1:])) <= 1e-4
+
+
+def test_every_c_source_the_kernels_include_ships_with_the_package():
+    import tomllib
+    from pathlib import Path
+
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    shipped = set(data["tool"]["setuptools"]["package-data"]["splitcli.quant"])
+    assert {f.name for f in (kernels._SOURCE, *kernels._INCLUDED)} <= shipped

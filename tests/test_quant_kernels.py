@@ -74,7 +74,7 @@ def test_a_tokens_row_does_not_depend_on_the_others_in_the_call_or_on_row_pairin
     together = kernels.mm4(x, packed, sz, 64)
     alone = torch.cat([kernels.mm4(x[i : i + 1], packed, sz, 64) for i in range(x.shape[0])])
     assert torch.equal(together, alone)
-    # rows run two at a time; an odd row alone (the last of 9, or any row on its own) is the same
+    # rows run four at a time; a short block (the last of 9, or any row on its own) is the same
     rows = torch.cat([kernels.mm4(x, packed[i : i + 1].contiguous(), sz[i : i + 1].contiguous(), 64)
                       for i in range(9)], 1)
     assert torch.equal(rows, together)

@@ -139,8 +139,11 @@ class _Layer:
         self.down = residual_call(mlp.down_proj)
         self.n_inter = mlp.gate_proj.out_features
         self.act = _act_fn(mlp.act_fn)
-        self.w_in, self.eps_in = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
-        self.w_post, self.eps_post = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        # the norms' weights as tensors, captured like the fused products' (a Parameter whose .data is
+        # swapped later would otherwise reach the torch path but not the C step's captured pointer)
+        self.w_in, self.eps_in = layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon
+        self.w_post = layer.post_attention_layernorm.weight.detach()
+        self.eps_post = layer.post_attention_layernorm.variance_epsilon
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // self.n_heads
@@ -186,7 +189,7 @@ def _decode_step(layers: list[_Layer], hidden: int) -> tuple[DecodeStep | None, 
             why = "gate and up widths differ"
         if why is not None:
             return None, f"layer {i}: {why}"
-        ops.append(LayerOperands(*prods, ly.w_in.detach(), ly.w_post.detach(), float(ly.eps_in), float(ly.eps_post),
+        ops.append(LayerOperands(*prods, ly.w_in, ly.w_post, float(ly.eps_in), float(ly.eps_post),
                                  ly.scaling, ly.n_heads, ly.n_kv, ly.head_dim))
     return DecodeStep.build(ops, hidden)
 

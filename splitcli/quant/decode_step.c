@@ -170,8 +170,8 @@ static void attend(const float *q, const float *K, const float *V, int64_t T, in
 /* One token's k or v row x [D] into 8-bit codes q [D] and fp16 scale / zero per group of G, in
  * rtn.quantize_kv's number format and arithmetic (float32, fp16 rounded to nearest, the same
  * margins: see its docstring for the guarantees, which hold for any float32 evaluation order of
- * its <= 4 roundings). Returns 1 (nothing written) for a non-finite value, scale or zero: the
- * torch path then stores the group as quantize_kv does (non-finite scale or zero). */
+ * its <= 4 roundings). Returns 1 for a non-finite value, scale or zero (earlier groups of the row
+ * may be written): the torch rerun then stores the row as quantize_kv does. */
 static int kv8_quantize(const float *x, int64_t D, int64_t G, uint8_t *q, uint16_t *scales, uint16_t *zeros) {
     const float k_lo = (float)((1.0 + 0x1p-10) / 128.0), k_hi = (float)((1.0 + 0x1p-10) / 127.0), d = 0x1p-24f;
     const float w = (float)(128.0 / 255.0);
@@ -216,9 +216,9 @@ static int64_t widest(const sl_layer *L, int64_t n_layers, int64_t H) {
 /* Floats of scratch splitllm_decode_step needs for a token at position pos (kernels.py sizes the
  * buffer with this): h, y, a, act, tmp of the widest width, the attention weights [pos + 1] and
  * the quantized input (K int16 and 2 floats per 64 inputs: within the widest width again). */
-int64_t splitllm_decode_scratch(const sl_layer *L, int64_t n_layers, int64_t H, int64_t pos) {
-    /* + an 8-bit cache's K and V prefix of one kv head, dequantized: 2 (pos + 1) D */
-    return 6 * widest(L, n_layers, H) + pos + 1 + 16 + 2 * (pos + 1) * L[0].head_dim;
+int64_t splitllm_decode_scratch(const sl_layer *L, int64_t n_layers, int64_t H, int64_t pos, int64_t cache_kind) {
+    /* + for an 8-bit cache, one kv head's K and V prefix dequantized: 2 (pos + 1) D */
+    return 6 * widest(L, n_layers, H) + pos + 1 + 16 + (cache_kind == SL_KV8 ? 2 * (pos + 1) * L[0].head_dim : 0);
 }
 
 /* x [H]: one token's hidden state, updated in place through layers L[0 .. n_layers). cos / sin:

@@ -6,7 +6,7 @@ in which order. This module only describes the operands: a `Product` per weight 
 [K, N], splitllm's 4-bit layout or int8 codes), a `LayerOperands` per layer, and `DecodeStep`,
 which holds them (their tensors stay alive with it) and runs a token. `model.fast` builds one where
 every layer fits (`DecodeStep.build` says why not otherwise) and calls it for one token of batch 1
-on a float cache; everything else stays on the torch path.
+on a float cache or an 8-bit one with fp16 scales; everything else stays on the torch path.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class Product:
     def unfit(self) -> str | None:
         a, b, k, n = self.a, self.b, self.K, self.N
         if self.kind == "float":
-            ok = a.dtype == torch.float32 and tuple(a.shape) == (k, n) and a.is_contiguous() and n % 16 == 0
+            ok = a.dtype == torch.float32 and tuple(a.shape) == (k, n) and a.is_contiguous() and n % 16 == 0 \
+                and a.device.type == "cpu"
             return None if ok else f"float W^T must be contiguous [K, N] float32 with N % 16 == 0, got {tuple(a.shape)}"
         if self.kind == "int4":
             try:
@@ -94,7 +95,8 @@ class Product:
             return None if a.shape[0] == n else "int4 rows do not match N"
         if self.kind == "int8":
             ok = (kernels.supports8(k) and a.dtype == torch.int8 and tuple(a.shape) == (n, k) and a.is_contiguous()
-                  and b is not None and b.dtype == torch.bfloat16 and tuple(b.shape) == (n,) and b.is_contiguous())
+                  and b is not None and b.dtype == torch.bfloat16 and tuple(b.shape) == (n,) and b.is_contiguous()
+                  and a.device.type == b.device.type == "cpu")
             return None if ok else "int8 operands must be contiguous [N, K] int8 codes and [N] bf16 scales, K % 64 == 0"
         return f"unknown kind {self.kind!r}"
 
@@ -131,8 +133,8 @@ class LayerOperands:
         if any(p.K != k or p.N != n for p, k, n in shapes):
             return "product shapes do not chain"
         for w in (self.w_in, self.w_post):
-            if w.dtype != torch.float32 or tuple(w.shape) != (hidden,) or not w.is_contiguous():
-                return "norm weights are not contiguous float32 [H]"
+            if w.dtype != torch.float32 or tuple(w.shape) != (hidden,) or not w.is_contiguous() or w.device.type != "cpu":
+                return "norm weights are not contiguous float32 [H] on the CPU"
         return None
 
     def _c(self) -> _Layer:
@@ -145,24 +147,33 @@ class DecodeStep:
     """Layers' operands bound for `decode_step.c`; call it for one token (see __call__)."""
 
     def __init__(self, layers: list[LayerOperands], hidden: int):
+        """Raises ValueError where the layers do not fit the C code (which trusts every size)."""
+        why = self.unfit(layers, hidden)
+        if why is not None:
+            raise ValueError(f"decode step: {why}")
         self.layers, self.hidden = layers, hidden  # the tensors behind the pointers stay alive here
         self._c = (_Layer * len(layers))(*[ly._c() for ly in layers])
         self._lib = kernels._need()
+
+    @staticmethod
+    def unfit(layers: list[LayerOperands], hidden: int) -> str | None:
+        if not layers:
+            return "no layers"
+        for i, ly in enumerate(layers):
+            why = ly.unfit(hidden)
+            if why is None and (ly.n_kv, ly.head_dim) != (layers[0].n_kv, layers[0].head_dim):
+                why = "kv heads / head dim differ from the first layer's (one cache holds them all)"
+            if why is not None:
+                return f"layer {i}: {why}"
+        return None
 
     @classmethod
     def build(cls, layers: list[LayerOperands], hidden: int) -> tuple["DecodeStep | None", str]:
         """(step, '') or (None, why not)."""
         if not kernels.available():
             return None, kernels.why_unavailable() or "splitllm's kernels are disabled"
-        if not layers:
-            return None, "no layers"
-        for i, ly in enumerate(layers):
-            why = ly.unfit(hidden)
-            if why is None and (ly.n_kv, ly.head_dim) != (layers[0].n_kv, layers[0].head_dim):
-                why = "kv heads / head dim differ from the first layer's (one cache holds them all)"
-            if why is not None:
-                return None, f"layer {i}: {why}"
-        return cls(layers, hidden), ""
+        why = cls.unfit(layers, hidden)
+        return (None, why) if why is not None else (cls(layers, hidden), "")
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, *, k=None, v=None,
                  codes=None, scales=None, zeros=None, group: int = 0) -> bool:
@@ -177,23 +188,26 @@ class DecodeStep:
         n, nkv, d = len(self.layers), self.layers[0].n_kv, self.layers[0].head_dim
         ok = (x.dtype == torch.float32 and x.is_contiguous() and x.numel() == self.hidden and cos.is_contiguous()
               and sin.is_contiguous() and cos.dtype == sin.dtype == torch.float32 and cos.numel() == sin.numel() == d)
+        ok = ok and x.device.type == cos.device.type == sin.device.type == "cpu"
         if k is not None:
             cap = k.shape[3] if k.dim() == 5 else 0
-            ok = ok and v is not None and all(t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape) ==
-                                              (n, 1, nkv, cap, d) for t in (k, v))
+            ok = ok and isinstance(v, torch.Tensor) and all(
+                t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape) == (n, 1, nkv, cap, d)
+                and t.device.type == "cpu" for t in (k, v))
             c = _Cache(0, k.data_ptr(), v.data_ptr() if ok else 0, 0, 0, 0, k.stride(0), 0, cap, 0) if ok else None
         else:
-            cap = codes.shape[4] if codes is not None and codes.dim() == 6 else 0
-            ok = ok and group > 0 and group % 8 == 0 and d % group == 0 and codes.dtype == torch.uint8 and \
-                codes.is_contiguous() and tuple(codes.shape) == (n, 2, 1, nkv, cap, d) and all(
-                    t is not None and t.dtype == torch.float16 and t.is_contiguous()
-                    and tuple(t.shape) == (n, 2, 1, nkv, cap, d // group) for t in (scales, zeros))
+            tensors = all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in (codes, scales, zeros))
+            cap = codes.shape[4] if tensors and codes.dim() == 6 else 0
+            ok = ok and tensors and group > 0 and group % 8 == 0 and d % group == 0 and codes.dtype == torch.uint8 \
+                and codes.is_contiguous() and tuple(codes.shape) == (n, 2, 1, nkv, cap, d) and all(
+                    t.dtype == torch.float16 and t.is_contiguous() and tuple(t.shape) == (n, 2, 1, nkv, cap, d // group)
+                    for t in (scales, zeros))
             c = _Cache(1, 0, 0, codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), codes.stride(0),
                        scales.stride(0), cap, group) if ok else None
         if not ok or not 0 <= pos < cap:
             raise ValueError("decode step operands do not fit the layers")
         lib = self._lib
-        scratch = torch.empty(lib.splitllm_decode_scratch(self._c, n, self.hidden, pos), dtype=torch.float32)
+        scratch = torch.empty(lib.splitllm_decode_scratch(self._c, n, self.hidden, pos, c.kind), dtype=torch.float32)
         left = lib.splitllm_decode_step(self._c, n, x.data_ptr(), self.hidden, cos.data_ptr(), sin.data_ptr(),
                                         ctypes.byref(c), pos, scratch.data_ptr())
         return left == 0

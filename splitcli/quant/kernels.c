@@ -16,8 +16,8 @@
  * largest, and on this project's models' activations int16 is 10-30x closer overall). The integer
  * sums are exact, so a row's output does not depend on how many tokens share the call (tokens
  * left to the float path are computed one at a time in kernels.py for the same reason). A weight
- * group whose scale is inf gives +-inf here where the float product of the dequantized weight
- * gives NaN (q inf + (z - 8 inf)); only corrupt weights have one.
+ * group whose scale is inf gives +-inf or NaN here (the float product of the dequantized weight
+ * gives NaN: q inf + (z - 8 inf)); only corrupt weights have one.
  *
  * 8-bit weights keep Int8Linear's operands (codes [N, K] int8, one bf16 scale per row) and the same
  * int16 input; torch's int8 kernel reads ~7-10 GB/s here, this one ~20-25 from cache.

@@ -113,7 +113,7 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.splitllm_q8_gemv.restype = i64
     lib.splitllm_kv8_dequant.argtypes = [p, i64, p, p, i64, i64, i64, i64, i64, p, i64]
     lib.splitllm_kv8_dequant.restype = None
-    lib.splitllm_decode_scratch.argtypes = [p, i64, i64, i64]
+    lib.splitllm_decode_scratch.argtypes = [p, i64, i64, i64, i64]
     lib.splitllm_decode_scratch.restype = i64
     lib.splitllm_decode_step.argtypes = [p, i64, p, i64, p, p, p, i64, p]
     lib.splitllm_decode_step.restype = i64  # 1: a quantized product left the token to float
