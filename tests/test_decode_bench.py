@@ -31,6 +31,9 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
     assert d["int4_c_step_speedup"] == d["split_int4_tok_s"] / d["split_int4_torch_step_tok_s"]
     assert d["int4_over_fp32_split_torch_step"] == d["split_int4_torch_step_tok_s"] / d["split_torch_step_tok_s"]
     assert c["split_torch_step"]["bytes_per_step"] == c["split"]["bytes_per_step"]
+    # steps of two sessions taken alternately: one ratio per step pair, 4 steps x 2 rounds
+    assert d["interleaved_steps"] == 8
+    assert d["overhead_interleaved_median"] < 1 and d["int4_over_fp32_split_interleaved_median"] > 0
     # greedy steps on the screened LM head beside the float head computing every logit
     assert d["split_full_head_tok_s"] == c["split_full_head"]["tok_s"] > 0
     assert d["screened_head_speedup"] == d["split_tok_s"] / d["split_full_head_tok_s"]
@@ -108,3 +111,31 @@ def test_llama_cpp_runs_a_prompt_past_its_old_fixed_context():
     run = llama_cpp_runner(gguf, 1, prompt, 4)
     out = run()
     assert out["tok_s"] > 0 and out["step_ms"] > 0
+
+
+def test_interleaved_steps_alternate_which_session_goes_first_and_pair_their_times(monkeypatch):
+    import torch
+
+    from splitcli.bench import decode
+
+    clock, order = [0.0], []
+
+    class Fake:  # a session whose step costs a fixed time on a fake clock
+        def __init__(self, name, cost):
+            self.name, self.cost = name, cost
+
+        def reserve(self, n):
+            pass
+
+        def prefill(self, ids, top=0):
+            pass
+
+        def forward(self, ids, top=0):
+            order.append(self.name)
+            clock[0] += self.cost * (1.5 if len(order) % 4 in (1, 2) else 1.0)  # drift hits both of a pair
+
+    monkeypatch.setattr(decode.time, "perf_counter", lambda: clock[0])
+    ratios = decode._interleaved(lambda: Fake("a", 3.0), lambda: Fake("b", 2.0), torch.zeros(1, 4, dtype=torch.long),
+                                 torch.zeros(1, 4, dtype=torch.long))
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert ratios == [1.5, 1.5, 1.5, 1.5]

@@ -24,7 +24,9 @@ path, so every path does identical work from the same prompt):
                 runs a one-token step of batch 1 on a float cache where splitllm's kernels are);
 - llama_cpp     llama.cpp (`llama-cpp-python`, optional) on the model's GGUF file, same threads.
 Repeats run in rounds, each round every path once in a rotated order, so drifting load hits all
-alike; each path reports the median of its rounds.
+alike; each path reports the median of its rounds. The split's overhead and the int4 edge's ratio
+are also measured step by step: two sessions stepped alternately over the same tokens, the median
+of the per-step time ratios (`*_interleaved_median`).
 
 Per decode step of our paths: edge / codec (encode + decode) / cloud ms from the session's own
 clock, and "python" = the step's wall time minus those (session bookkeeping, sampling-free loop).
@@ -124,6 +126,26 @@ def _timed_decode(session: Session, prompt_ids: torch.Tensor, tokens: torch.Tens
     step_ms = 1e3 * sum(walls) / n
     return {"tok_s": n / total, "step_ms": step_ms, "edge_ms": edge, "codec_ms": codec, "cloud_ms": cloud,
             "python_ms": max(0.0, step_ms - edge - codec - cloud)}
+
+
+def _interleaved(make_base, make_other, prompt_ids: torch.Tensor, tokens: torch.Tensor, top: int = 1) -> list[float]:
+    """Per-step time ratios base / other of two sessions stepped alternately (base first on even
+    steps, other first on odd ones) over the same tokens: drift in the machine's speed, which
+    moves whole rounds by +-10% on a shared 2-core host, hits both halves of each pair alike."""
+    a, b = make_base(), make_other()
+    for s in (a, b):
+        s.reserve(prompt_ids.shape[1] + tokens.shape[1])
+        s.prefill(prompt_ids, top=top)
+    ratios = []
+    for i in range(tokens.shape[1]):
+        step = tokens[:, i : i + 1]
+        t = {}
+        for name, s in ((("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a))):
+            t0 = time.perf_counter()
+            s.forward(step, top=top)
+            t[name] = time.perf_counter() - t0
+        ratios.append(t["a"] / t["b"])
+    return ratios
 
 
 def _hf_generate_tok_s(model, prompt_ids: torch.Tensor, n: int) -> dict:
@@ -261,6 +283,13 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
             tick(f"round {r + 1}/{repeats}: {name}", r, repeats)
             samples[name].append(runners[name]())
         tick(f"round {r + 1}/{repeats} done", r + 1, repeats)
+    # the two ratios the issue sets targets for, also from steps interleaved one by one
+    pairs = {"overhead": ("unsplit", "split"), "int4": ("split", "split_int4")}
+    interleaved: dict[str, list[float]] = {k: [] for k in pairs}
+    for r in range(repeats):
+        for key, (base, other) in pairs.items():
+            tick(f"interleaved steps {r + 1}/{repeats}: {base} / {other}", r, repeats)
+            interleaved[key] += _interleaved(sessions[base], sessions[other], ids, tokens)
     bandwidth.append(copy_bandwidth_gb_s())
     bw = statistics.median(bandwidth)
 
@@ -313,6 +342,9 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "split_tok_s": s,
         "overhead": 1 - s / u,
         "overhead_paired_median": 1 - paired("unsplit", "split"),
+        # 1 - (unsplit step / split step), median over split and unsplit steps taken alternately
+        "overhead_interleaved_median": 1 - statistics.median(interleaved["overhead"]),
+        "interleaved_steps": len(interleaved["overhead"]),
         "unsplit_tok_s_runs": configs["unsplit"]["tok_s_runs"],
         "split_tok_s_runs": configs["split"]["tok_s_runs"],
         "old_unsplit_tok_s": tok["old_unsplit"],
@@ -328,6 +360,7 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "split_int4_kv8_tok_s": tok["split_int4_kv8"],
         "int4_over_fp32_split": tok["split_int4"] / s,
         "int4_over_fp32_split_paired_median": paired("split", "split_int4"),
+        "int4_over_fp32_split_interleaved_median": statistics.median(interleaved["int4"]),
         # decode_step.c (one C call per half per token) against the torch path's per-layer ops
         "split_torch_step_tok_s": tok["split_torch_step"],
         "split_int4_torch_step_tok_s": tok["split_int4_torch_step"],
