@@ -37,8 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import SplitLLMError
-from ..quant import kernels
-from ..quant import decode_step
+from ..quant import decode_step, kernels
 from ..quant.decode_step import DecodeStep, LayerOperands, Product
 from ..quant.screen import Int8Screen
 from ..quant.static_kv import DEFAULT_CAPACITY, QuantStaticKV, StaticCache
@@ -315,8 +314,8 @@ class FastLayers:
 
     def _stepped(self, hidden, position_ids, cache, start: int) -> torch.Tensor | None:
         """hidden [1, 1, H] of one token through `decode_step.c` where it applies (a float cache or
-        an 8-bit one with fp16 scales, torch on at most STEP_MAX_THREADS threads). None: run the torch path, which rewrites
-        whatever the C step wrote, from `hidden` (untouched)."""
+        an 8-bit one with fp16 scales, torch on at most STEP_MAX_THREADS threads). None: run the
+        torch path, which rewrites whatever the C step wrote, from `hidden` (untouched)."""
         if self.step is None or torch.get_num_threads() > STEP_MAX_THREADS or not decode_step.enabled():
             return None
         if type(cache) is StaticKV and cache.k.dtype == torch.float32:

@@ -133,7 +133,8 @@ class LayerOperands:
         if any(p.K != k or p.N != n for p, k, n in shapes):
             return "product shapes do not chain"
         for w in (self.w_in, self.w_post):
-            if w.dtype != torch.float32 or tuple(w.shape) != (hidden,) or not w.is_contiguous() or w.device.type != "cpu":
+            if w.dtype != torch.float32 or tuple(w.shape) != (hidden,) or not w.is_contiguous() or \
+                    w.device.type != "cpu":
                 return "norm weights are not contiguous float32 [H] on the CPU"
         return None
 
