@@ -21,7 +21,8 @@ path, so every path does identical work from the same prompt):
 - split_int4_kv8            split_int4 with the edge's KV cache at 8 bits (Qa = 8);
 - split_torch_step / split_int4_torch_step   split / split_int4 with every token on the torch
                 path's per-layer ops instead of one `decode_step.c` call per half (that call
-                runs a one-token step of batch 1 on a float cache where splitllm's kernels are);
+                runs a one-token step of batch 1 on a float or 8-bit cache where splitllm's
+                kernels are);
 - llama_cpp     llama.cpp (`llama-cpp-python`, optional) on the model's GGUF file, same threads.
 Repeats run in rounds, each round every path once in a rotated order, so drifting load hits all
 alike; each path reports the median of its rounds. The split's overhead and the int4 edge's ratio

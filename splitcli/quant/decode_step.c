@@ -276,7 +276,7 @@ int64_t splitllm_decode_step(const sl_layer *L, int64_t n_layers, float *x, int6
 }
 
 /* rows x [R, D] -> codes [R, D], scales / zeros [R, D / G] fp16 with the step's quantizer (tests
- * hold it to rtn.quantize_kv). Returns the number of rows left unwritten (non-finite ones). */
+ * hold it to rtn.quantize_kv). Returns the number of rows it refused (see kv8_quantize). */
 int64_t splitllm_kv8_quantize_rows(const float *x, int64_t R, int64_t D, int64_t G, uint8_t *q, uint16_t *s,
                                    uint16_t *z) {
     int64_t left = 0;

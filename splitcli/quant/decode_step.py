@@ -94,9 +94,7 @@ class Product:
                 return str(e)
             return None if a.shape[0] == n else "int4 rows do not match N"
         if self.kind == "int8":
-            ok = (kernels.supports8(k) and a.dtype == torch.int8 and tuple(a.shape) == (n, k) and a.is_contiguous()
-                  and b is not None and b.dtype == torch.bfloat16 and tuple(b.shape) == (n,) and b.is_contiguous()
-                  and a.device.type == b.device.type == "cpu")
+            ok = b is not None and a.dim() == 2 and a.shape[0] == n and kernels.operands8_fit(k, a, b)
             return None if ok else "int8 operands must be contiguous [N, K] int8 codes and [N] bf16 scales, K % 64 == 0"
         return f"unknown kind {self.kind!r}"
 

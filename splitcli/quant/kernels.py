@@ -320,15 +320,22 @@ def supports8(in_features: int) -> bool:
     return in_features > 0 and in_features % 64 == 0
 
 
+def operands8_fit(in_features: int, codes: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether (codes, scales) are the 8-bit kernel's operands for `in_features` inputs: contiguous
+    [N, K] int8 and [N] bf16 on the CPU, K % 64 == 0 (the C code trusts every size it is given)."""
+    n = codes.shape[0] if codes.dim() == 2 else -1
+    return (supports8(in_features) and codes.dtype == torch.int8 and scales.dtype == torch.bfloat16
+            and tuple(codes.shape) == (n, in_features) and tuple(scales.shape) == (n,) and codes.is_contiguous()
+            and scales.is_contiguous() and codes.device.type == scales.device.type == "cpu")
+
+
 def _q8_call(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The checked C call behind `mm8` and `mm8_screen`: (x as float32 [M, K], y [M, N] with the
     rows the C code computed, mask of the rows it left to float)."""
     x = _cpu_input(x)
     m, k = x.shape
     n = codes.shape[0] if codes.dim() == 2 else -1
-    if not (supports8(k) and m <= GEMV_MAX_TOKENS and codes.dtype == torch.int8 and scales.dtype == torch.bfloat16
-            and tuple(codes.shape) == (n, k) and tuple(scales.shape) == (n,) and codes.is_contiguous()
-            and scales.is_contiguous() and codes.device.type == scales.device.type == "cpu"):
+    if not (m <= GEMV_MAX_TOKENS and operands8_fit(k, codes, scales)):
         raise SplitLLMError(
             f"8-bit kernel operands do not fit: x {tuple(x.shape)}, codes {tuple(codes.shape)} {codes.dtype}, scales "
             f"{tuple(scales.shape)} {scales.dtype} (want at most {GEMV_MAX_TOKENS} tokens of a width divisible by "
