@@ -27,7 +27,7 @@ def _weights(n: int, k: int, g: int, seed: int = 0):
     torch.manual_seed(seed)
     q, s, z = quantize_groupwise(torch.randn(n, k), 4, g, torch.bfloat16)
     w = dequantize_groupwise(q, s, z, 4)  # [N, K] the float weight the codes stand for
-    return kernels.pack4(q), torch.stack([s, z], -1).contiguous(), w, q
+    return kernels.pack4(q), kernels.block_pairs4(torch.stack([s, z], -1)), w, q
 
 
 def _bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -40,12 +40,23 @@ def test_pack_round_trips_and_lays_each_run_out_as_documented():
     packed = kernels.pack4(q)
     assert packed.shape == (5, 128) and packed.dtype == torch.uint8
     assert torch.equal(kernels.unpack4(packed), q)
-    # byte j of a run: codes c(j) and 32 + c(j), c = 0..7, 16..23, 8..15, 24..31 (kernels.c)
-    run = torch.arange(64, dtype=torch.uint8)[None] % 16  # one run, code k = k mod 16
-    b = kernels.pack4(run)[0]
-    assert int(b[0]) == 0 | (0 << 4) and int(b[7]) == 7 | (7 << 4)
-    assert int(b[8]) == 16 % 16 | ((48 % 16) << 4) and int(b[16]) == 8 | (8 << 4)  # bytes 8.. hold 16..
-    assert int(b[31]) == 31 % 16 | ((63 % 16) << 4)
+    # a run is 16 little-endian words; word w holds codes w, 16 + w, 32 + w, 48 + w in nibbles 0..3
+    b = packed[0, 32:64].tolist()  # row 0's second run: codes 64..127
+    for w in range(16):
+        word = b[2 * w] | b[2 * w + 1] << 8
+        assert [word >> (4 * i) & 15 for i in range(4)] == [int(q[0, 64 + 16 * i + w]) for i in range(4)]
+
+
+def test_pairs_block_in_fours_and_round_trip():
+    from splitcli.errors import SplitLLMError
+
+    sz = torch.randn(8, 3, 2).to(torch.bfloat16)  # [N, groups, (scale, zero)]
+    blocked = kernels.block_pairs4(sz)
+    assert blocked.shape == (2, 3, 4, 2) and blocked.is_contiguous()
+    assert torch.equal(blocked[1, 2, 3], sz[7, 2]) and torch.equal(blocked[0, 1, 2], sz[2, 1])
+    assert torch.equal(kernels.unblock_pairs4(blocked), sz)
+    with pytest.raises(SplitLLMError, match="N % 4 == 0"):
+        kernels.block_pairs4(sz[:6])
 
 
 @pytest.mark.parametrize("group", [64, 128, 256])
@@ -56,7 +67,7 @@ def test_supported_groups_are_whole_runs(group):
 
 @needs_kernel
 @pytest.mark.parametrize("group", [64, 128, 256])
-@pytest.mark.parametrize("n", [1, 2, 3, 17])
+@pytest.mark.parametrize("n", [4, 8, 12, 20])
 def test_one_token_product_is_within_the_int16_bound_of_the_float_one(group, n):
     packed, sz, w, _ = _weights(n, 768, group)
     for m in range(1, kernels.GEMV_MAX_TOKENS + 1):
@@ -69,14 +80,14 @@ def test_one_token_product_is_within_the_int16_bound_of_the_float_one(group, n):
 
 @needs_kernel
 def test_a_tokens_row_does_not_depend_on_the_others_in_the_call_or_on_row_pairing():
-    packed, sz, w, _ = _weights(9, 512, 64)
+    packed, sz, w, _ = _weights(12, 512, 64)
     x = torch.randn(kernels.GEMV_MAX_TOKENS, 512)
     together = kernels.mm4(x, packed, sz, 64)
     alone = torch.cat([kernels.mm4(x[i : i + 1], packed, sz, 64) for i in range(x.shape[0])])
     assert torch.equal(together, alone)
-    # rows run four at a time; a short block (the last of 9, or any row on its own) is the same
-    rows = torch.cat([kernels.mm4(x, packed[i : i + 1].contiguous(), sz[i : i + 1].contiguous(), 64)
-                      for i in range(9)], 1)
+    # rows run in blocks of four; a block on its own gives the same rows
+    rows = torch.cat([kernels.mm4(x, packed[4 * i : 4 * i + 4].contiguous(), sz[i : i + 1].contiguous(), 64)
+                      for i in range(3)], 1)
     assert torch.equal(rows, together)
 
 
@@ -91,7 +102,7 @@ def test_a_prefill_is_the_float_product_of_the_dequantized_weight():
 @needs_kernel
 def test_a_prefill_over_several_chunks_of_rows(monkeypatch):
     monkeypatch.setattr(kernels, "_CHUNK_BYTES", 3 * 256 * 4)  # 3 rows a chunk: 7 chunks, the last short
-    packed, sz, w, _ = _weights(19, 256, 64)
+    packed, sz, w, _ = _weights(20, 256, 64)
     x = torch.randn(12, 256)
     ref = x @ w.t()
     assert torch.allclose(kernels.mm4(x, packed, sz, 64), ref, rtol=1e-5, atol=1e-5)
@@ -121,9 +132,9 @@ def _extremes(k: int) -> torch.Tensor:
 
 @needs_kernel
 def test_zero_empty_constant_and_extreme_inputs_match_the_float_product():
-    packed, sz, w, _ = _weights(6, 128, 64)
-    assert kernels.mm4(torch.empty(0, 128), packed, sz, 64).shape == (0, 6)
-    assert torch.equal(kernels.mm4(torch.zeros(1, 128), packed, sz, 64), torch.zeros(1, 6))
+    packed, sz, w, _ = _weights(8, 128, 64)
+    assert kernels.mm4(torch.empty(0, 128), packed, sz, 64).shape == (0, 8)
+    assert torch.equal(kernels.mm4(torch.zeros(1, 128), packed, sz, 64), torch.zeros(1, 8))
     c = torch.full((1, 128), 0.75)
     assert torch.allclose(kernels.mm4(c, packed, sz, 64), c @ w.t(), rtol=1e-5, atol=1e-5)
     x = _extremes(128)
@@ -239,7 +250,9 @@ def test_operands_that_do_not_fit_never_reach_the_c_code():
     for bad_packed, bad_sz, k in [
         (packed[:, :32], sz, 128),  # too few bytes per row
         (packed, sz[:, :1], 128),  # too few groups
-        (packed, sz[:15], 128),  # rows disagree
+        (packed, sz[:3], 128),  # rows disagree
+        (packed, kernels.unblock_pairs4(sz).contiguous(), 128),  # pairs not in blocks of four rows
+        (packed[:14], sz, 128),  # rows not a multiple of four
         (packed, sz.float(), 128),  # wrong dtype
         (packed.t().contiguous().t(), sz, 128),  # not contiguous
         (packed, sz, 256),  # another input width
@@ -338,7 +351,7 @@ def test_kv8_prefix_dequantization_is_bit_for_bit_torchs(group):
 
 @needs_kernel
 def test_tokens_left_to_the_float_path_do_not_depend_on_each_other():
-    packed, sz, w, _ = _weights(6, 128, 64)
+    packed, sz, w, _ = _weights(8, 128, 64)
     m8, _ = _int8(6, 128)
     x = torch.randn(8, 128) * 1e36  # every token past 1e30: all eight fall back
     x[3, 0] = float("nan")

@@ -185,10 +185,11 @@ class FusedLinear:
         self.group_size, self.layout = mods[0].group_size, mods[0].layout
         self.packed = _join([m.packed for m in mods], 0)  # joined by build() (one module: its own)
         # torch's [K/g, N, 2] joins along N (strided views: an eager Int4Linear.forward copies its
-        # one once); splitllm's [N, K/g, 2] along rows (contiguous views)
-        dim = 0 if self.layout == "splitllm" else 1
+        # one once); splitllm's [N/4, K/g, 4, 2] along blocks of four rows (contiguous views; every
+        # Int4Linear has N % 16 == 0)
+        dim, sizes = (0, [n // 4 for n in self.sizes]) if self.layout == "splitllm" else (1, self.sizes)
         self.scales_and_zeros = _join([m.scales_and_zeros for m in mods], dim)
-        for m, sz in zip(mods, self.scales_and_zeros.split(self.sizes, dim)):
+        for m, sz in zip(mods, self.scales_and_zeros.split(sizes, dim)):
             m.use_scales_and_zeros(sz)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,13 @@
  * Weight layout (the same bytes on every CPU, unlike torch's int4 pack): W [N, K] as codes
  * q in 0..15 with one bf16 (scale, zero) pair per group of G codes along K:
  *     W[n, k] = q[n, k] * s[n, g] + (z[n, g] - 8 s[n, g]),   g = k / G     (rtn.dequantize_groupwise)
- * P  [N, K/2] uint8: each run of 64 codes q[0..64) is 32 bytes; byte j holds q[c(j)] in its low
- *    and q[32 + c(j)] in its high nibble, c(j) = j for j in 0..8 and 24..32, j + 8 for 8..16,
- *    j - 8 for 16..24 (so that in-lane unpacking of a 256-bit load yields the codes in order)
- * SZ [N, K/G, 2] bf16 bit patterns: (scale, zero)
+ * P  [N, K/2] uint8: each run of 64 codes q[0..64) is 16 little-endian 16-bit words; word w holds
+ *    q[w], q[16 + w], q[32 + w], q[48 + w] in its nibbles 0..3 (a shift and a mask per nibble give
+ *    16 codes in order as int16, with no byte shuffles: the shuffle ports were the bottleneck)
+ * SZ [N/4, K/G, 4, 2] bf16 bit patterns: (scale, zero) of rows 4b..4b+3 for each group, so one
+ *    16-byte load gives a block of four rows its pairs (N % 4 == 0). Against unpacking bytes and
+ *    gathering each row's pair from [N, K/G, 2], measured 1.20-1.35x at 1536 x 576 and 576 x 1536
+ *    (1 thread, this 2-core Zen 3, medians of 31 interleaved rounds, weights in cache)
  *
  * Why the activations go to int16: torch's kernel is compute-bound on AVX2 (it reads 2.7 GB/s of
  * packed weights here, where the machine streams 10+). Widening the codes to int16 and using
@@ -27,7 +30,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SPLITLLM_ABI 6
+#define SPLITLLM_ABI 7
 /* Rows ahead whose bytes are prefetched: the hardware prefetcher alone left one Zen 3 core reading
  * int8 weights from memory at 7.7 GB/s; asking for the next block's rows gave 14.5 GB/s (1.9x)
  * and the 4-bit kernel 1.14x (49152 x 576, 1 thread, median of 15; 4, 8, 16 and 32 rows ahead
@@ -80,46 +83,37 @@ static int quantize_x(const float *x, int64_t K, int64_t G, int16_t *x16, float 
     return 0;
 }
 
-/* the int32 dot products of one 64-code run (32 bytes at p) with x16 X0..X3, added to d.
- * In-lane unpacking (no lane-crossing widening) is why the layout interleaves bytes as it does */
-#define DOT64(p, d)                                                                          \
-    {                                                                                        \
-        __m256i b = _mm256_loadu_si256((const __m256i *)(p));                                \
-        __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4); \
-        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_unpacklo_epi8(lo, zero), X0));     \
-        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, zero), X1));     \
-        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_unpacklo_epi8(hi, zero), X2));     \
-        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), X3));     \
+/* the int32 dot products of one 64-code run (32 bytes at p) with x16 X0..X3, added to d */
+#define DOT64(p, d)                                                                                   \
+    {                                                                                                 \
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(p));                                   \
+        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_and_si256(b, m4), X0));                      \
+        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), m4), X1)); \
+        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 8), m4), X2)); \
+        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_srli_epi16(b, 12), X3));                     \
     }
 
-/* y for one token, four rows at a time: the x loads are shared; each group's int32 dot vector is
- * scaled into a float vector per row (s * sx broadcast in-lane) and the four are reduced once per
- * row block. Against one horizontal-add tree and a (scale, zero) gather through memory per group
- * (a store-forwarding stall) that measured 1.05x at 3072 x 576 and 1.23x at 576 x 1536 (1 thread,
- * medians of 41, this 2-core Zen 3). |d| <= G * 15 * 32767 < 2^31 for G <= 4096 (kernels.py
- * allows up to 4096) */
-static void one_token(const int16_t *x16, const float *sx, const float *xs, int64_t K, const uint8_t *P,
-                      const uint16_t *SZ, int64_t N, int64_t G, float *y) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+/* y for one token, a block of four rows at a time: the x loads are shared, and each group's four
+ * int32 dot vectors are summed into one [row 0..3 | row 0..3] vector (integer adds: exact) that
+ * one FMA scales by [s sx] into a single float accumulator. |d| <= G * 15 * 32767 < 2^31 for
+ * G <= 4096 (kernels.py allows up to 4096). Inlined with runs = G / 64 constant where G is 64. */
+static inline __attribute__((always_inline)) void one_token_runs(const int16_t *x16, const float *sx, const float *xs,
+                                                                 int64_t K, const uint8_t *P, const uint16_t *SZ,
+                                                                 int64_t N, int64_t G, int64_t runs, float *y) {
+    const __m256i m4 = _mm256_set1_epi16(0x0F);
     const __m128i hi16 = _mm_set1_epi32((int)0xFFFF0000);
-    const int64_t ng = K / G, runs = G / 64, stride = K / 2;
+    const int64_t ng = K / G, stride = K / 2;
     for (int64_t n = 0; n < N; n += 4) {
-        const int64_t rows = N - n < 4 ? N - n : 4;
         if (n + PREFETCH_ROWS + 4 <= N) {  /* the next block's packed rows and (scale, zero) pairs */
             for (int64_t o = 0; o < 4 * stride; o += 64)
                 _mm_prefetch((const char *)(P + (n + PREFETCH_ROWS) * stride + o), _MM_HINT_T0);
             for (int64_t o = 0; o < 16 * ng; o += 64)
                 _mm_prefetch((const char *)(SZ + (n + PREFETCH_ROWS) * ng * 2) + o, _MM_HINT_T0);
         }
-        const uint8_t *p[4];
-        const uint16_t *sz[4];  /* each row's (scale, zero) bf16 pairs */
-        for (int i = 0; i < 4; i++) {
-            const int64_t r = n + (i < rows ? i : rows - 1);  /* a short block repeats its last row */
-            p[i] = P + r * stride;
-            sz[i] = SZ + r * ng * 2;
-        }
+        const uint8_t *p0 = P + n * stride, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
+        const uint16_t *sz = SZ + n * ng * 2;  /* this block's [K/G, 4, 2] */
         const int16_t *xk = x16;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m256 acc = _mm256_setzero_ps();
         __m128 off = _mm_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
             __m256i d0 = _mm256_setzero_si256(), d1 = d0, d2 = d0, d3 = d0;
@@ -128,32 +122,32 @@ static void one_token(const int16_t *x16, const float *sx, const float *xs, int6
                 const __m256i X1 = _mm256_loadu_si256((const __m256i *)(xk + 16));
                 const __m256i X2 = _mm256_loadu_si256((const __m256i *)(xk + 32));
                 const __m256i X3 = _mm256_loadu_si256((const __m256i *)(xk + 48));
-                DOT64(p[0], d0) DOT64(p[1], d1) DOT64(p[2], d2) DOT64(p[3], d3)
-                p[0] += 32; p[1] += 32; p[2] += 32; p[3] += 32;
+                DOT64(p0, d0) DOT64(p1, d1) DOT64(p2, d2) DOT64(p3, d3)
+                p0 += 32; p1 += 32; p2 += 32; p3 += 32;
             }
-            /* (scale, zero) as one word each, scale in the low half; built in registers (a gather
-             * through a stack array stalled on store forwarding) */
-            const __m128i pairs = _mm_set_epi32((int)word(sz[3] + 2 * g), (int)word(sz[2] + 2 * g),
-                                                (int)word(sz[1] + 2 * g), (int)word(sz[0] + 2 * g));
+            /* (scale, zero) of the four rows as one word each, scale in the low half */
+            const __m128i pairs = _mm_loadu_si128((const __m128i *)(sz + 8 * g));
             const __m128 s = _mm_castsi128_ps(_mm_slli_epi32(pairs, 16)), z = _mm_castsi128_ps(_mm_and_si128(pairs, hi16));
             const __m128 ssx = _mm_mul_ps(s, _mm_set1_ps(sx[g]));
             const __m256 b = _mm256_insertf128_ps(_mm256_castps128_ps256(ssx), ssx, 1);  /* [s sx] twice */
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_permute_ps(b, 0x00), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_permute_ps(b, 0x55), a1);
-            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d2), _mm256_permute_ps(b, 0xAA), a2);
-            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d3), _mm256_permute_ps(b, 0xFF), a3);
+            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), b, acc);
             off = _mm_fmadd_ps(_mm_sub_ps(z, _mm_mul_ps(_mm_set1_ps(8.0f), s)), _mm_set1_ps(xs[g]), off);
         }
-        /* [sum a0, sum a1, sum a2, sum a3] */
-        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-        const __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-        float out[4];
-        _mm_storeu_ps(out, _mm_add_ps(dots, off));
-        for (int64_t i = 0; i < rows; i++) y[n + i] = out[i];
+        const __m128 dots = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        _mm_storeu_ps(y + n, _mm_add_ps(dots, off));
     }
 }
 
-/* y [M, N] = x [M, K] @ W.T, one token at a time (decode: M is 1), M <= 62.
+static void one_token(const int16_t *x16, const float *sx, const float *xs, int64_t K, const uint8_t *P,
+                      const uint16_t *SZ, int64_t N, int64_t G, float *y) {
+    if (G == 64)
+        one_token_runs(x16, sx, xs, K, P, SZ, N, 64, 1, y);
+    else
+        one_token_runs(x16, sx, xs, K, P, SZ, N, G, G / 64, y);
+}
+
+/* y [M, N] = x [M, K] @ W.T, one token at a time (decode: M is 1), M <= 62, N % 4 == 0.
  * scratch: at least M*K int16 followed by 2*M*(K/G) floats (kernels.py sizes it).
  * Returns a mask: bit m set = token m was left for the caller to compute in float (quantize_x). */
 int64_t splitllm_q4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *P, const uint16_t *SZ, int64_t N,
@@ -174,23 +168,21 @@ int64_t splitllm_q4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *P,
 /* W [n1 - n0, K] float32: rows n0..n1 of the weight, for a prefill's float product */
 void splitllm_q4_dequant(const uint8_t *P, const uint16_t *SZ, int64_t K, int64_t G, int64_t n0, int64_t n1,
                          float *W) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    const __m256i m4 = _mm256_set1_epi16(0x0F);
     const int64_t ng = K / G, runs = G / 64;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *p = P + n * (K / 2);
-        const uint16_t *sz = SZ + n * ng * 2;
+        const uint16_t *sz = SZ + ((n / 4) * ng * 4 + n % 4) * 2;  /* row n's pair of group 0; groups 8 apart */
         float *w = W + (n - n0) * K;
         for (int64_t g = 0; g < ng; g++) {
-            const float s = bf16_to_f32(sz[2 * g]);
-            const __m256 sv = _mm256_set1_ps(s), ov = _mm256_set1_ps(bf16_to_f32(sz[2 * g + 1]) - 8.0f * s);
+            const float s = bf16_to_f32(sz[8 * g]);
+            const __m256 sv = _mm256_set1_ps(s), ov = _mm256_set1_ps(bf16_to_f32(sz[8 * g + 1]) - 8.0f * s);
             for (int64_t r = 0; r < runs; r++, p += 32, w += 64) {
-                __m256i b = _mm256_loadu_si256((const __m256i *)p);
-                __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
-                __m256i q16[4] = {_mm256_unpacklo_epi8(lo, zero), _mm256_unpackhi_epi8(lo, zero),
-                                  _mm256_unpacklo_epi8(hi, zero), _mm256_unpackhi_epi8(hi, zero)};
-                for (int i = 0; i < 4; i++) {  /* 16 codes, in order: k = 16 i .. 16 i + 15 */
-                    __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(q16[i])));
-                    __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(q16[i], 1)));
+                const __m256i b = _mm256_loadu_si256((const __m256i *)p);
+                for (int i = 0; i < 4; i++) {  /* nibble i of the 16 words: codes k = 16 i .. 16 i + 15 */
+                    const __m256i q = _mm256_and_si256(_mm256_srli_epi16(b, 4 * i), m4);
+                    __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(q)));
+                    __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(q, 1)));
                     _mm256_storeu_ps(w + 16 * i, _mm256_fmadd_ps(a, sv, ov));
                     _mm256_storeu_ps(w + 16 * i + 8, _mm256_fmadd_ps(c, sv, ov));
                 }

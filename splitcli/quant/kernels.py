@@ -44,7 +44,7 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 _INCLUDED = (Path(__file__).with_name("decode_step.c"),)  # #included by kernels.c: part of the build's key
 # -ffp-contract=off: the KV dequantizer must round as torch's separate mul and add do
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-std=c99")
-_ABI = 6
+_ABI = 7
 #: Tokens per call up to which the 4-bit kernel runs; above, a prefill dequantizes rows in chunks
 #: and multiplies in float (2x torch's int4 kernel at 64+ tokens here; the GEMV is 0.75x there).
 #: The 8-bit kernel runs up to this many tokens too; above, torch's int8 kernel.
@@ -215,30 +215,44 @@ def why_unavailable() -> str:
     return _state["why"]
 
 
-#: byte j of a 32-byte run holds codes _CODE_OF_BYTE[j] (low nibble) and 32 + that (high): the
-#: order in-lane unpacking of a 256-bit load undoes (kernels.c)
-_CODE_OF_BYTE = [*range(0, 8), *range(16, 24), *range(8, 16), *range(24, 32)]
-
-
 def supports4(in_features: int, group_size: int) -> bool:
     """Whether this kernel's layout holds the shape: whole 64-code runs inside each group."""
     return group_size % 64 == 0 and 0 < group_size <= 4096 and in_features > 0 and in_features % group_size == 0
 
 
 def pack4(q: torch.Tensor) -> torch.Tensor:
-    """Codes q [N, K] (0..15, K % 64 == 0) -> packed [N, K/2] uint8 in this kernel's layout."""
+    """Codes q [N, K] (0..15, K % 64 == 0) -> packed [N, K/2] uint8 in this kernel's layout: each run
+    of 64 codes as 16 little-endian words, word w holding codes w, 16 + w, 32 + w, 48 + w in its
+    nibbles 0..3."""
     n, k = q.shape
-    runs = q.to(torch.uint8).reshape(n, k // 64, 2, 32)[..., _CODE_OF_BYTE]  # [N, K/64, (lo, hi), 32]
-    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    runs = q.to(torch.int32).reshape(n, k // 64, 4, 16)  # [N, K/64, nibble, word]
+    words = runs[:, :, 0] | runs[:, :, 1] << 4 | runs[:, :, 2] << 8 | runs[:, :, 3] << 12  # [N, K/64, 16]
+    lo, hi = words & 0xFF, words >> 8
+    return torch.stack([lo, hi], -1).to(torch.uint8).reshape(n, k // 2).contiguous()
 
 
 def unpack4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack4`: [N, K/2] uint8 -> codes [N, K] uint8 (exact; needs no kernel)."""
     n, half = packed.shape
-    runs = packed.reshape(n, half // 32, 1, 32)  # [N, K/64, 1, 32]
-    codes = torch.empty(n, half // 32, 2, 32, dtype=torch.uint8)
-    codes[..., _CODE_OF_BYTE] = torch.cat([runs & 15, runs >> 4], 2)
-    return codes.reshape(n, half * 2)
+    b = packed.to(torch.int32).reshape(n, half // 32, 16, 2)
+    words = b[..., 0] | b[..., 1] << 8  # [N, K/64, 16]
+    codes = torch.stack([(words >> (4 * i)) & 15 for i in range(4)], 2)  # [N, K/64, nibble, word]
+    return codes.to(torch.uint8).reshape(n, half * 2)
+
+
+def block_pairs4(sz: torch.Tensor) -> torch.Tensor:
+    """(scale, zero) pairs [N, K/G, 2] (N % 4 == 0) -> this kernel's [N/4, K/G, 4, 2]: a block of
+    four rows reads its pairs of a group with one load."""
+    n, ng, two = sz.shape
+    if n % 4 or two != 2:
+        raise SplitLLMError(f"4-bit kernel: (scale, zero) pairs {tuple(sz.shape)} need [N, groups, 2] with N % 4 == 0")
+    return sz.reshape(n // 4, 4, ng, 2).transpose(1, 2).contiguous()
+
+
+def unblock_pairs4(sz: torch.Tensor) -> torch.Tensor:
+    """Inverse of `block_pairs4`: [N/4, K/G, 4, 2] -> [N, K/G, 2]."""
+    b, ng = sz.shape[:2]
+    return sz.transpose(1, 2).reshape(b * 4, ng, 2)
 
 
 def check_operands4(in_features: int, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> None:
@@ -246,13 +260,15 @@ def check_operands4(in_features: int, packed: torch.Tensor, sz: torch.Tensor, gr
     the C code trusts every size it is given, so nothing else may reach it."""
     n = packed.shape[0] if packed.dim() == 2 else -1
     ok = (supports4(in_features, group_size) and packed.dtype == torch.uint8 and sz.dtype == torch.bfloat16
-          and tuple(packed.shape) == (n, in_features // 2) and tuple(sz.shape) == (n, in_features // group_size, 2)
+          and n % 4 == 0 and tuple(packed.shape) == (n, in_features // 2)
+          and tuple(sz.shape) == (n // 4, in_features // group_size, 4, 2)
           and packed.is_contiguous() and sz.is_contiguous() and packed.device.type == sz.device.type == "cpu")
     if not ok:
         raise SplitLLMError(
             f"4-bit kernel operands do not fit: packed {tuple(packed.shape)} {packed.dtype}, scales_and_zeros "
             f"{tuple(sz.shape)} {sz.dtype} for {in_features} inputs in groups of {group_size} (want contiguous "
-            f"[N, {in_features // 2}] uint8 and [N, {in_features // max(group_size, 1)}, 2] bfloat16)")
+            f"[N, {in_features // 2}] uint8 with N % 4 == 0 and [N/4, {in_features // max(group_size, 1)}, 4, 2] "
+            f"bfloat16)")
 
 
 def _cpu_input(x: torch.Tensor) -> torch.Tensor:
@@ -279,8 +295,8 @@ def _float_rows(y: torch.Tensor, left: int, product) -> None:
 
 
 def mm4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, N] float32, W given as (packed [N, K/2], sz [N, K/G, 2] bf16), both
-    contiguous. Only when `available()`."""
+    """x [M, K] @ W.T -> [M, N] float32, W given as (packed [N, K/2], sz [N/4, K/G, 4, 2] bf16:
+    `pack4`, `block_pairs4`), both contiguous. Only when `available()`."""
     x = _cpu_input(x)
     m, k = x.shape
     check_operands4(k, packed, sz, group_size)

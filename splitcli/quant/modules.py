@@ -143,7 +143,7 @@ class Int4Linear(nn.Module):
 
     Drop-in for a float32 nn.Linear. `layout` says which kernel holds the weights:
     - "splitllm": packed [N, K/2] uint8 in splitllm's layout (the same on every CPU) and
-      `scales_and_zeros` [N, K/group, 2] bf16; float32 in and out (relative error ~3e-5 vs the
+      `scales_and_zeros` [N/4, K/group, 4, 2] bf16 (blocks of four rows); float32 in and out (relative error ~3e-5 vs the
       dequantized reference, from the int16 input).
     - "torch": torch's packed [N, K/2] (laid out for this CPU at construction) and
       `scales_and_zeros` [K/group, N, 2] bf16; the input is cast to bf16 for the kernel and the
@@ -175,7 +175,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.layout = layout
         self.register_buffer("packed", packed)  # [N, K/2] uint8 in `layout`
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/group, N, 2] or [N, K/group, 2] bf16
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [K/group, N, 2] or [N/4, K/group, 4, 2] bf16
         self.register_buffer("bias", bias)  # [N] float32 or None
         # a contiguous copy of scales_and_zeros for the kernel, made at the first eager call after it
         # became a strided view (model.fused); None while it is contiguous. Non-persistent: not saved
@@ -196,8 +196,9 @@ class Int4Linear(nn.Module):
         _check_int4_shape(out_features, in_features, group_size)
         q = unpack_codes(codes, 4, in_features)  # [N, K]
         if kernels.use_for_int4() and kernels.supports4(in_features, group_size):
-            sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()  # [N, K/g, 2]
-            return cls(in_features, out_features, group_size, kernels.pack4(q), sz, bias, "splitllm")
+            sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16)  # [N, K/g, 2]
+            return cls(in_features, out_features, group_size, kernels.pack4(q), kernels.block_pairs4(sz), bias,
+                       "splitllm")
         sz = torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/g, N, 2]
         return cls(in_features, out_features, group_size, int4_kernel_pack(q), sz, bias)
 
@@ -212,7 +213,7 @@ class Int4Linear(nn.Module):
     def export(self) -> dict[str, torch.Tensor]:
         if self.layout == "splitllm":
             q = kernels.unpack4(self.packed)  # [N, K]
-            sz = self.scales_and_zeros  # [N, K/g, 2]
+            sz = kernels.unblock_pairs4(self.scales_and_zeros)  # [N, K/g, 2]
         else:
             q = int4_kernel_unpack(self.packed, self.out_features, self.in_features, self.group_size)  # [N, K]
             sz = self.scales_and_zeros.transpose(0, 1)  # [N, K/g, 2]
