@@ -145,25 +145,67 @@ static inline float dot(const float *a, const float *b, int64_t D) {
     return s;
 }
 
-/* out [D] = softmax_t(q . K[t] * scaling) V[t] over t in [0, T); K, V [T, D] (rows D apart); p [T] scratch */
+/* p[0..4) = q . K[t] for rows t = 0..3 of K (rows D apart; D % 8 == 0): `dot`'s sums, each in the
+ * same order (8 lanes, then hsum8's tree), with four independent FMA chains instead of one */
+static inline void dot4(const float *q, const float *K, int64_t D, float *p) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < D; j += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + j);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + j), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + D + j), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 2 * D + j), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 3 * D + j), a3);
+    }
+    /* hsum8 of each: lo + hi, then (l0 + l1) + (l2 + l3), four at once after a transpose */
+    __m128 r0 = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+    __m128 r1 = _mm_add_ps(_mm256_castps256_ps128(a1), _mm256_extractf128_ps(a1, 1));
+    __m128 r2 = _mm_add_ps(_mm256_castps256_ps128(a2), _mm256_extractf128_ps(a2, 1));
+    __m128 r3 = _mm_add_ps(_mm256_castps256_ps128(a3), _mm256_extractf128_ps(a3, 1));
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  /* r_i = lane i of the four */
+    _mm_storeu_ps(p, _mm_add_ps(_mm_add_ps(r0, r1), _mm_add_ps(r2, r3)));
+}
+
+/* out [D] = softmax_t(q . K[t] * scaling) V[t] over t in [0, T); K, V [T, D] (rows D apart); p [T] scratch.
+ * The sums are `dot`'s and a t-ascending FMA per output element, whatever path computes them */
 static void attend(const float *q, const float *K, const float *V, int64_t T, int64_t D, float scaling, float *p,
                    float *out) {
     float m = -INFINITY;
-    for (int64_t t = 0; t < T; t++) {
+    int64_t t = 0;
+    if (D % 8 == 0)
+        for (; t + 4 <= T; t += 4) {
+            dot4(q, K + t * D, D, p + t);
+            for (int i = 0; i < 4; i++) {
+                p[t + i] *= scaling;
+                m = p[t + i] > m ? p[t + i] : m;
+            }
+        }
+    for (; t < T; t++) {
         p[t] = dot(q, K + t * D, D) * scaling;
         m = p[t] > m ? p[t] : m;
     }
     float sum = 0.f;
-    for (int64_t t = 0; t < T; t++) sum += (p[t] = expf(p[t] - m));
+    for (t = 0; t < T; t++) sum += (p[t] = expf(p[t] - m));
     const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < D; j++) out[j] = 0.f;
-    for (int64_t t = 0; t < T; t++) {
-        const float w = p[t] * inv;
-        const float *v = V + t * D;
-        int64_t j = 0;
-        for (; j + 8 <= D; j += 8)
-            _mm256_storeu_ps(out + j, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(v + j), _mm256_loadu_ps(out + j)));
-        for (; j < D; j++) out[j] += w * v[j];
+    int64_t j = 0;
+    for (; j + 64 <= D; j += 64) {  /* 64 outputs held in registers across t */
+        __m256 o[8];
+        for (int c = 0; c < 8; c++) o[c] = _mm256_setzero_ps();
+        for (t = 0; t < T; t++) {
+            const __m256 w = _mm256_set1_ps(p[t] * inv);
+            const float *v = V + t * D + j;
+            for (int c = 0; c < 8; c++) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), o[c]);
+        }
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + j + 8 * c, o[c]);
+    }
+    for (; j + 8 <= D; j += 8) {
+        __m256 o = _mm256_setzero_ps();
+        for (t = 0; t < T; t++) o = _mm256_fmadd_ps(_mm256_set1_ps(p[t] * inv), _mm256_loadu_ps(V + t * D + j), o);
+        _mm256_storeu_ps(out + j, o);
+    }
+    for (; j < D; j++) {
+        float o = 0.f;
+        for (t = 0; t < T; t++) o += (p[t] * inv) * V[t * D + j];
+        out[j] = o;
     }
 }
 

@@ -65,18 +65,33 @@ static inline float hsum8(__m256 v) {
  * 1e30 (scaled sums could overflow where the float product does not) or below 1e-30 but not 0
  * (the scale would lose precision). The caller computes such tokens in float instead. */
 static int quantize_x(const float *x, int64_t K, int64_t G, int16_t *x16, float *sx, float *xs) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     for (int64_t g = 0; g < K / G; g++) {
         const float *xg = x + g * G;
-        float amax = 0.f;
-        double sum = 0.0;  /* a double sum of at most 4096 floats cannot overflow: non-finite iff NaN / inf */
-        for (int64_t k = 0; k < G; k++) {
-            float a = fabsf(xg[k]);
-            amax = a > amax ? a : amax;
-            sum += xg[k];
+        /* G % 64 == 0 or G == 64 (the 8-bit kernel): whole vectors. The double sums of at most 4096
+         * floats cannot overflow: non-finite iff a NaN / inf */
+        __m256 vmax = _mm256_setzero_ps();
+        __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+        for (int64_t k = 0; k < G; k += 8) {
+            const __m256 v = _mm256_loadu_ps(xg + k);
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));  /* a NaN lane is caught by the sum */
+            s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+            s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
         }
+        float lanes[8];
+        double parts[4];
+        _mm256_storeu_ps(lanes, vmax);
+        _mm256_storeu_pd(parts, _mm256_add_pd(s0, s1));
+        float amax = 0.f;
+        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+        const double sum = (parts[0] + parts[1]) + (parts[2] + parts[3]);
         if (!isfinite(sum) || amax > 1e30f || (amax > 0.f && amax < 1e-30f)) return 1;
-        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-        for (int64_t k = 0; k < G; k++) x16[g * G + k] = (int16_t)lrintf(xg[k] * inv);
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+        for (int64_t k = 0; k < G; k += 8) {  /* round to nearest even, as lrintf */
+            const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k), inv));
+            _mm_storeu_si128((__m128i *)(x16 + g * G + k),
+                             _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+        }
         sx[g] = amax / 32767.f;
         xs[g] = (float)sum;
     }
