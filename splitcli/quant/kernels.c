@@ -145,7 +145,10 @@ static inline __attribute__((always_inline)) void one_token_runs(const int16_t *
             const __m128 s = _mm_castsi128_ps(_mm_slli_epi32(pairs, 16)), z = _mm_castsi128_ps(_mm_and_si128(pairs, hi16));
             const __m128 ssx = _mm_mul_ps(s, _mm_set1_ps(sx[g]));
             const __m256 b = _mm256_insertf128_ps(_mm256_castps128_ps256(ssx), ssx, 1);  /* [s sx] twice */
-            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3));
+            /* [row 0..3 | row 0..3] sums of d0..d3 by unpacks and adds (fewer uops than vphaddd on Zen 3) */
+            const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(d0, d1), _mm256_unpackhi_epi32(d0, d1));
+            const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(d2, d3), _mm256_unpackhi_epi32(d2, d3));
+            const __m256i h = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), b, acc);
             off = _mm_fmadd_ps(_mm_sub_ps(z, _mm_mul_ps(_mm_set1_ps(8.0f), s)), _mm_set1_ps(xs[g]), off);
         }
