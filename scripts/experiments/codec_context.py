@@ -39,6 +39,11 @@ Part 4, spending the error where the cloud's loss is sensitive (codec_sensitivit
   --basis fisher --gamma G : quantize r F^G Q (F the empirical Fisher of the NLL w.r.t. h_l)
   --token-mult FILE        : per-token step multipliers predicted on the edge (4 side-info bits/token)
   --deadzone THETA         : round |x|/step up only past k + 1/2 + THETA (decoder unchanged)
+Part 5, the decoder's reconstruction points:
+  --recon                  : decode a nonzero symbol k to sign(k) (|k| - delta) step instead of the bin's
+                             centre k step, delta per (entropy class, |k| in 1, 2, >= 3) fitted on the
+                             calibration windows' closed-loop residuals (the mean of |k| - |v| in each bin:
+                             the bin's centroid); a table of 3 x classes numbers known to both ends, no rate
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from codec_predictor import features as emb_feats  # ids [T] -> [T, 2H + 1]: E[t
 
 SEQ, K, CAL = 2048, 512, 4
 DEADZONE = [0.0]  # set from --deadzone (one value per run)
+RECON = [None]  # --recon: per-component centroid offsets [H, 4] (index min(|k|, 3); column 0 unused)
 HIST = {"none": 0, "emb": 0, "h1": 1, "h2": 2, "h2m": 3}  # number of [H] history blocks
 
 
@@ -102,7 +108,11 @@ def quantize(x, tau, scale, step, deadzone=0.0):
     out = x.abs() > tau
     v = torch.where(out, torch.zeros_like(x), x) / (scale * step)
     sym = torch.sign(v) * torch.floor(v.abs() + 0.5 - deadzone).clamp_min(0)
-    return torch.where(out, x, sym * scale * step), sym.long(), out
+    level = sym
+    if RECON[0] is not None:  # the bin's centroid instead of its centre (zero stays zero)
+        k = sym.abs().long().clamp(max=3)
+        level = sym - torch.sign(sym) * RECON[0].gather(1, k[:, None])[:, 0]
+    return torch.where(out, x, level * scale * step), sym.long(), out
 
 
 def closed_loop(h, ids, emb, W, n, tau, scale, step, U, Ui=None, mult=None):
@@ -264,6 +274,8 @@ def main() -> None:
                     help="file with per-token step multipliers (lists 'fit' and 'ev' of [T]) predicted on the edge "
                          "from h_t and the tokens; costs 4 bits of side info per token")
     ap.add_argument("--deadzone", type=float, default=0.0, help="rounding deadzone theta in [0, 0.5)")
+    ap.add_argument("--recon", action="store_true",
+                    help="decode nonzero symbols to their bins' calibration centroids (per class and |k| 1, 2, >= 3)")
     ap.add_argument("--gamma", type=float, default=0.5, help="--basis fisher: exponent of F (0 = plain KLT)")
     ap.add_argument("--adaptive", action="store_true",
                     help="also rate the same symbols under adaptive entropy models (one line per variant)")
@@ -354,6 +366,21 @@ def main() -> None:
                 for k in range(args.classes):
                     hist[k] += torch.bincount(csym[:, cls == k].flatten().clamp(-K, K) + K, minlength=2 * K + 1)
             logp = torch.log2(hist / hist.sum(1, keepdim=True))
+            RECON[0] = None
+            if args.recon:  # centroids from the calibration windows' closed-loop residuals (centres used there)
+                num, den = torch.zeros(args.classes, 4), torch.zeros(args.classes, 4)
+                for h, i, m in zip(fit_h[-CAL:], tail[-CAL:], fit_m[-CAL:]):
+                    _, csym, cout, cres = closed_loop(h, i, emb, W, n, tau, scale, step, U, Ui, m)
+                    v = (cres / (scale * step)).abs()
+                    k = csym.abs().clamp(max=3)
+                    keep = (~cout) & (k > 0)
+                    idx = (cls[None].expand_as(k) * 4 + k)[keep]
+                    num += torch.bincount(idx, weights=(k.float() - v)[keep].double(), minlength=4 * args.classes).view(-1, 4).float()
+                    den += torch.bincount(idx, minlength=4 * args.classes).view(-1, 4).float()
+                delta = (num / den.clamp_min(1)).clamp(0.0, 0.45)
+                RECON[0] = delta[cls]  # [H, 4]
+                print(json.dumps(dict(part="recon", step=step, delta_k1=delta[:, 1].tolist(),
+                                      delta_k2=delta[:, 2].tolist(), delta_k3=delta[:, 3].tolist())), flush=True)
             if args.adaptive and args.hist_windows != CAL:
                 for h, i in zip(fit_h[-args.hist_windows:], tail[-args.hist_windows:]):
                     _, csym, cout, cres = closed_loop(h, i, emb, W, n, tau, scale, step, U, Ui)
@@ -374,6 +401,7 @@ def main() -> None:
             print(json.dumps(dict(part="closed_loop", set=name, basis=args.basis, gamma=args.gamma, step=step, alpha=args.alpha,
                                   bits_per_value=bits / values, symbol_bits_per_value=ent / values,
                                   ratio_vs_fp16=16 * values / bits, rel_err=err, token_mult=args.token_mult, deadzone=args.deadzone,
+                                  recon=args.recon,
                                   ppl_ratio=math.exp(total / n_tok) / ppl_fp)), flush=True)
             if not args.adaptive:
                 continue
