@@ -133,7 +133,7 @@ def test_int4_fused_survives_a_deepcopy_and_its_modules_export_the_same_codes(in
     mods = _make("int4", False)
     exported = [m.export() for m in mods]
     FusedLinear.build(mods)
-    # a view into the fused [K/g, N, 2] (torch's layout; splitllm's [N, K/g, 2] slices stay contiguous)
+    # a view into the fused [K/g, N, 2] (torch's layout; splitllm's [N/4, K/g, 4, 2] block slices stay contiguous)
     assert mods[0].scales_and_zeros.is_contiguous() == (int4_layout == "splitllm")
     assert mods[0].scales_and_zeros.data_ptr() != 0 and mods[0].layout == int4_layout
     for m, e in zip(mods, exported):

@@ -13,8 +13,9 @@ the GIL during the call). Where that is impossible (no compiler, not x86-64, a C
 `Int4Linear` / `Int8Linear` stay on torch's kernels; `why_unavailable()` says why.
 
 4-bit layout (portable: the same bytes on every CPU; see kernels.c): packed [N, K/2] uint8, 64
-codes per 32 bytes, interleaved for in-lane unpacking; scales_and_zeros [N, K/G, 2] bf16. Groups
-must be a multiple of 64 codes (`supports4`); other group sizes stay on torch's kernel.
+codes per 32 bytes as 16 words of four nibbles (`pack4`); scales_and_zeros [N/4, K/G, 4, 2] bf16, the
+(scale, zero) pairs of blocks of four rows (`block_pairs4`; N % 4 == 0). Groups must be a multiple of
+64 codes (`supports4`); other group sizes stay on torch's kernel.
 8-bit: Int8Linear's own codes [N, K] int8 and scales [N] bf16, for K % 64 == 0 (`supports8`), one
 token per call (`mm8`); a prefill stays on torch's int8 kernel.
 """
