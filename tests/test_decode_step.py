@@ -252,6 +252,24 @@ def test_as_many_kv_heads_as_heads_and_a_small_head_dim(two_threads, q_w1):
     assert 0 < max(float((x - y).abs().max()) for x, y in zip(c[1:], t[1:])) <= 1e-4
 
 
+@needs_kernels
+@pytest.mark.parametrize("hidden, heads", [(144, 2), (48, 4)])
+def test_head_dims_past_one_64_block_and_off_the_8_lane_grid(two_threads, hidden, heads):
+    # head_dim 72: attention's 64-wide register block plus an 8-wide one; 12: the plain dot and the
+    # scalar tails (D % 8 != 0). Float weights: the 8-bit kernel wants K % 64 == 0
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+                         num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=256)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    split = build_split(_lm(model), SplitSpec(split_layer=1, q_w1=16, qa=16, group_size=16))  # widths % 64 != 0
+    s = fast_split_session(split)
+    assert s.edge.layers.step is not None and s.cloud.layers.step is not None, s.edge.layers.step_why
+    c, t = _runs(split)
+    assert 0 < max(float((x - y).abs().max()) for x, y in zip(c[1:], t[1:])) <= 1e-4
+
+
 def test_every_c_source_the_kernels_include_ships_with_the_package():
     import tomllib
     from pathlib import Path

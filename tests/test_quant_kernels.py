@@ -92,20 +92,23 @@ def test_a_tokens_row_does_not_depend_on_the_others_in_the_call_or_on_row_pairin
 
 
 @needs_kernel
-def test_a_prefill_is_the_float_product_of_the_dequantized_weight():
-    packed, sz, w, _ = _weights(1100, 256, 64)
+@pytest.mark.parametrize("group", [64, 128, 256])
+def test_a_prefill_is_the_float_product_of_the_dequantized_weight(group):
+    packed, sz, w, _ = _weights(1100, 256, group)
     x = torch.randn(40, 256)
-    y = kernels.mm4(x, packed, sz, 64)
+    y = kernels.mm4(x, packed, sz, group)
     assert float(((y.double() - x.double() @ w.double().t()).abs() / _bound(x, w)).max()) < 1e-6
 
 
 @needs_kernel
-def test_a_prefill_over_several_chunks_of_rows(monkeypatch):
-    monkeypatch.setattr(kernels, "_CHUNK_BYTES", 3 * 256 * 4)  # 3 rows a chunk: 7 chunks, the last short
-    packed, sz, w, _ = _weights(20, 256, 64)
+@pytest.mark.parametrize("group", [64, 256])
+def test_a_prefill_over_several_chunks_of_rows(monkeypatch, group):
+    # 3 rows a chunk: 7 chunks, the last short, most starting inside a block of four rows
+    monkeypatch.setattr(kernels, "_CHUNK_BYTES", 3 * 256 * 4)
+    packed, sz, w, _ = _weights(20, 256, group)
     x = torch.randn(12, 256)
     ref = x @ w.t()
-    assert torch.allclose(kernels.mm4(x, packed, sz, 64), ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(kernels.mm4(x, packed, sz, group), ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

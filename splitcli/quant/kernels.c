@@ -36,6 +36,8 @@
  * and the 4-bit kernel 1.14x (49152 x 576, 1 thread, median of 15; 4, 8, 16 and 32 rows ahead
  * measured, 4 best, 32 worst by 4-7%). */
 #define PREFETCH_ROWS 4
+/* the 4-bit kernel prefetches whole blocks of four rows' (scale, zero) pairs */
+_Static_assert(PREFETCH_ROWS % 4 == 0, "PREFETCH_ROWS must be a multiple of 4");
 
 int splitllm_abi(void) { return SPLITLLM_ABI; }
 
@@ -44,12 +46,6 @@ static inline float bf16_to_f32(uint16_t b) {
     float f;
     memcpy(&f, &u, 4);
     return f;
-}
-
-static inline uint32_t word(const uint16_t *p) {
-    uint32_t w;
-    memcpy(&w, p, 4);
-    return w;
 }
 
 static inline float hsum8(__m256 v) {

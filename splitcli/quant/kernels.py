@@ -226,24 +226,25 @@ def pack4(q: torch.Tensor) -> torch.Tensor:
     of 64 codes as 16 little-endian words, word w holding codes w, 16 + w, 32 + w, 48 + w in its
     nibbles 0..3."""
     n, k = q.shape
-    runs = q.to(torch.int32).reshape(n, k // 64, 4, 16)  # [N, K/64, nibble, word]
-    words = runs[:, :, 0] | runs[:, :, 1] << 4 | runs[:, :, 2] << 8 | runs[:, :, 3] << 12  # [N, K/64, 16]
-    lo, hi = words & 0xFF, words >> 8
-    return torch.stack([lo, hi], -1).to(torch.uint8).reshape(n, k // 2).contiguous()
+    runs = q.to(torch.uint8).reshape(n, k // 64, 4, 16)  # [N, K/64, nibble, word]
+    lo, hi = runs[:, :, 0] | runs[:, :, 1] << 4, runs[:, :, 2] | runs[:, :, 3] << 4  # each word's two bytes
+    return torch.stack([lo, hi], -1).reshape(n, k // 2).contiguous()
 
 
 def unpack4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack4`: [N, K/2] uint8 -> codes [N, K] uint8 (exact; needs no kernel)."""
     n, half = packed.shape
-    b = packed.to(torch.int32).reshape(n, half // 32, 16, 2)
-    words = b[..., 0] | b[..., 1] << 8  # [N, K/64, 16]
-    codes = torch.stack([(words >> (4 * i)) & 15 for i in range(4)], 2)  # [N, K/64, nibble, word]
-    return codes.to(torch.uint8).reshape(n, half * 2)
+    b = packed.reshape(n, half // 32, 16, 2)  # [N, K/64, word, (low byte, high byte)]
+    lo, hi = b[..., 0], b[..., 1]
+    codes = torch.stack([lo & 15, lo >> 4, hi & 15, hi >> 4], 2)  # [N, K/64, nibble, word]
+    return codes.reshape(n, half * 2)
 
 
 def block_pairs4(sz: torch.Tensor) -> torch.Tensor:
     """(scale, zero) pairs [N, K/G, 2] (N % 4 == 0) -> this kernel's [N/4, K/G, 4, 2]: a block of
     four rows reads its pairs of a group with one load."""
+    if sz.dim() != 3:
+        raise SplitLLMError(f"4-bit kernel: (scale, zero) pairs {tuple(sz.shape)} need [N, groups, 2] with N % 4 == 0")
     n, ng, two = sz.shape
     if n % 4 or two != 2:
         raise SplitLLMError(f"4-bit kernel: (scale, zero) pairs {tuple(sz.shape)} need [N, groups, 2] with N % 4 == 0")
@@ -252,6 +253,8 @@ def block_pairs4(sz: torch.Tensor) -> torch.Tensor:
 
 def unblock_pairs4(sz: torch.Tensor) -> torch.Tensor:
     """Inverse of `block_pairs4`: [N/4, K/G, 4, 2] -> [N, K/G, 2]."""
+    if sz.dim() != 4 or tuple(sz.shape[2:]) != (4, 2):
+        raise SplitLLMError(f"4-bit kernel: blocked (scale, zero) pairs {tuple(sz.shape)} are not [N/4, groups, 4, 2]")
     b, ng = sz.shape[:2]
     return sz.transpose(1, 2).reshape(b * 4, ng, 2)
 
