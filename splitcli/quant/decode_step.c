@@ -186,12 +186,13 @@ static void attend(const float *q, const float *K, const float *V, int64_t T, in
     float sum = 0.f;
     for (t = 0; t < T; t++) sum += (p[t] = expf(p[t] - m));
     const float inv = 1.0f / sum;
+    for (t = 0; t < T; t++) p[t] *= inv;  /* the weights, once for every block of outputs below */
     int64_t j = 0;
     for (; j + 64 <= D; j += 64) {  /* 64 outputs held in registers across t */
         __m256 o[8];
         for (int c = 0; c < 8; c++) o[c] = _mm256_setzero_ps();
         for (t = 0; t < T; t++) {
-            const __m256 w = _mm256_set1_ps(p[t] * inv);
+            const __m256 w = _mm256_set1_ps(p[t]);
             const float *v = V + t * D + j;
             for (int c = 0; c < 8; c++) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), o[c]);
         }
@@ -199,12 +200,12 @@ static void attend(const float *q, const float *K, const float *V, int64_t T, in
     }
     for (; j + 8 <= D; j += 8) {
         __m256 o = _mm256_setzero_ps();
-        for (t = 0; t < T; t++) o = _mm256_fmadd_ps(_mm256_set1_ps(p[t] * inv), _mm256_loadu_ps(V + t * D + j), o);
+        for (t = 0; t < T; t++) o = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(V + t * D + j), o);
         _mm256_storeu_ps(out + j, o);
     }
     for (; j < D; j++) {
         float o = 0.f;
-        for (t = 0; t < T; t++) o += (p[t] * inv) * V[t * D + j];
+        for (t = 0; t < T; t++) o += p[t] * V[t * D + j];
         out[j] = o;
     }
 }
