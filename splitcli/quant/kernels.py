@@ -243,11 +243,9 @@ def unpack4(packed: torch.Tensor) -> torch.Tensor:
 def block_pairs4(sz: torch.Tensor) -> torch.Tensor:
     """(scale, zero) pairs [N, K/G, 2] (N % 4 == 0) -> this kernel's [N/4, K/G, 4, 2]: a block of
     four rows reads its pairs of a group with one load."""
-    if sz.dim() != 3:
+    if sz.dim() != 3 or sz.shape[0] % 4 or sz.shape[2] != 2:
         raise SplitLLMError(f"4-bit kernel: (scale, zero) pairs {tuple(sz.shape)} need [N, groups, 2] with N % 4 == 0")
-    n, ng, two = sz.shape
-    if n % 4 or two != 2:
-        raise SplitLLMError(f"4-bit kernel: (scale, zero) pairs {tuple(sz.shape)} need [N, groups, 2] with N % 4 == 0")
+    n, ng, _ = sz.shape
     return sz.reshape(n // 4, 4, ng, 2).transpose(1, 2).contiguous()
 
 

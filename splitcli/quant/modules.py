@@ -143,8 +143,8 @@ class Int4Linear(nn.Module):
 
     Drop-in for a float32 nn.Linear. `layout` says which kernel holds the weights:
     - "splitllm": packed [N, K/2] uint8 in splitllm's layout (the same on every CPU) and
-      `scales_and_zeros` [N/4, K/group, 4, 2] bf16 (blocks of four rows); float32 in and out (relative error ~3e-5 vs the
-      dequantized reference, from the int16 input).
+      `scales_and_zeros` [N/4, K/group, 4, 2] bf16 (blocks of four rows); float32 in and out
+      (relative error ~3e-5 vs the dequantized reference, from the int16 input).
     - "torch": torch's packed [N, K/2] (laid out for this CPU at construction) and
       `scales_and_zeros` [K/group, N, 2] bf16; the input is cast to bf16 for the kernel and the
       output back (relative error ~3e-3).
