@@ -86,6 +86,7 @@ def test_generate_sampling_is_seeded(tiny_model_dir):
         (["--temperature", "-1"], "--temperature"),
         (["--top-p", "0"], "--top-p"),
         (["--prefill-chunk", "-2"], "--prefill-chunk"),
+        (["--edge-act-bits", "4"], "--edge-act-bits must be 8 or 16"),
         (["-p", "word " * 600], "context is 512 tokens"),
         (["-p", "word " * 500, "-n", "40"], "exceeds the context of 512"),
     ],

@@ -25,7 +25,7 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
     ours = {4: kernels.available(), 8: kernels.available()}  # --threads 1: both, where they build
     assert set(c) == {"old_unsplit", "old_split", "unsplit", "split", "split_int4", "split_int8", "split_int4_kv8",
                       "hf_generate", "split_full_head", "split_torch_step", "split_int4_torch_step"} | {
-        f"split_int{b}_torch" for b in (4, 8) if ours[b]}
+        f"split_int{b}_torch" for b in (4, 8) if ours[b]} | ({"split_int4_a8"} if ours[4] else set())
     # the C decode step against the torch path's per-layer ops, the same splits side by side
     assert d["c_step_speedup"] == d["split_tok_s"] / d["split_torch_step_tok_s"]
     assert d["int4_c_step_speedup"] == d["split_int4_tok_s"] / d["split_int4_torch_step_tok_s"]
@@ -44,6 +44,17 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
         ratios = sorted(b / a for a, b in zip(c[base]["tok_s_runs"], c[other]["tok_s_runs"]))
         assert d[key] == (ratios[0] + ratios[1]) / 2  # the median of the 2 rounds' same-round ratios
     assert c["split_full_head"]["bytes_per_step"] == c["old_split"]["bytes_per_step"]
+    # the int4 edge on 8-bit inputs (opt-in), where splitllm's kernel runs, beside the 16-bit one
+    if ours[4]:
+        assert d["split_int4_a8_tok_s"] == c["split_int4_a8"]["tok_s"] > 0
+        assert d["int4_a8_over_fp32_split"] == d["split_int4_a8_tok_s"] / d["split_tok_s"]
+        ratios = sorted(b / a for a, b in zip(c["split"]["tok_s_runs"], c["split_int4_a8"]["tok_s_runs"]))
+        assert d["int4_a8_over_fp32_split_paired_median"] == (ratios[0] + ratios[1]) / 2
+        assert d["int4_a8_over_fp32_split_interleaved_median"] > 0
+        assert abs(c["split_int4_a8"]["bytes_per_step"] - c["split_int4"]["bytes_per_step"]) <= 8 * 64 * 4
+        assert "with 8-bit inputs" in r.output
+    else:
+        assert d["split_int4_a8_tok_s"] is None and d["int4_a8_over_fp32_split_interleaved_median"] is None
     if kernels.available():
         v, h = 49152, 64  # the tiny model's vocabulary (the real tokenizer's) and width
         rows = d["screened_head_rows"]["split"]

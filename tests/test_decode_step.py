@@ -41,9 +41,9 @@ def _runs(split, steps=6):
 
 
 @needs_kernels
-@pytest.mark.parametrize("q_w1", [16, 4, 8])
-def test_the_c_step_computes_what_the_torch_path_does(two_threads, q_w1):
-    split = build_split(_lm(_tiny("llama")), SplitSpec(split_layer=2, q_w1=q_w1, qa=16))
+@pytest.mark.parametrize("q_w1, act", [(16, 16), (4, 16), (8, 16), (4, 8)])
+def test_the_c_step_computes_what_the_torch_path_does(two_threads, q_w1, act):
+    split = build_split(_lm(_tiny("llama")), SplitSpec(split_layer=2, q_w1=q_w1, qa=16, edge_act_bits=act))
     s = fast_split_session(split)
     assert s.edge.layers.step is not None and s.cloud.layers.step is not None, s.edge.layers.step_why
     c, t = _runs(split)
@@ -51,7 +51,8 @@ def test_the_c_step_computes_what_the_torch_path_does(two_threads, q_w1):
     diffs = [float((x - y).abs().max()) for x, y in zip(c[1:], t[1:])]
     # float: only sums in another order (measured ~1e-7 on this model); the quantized products'
     # int16 input rounding can flip on such a difference (tiny model: no outlier channels)
-    assert 0 < max(diffs) <= (1e-5 if q_w1 == 16 else 1e-4), diffs
+    # (8-bit input: a level is 1/127 of a group's largest |x|; measured 1.1e-3 here)
+    assert 0 < max(diffs) <= (1e-5 if q_w1 == 16 else 1e-4 if act == 16 else 5e-3), diffs
 
 
 @needs_kernels

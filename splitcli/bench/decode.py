@@ -18,6 +18,9 @@ path, so every path does identical work from the same prompt):
                 where they are available (`quant.kernels`), else on torch's;
 - split_int4_torch / split_int8_torch   the same edges on torch's kernels (only where splitllm's
                 run), side by side;
+- split_int4_a8             split_int4 with its products' one-token inputs rounded to int8
+                instead of int16 (opt-in, a plan's edge_act_bits = 8; only where splitllm's
+                kernels run): faster products, coarser inputs;
 - split_int4_kv8            split_int4 with the edge's KV cache at 8 bits (Qa = 8);
 - split_torch_step / split_int4_torch_step   split / split_int4 with every token on the torch
                 path's per-layer ops instead of one `decode_step.c` call per half (that call
@@ -25,7 +28,7 @@ path, so every path does identical work from the same prompt):
                 kernels are);
 - llama_cpp     llama.cpp (`llama-cpp-python`, optional) on the model's GGUF file, same threads.
 Repeats run in rounds, each round every path once in a rotated order, so drifting load hits all
-alike; each path reports the median of its rounds. The split's overhead and the int4 edge's ratio
+alike; each path reports the median of its rounds. The split's overhead and the int4 edges' ratios
 are also measured step by step: two sessions stepped alternately over the same tokens, the median
 of the per-step time ratios (`*_interleaved_median`).
 
@@ -236,6 +239,8 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     why = kernels.why_unavailable() or f"{threads} threads"
     kernel_names = {bits: "splitllm-avx2" if ours[bits] else f"torch ({why})" for bits in (4, 8)}
     say(f"quantized edge kernels: int4 {kernel_names[4]}, int8 {kernel_names[8]}")
+    if ours[4]:  # the opt-in 8-bit input of splitllm's 4-bit kernel (a plan's edge_act_bits)
+        splits["split_int4_a8"] = build_split(lm, SplitSpec(split_layer=split_layer, q_w1=4, qa=16, edge_act_bits=8))
     for bits in (4, 8):  # the same quantized edge on torch's kernel, side by side
         if ours[bits]:
             with kernels.disabled():
@@ -286,6 +291,8 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         tick(f"round {r + 1}/{repeats} done", r + 1, repeats)
     # the two ratios the issue sets targets for, also from steps interleaved one by one
     pairs = {"overhead": ("unsplit", "split"), "int4": ("split", "split_int4")}
+    if "split_int4_a8" in sessions:
+        pairs["int4_a8"] = ("split", "split_int4_a8")
     interleaved: dict[str, list[float]] = {k: [] for k in pairs}
     for r in range(repeats):
         for key, (base, other) in pairs.items():
@@ -362,6 +369,12 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "int4_over_fp32_split": tok["split_int4"] / s,
         "int4_over_fp32_split_paired_median": paired("split", "split_int4"),
         "int4_over_fp32_split_interleaved_median": statistics.median(interleaved["int4"]),
+        # the same int4 edge with its products' inputs rounded to int8 (opt-in: edge_act_bits = 8)
+        "split_int4_a8_tok_s": tok.get("split_int4_a8"),
+        "int4_a8_over_fp32_split": tok["split_int4_a8"] / s if "split_int4_a8" in tok else None,
+        "int4_a8_over_fp32_split_paired_median": paired("split", "split_int4_a8") if "split_int4_a8" in tok else None,
+        "int4_a8_over_fp32_split_interleaved_median": (statistics.median(interleaved["int4_a8"])
+                                                       if "int4_a8" in interleaved else None),
         # decode_step.c (one C call per half per token) against the torch path's per-layer ops
         "split_torch_step_tok_s": tok["split_torch_step"],
         "split_int4_torch_step_tok_s": tok["split_int4_torch_step"],

@@ -94,6 +94,9 @@ def _print_decode_summary(r: dict) -> None:
         f"bytes allow {r['int4_bound_ratio']:.2f}x"
         + (f"; on torch's kernel {r['int4_torch_kernel_over_fp32_split']:.2f}x"
            if r.get("int4_torch_kernel_over_fp32_split") else "")
+        + (f"; with 8-bit inputs {r['int4_a8_over_fp32_split']:.2f}x, paired "
+           f"{r['int4_a8_over_fp32_split_paired_median']:.2f}x, interleaved "
+           f"{r['int4_a8_over_fp32_split_interleaved_median']:.2f}x" if r.get("split_int4_a8_tok_s") else "")
         + f"), int8 edge {r['int8_over_fp32_split']:.2f}x "
         f"(paired {r['int8_over_fp32_split_paired_median']:.2f}x; bytes allow {r['int8_bound_ratio']:.2f}x"
         + (f"; on torch's kernel {r['int8_torch_kernel_over_fp32_split']:.2f}x"

@@ -35,6 +35,7 @@ def plan_cmd(
     channel_alpha: float = typer.Option(None, "--channel-alpha", help="Pin the codec recipe's channel α in [0, 1] \\[default: choose among the measured recipes]."),
     codec_error: float = typer.Option(DEFAULT_MAX_CODEC_ERROR, "--codec-error", help="Largest codec error (mean per-token relative error of the non-massive channels, measured per recipe by the profile) a candidate may have."),
     embed_bits: int = typer.Option(DEFAULT_EMBED_BITS, "--embed-bits", help="How the edge stores its embedding: 8 (quantize's default) or 16 (as loaded)."),
+    edge_act_bits: int = typer.Option(16, "--edge-act-bits", help="Recorded in the plan: the input width of the edge's 4-bit products at decode, 16 or 8 (faster, coarser; the profile's costs are the 16-bit input's, so the plan's latency stays on the safe side)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the chosen plan here (YAML)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     sweep: str = typer.Option(None, "--sweep", help="Also print a sweep table; only 'max-tokens' (W̄) is supported."),
@@ -67,6 +68,8 @@ def plan_cmd(
         raise SplitLLMError(f"--max-tokens must be >= 1, got {max_tokens}")
     if embed_bits not in EMBED_BITS:
         raise SplitLLMError(f"--embed-bits must be {' or '.join(map(str, EMBED_BITS))}, got {embed_bits}")
+    if edge_act_bits not in (8, 16):
+        raise SplitLLMError(f"--edge-act-bits must be 8 or 16, got {edge_act_bits}")
     if sweep not in (None, "max-tokens"):
         raise SplitLLMError(f"--sweep supports only 'max-tokens', got {sweep!r}")
     # bad values fail before anything loads, naming the flag
@@ -164,6 +167,7 @@ def plan_cmd(
     # Saved as costed: another spelling of the same edge could keep more layers in the shard.
     plan = to_plan(winner.candidate, profile, budgets, max_tokens, group_size=group_size,
                    tau_is_quantile=True, embed_bits=embed_bits, notes=notes)
+    plan = dataclasses.replace(plan, edge_act_bits=edge_act_bits)
     if out is not None:
         plan.save(out, overwrite=force)
         console.print(f"wrote {out}", highlight=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from ..errors import SplitLLMError
-from .common import DATA_DIR_OPTION, check_plan_fits, cli_errors, codec_options, err_console, load_model_with_status, split_spec
+from .common import DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, check_plan_fits, cli_errors, codec_options, err_console, load_model_with_status, split_spec
 
 from ..serve.config import API_KEY_ENV, api_key_from  # noqa: F401 - generate --cloud reads the key the same way
 
@@ -300,6 +300,7 @@ def serve_edge_cmd(
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
     shards: Path = typer.Option(None, "--shards", help="Run the edge half from a directory written by `splitllm quantize` (instead of --model)."),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ) (default: the plan's or the shards', else L // 2)."),
+    edge_act_bits: int = EDGE_ACT_BITS_OPTION,
     host: str = typer.Option(None, "--host", help="Address the HTTP API listens on (default 127.0.0.1; 0.0.0.0 for all interfaces)."),
     port: int = typer.Option(None, "--port", help="HTTP port (default 8000; 0 = pick a free one; the address is printed)."),
     api_key: str = typer.Option(None, "--api-key", help=f"Bearer token for the /v1 API, also sent to the cloud unless --cloud-api-key (default: ${API_KEY_ENV}, or the config's api_key_env; required)."),
@@ -336,7 +337,7 @@ def serve_edge_cmd(
     remote = _remote_options(e.cloud, cloud_api_key or key, e.cloud_ca, {})
     if shards is not None and model is not None:
         raise SplitLLMError("give --shards or --model, not both")
-    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
+    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     if shards is not None:
         with err_console.status(f"loading the edge shard from {shards} ..."):
@@ -382,13 +383,15 @@ def _edge_shard_split(shards: Path, spec, data_dir, progress):
 
     from ..deploy import Split, SplitSpec, build_wire
     from ..model.shard_loader import load_edge, load_tokenizer
+    from ..quant import use_int4_act_bits_
 
     edge = load_edge(shards, spec.split_layer)
+    use_int4_act_bits_(edge.model, spec.edge_act_bits)
     tokenizer = load_tokenizer(shards)
     m = edge.manifest
     edge_spec = SplitSpec(split_layer=m.split_layer, q_w1=m.front_bits, q_w2=m.back_bits, l_w=m.l_w, method=m.method,
                           group_size=m.group_size, qa=m.kv_bits, embed_bits=m.embed_bits, wire=spec.wire,
-                          codec=spec.codec)
+                          codec=spec.codec, edge_act_bits=spec.edge_act_bits)
     edge_lm = SimpleNamespace(model=edge.model, tokenizer=tokenizer, sha256=m.files["edge.safetensors"]["sha256"])
     wire = build_wire(edge_spec, edge_lm, data_dir, progress, keep_stats=False)
     return Split(edge_spec, edge.half, None, wire, {"wire": wire.name, "shards": str(shards)}), tokenizer, m

@@ -50,6 +50,7 @@ class SplitSpec:
     embed_bits: int = KEEP_BITS
     wire: str = "none"
     codec: CodecSettings = field(default_factory=CodecSettings)
+    edge_act_bits: int = 16  # the edge's 4-bit products' input width (Int4Linear.act_bits)
 
     def __post_init__(self) -> None:
         if self.method not in ("front", "back"):
@@ -62,17 +63,20 @@ class SplitSpec:
             raise SplitLLMError(f"wire must be one of {', '.join(WIRES)}, got {self.wire!r}")
         if not isinstance(self.codec, CodecSettings):
             raise SplitLLMError("SplitSpec.codec must be CodecSettings")
+        if self.edge_act_bits not in (8, 16) or isinstance(self.edge_act_bits, bool):
+            raise SplitLLMError(f"edge activation bits must be 8 or 16, got {self.edge_act_bits!r}")
 
     @classmethod
     def from_plan(cls, plan: Plan, wire: str = "tabq") -> "SplitSpec":
         """The plan's split: its ℓ, OPSC bits, group size, Qa, embedding bits and codec."""
         return cls(split_layer=plan.split_layer, q_w1=plan.q_w1, q_w2=plan.q_w2, l_w=plan.l_w,
                    method=plan.method, group_size=plan.group_size, qa=plan.qa, embed_bits=plan.embed_bits,
-                   wire=wire, codec=plan.codec)
+                   wire=wire, codec=plan.codec, edge_act_bits=plan.edge_act_bits)
 
     @property
     def compression_off(self) -> bool:
-        """Nothing lossy: unquantized edge weights, embedding and KV, and the raw fp32 wire."""
+        """Nothing lossy: unquantized edge weights, embedding and KV, and the raw fp32 wire (the
+        edge's activation bits act on 4-bit weights only)."""
         return (self.q_w1 >= KEEP_BITS and (self.q_w2 is None or self.q_w2 >= KEEP_BITS)
                 and self.qa >= KEEP_BITS and self.embed_bits >= KEEP_BITS and self.wire == "none")
 
@@ -120,7 +124,7 @@ def planned_edge(model, spec: SplitSpec) -> PlannedEdge:
     embedding at spec.embed_bits and its KV at spec.qa bits. `model` is not changed."""
     from torch import nn
 
-    from splitcli.quant import KVQuantConfig, QuantEmbedding, quantize_layers_
+    from splitcli.quant import KVQuantConfig, QuantEmbedding, quantize_layers_, use_int4_act_bits_
 
     parts = decoder_parts(model)
     if spec.qa < KEEP_BITS:
@@ -133,6 +137,7 @@ def planned_edge(model, spec: SplitSpec) -> PlannedEdge:
     if quantized:
         copies = nn.ModuleList([copy.deepcopy(parts.layers[i]) for i in quantized])
         quantize_layers_(copies, range(len(quantized)), [bits[i] for i in quantized], spec.group_size)
+        use_int4_act_bits_(copies, spec.edge_act_bits)
         for i, layer in zip(quantized, copies):
             layers[i] = layer
     # the edge's own copy, one group per row as shards store it
@@ -192,22 +197,26 @@ def build_split(lm, spec: SplitSpec, data_dir=None, progress: Callable[[str], No
 
 def build_shard_split(shard_dir, wire: str = "none", codec: CodecSettings | None = None,
                       split_layer: int | None = None, model_sha256: str | None = None, data_dir=None,
-                      progress: Callable[[str], None] | None = None, keep_stats: bool = True):
+                      progress: Callable[[str], None] | None = None, keep_stats: bool = True,
+                      edge_act_bits: int = 16):
     """(Split, tokenizer, manifest) from a directory written by `splitllm quantize`: the edge half
     from edge.safetensors, the cloud half from cloud.safetensors. With the codec wire, the codec
     is calibrated on the shard's own edge (the only edge there is: its quantized layers produce
-    what crosses the wire), cached under the edge shard's sha256."""
+    what crosses the wire), cached under the edge shard's sha256. edge_act_bits: as SplitSpec's
+    (a run-time setting: shards do not store it)."""
     from types import SimpleNamespace
 
     from splitcli.model.shard_loader import load_cloud, load_edge, load_tokenizer
+    from splitcli.quant import use_int4_act_bits_
 
+    spec = SplitSpec(wire=wire, codec=codec or CodecSettings(), edge_act_bits=edge_act_bits)  # checked first
     edge = load_edge(shard_dir, split_layer, model_sha256)
     cloud = load_cloud(shard_dir, split_layer, model_sha256)
     tokenizer = load_tokenizer(shard_dir)
     m = edge.manifest
-    spec = SplitSpec(split_layer=m.split_layer, q_w1=m.front_bits, q_w2=m.back_bits, l_w=m.l_w, method=m.method,
-                     group_size=m.group_size, qa=m.kv_bits, embed_bits=m.embed_bits, wire=wire,
-                     codec=codec or CodecSettings())
+    spec = dataclasses.replace(spec, split_layer=m.split_layer, q_w1=m.front_bits, q_w2=m.back_bits, l_w=m.l_w,
+                               method=m.method, group_size=m.group_size, qa=m.kv_bits, embed_bits=m.embed_bits)
+    use_int4_act_bits_(edge.model, edge_act_bits)
     # the shard's edge stands in for the model when calibrating: its layers [0, ℓ) are real
     edge_lm = SimpleNamespace(model=edge.model, tokenizer=tokenizer, sha256=m.files["edge.safetensors"]["sha256"])
     wire_ = build_wire(spec, edge_lm, data_dir, progress, keep_stats=keep_stats)
@@ -220,7 +229,7 @@ def opsc_edge_model(model, spec: SplitSpec):
     before a handoff (Fig. 5b); `model` is not changed."""
     from torch import nn
 
-    from splitcli.quant import QuantEmbedding, quantize_layers_
+    from splitcli.quant import QuantEmbedding, quantize_layers_, use_int4_act_bits_
 
     parts = decoder_parts(model)
     q_w2 = KEEP_BITS if spec.q_w2 is None else spec.q_w2
@@ -230,6 +239,7 @@ def opsc_edge_model(model, spec: SplitSpec):
     edge_model = copy.deepcopy(model)
     edge_parts = decoder_parts(edge_model)
     quantize_layers_(edge_parts.layers, range(len(bits)), bits, spec.group_size)
+    use_int4_act_bits_(edge_parts.layers, spec.edge_act_bits)
     if spec.embed_bits < KEEP_BITS:
         if edge_model.get_output_embeddings() is not None and \
                 edge_model.get_output_embeddings().weight is edge_parts.embed_tokens.weight:

@@ -168,7 +168,8 @@ def _product(call) -> Product | str:
         if f.kind == "float":
             return Product("float", f.in_features, f.out_features, f.weight.t())
         if f.kind == "int4" and f.layout == "splitllm":
-            return Product("int4", f.in_features, f.out_features, f.packed, f.scales_and_zeros, f.group_size)
+            return Product("int4", f.in_features, f.out_features, f.packed, f.scales_and_zeros, f.group_size,
+                           f.act_bits)
         if f.kind == "int8" and f.gemv and kernels.INT8_MAX_THREADS >= STEP_MAX_THREADS:
             return Product("int8", f.in_features, f.out_features, f.codes, f.scales)
     except ValueError as e:

@@ -97,7 +97,8 @@ def _kind(mods: list[nn.Module]) -> str | None:
         return None
     if type(m0) is nn.Linear and all(m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" for m in mods):
         return "float"
-    if type(m0) is Int4Linear and all(m.group_size == m0.group_size and m.layout == m0.layout for m in mods):
+    if type(m0) is Int4Linear and all(m.group_size == m0.group_size and m.layout == m0.layout
+                                      and m.act_bits == m0.act_bits for m in mods):
         return "int4"
     if type(m0) is Int8Linear and all(m._kernel and m.gemv == m0.gemv for m in mods):
         return "int8"
@@ -136,7 +137,7 @@ class FusedLinear:
     Build with `FusedLinear.build(mods)` (None when the modules cannot be fused)."""
 
     __slots__ = ("kind", "in_features", "out_features", "sizes", "weight", "bias", "packed", "scales_and_zeros",
-                 "group_size", "codes", "scales", "layout", "gemv")
+                 "group_size", "codes", "scales", "layout", "gemv", "act_bits")
 
     def __init__(self, kind: str, mods: list[nn.Module]):
         self.kind = kind
@@ -182,7 +183,7 @@ class FusedLinear:
             m.codes, m.scales = c, s
 
     def _fuse_int4(self, mods) -> None:
-        self.group_size, self.layout = mods[0].group_size, mods[0].layout
+        self.group_size, self.layout, self.act_bits = mods[0].group_size, mods[0].layout, mods[0].act_bits
         self.packed = _join([m.packed for m in mods], 0)  # joined by build() (one module: its own)
         # torch's [K/g, N, 2] joins along N (strided views: an eager Int4Linear.forward copies its
         # one once); splitllm's [N/4, K/g, 4, 2] along blocks of four rows (contiguous views; every
@@ -196,7 +197,7 @@ class FusedLinear:
         """x [..., K] -> the raw product [tokens, N] (bf16 for torch's quantized kernels, no bias)."""
         if self.kind == "int4" and self.layout == "splitllm":
             return kernels.mm4(x.reshape(-1, self.in_features).float(), self.packed, self.scales_and_zeros,
-                              self.group_size)
+                               self.group_size, self.act_bits)
         if self.kind == "int4":
             return _INT4_MM(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed, self.group_size,
                             self.scales_and_zeros)

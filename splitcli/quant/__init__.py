@@ -3,6 +3,7 @@
 from splitcli.quant.kv_format import KVQuantConfig, fp_kv_bytes_per_token, kv_bytes_per_token
 from splitcli.quant.modules import (
     Int4Linear, Int8Linear, QuantEmbedding, QuantLinear, int4_kernel_supports, int8_kernel_supports,
+    use_int4_act_bits_,
 )
 from splitcli.quant.rtn import (
     KEEP_BITS,

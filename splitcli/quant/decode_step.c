@@ -28,7 +28,8 @@
 
 typedef struct {
     int64_t kind;  /* SL_FLOAT: a = W^T [K, N] float32 contiguous; SL_INT4: a = P, b = SZ, G (kernels.c's
-                      layout); SL_INT8: a = codes [N, K] int8, b = scales [N] bf16 */
+                      layout), SL_INT4_A8 the same on int8 inputs; SL_INT8: a = codes [N, K] int8,
+                      b = scales [N] bf16 */
     int64_t K, N, G;
     const void *a, *b;
 } sl_prod;
@@ -40,7 +41,7 @@ typedef struct {
     int64_t n_heads, n_kv, head_dim, inter;
 } sl_layer;
 
-enum { SL_FLOAT = 0, SL_INT4 = 1, SL_INT8 = 2 };
+enum { SL_FLOAT = 0, SL_INT4 = 1, SL_INT8 = 2, SL_INT4_A8 = 3 };
 
 /* The KV cache of the layers' run (batch 1). kind SL_KV_FLOAT: k / v are layer 0's [n_kv, cap, D]
  * float32. SL_KV8: codes is layer 0's [2 (K, V), n_kv, cap, D] uint8, scales / zeros its
@@ -103,12 +104,13 @@ static int sl_product(const sl_prod *p, const float *x, void *scratch, float *y)
         gemv_f32(x, p->K, (const float *)p->a, p->N, y);
         return 0;
     }
-    const int64_t G = p->kind == SL_INT4 ? p->G : 64, ng = p->K / G;
+    const int four = p->kind == SL_INT4 || p->kind == SL_INT4_A8, a8 = p->kind == SL_INT4_A8;
+    const int64_t G = four ? p->G : 64, ng = p->K / G;
     int16_t *x16 = (int16_t *)scratch;
     float *sx = (float *)(x16 + p->K), *xs = sx + ng;
-    if (quantize_x(x, p->K, G, x16, sx, xs)) return 1;
-    if (p->kind == SL_INT4)
-        one_token(x16, sx, xs, p->K, (const uint8_t *)p->a, (const uint16_t *)p->b, p->N, G, y);
+    if (four ? quantize_x4(x, a8, p->K, G, x16, sx, xs) : quantize_x(x, p->K, G, x16, sx, xs)) return 1;
+    if (four)
+        one_token(x16, a8, sx, xs, p->K, (const uint8_t *)p->a, (const uint16_t *)p->b, p->N, G, y);
     else
         q8_one_token(x16, sx, p->K, (const int8_t *)p->a, (const uint16_t *)p->b, p->N, y);
     return 0;

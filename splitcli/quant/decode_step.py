@@ -21,7 +21,7 @@ import torch
 from ..errors import SplitLLMError
 from . import kernels
 
-_FLOAT, _INT4, _INT8 = 0, 1, 2
+_FLOAT, _INT4, _INT8, _INT4_A8 = 0, 1, 2, 3
 _off = [0]  # depth of disabled()
 _off_lock = threading.Lock()
 
@@ -67,7 +67,8 @@ class _Cache(ctypes.Structure):
 class Product:
     """One weight as the C step reads it: kind 'float' (a = W^T [K, N] float32 contiguous, N % 16
     == 0), 'int4' (a = packed, b = scales_and_zeros in kernels.c's layout, group G) or 'int8'
-    (a = codes [N, K], b = scales [N] bf16, K % 64 == 0)."""
+    (a = codes [N, K], b = scales [N] bf16, K % 64 == 0). act_bits: the 4-bit product's input
+    width (kernels.ACT_BITS), as Int4Linear.act_bits."""
 
     kind: str
     K: int
@@ -75,6 +76,7 @@ class Product:
     a: torch.Tensor
     b: torch.Tensor | None = None
     G: int = 0
+    act_bits: int = 16
 
     def __post_init__(self):
         why = self.unfit()
@@ -88,6 +90,8 @@ class Product:
                 and a.device.type == "cpu"
             return None if ok else f"float W^T must be contiguous [K, N] float32 with N % 16 == 0, got {tuple(a.shape)}"
         if self.kind == "int4":
+            if self.act_bits not in kernels.ACT_BITS:
+                return f"4-bit input bits must be one of {kernels.ACT_BITS}, got {self.act_bits!r}"
             try:
                 kernels.check_operands4(k, a, b, self.G)
             except SplitLLMError as e:
@@ -99,7 +103,7 @@ class Product:
         return f"unknown kind {self.kind!r}"
 
     def _c(self) -> _Prod:
-        kind = {"float": _FLOAT, "int4": _INT4, "int8": _INT8}[self.kind]
+        kind = {"float": _FLOAT, "int4": _INT4_A8 if self.act_bits == 8 else _INT4, "int8": _INT8}[self.kind]
         return _Prod(kind, self.K, self.N, self.G, self.a.data_ptr(), 0 if self.b is None else self.b.data_ptr())
 
 

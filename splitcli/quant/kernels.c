@@ -22,6 +22,10 @@
  * group whose scale is inf gives +-inf or NaN here (the float product of the dequantized weight
  * gives NaN: q inf + (z - 8 inf)); only corrupt weights have one.
  *
+ * Opt-in (Int4Linear.act_bits = 8, a plan's edge_act_bits): the 4-bit product on x rounded to int8
+ * per weight group (quantize_x8), vpmaddubsw on the nibbles (DOT64A8): 1.30-1.35x the int16
+ * product with weights in cache, 1.12-1.17x streaming them from memory (this Zen 3, 1 thread).
+ *
  * 8-bit weights keep Int8Linear's operands (codes [N, K] int8, one bf16 scale per row) and the same
  * int16 input; torch's int8 kernel reads ~7-10 GB/s here, this one ~20-25 from cache.
  */
@@ -30,7 +34,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SPLITLLM_ABI 7
+#define SPLITLLM_ABI 8
 /* Rows ahead whose bytes are prefetched: the hardware prefetcher alone left one Zen 3 core reading
  * int8 weights from memory at 7.7 GB/s; asking for the next block's rows gave 14.5 GB/s (1.9x)
  * and the 4-bit kernel 1.14x (49152 x 576, 1 thread, median of 15; 4, 8, 16 and 32 rows ahead
@@ -55,33 +59,42 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* x [K] -> x16 [K] with x ~= x16 * sx[g]; xs[g] = the group's sum (for the zero term).
- * Returns 1 when the token is outside what int16 with a float scale carries faithfully: a NaN or
- * inf (the float product's sign and NaN-ness depend on every term), a group's largest |x| past
- * 1e30 (scaled sums could overflow where the float product does not) or below 1e-30 but not 0
- * (the scale would lose precision). The caller computes such tokens in float instead. */
-static int quantize_x(const float *x, int64_t K, int64_t G, int16_t *x16, float *sx, float *xs) {
+/* A group's largest |x| and its sum (in double: at most 4096 floats cannot overflow, so the sum is
+ * non-finite iff a NaN / inf). Returns 1 when the group is outside what an integer input with a
+ * float scale carries faithfully: a NaN or inf (the float product's sign and NaN-ness depend on
+ * every term), a largest |x| past 1e30 (scaled sums could overflow where the float product does
+ * not) or below 1e-30 but not 0 (the scale would lose precision). G % 8 == 0. */
+static inline int group_stats(const float *xg, int64_t G, float *amax_out, double *sum_out) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 vmax = _mm256_setzero_ps();
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0;
+    for (int64_t k = 0; k < G; k += 8) {
+        const __m256 v = _mm256_loadu_ps(xg + k);
+        vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));  /* a NaN lane is caught by the sum */
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    }
+    float lanes[8];
+    double parts[4];
+    _mm256_storeu_ps(lanes, vmax);
+    _mm256_storeu_pd(parts, _mm256_add_pd(s0, s1));
+    float amax = 0.f;
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+    const double sum = (parts[0] + parts[1]) + (parts[2] + parts[3]);
+    *amax_out = amax;
+    *sum_out = sum;
+    return !isfinite(sum) || amax > 1e30f || (amax > 0.f && amax < 1e-30f);
+}
+
+/* x [K] -> x16 [K] with x ~= x16 * sx[g]; xs[g] = the group's sum (for the zero term).
+ * Returns 1 when a group is refused (group_stats): the caller computes the token in float. */
+static int quantize_x(const float *x, int64_t K, int64_t G, int16_t *x16, float *sx, float *xs) {
     for (int64_t g = 0; g < K / G; g++) {
         const float *xg = x + g * G;
-        /* G % 64 == 0 or G == 64 (the 8-bit kernel): whole vectors. The double sums of at most 4096
-         * floats cannot overflow: non-finite iff a NaN / inf */
-        __m256 vmax = _mm256_setzero_ps();
-        __m256d s0 = _mm256_setzero_pd(), s1 = s0;
-        for (int64_t k = 0; k < G; k += 8) {
-            const __m256 v = _mm256_loadu_ps(xg + k);
-            vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));  /* a NaN lane is caught by the sum */
-            s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-            s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-        }
-        float lanes[8];
-        double parts[4];
-        _mm256_storeu_ps(lanes, vmax);
-        _mm256_storeu_pd(parts, _mm256_add_pd(s0, s1));
-        float amax = 0.f;
-        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
-        const double sum = (parts[0] + parts[1]) + (parts[2] + parts[3]);
-        if (!isfinite(sum) || amax > 1e30f || (amax > 0.f && amax < 1e-30f)) return 1;
+        float amax;
+        double sum;
+        /* G % 64 == 0 or G == 64 (the 8-bit kernel): whole vectors */
+        if (group_stats(xg, G, &amax, &sum)) return 1;
         const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
         for (int64_t k = 0; k < G; k += 8) {  /* round to nearest even, as lrintf */
             const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k), inv));
@@ -89,6 +102,41 @@ static int quantize_x(const float *x, int64_t K, int64_t G, int16_t *x16, float 
                              _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
         }
         sx[g] = amax / 32767.f;
+        xs[g] = (float)sum;
+    }
+    return 0;
+}
+
+/* 16 inputs x[0..16) * inv rounded to int8 (nearest even; |x * inv| <= 127 by the choice of inv) */
+static inline __m128i round16_i8(const float *x, __m256 inv) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), inv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), inv));
+    return _mm_packs_epi16(_mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1)),
+                           _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+
+/* The opt-in 8-bit input of the 4-bit product (Int4Linear.act_bits = 8): x [K] -> x8 [K] int8
+ * with x ~= x8 * sx[g], 127 levels per side scaled to the weight group's largest |x| (2^-8 of it,
+ * where quantize_x keeps 2^-16); xs[g] the group's exact sum as quantize_x's. Laid out for
+ * vpmaddubsw against the packed codes' nibble pairs: each run of 64 inputs is 32 bytes
+ * (x[w], x[32 + w]) for w = 0..15 and then 32 bytes (x[16 + w], x[48 + w]). Same refusals. */
+static int quantize_x8(const float *x, int64_t K, int64_t G, int8_t *x8, float *sx, float *xs) {
+    for (int64_t g = 0; g < K / G; g++) {
+        const float *xg = x + g * G;
+        float amax;
+        double sum;
+        if (group_stats(xg, G, &amax, &sum)) return 1;
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        for (int64_t k = 0; k < G; k += 64) {
+            const __m128i q0 = round16_i8(xg + k, inv), q1 = round16_i8(xg + k + 16, inv),
+                          q2 = round16_i8(xg + k + 32, inv), q3 = round16_i8(xg + k + 48, inv);
+            int8_t *o = x8 + g * G + k;
+            _mm_storeu_si128((__m128i *)o, _mm_unpacklo_epi8(q0, q2));
+            _mm_storeu_si128((__m128i *)(o + 16), _mm_unpackhi_epi8(q0, q2));
+            _mm_storeu_si128((__m128i *)(o + 32), _mm_unpacklo_epi8(q1, q3));
+            _mm_storeu_si128((__m128i *)(o + 48), _mm_unpackhi_epi8(q1, q3));
+        }
+        sx[g] = amax / 127.f;
         xs[g] = (float)sum;
     }
     return 0;
@@ -104,16 +152,31 @@ static int quantize_x(const float *x, int64_t K, int64_t G, int16_t *x16, float 
         d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_srli_epi16(b, 12), X3));                     \
     }
 
+/* The same with x8 (quantize_x8's layout): nibbles 0 and 2 of each word are the low and high
+ * bytes' low nibbles, 1 and 3 their high ones, so one mask gives the byte pairs (q[w], q[32 + w])
+ * and a shift and the mask (q[16 + w], q[48 + w]); vpmaddubsw (codes unsigned, x8 signed) sums each
+ * pair into int16 (<= 2 * 15 * 127: no saturation), the two are added (<= 7620) and vpmaddwd by
+ * ones widens to int32. 9 instructions per 64 codes and row where DOT64 takes 15. */
+#define DOT64A8(p, d)                                                                                     \
+    {                                                                                                   \
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(p));                                     \
+        const __m256i lo = _mm256_and_si256(b, m8), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m8); \
+        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, XA),         \
+                                                                   _mm256_maddubs_epi16(hi, XB)), ones)); \
+    }
+
 /* y for one token, a block of four rows at a time: the x loads are shared, and each group's four
  * int32 dot vectors are summed into one [row 0..3 | row 0..3] vector (integer adds: exact) that
- * one FMA scales by [s sx] into a single float accumulator. |d| <= G * 15 * 32767 < 2^31 for
- * G <= 4096 (kernels.py allows up to 4096). Inlined with runs = G / 64 constant where G is 64. */
-static inline __attribute__((always_inline)) void one_token_runs(const int16_t *x16, const float *sx, const float *xs,
-                                                                 int64_t K, const uint8_t *P, const uint16_t *SZ,
-                                                                 int64_t N, int64_t G, int64_t runs, float *y) {
-    const __m256i m4 = _mm256_set1_epi16(0x0F);
+ * one FMA scales by [s sx] into a single float accumulator. xq is x16 (int16) or, with a8, x8
+ * (quantize_x8). |d| <= G * 15 * 32767 < 2^31 for G <= 4096 (kernels.py allows up to 4096).
+ * Inlined with a8 and runs = G / 64 constant where G is 64. */
+static inline __attribute__((always_inline)) void one_token_runs(const void *xq, int a8, const float *sx,
+                                                                 const float *xs, int64_t K, const uint8_t *P,
+                                                                 const uint16_t *SZ, int64_t N, int64_t G,
+                                                                 int64_t runs, float *y) {
+    const __m256i m4 = _mm256_set1_epi16(0x0F), m8 = _mm256_set1_epi16(0x0F0F), ones = _mm256_set1_epi16(1);
     const __m128i hi16 = _mm_set1_epi32((int)0xFFFF0000);
-    const int64_t ng = K / G, stride = K / 2;
+    const int64_t ng = K / G, stride = K / 2, run_bytes = a8 ? 64 : 128;
     for (int64_t n = 0; n < N; n += 4) {
         if (n + PREFETCH_ROWS + 4 <= N) {  /* the next block's packed rows and (scale, zero) pairs */
             for (int64_t o = 0; o < 4 * stride; o += 64)
@@ -123,17 +186,23 @@ static inline __attribute__((always_inline)) void one_token_runs(const int16_t *
         }
         const uint8_t *p0 = P + n * stride, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
         const uint16_t *sz = SZ + n * ng * 2;  /* this block's [K/G, 4, 2] */
-        const int16_t *xk = x16;
+        const uint8_t *xk = (const uint8_t *)xq;
         __m256 acc = _mm256_setzero_ps();
         __m128 off = _mm_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
             __m256i d0 = _mm256_setzero_si256(), d1 = d0, d2 = d0, d3 = d0;
-            for (int64_t r = 0; r < runs; r++, xk += 64) {
-                const __m256i X0 = _mm256_loadu_si256((const __m256i *)xk);
-                const __m256i X1 = _mm256_loadu_si256((const __m256i *)(xk + 16));
-                const __m256i X2 = _mm256_loadu_si256((const __m256i *)(xk + 32));
-                const __m256i X3 = _mm256_loadu_si256((const __m256i *)(xk + 48));
-                DOT64(p0, d0) DOT64(p1, d1) DOT64(p2, d2) DOT64(p3, d3)
+            for (int64_t r = 0; r < runs; r++, xk += run_bytes) {
+                if (a8) {
+                    const __m256i XA = _mm256_loadu_si256((const __m256i *)xk);
+                    const __m256i XB = _mm256_loadu_si256((const __m256i *)(xk + 32));
+                    DOT64A8(p0, d0) DOT64A8(p1, d1) DOT64A8(p2, d2) DOT64A8(p3, d3)
+                } else {
+                    const __m256i X0 = _mm256_loadu_si256((const __m256i *)xk);
+                    const __m256i X1 = _mm256_loadu_si256((const __m256i *)(xk + 32));
+                    const __m256i X2 = _mm256_loadu_si256((const __m256i *)(xk + 64));
+                    const __m256i X3 = _mm256_loadu_si256((const __m256i *)(xk + 96));
+                    DOT64(p0, d0) DOT64(p1, d1) DOT64(p2, d2) DOT64(p3, d3)
+                }
                 p0 += 32; p1 += 32; p2 += 32; p3 += 32;
             }
             /* (scale, zero) of the four rows as one word each, scale in the low half */
@@ -153,28 +222,39 @@ static inline __attribute__((always_inline)) void one_token_runs(const int16_t *
     }
 }
 
-static void one_token(const int16_t *x16, const float *sx, const float *xs, int64_t K, const uint8_t *P,
+/* y [N] for one token whose input is x16 (quantize_x) or, with a8, x8 (quantize_x8) */
+static void one_token(const void *xq, int a8, const float *sx, const float *xs, int64_t K, const uint8_t *P,
                       const uint16_t *SZ, int64_t N, int64_t G, float *y) {
-    if (G == 64)
-        one_token_runs(x16, sx, xs, K, P, SZ, N, 64, 1, y);
+    if (a8 && G == 64)
+        one_token_runs(xq, 1, sx, xs, K, P, SZ, N, 64, 1, y);
+    else if (a8)
+        one_token_runs(xq, 1, sx, xs, K, P, SZ, N, G, G / 64, y);
+    else if (G == 64)
+        one_token_runs(xq, 0, sx, xs, K, P, SZ, N, 64, 1, y);
     else
-        one_token_runs(x16, sx, xs, K, P, SZ, N, G, G / 64, y);
+        one_token_runs(xq, 0, sx, xs, K, P, SZ, N, G, G / 64, y);
 }
 
-/* y [M, N] = x [M, K] @ W.T, one token at a time (decode: M is 1), M <= 62, N % 4 == 0.
- * scratch: at least M*K int16 followed by 2*M*(K/G) floats (kernels.py sizes it).
- * Returns a mask: bit m set = token m was left for the caller to compute in float (quantize_x). */
+/* The input of one token for the 4-bit product: int16 (quantize_x) or, with a8, int8 (quantize_x8) */
+static int quantize_x4(const float *x, int a8, int64_t K, int64_t G, void *xq, float *sx, float *xs) {
+    return a8 ? quantize_x8(x, K, G, (int8_t *)xq, sx, xs) : quantize_x(x, K, G, (int16_t *)xq, sx, xs);
+}
+
+/* y [M, N] = x [M, K] @ W.T, one token at a time (decode: M is 1), M <= 62, N % 4 == 0; a8: the
+ * input rounded to int8 (quantize_x8), else int16. scratch: at least M*K int16 followed by
+ * 2*M*(K/G) floats (kernels.py sizes it). Returns a mask: bit m set = token m was left for the
+ * caller to compute in float (group_stats). */
 int64_t splitllm_q4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *P, const uint16_t *SZ, int64_t N,
-                         int64_t G, void *scratch, float *y) {
+                         int64_t G, int64_t a8, void *scratch, float *y) {
     const int64_t ng = K / G;
     int16_t *x16 = (int16_t *)scratch;
     float *sx = (float *)(x16 + M * K), *xs = sx + M * ng;
     int64_t left = 0;
     for (int64_t m = 0; m < M; m++) {
-        if (quantize_x(x + m * K, K, G, x16 + m * K, sx + m * ng, xs + m * ng))
+        if (quantize_x4(x + m * K, a8 != 0, K, G, x16 + m * K, sx + m * ng, xs + m * ng))
             left |= (int64_t)1 << m;
         else
-            one_token(x16 + m * K, sx + m * ng, xs + m * ng, K, P, SZ, N, G, y + m * N);
+            one_token(x16 + m * K, a8 != 0, sx + m * ng, xs + m * ng, K, P, SZ, N, G, y + m * N);
     }
     return left;
 }

@@ -15,7 +15,8 @@ the GIL during the call). Where that is impossible (no compiler, not x86-64, a C
 4-bit layout (portable: the same bytes on every CPU; see kernels.c): packed [N, K/2] uint8, 64
 codes per 32 bytes as 16 words of four nibbles (`pack4`); scales_and_zeros [N/4, K/G, 4, 2] bf16, the
 (scale, zero) pairs of blocks of four rows (`block_pairs4`; N % 4 == 0). Groups must be a multiple of
-64 codes (`supports4`); other group sizes stay on torch's kernel.
+64 codes (`supports4`); other group sizes stay on torch's kernel. `mm4(..., act_bits=8)` rounds a
+one-token input to int8 instead of int16 (opt-in: faster, coarser; `ACT_BITS`).
 8-bit: Int8Linear's own codes [N, K] int8 and scales [N] bf16, for K % 64 == 0 (`supports8`), one
 token per call (`mm8`); a prefill stays on torch's int8 kernel.
 """
@@ -45,12 +46,16 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 _INCLUDED = (Path(__file__).with_name("decode_step.c"),)  # #included by kernels.c: part of the build's key
 # -ffp-contract=off: the KV dequantizer must round as torch's separate mul and add do
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-std=c99")
-_ABI = 7
+_ABI = 8
 #: Tokens per call up to which the 4-bit kernel runs; above, a prefill dequantizes rows in chunks
 #: and multiplies in float (2x torch's int4 kernel at 64+ tokens here; the GEMV is 0.75x there).
 #: The 8-bit kernel runs up to this many tokens too; above, torch's int8 kernel.
 GEMV_MAX_TOKENS = 8
-_CHUNK_BYTES = 4 << 20  # float rows dequantized at a time by a prefill
+_CHUNK_BYTES = 4 << 20
+#: Widths the 4-bit kernel rounds a one-token input to, per weight group: 16 (the default: 2^-16 of
+#: the group's largest |x|) or 8 (opt-in, a plan's edge_act_bits: 2^-8, llama.cpp's Q8 inputs;
+#: vpmaddubsw makes the product ~1.35x faster; +0.21% WikiText-2 perplexity on the int4 edge)
+ACT_BITS = (16, 8)  # float rows dequantized at a time by a prefill
 
 _lock = threading.Lock()
 _state: dict = {"off": 0}  # "lib" -> ctypes.CDLL | None, "why" -> str; "off": depth of disabled()
@@ -106,7 +111,7 @@ def _open(path: Path) -> ctypes.CDLL:
     if abi != _ABI:
         raise OSError(f"{path.name} holds ABI {abi}, this version needs {_ABI}")
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.splitllm_q4_gemv.argtypes = [p, i64, i64, p, p, i64, i64, p, p]
+    lib.splitllm_q4_gemv.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p]
     lib.splitllm_q4_gemv.restype = i64  # mask of tokens left to the float path
     lib.splitllm_q4_dequant.argtypes = [p, p, i64, i64, i64, i64, p]
     lib.splitllm_q4_dequant.restype = None
@@ -296,9 +301,13 @@ def _float_rows(y: torch.Tensor, left: int, product) -> None:
         y[i : i + 1] = product(i)
 
 
-def mm4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+def mm4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int,
+        act_bits: int = 16) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] float32, W given as (packed [N, K/2], sz [N/4, K/G, 4, 2] bf16:
-    `pack4`, `block_pairs4`), both contiguous. Only when `available()`."""
+    `pack4`, `block_pairs4`), both contiguous. Only when `available()`. act_bits: the width the
+    one-token kernel rounds x to per weight group (16, or 8: `ACT_BITS`); a prefill is float."""
+    if act_bits not in ACT_BITS:
+        raise SplitLLMError(f"4-bit kernel input bits must be one of {ACT_BITS}, got {act_bits!r}")
     x = _cpu_input(x)
     m, k = x.shape
     check_operands4(k, packed, sz, group_size)
@@ -310,7 +319,7 @@ def mm4(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int
     if m <= GEMV_MAX_TOKENS:
         scratch = torch.empty(m * k * 2 + 8 * m * (k // group_size), dtype=torch.uint8)
         left = lib.splitllm_q4_gemv(x.data_ptr(), m, k, packed.data_ptr(), sz.data_ptr(), n, group_size,
-                                    scratch.data_ptr(), y.data_ptr())
+                                    int(act_bits == 8), scratch.data_ptr(), y.data_ptr())
         _float_rows(y, left, lambda i: _float_product(lib, x[i : i + 1], packed, sz, group_size))
         return y
     return _float_product(lib, x, packed, sz, group_size, y)

@@ -150,6 +150,10 @@ class Int4Linear(nn.Module):
       output back (relative error ~3e-3).
     Both hold the same numbers as the portable format, only re-laid out; `export()` always gives
     portable codes.
+
+    `act_bits` (a run-time setting, not stored in shards): the width splitllm's one-token kernel
+    rounds its input to, per weight group: 16 (default) or 8 (`use_act_bits`, a plan's
+    edge_act_bits: faster, coarser). Torch's kernel always takes bf16 and ignores it.
     """
 
     bits = 4
@@ -181,6 +185,7 @@ class Int4Linear(nn.Module):
         # became a strided view (model.fused); None while it is contiguous. Non-persistent: not saved
         self.register_buffer("_sz_kernel", None, persistent=False)
         self._sz_version = -1
+        self.act_bits = 16
 
     @classmethod
     def from_portable(
@@ -231,7 +236,7 @@ class Int4Linear(nn.Module):
         shape = x.shape
         if self.layout == "splitllm":
             y = kernels.mm4(x.reshape(-1, self.in_features).float(), self.packed, self.scales_and_zeros,
-                           self.group_size)
+                            self.group_size, self.act_bits)
             y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)  # [..., N]
             return y if self.bias is None else y + self.bias.to(x.dtype)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [tokens, K]
@@ -248,6 +253,12 @@ class Int4Linear(nn.Module):
             y = y + self.bias.to(x.dtype)
         return y
 
+    def use_act_bits(self, bits: int) -> None:
+        """Round one-token inputs to `bits` (kernels.ACT_BITS) on splitllm's kernel from now on."""
+        if bits not in kernels.ACT_BITS or isinstance(bits, bool):
+            raise SplitLLMError(f"Int4Linear input bits must be one of {kernels.ACT_BITS}, got {bits!r}")
+        self.act_bits = bits
+
     def use_scales_and_zeros(self, sz: torch.Tensor) -> None:
         """Point scales_and_zeros at `sz` in this module's layout (e.g. a view of a fused tensor:
         strided for the torch layout, a row slice for splitllm's); the eager torch kernel's
@@ -256,7 +267,21 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         kernel = "splitllm-avx2" if self.layout == "splitllm" else "cpu-int4"
-        return f"in={self.in_features}, out={self.out_features}, bits=4, group={self.group_size}, kernel={kernel}"
+        inp = f"int{self.act_bits}" if self.layout == "splitllm" else "bf16"
+        return (f"in={self.in_features}, out={self.out_features}, bits=4, group={self.group_size}, kernel={kernel}, "
+                f"input={inp}")
+
+
+def use_int4_act_bits_(module: nn.Module, bits: int) -> int:
+    """Every Int4Linear under `module` rounds its one-token inputs to `bits` (kernels.ACT_BITS) from
+    now on; returns how many there are. Call it before a fast half is built over them (model.fused
+    copies the setting when it joins their weights)."""
+    if bits not in kernels.ACT_BITS or isinstance(bits, bool):
+        raise SplitLLMError(f"edge activation bits must be one of {kernels.ACT_BITS}, got {bits!r}")
+    mods = [m for m in module.modules() if isinstance(m, Int4Linear)]
+    for m in mods:
+        m.use_act_bits(bits)
+    return len(mods)
 
 
 INT8_KERNEL_COL_MULTIPLE = 16  # _weight_int8pack_mm crashes (AVX-512) on other input widths
