@@ -247,3 +247,31 @@ def test_a_head_written_in_place_drops_its_stale_screen():
     model.load_state_dict(state)  # copies into the head's weight in place
     screened = head(hidden, 1, top=1)
     assert head.screen is None and int(screened.argmax()) == int(head(hidden, 1).argmax()) == 5
+
+
+@pytest.mark.parametrize("v", [1, 7, 8, 1000, 49152])
+def test_the_screens_c_passes_are_the_torch_formulas(v):
+    # abs_stats, argmax and screen_keep (kernels.c) against the torch ops they replace, tails and
+    # ties included: the same rows kept, in ascending order, and every screened value set to -inf
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(576, generator=g)
+    l1, amax = kernels.abs_stats(x)
+    assert l1 == pytest.approx(float(x.abs().double().sum()), rel=2**-23) and amax == float(x.abs().max())
+    s = torch.round(torch.randn(v, generator=g) * 4) / 4  # coarse values: many ties
+    assert kernels.argmax(s) == int(s.argmax())
+    a, b = torch.rand(v, generator=g) * 1e-3, torch.rand(v, generator=g) * 1e-2
+    r, m = torch.randn(3, generator=g), torch.rand(3, generator=g) * 1e-3
+    slack, tiny, c = 1 + 2.0**-4, 1e-35, amax / 32767
+    l1t = torch.tensor(l1)
+    e = (a * l1t).add_(b, alpha=c).mul_(slack).add_(tiny)
+    threshold = (r - m * l1t * slack - tiny).min()
+    want = (s + e >= threshold).nonzero().squeeze(1)
+    got = kernels.screen_keep(s, a, b, l1, c, slack, tiny, r, m)
+    assert torch.equal(got, want) and bool((s == float("-inf")).all())
+    # a threshold that is not finite (as torch's min: a NaN anywhere, -inf, or +inf everywhere): nothing written
+    for bad in ([0.0, float("nan")], [float("nan"), 0.0], [0.0, float("-inf")], [float("inf")] * 2):
+        s2 = torch.randn(v, generator=g)
+        before = s2.clone()
+        assert not bool(torch.isfinite((torch.tensor(bad) - m[:2] * l1t * slack - tiny).min()))
+        assert kernels.screen_keep(s2, a, b, l1, c, slack, tiny, torch.tensor(bad), m[:2]) is None
+        assert torch.equal(s2, before)

@@ -34,7 +34,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SPLITLLM_ABI 8
+#define SPLITLLM_ABI 9
 /* Rows ahead whose bytes are prefetched: the hardware prefetcher alone left one Zen 3 core reading
  * int8 weights from memory at 7.7 GB/s; asking for the next block's rows gave 14.5 GB/s (1.9x)
  * and the 4-bit kernel 1.14x (49152 x 576, 1 thread, median of 15; 4, 8, 16 and 32 rows ahead
@@ -354,6 +354,74 @@ void splitllm_kv8_dequant(const uint8_t *q, int64_t q_plane, const uint16_t *s, 
             }
         }
     }
+}
+
+/* The LM-head screen's per-step work past its product (quant/screen.py, Int8Screen.top), one pass
+ * each instead of ~15 torch ops over V floats (~0.5 ms a step on SmolLM2's 49152 rows). */
+
+/* out[0] = ||x||_1 (summed in double, rounded once), out[1] = max |x| */
+void splitllm_abs_stats(const float *x, int64_t K, float *out) {
+    double l1 = 0;
+    float amax = 0.f;
+    for (int64_t i = 0; i < K; i++) {
+        const float a = fabsf(x[i]);
+        l1 += a;
+        amax = a > amax ? a : amax;
+    }
+    out[0] = (float)l1;
+    out[1] = amax;
+}
+
+/* The first index of S's largest value (S [V] finite, V >= 1), as torch.argmax */
+int64_t splitllm_argmax(const float *S, int64_t V) {
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= V; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(S + j));
+    float lanes[8], best = -INFINITY;
+    _mm256_storeu_ps(lanes, vmax);
+    for (int i = 0; i < 8; i++) best = lanes[i] > best ? lanes[i] : best;
+    for (; j < V; j++) best = S[j] > best ? S[j] : best;
+    for (j = 0; j < V; j++)
+        if (S[j] == best) return j;
+    return 0;
+}
+
+/* Which rows can be among the top: T = min over the k computed rows of (R_i - m_i l1 slack) - tiny,
+ * then row j is kept when S[j] + e[j] >= T with e[j] = ((a[j] l1) + (b[j] c)) slack + tiny; the
+ * float32 operations Int8Screen.top's bound is stated for, each rounded on its own (the build's
+ * -ffp-contract=off). The kept rows' indices go to idx (room for V) in ascending order and every
+ * S[j] becomes -inf (the caller writes the kept rows' float products over them). Returns how
+ * many were kept, or -1 (nothing written) when T is not finite. */
+int64_t splitllm_screen_keep(float *S, const float *a, const float *b, int64_t V, float l1, float c, float slack,
+                             float tiny, const float *R, const float *m, int64_t k, int64_t *idx) {
+    float T = INFINITY;
+    for (int64_t i = 0; i < k; i++) {
+        const float t = (R[i] - (m[i] * l1) * slack) - tiny;
+        if (isnan(t)) return -1;  /* as torch's min: a NaN anywhere makes T NaN */
+        T = t < T ? t : T;
+    }
+    if (!isfinite(T)) return -1;
+    const __m256 vl1 = _mm256_set1_ps(l1), vc = _mm256_set1_ps(c), vslack = _mm256_set1_ps(slack),
+                 vtiny = _mm256_set1_ps(tiny), vT = _mm256_set1_ps(T), ninf = _mm256_set1_ps(-INFINITY);
+    int64_t n = 0, j = 0;
+    for (; j + 8 <= V; j += 8) {
+        const __m256 e = _mm256_add_ps(_mm256_mul_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(a + j), vl1),
+                                                                   _mm256_mul_ps(_mm256_loadu_ps(b + j), vc)),
+                                                     vslack), vtiny);
+        unsigned mask = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(_mm256_loadu_ps(S + j), e), vT,
+                                                                   _CMP_GE_OQ));
+        _mm256_storeu_ps(S + j, ninf);
+        while (mask) {
+            idx[n++] = j + __builtin_ctz(mask);
+            mask &= mask - 1;
+        }
+    }
+    for (; j < V; j++) {
+        const float e = ((a[j] * l1) + (b[j] * c)) * slack + tiny;
+        if (S[j] + e >= T) idx[n++] = j;
+        S[j] = -INFINITY;
+    }
+    return n;
 }
 
 #include "decode_step.c"

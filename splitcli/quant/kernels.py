@@ -46,7 +46,7 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 _INCLUDED = (Path(__file__).with_name("decode_step.c"),)  # #included by kernels.c: part of the build's key
 # -ffp-contract=off: the KV dequantizer must round as torch's separate mul and add do
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-std=c99")
-_ABI = 8
+_ABI = 9
 #: Tokens per call up to which the 4-bit kernel runs; above, a prefill dequantizes rows in chunks
 #: and multiplies in float (2x torch's int4 kernel at 64+ tokens here; the GEMV is 0.75x there).
 #: The 8-bit kernel runs up to this many tokens too; above, torch's int8 kernel.
@@ -125,6 +125,13 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.splitllm_decode_step.restype = i64  # 1: a quantized product left the token to float
     lib.splitllm_kv8_quantize_rows.argtypes = [p, i64, i64, i64, p, p, p]
     lib.splitllm_kv8_quantize_rows.restype = i64
+    lib.splitllm_abs_stats.argtypes = [p, i64, p]
+    lib.splitllm_abs_stats.restype = None
+    lib.splitllm_argmax.argtypes = [p, i64]
+    lib.splitllm_argmax.restype = i64
+    f32 = ctypes.c_float
+    lib.splitllm_screen_keep.argtypes = [p, p, p, i64, f32, f32, f32, f32, p, p, i64, p]
+    lib.splitllm_screen_keep.restype = i64
     return lib
 
 
@@ -399,6 +406,31 @@ def mm8_screen(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> to
     than this one of the dequantized copy. Only when `available()`."""
     _, y, left = _q8_call(x.reshape(1, -1), codes, scales)
     return None if left else y[0]
+
+
+def abs_stats(x: torch.Tensor) -> tuple[float, float]:
+    """(||x||_1, max |x|) of a contiguous float32 x [K] (the sum in double, rounded to float32)."""
+    out = (ctypes.c_float * 2)()
+    _need().splitllm_abs_stats(x.data_ptr(), x.numel(), out)
+    return out[0], out[1]
+
+
+def argmax(s: torch.Tensor) -> int:
+    """The first index of the largest value of a contiguous, finite float32 s [V], V >= 1."""
+    return int(_need().splitllm_argmax(s.data_ptr(), s.numel()))
+
+
+def screen_keep(s: torch.Tensor, a: torch.Tensor, b: torch.Tensor, l1: float, c: float, slack: float, tiny: float,
+                r: torch.Tensor, m: torch.Tensor) -> torch.Tensor | None:
+    """Int8Screen.top's row decisions (kernels.c, splitllm_screen_keep): the indices [C] of the rows
+    j with s[j] + e[j] >= T, T from the computed rows' values r [k] and margins m [k]; s [V] is
+    overwritten with -inf. None (s untouched) where T is not finite. All float32, contiguous."""
+    v = s.numel()
+    idx = torch.empty(v, dtype=torch.int64)
+    r, m = r.contiguous(), m.contiguous()
+    n = _need().splitllm_screen_keep(s.data_ptr(), a.data_ptr(), b.data_ptr(), v, l1, c, slack, tiny, r.data_ptr(),
+                                     m.data_ptr(), r.numel(), idx.data_ptr())
+    return None if n < 0 else idx[:n]
 
 
 def kv8_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, out: torch.Tensor) -> bool:

@@ -124,23 +124,22 @@ class Int8Screen:
         screened = kernels.mm8_screen(x, self.codes, self.scales)  # [V] or None (x left to float)
         if screened is None:
             return None
-        xa = x.abs()
-        l1, slack = xa.sum(), 1 + 2.0**-4
-        if float(l1) * self.w_max >= 2.0**100:  # products could overflow in some summation order
+        l1, amax = kernels.abs_stats(x)
+        if l1 * self.w_max >= 2.0**100:  # products could overflow in some summation order
             return None
-        e = (self.a * l1).add_(self.b, alpha=float(xa.amax()) / 32767).mul_(slack).add_(self.tiny)  # [V]
-        first = screened.topk(k).indices if k > 1 else screened.argmax()[None]  # [k]
-        threshold = (_product(x, weight, first) - self.m[first] * l1 * slack - self.tiny).min()
-        if not bool(torch.isfinite(threshold)):
+        first = screened.topk(k).indices if k > 1 else torch.tensor([kernels.argmax(screened)])  # [k]
+        # keep = rows with screened + e >= T, e = (a ||x||_1 + b max|x| / 32767) slack + tiny and
+        # T = min over `first` of (R - m ||x||_1 slack) - tiny, in float32 (one C pass; screened -> -inf)
+        keep = kernels.screen_keep(screened, self.a, self.b, l1, amax / 32767, 1 + 2.0**-4, self.tiny,
+                                   _product(x, weight, first), self.m[first])  # [C]
+        if keep is None:  # a non-finite threshold
             return None
-        keep = (screened.add_(e) >= threshold).nonzero().squeeze(1)  # [C]
         if keep.numel() < k:  # cannot happen when the bound holds; the caller computes every row
             return None
         if 4 * keep.numel() > self.rows:  # e.g. x = 0: every row ties; one full product is cheaper
             return F.linear(x, weight), self.rows
-        out = torch.full((self.rows,), float("-inf"))
-        out[keep] = _product(x, weight, keep)
-        return out, int(keep.numel())
+        screened[keep] = _product(x, weight, keep)  # the rest are -inf
+        return screened, int(keep.numel())
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
