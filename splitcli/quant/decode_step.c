@@ -21,7 +21,7 @@
  * Results do not depend on anything but the inputs (no threads, no blocking that varies), so a
  * split and an unsplit model running the same layers here agree bit for bit.
  *
- * A token whose input a 4- or 8-bit product would leave to float (quantize_x: NaN, inf, extreme
+ * A token whose input a 4- or 8-bit product would leave to float (quantize_input: NaN, inf, extreme
  * magnitudes), or whose k / v row the 8-bit cache cannot store (non-finite values, scale or zero),
  * stops the call with 1, and the caller runs the whole token on the torch path again from a copy
  * of its input: that rewrites every cache position this call wrote. */
@@ -108,7 +108,7 @@ static int sl_product(const sl_prod *p, const float *x, void *scratch, float *y)
     const int64_t G = four ? p->G : 64, ng = p->K / G;
     int16_t *x16 = (int16_t *)scratch;
     float *sx = (float *)(x16 + p->K), *xs = sx + ng;
-    if (four ? quantize_x4(x, a8, p->K, G, x16, sx, xs) : quantize_x(x, p->K, G, x16, sx, xs)) return 1;
+    if (quantize_input(x, p->K, G, a8, x16, sx, xs)) return 1;
     if (four)
         one_token(x16, a8, sx, xs, p->K, (const uint8_t *)p->a, (const uint16_t *)p->b, p->N, G, y);
     else

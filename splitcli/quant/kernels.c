@@ -23,7 +23,7 @@
  * gives NaN: q inf + (z - 8 inf)); only corrupt weights have one.
  *
  * Opt-in (Int4Linear.act_bits = 8, a plan's edge_act_bits): the 4-bit product on x rounded to int8
- * per weight group (quantize_x8), vpmaddubsw on the nibbles (DOT64A8): 1.30-1.35x the int16
+ * per weight group (quantize_input), vpmaddubsw on the nibbles (DOT64A8): 1.30-1.35x the int16
  * product with weights in cache, 1.12-1.17x streaming them from memory (this Zen 3, 1 thread).
  *
  * 8-bit weights keep Int8Linear's operands (codes [N, K] int8, one bf16 scale per row) and the same
@@ -86,27 +86,6 @@ static inline int group_stats(const float *xg, int64_t G, float *amax_out, doubl
     return !isfinite(sum) || amax > 1e30f || (amax > 0.f && amax < 1e-30f);
 }
 
-/* x [K] -> x16 [K] with x ~= x16 * sx[g]; xs[g] = the group's sum (for the zero term).
- * Returns 1 when a group is refused (group_stats): the caller computes the token in float. */
-static int quantize_x(const float *x, int64_t K, int64_t G, int16_t *x16, float *sx, float *xs) {
-    for (int64_t g = 0; g < K / G; g++) {
-        const float *xg = x + g * G;
-        float amax;
-        double sum;
-        /* G % 64 == 0 or G == 64 (the 8-bit kernel): whole vectors */
-        if (group_stats(xg, G, &amax, &sum)) return 1;
-        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
-        for (int64_t k = 0; k < G; k += 8) {  /* round to nearest even, as lrintf */
-            const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k), inv));
-            _mm_storeu_si128((__m128i *)(x16 + g * G + k),
-                             _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
-        }
-        sx[g] = amax / 32767.f;
-        xs[g] = (float)sum;
-    }
-    return 0;
-}
-
 /* 16 inputs x[0..16) * inv rounded to int8 (nearest even; |x * inv| <= 127 by the choice of inv) */
 static inline __m128i round16_i8(const float *x, __m256 inv) {
     const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), inv));
@@ -115,28 +94,39 @@ static inline __m128i round16_i8(const float *x, __m256 inv) {
                            _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 
-/* The opt-in 8-bit input of the 4-bit product (Int4Linear.act_bits = 8): x [K] -> x8 [K] int8
- * with x ~= x8 * sx[g], 127 levels per side scaled to the weight group's largest |x| (2^-8 of it,
- * where quantize_x keeps 2^-16); xs[g] the group's exact sum as quantize_x's. Laid out for
+/* x [K] -> xq [K] with x ~= xq * sx[g] per group of G inputs; xs[g] = the group's sum (for the
+ * zero term). xq is int16 (32767 levels a side: 2^-16 of the group's largest |x|) or, with a8,
+ * the 4-bit product's opt-in int8 (Int4Linear.act_bits = 8; 127 levels, 2^-8), laid out for
  * vpmaddubsw against the packed codes' nibble pairs: each run of 64 inputs is 32 bytes
- * (x[w], x[32 + w]) for w = 0..15 and then 32 bytes (x[16 + w], x[48 + w]). Same refusals. */
-static int quantize_x8(const float *x, int64_t K, int64_t G, int8_t *x8, float *sx, float *xs) {
+ * (x[w], x[32 + w]) for w = 0..15, then 32 bytes (x[16 + w], x[48 + w]). G % 64 == 0, or G == 64
+ * (the 8-bit kernel): whole vectors. Returns 1 when a group is refused (group_stats): the caller
+ * computes the token in float. */
+static int quantize_input(const float *x, int64_t K, int64_t G, int a8, void *xq, float *sx, float *xs) {
+    const float levels = a8 ? 127.f : 32767.f;
     for (int64_t g = 0; g < K / G; g++) {
         const float *xg = x + g * G;
         float amax;
         double sum;
         if (group_stats(xg, G, &amax, &sum)) return 1;
-        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-        for (int64_t k = 0; k < G; k += 64) {
-            const __m128i q0 = round16_i8(xg + k, inv), q1 = round16_i8(xg + k + 16, inv),
-                          q2 = round16_i8(xg + k + 32, inv), q3 = round16_i8(xg + k + 48, inv);
-            int8_t *o = x8 + g * G + k;
-            _mm_storeu_si128((__m128i *)o, _mm_unpacklo_epi8(q0, q2));
-            _mm_storeu_si128((__m128i *)(o + 16), _mm_unpackhi_epi8(q0, q2));
-            _mm_storeu_si128((__m128i *)(o + 32), _mm_unpacklo_epi8(q1, q3));
-            _mm_storeu_si128((__m128i *)(o + 48), _mm_unpackhi_epi8(q1, q3));
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? levels / amax : 0.f);
+        if (a8) {
+            for (int64_t k = 0; k < G; k += 64) {
+                const __m128i q0 = round16_i8(xg + k, inv), q1 = round16_i8(xg + k + 16, inv),
+                              q2 = round16_i8(xg + k + 32, inv), q3 = round16_i8(xg + k + 48, inv);
+                int8_t *o = (int8_t *)xq + g * G + k;
+                _mm_storeu_si128((__m128i *)o, _mm_unpacklo_epi8(q0, q2));
+                _mm_storeu_si128((__m128i *)(o + 16), _mm_unpackhi_epi8(q0, q2));
+                _mm_storeu_si128((__m128i *)(o + 32), _mm_unpacklo_epi8(q1, q3));
+                _mm_storeu_si128((__m128i *)(o + 48), _mm_unpackhi_epi8(q1, q3));
+            }
+        } else {
+            for (int64_t k = 0; k < G; k += 8) {  /* round to nearest even, as lrintf */
+                const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + k), inv));
+                _mm_storeu_si128((__m128i *)((int16_t *)xq + g * G + k),
+                                 _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+            }
         }
-        sx[g] = amax / 127.f;
+        sx[g] = amax / levels;
         xs[g] = (float)sum;
     }
     return 0;
@@ -152,7 +142,7 @@ static int quantize_x8(const float *x, int64_t K, int64_t G, int8_t *x8, float *
         d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_srli_epi16(b, 12), X3));                     \
     }
 
-/* The same with x8 (quantize_x8's layout): nibbles 0 and 2 of each word are the low and high
+/* The same with x8 (quantize_input's int8 layout): nibbles 0 and 2 of each word are the low and high
  * bytes' low nibbles, 1 and 3 their high ones, so one mask gives the byte pairs (q[w], q[32 + w])
  * and a shift and the mask (q[16 + w], q[48 + w]); vpmaddubsw (codes unsigned, x8 signed) sums each
  * pair into int16 (<= 2 * 15 * 127: no saturation), the two are added (<= 7620) and vpmaddwd by
@@ -168,7 +158,7 @@ static int quantize_x8(const float *x, int64_t K, int64_t G, int8_t *x8, float *
 /* y for one token, a block of four rows at a time: the x loads are shared, and each group's four
  * int32 dot vectors are summed into one [row 0..3 | row 0..3] vector (integer adds: exact) that
  * one FMA scales by [s sx] into a single float accumulator. xq is x16 (int16) or, with a8, x8
- * (quantize_x8). |d| <= G * 15 * 32767 < 2^31 for G <= 4096 (kernels.py allows up to 4096).
+ * (quantize_input). |d| <= G * 15 * 32767 < 2^31 for G <= 4096 (kernels.py allows up to 4096).
  * Inlined with a8 and runs = G / 64 constant where G is 64. */
 static inline __attribute__((always_inline)) void one_token_runs(const void *xq, int a8, const float *sx,
                                                                  const float *xs, int64_t K, const uint8_t *P,
@@ -222,7 +212,7 @@ static inline __attribute__((always_inline)) void one_token_runs(const void *xq,
     }
 }
 
-/* y [N] for one token whose input is x16 (quantize_x) or, with a8, x8 (quantize_x8) */
+/* y [N] for one token whose input quantize_input rounded to int16 or, with a8, int8 */
 static void one_token(const void *xq, int a8, const float *sx, const float *xs, int64_t K, const uint8_t *P,
                       const uint16_t *SZ, int64_t N, int64_t G, float *y) {
     if (a8 && G == 64)
@@ -235,13 +225,8 @@ static void one_token(const void *xq, int a8, const float *sx, const float *xs, 
         one_token_runs(xq, 0, sx, xs, K, P, SZ, N, G, G / 64, y);
 }
 
-/* The input of one token for the 4-bit product: int16 (quantize_x) or, with a8, int8 (quantize_x8) */
-static int quantize_x4(const float *x, int a8, int64_t K, int64_t G, void *xq, float *sx, float *xs) {
-    return a8 ? quantize_x8(x, K, G, (int8_t *)xq, sx, xs) : quantize_x(x, K, G, (int16_t *)xq, sx, xs);
-}
-
 /* y [M, N] = x [M, K] @ W.T, one token at a time (decode: M is 1), M <= 62, N % 4 == 0; a8: the
- * input rounded to int8 (quantize_x8), else int16. scratch: at least M*K int16 followed by
+ * input rounded to int8 (quantize_input), else int16. scratch: at least M*K int16 followed by
  * 2*M*(K/G) floats (kernels.py sizes it). Returns a mask: bit m set = token m was left for the
  * caller to compute in float (group_stats). */
 int64_t splitllm_q4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *P, const uint16_t *SZ, int64_t N,
@@ -251,7 +236,7 @@ int64_t splitllm_q4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *P,
     float *sx = (float *)(x16 + M * K), *xs = sx + M * ng;
     int64_t left = 0;
     for (int64_t m = 0; m < M; m++) {
-        if (quantize_x4(x + m * K, a8 != 0, K, G, x16 + m * K, sx + m * ng, xs + m * ng))
+        if (quantize_input(x + m * K, K, G, a8 != 0, x16 + m * K, sx + m * ng, xs + m * ng))
             left |= (int64_t)1 << m;
         else
             one_token(x16 + m * K, a8 != 0, sx + m * ng, xs + m * ng, K, P, SZ, N, G, y + m * N);
@@ -323,7 +308,7 @@ int64_t splitllm_q8_gemv(const float *x, int64_t M, int64_t K, const int8_t *C, 
     float *sx = (float *)(x16 + K), *xs = sx + ng;
     int64_t left = 0;  /* as splitllm_q4_gemv */
     for (int64_t m = 0; m < M; m++, x += K, y += N) {
-        if (quantize_x(x, K, 64, x16, sx, xs))
+        if (quantize_input(x, K, 64, 0, x16, sx, xs))
             left |= (int64_t)1 << m;
         else
             q8_one_token(x16, sx, K, C, S, N, y);
