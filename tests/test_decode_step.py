@@ -278,3 +278,36 @@ def test_every_c_source_the_kernels_include_ships_with_the_package():
     data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     shipped = set(data["tool"]["setuptools"]["package-data"]["splitcli.quant"])
     assert {f.name for f in (kernels._SOURCE, *kernels._INCLUDED)} <= shipped
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # distance in units in the last place between float32 tensors of one sign (int order of the bits)
+    return (a.view(torch.int32).long() - b.view(torch.int32).long()).abs()
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000])
+def test_the_steps_exp_is_within_one_ulp_of_exp(n):
+    # the softmax's and SiLU's e^x (decode_step.c, exp8) against exp in double rounded once, over the
+    # whole float range a step can meet: the tails (n % 8) through the same function
+    g = torch.Generator().manual_seed(n)
+    x = (torch.rand(n, generator=g) * 190 - 100).float()  # [-100, 90): subnormal results to overflow
+    got, want = kernels.exp(x), x.double().exp().float()
+    assert got.shape == (n,)
+    if n:
+        finite = torch.isfinite(want) & (want >= torch.finfo(torch.float32).tiny)
+        assert int(_ulps(got[finite], want[finite]).max()) <= 1
+        assert bool((got[~finite] == want[~finite]).all() | (_ulps(got[~finite], want[~finite]) <= 1).all())
+    dense = torch.linspace(-20, 20, 100_001)  # where softmax weights and SiLU live
+    assert int(_ulps(kernels.exp(dense), dense.double().exp().float()).max()) <= 1
+
+
+@needs_kernels
+def test_the_steps_exp_edges():
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([nan, -inf, inf, 0.0, -0.0, 88.72, 88.73, 89.5, -103.97, -103.98, -104.5, -1e30, 1e30])
+    want = torch.tensor([nan, 0.0, inf, 1.0, 1.0, float(torch.tensor(88.72).double().exp()), inf, inf,
+                         1.401298464324817e-45, 0.0, 0.0, 0.0, inf])
+    got = kernels.exp(x)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()]), (got, want)

@@ -34,7 +34,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SPLITLLM_ABI 9
+#define SPLITLLM_ABI 10
 /* Rows ahead whose bytes are prefetched: the hardware prefetcher alone left one Zen 3 core reading
  * int8 weights from memory at 7.7 GB/s; asking for the next block's rows gave 14.5 GB/s (1.9x)
  * and the 4-bit kernel 1.14x (49152 x 576, 1 thread, median of 15; 4, 8, 16 and 32 rows ahead

@@ -46,7 +46,7 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 _INCLUDED = (Path(__file__).with_name("decode_step.c"),)  # #included by kernels.c: part of the build's key
 # -ffp-contract=off: the KV dequantizer must round as torch's separate mul and add do
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-std=c99")
-_ABI = 9
+_ABI = 10
 #: Tokens per call up to which the 4-bit kernel runs; above, a prefill dequantizes rows in chunks
 #: and multiplies in float (2x torch's int4 kernel at 64+ tokens here; the GEMV is 0.75x there).
 #: The 8-bit kernel runs up to this many tokens too; above, torch's int8 kernel.
@@ -127,6 +127,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.splitllm_kv8_quantize_rows.restype = i64
     lib.splitllm_abs_stats.argtypes = [p, i64, p]
     lib.splitllm_abs_stats.restype = None
+    lib.splitllm_exp.argtypes = [p, i64, p]
+    lib.splitllm_exp.restype = None
     lib.splitllm_argmax.argtypes = [p, i64]
     lib.splitllm_argmax.restype = i64
     f32 = ctypes.c_float
@@ -413,6 +415,14 @@ def abs_stats(x: torch.Tensor) -> tuple[float, float]:
     out = (ctypes.c_float * 2)()
     _need().splitllm_abs_stats(x.data_ptr(), x.numel(), out)
     return out[0], out[1]
+
+
+def exp(x: torch.Tensor) -> torch.Tensor:
+    """e^x of a contiguous float32 x as the decode step computes it for its softmax and SiLU
+    (within 1 ulp of a correctly rounded exp; NaN, +-inf and the subnormal range as expf)."""
+    y = torch.empty_like(x)
+    _need().splitllm_exp(x.data_ptr(), x.numel(), y.data_ptr())
+    return y
 
 
 def argmax(s: torch.Tensor) -> int:
