@@ -271,6 +271,25 @@ def test_head_dims_past_one_64_block_and_off_the_8_lane_grid(two_threads, hidden
     assert 0 < max(float((x - y).abs().max()) for x, y in zip(c[1:], t[1:])) <= 1e-4
 
 
+@needs_kernels
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (14, 2), (6, 6)])
+def test_query_heads_sharing_a_kv_head_in_blocks_of_three(two_threads, heads, kv_heads):
+    # attention runs up to three query heads of one kv head together (a group of 3: one block; 7:
+    # blocks of 3, 3 and a head alone; 1: multi-head attention), each head's numbers as alone; head
+    # dim 48: one 32-wide block of outputs shared by the heads, then each head's 8-wide ones
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=48 * heads, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    split = build_split(_lm(model), SplitSpec(split_layer=1, q_w1=16, qa=16, group_size=8))
+    s = fast_split_session(split)
+    assert s.edge.layers.step is not None and s.cloud.layers.step is not None, s.edge.layers.step_why
+    c, t = _runs(split)
+    assert 0 < max(float((x - y).abs().max()) for x, y in zip(c[1:], t[1:])) <= 1e-4
+
+
 def test_every_c_source_the_kernels_include_ships_with_the_package():
     import tomllib
     from pathlib import Path
