@@ -199,8 +199,9 @@ void splitllm_exp(const float *x, int64_t n, float *y) {
     }
 }
 
-/* The `nq` (<= 3) heads' q . K[t] * scaling for rows t = t0..t0+3 into ps[h * stride + t]: dot4's
- * sums for each head (hsum8's order), with each K load shared by the heads. D % 8 == 0. */
+/* The `nq` (<= 3) heads' q . K[t] for rows t = 0..3 of K (rows D apart) into ps[h * stride + t]:
+ * `dot`'s sums, each in the same order (8 lanes, then hsum8's tree), with 4 nq independent FMA
+ * chains instead of one and each K load shared by the heads. D % 8 == 0. */
 static inline __attribute__((always_inline)) void scores4(const float *q, int nq, const float *K, int64_t D,
                                                           float *ps, int64_t stride) {
     __m256 a[3][4];
@@ -214,27 +215,24 @@ static inline __attribute__((always_inline)) void scores4(const float *q, int nq
     for (int h = 0; h < nq; h++) hsum8x4(a[h][0], a[h][1], a[h][2], a[h][3], ps + h * stride);
 }
 
-/* out_h [32] += the `nq` (<= 3) heads' weighted sum of V[t][j..j+32) over t in [0, T), each output a
- * t-ascending FMA chain from 0 (as one head at a time would compute it), each V load shared */
-static inline __attribute__((always_inline)) void weigh32(const float *p, int nq, int64_t stride, const float *V,
-                                                          int64_t T, int64_t D, int64_t j, float *out) {
-    __m256 o[3][4];
+/* out_h [j, j + 8 w) = the `nq` (<= 3) heads' weighted sums of V[t][j, j + 8 w) over t in [0, T),
+ * each output a t-ascending FMA chain from 0 (as one head at a time would compute it), each V load
+ * shared by the heads; nq * w <= 12 accumulators (w = 8 for a head alone: eight FMA chains hide the
+ * FMA's latency, w = 4 for two or three heads) */
+static inline __attribute__((always_inline)) void weigh(const float *p, int nq, int64_t stride, const float *V,
+                                                        int64_t T, int64_t D, int64_t j, int w, float *out) {
+    __m256 o[3][8];
     for (int h = 0; h < nq; h++)
-        for (int c = 0; c < 4; c++) o[h][c] = _mm256_setzero_ps();
+        for (int c = 0; c < w; c++) o[h][c] = _mm256_setzero_ps();
     for (int64_t t = 0; t < T; t++) {
         const float *v = V + t * D + j;
-        const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-                     v3 = _mm256_loadu_ps(v + 24);
         for (int h = 0; h < nq; h++) {
-            const __m256 w = _mm256_set1_ps(p[h * stride + t]);
-            o[h][0] = _mm256_fmadd_ps(w, v0, o[h][0]);
-            o[h][1] = _mm256_fmadd_ps(w, v1, o[h][1]);
-            o[h][2] = _mm256_fmadd_ps(w, v2, o[h][2]);
-            o[h][3] = _mm256_fmadd_ps(w, v3, o[h][3]);
+            const __m256 wt = _mm256_set1_ps(p[h * stride + t]);
+            for (int c = 0; c < w; c++) o[h][c] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(v + 8 * c), o[h][c]);
         }
     }
     for (int h = 0; h < nq; h++)
-        for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + h * D + j + 8 * c, o[h][c]);
+        for (int c = 0; c < w; c++) _mm256_storeu_ps(out + h * D + j + 8 * c, o[h][c]);
 }
 
 /* One head's p [T] (scores * scaling, m their max as `m = p > m ? p : m` finds it from -inf) into
@@ -270,30 +268,15 @@ static void weigh_tail(const float *p, const float *V, int64_t T, int64_t D, int
     }
 }
 
-/* p[0..4) = q . K[t] for rows t = 0..3 of K (rows D apart; D % 8 == 0): `dot`'s sums, each in the
- * same order (8 lanes, then hsum8's tree), with four independent FMA chains instead of one */
-static inline void dot4(const float *q, const float *K, int64_t D, float *p) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j < D; j += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + j);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + j), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + D + j), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 2 * D + j), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 3 * D + j), a3);
-    }
-    hsum8x4(a0, a1, a2, a3, p);
-}
-
 /* out [D] = softmax_t(q . K[t] * scaling) V[t] over t in [0, T) for one head: the scores four rows
- * at a time (dot4) with the max on the way, then 64 outputs a pass so that eight FMA chains hide
- * the FMA's latency */
+ * at a time (scores4) with the max on the way, then 64 outputs a pass (weigh) */
 static void attend_one(const float *q, const float *K, const float *V, int64_t T, int64_t D, float scaling, float *p,
                        float *out) {
     float m = -INFINITY;
     int64_t t = 0;
     if (D % 8 == 0)
         for (; t + 4 <= T; t += 4) {
-            dot4(q, K + t * D, D, p + t);
+            scores4(q, 1, K + t * D, D, p + t, 0);
             for (int i = 0; i < 4; i++) {
                 p[t + i] *= scaling;
                 m = p[t + i] > m ? p[t + i] : m;
@@ -305,16 +288,7 @@ static void attend_one(const float *q, const float *K, const float *V, int64_t T
     }
     softmax_(p, T, m);
     int64_t j = 0;
-    for (; j + 64 <= D; j += 64) {
-        __m256 o[8];
-        for (int c = 0; c < 8; c++) o[c] = _mm256_setzero_ps();
-        for (t = 0; t < T; t++) {
-            const __m256 w = _mm256_set1_ps(p[t]);
-            const float *v = V + t * D + j;
-            for (int c = 0; c < 8; c++) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), o[c]);
-        }
-        for (int c = 0; c < 8; c++) _mm256_storeu_ps(out + j + 8 * c, o[c]);
-    }
+    for (; j + 64 <= D; j += 64) weigh(p, 1, 0, V, T, D, j, 8, out);
     weigh_tail(p, V, T, D, j, out);
 }
 
@@ -354,8 +328,8 @@ static void attend(const float *q, int64_t n, const float *K, const float *V, in
         }
         int64_t j = 0;
         for (; j + 32 <= D; j += 32) {
-            if (nq == 3) weigh32(ph, 3, stride, V, T, D, j, oh);
-            else weigh32(ph, 2, stride, V, T, D, j, oh);
+            if (nq == 3) weigh(ph, 3, stride, V, T, D, j, 4, oh);
+            else weigh(ph, 2, stride, V, T, D, j, 4, oh);
         }
         for (int h = 0; h < nq; h++) weigh_tail(ph + h * stride, V, T, D, j, oh + h * D);
     }
