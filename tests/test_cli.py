@@ -125,6 +125,21 @@ def test_bench_decode_tiny(tiny_model_dir, tmp_path):
                        "valid range 1..3")
 
 
+@pytest.mark.slow
+def test_generate_exits_cleanly_while_the_head_screen_builds():
+    # the 64th greedy step asks the LM head to build its int8 screen in a background thread
+    # (~0.5 s); a 64-token generation then ends during the build. Its process must wait for the
+    # build and exit 0: a daemon thread inside torch at exit aborted it (code 134) after the text
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "from splitcli.cli import main; main()", "generate", "-l", "15", "-n", "64",
+           "-p", "Explain how a rainbow forms.", "--no-steps"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])
+    assert "64 tokens" in r.stdout + r.stderr and "terminate called" not in r.stderr
+
+
 def test_generate_real_model_chat():
     r = run("generate", "-p", "What is 2+2?", "--chat", "-n", "4", "--no-steps")
     assert r.exit_code == 0, r.output

@@ -392,9 +392,10 @@ class _Head:
     the screen's decisions moved into one C pass, 0.83 -> 0.39 ms of each call past its product,
     the same logits; 195 calls side by side). Building the
     screen takes ~0.4-0.7 s there, which ~150 steps repay, so it is built in a background thread
-    once the head has served SCREEN_AFTER_STEPS such steps: a short generation never pays for it
+    once the head has served SCREEN_AFTER_STEPS such steps: a shorter generation never pays for it
     and no step waits for it, though the steps beside the build share the CPU (measured once: 11
-    steps of 64-89 ms against ~55 before and ~50 after). `build_screen()` builds it now. Where it
+    steps of 64-89 ms against ~55 before and ~50 after); a process that ends during the build
+    waits for it at exit. `build_screen()` builds it now. Where it
     cannot run (no splitllm kernels, a head that is not a float32 bias-free linear, an input the
     kernel leaves to float) the float head computes every logit."""
 
@@ -440,7 +441,11 @@ class _Head:
             self._asked += 1
             if self._asked >= self.SCREEN_AFTER_STEPS:
                 self._building = True
-                threading.Thread(target=self.build_screen, name="splitllm-head-screen", daemon=True).start()
+                # not a daemon: Python joins it before it finalizes. A daemon thread still inside
+                # torch when a short `generate` (64-~90 tokens) exited aborted the process
+                # ("terminate called without an active exception", exit code 134) after the text
+                # was printed; waiting costs such an exit up to the build's ~0.5 s
+                threading.Thread(target=self.build_screen, name="splitllm-head-screen").start()
         return screen
 
     def __call__(self, hidden, logits_to_keep: int, rows_weight=None, top: int = 0):
