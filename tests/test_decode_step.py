@@ -313,10 +313,8 @@ def test_the_steps_exp_is_within_one_ulp_of_exp(n):
     x = (torch.rand(n, generator=g) * 190 - 100).float()  # [-100, 90): subnormal results to overflow
     got, want = kernels.exp(x), x.double().exp().float()
     assert got.shape == (n,)
-    if n:
-        finite = torch.isfinite(want) & (want >= torch.finfo(torch.float32).tiny)
-        assert int(_ulps(got[finite], want[finite]).max()) <= 1
-        assert bool((got[~finite] == want[~finite]).all() | (_ulps(got[~finite], want[~finite]) <= 1).all())
+    if n:  # ulps count subnormals, 0 and inf on the same integer line as normal values
+        assert int(_ulps(got, want).max()) <= 1
     dense = torch.linspace(-20, 20, 100_001)  # where softmax weights and SiLU live
     assert int(_ulps(kernels.exp(dense), dense.double().exp().float()).max()) <= 1
 
