@@ -363,3 +363,26 @@ def test_handoff_over_the_wire_equals_in_process(lm, w, q_w1, i_kv):
                                            i_kv=i_kv))
         assert got == ref
         assert server.servicer.counters().sessions_admitted == (1 if w < cfg.max_new_tokens else 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_handoff_over_the_wire_runs_the_local_stage_on_the_in_process_path(family):
+    """The networked local stage runs where the in-process one does: the fast path for a model it
+    supports (llama), eager otherwise (mistral's sliding window); tokens equal for I_kv = 0 and 1."""
+    from splitcli.deploy import handoff_session, opsc_edge_model
+    from splitcli.runtime.fast import FastHandoffSession
+    from splitcli.runtime.handoff import handoff_generate
+    from splitcli.serve.handoff import generate_remote_handoff
+
+    lm_ = SimpleNamespace(model=_tiny(family), tokenizer=None, sha256=SHA)
+    split = build_split(lm_, SplitSpec(split_layer=2))
+    cfg = SamplingConfig(max_new_tokens=7)
+    ids = torch.tensor([PROMPTS[2]])
+    for i_kv in (0, 1):
+        session = handoff_session(lm_, split)
+        assert isinstance(session, FastHandoffSession) == (family == "llama")
+        ref = handoff_generate(session, ids, None, cfg, local_tokens=3, i_kv=i_kv).tokens[0].tolist()
+        with serving(split) as server:
+            got = list(generate_remote_handoff(split, opsc_edge_model(lm_.model, split.spec), PROMPTS[2], cfg,
+                                               remote(server), local_tokens=3, i_kv=i_kv))
+        assert got == ref, f"I_kv={i_kv}"

@@ -21,7 +21,8 @@ from splitcli.plan.codec_settings import CodecSettings
 from splitcli.runtime.fast import FastSplitSession, fast_cloud_half, fast_edge_half, fast_split_session
 from splitcli.runtime.handoff import KVRows, decode_kv, encode_kv, kv_layout
 from splitcli.serve.batching import Batcher, CloudState, forward_one
-from splitcli.serve.batching_fast import check_cache, forward_batch_fast, install_static_rows
+from splitcli.runtime.kv_rows import install_static_rows
+from splitcli.serve.batching_fast import check_cache, forward_batch_fast
 from splitcli.serve.cloud import CloudServer, CloudServicer, CloudSettings
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc

@@ -77,10 +77,11 @@ def run_live(live: LiveOptions, lm, split, ids, mask, cfg, eos):
     from ..deploy import handoff_session
     from ..plan.early_exit import ExitPolicy
     from ..runtime.adaptive import adaptive_generate, link_model_for
+    from ..runtime.fast import fast_split_session
     from ..runtime.link import EmulatedLink
 
     policy = ExitPolicy(live.deadline_s, live.q_bar, live.q_bar_min, live.i_kv, link_model_for(live.link, live.eps))
-    session = handoff_session(lm, split) if live.local_tokens else split.session()
+    session = handoff_session(lm, split) if live.local_tokens else fast_split_session(split)
     result = adaptive_generate(session, ids, mask, cfg, policy, EmulatedLink(live.link),
                                local_tokens=live.local_tokens, eos_token_ids=eos)
     return _report(live, result, f"live policy: D = {live.deadline_s * 1e3:g} ms, link {live.link.describe()}, "

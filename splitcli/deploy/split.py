@@ -250,8 +250,11 @@ def opsc_edge_model(model, spec: SplitSpec):
 
 def handoff_session(lm, split: Split):
     """A fresh session of `split` whose edge first generates alone with all layers (its OPSC
-    model, `opsc_edge_model`), then hands off to the cloud (`runtime.handoff.HandoffSession`)."""
+    model, `opsc_edge_model`), then hands off to the cloud: on the fast decode path where it runs
+    the model (`runtime.fast.FastHandoffSession`), else eager (`runtime.handoff.HandoffSession`)."""
+    from splitcli.runtime.fast import fast_handoff_session
     from splitcli.runtime.handoff import HandoffSession
 
-    return HandoffSession(lm.model, split.spec.split_layer, wire=split.wire, edge=split.edge,
-                          edge_model=opsc_edge_model(lm.model, split.spec))
+    edge_model = opsc_edge_model(lm.model, split.spec)
+    return fast_handoff_session(split, edge_model) or HandoffSession(
+        lm.model, split.spec.split_layer, wire=split.wire, edge=split.edge, edge_model=edge_model)

@@ -53,8 +53,7 @@ from ..errors import SplitLLMError
 from ..plan.early_exit import ExitPolicy, Step, WireBytes, decide_step
 from .codec_wire import CodecWire
 from .generate import SamplingConfig, TokenStream
-from .handoff import HandoffReport, HandoffSession, cache_rows, decode_kv, encode_kv, exposes_rows, install_rows, \
-    kv_layout, kv_payload_bytes, kv_rows_bytes
+from .handoff import HandoffMixin, HandoffReport, decode_kv, encode_kv, kv_layout, kv_payload_bytes, kv_rows_bytes
 from .link import EmulatedLink, LinkSpec, LinkWire, inner_wire, span_seconds, transfer
 from .session import SplitSession
 
@@ -247,7 +246,7 @@ class _Loop:
         self.base_cfg = self.codec.cfg if self.codec else None
         self.cfgs: dict[int, CodecConfig] = {}
         self.i_kv = policy.i_kv
-        if self.i_kv and not exposes_rows(session.edge.new_cache()):
+        if self.i_kv and not session.edge_exposes_rows():
             self.i_kv = 0
             self.notes.append("I_kv = 0 from the start: the edge's Qa-bit KV cache does not expose rows to send")
         self.policy = dataclasses.replace(policy, i_kv=self.i_kv)
@@ -267,20 +266,19 @@ class _Loop:
         """I_kv = 1: the rows the cloud lacks of layers [0, ℓ), over the link; returns the bytes."""
         s = self.session
         ell = s.edge.split_layer
-        length, rows = cache_rows(s.edge_cache, range(ell), self.replica)
+        length, rows = s.edge_rows(range(ell), self.replica)
         if length == self.replica:
             return 0
         payload = transfer(s.wire, encode_kv(rows, self.replica, length - self.replica, self.kv_dtype))
         batch = rows[0].keys.shape[0]
-        install_rows(s.cloud_cache, decode_kv(payload, kv_layout(s.cloud.parts, range(ell), batch)),
-                     _param_dtype(s.cloud))
+        s.receive_rows(decode_kv(payload, kv_layout(s.cloud.parts, range(ell), batch)))
         self.replica = length
         return len(payload)
 
     def handoff_bytes(self, batch: int) -> WireBytes:
         """The handoff step's bytes: the step's own frame plus all L layers' KV or every hidden state."""
         s = self.session
-        _, rows = cache_rows(s.edge_cache, range(s.cloud.parts.num_layers), 0)
+        _, rows = s.edge_rows(range(s.cloud.parts.num_layers), 0)
         kv = kv_rows_bytes(rows, _ITEMSIZE[self.kv_dtype or rows[0].keys.dtype])
         frame = frame_bytes_model(s.wire, s.cloud.parts.config.hidden_size, last_stats=lambda: None)
         return handoff_wire_bytes(self.wire_bytes, kv, lambda q_bar: frame(q_bar, batch * s.length))
@@ -311,7 +309,7 @@ def adaptive_generate(
 ) -> AdaptiveResult:
     """Generate with Algorithm 2 deciding every decode step (module docstring); returns the trace.
 
-    `session`: a fresh SplitSession or HandoffSession (its wire is wrapped in a `LinkWire` on
+    `session`: a fresh split or handoff session, eager or fast (its wire is wrapped in a `LinkWire` on
     `link` for the run unless it already is one). `wire_bytes`: the policy's byte model (default
     `session_wire_bytes`). `local_tokens`: tokens the edge generates alone first (HandoffSession
     only). `fixed_compute_s`: pin the edge compute time instead of measuring it (reproducible
@@ -319,7 +317,7 @@ def adaptive_generate(
     """
     if session.length:
         raise SplitLLMError("adaptive_generate needs a fresh session (nothing prefilled yet)")
-    handing_off = isinstance(session, HandoffSession) and session.local
+    handing_off = isinstance(session, HandoffMixin) and session.local
     if isinstance(local_tokens, bool) or not isinstance(local_tokens, int) or local_tokens < 0:
         raise SplitLLMError(f"local tokens w must be an integer >= 0, got {local_tokens!r}")
     if local_tokens and not handing_off:
@@ -411,7 +409,7 @@ def _generate(session, input_ids, attention_mask, cfg, policy, link, wire_bytes,
 
     tokens = stream.tokens()
     summary = summarize(rows, policy, stopped, stop_reason, tokens.shape[1], loop.notes)
-    report = session.report if isinstance(session, HandoffSession) else None
+    report = session.report if isinstance(session, HandoffMixin) else None
     return AdaptiveResult(tokens, rows, summary, report, stream.all_eos)
 
 

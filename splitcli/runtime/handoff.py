@@ -42,6 +42,7 @@ import torch
 from ..errors import SplitLLMError
 from ..model.split import DecoderParts, EdgeHalf, decoder_parts, new_cache
 from .generate import SamplingConfig, TokenStream
+from .kv_rows import KVPayload, KVRows, cache_rows, install_rows
 from .link import transfer
 from .session import SplitSession
 from .wire import Wire
@@ -56,24 +57,6 @@ _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _BITS = {torch.float32: np.dtype("<u4"), torch.float16: np.dtype("<u2"), torch.bfloat16: np.dtype("<u2")}
 _BITS_TORCH = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 MAX_KV_ELEMENTS = 1 << 28  # 1 GiB of fp32: refuse anything larger before allocating
-
-
-@dataclass(frozen=True)
-class KVRows:
-    """One layer's K/V rows for positions [start, start + count): keys [B, heads, rows, d_k]."""
-
-    layer: int
-    keys: torch.Tensor
-    values: torch.Tensor
-
-
-@dataclass(frozen=True)
-class KVPayload:
-    """Decoded KV payload: rows of `layers` covering positions [start, start + count)."""
-
-    start: int
-    count: int
-    layers: tuple[KVRows, ...]
 
 
 @dataclass(frozen=True)
@@ -192,66 +175,6 @@ def decode_kv(payload: bytes, layout: KVLayout) -> KVPayload:
     return KVPayload(start, count, tuple(out))
 
 
-def cache_rows(cache, layers: range, start: int) -> tuple[int, list[KVRows]]:
-    """K/V rows of `layers` for positions [start, length) of a float cache; returns (length, rows).
-
-    A sliding-window layer keeps only its last window - 1 rows, so it may yield fewer than
-    length - start rows (all the receiver needs). A cache that does not expose its rows as
-    tensors (a Qa-bit `QuantizedKVCache`) is an error.
-    """
-    out, length = [], None
-    for k in layers:
-        if k >= len(cache.layers):
-            raise SplitLLMError(f"the KV cache has no layer {k}")
-        layer = cache.layers[k]
-        total = layer.get_seq_length()
-        if length is None:
-            length = total
-        elif total != length:
-            raise SplitLLMError(f"KV cache layers disagree on length ({total} vs {length} at layer {k})")
-        keys = getattr(layer, "keys", None)
-        stored = keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.numel() else 0
-        need = total - start
-        if need < 0:
-            raise SplitLLMError(f"asked for KV rows from position {start}, but the cache holds {total}")
-        rows = min(need, stored)
-        if rows < need and not getattr(layer, "is_sliding", False):
-            raise SplitLLMError(f"layer {k} of this {type(cache).__name__} does not expose its KV rows "
-                                "(a Qa-bit cache); KV cannot be sent from it")
-        out.append(KVRows(k, keys[:, :, stored - rows:stored], layer.values[:, :, stored - rows:stored]))
-    return (length or 0), out
-
-
-def exposes_rows(cache) -> bool:
-    """Whether `cache_rows` can read this cache: transformers' float caches (sliding ones too)."""
-    from transformers import DynamicCache
-
-    return isinstance(cache, DynamicCache)
-
-
-def install_rows(cache, payload: KVPayload, dtype: torch.dtype) -> None:
-    """Append a payload's rows to `cache` (any transformers Cache), checking positions line up."""
-    for r in payload.layers:
-        if r.layer < len(cache.layers):
-            have = cache.layers[r.layer].get_seq_length()
-            if have != payload.start:
-                raise SplitLLMError(f"KV rows start at position {payload.start}, but layer {r.layer} "
-                                    f"of the receiving cache holds {have}")
-        elif payload.start != 0:
-            raise SplitLLMError(f"KV rows start at position {payload.start}, but layer {r.layer} is empty")
-        rows = r.keys.shape[2]
-        if rows:
-            cache.update(r.keys.to(dtype), r.values.to(dtype), r.layer)
-        missing = payload.count - rows
-        if missing:
-            layer = cache.layers[r.layer]
-            # A sliding layer counts every position it saw, not only the rows it keeps.
-            if not (getattr(layer, "is_sliding", False) and hasattr(layer, "cumulative_length")):
-                raise SplitLLMError(f"layer {r.layer} received {rows} of {payload.count} rows "
-                                    "but is not a sliding-window layer")
-            layer.cumulative_length += missing
-
-
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     # mask [B, S] -> positions [B, S], as Session.forward numbers them (padding gets 1)
     return (mask.cumsum(-1) - 1).clamp_min(0).masked_fill(mask == 0, 1)
@@ -274,44 +197,19 @@ class HandoffReport:
         return self.kv_bytes + self.hidden_bytes
 
 
-class HandoffSession(SplitSession):
-    """A split session whose edge first runs every layer itself, until `handoff` (module docstring).
+class HandoffMixin:
+    """The handoff itself (module docstring) for a split session whose edge first runs every layer
+    (`local` until `handoff`). A session class supplies the local stage: its `_run` while `local`
+    (appending each forward's hidden state at ℓ to `_hidden`), `edge_rows` over all L layers while
+    `local`, and `_enter_split`, which carries the edge's layers [0, ℓ) into the split stage."""
 
-    `model` is the cloud's model; `edge_model` (default: the same) the edge's model of all layers.
-    `edge` is the split-stage edge half (default: layers [0, ℓ) of `edge_model`).
-    """
-
-    def __init__(self, model, split_layer: int, wire: Wire | None = None, edge: EdgeHalf | None = None,
-                 *, edge_model=None):
-        self.edge_model = model if edge_model is None else edge_model
-        edge_parts, cloud_parts = decoder_parts(self.edge_model), decoder_parts(model)
-        if (edge_parts.num_layers, edge_parts.config.hidden_size) != (cloud_parts.num_layers,
-                                                                      cloud_parts.config.hidden_size):
-            raise SplitLLMError("the edge's model and the cloud's model differ in layer count or hidden size")
-        if edge is not None and edge.split_layer != split_layer:
-            raise SplitLLMError(f"the edge half ends at ℓ={edge.split_layer} but the session splits at {split_layer}")
-        super().__init__(model, split_layer, wire, edge or EdgeHalf(edge_parts, split_layer))
-        self.edge_cache = new_cache(edge_parts)  # the edge's own cache over all L layers
-        self.local = True
-        self.report: HandoffReport | None = None
-        self._hidden: list[torch.Tensor] = []  # hidden states at ℓ of every local forward [B, T, H]
+    local: bool
+    report: HandoffReport | None
+    _hidden: list[torch.Tensor]  # hidden states at ℓ of every local forward [B, T, H]
 
     @property
     def split_layer(self) -> int:
         return self.edge.split_layer
-
-    @torch.inference_mode()
-    def _run(self, input_ids, positions, mask, logits_to_keep, stats, top=0):
-        if not self.local:
-            return super()._run(input_ids, positions, mask, logits_to_keep, stats, top)
-        t0 = time.perf_counter()
-        out = self.edge_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                              cache=self.edge_cache, use_cache=True, logits_to_keep=logits_to_keep,
-                              output_hidden_states=True)
-        # hidden_states[ℓ] is the input of layer ℓ: exactly what the edge half would send
-        self._hidden.append(out.hidden_states[self.split_layer].detach())
-        stats.edge_ms = (time.perf_counter() - t0) * 1e3
-        return out.logits
 
     def handoff(self, i_kv: int, *, edge_layers: bool = False, kv_dtype: torch.dtype | None = None) -> HandoffReport:
         """Hand the session to the cloud (I_kv 1: KV of [ℓ, L); 0: hidden states at ℓ).
@@ -332,13 +230,12 @@ class HandoffSession(SplitSession):
         t0 = time.perf_counter()
         sent_layers = (0 if edge_layers else ell, n) if i_kv else (ell, ell)
         if count and i_kv == 1:
-            _, rows = cache_rows(self.edge_cache, range(*sent_layers), 0)
+            _, rows = self.edge_rows(range(*sent_layers), 0)
             payload = transfer(self.wire, encode_kv(rows, 0, count, kv_dtype))
             kv_bytes = len(payload)
             t1 = time.perf_counter()
             batch = self._s.mask.shape[0]
-            received = decode_kv(payload, kv_layout(self.cloud.parts, range(*sent_layers), batch))
-            install_rows(self.cloud_cache, received, self._cloud_dtype())
+            self.receive_rows(decode_kv(payload, kv_layout(self.cloud.parts, range(*sent_layers), batch)))
         elif count:
             hidden = torch.cat(self._hidden, dim=1)  # [B, S, H]
             b, s, h = hidden.shape
@@ -356,8 +253,42 @@ class HandoffSession(SplitSession):
                                     (t1 - t0) * 1e3, (t2 - t1) * 1e3)
         return self.report
 
-    def _cloud_dtype(self) -> torch.dtype:
-        return next(self.cloud.parts.layers[self.split_layer].parameters()).dtype
+
+class HandoffSession(HandoffMixin, SplitSession):
+    """A split session whose edge first runs every layer itself, until `handoff` (module docstring),
+    on the eager path (`runtime.fast.FastHandoffSession` is the fast one).
+
+    `model` is the cloud's model; `edge_model` (default: the same) the edge's model of all layers.
+    `edge` is the split-stage edge half (default: layers [0, ℓ) of `edge_model`).
+    """
+
+    def __init__(self, model, split_layer: int, wire: Wire | None = None, edge: EdgeHalf | None = None,
+                 *, edge_model=None):
+        self.edge_model = model if edge_model is None else edge_model
+        edge_parts, cloud_parts = decoder_parts(self.edge_model), decoder_parts(model)
+        if (edge_parts.num_layers, edge_parts.config.hidden_size) != (cloud_parts.num_layers,
+                                                                      cloud_parts.config.hidden_size):
+            raise SplitLLMError("the edge's model and the cloud's model differ in layer count or hidden size")
+        if edge is not None and edge.split_layer != split_layer:
+            raise SplitLLMError(f"the edge half ends at ℓ={edge.split_layer} but the session splits at {split_layer}")
+        super().__init__(model, split_layer, wire, edge or EdgeHalf(edge_parts, split_layer))
+        self.edge_cache = new_cache(edge_parts)  # the edge's own cache over all L layers until the handoff
+        self.local = True
+        self.report = None
+        self._hidden = []
+
+    @torch.inference_mode()
+    def _run(self, input_ids, positions, mask, logits_to_keep, stats, top=0):
+        if not self.local:
+            return super()._run(input_ids, positions, mask, logits_to_keep, stats, top)
+        t0 = time.perf_counter()
+        out = self.edge_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                              cache=self.edge_cache, use_cache=True, logits_to_keep=logits_to_keep,
+                              output_hidden_states=True)
+        # hidden_states[ℓ] is the input of layer ℓ: exactly what the edge half would send
+        self._hidden.append(out.hidden_states[self.split_layer].detach())
+        stats.edge_ms = (time.perf_counter() - t0) * 1e3
+        return out.logits
 
     def _enter_split(self) -> None:
         """Carry the edge's layers [0, ℓ) into the edge half's own cache kind; drop the rest."""
@@ -383,7 +314,7 @@ class HandoffResult:
 
 
 def handoff_generate(
-    session: HandoffSession,
+    session: HandoffMixin,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     cfg: SamplingConfig,

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import SplitLLMError
 from ..model.split import CloudHalf, EdgeHalf, decoder_parts, new_cache
+from .kv_rows import KVPayload, KVRows, cache_rows, exposes_rows, install_rows
 from .wire import RawWire, Wire
 
 
@@ -176,3 +177,22 @@ class SplitSession(Session):
         stats.decode_ms, stats.cloud_ms = (t3 - t2) * 1e3, (t4 - t3) * 1e3
         stats.wire_bytes = len(frame)
         return logits
+
+    # KV rows by absolute layer index, for I_kv = 1 (a handoff, Algorithm 2's per-step replica)
+
+    def edge_rows(self, layers: range, start: int = 0) -> tuple[int, list[KVRows]]:
+        """(length, K/V rows of the edge's `layers` for positions [start, length))."""
+        return cache_rows(self.edge_cache, layers, start)
+
+    def receive_rows(self, payload: KVPayload) -> None:
+        """Install KV rows that crossed the wire into the cloud's cache: layers [0, ℓ) as its copy of
+        the edge's (the cloud then holds the whole session), [ℓ, L) as its own."""
+        install_rows(self.cloud_cache, payload, self.cloud_dtype())
+
+    def edge_exposes_rows(self) -> bool:
+        """Whether the edge's cache kind exposes rows to send (a Qa-bit cache does not)."""
+        return exposes_rows(self.edge.new_cache())
+
+    def cloud_dtype(self) -> torch.dtype:
+        """The dtype the cloud half computes and caches in."""
+        return next(self.cloud.parts.layers[self.cloud.split_layer].parameters()).dtype

@@ -17,8 +17,7 @@ the padded length): within float rounding of the same step alone (tests/test_ser
 states the bound).
 
 A KV handoff (I_kv = 1) writes the edge's rows into a session's static cache through the cache's
-own `write` (`install_static_rows`), the counterpart of `runtime.handoff.install_rows` for the
-eager cache.
+own `write` (`runtime.kv_rows.install_static_rows`).
 """
 
 from __future__ import annotations
@@ -73,22 +72,3 @@ def forward_batch_fast(cloud: FastCloudHalf, states: list, hidden: list[torch.Te
         c.length = n + 1
         s.length += 1
     return [logits[i, -1] for i in range(b)]
-
-
-@torch.inference_mode()
-def install_static_rows(cache: StaticCache, payload, first_layer: int, dtype: torch.dtype) -> None:
-    """Write a KV payload's rows (layers [first_layer, first_layer + cache layers), positions
-    [start, start + count)) into a one-row static cache whose length is `start`; the caller has
-    checked the layers are exactly the cache's. Full-attention layers only: every layer brings
-    all `count` rows."""
-    if cache.length != payload.start:
-        raise SplitLLMError(f"KV rows start at position {payload.start}, but the receiving cache holds {cache.length}")
-    for r in payload.layers:
-        if r.keys.shape[2] != payload.count or r.values.shape[2] != payload.count:
-            raise SplitLLMError(f"layer {r.layer} received {r.keys.shape[2]} of {payload.count} rows "
-                                "but is not a sliding-window layer")
-    end = payload.start + payload.count
-    cache.reserve(end, 1)
-    for r in payload.layers:
-        cache.write(r.layer - first_layer, payload.start, r.keys.to(dtype), r.values.to(dtype))
-    cache.length = end

@@ -215,10 +215,14 @@ def _prompt_ids(input_ids) -> torch.Tensor:
 def _edge_and_cache(split, cache, capacity: int):
     """The edge half this stage runs and its cache: the fast decode path (`runtime.fast`, a static
     cache for `capacity` positions) as `generate` runs it, unless the model is one it does not
-    support or the caller brings its own cache (a handoff's, rows of the local model installed)."""
+    support or the caller brings its own eager cache (a handoff's, rows of the local model
+    installed); a static cache the caller brings runs on the fast half."""
+    from splitcli.quant.static_kv import StaticCache
     from splitcli.runtime.fast import fast_edge_half
     from splitcli.runtime.session import _context_length
 
+    if isinstance(cache, StaticCache):  # a fast local stage's rows, carried (serve.handoff)
+        return fast_edge_half(split.edge), cache
     fast = fast_edge_half(split.edge) if cache is None else None
     if fast is None:
         return split.edge, split.edge.new_cache() if cache is None else cache

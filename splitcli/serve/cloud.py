@@ -40,8 +40,9 @@ from splitcli.quant import fp_kv_bytes_per_token
 from splitcli.runtime.adaptive import with_q_bar
 from splitcli.runtime.fast import fast_cloud_half
 from splitcli.runtime.generate import SamplingConfig, sample_next
+from splitcli.runtime.kv_rows import install_static_rows
 from splitcli.serve.batching import Batcher, CloudState
-from splitcli.serve.batching_fast import install_static_rows, is_fast
+from splitcli.serve.batching_fast import is_fast
 from splitcli.serve.config import CloudSettings  # noqa: F401 - its home is serve.config; imported from here too
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
@@ -326,7 +327,8 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
         [position, position + n_tokens) go straight into the session's cache. No forward runs, and
         this session has no step in the batcher now (its steps are sequential), so the handler
         thread may write its cache."""
-        from splitcli.runtime.handoff import decode_kv, install_rows, kv_layout
+        from splitcli.runtime.handoff import decode_kv, kv_layout
+        from splitcli.runtime.kv_rows import install_rows
 
         if sess.i_kv != 1:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"step {step_id} carries KV rows, but the session "

@@ -6,6 +6,7 @@ steps and recovery are serve/client.py's."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterator
 
@@ -50,8 +51,10 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
     step is decided on a probe of the link (keep, compress, I_kv = 0 instead of the KV rows, or
     stop with the local tokens), and every split step after it like `generate_remote`'s."""
     from splitcli.model.split import decoder_parts, new_cache
+    from splitcli.runtime.fast import fast_edge_half, fast_local_edge
     from splitcli.runtime.generate import TokenStream
-    from splitcli.runtime.handoff import KVPayload, cache_rows, encode_kv, install_rows
+    from splitcli.runtime.handoff import encode_kv
+    from splitcli.runtime.kv_rows import KVPayload, cache_rows, install_rows
 
     if isinstance(local_tokens, bool) or not isinstance(local_tokens, int) or local_tokens < 0:
         raise SplitLLMError(f"local tokens w must be an integer >= 0, got {local_tokens!r}")
@@ -63,21 +66,33 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
     ids = _prompt_ids(input_ids)
     ell = split.spec.split_layer
     tokens = TokenStream(cfg, 1, eos_token_ids)
-    local_cache = new_cache(decoder_parts(edge_model))
-    hidden_at_l: list[torch.Tensor] = []
+    # the local stage on the fast decode path where it runs the model (as in process), else eager
+    fast_edge = fast_edge_half(split.edge)
+    fast_local = fast_local_edge(split, edge_model) if fast_edge is not None else None
+    local_cache = new_cache(decoder_parts(edge_model)) if fast_local is None else None
+    hidden_at_l: list[torch.Tensor] = fast_local.hidden if fast_local is not None else []
+    if fast_local is not None:  # the positions the session can reach, allocated once (as Session.reserve)
+        limit = getattr(decoder_parts(edge_model).config, "max_position_embeddings", None)
+        for c in fast_local.caches:
+            c.reserve(min(ids.shape[1] + cfg.max_new_tokens, limit or ids.shape[1] + cfg.max_new_tokens))
 
     @torch.inference_mode()
     def local_forward(new: torch.Tensor, position: int) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = edge_model(input_ids=new, position_ids=torch.arange(position, position + new.shape[1])[None],
-                         cache=local_cache, use_cache=True, logits_to_keep=1, output_hidden_states=True)
-        hidden_at_l.append(out.hidden_states[ell])  # the input of layer ℓ: what the edge half would send
+        positions = torch.arange(position, position + new.shape[1])[None]
+        if fast_local is not None:  # keeps the hidden states at ℓ itself
+            logits = fast_local(new, positions, None, logits_to_keep=1)
+        else:
+            out = edge_model(input_ids=new, position_ids=positions, cache=local_cache, use_cache=True,
+                             logits_to_keep=1, output_hidden_states=True)
+            hidden_at_l.append(out.hidden_states[ell])  # the input of layer ℓ: what the edge half would send
+            logits = out.logits
         if live is not None:
             seconds = time.perf_counter() - t0
             live.row("local", "local", "the edge generates alone", None, i_kv, None, None, seconds, None,
                      check=live.step > 0)
             live.last_compute_s = seconds / new.shape[1]
-        return out.logits[:, -1]
+        return logits[:, -1]
 
     if live is not None:
         live.i_kv, live.step = i_kv, 0
@@ -102,12 +117,17 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
     try:
         stream, chunk = reopen()
         # The edge half's cache takes over layers [0, ℓ) of the local cache; layers >= ℓ are dropped.
-        edge_cache = split.edge.new_cache()
-        length, rows = cache_rows(local_cache, range(ell), 0)
-        install_rows(edge_cache, KVPayload(0, length, tuple(rows)), rows[0].keys.dtype)
-        count, kv_frame = length, b""  # positions so far; the KV rows [ℓ, L) are read only for I_kv = 1
+        if fast_local is not None:
+            edge_cache, count = fast_local.carry(fast_edge), fast_local.caches[0].length
+            local_rows = fast_local.rows
+        else:
+            edge_cache = split.edge.new_cache()
+            count, rows = cache_rows(local_cache, range(ell), 0)
+            install_rows(edge_cache, KVPayload(0, count, tuple(rows)), rows[0].keys.dtype)
+            local_rows = functools.partial(cache_rows, local_cache)
+        kv_frame = b""  # the KV rows [ℓ, L) are read only for I_kv = 1
         if i_kv == 1:
-            _, kv_rows = cache_rows(local_cache, range(ell, decoder_parts(edge_model).num_layers), 0)
+            _, kv_rows = local_rows(range(ell, decoder_parts(edge_model).num_layers), 0)
             kv_frame = encode_kv(kv_rows, 0, count)
         use_kv, decided = i_kv, None
         if live is not None:
