@@ -68,18 +68,34 @@ def test_kv_handoff_equals_the_fast_unsplit_model_bitwise(family):
                 assert torch.equal(x, y), f"ℓ={ell} handoff after {after}"
 
 
-def test_hidden_state_handoff_gives_the_unsplit_tokens():
+@pytest.mark.parametrize("batch", [1, 3])
+def test_hidden_state_handoff_gives_the_unsplit_tokens(batch):
     """I_kv = 0: the cloud re-processes the hidden states at ℓ as one prompt (another kernel than
     the steps that made them), so its cache is equal within float rounding and the tokens are the
-    unsplit model's."""
+    unsplit model's; a left-padded batch keeps its mask and positions through the handoff."""
     model = _tiny("llama")
     split = build_split(_lm(model), SplitSpec(split_layer=2))
-    ids = _prompt()
-    reference = _run(FastUnsplitSession(model), ids, None, 8)
-    got = _run(handoff_session(_lm(model), split), ids, None, 8, handoff_after=3, i_kv=0)
+    ids = _prompt(batch=batch)
+    mask = torch.ones_like(ids)
+    mask[1:, :4] = 0
+    reference = _run(FastUnsplitSession(model), ids, mask, 8)
+    got = _run(handoff_session(_lm(model), split), ids, mask, 8, handoff_after=3, i_kv=0)
     for x, y in zip(reference, got):
-        assert torch.equal(x.argmax(-1), y.argmax(-1))
+        assert torch.equal(x[:, -1].argmax(-1), y[:, -1].argmax(-1))
         assert float((x - y).abs().max()) <= 1e-4
+
+
+def test_handoff_before_the_prompt_is_a_plain_fast_split():
+    """w = 0 hands off before anything ran: nothing crosses, and the session is the fast split."""
+    model = _tiny("llama")
+    split = build_split(_lm(model), SplitSpec(split_layer=2))
+    reference = generate(FastUnsplitSession(model), _prompt(), None, CFG).tokens
+    for i_kv in (0, 1):
+        session = handoff_session(_lm(model), split)
+        got = handoff_generate(session, _prompt(), None, CFG, local_tokens=0, i_kv=i_kv)
+        assert torch.equal(got.tokens, reference) and got.local_tokens == 0
+        assert got.report.positions == 0 and got.report.total_bytes == 0
+        assert session.edge_cache.length == session.cloud_cache.length == session.length
 
 
 @pytest.mark.parametrize("q_w1,qa", [(4, 16), (8, 8), (4, 4)])
@@ -103,19 +119,31 @@ def test_quantized_edge_hands_off_like_the_eager_session(q_w1, qa):
                (b.report.kv_bytes, b.report.hidden_bytes, b.report.layers)
         assert isinstance(fast.edge_cache, QuantStaticKV if qa < 16 else StaticKV)
         assert fast.edge_cache.length == fast.length
+        # every logit, before and after the handoff, near the eager session's (as the fast split is)
+        eager = HandoffSession(model, 2, wire=split.wire, edge=split.edge,
+                               edge_model=opsc_edge_model(model, split.spec))
+        a = _run(eager, ids, None, 8, handoff_after=3, i_kv=i_kv)
+        b = _run(handoff_session(_lm(model), split), ids, None, 8, handoff_after=3, i_kv=i_kv)
+        assert max(float((x - y).abs().max()) for x, y in zip(a, b)) <= 1e-4
 
 
 def test_the_edge_model_generates_the_local_tokens_on_the_fast_path():
-    """Edge and cloud models with different weights: the local tokens are the edge model's alone."""
-    cloud, edge = _tiny("llama"), _tiny("qwen2")
-    split = build_split(_lm(cloud), SplitSpec(split_layer=2))
+    """Edge and cloud models with different weights (the edge half is the edge model's layers
+    [0, ℓ)): the local tokens are the edge model's alone, and every token is the eager session's."""
     from splitcli.runtime.fast import fast_handoff_session
 
-    session = fast_handoff_session(split, edge)
+    cloud, edge = _tiny("llama"), _tiny("qwen2")
+    on_cloud = build_split(_lm(cloud), SplitSpec(split_layer=2))
+    on_edge = build_split(_lm(edge), SplitSpec(split_layer=2))
+    split = SimpleNamespace(edge=on_edge.edge, cloud=on_cloud.cloud, wire=on_cloud.wire)
     edge_alone = generate(FastUnsplitSession(edge), _prompt(), None, CFG).tokens
-    got = handoff_generate(session, _prompt(), None, CFG, local_tokens=5, i_kv=1)
-    assert torch.equal(got.tokens[:, :5], edge_alone[:, :5])
-    assert not torch.equal(got.tokens, edge_alone)  # after the handoff the cloud's weights decide
+    for i_kv in (0, 1):
+        got = handoff_generate(fast_handoff_session(split, edge), _prompt(), None, CFG, local_tokens=5, i_kv=i_kv)
+        assert torch.equal(got.tokens[:, :5], edge_alone[:, :5])
+        eager = handoff_generate(HandoffSession(cloud, 2, edge=on_edge.edge, edge_model=edge), _prompt(), None, CFG,
+                                 local_tokens=5, i_kv=i_kv)
+        assert torch.equal(got.tokens, eager.tokens), f"I_kv={i_kv}"
+        assert not torch.equal(got.tokens, edge_alone)  # after the handoff the cloud's weights decide
 
 
 def test_unsupported_models_hand_off_on_the_eager_session():
@@ -164,7 +192,15 @@ def test_algorithm_2_hands_off_on_the_fast_session():
     assert [r.stage for r in result.rows[:6]] == ["local"] * 5 + ["handoff"]
     assert torch.equal(result.tokens, reference)
     assert result.handoff.i_kv == 1 and result.handoff.layers == (0, 4) and result.handoff.positions == 14
-    assert session._replica.length == session.edge_cache.length == session.length
+    eager = adaptive_generate(HandoffSession(model, 2), _prompt(length=10), None, cfg, _policy(link),
+                              EmulatedLink(link), local_tokens=5, fixed_compute_s=0.005)
+    assert [(r.stage, r.decision, r.wire_bytes, r.kv_bytes) for r in eager.rows] == \
+           [(r.stage, r.decision, r.wire_bytes, r.kv_bytes) for r in result.rows]
+    # the cloud's copy of the edge's layers: the handoff's rows, then each step's, exactly
+    length, edge = session.edge_rows(range(2))
+    copied_length, copied = static_rows([Span(0, session._replica)], range(2), 0)
+    assert length == copied_length == session.length
+    assert all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) for x, y in zip(edge, copied))
 
 
 def _cache(n_layers=2, length=3, batch=1):
@@ -196,8 +232,7 @@ def test_static_row_errors_are_one_line():
         static_rows([Span(0, front), Span(2, back)], range(4), 0)
     with pytest.raises(SplitLLMError, match="from position 4"):
         static_rows([Span(0, front)], range(2), 4)
-    with pytest.raises(SplitLLMError, match="holds no positions"):
-        static_rows([Span(0, StaticKV(2, 2, 4))], range(2), 0)
+    assert static_rows([Span(0, StaticKV(2, 2, 4))], range(2), 0) == (0, [])  # nothing held: no rows
     quant = QuantStaticKV(2, 2, 4, 8)
     with pytest.raises(SplitLLMError, match="does not expose"):
         static_rows([Span(0, quant)], range(1), 0)
@@ -209,15 +244,23 @@ def test_static_row_errors_are_one_line():
                       torch.float32)
 
 
-def test_a_handed_off_session_refuses_a_second_handoff():
+def test_a_kv_handoff_of_every_layer_lands_exactly_and_only_once():
     model = _tiny("llama")
     session = handoff_session(_lm(model), build_split(_lm(model), SplitSpec(split_layer=2)))
     session.prefill(_prompt())
     with pytest.raises(SplitLLMError, match="edge_layers needs"):
         session.handoff(0, edge_layers=True)
+    _, local = session.edge_rows(range(4))  # the local stage's rows of all layers
+    local = [KVRows(r.layer, r.keys.clone(), r.values.clone()) for r in local]
     assert session.handoff(1, edge_layers=True).layers == (0, 4)
     with pytest.raises(SplitLLMError, match="already"):
         session.handoff(1)
+    _, front = static_rows([Span(0, session._replica)], range(2), 0)
+    _, back = static_rows([Span(2, session.cloud_cache)], range(2, 4), 0)
+    _, carried = session.edge_rows(range(2))
+    for want, got in zip(local, [*front, *back]):
+        assert want.layer == got.layer and torch.equal(want.keys, got.keys) and torch.equal(want.values, got.values)
+    assert all(torch.equal(w.keys, c.keys) for w, c in zip(local, carried))
 
 
 def test_real_model_fast_handoff_equals_the_fast_unsplit_model(real_lm):

@@ -33,6 +33,8 @@ from .wire import Wire
 _EDGES: "weakref.WeakKeyDictionary[object, FastEdgeHalf]" = weakref.WeakKeyDictionary()
 _CLOUDS: "weakref.WeakKeyDictionary[object, FastCloudHalf]" = weakref.WeakKeyDictionary()
 _MODELS: "weakref.WeakKeyDictionary[object, FastModel]" = weakref.WeakKeyDictionary()
+# an edge's model of all layers -> its local stacks by ("front" | "back", ℓ) (`_local_stacks`)
+_LOCAL: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 # Built once under a lock: a server's threads asking at once would otherwise each fuse the weights
 # (same values, the memory twice).
 _BUILD = threading.Lock()
@@ -111,7 +113,7 @@ class FastLocalEdge:
     @torch.inference_mode()
     def __call__(self, input_ids, position_ids, attention_mask, logits_to_keep: int = 0, top: int = 0):
         hidden = self.front(input_ids, position_ids, attention_mask, self.caches[0])  # [B, T, H]
-        self.hidden.append(hidden.clone())  # the back may update its input in place
+        self.hidden.append(hidden)  # a fresh tensor: neither stack writes its input or reuses its output
         return self.back(hidden, position_ids, attention_mask, self.caches[1], logits_to_keep, top=top)
 
     def rows(self, layers: range, start: int = 0) -> tuple[int, list[KVRows]]:
@@ -200,8 +202,14 @@ def _local_stacks(edge_model, split) -> tuple[FastEdgeHalf | None, FastCloudHalf
         and all(parts.layers[i] is edge_parts.layers[i] for i in range(ell))
     same_back = parts.lm_head is cloud_parts.lm_head and parts.norm is cloud_parts.norm \
         and all(parts.layers[i] is cloud_parts.layers[i] for i in range(ell, parts.num_layers))
-    return (fast_edge_half(split.edge) if same_front else FastEdgeHalf(parts, ell, 16),
-            fast_cloud_half(split.cloud) if same_back else FastCloudHalf(parts, ell))
+    with _BUILD:  # built once per edge model and ℓ: a bench hands off many sessions from one model
+        built = _LOCAL.setdefault(edge_model, {})
+        if not same_front and ("front", ell) not in built:
+            built["front", ell] = FastEdgeHalf(parts, ell, 16)
+        if not same_back and ("back", ell) not in built:
+            built["back", ell] = FastCloudHalf(parts, ell)
+    return (fast_edge_half(split.edge) if same_front else built["front", ell],
+            fast_cloud_half(split.cloud) if same_back else built["back", ell])
 
 
 def fast_local_edge(split, edge_model) -> FastLocalEdge | None:

@@ -130,8 +130,8 @@ def static_rows(spans: list[Span], layers: range, start: int) -> tuple[int, list
             raise SplitLLMError(f"KV cache layers disagree on length ({cache.length} vs {length} at layer {k})")
         if start > length:
             raise SplitLLMError(f"asked for KV rows from position {start}, but the cache holds {length}")
-        if cache.k is None:  # nothing allocated: nothing held (start == length == 0)
-            raise SplitLLMError("the KV cache holds no positions yet")
+        if cache.k is None:  # nothing allocated, nothing held (start == length == 0): as cache_rows, no rows
+            continue
         i = k - span.first
         out.append(KVRows(k, cache.k[i, :, :, start:length], cache.v[i, :, :, start:length]))
     return (length or 0), out
