@@ -41,6 +41,19 @@ def test_planned_edge_quantizes_copies_and_uses_qa_cache():
     assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
 
 
+def test_opsc_edge_model_takes_an_unresolved_spec():
+    """A bare SplitSpec (group size, l_w left to the model) gives the edge model its resolved twin
+    gives; it used to fail inside the quantizer (a None group size)."""
+    from splitcli.deploy import opsc_edge_model
+
+    model = _tiny("llama")
+    bare = SplitSpec(split_layer=2, q_w1=4)
+    a, b = opsc_edge_model(model, bare), opsc_edge_model(model, bare.resolve(model))
+    assert a is not model and a.model.layers[0].mlp.up_proj.bits == 4
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_spec_refusals():
     model = _tiny("llama")
     with pytest.raises(SplitLLMError, match="outside the valid range"):

@@ -226,11 +226,13 @@ def build_shard_split(shard_dir, wire: str = "none", codec: CodecSettings | None
 def opsc_edge_model(model, spec: SplitSpec):
     """A copy of `model` as an edge holding ALL layers would run it: every layer at its OPSC bits
     (eq. 1; q_w2 None = as loaded), the embedding at spec.embed_bits. For edge-local generation
-    before a handoff (Fig. 5b); `model` is not changed."""
+    before a handoff (Fig. 5b); `model` is not changed. `spec` may be unresolved (its model-dependent
+    defaults are filled in from `model`)."""
     from torch import nn
 
     from splitcli.quant import QuantEmbedding, quantize_layers_, use_int4_act_bits_
 
+    spec = spec.resolve(model)
     parts = decoder_parts(model)
     q_w2 = KEEP_BITS if spec.q_w2 is None else spec.q_w2
     bits = list(layer_weight_bits(parts.num_layers, spec.l_w, spec.q_w1, q_w2, spec.method))  # type: ignore[arg-type]
