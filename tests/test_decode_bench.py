@@ -24,8 +24,15 @@ def test_bench_decode_json_keys_and_consistency(tiny_model_dir, tmp_path):
     # the int4 edge also on torch's kernel, side by side, where splitllm's own kernel runs it
     ours = {4: kernels.available(), 8: kernels.available()}  # --threads 1: both, where they build
     assert set(c) == {"old_unsplit", "old_split", "unsplit", "split", "split_int4", "split_int8", "split_int4_kv8",
-                      "hf_generate", "split_full_head", "split_torch_step", "split_int4_torch_step"} | {
+                      "hf_generate", "split_full_head", "split_torch_step", "split_int4_torch_step",
+                      "local_int4", "old_local_int4"} | {
         f"split_int{b}_torch" for b in (4, 8) if ours[b]} | ({"split_int4_a8"} if ours[4] else set())
+    # the edge alone before a handoff: fast against eager, the same OPSC edge model
+    assert d["local_int4_tok_s"] == c["local_int4"]["tok_s"] > 0 and d["old_local_int4_tok_s"] == c["old_local_int4"]["tok_s"]
+    assert d["local_int4_speedup_vs_old"] == d["local_int4_tok_s"] / d["old_local_int4_tok_s"]
+    ratios = [b / a for a, b in zip(c["old_local_int4"]["tok_s_runs"], c["local_int4"]["tok_s_runs"])]
+    assert d["local_int4_speedup_vs_old_paired_median"] == (ratios[0] + ratios[1]) / 2
+    assert c["local_int4"]["edge_ms"] > 0 and c["local_int4"]["cloud_ms"] == 0  # the edge computes it all
     # the C decode step against the torch path's per-layer ops, the same splits side by side
     assert d["c_step_speedup"] == d["split_tok_s"] / d["split_torch_step_tok_s"]
     assert d["int4_c_step_speedup"] == d["split_int4_tok_s"] / d["split_int4_torch_step_tok_s"]

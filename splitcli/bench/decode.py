@@ -22,6 +22,10 @@ path, so every path does identical work from the same prompt):
                 instead of int16 (opt-in, a plan's edge_act_bits = 8; only where splitllm's
                 kernels run): faster products, coarser inputs;
 - split_int4_kv8            split_int4 with the edge's KV cache at 8 bits (Qa = 8);
+- local_int4 / old_local_int4   the edge generating alone before a handoff (Fig. 5b, `generate
+                --local-tokens`): split_int4's OPSC edge model of all layers ([0, ℓ) at 4 bits,
+                the rest as loaded), on the fast path (`runtime.fast.FastLocalEdge`) and on the
+                eager one (`runtime.handoff.HandoffSession`, on a pristine copy), never handed off;
 - split_torch_step / split_int4_torch_step   split / split_int4 with every token on the torch
                 path's per-layer ops instead of one `decode_step.c` call per half (that call
                 runs a one-token step of batch 1 on a float or 8-bit cache where splitllm's
@@ -53,14 +57,15 @@ from typing import Callable
 
 import torch
 
-from ..deploy import SplitSpec, build_split
+from ..deploy import SplitSpec, build_split, opsc_edge_model
 from ..deploy.measure import head_dims
 from ..errors import SplitLLMError
 from ..model.split import CloudHalf, EdgeHalf, decoder_parts
 from ..quant import decode_step, kernels
 from ..quant.kv_format import KVQuantConfig, fp_kv_bytes_per_token, kv_bytes_per_token
-from ..runtime.fast import FastUnsplitSession, fast_split_session, fast_unsupported_model
+from ..runtime.fast import FastUnsplitSession, fast_handoff_session, fast_split_session, fast_unsupported_model
 from ..runtime.generate import SamplingConfig, encode_prompts, generate
+from ..runtime.handoff import HandoffSession
 from ..runtime.session import Session, SplitSession, UnsplitSession
 
 DEFAULT_PROMPT = "The history of the city begins with a small settlement on the river, where"
@@ -253,6 +258,14 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
     }
     for name, sp in splits.items():
         sessions[name] = lambda sp=sp: fast_split_session(sp)
+    # the edge alone before a handoff, its OPSC model of all layers built once per path
+    int4 = splits["split_int4"]
+    local_models = {"local_int4": opsc_edge_model(lm.model, int4.spec),
+                    "old_local_int4": opsc_edge_model(pristine, int4.spec)}
+    sessions["local_int4"] = lambda: fast_handoff_session(int4, local_models["local_int4"]) or HandoffSession(
+        lm.model, split_layer, edge=int4.edge, edge_model=local_models["local_int4"])
+    sessions["old_local_int4"] = lambda: HandoffSession(pristine, split_layer,
+                                                        edge_model=local_models["old_local_int4"])
     sessions["split_full_head"] = sessions["split"]
     # the same fast splits with every token on the torch path (decode_step.c off), side by side
     torch_steps = {"split_torch_step": "split", "split_int4_torch_step": "split_int4"}
@@ -366,6 +379,10 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
         "split_int4_tok_s": tok["split_int4"],
         "split_int8_tok_s": tok["split_int8"],
         "split_int4_kv8_tok_s": tok["split_int4_kv8"],
+        "local_int4_tok_s": tok["local_int4"],
+        "old_local_int4_tok_s": tok["old_local_int4"],
+        "local_int4_speedup_vs_old": tok["local_int4"] / tok["old_local_int4"],
+        "local_int4_speedup_vs_old_paired_median": paired("old_local_int4", "local_int4"),
         "int4_over_fp32_split": tok["split_int4"] / s,
         "int4_over_fp32_split_paired_median": paired("split", "split_int4"),
         "int4_over_fp32_split_interleaved_median": statistics.median(interleaved["int4"]),
@@ -408,8 +425,9 @@ def bench_decode(lm, split_layer: int, n_tokens: int = 64, repeats: int = 5, pro
 
 
 def _head(session: Session):
-    """A fast session's LM head (`model.fast._Head`), else None."""
-    half = getattr(session, "cloud", None) or getattr(session, "model", None)
+    """A fast session's LM head (`model.fast._Head`; a local stage's own, before a handoff), else None."""
+    local = getattr(session, "local_edge", None)
+    half = local.back if local is not None else getattr(session, "cloud", None) or getattr(session, "model", None)
     head = getattr(half, "head", None)
     return head if hasattr(head, "build_screen") else None
 

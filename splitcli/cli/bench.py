@@ -102,7 +102,9 @@ def _print_decode_summary(r: dict) -> None:
         + (f"; on torch's kernel {r['int8_torch_kernel_over_fp32_split']:.2f}x"
            if r.get("int8_torch_kernel_over_fp32_split") else "")
         + f") the fp32 split, kernels int4 {r['int4_kernel']}, int8 {r['int8_kernel']}; Qa = 8 edge step {r['kv8_edge_ms_ratio']:.2f}x the fp KV's "
-        f"(whole step {r['kv8_step_ratio']:.2f}x)"
+        f"(whole step {r['kv8_step_ratio']:.2f}x); the int4 plan's edge alone before a handoff "
+        f"{r['local_int4_tok_s']:.1f} tok/s = {r['local_int4_speedup_vs_old']:.2f}x the eager path's (paired "
+        f"{r['local_int4_speedup_vs_old_paired_median']:.2f}x)"
         + (f"; llama.cpp {r['llama_cpp_tok_s']:.1f} tok/s" if r.get("llama_cpp_tok_s") else ""),
         highlight=False,
     )
