@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from splitcli.model.split import CloudHalf, decoder_parts
 
 # run as a script, this directory is on sys.path
-from codec_context import CAL, K, SEQ, adaptive_rates, hidden_cache, quantize
+from codec_context import CAL, K, SEQ, adaptive_rates, hidden_cache, hist_feats, quantize
 from codec_predictor import experiment_parser, load_experiment
 from codec_predictor import features as emb_feats  # ids [T] -> [T, 2H + 1]: E[t], E[t-1], 1
 
@@ -57,9 +57,7 @@ def matches(ids):
 
 def design(emb, ids, h, use_match):
     # open-loop design matrix with the true past: [T, 3H + 1] or, with matches, [T, 4H + 2]; case [T]
-    H = h.shape[1]
-    prev = torch.cat([torch.zeros(2, H), h[1:-1]])                 # h_{t-1}; the sink (row 0) is unknown
-    x = [emb_feats(emb, ids), prev]
+    x = [emb_feats(emb, ids), hist_feats(h, 1)]                    # h_{t-1}; the sink (row 0) is unknown
     case, m = matches(ids)
     if use_match:
         x += [torch.where((m > 0)[:, None], h[m], 0.0), (m > 0).float()[:, None]]
