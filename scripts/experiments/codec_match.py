@@ -142,6 +142,32 @@ def closed_loop(h, ids, emb, W, table, use_match, tau, step, U):
     return rec, torch.stack(syms), torch.stack(outs), torch.stack(res)
 
 
+def window_nll(cloud):
+    # the cloud half's summed next-token NLL over one window: nll(h [T, H], ids [T]) -> float
+    def nll(h, i):
+        with torch.inference_mode():
+            logits = cloud(h[None], torch.arange(SEQ)[None], None, cloud.new_cache(), 0)[0]
+        return F.cross_entropy(logits[:-1].float(), i[1:], reduction="sum").item()
+    return nll
+
+
+def quantizer_setup(emb, tail, fit_h, W, table, use_match, classes):
+    # from the open-loop residuals of the calibration windows (the last CAL fit windows): the KLT basis
+    # U [H, H], tau (0.999 quantile; exact outliers past it), component RMS crms [H], entropy classes cls [H]
+    cal = []
+    for i, h in zip(tail[-CAL:], fit_h[-CAL:]):
+        x, case = design(emb, i, h, use_match)
+        cal.append((h - apply(x, case, W) - table[i])[1:])
+    cal = torch.cat(cal)
+    cen = cal - cal.mean(0)
+    U = torch.linalg.eigh((cen.T @ cen).double())[1].float()
+    cal = cal @ U
+    tau = torch.quantile(cal.abs().flatten()[::7], 0.999).item()
+    crms = torch.where(cal.abs() > tau, 0.0, cal).pow(2).mean(0).sqrt().clamp_min(1e-6)
+    cls = torch.bucketize(crms, torch.quantile(crms, torch.linspace(0, 1, classes + 1)[1:-1]))
+    return U, tau, crms, cls
+
+
 def main() -> None:
     ap = experiment_parser(__doc__, "2.0,2.25,2.5")
     ap.add_argument("--predictors", default="h1,match", help="h1 (token + h_{t-1}) and/or match (+ earlier occurrences + table)")
@@ -157,13 +183,7 @@ def main() -> None:
     c = hidden_cache(lm, ids, ell, args.fit_windows, max(n_eval, 4))
     tail, wins, fit_h, hs = c["tail"], c["wins"][:n_eval], c["fit_h"], c["hs"][:n_eval]
     H = emb.shape[1]
-    cloud = CloudHalf(decoder_parts(lm.model), ell)
-
-    def nll(h, i):
-        with torch.inference_mode():
-            logits = cloud(h[None], torch.arange(SEQ)[None], None, cloud.new_cache(), 0)[0]
-        return F.cross_entropy(logits[:-1].float(), i[1:], reduction="sum").item()
-
+    nll = window_nll(CloudHalf(decoder_parts(lm.model), ell))
     n_tok = n_eval * (SEQ - 1)
     fp = [nll(h, i) for h, i in zip(hs, wins)]
     ppl_fp = math.exp(sum(fp) / n_tok)
@@ -174,18 +194,7 @@ def main() -> None:
             W = fit_maps(emb, tail, fit_h, use_match, step ** 2 / 12)
             table = token_table(emb, tail, fit_h, W, use_match, args.lam) if use_match and args.lam > 0 \
                 else torch.zeros(emb.shape[0], H)
-            # KLT, tau and entropy classes from the open-loop residuals of the calibration windows
-            cal = []
-            for i, h in zip(tail[-CAL:], fit_h[-CAL:]):
-                x, case = design(emb, i, h, use_match)
-                cal.append((h - apply(x, case, W) - table[i])[1:])
-            cal = torch.cat(cal)
-            cen = cal - cal.mean(0)
-            U = torch.linalg.eigh((cen.T @ cen).double())[1].float()
-            cal = cal @ U
-            tau = torch.quantile(cal.abs().flatten()[::7], 0.999).item()
-            crms = torch.where(cal.abs() > tau, 0.0, cal).pow(2).mean(0).sqrt().clamp_min(1e-6)
-            cls = torch.bucketize(crms, torch.quantile(crms, torch.linspace(0, 1, args.classes + 1)[1:-1]))
+            U, tau, crms, cls = quantizer_setup(emb, tail, fit_h, W, table, use_match, args.classes)
             hist, cal_syms = torch.ones(args.classes, 2 * K + 1), []
             # the same histograms split by the match case (known to both ends), prior shaped like the class's
             chist = torch.zeros(CASES, args.classes, 2 * K + 1)

@@ -40,7 +40,7 @@ import torch
 
 # run as a script, this directory is on sys.path
 from codec_context import CAL, K, SEQ, adaptive_rates, cal_buckets, hidden_cache, token_gain
-from codec_match import closed_loop, design, apply, fit_maps
+from codec_match import closed_loop, fit_maps, quantizer_setup
 from codec_predictor import experiment_parser, load_experiment
 
 LN2 = math.log(2.0)
@@ -101,17 +101,7 @@ def main() -> None:
     for step in (float(s) for s in args.steps.split(",")):
         # the standing pipeline, exactly as codec_match.py --predictors h1 builds it
         W = fit_maps(emb, tail, fit_h, False, step ** 2 / 12)
-        cal = []
-        for i, h in zip(tail[-CAL:], fit_h[-CAL:]):
-            x, case = design(emb, i, h, False)
-            cal.append((h - apply(x, case, W))[1:])
-        cal = torch.cat(cal)
-        cen = cal - cal.mean(0)
-        U = torch.linalg.eigh((cen.T @ cen).double())[1].float()
-        cal = cal @ U
-        tau = torch.quantile(cal.abs().flatten()[::7], 0.999).item()
-        crms = torch.where(cal.abs() > tau, 0.0, cal).pow(2).mean(0).sqrt().clamp_min(1e-6)
-        cls = torch.bucketize(crms, torch.quantile(crms, torch.linspace(0, 1, args.classes + 1)[1:-1]))
+        U, tau, crms, cls = quantizer_setup(emb, tail, fit_h, W, table, False, args.classes)
         run = lambda h, i: closed_loop(h, i, emb, W, table, False, tau, step, U)  # noqa: E731
         cal_syms = [(s.clamp(-K, K) + K, r, o) for _, s, o, r in (run(h, i) for i, h in zip(tail[-CAL:], fit_h[-CAL:]))]
         ev = [(s.clamp(-K, K) + K, r, o) for _, s, o, r in (run(h, i) for h, i in zip(hs, wins))]

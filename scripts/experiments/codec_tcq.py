@@ -22,7 +22,7 @@ The Viterbi runs in a few lines of C compiled at start (cc -O2) because it runs 
 Run (from the repository root, nothing else timing):
   .venv/bin/python scripts/experiments/codec_tcq.py --windows 12 --steps 2.0 --tcq-steps 2.25,2.5
   (--steps: scalar steps; --tcq-steps: union spacings 2δ; --check: the trellis's granular gain on
-  uniform noise, no model)
+  uniform noise, no model; --lambada 4: evaluate on LAMBADA passages instead)
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ import subprocess
 import tempfile
 
 import torch
-import torch.nn.functional as F
 
+from splitcli.deploy.calibrate import edge_hidden
 from splitcli.model.split import CloudHalf, decoder_parts
 
 # run as a script, this directory is on sys.path
-from codec_context import CAL, K, SEQ, cal_buckets, hidden_cache, quantize, token_gain
-from codec_match import apply, design, fit_maps
+from codec_cloud_adapter import lambada_windows
+from codec_context import CAL, K, SEQ, cal_buckets, hidden_cache, token_gain
+from codec_match import fit_maps, quantizer_setup, window_nll
 from codec_predictor import experiment_parser, load_experiment
 from codec_predictor import features as emb_feats
 
@@ -126,10 +127,11 @@ def symbols(j):
     return torch.where(j % 2 == 0, j // 2, torch.sign(j) * ((j.abs() + 1) // 2))
 
 
-def closed_loop_tcq(h, ids, emb, W, tau, U, delta, trellis, narrow, shrink):
+def closed_loop_tcq(h, ids, emb, W, tau, U, delta, trellis, narrow, shrink, level=None):
     # DPCM as codec_match.closed_loop (h1 predictor) with TCQ on each token's non-outlier components;
     # components in narrow [H] (bool) take the scalar quantizer of step 2δ (union spacing) instead;
-    # the decoder multiplies component c's point by shrink[c] (ones: the points themselves)
+    # the decoder multiplies component c's point by shrink[c] (ones: the points themselves), or with
+    # level (the token's gain level, side info: (r, out) -> int), by shrink[level, c]
     H = h.shape[1]
     E = 2 * H + 1
     pe = emb_feats(emb, ids) @ W[0, :E]
@@ -142,14 +144,15 @@ def closed_loop_tcq(h, ids, emb, W, tau, U, delta, trellis, narrow, shrink):
         r = (h[t] - p) @ U
         out = r.abs() > tau
         sel = ~out & ~narrow
+        sv = shrink if level is None else shrink[level(r, out)]
         j, a = trellis(r[sel] / delta)
         q = r.clone()
-        q[sel] = j.float() * delta * shrink[sel]
+        q[sel] = j.float() * delta * sv[sel]
         s, b = torch.zeros(H, dtype=torch.long), torch.zeros(H, dtype=torch.long)
         s[sel], b[sel] = symbols(j), a
         sc = ~out & narrow
         s[sc] = torch.round(r[sc] / (2 * delta)).long()
-        q[sc] = s[sc].float() * 2 * delta * shrink[sc]
+        q[sc] = s[sc].float() * 2 * delta * sv[sc]
         rec[t] = p + q @ U.T
         syms.append(s)
         books.append(b)
@@ -211,7 +214,12 @@ def main() -> None:
     ap.add_argument("--gains", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--lambada", type=int, default=0,
+                    help="evaluate on the first N x 2048 tokens of the LAMBADA passages joined instead (fit and "
+                         "calibration stay on WikiText-2)")
     ap.add_argument("--shrink", action="store_true", help="decode TCQ points scaled by a per-component least-squares gain")
+    ap.add_argument("--shrink-gain", action="store_true",
+                    help="as --shrink, one gain per (token gain level, component): larger residuals shrink less")
     ap.add_argument("--narrow", type=float, default=0.0,
                     help="components whose calibration RMS < NARROW x the union spacing use the scalar quantizer")
     args = ap.parse_args()
@@ -224,51 +232,52 @@ def main() -> None:
     n_eval, G = args.windows, args.gains
     c = hidden_cache(lm, ids, args.split_layer, args.fit_windows, max(n_eval, 4))
     tail, wins, fit_h, hs = c["tail"], c["wins"][:n_eval], c["fit_h"], c["hs"][:n_eval]
-    H = emb.shape[1]
-    cloud = CloudHalf(decoder_parts(lm.model), args.split_layer)
-    trellis = Trellis(args.states)
-
-    def nll(h, i):
+    if args.lambada:
+        n_eval = args.lambada
+        wins = lambada_windows(lm.tokenizer, None, n_eval)
         with torch.inference_mode():
-            logits = cloud(h[None], torch.arange(SEQ)[None], None, cloud.new_cache(), 0)[0]
-        return F.cross_entropy(logits[:-1].float(), i[1:], reduction="sum").item()
-
+            hs = [edge_hidden(lm.model, args.split_layer, w.tolist()) for w in wins]
+    H = emb.shape[1]
+    nll = window_nll(CloudHalf(decoder_parts(lm.model), args.split_layer))
+    trellis = Trellis(args.states)
     n_tok = n_eval * (SEQ - 1)
     fp = [nll(h, i) for h, i in zip(hs, wins)]
     ppl_fp = math.exp(sum(fp) / n_tok)
-    print(json.dumps(dict(ppl_fp=ppl_fp, windows=n_eval, states=args.states)), flush=True)
+    print(json.dumps(dict(ppl_fp=ppl_fp, windows=n_eval, states=args.states,
+                          text="lambada" if args.lambada else "wikitext2")), flush=True)
     runs = [("scalar", float(s)) for s in args.steps.split(",") if s] + \
            [("tcq", float(s)) for s in args.tcq_steps.split(",") if s]
     for kind, spacing in runs:
         # the union codebook's spacing plays the scalar step's part (predictor noise, same step scale)
         W = fit_maps(emb, tail, fit_h, False, spacing ** 2 / 12)
-        cal = []
-        for i, h in zip(tail[-CAL:], fit_h[-CAL:]):
-            x, case = design(emb, i, h, False)
-            cal.append((h - apply(x, case, W))[1:])
-        cal = torch.cat(cal)
-        cen = cal - cal.mean(0)
-        U = torch.linalg.eigh((cen.T @ cen).double())[1].float()
-        cal = cal @ U
-        tau = torch.quantile(cal.abs().flatten()[::7], 0.999).item()
-        crms = torch.where(cal.abs() > tau, 0.0, cal).pow(2).mean(0).sqrt().clamp_min(1e-6)
-        cls = torch.bucketize(crms, torch.quantile(crms, torch.linspace(0, 1, args.classes + 1)[1:-1]))
+        U, tau, crms, cls = quantizer_setup(emb, tail, fit_h, W, torch.zeros(emb.shape[0], H), False, args.classes)
         shrink = torch.ones(H)
         if kind == "scalar":
             run = lambda h, i: closed_loop_scalar(h, i, emb, W, tau, U, spacing)  # noqa: E731
         else:
             narrow = crms < args.narrow * spacing
             run = lambda h, i: closed_loop_tcq(h, i, emb, W, tau, U, spacing / 2, trellis, narrow, shrink)  # noqa: E731
-            if args.shrink:
-                # per component, the least-squares gain of the decoded points on the calibration windows'
-                # closed-loop residuals, E[r q] / E[q^2] (a table of H numbers known to both ends)
-                rq, qq = torch.zeros(H), torch.zeros(H)
-                for i, h in zip(tail[-CAL:], fit_h[-CAL:]):
-                    rec, _, _, o, r = run(h, i)
+            if args.shrink or args.shrink_gain:
+                # per component (and with --shrink-gain per token gain level), the least-squares gain of
+                # the decoded points on the calibration windows' closed-loop residuals, E[r q] / E[q^2]
+                # (a table of H or G x H numbers known to both ends)
+                passes = [run(h, i) for i, h in zip(tail[-CAL:], fit_h[-CAL:])]
+                thr = cal_buckets(torch.cat([token_gain(r, o, crms, True) for _, _, _, o, r in passes]), G)
+                L = G if args.shrink_gain else 1
+                rq, qq = torch.zeros(L, H), torch.zeros(L, H)
+                for (rec, _, _, o, r), h in zip(passes, fit_h[-CAL:]):
                     q = torch.where(o, 0.0, (rec - h)[1:] @ U + r)       # the decoded points (rec - h = (q - r) U^T)
-                    rq += (torch.where(o, 0.0, r) * q).sum(0)
-                    qq += q.pow(2).sum(0)
-                shrink.copy_((rq / qq.clamp_min(1e-9)).clamp(0.5, 1.5))
+                    g = torch.bucketize(token_gain(r, o, crms, True), thr) if L > 1 else torch.zeros(len(r), dtype=torch.long)
+                    rq.index_add_(0, g, torch.where(o, 0.0, r) * q)
+                    qq.index_add_(0, g, q.pow(2))
+                table_s = (rq / qq.clamp_min(1e-9)).clamp(0.5, 1.5)
+                if L == 1:
+                    shrink.copy_(table_s[0])
+                else:
+                    shrink = table_s
+                    lev = lambda r, o: int(torch.bucketize(token_gain(r[None], o[None], crms, True), thr)[0])  # noqa: E731
+                    run = lambda h, i: closed_loop_tcq(h, i, emb, W, tau, U, spacing / 2, trellis, narrow,  # noqa: E731
+                                                       shrink, lev)
         cal_s = [run(h, i)[1:] for i, h in zip(tail[-CAL:], fit_h[-CAL:])]
         ev_s, total, err, mse, n_in, per_win = [], 0.0, 0.0, 0.0, 0, []
         for w, (h, i) in enumerate(zip(hs, wins)):
