@@ -168,6 +168,15 @@ def quantizer_setup(emb, tail, fit_h, W, table, use_match, classes):
     return U, tau, crms, cls
 
 
+def load_windows(args):
+    # (model, input embeddings [V, H], fit ids, fit h, evaluation ids, evaluation h): the last
+    # args.fit_windows and the first args.windows windows of wiki.test.raw, on args.threads threads
+    lm, ids, emb = load_experiment()
+    torch.set_num_threads(args.threads)
+    c = hidden_cache(lm, ids, args.split_layer, args.fit_windows, max(args.windows, 4))
+    return lm, emb, c["tail"], c["fit_h"], c["wins"][:args.windows], c["hs"][:args.windows]
+
+
 def main() -> None:
     ap = experiment_parser(__doc__, "2.0,2.25,2.5")
     ap.add_argument("--predictors", default="h1,match", help="h1 (token + h_{t-1}) and/or match (+ earlier occurrences + table)")
@@ -177,11 +186,8 @@ def main() -> None:
     ap.add_argument("--mean-buckets", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    lm, ids, emb = load_experiment()
-    torch.set_num_threads(args.threads)
+    lm, emb, tail, fit_h, wins, hs = load_windows(args)
     ell, n_eval = args.split_layer, args.windows
-    c = hidden_cache(lm, ids, ell, args.fit_windows, max(n_eval, 4))
-    tail, wins, fit_h, hs = c["tail"], c["wins"][:n_eval], c["fit_h"], c["hs"][:n_eval]
     H = emb.shape[1]
     nll = window_nll(CloudHalf(decoder_parts(lm.model), ell))
     n_tok = n_eval * (SEQ - 1)

@@ -39,9 +39,9 @@ import math
 import torch
 
 # run as a script, this directory is on sys.path
-from codec_context import CAL, K, SEQ, adaptive_rates, cal_buckets, hidden_cache, token_gain
-from codec_match import closed_loop, fit_maps, quantizer_setup
-from codec_predictor import experiment_parser, load_experiment
+from codec_context import CAL, K, SEQ, adaptive_rates, cal_buckets, token_gain
+from codec_match import closed_loop, fit_maps, load_windows, quantizer_setup
+from codec_predictor import experiment_parser
 
 LN2 = math.log(2.0)
 
@@ -91,11 +91,8 @@ def main() -> None:
     ap.add_argument("--mean-buckets", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    lm, ids, emb = load_experiment()
-    torch.set_num_threads(args.threads)
+    _, emb, tail, fit_h, wins, hs = load_windows(args)
     n_eval = args.windows
-    c = hidden_cache(lm, ids, args.split_layer, args.fit_windows, max(n_eval, 4))
-    tail, wins, fit_h, hs = c["tail"], c["wins"][:n_eval], c["fit_h"], c["hs"][:n_eval]
     H, G = emb.shape[1], args.gains
     table = torch.zeros(emb.shape[0], H)
     for step in (float(s) for s in args.steps.split(",")):

@@ -41,9 +41,9 @@ from splitcli.model.split import CloudHalf, decoder_parts
 
 # run as a script, this directory is on sys.path
 from codec_cloud_adapter import lambada_windows
-from codec_context import CAL, K, SEQ, cal_buckets, hidden_cache, token_gain
-from codec_match import fit_maps, quantizer_setup, window_nll
-from codec_predictor import experiment_parser, load_experiment
+from codec_context import CAL, K, SEQ, cal_buckets, token_gain
+from codec_match import closed_loop, fit_maps, load_windows, quantizer_setup, window_nll
+from codec_predictor import experiment_parser
 from codec_predictor import features as emb_feats
 
 C_SRC = r"""
@@ -162,7 +162,6 @@ def closed_loop_tcq(h, ids, emb, W, tau, U, delta, trellis, narrow, shrink, leve
 
 
 def closed_loop_scalar(h, ids, emb, W, tau, U, step):
-    from codec_match import closed_loop
     rec, s, o, r = closed_loop(h, ids, emb, W, torch.zeros(emb.shape[0], h.shape[1]), False, tau, step, U)
     return rec, s, torch.zeros_like(s), o, r
 
@@ -227,11 +226,8 @@ def main() -> None:
         for s in (4, 8):
             check(s)
         return
-    lm, ids, emb = load_experiment()
-    torch.set_num_threads(args.threads)
+    lm, emb, tail, fit_h, wins, hs = load_windows(args)
     n_eval, G = args.windows, args.gains
-    c = hidden_cache(lm, ids, args.split_layer, args.fit_windows, max(n_eval, 4))
-    tail, wins, fit_h, hs = c["tail"], c["wins"][:n_eval], c["fit_h"], c["hs"][:n_eval]
     if args.lambada:
         n_eval = args.lambada
         wins = lambada_windows(lm.tokenizer, None, n_eval)
@@ -251,17 +247,20 @@ def main() -> None:
         # the union codebook's spacing plays the scalar step's part (predictor noise, same step scale)
         W = fit_maps(emb, tail, fit_h, False, spacing ** 2 / 12)
         U, tau, crms, cls = quantizer_setup(emb, tail, fit_h, W, torch.zeros(emb.shape[0], H), False, args.classes)
-        shrink = torch.ones(H)
+        shrink, lev = torch.ones(H), None
         if kind == "scalar":
             run = lambda h, i: closed_loop_scalar(h, i, emb, W, tau, U, spacing)  # noqa: E731
         else:
             narrow = crms < args.narrow * spacing
-            run = lambda h, i: closed_loop_tcq(h, i, emb, W, tau, U, spacing / 2, trellis, narrow, shrink)  # noqa: E731
+
+            def tcq(h, i, shrink, lev):
+                return closed_loop_tcq(h, i, emb, W, tau, U, spacing / 2, trellis, narrow, shrink, lev)
+
             if args.shrink or args.shrink_gain:
                 # per component (and with --shrink-gain per token gain level), the least-squares gain of
                 # the decoded points on the calibration windows' closed-loop residuals, E[r q] / E[q^2]
                 # (a table of H or G x H numbers known to both ends)
-                passes = [run(h, i) for i, h in zip(tail[-CAL:], fit_h[-CAL:])]
+                passes = [tcq(h, i, shrink, None) for i, h in zip(tail[-CAL:], fit_h[-CAL:])]
                 thr = cal_buckets(torch.cat([token_gain(r, o, crms, True) for _, _, _, o, r in passes]), G)
                 L = G if args.shrink_gain else 1
                 rq, qq = torch.zeros(L, H), torch.zeros(L, H)
@@ -270,14 +269,12 @@ def main() -> None:
                     g = torch.bucketize(token_gain(r, o, crms, True), thr) if L > 1 else torch.zeros(len(r), dtype=torch.long)
                     rq.index_add_(0, g, torch.where(o, 0.0, r) * q)
                     qq.index_add_(0, g, q.pow(2))
-                table_s = (rq / qq.clamp_min(1e-9)).clamp(0.5, 1.5)
+                shrink = (rq / qq.clamp_min(1e-9)).clamp(0.5, 1.5)
                 if L == 1:
-                    shrink.copy_(table_s[0])
+                    shrink = shrink[0]
                 else:
-                    shrink = table_s
                     lev = lambda r, o: int(torch.bucketize(token_gain(r[None], o[None], crms, True), thr)[0])  # noqa: E731
-                    run = lambda h, i: closed_loop_tcq(h, i, emb, W, tau, U, spacing / 2, trellis, narrow,  # noqa: E731
-                                                       shrink, lev)
+            run = lambda h, i: tcq(h, i, shrink, lev)  # noqa: E731
         cal_s = [run(h, i)[1:] for i, h in zip(tail[-CAL:], fit_h[-CAL:])]
         ev_s, total, err, mse, n_in, per_win = [], 0.0, 0.0, 0.0, 0, []
         for w, (h, i) in enumerate(zip(hs, wins)):
