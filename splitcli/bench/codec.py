@@ -55,11 +55,15 @@ class _Probe:
         self.sq_ref = 0.0
         self._last: torch.Tensor | None = None
 
-    def encode(self, hidden: torch.Tensor) -> bytes:           # [N, H]
+    @property
+    def needs_ids(self) -> bool:
+        return getattr(self.inner, "needs_ids", False)
+
+    def encode(self, hidden: torch.Tensor, **ids) -> bytes:    # [N, H]; ids: a predictive wire's
         self._last = hidden.detach().to(torch.float32).clone()
         if self.keep_hidden:
             self.hidden.append(self._last)
-        frame = self.inner.encode(hidden)
+        frame = self.inner.encode(hidden, **ids)
         self.frame_bytes.append(len(frame))
         self.tokens += hidden.shape[0]
         return frame
@@ -114,7 +118,7 @@ def _frame_summary(wire: CodecWire, probe: _Probe, hidden: int) -> dict:
 def bench_codec(lm, split_layer: int, params: CodecSettings, *, data_dir=None, windows: int = 8,
                 seqlen: int = 2048, sweep: bool = True, sweep_windows: int = 2, sweep_seqlen: int = 512,
                 repeats: int = 200, sweep_layers=None, progress: Progress | None = None,
-                log: Callable[[str], None] | None = None) -> dict:
+                log: Callable[[str], None] | None = None, predictive: dict | None = None) -> dict:
     """Run the benchmark described in the module docstring; returns the JSON-ready dict."""
     tick = (lambda stage, total: (lambda done: progress(stage, done, total))) if progress else (lambda s, t: None)
     model = lm.model
@@ -162,6 +166,12 @@ def bench_codec(lm, split_layer: int, params: CodecSettings, *, data_dir=None, w
         prefill_tokens=report.prefill_tokens, methods=methods,
         load_average=list(os.getloadavg()), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
     )
+    if predictive is not None:    # {fit_windows, target_rel_error, step}: see bench.codec_predictive
+        from .codec_predictive import bench_predictive
+
+        result["predictive"] = bench_predictive(lm, split, split_layer, ids, windows=windows, seqlen=seqlen,
+                                                ppl_fp=ppl_fp, eval_hidden=raw.hidden, repeats=repeats,
+                                                tick_factory=tick, **predictive)
     if sweep:
         result["sweep"] = sweep_codec_ppl(lm, params, sweep_layers or (split_layer,), ids, text,
                                           min(sweep_windows, windows), min(sweep_seqlen, seqlen), tick)

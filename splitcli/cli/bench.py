@@ -122,6 +122,9 @@ def codec_cmd(
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also sweep the codec recipes (paper's τ/Q̄ points, rotation, channel alpha, targets; ppl on 2 x 512 tokens)."),
     sweep_layers: str = typer.Option(None, "--sweep-layers", help="Comma-separated ℓ values for the sweep, e.g. 5,15,25 (default: --split-layer)."),
     plot: Path = typer.Option(None, "--plot", help="Write the sweep as a PNG plot here."),
+    predictive: bool = typer.Option(False, "--predictive", help="Also fit and measure the token-predictive codec (frame format 4) on the same windows."),
+    fit_windows: int = typer.Option(24, "--fit-windows", help="--predictive: windows of --seqlen tokens at the end of wiki.test.raw to fit it on."),
+    predictive_error: float = typer.Option(None, "--predictive-error", help="--predictive: relative L2 error its step is chosen for on the fit text (default 0.10)."),
     data_dir: Path = DATA_DIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite the --json / --plot files if they exist."),
     codec_flags: dict = None,
@@ -143,6 +146,16 @@ def codec_cmd(
     if plot is not None and plot.suffix.lower() != ".png":
         raise SplitLLMError(f"--plot must name a .png file, got {plot}")
     params = overlay(CodecSettings(), **codec_flags)
+    pred = None
+    if predictive:
+        from ..codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
+
+        target = DEFAULT_TARGET_REL_ERROR if predictive_error is None else predictive_error
+        if fit_windows < 1 or not 0 < target < 1:
+            raise SplitLLMError("--fit-windows must be >= 1 and --predictive-error in (0, 1)")
+        pred = dict(fit_windows=fit_windows, target_rel_error=target)
+    elif predictive_error is not None or fit_windows != 24:
+        raise SplitLLMError("--fit-windows and --predictive-error set up --predictive: add it")
     layers = parse_int_list(sweep_layers, "--sweep-layers") if sweep_layers is not None else None
     if layers is not None and not sweep:
         raise SplitLLMError("--sweep-layers sets the sweep's layers: drop --no-sweep")
@@ -163,7 +176,7 @@ def codec_cmd(
 
         result = bench_codec(lm, split_layer, params, data_dir=data_dir, windows=windows, seqlen=seqlen,
                              sweep=sweep, sweep_layers=layers, progress=progress,
-                             log=lambda m: bar.console.print(m, highlight=False))
+                             log=lambda m: bar.console.print(m, highlight=False), predictive=pred)
     write_json(json_out, result, force)
     if plot is not None:
         plot_sweep(result["sweep"], plot)
@@ -187,6 +200,13 @@ def _print_codec_summary(r: dict) -> None:
         f"entropy overhead {100 * r['entropy_overhead']:.2f}% (load average {load})",
         highlight=False,
     )
+    if "predictive" in r:
+        p = r["predictive"]
+        console.print(
+            f"token-predictive codec (format {p['frame_version']}, step {p['step']:.3f}): {p['ratio_vs_fp16']:.2f}x vs "
+            f"fp16, ppl {p['ppl_fp']:.3f} -> {p['ppl']:.3f} ({100 * (p['ppl_ratio'] - 1):+.2f}%); decode-step frame "
+            f"{p['decode_step_frame_bytes']:.0f} B, encode {p['encode_ms_decode_step']:.3f} ms + decode "
+            f"{p['decode_ms_decode_step']:.3f} ms; prefill encode {p['prefill_encode_mb_s']:.1f} MB/s", highlight=False)
     chosen = r["calibration"].get("chosen")
     if chosen:
         console.print(f"calibration chose q_bar {chosen['q_bar']}, tau {chosen['tau']:.4g} ({chosen['tau_from']}) for "

@@ -16,7 +16,7 @@ from .live import live_options, run_live
 
 
 @cli_errors
-@codec_options(("none", "fp16", "bf16", "tabq"), "Hidden-state wire: none (raw fp32), fp16, bf16 or tabq (threshold + TAB-Q + rANS) (default: tabq with --config, else none).")
+@codec_options(("none", "fp16", "bf16", "tabq", "predictive"), "Hidden-state wire: none (raw fp32), fp16, bf16, tabq (threshold + TAB-Q + rANS) or predictive (token-predictive, frame format 4; fitted once) (default: tabq with --config, else none).")
 def generate_cmd(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."),
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m; with --shards it is only checked against the manifest's hash)."),
@@ -61,6 +61,9 @@ def generate_cmd(
     remote = _remote_options(cloud, cloud_api_key, cloud_ca, {"--prefill-chunk": prefill_chunk}) if cloud else None
     plan = Plan.load(config) if config is not None else None
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits)
+    if spec.wire == "predictive" and (cloud or shards is not None or deadline or local_tokens):
+        raise SplitLLMError("--codec predictive runs the split in this process only for now: "
+                            "drop --cloud / --shards / --deadline / --local-tokens, or use --codec tabq")
     live = live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, shards is not None,
                         remote=cloud is not None)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731

@@ -299,6 +299,9 @@ def _decode(frame: bytes, cfg: CodecConfig | None, max_tokens: int, max_hidden: 
          n_outliers, body_len) = _HEADER.unpack(rd.take(_HEADER.size, "header"))
     if magic != MAGIC:
         raise FrameError("not a codec frame (bad magic)")
+    if version == 4:
+        raise FrameError("codec frame version 4 is a token-predictive frame: decode it with "
+                         "splitcli.codec.predictive and the codec it was encoded with")
     if version not in _KNOWN_FLAGS:
         raise FrameError(f"codec frame version {version} is not supported (this build reads 2..{FORMAT_VERSION})")
     if dtype_code not in _DTYPES or flags & ~_KNOWN_FLAGS[version] or reserved != 0:

@@ -2,7 +2,8 @@
 
 `SplitSpec` is everything that decides what the edge and the cloud compute: ℓ, the OPSC weight
 bits of the edge's layers (eq. 1), the edge's embedding bits, its KV-cache bits Qa, and the wire
-(raw fp32, fp16, bf16, or the calibrated TS + TAB-Q + rANS codec with its `CodecSettings`).
+(raw fp32, fp16, bf16, the calibrated TS + TAB-Q + rANS codec with its `CodecSettings`, or the
+token-predictive codec of frame format 4, fitted once per model and ℓ).
 `build_split` turns it into halves on a loaded model; `generate`, `eval`, the benches and the
 servers all take their split from here, so for one plan they run the same edge.
 
@@ -30,7 +31,7 @@ from splitcli.model.split import CloudHalf, DecoderParts, EdgeHalf, decoder_part
 from splitcli.plan.codec_settings import CodecSettings
 from splitcli.plan.schema import Plan
 
-WIRES = ("none", "fp16", "bf16", "tabq")
+WIRES = ("none", "fp16", "bf16", "tabq", "predictive")
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,12 @@ def build_wire(spec: SplitSpec, lm, data_dir=None, progress: Callable[[str], Non
         return RawWire("fp32")
     if spec.wire in ("fp16", "bf16"):
         return RawWire(spec.wire)
+    if spec.wire == "predictive":
+        from splitcli.deploy.predictive import fitted_predictive
+        from splitcli.runtime.codec_wire import PredictiveWire
+
+        pc, emb, _ = fitted_predictive(lm, spec.split_layer, data_dir, progress)
+        return PredictiveWire(pc, emb, keep_stats=keep_stats)
     from splitcli.deploy.calibrate import calibrated_config
     from splitcli.runtime.codec_wire import CodecWire
 
@@ -192,6 +199,8 @@ def build_split(lm, spec: SplitSpec, data_dir=None, progress: Callable[[str], No
         cfg = wire.cfg
         info["codec"] = {"tau": cfg.tau, "q_bar": cfg.q_bar, "delta": cfg.delta, "entropy": cfg.entropy,
                          "rotation_seed": cfg.rotation_seed, "channel_scale": cfg.channel_scale is not None}
+    elif spec.wire == "predictive":
+        info["codec"] = {"frame_version": 4, "step": wire.pc.step, "fit": wire.pc.info}
     return Split(spec, edge, CloudHalf(parts, spec.split_layer), wire, info)
 
 
@@ -210,6 +219,9 @@ def build_shard_split(shard_dir, wire: str = "none", codec: CodecSettings | None
     from splitcli.quant import use_int4_act_bits_
 
     spec = SplitSpec(wire=wire, codec=codec or CodecSettings(), edge_act_bits=edge_act_bits)  # checked first
+    if wire == "predictive":
+        raise SplitLLMError("the predictive wire is fitted on the full model's embeddings; it does not run from "
+                            "shards yet (use --codec tabq)")
     edge = load_edge(shard_dir, split_layer, model_sha256)
     cloud = load_cloud(shard_dir, split_layer, model_sha256)
     tokenizer = load_tokenizer(shard_dir)

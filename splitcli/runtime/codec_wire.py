@@ -32,3 +32,41 @@ class CodecWire:
 
     def decode(self, frame: bytes) -> torch.Tensor:  # frame -> [N, H] float32
         return decode(frame, self.cfg).to(torch.float32)
+
+
+class PredictiveWire:
+    """`Wire` for frame format 4 (`splitcli.codec.predictive`): the residual of a prediction from the
+    tokens crosses the wire, so `encode` needs the token ids of the rows (and the token before them);
+    the frame carries the ids, so `decode` needs nothing but the codec and the input embeddings.
+
+    The session passes the ids (`needs_ids`); a path that cannot gets a clear error, not a wrong frame."""
+
+    needs_ids = True
+
+    def __init__(self, pc, emb: torch.Tensor, name: str = "predictive", keep_stats: bool = True):
+        from ..codec.predictive import embedding_crc
+        from ..errors import SplitLLMError
+
+        self.pc, self.name, self.keep_stats = pc, name, keep_stats
+        self.emb = emb.detach().to(torch.float32).contiguous()
+        if self.emb.ndim != 2 or self.emb.shape[1] != pc.hidden or embedding_crc(self.emb) != pc.emb_crc:
+            raise SplitLLMError("the predictive codec was fitted with other input embeddings than this model's")
+        self.frame_bytes: list[int] = []
+
+    def encode(self, hidden: torch.Tensor, ids=None, prev_id: int | None = None) -> bytes:  # [N, H] -> frame
+        from ..codec import predictive
+        from ..errors import SplitLLMError
+
+        if ids is None:
+            raise SplitLLMError("the predictive wire needs the token ids of what it encodes; "
+                                "this path does not pass them (use the tabq wire here)")
+        frame = predictive.encode(hidden, ids, self.pc, self.emb,
+                                  predictive.NO_TOKEN if prev_id is None else int(prev_id))
+        if self.keep_stats:
+            self.frame_bytes.append(len(frame))
+        return frame
+
+    def decode(self, frame: bytes) -> torch.Tensor:  # frame -> [N, H] float32
+        from ..codec import predictive
+
+        return predictive.decode(frame, self.pc, self.emb)

@@ -158,6 +158,7 @@ class SplitSession(Session):
     def _attach(self, edge: EdgeHalf, cloud: CloudHalf, wire: Wire | None) -> None:
         self.edge, self.cloud = edge, cloud
         self.wire = wire or RawWire("fp32")
+        self._prev_id: int | None = None     # last token sent (predictive wires only)
         self.edge_cache = self.edge.new_cache()
         self.cloud_cache = self.cloud.new_cache()
 
@@ -167,7 +168,14 @@ class SplitSession(Session):
         hidden = self.edge(input_ids, positions, mask, self.edge_cache)  # [B, T, H]
         t1 = clock()
         b, t, h = hidden.shape
-        frame = self.wire.encode(hidden.reshape(b * t, h))
+        if getattr(self.wire, "needs_ids", False):
+            # token-predictive frames (format 4): the ids of the rows and the token before them; with
+            # b > 1 rows after the first take the previous row's last token (a rate cost, not an error)
+            flat = input_ids.reshape(-1)
+            frame = self.wire.encode(hidden.reshape(b * t, h), ids=flat, prev_id=self._prev_id)
+            self._prev_id = int(flat[-1]) if flat.numel() else self._prev_id
+        else:
+            frame = self.wire.encode(hidden.reshape(b * t, h))
         t2 = clock()
         received = self.wire.decode(frame).reshape(b, t, h).to(hidden.dtype)
         t3 = clock()

@@ -1,0 +1,155 @@
+"""Fitting a `PredictiveCodec` from hidden states at the split and their tokens (offline, once per
+model and layer): the ridge predictor, the KLT, the step for a target error, classes, gain levels
+and the static symbol models. Tensors in, codec out: no model here.
+
+Text use: every window given is fit text (predictor, KLT, step, models); evaluate on other text.
+Row 0 of each window (the attention sink, which the codec sends raw) is left out of every fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from splitcli.codec.predictive import K, NO_TOKEN, PredictiveCodec, embedding_crc, gain_of, prediction
+from splitcli.errors import SplitLLMError
+
+#: Relative L2 error (of the rounding, on the fit text) the step is chosen for when none is given:
+#: on SmolLM2-135M at ℓ = 15, 7.5x vs fp16 at +0.9% WikiText-2 perplexity (docs/results.md,
+#: "Token-predictive coding").
+DEFAULT_TARGET_REL_ERROR = 0.10
+DEFAULT_CLASSES = 16
+DEFAULT_GAINS = 8
+DEFAULT_RIDGE = 10.0
+#: The decoder gains' clamp: a gain outside it would come from a handful of points.
+SHRINK_MIN, SHRINK_MAX = 0.5, 1.5
+
+Window = tuple[torch.Tensor, torch.Tensor]   # (ids [T] int64, hidden [T, H] float32)
+
+
+def _features(emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[E[x_t], E[x_{t-1}], 1] for rows t >= 1 of a window: ids [T] -> [T - 1, 2H + 1]."""
+    e = emb[ids]
+    return torch.cat([e[1:], e[:-1], torch.ones(len(ids) - 1, 1)], 1)
+
+
+def fit_token_predictor(emb: torch.Tensor, windows: Sequence[Window], ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """Ridge map W [2H + 1, H] from [E[x_t], E[x_{t-1}], 1] to h_t (float64 normal equations)."""
+    H = emb.shape[1]
+    xtx = torch.zeros(2 * H + 1, 2 * H + 1, dtype=torch.float64)
+    xty = torch.zeros(2 * H + 1, H, dtype=torch.float64)
+    for ids, h in windows:
+        x = _features(emb, ids).double()
+        xtx += x.T @ x
+        xty += x.T @ h[1:].double()
+    return torch.linalg.solve(xtx + ridge * torch.eye(2 * H + 1, dtype=torch.float64), xty).float().numpy()
+
+
+def _residuals(emb, windows, W: np.ndarray, U: np.ndarray | None) -> torch.Tensor:
+    """h_t - P_t for rows t >= 1 of every window (times U if given): [N, H]."""
+    Wt = torch.from_numpy(W)
+    out = []
+    for ids, h in windows:
+        r = h[1:] - _features(emb, ids) @ Wt
+        out.append(r @ torch.from_numpy(U) if U is not None else r)
+    return torch.cat(out)
+
+
+def _rel_error(y: torch.Tensor, ref_sq: float, step: float) -> float:
+    """Relative L2 error of rounding y to the step (orthogonal U: the error is the same in h)."""
+    q = torch.round(y / step)
+    err = torch.where(q.abs() > K, 0.0, y - q * step)
+    return float(err.double().pow(2).sum() / ref_sq) ** 0.5
+
+
+def step_for_error(y: torch.Tensor, ref_sq: float, target: float) -> float:
+    """The step whose rounding error is `target` relative to the hidden states' norm (bisection in log)."""
+    lo, hi = 1e-6, float(y.abs().max()) * 4 + 1e-6
+    if _rel_error(y, ref_sq, hi) <= target:
+        return hi
+    for _ in range(40):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if _rel_error(y, ref_sq, mid) <= target else (lo, mid)
+    return lo
+
+
+def fit_shrink(y: torch.Tensor, q: torch.Tensor, levels: torch.Tensor, G: int) -> torch.Tensor:
+    """Least-squares decoder gain per (gain level, component): E[y q] / E[q²] over the rows of each
+    level, y [N, H] the residual, q [N, H] its quantized value (0 where escaped); clamped to
+    [SHRINK_MIN, SHRINK_MAX], 1 where a level never quantizes a component to nonzero."""
+    H = y.shape[1]
+    yq = torch.zeros(G, H, dtype=torch.float64).index_add_(0, levels, (y * q).double())
+    qq = torch.zeros(G, H, dtype=torch.float64).index_add_(0, levels, (q * q).double())
+    a = torch.where(qq > 0, yq / qq.clamp_min(1e-30), 1.0)
+    return a.clamp(SHRINK_MIN, SHRINK_MAX)
+
+
+def fit_predictive(emb: torch.Tensor, windows: Sequence[Window], *, step: float | None = None,
+                   target_rel_error: float = DEFAULT_TARGET_REL_ERROR, classes: int = DEFAULT_CLASSES,
+                   gains: int = DEFAULT_GAINS, ridge: float = DEFAULT_RIDGE, shrink_decoder: bool = True,
+                   info: dict | None = None,
+                   progress: Callable[[str], None] | None = None) -> PredictiveCodec:
+    """A PredictiveCodec fitted on `windows` (each (ids [T], hidden [T, H]) of one text window).
+
+    step: δ, or None to pick it for `target_rel_error` (relative L2 of the rounding on the fit text)."""
+    say = progress or (lambda _m: None)
+    emb = emb.detach().to(torch.float32)
+    windows = [(torch.as_tensor(i, dtype=torch.int64).reshape(-1), h.detach().to(torch.float32)) for i, h in windows]
+    if not windows or sum(len(i) - 1 for i, _ in windows) < 2 * emb.shape[1] + 1:
+        raise SplitLLMError(f"fitting the predictive codec needs at least {2 * emb.shape[1] + 2} tokens of text")
+    for ids, h in windows:
+        if h.ndim != 2 or h.shape != (len(ids), emb.shape[1]) or not torch.isfinite(h).all():
+            raise SplitLLMError("predictive codec fit: every window needs finite hidden states [T, H] for its T ids")
+    if not 1 <= classes <= 64 or not 1 <= gains <= 64:
+        raise SplitLLMError("predictive codec fit: classes and gains must lie in [1, 64]")
+    if step is None and not 0 < target_rel_error < 1:
+        raise SplitLLMError(f"predictive codec target error must lie in (0, 1), got {target_rel_error}")
+    say("fitting the token predictor")
+    W = fit_token_predictor(emb, windows, ridge)
+    r = _residuals(emb, windows, W, None)                                        # [N, H]
+    say("fitting the KLT")
+    cen = (r - r.mean(0)).double()
+    evals, vecs = torch.linalg.eigh(cen.T @ cen)
+    U = vecs.flip(1).float().numpy()                                             # columns by variance, descending
+    y = r @ torch.from_numpy(U)                                                  # [N, H]
+    ref_sq = float(sum(h[1:].double().pow(2).sum() for _, h in windows))
+    if step is None:
+        say(f"choosing the step for relative error {target_rel_error}")
+        step = step_for_error(y, ref_sq, target_rel_error)
+    crms = y.pow(2).mean(0).sqrt().clamp_min(1e-6)                               # [H]
+    inner = torch.linspace(0, 1, classes + 1)[1:-1]
+    cls = torch.bucketize(crms, torch.quantile(crms, inner)) if classes > 1 else torch.zeros_like(crms, dtype=torch.long)
+    cls = torch.unique(cls, return_inverse=True)[1]                              # no empty class
+    n_cls = int(cls.max()) + 1
+    s = torch.round(y / step)
+    escaped = s.abs() > K
+    gain = gain_of(y, crms, escaped)                                             # [N]
+    edges = torch.quantile(gain[::max(1, len(gain) // 100_000)], torch.linspace(0, 1, gains + 1)[1:-1]) \
+        if gains > 1 else torch.zeros(0)
+    edges = torch.unique(edges)                                                  # tied quantiles: fewer levels
+    levels = torch.bucketize(gain, edges)
+    G = len(edges) + 1
+    say("counting the symbol models")
+    sym = (torch.where(escaped, 0, s).long() + K).clamp(0, 2 * K)               # [N, H]
+    idx = (levels[:, None] * n_cls + cls[None]) * (2 * K + 1) + sym
+    counts = torch.bincount(idx.reshape(-1), minlength=G * n_cls * (2 * K + 1)).double().view(G, n_cls, 2 * K + 1)
+    # "parent" smoothing: the prior mass of add-one, shaped like the class's histogram over all gain
+    # levels, so sparse (level, class) models do not spread mass over symbols they never see
+    parent = counts.sum(0) + 1
+    parent = parent / parent.sum(-1, keepdim=True)
+    probs = counts + (2 * K + 1) * parent[None]
+    probs = probs / probs.sum(-1, keepdim=True)
+    gain_probs = torch.bincount(levels, minlength=G).double() + 1
+    shrink = fit_shrink(y, torch.where(escaped, 0.0, s * step), levels, G) if shrink_decoder else torch.ones(G, y.shape[1])
+    return PredictiveCodec(W=W, U=U, step=float(step), crms=crms.numpy(), classes=cls.to(torch.uint8).numpy(),
+                           gain_edges=edges.float().numpy(), gain_max=float(gain.max()),
+                           gain_probs=(gain_probs / gain_probs.sum()).numpy(), sym_probs=probs.numpy(),
+                           shrink=shrink.float().numpy(),
+                           emb_crc=embedding_crc(emb), info=dict(info or {}, tokens=int(len(r)),
+                                                                  rel_error_fit=_rel_error(y, ref_sq, step)))
+
+
+__all__ = ["DEFAULT_TARGET_REL_ERROR", "NO_TOKEN", "fit_predictive", "fit_token_predictor", "prediction",
+           "step_for_error"]

@@ -1,0 +1,86 @@
+"""Fitting the token-predictive codec (frame format 4) for one deployment (model, split layer), cached.
+
+Fit text: the last `PREDICTIVE_FIT_WINDOWS` windows of `min(2048, context)` tokens of WikiText-2's
+wiki.test.raw (each window starts at position 0 of its own sequence, as a prompt does, so the
+attention sink is represented). Perplexity benchmarks score the *first* windows of the same file,
+so the two never overlap (checked). The fitted codec (2.7 MB at hidden 576: predictor, KLT,
+symbol models) is stored as .npz under `cache_root()/codec/`, keyed by everything it depends on,
+so `generate` fits once (about a minute and a half for SmolLM2-135M at ℓ = 15 on 2 cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+
+import torch
+
+from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION, PredictiveCodec
+from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR, fit_predictive
+from splitcli.deploy.calibrate import cache_dir, edge_hidden, read_wikitext
+from splitcli.errors import SplitLLMError
+
+PREDICTIVE_FIT_WINDOWS = 24
+FIT_SEQLEN = 2048
+
+
+def fit_slices(n_ids: int, seqlen: int, windows: int, reserved: int = 0) -> list[tuple[int, int]]:
+    """[start, end) of the fit windows: the last `windows` windows of `seqlen` of `n_ids` tokens,
+    none reaching into the first `reserved` (the evaluation's)."""
+    start = n_ids - windows * seqlen
+    if windows < 1 or seqlen < 2 or start < reserved:
+        raise SplitLLMError(f"the predictive codec's {windows} fit windows of {seqlen} tokens do not fit in "
+                            f"{n_ids} tokens of text without overlapping the first {reserved}")
+    return [(start + k * seqlen, start + (k + 1) * seqlen) for k in range(windows)]
+
+
+def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: int, reserved: int = 0,
+                 target_rel_error: float = DEFAULT_TARGET_REL_ERROR, step: float | None = None,
+                 tick: Callable[[int], None] | None = None) -> tuple[PredictiveCodec, torch.Tensor]:
+    """(codec, input embeddings [V, H]) fitted on the edge's hidden states of the fit windows of `ids`."""
+    wins = []
+    for k, (a, b) in enumerate(fit_slices(len(ids), seqlen, windows, reserved)):
+        w = torch.tensor(ids[a:b])
+        wins.append((w, edge_hidden(lm.model, split_layer, w)))
+        if tick is not None:
+            tick(k + 1)
+    emb = lm.model.get_input_embeddings().weight.detach().float()
+    info = dict(text="wikitext2/wiki.test.raw", fit_tokens=[len(ids) - windows * seqlen, len(ids)],
+                windows=windows, seqlen=seqlen, split_layer=split_layer,
+                target_rel_error=None if step is not None else target_rel_error)
+    return fit_predictive(emb, wins, step=step, target_rel_error=target_rel_error, info=info), emb
+
+
+def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[str], None] | None = None,
+                      target_rel_error: float = DEFAULT_TARGET_REL_ERROR) -> tuple[PredictiveCodec, torch.Tensor, dict]:
+    """(codec, input embeddings, info) for (lm's weights, ℓ), from the cache or fitted now.
+    A corrupt or mismatched cache file is refitted and replaced, never trusted."""
+    text, text_sha = read_wikitext(data_dir)
+    context = getattr(lm.model.config, "max_position_embeddings", None) or FIT_SEQLEN
+    seqlen = min(FIT_SEQLEN, int(context))
+    key = hashlib.sha256(json.dumps(dict(kind="predictive", file=FILE_VERSION, frame=FRAME_VERSION, model=lm.sha256,
+                                         split_layer=split_layer, text=text_sha, windows=PREDICTIVE_FIT_WINDOWS,
+                                         seqlen=seqlen, target=target_rel_error), sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_dir() / f"{key}.npz"
+    emb = lm.model.get_input_embeddings().weight.detach().float()
+    info = dict(path=str(path), fit_windows=PREDICTIVE_FIT_WINDOWS, fit_seqlen=seqlen,
+                fit_slice=f"last {PREDICTIVE_FIT_WINDOWS} x {seqlen} tokens of wikitext2/wiki.test.raw")
+    if path.is_file():
+        try:
+            return PredictiveCodec.load(path), emb, dict(info, cache="hit")
+        except SplitLLMError:
+            pass   # fall through: refit and replace the bad file
+    ids = [int(i) for i in lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    windows = min(PREDICTIVE_FIT_WINDOWS, max(1, len(ids) // (2 * seqlen)))   # tiny texts: half of it at most
+    if progress is not None:
+        progress(f"fitting the predictive codec at layer {split_layer} on the last {windows} x {seqlen} tokens "
+                 "of wikitext2/wiki.test.raw (cached afterwards)")
+    pc, emb = fit_from_ids(lm, split_layer, ids, windows=windows, seqlen=seqlen, target_rel_error=target_rel_error)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pc.save(tmp)
+    tmp.replace(path)
+    if progress is not None:
+        progress(f"predictive codec: step {pc.step:.4g}, relative error {pc.info['rel_error_fit']:.4f} on the fit text")
+    return pc, emb, dict(info, cache="miss", fit_windows=windows)

@@ -1,0 +1,280 @@
+"""Frame format 4: the token-predictive codec (splitcli.codec.predictive, predictive_fit)."""
+
+import hashlib
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from splitcli.codec import FrameError, decode as decode_v2
+from splitcli.codec import encode as encode_v2
+from splitcli.codec.config import CodecConfig
+from splitcli.codec.predictive import (FLAG_IDS32, FLAG_RAW32, K, NO_TOKEN, PredictiveCodec, decode, encode,
+                                       frame_tokens)
+from splitcli.codec.predictive_fit import fit_predictive, step_for_error
+from splitcli.errors import SplitLLMError
+
+H, V = 8, 16
+
+
+def _toy(**kw) -> PredictiveCodec:
+    """A hand-made codec whose arithmetic is exact in float32 (binary fractions, U = a permutation),
+    so its frames are the same bytes under every CPU capability."""
+    W = np.zeros((2 * H + 1, H), np.float32)
+    W[np.arange(H), np.arange(H)] = 0.5              # P_t = E[x_t] / 2 + E[x_{t-1}] / 4 + 1/8
+    W[H + np.arange(H), np.arange(H)] = 0.25
+    W[2 * H] = 0.125
+    U = np.eye(H, dtype=np.float32)[::-1].copy()
+    probs = np.exp(-np.abs(np.arange(-K, K + 1)) / np.array([1.0, 3.0])[:, None])   # [C, 2K + 1]
+    args = dict(W=W, U=U, step=0.5, crms=np.ones(H, np.float32), classes=np.array([0, 1] * (H // 2), np.uint8),
+                gain_edges=np.array([-1.0, 1.0], np.float32), gain_max=3.0,
+                gain_probs=np.array([0.25, 0.5, 0.25]), sym_probs=np.stack([probs] * 3),
+                shrink=np.ones((3, H), np.float32), emb_crc=0)
+    return PredictiveCodec(**{**args, **kw})
+
+
+def _emb() -> torch.Tensor:
+    return ((torch.arange(V * H) * 37 % 23) - 11).float().reshape(V, H) / 4
+
+
+def _rows(T=6) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.arange(T) * 5 % V
+    x = ((torch.arange(T * H) * 13 % 17) - 8).float().reshape(T, H) / 2
+    return x, ids
+
+
+GOLDEN_SWITCHES_SHA256 = "c491cec29a0f2370813de051a56602df0f5ced8aa1debbd9b327d72dfe8b339d"
+GOLDEN_HEX = ("534c4346040000f4e3e4d0030808000006000005000a0063ecd6359af0bd7794e6a6a56b2c271ca1eaceef23000000"
+              "554373e7")
+
+
+def test_round_trip_error_is_the_rounding_and_rows_decode_alone():
+    pc, emb = _toy(), _emb()
+    x, ids = _rows()
+    y = decode(encode(x, ids, pc, emb), pc, emb)
+    assert y.shape == x.shape and float((y - x).abs().max()) <= pc.step / 2 + 1e-6
+    # a frame decodes alone: row 3 sent as its own frame (with its previous token) comes back the same
+    one = decode(encode(x[3:4], ids[3:4], pc, emb, prev_id=int(ids[2])), pc, emb)
+    assert torch.equal(one, y[3:4])
+    assert frame_tokens(encode(x, ids, pc, emb)).tolist() == ids.tolist()
+
+
+def test_exact_inputs_on_the_lattice_come_back_exactly():
+    pc, emb = _toy(), _emb()
+    x, ids = _rows()
+    pred = (emb[ids] * 0.5 + torch.cat([torch.zeros(1, H), emb[ids[:-1]]]) * 0.25 + 0.125)
+    on_grid = pred + torch.round((x - pred) / 0.5) * 0.5          # residuals on multiples of the step
+    assert torch.equal(decode(encode(on_grid, ids, pc, emb), pc, emb), on_grid)
+
+
+def test_golden_frame_is_pinned_byte_for_byte():
+    pc, emb = _toy(), _emb()
+    x, ids = _rows(3)
+    frame = encode(x, ids, pc, emb, prev_id=7)
+    assert frame.hex() == GOLDEN_HEX, frame.hex()
+    assert torch.equal(decode(bytes.fromhex(GOLDEN_HEX), pc, emb), decode(frame, pc, emb))
+
+
+def test_golden_raw32_and_ids32_switches():
+    # FLAG_RAW32: a row with a value fp16 cannot hold travels raw in f32, exactly; FLAG_IDS32: ids > 65535
+    big_v = 70000
+    emb = torch.zeros(big_v, H)
+    emb[:V] = _emb()
+    pc = _toy()
+    x, ids = _rows(3)
+    x[1] = 100.0                    # far past every calibration gain: the row goes raw ...
+    x[1, 2] = 1e6                   # ... and fp16 cannot hold it
+    ids = ids.clone()
+    ids[2] = big_v - 1
+    frame = encode(x, ids, pc, emb)
+    assert frame[6] == FLAG_IDS32 | FLAG_RAW32
+    y = decode(frame, pc, emb)
+    assert torch.equal(y[1], x[1])
+    assert hashlib.sha256(frame).hexdigest() == GOLDEN_SWITCHES_SHA256, hashlib.sha256(frame).hexdigest()
+
+
+
+
+def test_shrink_scales_decoded_components_per_gain_level():
+    emb = _emb()
+    x, ids = _rows()
+    plain = _toy()
+    shrink = np.ones((3, H), np.float32)
+    shrink[:, 0] = 0.5                                           # KLT component 0 = channel H - 1 (U reversed)
+    pc = _toy(shrink=shrink)
+    ya, yb = decode(encode(x, ids, plain, emb), plain, emb), decode(encode(x, ids, pc, emb), pc, emb)
+    pred = (emb[ids] * 0.5 + torch.cat([torch.zeros(1, H), emb[ids[:-1]]]) * 0.25 + 0.125)
+    assert torch.equal(yb[:, :H - 1], ya[:, :H - 1])
+    assert torch.allclose(yb[:, H - 1] - pred[:, H - 1], 0.5 * (ya[:, H - 1] - pred[:, H - 1]))
+    assert plain.crc != pc.crc                                   # frames of one do not decode with the other
+
+
+def test_escapes_travel_exactly_and_massive_rows_go_raw():
+    pc, emb = _toy(), _emb()
+    x, ids = _rows()
+    x[2, 5] += 400.0                                             # one escape (|s| > K at step 0.5)
+    x[4] = 3e4                                                   # a massive row: raw (fp16 holds 3e4)
+    frame = encode(x, ids, pc, emb)
+    assert frame[6] == 0
+    y = decode(frame, pc, emb)
+    assert abs(float(y[2, 5] - x[2, 5])) < 1e-3
+    assert torch.equal(y[4], x[4].half().float())
+    assert float((y - x)[[0, 1, 3, 5]].abs().max()) <= 0.25 + 1e-6
+
+
+def test_zero_one_empty_and_constant_inputs():
+    pc, emb = _toy(), _emb()
+    empty = encode(torch.zeros(0, H), torch.zeros(0, dtype=torch.long), pc, emb)
+    assert decode(empty, pc, emb).shape == (0, H)
+    x, ids = _rows(1)
+    assert decode(encode(x, ids, pc, emb), pc, emb).shape == (1, H)
+    const = torch.full((5, H), 2.5)
+    y = decode(encode(const, ids.repeat(5), pc, emb), pc, emb)
+    assert float((y - const).abs().max()) <= 0.25 + 1e-6
+
+
+def test_bad_inputs_get_clear_errors():
+    pc, emb = _toy(), _emb()
+    x, ids = _rows()
+    bad = x.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(SplitLLMError, match="NaN"):
+        encode(bad, ids, pc, emb)
+    with pytest.raises(SplitLLMError, match="token ids"):
+        encode(x, ids + V, pc, emb)
+    with pytest.raises(SplitLLMError, match="T token ids"):
+        encode(x, ids[:-1], pc, emb)
+    with pytest.raises(SplitLLMError, match="token ids"):
+        encode(x, ids, pc, emb, prev_id=V)
+
+
+def test_versions_do_not_cross():
+    pc, emb = _toy(), _emb()
+    x, ids = _rows()
+    v4 = encode(x, ids, pc, emb)
+    with pytest.raises(FrameError, match="version 4"):
+        decode_v2(v4)
+    v2 = encode_v2(x, CodecConfig())
+    with pytest.raises(FrameError, match="not a predictive"):
+        decode(v2, pc, emb)
+    with pytest.raises(FrameError, match="another predictive codec"):
+        decode(v4, _toy(step=0.25), emb)
+
+
+def _recrc(body: bytes) -> bytes:
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def test_fuzzed_frames_raise_only_frame_error():
+    pc, emb = _toy(), _emb()
+    x, ids = _rows(12)
+    x[3, 1] += 500.0
+    x[7] = 2e4
+    frame = encode(x, ids, pc, emb)
+    rng = np.random.default_rng(0)
+    outcomes = {"error": 0, "decoded": 0}
+    for _ in range(1500):
+        buf = bytearray(frame[:-4])
+        kind = rng.integers(3)
+        if kind == 0:                                 # flip bytes, checksum fixed up so parsing is reached
+            for _ in range(rng.integers(1, 4)):
+                buf[rng.integers(len(buf))] = rng.integers(256)
+        elif kind == 1:                               # truncate
+            buf = buf[:rng.integers(len(buf))]
+        else:                                         # insert junk
+            at = rng.integers(len(buf))
+            buf[at:at] = rng.integers(0, 256, rng.integers(1, 9)).astype(np.uint8).tobytes()
+        try:
+            y = decode(_recrc(bytes(buf)), pc, emb, max_tokens=64)
+        except FrameError:
+            outcomes["error"] += 1
+        else:
+            assert y.ndim == 2 and y.shape[1] == H
+            outcomes["decoded"] += 1
+    assert outcomes["error"] > 500
+    with pytest.raises(FrameError, match="checksum"):
+        decode(frame[:-1] + bytes([frame[-1] ^ 1]), pc, emb)
+    for n in range(len(frame)):
+        with pytest.raises(FrameError):
+            decode(frame[:n], pc, emb)
+
+
+def test_hostile_counts_are_refused_before_allocating():
+    pc, emb = _toy(), _emb()
+    head = b"SLCF" + bytes([4, 0, 0]) + pc.crc.to_bytes(4, "little")
+    # 2^20 tokens claimed in a tiny frame: over max_tokens
+    with pytest.raises(FrameError, match="out of range"):
+        decode(_recrc(head + bytes([0x80, 0x80, 0x40, H, 0, 0, 0, 0])), pc, emb)
+    # 60000 escapes claimed with no bytes behind them
+    with pytest.raises(FrameError, match="truncated|out of range"):
+        decode(_recrc(head + bytes([4, H, 0, 0, 0xE0, 0xD4, 0x03, 0]) + bytes(8)), pc, emb)
+
+
+def test_save_load_round_trip(tmp_path):
+    pc, emb = _toy(info={"text": "toy"}), _emb()
+    path = tmp_path / "pc.npz"
+    pc.save(path)
+    back = PredictiveCodec.load(path)
+    assert back.crc == pc.crc and back.info == {"text": "toy"}
+    x, ids = _rows()
+    assert torch.equal(decode(encode(x, ids, pc, emb), back, emb), decode(encode(x, ids, pc, emb), pc, emb))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(SplitLLMError, match="cannot read"):
+        PredictiveCodec.load(tmp_path / "bad.npz")
+    with pytest.raises(SplitLLMError, match="version"):
+        _toy(version=99)
+    with pytest.raises(SplitLLMError, match="step"):
+        _toy(step=0.0)
+    with pytest.raises(SplitLLMError, match="shape"):
+        _toy(W=np.zeros((3, 3), np.float32))
+
+
+def _synthetic_windows(n, T=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(64, 16, generator=g)
+    M = torch.randn(32, 16, generator=g) * 0.3
+    wins = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (T,), generator=g)
+        e = emb[ids]
+        h = torch.cat([e, torch.cat([torch.zeros(1, 16), e[:-1]])], 1) @ M + 0.2 * torch.randn(T, 16, generator=g)
+        h[0] *= 40                                                  # a sink row, as at the split
+        wins.append((ids, h))
+    return emb, wins
+
+
+def test_fit_meets_its_target_and_beats_no_prediction():
+    emb, wins = _synthetic_windows(7)
+    pc = fit_predictive(emb, wins[:6], target_rel_error=0.05)
+    assert abs(pc.info["rel_error_fit"] - 0.05) < 1e-3
+    ids, h = wins[6]                                               # held out
+    frame = encode(h, ids, pc, emb)
+    y = decode(frame, pc, emb)
+    rel = float((y - h)[1:].norm() / h[1:].norm())
+    assert 0.03 < rel < 0.08                                       # held-out text: near the fit's target
+    assert len(frame) < 2 * h.numel() / 3                          # well under fp16
+    flat = fit_predictive(torch.zeros_like(emb), wins, target_rel_error=0.05)   # nothing to predict from
+    assert len(encode(h, ids, flat, torch.zeros_like(emb))) > len(frame)
+
+
+def test_fit_refuses_bad_input():
+    emb, wins = _synthetic_windows(1, T=20)
+    with pytest.raises(SplitLLMError, match="at least"):
+        fit_predictive(emb, wins)
+    emb, wins = _synthetic_windows(2)
+    wins[0][1][5, 2] = float("inf")
+    with pytest.raises(SplitLLMError, match="finite"):
+        fit_predictive(emb, wins)
+    with pytest.raises(SplitLLMError, match="target"):
+        fit_predictive(emb, _synthetic_windows(2)[1], target_rel_error=0.0)
+
+
+def test_step_for_error_hits_the_target_and_handles_constant_input():
+    y = torch.randn(1000, 8, generator=torch.Generator().manual_seed(3))
+    ref = float(y.double().pow(2).sum())
+    s = step_for_error(y, ref, 0.1)
+    q = torch.round(y / s) * s
+    assert abs(float((q - y).norm() / y.norm()) - 0.1) < 1e-3
+    assert step_for_error(torch.zeros(10, 8), 1.0, 0.1) > 0       # nothing to lose: the largest step
+    assert NO_TOKEN == -1

@@ -1,0 +1,83 @@
+"""The token-predictive wire (frame format 4) in a deployment: fitted once, cached, run by a session."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from splitcli.deploy import SplitSpec, build_wire
+from splitcli.deploy.calibrate import cache_dir
+from splitcli.deploy.predictive import fit_slices, fitted_predictive
+from splitcli.errors import SplitLLMError
+from splitcli.runtime.codec_wire import PredictiveWire
+from splitcli.runtime.session import SplitSession
+from splitcli.runtime.wire import RawWire
+from test_deploy_calibrate import CharTokenizer, write_wikitext
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from conftest import _tiny
+
+    return _tiny("llama")
+
+
+def test_fitted_once_cached_and_refitted_when_corrupt(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    data = write_wikitext(tmp_path / "data")
+    lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
+    logs = []
+    pc, emb, info = fitted_predictive(lm, 2, data, logs.append)
+    assert info["cache"] == "miss" and info["fit_seqlen"] == 256 and len(logs) == 2   # tiny context
+    pc2, _, info2 = fitted_predictive(lm, 2, data, logs.append)
+    assert info2["cache"] == "hit" and pc2.crc == pc.crc and len(logs) == 2
+    assert fitted_predictive(lm, 3, data)[2]["cache"] == "miss"                       # ℓ is in the key
+    path = cache_dir() / info["path"].split("/")[-1]
+    path.write_bytes(b"junk")
+    pc3, _, info3 = fitted_predictive(lm, 2, data)
+    assert info3["cache"] == "miss" and pc3.crc == pc.crc
+
+
+def test_split_session_over_the_predictive_wire(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    data = write_wikitext(tmp_path / "data")
+    lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
+    wire = build_wire(SplitSpec(split_layer=2, wire="predictive"), lm, data)
+    assert isinstance(wire, PredictiveWire) and wire.name == "predictive"
+    ids = torch.tensor([CharTokenizer()("the mill was settled by farmers and a river")["input_ids"]])
+    ref, got = SplitSession(llama, 2, RawWire("fp32")), SplitSession(llama, 2, wire)
+    a = [ref.forward(ids[:, :30], logits_to_keep=0)]
+    b = [got.forward(ids[:, :30], logits_to_keep=0)]
+    for t in range(30, ids.shape[1]):                         # decode steps: one-token frames
+        a.append(ref.forward(ids[:, t:t + 1], logits_to_keep=0))
+        b.append(got.forward(ids[:, t:t + 1], logits_to_keep=0))
+    a, b = torch.cat(a, 1), torch.cat(b, 1)
+    assert float((a - b).norm() / a.norm()) < 0.2                # lossy, but close
+    assert len(wire.frame_bytes) == 1 + ids.shape[1] - 30
+    # the decode steps predicted from the right previous token: each frame carries it
+    from splitcli.codec.predictive import frame_tokens
+    frame = wire.encode(torch.zeros(1, 64), ids=ids[0, 31:32], prev_id=int(ids[0, 30]))
+    assert frame_tokens(frame).tolist() == [int(ids[0, 31])]
+
+
+def test_predictive_wire_refuses_what_it_cannot_do(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    data = write_wikitext(tmp_path / "data")
+    lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
+    pc, emb, _ = fitted_predictive(lm, 2, data)
+    wire = PredictiveWire(pc, emb)
+    with pytest.raises(SplitLLMError, match="token ids"):
+        wire.encode(torch.zeros(2, 64))
+    with pytest.raises(SplitLLMError, match="other input embeddings"):
+        PredictiveWire(pc, emb + 1)
+    from splitcli.deploy.split import build_shard_split
+    with pytest.raises(SplitLLMError, match="shards"):
+        build_shard_split(tmp_path, wire="predictive")
+
+
+def test_fit_slices_never_reach_the_evaluation_text():
+    assert fit_slices(10_000, 1000, 3, reserved=4000) == [(7000, 8000), (8000, 9000), (9000, 10_000)]
+    with pytest.raises(SplitLLMError, match="overlapping"):
+        fit_slices(10_000, 1000, 7, reserved=4000)
