@@ -112,3 +112,37 @@ def test_bench_codec_text_too_short(tiny_model_dir, tmp_path, env):
     r = run("bench", "codec", "-m", str(tiny_model_dir), "-l", "2", "--windows", "50", "--seqlen", "256",
             "--no-sweep", "--data-dir", str(env), "--json", str(tmp_path / "o.json"))
     assert_clean_error(r, "do not fit")
+
+
+def test_generate_and_bench_with_the_predictive_codec(tiny_model_dir, tmp_path, env):
+    out = tmp_path / "gen.json"
+    r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hello there", "-n", "3",
+            "--codec", "predictive", "--data-dir", str(env), "--json", str(out))
+    assert r.exit_code == 0, r.output
+    assert "fitting the predictive codec" in r.output
+    data = json.loads(out.read_text())
+    assert data["wire"] == "predictive" and len(data["steps"]) == 3 and all(s["wire_bytes"] > 0 for s in data["steps"])
+    r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hi", "-n", "2", "--codec", "predictive",
+            "--data-dir", str(env))
+    assert r.exit_code == 0 and "fitting" not in r.output, r.output           # cached
+    out = tmp_path / "codec.json"
+    r = run("bench", "codec", "-m", str(tiny_model_dir), "-l", "2", "--windows", "2", "--seqlen", "64", "--no-sweep",
+            "--predictive", "--fit-windows", "4", "--predictive-error", "0.2", "--data-dir", str(env),
+            "--json", str(out))
+    assert r.exit_code == 0, r.output
+    p = json.loads(out.read_text())["predictive"]
+    assert p["ratio_vs_fp16"] > 1 and p["ppl"] > 1 and p["frame_version"] == 4
+    assert p["fit"]["target_rel_error"] == 0.2 and p["prefill_tokens"] == 64
+    assert p["encode_ms_decode_step"] > 0 and p["prefill_encode_mb_s"] > 0
+    assert "token-predictive codec" in r.output
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["bench", "codec", "--predictive", "--predictive-error", "2"], "--predictive-error"),
+    (["bench", "codec", "--fit-windows", "3"], "add it"),
+    (["generate", "-p", "Hi", "--codec", "predictive", "--tau", "3"], "need --codec tabq"),
+    (["generate", "-p", "Hi", "--codec", "predictive", "--deadline", "100ms"], "in this process only"),
+])
+def test_predictive_codec_bad_options(args, msg, tmp_path, env):
+    extra = ["--json", str(tmp_path / "o.json")] if args[0] == "bench" else []
+    assert_clean_error(run(*args, "-m", "/nonexistent/model", "--data-dir", str(env), *extra), msg)

@@ -10,24 +10,13 @@ of fp32 input for one window.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from ..codec import predictive
+from ..codec.measure import _median_ms
 from ..codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
 from ..deploy.predictive import fit_from_ids
 from ..runtime.codec_wire import PredictiveWire
-
-
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def bench_predictive(lm, split, split_layer: int, ids: list[int], *, windows: int, seqlen: int, ppl_fp: float,

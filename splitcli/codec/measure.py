@@ -62,6 +62,7 @@ def _int8_absmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def _median_ms(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of fn, ms (the codec benches' one timing rule)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
