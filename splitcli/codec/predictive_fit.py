@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from splitcli.codec.predictive import K, NO_TOKEN, PredictiveCodec, embedding_crc, gain_of, prediction
+from splitcli.codec.predictive import K, PredictiveCodec, embedding_crc, gain_of
 from splitcli.errors import SplitLLMError
 
 #: Relative L2 error (of the rounding, on the fit text) the step is chosen for when none is given:
@@ -151,5 +151,4 @@ def fit_predictive(emb: torch.Tensor, windows: Sequence[Window], *, step: float 
                                                                   rel_error_fit=_rel_error(y, ref_sq, step)))
 
 
-__all__ = ["DEFAULT_TARGET_REL_ERROR", "NO_TOKEN", "fit_predictive", "fit_token_predictor", "prediction",
-           "step_for_error"]
+__all__ = ["DEFAULT_TARGET_REL_ERROR", "fit_predictive", "fit_shrink", "fit_token_predictor", "step_for_error"]
