@@ -15,12 +15,12 @@ import torch
 from ..codec import predictive
 from ..codec.measure import _median_ms
 from ..codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
-from ..deploy.predictive import fit_from_ids
+from ..deploy.predictive import PREDICTIVE_FIT_WINDOWS, fit_from_ids
 from ..runtime.codec_wire import PredictiveWire
 
 
 def bench_predictive(lm, split, split_layer: int, ids: list[int], *, windows: int, seqlen: int, ppl_fp: float,
-                     eval_hidden: list[torch.Tensor], fit_windows: int = 24,
+                     eval_hidden: list[torch.Tensor], fit_windows: int = PREDICTIVE_FIT_WINDOWS,
                      target_rel_error: float = DEFAULT_TARGET_REL_ERROR, step: float | None = None,
                      repeats: int = 200, tick_factory=None) -> dict:
     """Fit, then measure the format-4 codec on the headline's windows; returns the JSON-ready dict."""

@@ -123,7 +123,7 @@ def codec_cmd(
     sweep_layers: str = typer.Option(None, "--sweep-layers", help="Comma-separated ℓ values for the sweep, e.g. 5,15,25 (default: --split-layer)."),
     plot: Path = typer.Option(None, "--plot", help="Write the sweep as a PNG plot here."),
     predictive: bool = typer.Option(False, "--predictive", help="Also fit and measure the token-predictive codec (frame format 4) on the same windows."),
-    fit_windows: int = typer.Option(24, "--fit-windows", help="--predictive: windows of --seqlen tokens at the end of wiki.test.raw to fit it on."),
+    fit_windows: int = typer.Option(None, "--fit-windows", help="--predictive: windows of --seqlen tokens at the end of wiki.test.raw to fit it on (default 24, as deployment fits)."),
     predictive_error: float = typer.Option(None, "--predictive-error", help="--predictive: relative L2 error its step is chosen for on the fit text (default 0.10)."),
     data_dir: Path = DATA_DIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite the --json / --plot files if they exist."),
@@ -149,12 +149,14 @@ def codec_cmd(
     pred = None
     if predictive:
         from ..codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
+        from ..deploy.predictive import PREDICTIVE_FIT_WINDOWS
 
         target = DEFAULT_TARGET_REL_ERROR if predictive_error is None else predictive_error
+        fit_windows = PREDICTIVE_FIT_WINDOWS if fit_windows is None else fit_windows
         if fit_windows < 1 or not 0 < target < 1:
             raise SplitLLMError("--fit-windows must be >= 1 and --predictive-error in (0, 1)")
         pred = dict(fit_windows=fit_windows, target_rel_error=target)
-    elif predictive_error is not None or fit_windows != 24:
+    elif predictive_error is not None or fit_windows is not None:
         raise SplitLLMError("--fit-windows and --predictive-error set up --predictive: add it")
     layers = parse_int_list(sweep_layers, "--sweep-layers") if sweep_layers is not None else None
     if layers is not None and not sweep:

@@ -11,8 +11,9 @@ the residual of a prediction from the token instead of the hidden state itself:
 
 The prediction is open loop (from the tokens only, never from earlier reconstructions), so a frame
 decodes alone, prefill frames are one batch of matrix products, and an edge and a cloud whose
-float rounding differs cannot drift apart (a closed loop over the decoded h_{t-1} would save
-~0.14 bit per value more, measured in docs/results.md, at the cost of all three).
+float rounding differs cannot drift apart (a history term over the decoded h_{t-1} would save
+0.07 bit per value at full rank, 0.013 at rank 64, measured in docs/results.md "Token-predictive
+coding", at the cost of all three).
 
 Entropy coding: components fall into C classes by their calibration RMS; each token's residual
 size relative to those RMS ("gain", 0.5 log2 mean (y_c / rms_c)^2) is quantized to one of G levels
@@ -69,7 +70,6 @@ RAW_GAIN_MARGIN = 2.0
 FLAG_IDS32 = 1
 FLAG_RAW32 = 2
 _KNOWN_FLAGS = FLAG_IDS32 | FLAG_RAW32
-_PREFIX_FMT = "<4sBBBI"
 _PREFIX_LEN = 11
 NO_TOKEN = -1
 DEFAULT_MAX_TOKENS = 1 << 16
@@ -408,14 +408,16 @@ def decode(frame: bytes, pc: PredictiveCodec, emb: torch.Tensor, *, max_tokens: 
 
 def frame_tokens(frame: bytes) -> np.ndarray:
     """The token ids a valid-looking format-4 frame carries (the cloud's view of the prompt)."""
-    rd = _header(frame)[0]
-    T, _H, _prev = (_read_varint(rd, w) for w in ("tokens", "hidden", "prev_id"))
-    for w in ("n_raw", "n_escapes", "body_words"):
-        _read_varint(rd, w)
-    return rd.array("<u4" if frame[6] & FLAG_IDS32 else "<u2", T, "token ids").astype(np.int64)
+    rd, flags, _crc, (T, *_rest) = _header(frame)
+    return rd.array("<u4" if flags & FLAG_IDS32 else "<u2", T, "token ids").astype(np.int64)
+
+
+_COUNTS = ("tokens", "hidden", "prev_id", "n_raw", "n_escapes", "body_words")
 
 
 def _header(frame: bytes):
+    """(reader at the token ids, flags, codec crc, the six varint counts of `_COUNTS`) of a frame
+    whose checksum, magic, version and flags are valid."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise FrameError(f"codec frame must be bytes, got {type(frame).__name__}")
     buf = memoryview(bytes(frame))
@@ -433,15 +435,13 @@ def _header(frame: bytes):
     rd = _Reader(buf, len(buf) - 4)
     rd.take(7, "prefix")
     crc = int.from_bytes(rd.take(4, "codec crc"), "little")
-    return rd, flags, crc
+    return rd, flags, crc, tuple(_read_varint(rd, w) for w in _COUNTS)
 
 
 def _decode(frame, pc: PredictiveCodec, emb: torch.Tensor, max_tokens: int) -> torch.Tensor:
-    rd, flags, crc = _header(frame)
+    rd, flags, crc, (T, H, prev, n_raw, n_esc, n_words) = _header(frame)
     if crc != pc.crc:
         raise FrameError("codec frame was encoded with another predictive codec (crc mismatch)")
-    T, H, prev = (_read_varint(rd, w) for w in ("tokens", "hidden", "prev_id"))
-    n_raw, n_esc, n_words = (_read_varint(rd, w) for w in ("n_raw", "n_escapes", "body_words"))
     V = emb.shape[0]
     if H != pc.hidden or T > max_tokens or prev > V or n_raw > T or n_esc > T * H:
         raise FrameError(f"codec frame header is out of range (tokens {T}, hidden {H}, raw rows {n_raw}, "
