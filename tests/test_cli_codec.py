@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from splitcli.deploy.calibrate import cache_dir
 from test_cli import assert_clean_error, run
 from test_deploy_calibrate import write_wikitext
 
@@ -125,6 +127,9 @@ def test_generate_and_bench_with_the_predictive_codec(tiny_model_dir, tmp_path, 
     r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hi", "-n", "2", "--codec", "predictive",
             "--data-dir", str(env))
     assert r.exit_code == 0 and "fitting" not in r.output, r.output           # cached
+    path = next(cache_dir().glob("*.npz"))
+    r = run("generate", "-m", str(tiny_model_dir), "-l", "3", "-p", "Hi", "-n", "2", "--predictive-codec", str(path))
+    assert_clean_error(r, "fitted at split layer 2, not 3")                   # a file fixes its ℓ
     out = tmp_path / "codec.json"
     r = run("bench", "codec", "-m", str(tiny_model_dir), "-l", "2", "--windows", "2", "--seqlen", "64", "--no-sweep",
             "--predictive", "--fit-windows", "4", "--predictive-error", "0.2", "--data-dir", str(env),
@@ -141,7 +146,10 @@ def test_generate_and_bench_with_the_predictive_codec(tiny_model_dir, tmp_path, 
     (["bench", "codec", "--predictive", "--predictive-error", "2"], "--predictive-error"),
     (["bench", "codec", "--fit-windows", "3"], "add it"),
     (["generate", "-p", "Hi", "--codec", "predictive", "--tau", "3"], "need --codec tabq"),
-    (["generate", "-p", "Hi", "--codec", "predictive", "--deadline", "100ms"], "in this process only"),
+    (["generate", "-p", "Hi", "--codec", "predictive", "--deadline", "100ms"], "does not run with"),
+    (["generate", "-p", "Hi", "--predictive-codec", "/nonexistent/codec.npz"], "no such file"),
+    (["generate", "-p", "Hi", "--codec", "tabq", "--predictive-codec", __file__], "needs --codec predictive"),
+    (["serve-edge", "--codec", "predictive", "--deadline", "100ms", "--api-key", "k"], "does not run with"),
 ])
 def test_predictive_codec_bad_options(args, msg, tmp_path, env):
     extra = ["--json", str(tmp_path / "o.json")] if args[0] == "bench" else []

@@ -131,7 +131,9 @@ def bench_serve(lm, model_ref: str, split_layer: int, clients: list[int], n_toke
     ref0 = generate(splits["split"].session(), prompt_ids[0], None, cfg).tokens[0].tolist()
     recorded_equals_generate = ref0 == recordings["split"][0].tokens
     pace = {m: statistics.median(r.edge_step_s for r in recordings[m]) for m in MODES}
-    wires = {m: ("fp16" if wire == "tabq" else wire) if m == "cloud-only" else wire for m in MODES}
+    wires = {m: ("fp16" if wire in ("tabq", "predictive") else wire) if m == "cloud-only" else wire for m in MODES}
+    # the server process fits (or reads from the cache) the same codec; its crc is checked at Open
+    crc = {m: getattr(getattr(splits[m].wire, "pc", None), "crc", 0) for m in MODES}
     layers = {"cloud-only": 0, "split": splits["split"].spec.split_layer}
 
     progress("starting the cloud server process", 0, 1)
@@ -140,7 +142,7 @@ def bench_serve(lm, model_ref: str, split_layer: int, clients: list[int], n_toke
         progress("starting the cloud server process", 1, 1)
         # A warm-up session per mode (first-call costs of the server and gRPC are not measured).
         for m in MODES:
-            run_once(server, m, lm.sha256, layers[m], wires[m], recordings[m], 1, 0.0)
+            run_once(server, m, lm.sha256, layers[m], wires[m], recordings[m], 1, 0.0, predictive_crc=crc[m])
         total = repeats * len(clients) * len(MODES)
         done = 0
         for r in range(repeats):
@@ -149,7 +151,8 @@ def bench_serve(lm, model_ref: str, split_layer: int, clients: list[int], n_toke
                 for m in order:
                     what = f"{m}, {c} client{'s' if c > 1 else ''} (repeat {r + 1}/{repeats})"
                     progress(what, done, total)
-                    one = run_once(server, m, lm.sha256, layers[m], wires[m], recordings[m], c, pace[m])
+                    one = run_once(server, m, lm.sha256, layers[m], wires[m], recordings[m], c, pace[m],
+                                   predictive_crc=crc[m])
                     runs_raw.setdefault((m, c), []).append(one)
                     done += 1
                     # one line per run as it lands: a redirected run (no live bar) still shows progress
@@ -164,8 +167,8 @@ def bench_serve(lm, model_ref: str, split_layer: int, clients: list[int], n_toke
         real = list(generate_remote(splits["split"], prompt_ids[0], cfg, remote))
         windows = handoff_windows if handoff_windows is not None else sorted(
             {0, n_tokens // 4, n_tokens // 2, (3 * n_tokens) // 4, n_tokens})
-        handoff = _handoff_curve(lm, splits["split"], server, prompt_ids[0], n_tokens,
-                                 recordings["split"][0].tokens, windows)
+        handoff = None if wire == "predictive" else _handoff_curve(  # handoffs do not pass token ids yet
+            lm, splits["split"], server, prompt_ids[0], n_tokens, recordings["split"][0].tokens, windows)
         progress("real edge + handoff curve", 1, 1)
         server_threads = server.threads
 
@@ -236,7 +239,7 @@ def plot_serve(result: dict, path) -> None:
     axes[0].set(xlabel="concurrent clients", ylabel="aggregate tokens/s", title="throughput")
     axes[1].set(xlabel="concurrent clients", ylabel="cloud CPU ms / token", title="cloud cost")
     for i_kv, style in ((0, "o-"), (1, "s--")):
-        hs = [h for h in result.get("handoff", []) if h["i_kv"] == i_kv]
+        hs = [h for h in (result.get("handoff") or []) if h["i_kv"] == i_kv]
         axes[2].plot([h["w_bar"] for h in hs], [h["cloud_tokens"] for h in hs], style, label=f"I_kv = {i_kv}")
     axes[2].set(xlabel="W̄ (tokens generated on the edge before the handoff)", ylabel="tokens computed by the cloud",
                 title="handoff (Fig. 5b)")

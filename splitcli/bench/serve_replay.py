@@ -90,7 +90,7 @@ def build_mode_split(lm, mode: str, split_layer: int, wire: str, data_dir=None):
     from ..deploy import SplitSpec, build_split
 
     if mode == "cloud-only":
-        return cloud_only_split(lm, "fp16" if wire == "tabq" else wire)
+        return cloud_only_split(lm, "fp16" if wire in ("tabq", "predictive") else wire)
     return build_split(lm, SplitSpec(split_layer=split_layer, wire=wire), data_dir=data_dir)
 
 
@@ -107,14 +107,19 @@ def record(split, prompt_ids, n_tokens: int) -> Recording:
     cfg = SamplingConfig(max_new_tokens=n_tokens)
     hidden_size = split.cloud.parts.config.hidden_size
     edge_cache, cloud_cache = split.edge.new_cache(), split.cloud.new_cache()
-    new, position = prompt_ids, 0
+    new, position, prev = prompt_ids, 0, None
     frames, counts, tokens, edge_times = [], [], [], []
+    needs_ids = getattr(split.wire, "needs_ids", False)   # token-predictive frames code against their ids
     for _ in range(n_tokens):
         t = new.shape[1]
         positions = torch.arange(position, position + t)[None]
         t0 = time.perf_counter()
         hidden = split.edge(new, positions, None, edge_cache)
-        frame = split.wire.encode(hidden.reshape(t, -1))
+        if needs_ids:
+            frame = split.wire.encode(hidden.reshape(t, -1), ids=new.reshape(-1), prev_id=prev)
+            prev = int(new.reshape(-1)[-1])
+        else:
+            frame = split.wire.encode(hidden.reshape(t, -1))
         edge_times.append(time.perf_counter() - t0)
         received = decode_frame(split.wire, frame, t, hidden_size)
         logits = split.cloud(received[None], positions, None, cloud_cache, logits_to_keep=1)
@@ -255,13 +260,14 @@ class ServerProcess:
 
 # -- replay clients --------------------------------------------------------------------------
 
-def _open_message(sha: str, split_layer: int, wire: str, max_tokens: int):
+def _open_message(sha: str, split_layer: int, wire: str, max_tokens: int, predictive_crc: int = 0):
     from ..serve.proto import split_pb2 as pb
     from ..serve.protocol import PROTOCOL_VERSION, WIRE_TO_PB
 
     return pb.ClientMessage(open=pb.Open(model_sha256=sha, split_layer=split_layer, wire=WIRE_TO_PB[wire],
                                          max_tokens=max_tokens, kv_mode=pb.KV_HIDDEN,
-                                         protocol_version=PROTOCOL_VERSION, sampling=pb.Sampling()))
+                                         protocol_version=PROTOCOL_VERSION, sampling=pb.Sampling(),
+                                         predictive_crc=predictive_crc))
 
 
 def _replay(target: str, api_key: str, open_msg, rec: Recording, pace_s: float, ready: threading.Barrier,
@@ -328,14 +334,14 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run_once(server: ServerProcess, mode: str, sha: str, split_layer: int, wire: str, recordings: list[Recording],
-             clients: int, pace_s: float, timeout_s: float = 300.0) -> dict:
+             clients: int, pace_s: float, timeout_s: float = 300.0, predictive_crc: int = 0) -> dict:
     """One run: `clients` replay sessions at once against `mode`'s server; the measurements."""
     target = f"127.0.0.1:{server.ports[mode]}"
     recs = [recordings[i % len(recordings)] for i in range(clients)]
     results = [_ClientResult() for _ in range(clients)]
     ready = threading.Barrier(clients + 1)
     threads = [threading.Thread(target=_replay, name=f"bench-replay-{i}", daemon=True,
-                                args=(target, server.api_key, _open_message(sha, split_layer, wire, r.max_tokens),
+                                args=(target, server.api_key, _open_message(sha, split_layer, wire, r.max_tokens, predictive_crc),
                                       r, pace_s, ready, results[i], timeout_s))
                for i, r in enumerate(recs)]
     for t in threads:

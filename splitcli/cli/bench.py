@@ -284,7 +284,7 @@ def serve_cmd(
     split_layer: int = typer.Option(15, "--split-layer", "-l", help="ℓ of the split mode (cloud-only runs every layer)."),
     tokens: int = typer.Option(32, "--tokens", help="Tokens each client generates (prefill step included)."),
     repeats: int = typer.Option(3, "--repeats", help="Runs per (mode, clients); medians are reported."),
-    wire: str = typer.Option("fp16", "--wire", help="Split wire: none (fp32), fp16 or tabq (calibrated codec); cloud-only sends raw embeddings."),
+    wire: str = typer.Option("fp16", "--wire", help="Split wire: none (fp32), fp16, tabq (calibrated codec) or predictive (token-predictive, frame format 4; no handoff curve); cloud-only sends raw embeddings."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads of the server process (0 = torch's default)."),
     plot: Path = typer.Option(None, "--plot", help="Write tokens/s and cloud CPU per token vs clients (and the handoff curve) as a PNG here."),
     backend: str = typer.Option("local", "--backend", help="local: cloud-only vs split on serve-cloud's core; ray: the split on Ray Serve with each --replicas count, beside the local backend (needs the ray extra)."),
@@ -301,8 +301,10 @@ def serve_cmd(
     counts = parse_count_list(clients, "--clients", 1, 64)
     if tokens < 2 or repeats < 1 or threads < 0:
         raise SplitLLMError("--tokens must be >= 2, --repeats >= 1 and --threads >= 0")
-    if wire not in ("none", "fp16", "tabq"):
-        raise SplitLLMError(f"--wire must be none, fp16 or tabq, got {wire!r}")
+    if wire not in ("none", "fp16", "tabq", "predictive"):
+        raise SplitLLMError(f"--wire must be none, fp16, tabq or predictive, got {wire!r}")
+    if wire == "predictive" and backend != "local":
+        raise SplitLLMError("--wire predictive is served by the local backend only for now")
     if plot is not None and plot.suffix.lower() != ".png":
         raise SplitLLMError(f"--plot must name a .png file, got {plot}")
     replica_counts = _ray_bench_replicas(backend, replicas, plot)
@@ -384,5 +386,5 @@ def _print_serve_summary(r: dict) -> None:
     for m in ("cloud-only", "split"):
         if f"{m}_speedup_vs_1_client" in a:
             parts.append(f"{m} tok/s {a[f'{m}_speedup_vs_1_client']:.2f}x one client")
-    hand = ", ".join(f"W̄={h['w_bar']}: {h['cloud_tokens']}" for h in r["handoff"] if h["i_kv"] == 0)
-    console.print("; ".join(parts) + f"\ncloud tokens vs W̄ (I_kv = 0): {hand}", highlight=False)
+    hand = ", ".join(f"W̄={h['w_bar']}: {h['cloud_tokens']}" for h in r["handoff"] or () if h["i_kv"] == 0)
+    console.print("; ".join(parts) + (f"\ncloud tokens vs W̄ (I_kv = 0): {hand}" if hand else ""), highlight=False)

@@ -20,6 +20,7 @@ MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name
 JSON_OPTION = typer.Option(..., "--json", help="Where to write the results.")
 FORCE_JSON_OPTION = typer.Option(False, "--force", help="Overwrite the --json file if it exists.")
 DATA_DIR_OPTION = typer.Option(None, "--data-dir", help="Data directory (default: $SPLITLLM_DATA, else ../shared/data).")
+PREDICTIVE_CODEC_OPTION = typer.Option(None, "--predictive-codec", help="A fitted predictive codec file (.npz) to use instead of fitting one (implies --codec predictive). Both ends of a networked split need the same codec: serve-cloud prints the path of its file.")
 EDGE_ACT_BITS_OPTION = typer.Option(None, "--edge-act-bits", help="Input width of the edge's 4-bit products at decode on splitllm's AVX2 kernel: 16, or 8 (faster, coarser: +0.2% perplexity measured on SmolLM2) (default: the plan's, else 16).")
 
 
@@ -198,14 +199,20 @@ def split_spec(plan, wire: str | None, codec_flags: dict, data_dir=None, **flags
 
     if flags.get("edge_act_bits") not in (None, 8, 16):
         raise SplitLLMError(f"--edge-act-bits must be 8 or 16, got {flags['edge_act_bits']}")
+    if flags.get("predictive_file") is not None:
+        if wire not in (None, "predictive"):
+            raise SplitLLMError(f"--predictive-codec needs --codec predictive, not --codec {wire}")
+        if not Path(flags["predictive_file"]).is_file():
+            raise SplitLLMError(f"--predictive-codec: no such file: {flags['predictive_file']}")
+        wire, flags["predictive_file"] = "predictive", str(flags["predictive_file"])
     wire = wire or ("tabq" if plan is not None else "none")
     codec_flags_need_tabq(wire, codec_flags)
     base = SplitSpec.from_plan(plan, wire) if plan is not None else SplitSpec(wire=wire)
     spec = base.with_flags(codec=codec_flags, wire=wire, **flags)
-    if spec.wire == "tabq" and spec.codec.needs_samples:
+    if (spec.wire == "tabq" and spec.codec.needs_samples) or (spec.wire == "predictive" and spec.predictive_file is None):
         from ..deploy.calibrate import wikitext_path
 
-        wikitext_path(data_dir)
+        wikitext_path(data_dir)   # the fit text
     return spec
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .common import (
-    DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, FORCE_JSON_OPTION, JSON_OPTION, check_output_path, check_plan_fits, cli_errors,
+    DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, FORCE_JSON_OPTION, PREDICTIVE_CODEC_OPTION, JSON_OPTION, check_output_path, check_plan_fits, cli_errors,
     codec_options, console, err_console, json_safe, load_model_with_status, split_spec, write_json,
 )
 from .live import live_options, run_live
@@ -22,6 +22,7 @@ def generate_cmd(
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m; with --shards it is only checked against the manifest's hash)."),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ), the cloud the rest (default: the plan's, else L // 2)."),
     edge_act_bits: int = EDGE_ACT_BITS_OPTION,
+    predictive_codec: Path = PREDICTIVE_CODEC_OPTION,
     config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ, edge weight, embedding and KV bits and the codec (τ, Q̄, Δ); explicit flags win."),
     shards: Path = typer.Option(None, "--shards", help="Run the quantized split from a directory written by `splitllm quantize` (edge from edge.safetensors, cloud from cloud.safetensors)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
@@ -60,10 +61,11 @@ def generate_cmd(
         raise SplitLLMError(f"--prefill-chunk must be >= 0, got {prefill_chunk}")
     remote = _remote_options(cloud, cloud_api_key, cloud_ca, {"--prefill-chunk": prefill_chunk}) if cloud else None
     plan = Plan.load(config) if config is not None else None
-    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits)
-    if spec.wire == "predictive" and (cloud or shards is not None or deadline or local_tokens):
-        raise SplitLLMError("--codec predictive runs the split in this process only for now: "
-                            "drop --cloud / --shards / --deadline / --local-tokens, or use --codec tabq")
+    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits,
+                      predictive_file=predictive_codec)
+    if spec.wire == "predictive" and (shards is not None or deadline or local_tokens):
+        raise SplitLLMError("--codec predictive does not run with --shards / --deadline / --local-tokens yet: "
+                            "drop them, or use --codec tabq")
     live = live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, shards is not None,
                         remote=cloud is not None)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731

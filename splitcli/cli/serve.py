@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from ..errors import SplitLLMError
-from .common import DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, check_plan_fits, cli_errors, codec_options, err_console, load_model_with_status, split_spec
+from .common import DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, PREDICTIVE_CODEC_OPTION, check_plan_fits, cli_errors, codec_options, err_console, load_model_with_status, split_spec
 
 from ..serve.config import API_KEY_ENV, api_key_from  # noqa: F401 - generate --cloud reads the key the same way
 
@@ -144,11 +144,12 @@ def load_serve_config(path: Path | None):
 
 
 @cli_errors
-@codec_options(("none", "fp16", "bf16", "tabq"), "Hidden-state wire the edges use: none (raw fp32), fp16, bf16 or tabq (default: tabq with --config, else none).")
+@codec_options(("none", "fp16", "bf16", "tabq", "predictive"), "Hidden-state wire the edges use: none (raw fp32), fp16, bf16, tabq or predictive (token-predictive, frame format 4: fitted once, its file's path printed for the edges) (default: tabq with --config, else none).")
 def serve_cloud_cmd(
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the cloud runs layers [ℓ, L) (default: the plan's, else L // 2)."),
+    predictive_codec: Path = PREDICTIVE_CODEC_OPTION,
     host: str = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)."),
     port: int = typer.Option(None, "--port", help="gRPC port (default 50051; 0 = pick a free one; the address is printed)."),
     api_key: str = typer.Option(None, "--api-key", help=f"Bearer token every call must carry (default: ${API_KEY_ENV}, or the config's api_key_env; required)."),
@@ -196,7 +197,9 @@ def serve_cloud_cmd(
                 metrics_port=metrics_port, drain_timeout_s=drain_timeout, tls_cert=tls_cert, tls_key=tls_key)
     key = api_key_from(api_key, c.api_key_env)
     credentials = tls_credentials(c.tls_cert, c.tls_key)
-    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer)
+    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, predictive_file=predictive_codec)
+    if spec.wire == "predictive" and ray_options is not None:
+        raise SplitLLMError("--codec predictive is served by --backend local only for now")
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     model_ref = model or (plan.model_id if plan else DEFAULT_MODEL)
     lm = load_model_with_status(model_ref)
@@ -233,6 +236,10 @@ def serve_cloud_cmd(
             scope = settings if ray_options is None else dataclasses.replace(
                 settings, kv_budget_bytes=settings.kv_budget_bytes * ray_options.max_replicas)
             httpd = start_metrics_http(c.host, c.metrics_port, server, scope)
+        if spec.wire == "predictive":   # before the address line: a script reading it has this too
+            codec = split.info["codec"]
+            err_console.print(f"predictive codec {codec['path']} (crc {codec['crc']}): edges on other machines "
+                              "need this file (--predictive-codec)", highlight=False, soft_wrap=True)
         metrics = f"; metrics on http://{_join(c.host, httpd.server_address[1])}/metrics" if httpd else ""
         # One line on stdout, flushed: scripts and tests read the bound address from it.
         print(f"serving {model_id} cloud layers [{layers[0]}, {layers[1]}) "
@@ -293,7 +300,7 @@ def _join(host: str, port: int) -> str:
 
 
 @cli_errors
-@codec_options(("none", "fp16", "bf16", "tabq"), "Hidden-state wire (must match the cloud's): none (raw fp32), fp16, bf16 or tabq (default: tabq with --config, else none).")
+@codec_options(("none", "fp16", "bf16", "tabq", "predictive"), "Hidden-state wire (must match the cloud's): none (raw fp32), fp16, bf16, tabq or predictive (frame format 4; the cloud's codec file: --predictive-codec) (default: tabq with --config, else none).")
 def serve_edge_cmd(
     cloud: str = typer.Option(None, "--cloud", help="HOST:PORT of the `splitllm serve-cloud` running the cloud half (default: the config's, else 127.0.0.1:50051)."),
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),
@@ -301,6 +308,7 @@ def serve_edge_cmd(
     shards: Path = typer.Option(None, "--shards", help="Run the edge half from a directory written by `splitllm quantize` (instead of --model)."),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ) (default: the plan's or the shards', else L // 2)."),
     edge_act_bits: int = EDGE_ACT_BITS_OPTION,
+    predictive_codec: Path = PREDICTIVE_CODEC_OPTION,
     host: str = typer.Option(None, "--host", help="Address the HTTP API listens on (default 127.0.0.1; 0.0.0.0 for all interfaces)."),
     port: int = typer.Option(None, "--port", help="HTTP port (default 8000; 0 = pick a free one; the address is printed)."),
     api_key: str = typer.Option(None, "--api-key", help=f"Bearer token for the /v1 API, also sent to the cloud unless --cloud-api-key (default: ${API_KEY_ENV}, or the config's api_key_env; required)."),
@@ -337,7 +345,10 @@ def serve_edge_cmd(
     remote = _remote_options(e.cloud, cloud_api_key or key, e.cloud_ca, {})
     if shards is not None and model is not None:
         raise SplitLLMError("give --shards or --model, not both")
-    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits)
+    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits,
+                      predictive_file=predictive_codec)
+    if spec.wire == "predictive" and (shards is not None or e.deadline_s is not None):
+        raise SplitLLMError("--codec predictive does not run with --shards or --deadline yet: drop them, or use --codec tabq")
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     if shards is not None:
         with err_console.status(f"loading the edge shard from {shards} ..."):

@@ -52,6 +52,18 @@ def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: 
     return fit_predictive(emb, wins, step=step, target_rel_error=target_rel_error, info=info), emb
 
 
+def predictive_from_file(path, lm, split_layer: int) -> tuple[PredictiveCodec, torch.Tensor, dict]:
+    """(codec, input embeddings, info) from a codec file (.npz, e.g. the cloud's cache file) for
+    (lm, ℓ): refused with a clear error when it was fitted at another layer (the wire checks the
+    embeddings)."""
+    pc = PredictiveCodec.load(path)
+    fitted_at = pc.info.get("split_layer")
+    if fitted_at is not None and fitted_at != split_layer:
+        raise SplitLLMError(f"predictive codec file {path} was fitted at split layer {fitted_at}, not {split_layer}")
+    emb = lm.model.get_input_embeddings().weight.detach().float()
+    return pc, emb, dict(path=str(path), cache="file")
+
+
 def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[str], None] | None = None,
                       target_rel_error: float = DEFAULT_TARGET_REL_ERROR) -> tuple[PredictiveCodec, torch.Tensor, dict]:
     """(codec, input embeddings, info) for (lm's weights, ℓ), from the cache or fitted now.

@@ -39,7 +39,9 @@ class SplitSpec:
     """What one split runs. None = the model-dependent default (ℓ = L // 2, l_w = ℓ, the largest
     of 128 / 64 that divides every layer width as group size). q_w1 = 16 keeps the edge's
     weights as loaded; q_w2 None = layers past l_w are not quantized either (only [0, ℓ) run on
-    the edge in a split). wire "none" is the raw fp32 wire (compression off)."""
+    the edge in a split). wire "none" is the raw fp32 wire (compression off). predictive_file:
+    a fitted predictive codec (.npz) to use instead of fitting one (the two ends of a networked
+    split must hold the same codec: the cloud's file, copied to the edge)."""
 
     split_layer: int | None = None
     q_w1: int = KEEP_BITS
@@ -52,6 +54,7 @@ class SplitSpec:
     wire: str = "none"
     codec: CodecSettings = field(default_factory=CodecSettings)
     edge_act_bits: int = 16  # the edge's 4-bit products' input width (Int4Linear.act_bits)
+    predictive_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("front", "back"):
@@ -66,6 +69,8 @@ class SplitSpec:
             raise SplitLLMError("SplitSpec.codec must be CodecSettings")
         if self.edge_act_bits not in (8, 16) or isinstance(self.edge_act_bits, bool):
             raise SplitLLMError(f"edge activation bits must be 8 or 16, got {self.edge_act_bits!r}")
+        if self.predictive_file is not None and self.wire != "predictive":
+            raise SplitLLMError("a predictive codec file needs the predictive wire (--codec predictive)")
 
     @classmethod
     def from_plan(cls, plan: Plan, wire: str = "tabq") -> "SplitSpec":
@@ -175,11 +180,16 @@ def build_wire(spec: SplitSpec, lm, data_dir=None, progress: Callable[[str], Non
     if spec.wire in ("fp16", "bf16"):
         return RawWire(spec.wire)
     if spec.wire == "predictive":
-        from splitcli.deploy.predictive import fitted_predictive
+        from splitcli.deploy.predictive import fitted_predictive, predictive_from_file
         from splitcli.runtime.codec_wire import PredictiveWire
 
-        pc, emb, _ = fitted_predictive(lm, spec.split_layer, data_dir, progress)
-        return PredictiveWire(pc, emb, keep_stats=keep_stats)
+        if spec.predictive_file is not None:
+            pc, emb, info = predictive_from_file(spec.predictive_file, lm, spec.split_layer)
+        else:
+            pc, emb, info = fitted_predictive(lm, spec.split_layer, data_dir, progress)
+        wire = PredictiveWire(pc, emb, keep_stats=keep_stats)
+        wire.path = info["path"]
+        return wire
     from splitcli.deploy.calibrate import calibrated_config
     from splitcli.runtime.codec_wire import CodecWire
 
@@ -200,7 +210,8 @@ def build_split(lm, spec: SplitSpec, data_dir=None, progress: Callable[[str], No
         info["codec"] = {"tau": cfg.tau, "q_bar": cfg.q_bar, "delta": cfg.delta, "entropy": cfg.entropy,
                          "rotation_seed": cfg.rotation_seed, "channel_scale": cfg.channel_scale is not None}
     elif spec.wire == "predictive":
-        info["codec"] = {"frame_version": 4, "step": wire.pc.step, "fit": wire.pc.info}
+        info["codec"] = {"frame_version": 4, "step": wire.pc.step, "fit": wire.pc.info, "path": wire.path,
+                         "crc": f"{wire.pc.crc:08x}"}
     return Split(spec, edge, CloudHalf(parts, spec.split_layer), wire, info)
 
 

@@ -118,6 +118,8 @@ def open_message(split, cloud: RemoteCloud, max_tokens: int, cfg: SamplingConfig
     if spec.wire == "tabq":
         msg.codec.CopyFrom(codec_to_pb(spec.codec))
         msg.codec_config.CopyFrom(codec_config_to_pb(split.wire.cfg))
+    elif spec.wire == "predictive":
+        msg.predictive_crc = split.wire.pc.crc
     return pb.ClientMessage(open=msg)
 
 
@@ -241,6 +243,10 @@ class _SplitSteps:
         # `history`: every hidden state [1, t, H] this edge has sent, in order.
         self.reopen, self.cloud = reopen, cloud
         self.history: list[torch.Tensor] = []
+        # a token-predictive wire codes each step against its tokens: their ids, and the last one sent
+        self.needs_ids = getattr(split.wire, "needs_ids", False)
+        self.id_history: list[torch.Tensor] = []
+        self.prev_id: int | None = None
         self.edge, self.cache = _edge_and_cache(split, cache, capacity)
         self.position, self.step_id = position, step_id
         self.vocab = split.edge.parts.config.vocab_size  # the embedding may be a QuantEmbedding (no .weight)
@@ -249,27 +255,35 @@ class _SplitSteps:
         self.encode_s = 0.0
         self.exchange = None  # what the last exchange measured (with `live`)
 
-    def send_hidden(self, hidden: torch.Tensor, q_bar: int | None = None, lead: tuple = ()) -> int:
+    def send_hidden(self, hidden: torch.Tensor, q_bar: int | None = None, lead: tuple = (),
+                    ids: torch.Tensor | None = None) -> int:
         """Hidden states [1, t, H] at the next t positions as one step; the cloud's next token.
-        `lead`: (messages, bytes, replies) sent first in the same exchange (a handoff's payload)."""
+        `lead`: (messages, bytes, replies) sent first in the same exchange (a handoff's payload);
+        `ids` [1, t]: the tokens of those positions (what a token-predictive wire codes against)."""
         t = hidden.shape[1]
         if self.reopen is None:
-            return self._exchange(hidden, self.position, self.step_id, q_bar, lead)
+            return self._exchange(hidden, self.position, self.step_id, q_bar, lead, ids)
         self.history.append(hidden)
+        if ids is not None:
+            self.id_history.append(ids)
         try:
-            return self._exchange(hidden, self.position, self.step_id, q_bar, lead)
+            return self._exchange(hidden, self.position, self.step_id, q_bar, lead, ids)
         except RemoteError as exc:
             if exc.code not in RETRYABLE:
                 raise
             return self._recover(exc, self.position + t)
 
     def _exchange(self, hidden: torch.Tensor, position: int, step_id: int, q_bar: int | None = None,
-                  lead: tuple = ()) -> int:
+                  lead: tuple = (), ids: torch.Tensor | None = None) -> int:
         t = hidden.shape[1]
         live = self.live
         e0 = time.perf_counter()
         if live is not None:
             frame, field = live.encode(hidden.reshape(t, -1), q_bar)
+        elif self.needs_ids:   # no ids here (a path that does not pass them): the wire says so
+            flat = None if ids is None else ids.reshape(-1)
+            frame = self.split.wire.encode(hidden.reshape(t, -1), ids=flat, prev_id=None if position == 0 else self.prev_id)
+            field = 0
         else:
             frame, field = self.split.wire.encode(hidden.reshape(t, -1)), 0
         self.encode_s = time.perf_counter() - e0
@@ -295,6 +309,8 @@ class _SplitSteps:
             self.exchange = Exchange(lead_bytes + len(frame), seconds, (cloud_us + reply.token.cloud_us) / 1e6)
             live.measured(self.exchange)
         self.position, self.step_id = position + t, step_id + 1
+        if ids is not None and ids.numel():
+            self.prev_id = int(ids.reshape(-1)[-1])
         return token
 
     def _recover(self, first: RemoteError, length: int) -> int:
@@ -306,7 +322,8 @@ class _SplitSteps:
             self.stream.close()
             try:
                 self.stream, self.chunk = self.reopen()
-                return self._exchange(torch.cat(self.history, dim=1), 0, 0)
+                ids = torch.cat(self.id_history, dim=1) if self.needs_ids and self.id_history else None
+                return self._exchange(torch.cat(self.history, dim=1), 0, 0, ids=ids)
             except RemoteError as exc:
                 if exc.code not in RETRYABLE:
                     raise
@@ -331,7 +348,7 @@ class _SplitSteps:
         c0 = time.perf_counter()
         hidden = self.edge(ids, torch.arange(self.position, self.position + t)[None], None, self.cache)
         edge_s = time.perf_counter() - c0
-        token = self.send_hidden(hidden, q_bar, lead)
+        token = self.send_hidden(hidden, q_bar, lead, ids=ids)
         if live is not None:
             compute_s = edge_s + self.encode_s
             if decision is None:  # the prefill: not decided (D bounds a token step, not the prompt)

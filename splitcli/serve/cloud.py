@@ -222,6 +222,10 @@ class CloudServicer(ServingState, pb_grpc.SplitCloudServicer):
                 diff = ", ".join(f"{k} {theirs[k]!r} (served {ours[k]!r})" for k in ours if theirs[k] != ours[k])
                 raise _Refused(bad, f"codec settings differ from the served ones: {diff}")
             session_codec = self._session_codec(msg, codec)
+        if wire == "predictive" and msg.predictive_crc != self.split.wire.pc.crc:
+            raise _Refused(bad, f"the edge's predictive codec (crc {msg.predictive_crc:08x}) is not the served one "
+                                f"(crc {self.split.wire.pc.crc:08x}): give the edge the cloud's codec file "
+                                "(--predictive-codec)")
         ikv = PB_TO_IKV.get(msg.kv_mode)
         if ikv is None:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "kv_mode must be KV_HIDDEN or KV_CACHE")

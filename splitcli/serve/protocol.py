@@ -17,7 +17,8 @@ from splitcli.plan.codec_settings import CodecSettings
 from splitcli.runtime.codec_wire import CodecWire
 from splitcli.serve.proto import split_pb2 as pb
 
-WIRE_TO_PB = {"none": pb.WIRE_NONE, "fp16": pb.WIRE_FP16, "bf16": pb.WIRE_BF16, "tabq": pb.WIRE_TABQ}
+WIRE_TO_PB = {"none": pb.WIRE_NONE, "fp16": pb.WIRE_FP16, "bf16": pb.WIRE_BF16, "tabq": pb.WIRE_TABQ,
+              "predictive": pb.WIRE_PREDICTIVE}
 PB_TO_WIRE = {v: k for k, v in WIRE_TO_PB.items()}
 #: I_kv of eq. (3) -> KvMode; 0 (hidden states at ℓ) is what a plain split session sends.
 IKV_TO_PB = {0: pb.KV_HIDDEN, 1: pb.KV_CACHE}
@@ -168,6 +169,10 @@ def decode_frame(wire, frame: bytes, n_tokens: int, hidden_size: int, cfg=None) 
 
         hidden = decode(frame, cfg or wire.cfg, max_tokens=n_tokens, max_hidden=hidden_size,
                         max_elements=n_tokens * hidden_size).to(torch.float32)
+    elif getattr(wire, "needs_ids", False):   # token-predictive (format 4): its hidden size is the codec's
+        from splitcli.codec import predictive
+
+        hidden = predictive.decode(frame, wire.pc, wire.emb, max_tokens=n_tokens)
     else:
         hidden = wire.decode(frame)
     if tuple(hidden.shape) != (n_tokens, hidden_size):

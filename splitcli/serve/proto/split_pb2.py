@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n splitcli/serve/proto/split.proto\x12\x11splitllm.serve.v1\"\xbb\x02\n\rCodecSettings\x12\x10\n\x03tau\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0ctau_quantile\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05q_bar\x18\x03 \x01(\r\x12\x11\n\tq_bar_min\x18\x04 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x06 \x01(\x08\x12\x11\n\tn_classes\x18\x07 \x01(\r\x12-\n\x08rotation\x18\x08 \x01(\x0e\x32\x1b.splitllm.serve.v1.Rotation\x12\x15\n\rrotation_seed\x18\t \x01(\r\x12\x15\n\rchannel_alpha\x18\n \x01(\x01\x12\x1d\n\x10target_rel_error\x18\x0b \x01(\x01H\x02\x88\x01\x01\x42\x06\n\x04_tauB\x0f\n\r_tau_quantileB\x13\n\x11_target_rel_error\"\x1e\n\x0cSymbolCounts\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\r\"\xb5\x02\n\x0b\x43odecConfig\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x10\n\x03tau\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0ctau_quantile\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05q_bar\x18\x04 \x01(\r\x12\r\n\x05q_min\x18\x05 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x06 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x07 \x01(\x08\x12\x15\n\rchannel_scale\x18\x08 \x03(\x02\x12\x15\n\rchannel_class\x18\t \x01(\x0c\x12\x35\n\x0csymbol_model\x18\n \x03(\x0b\x32\x1f.splitllm.serve.v1.SymbolCounts\x12\x1a\n\rrotation_seed\x18\x0b \x01(\rH\x02\x88\x01\x01\x42\x06\n\x04_tauB\x0f\n\r_tau_quantileB\x10\n\x0e_rotation_seed\"R\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x14\n\x0ctop_k_logits\x18\x04 \x01(\r\"\xcc\x02\n\x04Open\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\x13\n\x0bsplit_layer\x18\x02 \x01(\r\x12)\n\x04wire\x18\x03 \x01(\x0e\x32\x1b.splitllm.serve.v1.WireKind\x12/\n\x05\x63odec\x18\x04 \x01(\x0b\x32 .splitllm.serve.v1.CodecSettings\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12*\n\x07kv_mode\x18\x06 \x01(\x0e\x32\x19.splitllm.serve.v1.KvMode\x12-\n\x08sampling\x18\x07 \x01(\x0b\x32\x1b.splitllm.serve.v1.Sampling\x12\x18\n\x10protocol_version\x18\x08 \x01(\r\x12\x34\n\x0c\x63odec_config\x18\t \x01(\x0b\x32\x1e.splitllm.serve.v1.CodecConfig\"\xb3\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63hunk_index\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\r\x12,\n\x04kind\x18\x07 \x01(\x0e\x32\x1e.splitllm.serve.v1.PayloadKind\x12\r\n\x05q_bar\x18\x08 \x01(\r\"\x07\n\x05\x43lose\"\x18\n\x05Probe\x12\x0f\n\x07padding\x18\x01 \x01(\x0c\"\xbf\x01\n\rClientMessage\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.splitllm.serve.v1.OpenH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.splitllm.serve.v1.StepH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.splitllm.serve.v1.CloseH\x00\x12)\n\x05probe\x18\x04 \x01(\x0b\x32\x18.splitllm.serve.v1.ProbeH\x00\x42\x06\n\x04kind\"\xba\x01\n\x06Opened\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fmax_frame_bytes\x18\x05 \x01(\x04\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\x12\x16\n\x0e\x61\x64\x61ptive_steps\x18\x07 \x01(\x08\x12\x14\n\x0c\x63odec_config\x18\x08 \x01(\x08\"\x1e\n\nProbeReply\x12\x10\n\x08received\x18\x01 \x01(\x04\")\n\x04TopK\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06logits\x18\x02 \x03(\x02\"r\n\x05Token\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x12\n\x08token_id\x18\x02 \x01(\rH\x00\x12(\n\x05top_k\x18\x03 \x01(\x0b\x32\x17.splitllm.serve.v1.TopKH\x00\x12\x10\n\x08\x63loud_us\x18\x04 \x01(\x04\x42\x08\n\x06result\"\x9f\x01\n\rServerMessage\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.splitllm.serve.v1.OpenedH\x00\x12)\n\x05token\x18\x02 \x01(\x0b\x32\x18.splitllm.serve.v1.TokenH\x00\x12.\n\x05probe\x18\x03 \x01(\x0b\x32\x1d.splitllm.serve.v1.ProbeReplyH\x00\x42\x06\n\x04kind*\\\n\x08WireKind\x12\x14\n\x10WIRE_UNSPECIFIED\x10\x00\x12\r\n\tWIRE_NONE\x10\x01\x12\r\n\tWIRE_FP16\x10\x02\x12\r\n\tWIRE_TABQ\x10\x03\x12\r\n\tWIRE_BF16\x10\x04*9\n\x06KvMode\x12\x12\n\x0eKV_UNSPECIFIED\x10\x00\x12\r\n\tKV_HIDDEN\x10\x01\x12\x0c\n\x08KV_CACHE\x10\x02*1\n\x0bPayloadKind\x12\x12\n\x0ePAYLOAD_HIDDEN\x10\x00\x12\x0e\n\nPAYLOAD_KV\x10\x01*4\n\x08Rotation\x12\x11\n\rROTATION_NONE\x10\x00\x12\x15\n\x11ROTATION_HADAMARD\x10\x01\x32_\n\nSplitCloud\x12Q\n\x07Session\x12 .splitllm.serve.v1.ClientMessage\x1a .splitllm.serve.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n splitcli/serve/proto/split.proto\x12\x11splitllm.serve.v1\"\xbb\x02\n\rCodecSettings\x12\x10\n\x03tau\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0ctau_quantile\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05q_bar\x18\x03 \x01(\r\x12\x11\n\tq_bar_min\x18\x04 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x06 \x01(\x08\x12\x11\n\tn_classes\x18\x07 \x01(\r\x12-\n\x08rotation\x18\x08 \x01(\x0e\x32\x1b.splitllm.serve.v1.Rotation\x12\x15\n\rrotation_seed\x18\t \x01(\r\x12\x15\n\rchannel_alpha\x18\n \x01(\x01\x12\x1d\n\x10target_rel_error\x18\x0b \x01(\x01H\x02\x88\x01\x01\x42\x06\n\x04_tauB\x0f\n\r_tau_quantileB\x13\n\x11_target_rel_error\"\x1e\n\x0cSymbolCounts\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\r\"\xb5\x02\n\x0b\x43odecConfig\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x10\n\x03tau\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0ctau_quantile\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05q_bar\x18\x04 \x01(\r\x12\r\n\x05q_min\x18\x05 \x01(\r\x12\r\n\x05\x64\x65lta\x18\x06 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x07 \x01(\x08\x12\x15\n\rchannel_scale\x18\x08 \x03(\x02\x12\x15\n\rchannel_class\x18\t \x01(\x0c\x12\x35\n\x0csymbol_model\x18\n \x03(\x0b\x32\x1f.splitllm.serve.v1.SymbolCounts\x12\x1a\n\rrotation_seed\x18\x0b \x01(\rH\x02\x88\x01\x01\x42\x06\n\x04_tauB\x0f\n\r_tau_quantileB\x10\n\x0e_rotation_seed\"R\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x14\n\x0ctop_k_logits\x18\x04 \x01(\r\"\xe4\x02\n\x04Open\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\x13\n\x0bsplit_layer\x18\x02 \x01(\r\x12)\n\x04wire\x18\x03 \x01(\x0e\x32\x1b.splitllm.serve.v1.WireKind\x12/\n\x05\x63odec\x18\x04 \x01(\x0b\x32 .splitllm.serve.v1.CodecSettings\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12*\n\x07kv_mode\x18\x06 \x01(\x0e\x32\x19.splitllm.serve.v1.KvMode\x12-\n\x08sampling\x18\x07 \x01(\x0b\x32\x1b.splitllm.serve.v1.Sampling\x12\x18\n\x10protocol_version\x18\x08 \x01(\r\x12\x34\n\x0c\x63odec_config\x18\t \x01(\x0b\x32\x1e.splitllm.serve.v1.CodecConfig\x12\x16\n\x0epredictive_crc\x18\n \x01(\x07\"\xb3\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63hunk_index\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\r\x12,\n\x04kind\x18\x07 \x01(\x0e\x32\x1e.splitllm.serve.v1.PayloadKind\x12\r\n\x05q_bar\x18\x08 \x01(\r\"\x07\n\x05\x43lose\"\x18\n\x05Probe\x12\x0f\n\x07padding\x18\x01 \x01(\x0c\"\xbf\x01\n\rClientMessage\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.splitllm.serve.v1.OpenH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.splitllm.serve.v1.StepH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.splitllm.serve.v1.CloseH\x00\x12)\n\x05probe\x18\x04 \x01(\x0b\x32\x18.splitllm.serve.v1.ProbeH\x00\x42\x06\n\x04kind\"\xba\x01\n\x06Opened\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fmax_frame_bytes\x18\x05 \x01(\x04\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\x12\x16\n\x0e\x61\x64\x61ptive_steps\x18\x07 \x01(\x08\x12\x14\n\x0c\x63odec_config\x18\x08 \x01(\x08\"\x1e\n\nProbeReply\x12\x10\n\x08received\x18\x01 \x01(\x04\")\n\x04TopK\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06logits\x18\x02 \x03(\x02\"r\n\x05Token\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x12\n\x08token_id\x18\x02 \x01(\rH\x00\x12(\n\x05top_k\x18\x03 \x01(\x0b\x32\x17.splitllm.serve.v1.TopKH\x00\x12\x10\n\x08\x63loud_us\x18\x04 \x01(\x04\x42\x08\n\x06result\"\x9f\x01\n\rServerMessage\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.splitllm.serve.v1.OpenedH\x00\x12)\n\x05token\x18\x02 \x01(\x0b\x32\x18.splitllm.serve.v1.TokenH\x00\x12.\n\x05probe\x18\x03 \x01(\x0b\x32\x1d.splitllm.serve.v1.ProbeReplyH\x00\x42\x06\n\x04kind*q\n\x08WireKind\x12\x14\n\x10WIRE_UNSPECIFIED\x10\x00\x12\r\n\tWIRE_NONE\x10\x01\x12\r\n\tWIRE_FP16\x10\x02\x12\r\n\tWIRE_TABQ\x10\x03\x12\r\n\tWIRE_BF16\x10\x04\x12\x13\n\x0fWIRE_PREDICTIVE\x10\x05*9\n\x06KvMode\x12\x12\n\x0eKV_UNSPECIFIED\x10\x00\x12\r\n\tKV_HIDDEN\x10\x01\x12\x0c\n\x08KV_CACHE\x10\x02*1\n\x0bPayloadKind\x12\x12\n\x0ePAYLOAD_HIDDEN\x10\x00\x12\x0e\n\nPAYLOAD_KV\x10\x01*4\n\x08Rotation\x12\x11\n\rROTATION_NONE\x10\x00\x12\x15\n\x11ROTATION_HADAMARD\x10\x01\x32_\n\nSplitCloud\x12Q\n\x07Session\x12 .splitllm.serve.v1.ClientMessage\x1a .splitllm.serve.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitcli.serve.proto.split_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WIREKIND']._serialized_start=2089
-  _globals['_WIREKIND']._serialized_end=2181
-  _globals['_KVMODE']._serialized_start=2183
-  _globals['_KVMODE']._serialized_end=2240
-  _globals['_PAYLOADKIND']._serialized_start=2242
-  _globals['_PAYLOADKIND']._serialized_end=2291
-  _globals['_ROTATION']._serialized_start=2293
-  _globals['_ROTATION']._serialized_end=2345
+  _globals['_WIREKIND']._serialized_start=2113
+  _globals['_WIREKIND']._serialized_end=2226
+  _globals['_KVMODE']._serialized_start=2228
+  _globals['_KVMODE']._serialized_end=2285
+  _globals['_PAYLOADKIND']._serialized_start=2287
+  _globals['_PAYLOADKIND']._serialized_end=2336
+  _globals['_ROTATION']._serialized_start=2338
+  _globals['_ROTATION']._serialized_end=2390
   _globals['_CODECSETTINGS']._serialized_start=56
   _globals['_CODECSETTINGS']._serialized_end=371
   _globals['_SYMBOLCOUNTS']._serialized_start=373
@@ -48,25 +48,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLING']._serialized_start=717
   _globals['_SAMPLING']._serialized_end=799
   _globals['_OPEN']._serialized_start=802
-  _globals['_OPEN']._serialized_end=1134
-  _globals['_STEP']._serialized_start=1137
-  _globals['_STEP']._serialized_end=1316
-  _globals['_CLOSE']._serialized_start=1318
-  _globals['_CLOSE']._serialized_end=1325
-  _globals['_PROBE']._serialized_start=1327
-  _globals['_PROBE']._serialized_end=1351
-  _globals['_CLIENTMESSAGE']._serialized_start=1354
-  _globals['_CLIENTMESSAGE']._serialized_end=1545
-  _globals['_OPENED']._serialized_start=1548
-  _globals['_OPENED']._serialized_end=1734
-  _globals['_PROBEREPLY']._serialized_start=1736
-  _globals['_PROBEREPLY']._serialized_end=1766
-  _globals['_TOPK']._serialized_start=1768
-  _globals['_TOPK']._serialized_end=1809
-  _globals['_TOKEN']._serialized_start=1811
-  _globals['_TOKEN']._serialized_end=1925
-  _globals['_SERVERMESSAGE']._serialized_start=1928
-  _globals['_SERVERMESSAGE']._serialized_end=2087
-  _globals['_SPLITCLOUD']._serialized_start=2347
-  _globals['_SPLITCLOUD']._serialized_end=2442
+  _globals['_OPEN']._serialized_end=1158
+  _globals['_STEP']._serialized_start=1161
+  _globals['_STEP']._serialized_end=1340
+  _globals['_CLOSE']._serialized_start=1342
+  _globals['_CLOSE']._serialized_end=1349
+  _globals['_PROBE']._serialized_start=1351
+  _globals['_PROBE']._serialized_end=1375
+  _globals['_CLIENTMESSAGE']._serialized_start=1378
+  _globals['_CLIENTMESSAGE']._serialized_end=1569
+  _globals['_OPENED']._serialized_start=1572
+  _globals['_OPENED']._serialized_end=1758
+  _globals['_PROBEREPLY']._serialized_start=1760
+  _globals['_PROBEREPLY']._serialized_end=1790
+  _globals['_TOPK']._serialized_start=1792
+  _globals['_TOPK']._serialized_end=1833
+  _globals['_TOKEN']._serialized_start=1835
+  _globals['_TOKEN']._serialized_end=1949
+  _globals['_SERVERMESSAGE']._serialized_start=1952
+  _globals['_SERVERMESSAGE']._serialized_end=2111
+  _globals['_SPLITCLOUD']._serialized_start=2392
+  _globals['_SPLITCLOUD']._serialized_end=2487
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,163 @@
+"""The token-predictive wire (frame format 4) across gRPC: edge client <-> cloud server on 127.0.0.1
+(ports chosen at run time, every server stopped in a finally). Outputs equal the in-process split's
+over the same wire; an edge holding another codec is refused at Open; a broken stream is rebuilt
+from the edge's history (hidden states and their token ids); serve-cloud / serve-edge run it from
+the command line with the cloud's codec file."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import _tiny
+from splitcli.deploy import SplitSpec, build_split
+from splitcli.deploy.predictive import fitted_predictive, predictive_from_file
+from splitcli.errors import SplitLLMError
+from splitcli.runtime.generate import SamplingConfig, generate
+from splitcli.serve.client import RemoteCloud, RemoteError, generate_remote
+from splitcli.serve.cloud import CloudServer, CloudSettings
+from test_deploy_calibrate import CharTokenizer, write_wikitext
+
+SHA, KEY = "ab" * 32, "predictive-test-key"
+PROMPTS = [[1, 5, 9, 33, 7, 12, 40, 41], [2, 40, 3]]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """(lm, data dir, cache dir) with the codec for ℓ = 2 fitted once into the module's cache."""
+    root = tmp_path_factory.mktemp("predictive-serve")
+    lm = SimpleNamespace(model=_tiny("llama"), tokenizer=CharTokenizer(), sha256=SHA)
+    data = write_wikitext(root / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPLITLLM_CACHE", str(root / "cache"))
+        fitted_predictive(lm, 2, data)
+    return lm, data, root / "cache"
+
+
+@pytest.fixture()
+def split(fitted, monkeypatch):
+    lm, data, cache = fitted
+    monkeypatch.setenv("SPLITLLM_CACHE", str(cache))
+    return build_split(lm, SplitSpec(split_layer=2, wire="predictive"), data, keep_stats=False)
+
+
+@contextlib.contextmanager
+def serving(split, **settings):
+    server = CloudServer(split, CloudSettings(**{"model_sha256": SHA, "api_key": KEY, **settings}))
+    try:
+        yield server
+    finally:
+        server.stop(0)
+    assert server.servicer.session_count == 0 and server.servicer.kv_used == 0
+
+
+def remote(port: int, **kw) -> RemoteCloud:
+    return RemoteCloud(**{"target": f"127.0.0.1:{port}", "api_key": KEY, "model_sha256": SHA, "timeout_s": 60.0, **kw})
+
+
+def reference(split, prompt, cfg):
+    return generate(split.session(), torch.tensor([prompt]), None, cfg).tokens[0].tolist()
+
+
+def test_over_the_wire_equals_in_process(split):
+    greedy = SamplingConfig(max_new_tokens=6)
+    sampled = SamplingConfig(max_new_tokens=5, temperature=0.8, top_p=0.9, seed=7)
+    long_prompt = [3 + i % 120 for i in range(150)]   # a prefill frame of several 1 KiB chunks
+    with serving(split, max_message_bytes=2048, max_frame_bytes=1 << 20) as server:
+        cloud = remote(server.port, max_message_bytes=2048)
+        for prompt in (*PROMPTS, long_prompt):
+            assert list(generate_remote(split, prompt, greedy, cloud)) == reference(split, prompt, greedy)
+        assert list(generate_remote(split, long_prompt, sampled, cloud)) == reference(split, long_prompt, sampled)
+
+
+def test_an_edge_with_another_codec_is_refused_at_open(fitted, split, tmp_path, monkeypatch):
+    lm, data, _ = fitted
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "other-cache"))
+    from splitcli.deploy.predictive import fit_from_ids
+
+    ids = CharTokenizer()((data / "wikitext2" / "wiki.test.raw").read_text())["input_ids"]
+    other_pc, _ = fit_from_ids(lm, 2, ids, windows=2, seqlen=256, step=0.5)   # another step: another crc
+    other_pc.save(tmp_path / "other.npz")
+    other = build_split(lm, SplitSpec(split_layer=2, wire="predictive", predictive_file=str(tmp_path / "other.npz")))
+    assert other.wire.pc.crc != split.wire.pc.crc
+    with serving(split) as server:
+        with pytest.raises(RemoteError, match="predictive codec .* is not the served one"):
+            list(generate_remote(other, PROMPTS[0], SamplingConfig(max_new_tokens=2), remote(server.port, retries=0)))
+        # and the served codec still serves
+        assert list(generate_remote(split, PROMPTS[1], SamplingConfig(max_new_tokens=3), remote(server.port))) == \
+            reference(split, PROMPTS[1], SamplingConfig(max_new_tokens=3))
+
+
+def test_a_broken_stream_is_rebuilt_from_hidden_states_and_their_ids(split):
+    settings = CloudSettings(model_sha256=SHA, api_key=KEY)
+    server = CloudServer(split, settings)
+    port = server.port
+    try:
+        tokens = generate_remote(split, PROMPTS[0], SamplingConfig(max_new_tokens=9), remote(port))
+        out = [next(tokens) for _ in range(3)]
+        server.stop(0)
+        server = CloudServer(split, settings, address=f"127.0.0.1:{port}")
+        out += list(tokens)
+        for _ in range(250):   # the server frees the session once it has read the client's close
+            if server.servicer.session_count == 0:
+                break
+            threading.Event().wait(0.02)
+        assert server.servicer.session_count == 0
+    finally:
+        server.stop(0)
+    # the replay is one frame of every position: each row codes alone (its token and the one before),
+    # so the cloud rebuilds the cache the steps had built
+    assert out == reference(split, PROMPTS[0], SamplingConfig(max_new_tokens=9))
+
+
+def test_codec_files_are_checked(fitted, split, tmp_path):
+    lm, _, _ = fitted
+    path = split.info["codec"]["path"]
+    pc, _, info = predictive_from_file(path, lm, 2)
+    assert pc.crc == split.wire.pc.crc and info["cache"] == "file"
+    with pytest.raises(SplitLLMError, match="fitted at split layer 2, not 3"):
+        predictive_from_file(path, lm, 3)
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(SplitLLMError, match="cannot read predictive codec file"):
+        predictive_from_file(tmp_path / "junk.npz", lm, 2)
+    with pytest.raises(SplitLLMError, match="needs the predictive wire"):
+        SplitSpec(split_layer=2, wire="tabq", predictive_file=path)
+    by_file = build_split(lm, SplitSpec(split_layer=2, wire="predictive", predictive_file=path))
+    assert by_file.wire.pc.crc == split.wire.pc.crc and by_file.info["codec"]["path"] == path
+
+
+def test_serve_cloud_and_serve_edge_with_the_clouds_codec_file(tiny_model_dir, tmp_path, monkeypatch):
+    """The user's path: serve-cloud fits (and prints) the codec; serve-edge takes that file."""
+    import openai
+
+    from splitcli.model.loader import load_model
+    from test_serve_cli import KEY as CLI_KEY
+    from test_serve_cli import launch, serve_cloud
+
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    data = write_wikitext(tmp_path / "data", n_chars=12000)
+    with serve_cloud(tiny_model_dir, "--codec", "predictive", "--data-dir", str(data), tmp_path=tmp_path) as (_, addr, _):
+        log = next(tmp_path.glob("server-*.log")).read_text()
+        m = re.search(r"predictive codec (\S+\.npz) \(crc ([0-9a-f]{8})\)", log)
+        assert m is not None, log
+        lm = load_model(str(tiny_model_dir))
+        split = build_split(lm, SplitSpec(split_layer=2, wire="predictive", predictive_file=m.group(1)))
+        assert f"{split.wire.pc.crc:08x}" == m.group(2)
+        prompt = "Hello there"
+        want_ids = reference(split, lm.tokenizer(prompt, add_special_tokens=True)["input_ids"], SamplingConfig(max_new_tokens=6))
+        want = lm.tokenizer.decode(want_ids, skip_special_tokens=True)
+        edge = ["serve-edge", "-m", str(tiny_model_dir), "-l", "2", "--cloud", addr, "--port", "0",
+                "--predictive-codec", m.group(1)]
+        with launch(edge, r" on (http://127\.0\.0\.1:\d+/v1)$", tmp_path) as (proc, em):
+            client = openai.OpenAI(base_url=em.group(1), api_key=CLI_KEY, max_retries=0, timeout=60)
+            name = client.models.list().data[0].id
+            done = client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0)
+            assert done.choices[0].text == want
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
