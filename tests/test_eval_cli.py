@@ -132,3 +132,23 @@ def test_json_exists_without_force(tmp_path):
     r = runner.invoke(app, ["eval", "--tasks", "arc_easy", "--json", str(out)])
     _one_line_error(r, "--force")
     assert out.read_text() == "{}"
+
+
+def test_split_with_the_predictive_codec(tiny_model_dir, spec_file, data_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from test_deploy_calibrate import write_wikitext
+
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "user-cache"))
+    out = tmp_path / "p.json"
+    # the fit needs WikiText-2's test file: its absence is one line before the model loads
+    r = _eval(tiny_model_dir, spec_file, data_dir, out, tmp_path / "c", "--pipeline", "split", "-l", "2",
+              "--codec", "predictive")
+    _one_line_error(r, "wiki.test.raw")
+    both = write_wikitext(shutil.copytree(data_dir, tmp_path / "data"), n_chars=12000)
+    r = _eval(tiny_model_dir, spec_file, both, out, tmp_path / "c", "--pipeline", "split", "-l", "2",
+              "--codec", "predictive")
+    assert r.exit_code == 0, r.output
+    got = json.loads(out.read_text())
+    assert got["info"]["wire"] == "predictive" and got["info"]["codec"]["frame_version"] == 4
+    assert 0.0 <= got["results"][0]["metrics"]["acc_norm"] <= 1.0

@@ -91,6 +91,21 @@ def test_split_with_codec_changes_logits_a_little(lm, data_dir):
     assert not torch.equal(out, fp)
 
 
+def test_split_with_the_predictive_codec(lm, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    ids, mask = _batch(len(lm.tokenizer))                     # rows of a batch, right padding
+    fp = _real(build_pipeline(lm, PipelineConfig("fp")).logits_fn(ids, mask), mask)
+    cfg = PipelineConfig("split", split_layer=2, q_w1=16, codec="predictive")
+    p = build_pipeline(lm, cfg, data_dir)
+    out = _real(p.logits_fn(ids, mask), mask)
+    assert p.info["wire"] == "predictive" and p.info["codec"]["frame_version"] == 4 and torch.isfinite(out).all()
+    assert not torch.equal(out, fp)
+    assert (out.argmax(-1) == fp.argmax(-1)).float().mean() > 0.5
+    tabq = resolve(PipelineConfig("split", split_layer=2, q_w1=16), lm.model)
+    key = cache_key(resolve(cfg, lm.model), "m")
+    assert key != cache_key(tabq, "m") and "predictive" in resolve(cfg, lm.model).relevant()
+
+
 @pytest.mark.parametrize("name", BASELINES)
 def test_each_baseline_changes_logits_but_keeps_them_finite(lm, data_dir, name):
     ids, mask = _batch(len(lm.tokenizer))

@@ -53,7 +53,7 @@ def _fmt(value: float, metric: str) -> str:
 
 
 @cli_errors
-@codec_options(("tabq", "none", "fp16", "bf16"), "Wire of the split pipeline: tabq | none (raw fp32) | fp16 | bf16 (default: the plan's codec, else tabq).")
+@codec_options(("tabq", "none", "fp16", "bf16", "predictive"), "Wire of the split pipeline: tabq | none (raw fp32) | fp16 | bf16 | predictive (token-predictive, frame format 4; fitted once) (default: the plan's codec, else tabq).")
 def eval_cmd(
     tasks: str = typer.Option(DEFAULT_TASKS, "--tasks", "-t", help="Comma-separated built-in task names ('' for none)."),
     task_files: list[Path] = typer.Option([], "--task-file", help="A task spec YAML file (repeatable)."),
@@ -105,7 +105,7 @@ def eval_cmd(
         codec_flags_need_tabq(cfg.codec, codec_flags)
     specs = _task_specs(tasks, task_files)
     needs_calib = (cfg.pipeline == "split" and cfg.codec == "tabq" and cfg.codec_settings.needs_samples) \
-        or cfg.pipeline in BASELINES[1:]
+        or (cfg.pipeline == "split" and cfg.codec == "predictive") or cfg.pipeline in BASELINES[1:]
     _check_data(specs, data_dir, needs_calib)
     cache = None
     if use_cache:

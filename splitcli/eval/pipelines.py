@@ -46,7 +46,7 @@ from splitcli.plan.codec_settings import CodecSettings
 PIPELINE_FORMAT_VERSION = 1
 BASELINES = ("rtn-w4a16", "atom-w4a4", "atom-w4a3", "smoothquant-w4a4", "smoothquant-w4a3")
 PIPELINES = ("fp", "split", "local") + BASELINES
-CODECS = ("tabq", "none", "fp16", "bf16")
+CODECS = ("tabq", "none", "fp16", "bf16", "predictive")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class PipelineConfig:
     split_layer / l_w / group_size: None = the model-dependent default (ℓ = L // 2, l_w = ℓ,
     group = `default_group_size`, 64 on SmolLM2-135M); `resolve` fills them in.
     qa / embed_bits: the edge's KV-cache bits and embedding bits (16 = as loaded).
-    codec: the wire of ``split`` (tabq / none / fp16); codec_settings: its `CodecSettings`
+    codec: the wire of ``split`` (tabq / none / fp16 / bf16 / predictive); codec_settings: its `CodecSettings`
     (rANS off by default: it is lossless, so it only costs time here).
     calib_tokens / alpha / keep_channels: the baselines' calibration (see `baselines`).
     """
@@ -131,6 +131,9 @@ class PipelineConfig:
                 v3.update({k: getattr(cs, k) for k in ("channel_alpha", "target_rel_error") if getattr(cs, k)})
                 d.update(v3)
                 keep |= set(v3)
+            if self.codec == "predictive":   # fitted by deploy.predictive: keyed by what fixes the fit
+                d["predictive"] = _predictive_key()
+                keep.add("predictive")
         if self.pipeline in BASELINES:
             keep |= {"group_size"}
             if self.pipeline != "rtn-w4a16":
@@ -217,6 +220,15 @@ def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[s
     model, binfo = build_baseline(lm, cfg, data_dir)
     info.update(binfo)
     return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(model)), info)
+
+
+def _predictive_key() -> str:
+    from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION
+    from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
+    from splitcli.deploy.predictive import PREDICTIVE_FIT_WINDOWS
+
+    return (f"file v{FILE_VERSION}, frame v{FRAME_VERSION}, target {DEFAULT_TARGET_REL_ERROR}, "
+            f"last {PREDICTIVE_FIT_WINDOWS} windows of wikitext2/wiki.test.raw")
 
 
 def cache_key(cfg: PipelineConfig, model_sha256: str) -> str:
