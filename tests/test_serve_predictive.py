@@ -161,3 +161,38 @@ def test_serve_cloud_and_serve_edge_with_the_clouds_codec_file(tiny_model_dir, t
             assert done.choices[0].text == want
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
+
+
+def test_hostile_frames_get_invalid_argument_and_a_good_session_runs_on(fitted, split, tmp_path):
+    import grpc
+
+    from splitcli.deploy.predictive import fit_from_ids
+    from splitcli.serve.proto import split_pb2 as pb
+    from splitcli.serve.protocol import WIRE_TO_PB
+    from test_serve_client import _run_concurrently, raw_call
+
+    lm, data, _ = fitted
+    ids = CharTokenizer()((data / "wikitext2" / "wiki.test.raw").read_text())["input_ids"]
+    other_pc, emb = fit_from_ids(lm, 2, ids, windows=2, seqlen=256, step=0.5)
+    hidden = split.edge(torch.tensor([PROMPTS[0]]), torch.arange(8)[None], None, split.edge.new_cache())[0]
+    good = split.wire.encode(hidden, ids=torch.tensor(PROMPTS[0]))
+    from splitcli.codec import predictive
+    foreign = predictive.encode(hidden, torch.tensor(PROMPTS[0]), other_pc, emb)      # another codec's frame
+    opened = pb.ClientMessage(open=pb.Open(model_sha256=SHA, split_layer=2, wire=WIRE_TO_PB["predictive"],
+                                           max_tokens=32, kv_mode=pb.KV_HIDDEN, protocol_version=1,
+                                           predictive_crc=split.wire.pc.crc))
+
+    def step(payload, n=8):
+        return pb.ClientMessage(step=pb.Step(step_id=0, position=0, n_tokens=n, payload=payload))
+
+    faults = [step(b"\xff" * 300), step(foreign), step(good[:-9]), step(good, n=3), step(good[:4] + b"\x03" + good[5:])]
+    cfg = SamplingConfig(max_new_tokens=8)
+    ref = reference(split, PROMPTS[1], cfg)
+    with serving(split) as server:
+        assert raw_call(server, [opened, step(good), pb.ClientMessage(close=pb.Close())], key=KEY)[1] is None   # control
+        codes = []
+        good_out, _ = _run_concurrently([
+            lambda: list(generate_remote(split, PROMPTS[1], cfg, remote(server.port))),
+            lambda: codes.extend(raw_call(server, [opened, f], key=KEY)[1] for f in faults)])
+        assert good_out == ref
+        assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * len(faults)
