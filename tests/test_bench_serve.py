@@ -120,21 +120,23 @@ def test_server_process_failure_is_one_error_and_leaves_nothing(tmp_path):
     assert [p for p in _children() if p.pid not in before] == []
 
 
-def test_the_predictive_wire_replays_honestly(tiny_model_dir, tmp_path, monkeypatch):
-    """--wire predictive: the server process holds the same fitted codec (the Open's crc matches)
-    and the replay returns the in-process tokens. (Sizes are not asserted: a tiny random model's
-    hidden states are not predictable from its tokens, so its frames are not small.)"""
+@pytest.mark.parametrize("wire", ["tabq", "predictive"])
+def test_codec_wires_replay_honestly(tiny_model_dir, tmp_path, monkeypatch, wire):
+    """A codec wire: each replay session's Open carries what the server needs to decode its frames
+    (tabq: the settings and the calibrated config; predictive: the codec's crc, checked against the
+    codec the server process fitted), and the replay returns the in-process tokens. (Sizes are not
+    asserted: a tiny random model's hidden states are not predictable from its tokens.)"""
     from test_deploy_calibrate import write_wikitext
 
     monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
     data = write_wikitext(tmp_path / "data", n_chars=12000)
     r = run("bench", "serve", "-m", str(tiny_model_dir), "-l", "2", "--clients", "1", "--tokens", "4",
-            "--repeats", "1", "--wire", "predictive", "--data-dir", str(data), "--json", str(tmp_path / "p.json"))
+            "--repeats", "1", "--wire", wire, "--data-dir", str(data), "--json", str(tmp_path / "p.json"))
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "p.json").read_text())
     runs = {x["mode"]: x for x in result["runs"]}
     assert result["recorded_equals_generate"] and result["real_edge_check"]["tokens_equal_replay"]
     assert all(x["replay_tokens_match"] for x in runs.values())
-    assert runs["split"]["wire"] == "predictive" and runs["cloud-only"]["wire"] == "fp16"
+    assert runs["split"]["wire"] == wire and runs["cloud-only"]["wire"] == "fp16"
     assert runs["split"]["decode_bytes_per_token"] > 0 and runs["split"]["tokens"] == 4
-    assert result["handoff"] is None
+    assert (result["handoff"] is None) == (wire == "predictive")

@@ -34,7 +34,7 @@ import statistics
 from collections.abc import Callable
 
 from ..errors import SplitLLMError
-from .serve_replay import MODES, Recording, ServerProcess, build_mode_split, record, run_once
+from .serve_replay import MODES, Recording, ServerProcess, build_mode_split, open_fields, record, run_once
 
 __all__ = ["MODES", "PROMPTS", "ServerProcess", "acceptance", "bench_serve", "plot_serve"]
 
@@ -132,8 +132,9 @@ def bench_serve(lm, model_ref: str, split_layer: int, clients: list[int], n_toke
     recorded_equals_generate = ref0 == recordings["split"][0].tokens
     pace = {m: statistics.median(r.edge_step_s for r in recordings[m]) for m in MODES}
     wires = {m: ("fp16" if wire in ("tabq", "predictive") else wire) if m == "cloud-only" else wire for m in MODES}
-    # the server process fits (or reads from the cache) the same codec; its crc is checked at Open
-    crc = {m: getattr(getattr(splits[m].wire, "pc", None), "crc", 0) for m in MODES}
+    # what each mode's Open carries for its frames (the server process calibrates or fits the same
+    # codec, from the same cache: the Open's copy is checked against it)
+    fields = {m: open_fields(splits[m]) for m in MODES}
     layers = {"cloud-only": 0, "split": splits["split"].spec.split_layer}
 
     progress("starting the cloud server process", 0, 1)
@@ -142,7 +143,7 @@ def bench_serve(lm, model_ref: str, split_layer: int, clients: list[int], n_toke
         progress("starting the cloud server process", 1, 1)
         # A warm-up session per mode (first-call costs of the server and gRPC are not measured).
         for m in MODES:
-            run_once(server, m, lm.sha256, layers[m], wires[m], recordings[m], 1, 0.0, predictive_crc=crc[m])
+            run_once(server, m, lm.sha256, layers[m], wires[m], recordings[m], 1, 0.0, fields=fields[m])
         total = repeats * len(clients) * len(MODES)
         done = 0
         for r in range(repeats):
@@ -152,7 +153,7 @@ def bench_serve(lm, model_ref: str, split_layer: int, clients: list[int], n_toke
                     what = f"{m}, {c} client{'s' if c > 1 else ''} (repeat {r + 1}/{repeats})"
                     progress(what, done, total)
                     one = run_once(server, m, lm.sha256, layers[m], wires[m], recordings[m], c, pace[m],
-                                   predictive_crc=crc[m])
+                                   fields=fields[m])
                     runs_raw.setdefault((m, c), []).append(one)
                     done += 1
                     # one line per run as it lands: a redirected run (no live bar) still shows progress

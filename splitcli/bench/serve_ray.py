@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 
 from ..errors import SplitLLMError
-from .serve_replay import (Recording, ServerProcess, build_mode_split, record, report_child_error, run_once,
-                           serve_commands)
+from .serve_replay import (Recording, ServerProcess, build_mode_split, open_fields, record, report_child_error,
+                           run_once, serve_commands)
 
 KEYS = ("cloud_cpu_s_per_token", "tokens_per_s", "p50_ms", "p99_ms", "ttft_ms", "bytes_per_token", "mean_batch",
         "wall_s")
@@ -136,13 +136,14 @@ def bench_serve_ray(lm, model_ref: str, split_layer: int, clients: list[int], re
     ref0 = generate(split.session(), prompt_ids[0], None, SamplingConfig(max_new_tokens=n_tokens)).tokens[0].tolist()
     pace = statistics.median(r.edge_step_s for r in recordings)
     ell = split.spec.split_layer
+    fields = open_fields(split)   # a codec wire's settings and calibration travel in each Open
     raw: dict[tuple[str, int, int], list[dict]] = {}
 
     def measure(server, backend: str, r: int, c: int, rep: int) -> None:
         what = f"{backend}{f' x{r}' if backend == 'ray' else ''}, {c} client{'s' if c > 1 else ''} (repeat {rep + 1})"
         if backend == "ray":
             before, route0 = server.ask("cpu_parts"), server.ask("stats", "split")["route"]
-        one = run_once(server, "split", lm.sha256, ell, wire, recordings, c, pace)
+        one = run_once(server, "split", lm.sha256, ell, wire, recordings, c, pace, fields=fields)
         if backend == "ray":  # where Ray's CPU goes per generated token; the router's time per message
             after, stats = server.ask("cpu_parts"), server.ask("stats", "split")
             one.update({f"cpu_ms_per_token_{k}": 1e3 * (after[k] - before[k]) / one["tokens"] for k in before})
@@ -163,9 +164,9 @@ def bench_serve_ray(lm, model_ref: str, split_layer: int, clients: list[int], re
             started = time.perf_counter()
             with ServerProcess(model_ref, ell, wire, data_dir, main=ray_server_main, main_args=(r,), **kw) as ray:
                 log(f"Ray with {r} replicas ready in {time.perf_counter() - started:.1f} s")
-                run_once(ray, "split", lm.sha256, ell, wire, recordings, 1, 0.0)  # warm-up
+                run_once(ray, "split", lm.sha256, ell, wire, recordings, 1, 0.0, fields=fields)  # warm-up
                 if r == replicas[0]:
-                    run_once(local, "split", lm.sha256, ell, wire, recordings, 1, 0.0)
+                    run_once(local, "split", lm.sha256, ell, wire, recordings, 1, 0.0, fields=fields)
                 total, done = repeats * len(clients), 0
                 for rep in range(repeats):
                     for c in clients:

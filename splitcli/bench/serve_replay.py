@@ -260,14 +260,26 @@ class ServerProcess:
 
 # -- replay clients --------------------------------------------------------------------------
 
-def _open_message(sha: str, split_layer: int, wire: str, max_tokens: int, predictive_crc: int = 0):
+def open_fields(split) -> dict:
+    """What an Open must carry besides ℓ and the wire for `split`'s frames to decode on the server:
+    a codec wire's settings and calibrated config, a predictive wire's codec crc."""
+    from ..serve.protocol import codec_config_to_pb, codec_to_pb
+
+    if split.spec.wire == "tabq":
+        return dict(codec=codec_to_pb(split.spec.codec), codec_config=codec_config_to_pb(split.wire.cfg))
+    if split.spec.wire == "predictive":
+        return dict(predictive_crc=split.wire.pc.crc)
+    return {}
+
+
+def _open_message(sha: str, split_layer: int, wire: str, max_tokens: int, fields: dict | None = None):
     from ..serve.proto import split_pb2 as pb
     from ..serve.protocol import PROTOCOL_VERSION, WIRE_TO_PB
 
     return pb.ClientMessage(open=pb.Open(model_sha256=sha, split_layer=split_layer, wire=WIRE_TO_PB[wire],
                                          max_tokens=max_tokens, kv_mode=pb.KV_HIDDEN,
                                          protocol_version=PROTOCOL_VERSION, sampling=pb.Sampling(),
-                                         predictive_crc=predictive_crc))
+                                         **(fields or {})))
 
 
 def _replay(target: str, api_key: str, open_msg, rec: Recording, pace_s: float, ready: threading.Barrier,
@@ -334,14 +346,14 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run_once(server: ServerProcess, mode: str, sha: str, split_layer: int, wire: str, recordings: list[Recording],
-             clients: int, pace_s: float, timeout_s: float = 300.0, predictive_crc: int = 0) -> dict:
+             clients: int, pace_s: float, timeout_s: float = 300.0, fields: dict | None = None) -> dict:
     """One run: `clients` replay sessions at once against `mode`'s server; the measurements."""
     target = f"127.0.0.1:{server.ports[mode]}"
     recs = [recordings[i % len(recordings)] for i in range(clients)]
     results = [_ClientResult() for _ in range(clients)]
     ready = threading.Barrier(clients + 1)
     threads = [threading.Thread(target=_replay, name=f"bench-replay-{i}", daemon=True,
-                                args=(target, server.api_key, _open_message(sha, split_layer, wire, r.max_tokens, predictive_crc),
+                                args=(target, server.api_key, _open_message(sha, split_layer, wire, r.max_tokens, fields),
                                       r, pace_s, ready, results[i], timeout_s))
                for i, r in enumerate(recs)]
     for t in threads:
