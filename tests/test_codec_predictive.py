@@ -244,18 +244,58 @@ def _synthetic_windows(n, T=300, seed=0):
     return emb, wins
 
 
+def _bulk(y, h, fit_rows):
+    from splitcli.codec.calibrate import bulk_channels, bulk_rel_error
+
+    return bulk_rel_error(y[1:].numpy(), h[1:].numpy(), bulk_channels(fit_rows.numpy()))
+
+
 def test_fit_meets_its_target_and_beats_no_prediction():
     emb, wins = _synthetic_windows(7)
     pc = fit_predictive(emb, wins[:6], target_rel_error=0.05)
-    assert abs(pc.info["rel_error_fit"] - 0.05) < 1e-3
+    assert abs(pc.info["rel_error_fit"] - 0.05) < 1e-3 and pc.info["massive_channels"] == 0
     ids, h = wins[6]                                               # held out
     frame = encode(h, ids, pc, emb)
     y = decode(frame, pc, emb)
-    rel = float((y - h)[1:].norm() / h[1:].norm())
-    assert 0.03 < rel < 0.08                                       # held-out text: near the fit's target
+    assert 0.03 < _bulk(y, h, torch.cat([w[1:] for _, w in wins[:6]])) < 0.08   # held-out text: near the target
     assert len(frame) < 2 * h.numel() / 3                          # well under fp16
     flat = fit_predictive(torch.zeros_like(emb), wins, target_rel_error=0.05)   # nothing to predict from
     assert len(encode(h, ids, flat, torch.zeros_like(emb))) > len(frame)
+
+
+def test_massive_channels_do_not_set_the_step():
+    """Two channels at ~1e4 in every row (as in Gemma-like models): the step is chosen for the error
+    of the other channels, so they keep the stated error on held-out text; an error measured over
+    all channels would have let the step grow until the bulk was lost."""
+    emb, wins = _synthetic_windows(7)
+    g = torch.Generator().manual_seed(5)
+    for _, h in wins:
+        h[:, [3, 11]] = 1e4 * (1 + 0.02 * torch.randn(len(h), 2, generator=g))
+    fit_rows = torch.cat([w[1:] for _, w in wins[:6]])
+    pc = fit_predictive(emb, wins[:6], target_rel_error=0.1)
+    assert pc.info["massive_channels"] == 2 and abs(pc.info["rel_error_fit"] - 0.1) < 1e-3
+    ids, h = wins[6]
+    y = decode(encode(h, ids, pc, emb), pc, emb)
+    assert torch.isfinite(y).all() and 0.06 < _bulk(y, h, fit_rows) < 0.15
+    assert float(((y - h)[:, [3, 11]].abs() / h[:, [3, 11]].abs()).max()) < 0.05   # and the loud ones stay close
+    full = float((y - h)[1:].norm() / h[1:].norm())                 # over every channel: tiny, says nothing
+    assert full < 0.02
+
+
+def test_bulk_error_is_the_per_token_error_off_the_massive_channels():
+    from splitcli.codec.predictive_fit import BulkError
+
+    g = torch.Generator().manual_seed(2)
+    U = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+    h = torch.randn(500, 8, generator=g)
+    h[:, 6] *= 300                                                 # one massive channel
+    y = h @ U                                                      # the KLT-domain values of h
+    be = BulkError(y, h, U)
+    q = torch.round(y / 0.7)
+    e = torch.where(q.abs() > K, 0.0, y - q * 0.7) @ U.T           # the rounding error (escapes exact), in h
+    keep = [c for c in range(8) if c != 6]
+    want = float((e[:, keep].norm(dim=1) / h[:, keep].norm(dim=1)).mean())
+    assert be.massive == 1 and abs(be(0.7) - want) < 1e-5
 
 
 def test_fit_refuses_bad_input():
@@ -271,10 +311,13 @@ def test_fit_refuses_bad_input():
 
 
 def test_step_for_error_hits_the_target_and_handles_constant_input():
+    from splitcli.codec.predictive_fit import BulkError
+
     y = torch.randn(1000, 8, generator=torch.Generator().manual_seed(3))
-    ref = float(y.double().pow(2).sum())
-    s = step_for_error(y, ref, 0.1)
+    be = BulkError(y, y, torch.eye(8))
+    s = step_for_error(be, 0.1, float(y.abs().max()) * 4)
     q = torch.round(y / s) * s
-    assert abs(float((q - y).norm() / y.norm()) - 0.1) < 1e-3
-    assert step_for_error(torch.zeros(10, 8), 1.0, 0.1) > 0       # nothing to lose: the largest step
+    assert abs(float(((q - y).norm(dim=1) / y.norm(dim=1)).mean()) - 0.1) < 1e-3
+    zero = BulkError(torch.zeros(10, 8), torch.zeros(10, 8), torch.eye(8))
+    assert zero(1.0) == 0.0 and step_for_error(zero, 0.1, 1.0) > 0   # nothing to lose: the largest step
     assert NO_TOKEN == -1

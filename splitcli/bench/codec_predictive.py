@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..codec import predictive
+from ..codec.calibrate import bulk_channels, bulk_rel_error
 from ..codec.measure import _median_ms
 from ..codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
 from ..deploy.predictive import PREDICTIVE_FIT_WINDOWS, fit_from_ids
@@ -44,11 +45,15 @@ def bench_predictive(lm, split, split_layer: int, ids: list[int], *, windows: in
     dec = _median_ms(lambda: predictive.decode(frames[next(k) % len(frames)], pc, emb), repeats)
     pre = _median_ms(lambda: predictive.encode(hidden, w0, pc, emb), 7)
     hidden_size = hidden.shape[1]
+    # the figure the step was chosen for (BulkError), here on the first evaluation window after decoding
+    x = hidden[1:].numpy()
+    bulk = bulk_rel_error(predictive.decode(predictive.encode(hidden, w0, pc, emb), pc, emb)[1:].numpy(), x,
+                          bulk_channels(x))
     total = sum(probe.frame_bytes)
     token_bytes = sum(map(len, frames)) / len(frames)
     return dict(
         ratio_vs_fp16=2 * hidden_size * probe.tokens / total, bytes_per_token=total / probe.tokens,
-        rel_l2_error=probe.rel_l2, ppl_fp=ppl_fp, ppl=ppl, ppl_ratio=ppl / ppl_fp,
+        rel_l2_error=probe.rel_l2, bulk_rel_error_window0=bulk, ppl_fp=ppl_fp, ppl=ppl, ppl_ratio=ppl / ppl_fp,
         encode_ms_decode_step=enc, decode_ms_decode_step=dec, decode_step_frame_bytes=token_bytes,
         decode_step_ratio_vs_fp16=2 * hidden_size / token_bytes,
         prefill_encode_mb_s=hidden.numel() * 4 / 1e6 / (pre / 1e3), prefill_tokens=len(w0),

@@ -124,7 +124,7 @@ def codec_cmd(
     plot: Path = typer.Option(None, "--plot", help="Write the sweep as a PNG plot here."),
     predictive: bool = typer.Option(False, "--predictive", help="Also fit and measure the token-predictive codec (frame format 4) on the same windows."),
     fit_windows: int = typer.Option(None, "--fit-windows", help="--predictive: windows of --seqlen tokens at the end of wiki.test.raw to fit it on (default 24, as deployment fits)."),
-    predictive_error: float = typer.Option(None, "--predictive-error", help="--predictive: relative L2 error its step is chosen for on the fit text (default 0.10)."),
+    predictive_error: float = typer.Option(None, "--predictive-error", help="--predictive: the error its step is chosen for on the fit text: mean per-token relative L2 error of the non-massive channels, as --target-error (default 0.15)."),
     data_dir: Path = DATA_DIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite the --json / --plot files if they exist."),
     codec_flags: dict = None,

@@ -73,7 +73,8 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
     seqlen = min(FIT_SEQLEN, int(context))
     key = hashlib.sha256(json.dumps(dict(kind="predictive", file=FILE_VERSION, frame=FRAME_VERSION, model=lm.sha256,
                                          split_layer=split_layer, text=text_sha, windows=PREDICTIVE_FIT_WINDOWS,
-                                         seqlen=seqlen, target=target_rel_error), sort_keys=True).encode()).hexdigest()[:32]
+                                         seqlen=seqlen, target=target_rel_error, error="bulk, mean per token"),
+                                    sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir() / f"{key}.npz"
     emb = lm.model.get_input_embeddings().weight.detach().float()
     info = dict(path=str(path), fit_windows=PREDICTIVE_FIT_WINDOWS, fit_seqlen=seqlen,
@@ -94,5 +95,6 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
     pc.save(tmp)
     tmp.replace(path)
     if progress is not None:
-        progress(f"predictive codec: step {pc.step:.4g}, relative error {pc.info['rel_error_fit']:.4f} on the fit text")
+        progress(f"predictive codec: step {pc.step:.4g}, relative error {pc.info['rel_error_fit']:.4f} on the fit text "
+                 f"(non-massive channels; {pc.info['massive_channels']} massive)")
     return pc, emb, dict(info, cache="miss", fit_windows=windows)

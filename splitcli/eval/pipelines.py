@@ -227,7 +227,7 @@ def _predictive_key() -> str:
     from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
     from splitcli.deploy.predictive import PREDICTIVE_FIT_WINDOWS
 
-    return (f"file v{FILE_VERSION}, frame v{FRAME_VERSION}, target {DEFAULT_TARGET_REL_ERROR}, "
+    return (f"file v{FILE_VERSION}, frame v{FRAME_VERSION}, bulk target {DEFAULT_TARGET_REL_ERROR}, "
             f"last {PREDICTIVE_FIT_WINDOWS} windows of wikitext2/wiki.test.raw")
 
 
