@@ -276,14 +276,15 @@ def tiny_llama():
     return SimpleNamespace(model=_tiny("llama"), tokenizer=None, sha256="0" * 63 + "1")
 
 
-@pytest.mark.parametrize("wire", ["fp16", "tabq"])
-def test_recovery_in_process_restart_every_wire(tiny_llama, wire):
-    split = build_split(tiny_llama, SplitSpec(split_layer=2, wire=wire, codec=CodecSettings(tau=3.0, entropy=False)))
-    settings = CloudSettings(model_sha256=tiny_llama.sha256, api_key=KEY)
+def tokens_across_a_restart(split, sha: str, prompt, n: int) -> list[int]:
+    """Greedy tokens of `prompt` from a cloud server that is stopped after 3 of them and started
+    again on the same port: the client rebuilds its session from its own history."""
+    settings = CloudSettings(model_sha256=sha, api_key=KEY)
     server = CloudServer(split, settings)
     port = server.port
     try:
-        tokens = generate_remote(split, PROMPT, SamplingConfig(max_new_tokens=9), remote(tiny_llama, f"127.0.0.1:{port}"))
+        tokens = generate_remote(split, prompt, SamplingConfig(max_new_tokens=n),
+                                 RemoteCloud(target=f"127.0.0.1:{port}", api_key=KEY, model_sha256=sha, timeout_s=60.0))
         out = [next(tokens) for _ in range(3)]
         server.stop(0)
         server = CloudServer(split, settings, address=f"127.0.0.1:{port}")
@@ -295,6 +296,13 @@ def test_recovery_in_process_restart_every_wire(tiny_llama, wire):
         assert server.servicer.session_count == 0
     finally:
         server.stop(0)
+    return out
+
+
+@pytest.mark.parametrize("wire", ["fp16", "tabq"])
+def test_recovery_in_process_restart_every_wire(tiny_llama, wire):
+    split = build_split(tiny_llama, SplitSpec(split_layer=2, wire=wire, codec=CodecSettings(tau=3.0, entropy=False)))
+    out = tokens_across_a_restart(split, tiny_llama.sha256, PROMPT, 9)
     assert out == reference(split, PROMPT, 9)
 
 

@@ -6,10 +6,8 @@ the command line with the cloud's codec file."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import signal
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -20,11 +18,10 @@ from splitcli.deploy import SplitSpec, build_split
 from splitcli.deploy.predictive import fitted_predictive, predictive_from_file
 from splitcli.errors import SplitLLMError
 from splitcli.runtime.generate import SamplingConfig, generate
-from splitcli.serve.client import RemoteCloud, RemoteError, generate_remote
-from splitcli.serve.cloud import CloudServer, CloudSettings
+from splitcli.serve.client import RemoteError, generate_remote
 from test_deploy_calibrate import CharTokenizer, write_wikitext
+from test_serve_client import KEY, SHA, remote, serving
 
-SHA, KEY = "ab" * 32, "predictive-test-key"
 PROMPTS = [[1, 5, 9, 33, 7, 12, 40, 41], [2, 40, 3]]
 
 
@@ -47,20 +44,6 @@ def split(fitted, monkeypatch):
     return build_split(lm, SplitSpec(split_layer=2, wire="predictive"), data, keep_stats=False)
 
 
-@contextlib.contextmanager
-def serving(split, **settings):
-    server = CloudServer(split, CloudSettings(**{"model_sha256": SHA, "api_key": KEY, **settings}))
-    try:
-        yield server
-    finally:
-        server.stop(0)
-    assert server.servicer.session_count == 0 and server.servicer.kv_used == 0
-
-
-def remote(port: int, **kw) -> RemoteCloud:
-    return RemoteCloud(**{"target": f"127.0.0.1:{port}", "api_key": KEY, "model_sha256": SHA, "timeout_s": 60.0, **kw})
-
-
 def reference(split, prompt, cfg):
     return generate(split.session(), torch.tensor([prompt]), None, cfg).tokens[0].tolist()
 
@@ -70,7 +53,7 @@ def test_over_the_wire_equals_in_process(split):
     sampled = SamplingConfig(max_new_tokens=5, temperature=0.8, top_p=0.9, seed=7)
     long_prompt = [3 + i % 120 for i in range(150)]   # a prefill frame of several 1 KiB chunks
     with serving(split, max_message_bytes=2048, max_frame_bytes=1 << 20) as server:
-        cloud = remote(server.port, max_message_bytes=2048)
+        cloud = remote(server, max_message_bytes=2048)
         for prompt in (*PROMPTS, long_prompt):
             assert list(generate_remote(split, prompt, greedy, cloud)) == reference(split, prompt, greedy)
         assert list(generate_remote(split, long_prompt, sampled, cloud)) == reference(split, long_prompt, sampled)
@@ -88,29 +71,16 @@ def test_an_edge_with_another_codec_is_refused_at_open(fitted, split, tmp_path, 
     assert other.wire.pc.crc != split.wire.pc.crc
     with serving(split) as server:
         with pytest.raises(RemoteError, match="predictive codec .* is not the served one"):
-            list(generate_remote(other, PROMPTS[0], SamplingConfig(max_new_tokens=2), remote(server.port, retries=0)))
+            list(generate_remote(other, PROMPTS[0], SamplingConfig(max_new_tokens=2), remote(server, retries=0)))
         # and the served codec still serves
-        assert list(generate_remote(split, PROMPTS[1], SamplingConfig(max_new_tokens=3), remote(server.port))) == \
+        assert list(generate_remote(split, PROMPTS[1], SamplingConfig(max_new_tokens=3), remote(server))) == \
             reference(split, PROMPTS[1], SamplingConfig(max_new_tokens=3))
 
 
 def test_a_broken_stream_is_rebuilt_from_hidden_states_and_their_ids(split):
-    settings = CloudSettings(model_sha256=SHA, api_key=KEY)
-    server = CloudServer(split, settings)
-    port = server.port
-    try:
-        tokens = generate_remote(split, PROMPTS[0], SamplingConfig(max_new_tokens=9), remote(port))
-        out = [next(tokens) for _ in range(3)]
-        server.stop(0)
-        server = CloudServer(split, settings, address=f"127.0.0.1:{port}")
-        out += list(tokens)
-        for _ in range(250):   # the server frees the session once it has read the client's close
-            if server.servicer.session_count == 0:
-                break
-            threading.Event().wait(0.02)
-        assert server.servicer.session_count == 0
-    finally:
-        server.stop(0)
+    from test_serve_cli import tokens_across_a_restart
+
+    out = tokens_across_a_restart(split, SHA, PROMPTS[0], 9)
     # the replay is one frame of every position: each row codes alone (its token and the one before),
     # so the cloud rebuilds the cache the steps had built
     assert out == reference(split, PROMPTS[0], SamplingConfig(max_new_tokens=9))
@@ -192,7 +162,7 @@ def test_hostile_frames_get_invalid_argument_and_a_good_session_runs_on(fitted, 
         assert raw_call(server, [opened, step(good), pb.ClientMessage(close=pb.Close())], key=KEY)[1] is None   # control
         codes = []
         good_out, _ = _run_concurrently([
-            lambda: list(generate_remote(split, PROMPTS[1], cfg, remote(server.port))),
+            lambda: list(generate_remote(split, PROMPTS[1], cfg, remote(server))),
             lambda: codes.extend(raw_call(server, [opened, f], key=KEY)[1] for f in faults)])
         assert good_out == ref
         assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * len(faults)
