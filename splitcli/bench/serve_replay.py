@@ -353,7 +353,8 @@ def run_once(server: ServerProcess, mode: str, sha: str, split_layer: int, wire:
     results = [_ClientResult() for _ in range(clients)]
     ready = threading.Barrier(clients + 1)
     threads = [threading.Thread(target=_replay, name=f"bench-replay-{i}", daemon=True,
-                                args=(target, server.api_key, _open_message(sha, split_layer, wire, r.max_tokens, fields),
+                                args=(target, server.api_key,
+                                      _open_message(sha, split_layer, wire, r.max_tokens, fields),
                                       r, pace_s, ready, results[i], timeout_s))
                for i, r in enumerate(recs)]
     for t in threads:

@@ -209,7 +209,8 @@ def split_spec(plan, wire: str | None, codec_flags: dict, data_dir=None, **flags
     codec_flags_need_tabq(wire, codec_flags)
     base = SplitSpec.from_plan(plan, wire) if plan is not None else SplitSpec(wire=wire)
     spec = base.with_flags(codec=codec_flags, wire=wire, **flags)
-    if (spec.wire == "tabq" and spec.codec.needs_samples) or (spec.wire == "predictive" and spec.predictive_file is None):
+    fits = spec.wire == "predictive" and spec.predictive_file is None
+    if (spec.wire == "tabq" and spec.codec.needs_samples) or fits:
         from ..deploy.calibrate import wikitext_path
 
         wikitext_path(data_dir)   # the fit text

@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from .common import (
-    DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, FORCE_JSON_OPTION, PREDICTIVE_CODEC_OPTION, JSON_OPTION, check_output_path, check_plan_fits, cli_errors,
-    codec_options, console, err_console, json_safe, load_model_with_status, split_spec, write_json,
+    DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, FORCE_JSON_OPTION, JSON_OPTION, PREDICTIVE_CODEC_OPTION, check_output_path,
+    check_plan_fits, cli_errors, codec_options, console, err_console, json_safe, load_model_with_status, split_spec,
+    write_json,
 )
 from .live import live_options, run_live
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import typer
 
 from ..errors import SplitLLMError
-from .common import DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, PREDICTIVE_CODEC_OPTION, check_plan_fits, cli_errors, codec_options, err_console, load_model_with_status, split_spec
+from .common import (DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, PREDICTIVE_CODEC_OPTION, check_plan_fits, cli_errors,
+                     codec_options, err_console, load_model_with_status, split_spec)
 
 from ..serve.config import API_KEY_ENV, api_key_from  # noqa: F401 - generate --cloud reads the key the same way
 
