@@ -127,6 +127,9 @@ def test_generate_and_bench_with_the_predictive_codec(tiny_model_dir, tmp_path, 
     r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hi", "-n", "2", "--codec", "predictive",
             "--data-dir", str(env))
     assert r.exit_code == 0 and "fitting" not in r.output, r.output           # cached
+    r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hi", "-n", "2", "--codec", "predictive",
+            "--target-error", "0.3", "--data-dir", str(env))
+    assert r.exit_code == 0 and "relative error 0.3000" in r.output, r.output   # another target: another fit
     path = next(cache_dir().glob("*.npz"))
     r = run("generate", "-m", str(tiny_model_dir), "-l", "3", "-p", "Hi", "-n", "2", "--predictive-codec", str(path))
     assert_clean_error(r, "fitted at split layer 2, not 3")                   # a file fixes its ℓ
@@ -149,6 +152,8 @@ def test_generate_and_bench_with_the_predictive_codec(tiny_model_dir, tmp_path, 
     (["generate", "-p", "Hi", "--codec", "predictive", "--deadline", "100ms"], "does not run with"),
     (["generate", "-p", "Hi", "--predictive-codec", "/nonexistent/codec.npz"], "no such file"),
     (["generate", "-p", "Hi", "--codec", "tabq", "--predictive-codec", __file__], "needs --codec predictive"),
+    (["generate", "-p", "Hi", "--target-error", "0.2", "--predictive-codec", __file__], "fixes its step"),
+    (["generate", "-p", "Hi", "--codec", "predictive", "--max-bits", "4"], "takes --target-error only"),
     (["serve-edge", "--codec", "predictive", "--deadline", "100ms", "--api-key", "k"], "does not run with"),
 ])
 def test_predictive_codec_bad_options(args, msg, tmp_path, env):

@@ -62,6 +62,18 @@ def test_split_session_over_the_predictive_wire(llama, tmp_path, monkeypatch):
     assert frame_tokens(frame).tolist() == [int(ids[0, 31])]
 
 
+def test_the_stated_target_error_reaches_the_fit(llama, tmp_path, monkeypatch):
+    from splitcli.plan.codec_settings import CodecSettings
+
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    data = write_wikitext(tmp_path / "data")
+    lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
+    default = build_wire(SplitSpec(split_layer=2, wire="predictive"), lm, data)
+    coarse = build_wire(SplitSpec(split_layer=2, wire="predictive", codec=CodecSettings(target_rel_error=0.3)), lm, data)
+    assert default.pc.info["target_rel_error"] == 0.15 and coarse.pc.info["target_rel_error"] == 0.3
+    assert abs(coarse.pc.info["rel_error_fit"] - 0.3) < 1e-3 and coarse.pc.step > default.pc.step
+
+
 def test_predictive_wire_refuses_what_it_cannot_do(llama, tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
     data = write_wikitext(tmp_path / "data")

@@ -119,7 +119,7 @@ _CODEC_FLAGS = (
     ("rotation", str, "--rotation", "Rotate T_below before TAB-Q: none or hadamard (seeded, known to both ends; default: none)."),
     ("rotation_seed", int, "--rotation-seed", "Seed of the Hadamard rotation's random signs (default: 0)."),
     ("channel_alpha", float, "--channel-alpha", "Divide each channel by its calibrated RMS^alpha before TAB-Q, alpha in [0, 1] (default: 0 = off)."),
-    ("target_rel_error", float, "--target-error", "Let calibration pick τ and Q̄ for this mean per-token relative error of the non-massive channels, e.g. 0.1 (default: the fixed settings, checked; past 0.5 error calibration falls back to 0.15)."),
+    ("target_rel_error", float, "--target-error", "Let calibration pick τ and Q̄ for this mean per-token relative error of the non-massive channels, e.g. 0.1 (default: the fixed settings, checked; past 0.5 error calibration falls back to 0.15). With --codec predictive: the error its step is fitted for (default 0.15)."),
 )
 
 
@@ -185,10 +185,13 @@ def _check_codec_flags(flags: dict) -> None:
 
 
 def codec_flags_need_tabq(wire: str, codec_flags: dict) -> None:
-    """Codec flags with a wire that has no codec are an error rather than silently ignored."""
-    if wire != "tabq" and codec_flags:
-        given = ", ".join(CODEC_FLAG_NAMES[k] for k in codec_flags)
-        raise SplitLLMError(f"{given} need --codec tabq")
+    """Codec flags with a wire that has no codec are an error rather than silently ignored. The
+    predictive codec takes --target-error (the same stated distortion: its step is fitted for it)."""
+    stray = [k for k in codec_flags if not (wire == "tabq" or (wire == "predictive" and k == "target_rel_error"))]
+    if stray:
+        given = ", ".join(CODEC_FLAG_NAMES[k] for k in stray)
+        raise SplitLLMError(f"{given} need --codec tabq" + (" (the predictive codec takes --target-error only)"
+                                                          if wire == "predictive" else ""))
 
 
 def split_spec(plan, wire: str | None, codec_flags: dict, data_dir=None, **flags):
@@ -202,6 +205,8 @@ def split_spec(plan, wire: str | None, codec_flags: dict, data_dir=None, **flags
     if flags.get("predictive_file") is not None:
         if wire not in (None, "predictive"):
             raise SplitLLMError(f"--predictive-codec needs --codec predictive, not --codec {wire}")
+        if "target_rel_error" in codec_flags:
+            raise SplitLLMError("--target-error and --predictive-codec: the codec file fixes its step; give one")
         if not Path(flags["predictive_file"]).is_file():
             raise SplitLLMError(f"--predictive-codec: no such file: {flags['predictive_file']}")
         wire, flags["predictive_file"] = "predictive", str(flags["predictive_file"])

@@ -186,7 +186,9 @@ def build_wire(spec: SplitSpec, lm, data_dir=None, progress: Callable[[str], Non
         if spec.predictive_file is not None:
             pc, emb, info = predictive_from_file(spec.predictive_file, lm, spec.split_layer)
         else:
-            pc, emb, info = fitted_predictive(lm, spec.split_layer, data_dir, progress)
+            target = spec.codec.target_rel_error   # the stated distortion, as for tabq: the step's target
+            pc, emb, info = fitted_predictive(lm, spec.split_layer, data_dir, progress,
+                                              **({} if target is None else {"target_rel_error": target}))
         wire = PredictiveWire(pc, emb, keep_stats=keep_stats)
         wire.path = info["path"]
         return wire

@@ -132,7 +132,7 @@ class PipelineConfig:
                 d.update(v3)
                 keep |= set(v3)
             if self.codec == "predictive":   # fitted by deploy.predictive: keyed by what fixes the fit
-                d["predictive"] = _predictive_key()
+                d["predictive"] = _predictive_key(self.codec_settings.target_rel_error)
                 keep.add("predictive")
         if self.pipeline in BASELINES:
             keep |= {"group_size"}
@@ -222,12 +222,12 @@ def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[s
     return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(model)), info)
 
 
-def _predictive_key() -> str:
+def _predictive_key(target: float | None) -> str:
     from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION
     from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
     from splitcli.deploy.predictive import PREDICTIVE_FIT_WINDOWS
 
-    return (f"file v{FILE_VERSION}, frame v{FRAME_VERSION}, bulk target {DEFAULT_TARGET_REL_ERROR}, "
+    return (f"file v{FILE_VERSION}, frame v{FRAME_VERSION}, bulk target {target or DEFAULT_TARGET_REL_ERROR}, "
             f"last {PREDICTIVE_FIT_WINDOWS} windows of wikitext2/wiki.test.raw")
 
 
