@@ -30,9 +30,11 @@ def test_fitted_once_cached_and_refitted_when_corrupt(llama, tmp_path, monkeypat
     lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
     logs = []
     pc, emb, info = fitted_predictive(lm, 2, data, logs.append)
-    assert info["cache"] == "miss" and info["fit_seqlen"] == 256 and len(logs) == 2   # tiny context
+    assert info["cache"] == "miss" and info["fit_seqlen"] == 256 and info["fit_windows"] == 11   # tiny context
+    assert [m.split(": ")[1] for m in logs[1:-1]] == [f"{k}/11 windows" for k in (3, 6, 9, 11)]   # quarters
+    assert len(logs) == 6
     pc2, _, info2 = fitted_predictive(lm, 2, data, logs.append)
-    assert info2["cache"] == "hit" and pc2.crc == pc.crc and len(logs) == 2
+    assert info2["cache"] == "hit" and pc2.crc == pc.crc and len(logs) == 6
     assert fitted_predictive(lm, 3, data)[2]["cache"] == "miss"                       # ℓ is in the key
     path = cache_dir() / info["path"].split("/")[-1]
     path.write_bytes(b"junk")

@@ -89,7 +89,14 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
     if progress is not None:
         progress(f"fitting the predictive codec at layer {split_layer} on the last {windows} x {seqlen} tokens "
                  "of wikitext2/wiki.test.raw (cached afterwards)")
-    pc, emb = fit_from_ids(lm, split_layer, ids, windows=windows, seqlen=seqlen, target_rel_error=target_rel_error)
+    quarters = {-(-k * windows // 4) for k in range(1, 5)}
+
+    def tick(done: int) -> None:   # the edge's forward over the fit text is most of the time
+        if progress is not None and done in quarters:
+            progress(f"  fit text through the edge: {done}/{windows} windows")
+
+    pc, emb = fit_from_ids(lm, split_layer, ids, windows=windows, seqlen=seqlen, target_rel_error=target_rel_error,
+                           tick=tick)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     pc.save(tmp)
