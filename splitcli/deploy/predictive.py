@@ -25,6 +25,11 @@ PREDICTIVE_FIT_WINDOWS = 24
 FIT_SEQLEN = 2048
 
 
+def input_embeddings(lm) -> torch.Tensor:
+    """The model's input embeddings [V, H] float32: what the predictor is fitted with and predicts from."""
+    return lm.model.get_input_embeddings().weight.detach().float()
+
+
 def fit_slices(n_ids: int, seqlen: int, windows: int, reserved: int = 0) -> list[tuple[int, int]]:
     """[start, end) of the fit windows: the last `windows` windows of `seqlen` of `n_ids` tokens,
     none reaching into the first `reserved` (the evaluation's)."""
@@ -45,7 +50,7 @@ def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: 
         wins.append((w, edge_hidden(lm.model, split_layer, w)))
         if tick is not None:
             tick(k + 1)
-    emb = lm.model.get_input_embeddings().weight.detach().float()
+    emb = input_embeddings(lm)
     info = dict(text="wikitext2/wiki.test.raw", fit_tokens=[len(ids) - windows * seqlen, len(ids)],
                 windows=windows, seqlen=seqlen, split_layer=split_layer,
                 target_rel_error=None if step is not None else target_rel_error)
@@ -60,7 +65,7 @@ def predictive_from_file(path, lm, split_layer: int) -> tuple[PredictiveCodec, t
     fitted_at = pc.info.get("split_layer")
     if fitted_at is not None and fitted_at != split_layer:
         raise SplitLLMError(f"predictive codec file {path} was fitted at split layer {fitted_at}, not {split_layer}")
-    emb = lm.model.get_input_embeddings().weight.detach().float()
+    emb = input_embeddings(lm)
     return pc, emb, dict(path=str(path), cache="file")
 
 
@@ -76,7 +81,7 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
                                          seqlen=seqlen, target=target_rel_error, error="bulk, mean per token"),
                                     sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir() / f"{key}.npz"
-    emb = lm.model.get_input_embeddings().weight.detach().float()
+    emb = input_embeddings(lm)
     info = dict(path=str(path), fit_windows=PREDICTIVE_FIT_WINDOWS, fit_seqlen=seqlen,
                 fit_slice=f"last {PREDICTIVE_FIT_WINDOWS} x {seqlen} tokens of wikitext2/wiki.test.raw")
     if path.is_file():
