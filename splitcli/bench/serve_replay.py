@@ -102,6 +102,7 @@ def record(split, prompt_ids, n_tokens: int) -> Recording:
     import torch
 
     from ..runtime.generate import SamplingConfig, sample_next
+    from ..runtime.wire import encode_step
     from ..serve.protocol import decode_frame
 
     cfg = SamplingConfig(max_new_tokens=n_tokens)
@@ -109,17 +110,12 @@ def record(split, prompt_ids, n_tokens: int) -> Recording:
     edge_cache, cloud_cache = split.edge.new_cache(), split.cloud.new_cache()
     new, position, prev = prompt_ids, 0, None
     frames, counts, tokens, edge_times = [], [], [], []
-    needs_ids = getattr(split.wire, "needs_ids", False)   # token-predictive frames code against their ids
     for _ in range(n_tokens):
         t = new.shape[1]
         positions = torch.arange(position, position + t)[None]
         t0 = time.perf_counter()
         hidden = split.edge(new, positions, None, edge_cache)
-        if needs_ids:
-            frame = split.wire.encode(hidden.reshape(t, -1), ids=new.reshape(-1), prev_id=prev)
-            prev = int(new.reshape(-1)[-1])
-        else:
-            frame = split.wire.encode(hidden.reshape(t, -1))
+        frame, prev = encode_step(split.wire, hidden.reshape(t, -1), new, prev)
         edge_times.append(time.perf_counter() - t0)
         received = decode_frame(split.wire, frame, t, hidden_size)
         logits = split.cloud(received[None], positions, None, cloud_cache, logits_to_keep=1)

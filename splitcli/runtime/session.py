@@ -15,7 +15,7 @@ import torch
 from ..errors import SplitLLMError
 from ..model.split import CloudHalf, EdgeHalf, decoder_parts, new_cache
 from .kv_rows import KVPayload, KVRows, cache_rows, exposes_rows, install_rows
-from .wire import RawWire, Wire
+from .wire import RawWire, Wire, encode_step
 
 
 @dataclass
@@ -168,14 +168,9 @@ class SplitSession(Session):
         hidden = self.edge(input_ids, positions, mask, self.edge_cache)  # [B, T, H]
         t1 = clock()
         b, t, h = hidden.shape
-        if getattr(self.wire, "needs_ids", False):
-            # token-predictive frames (format 4): the ids of the rows and the token before them; with
-            # b > 1 rows after the first take the previous row's last token (a rate cost, not an error)
-            flat = input_ids.reshape(-1)
-            frame = self.wire.encode(hidden.reshape(b * t, h), ids=flat, prev_id=self._prev_id)
-            self._prev_id = int(flat[-1]) if flat.numel() else self._prev_id
-        else:
-            frame = self.wire.encode(hidden.reshape(b * t, h))
+        # token-predictive frames (format 4) code against the rows' ids and the token before them; with
+        # b > 1 rows after the first take the previous row's last token (a rate cost, not an error)
+        frame, self._prev_id = encode_step(self.wire, hidden.reshape(b * t, h), input_ids, self._prev_id)
         t2 = clock()
         received = self.wire.decode(frame).reshape(b, t, h).to(hidden.dtype)
         t3 = clock()

@@ -26,6 +26,18 @@ class Wire(Protocol):
         ...
 
 
+def encode_step(wire, hidden: torch.Tensor, ids: torch.Tensor | None, prev_id: int | None) -> tuple[bytes, int | None]:
+    """One step's frame of hidden [N, H], and the prev_id for the next step. A wire that codes
+    against its tokens (`needs_ids`: the token-predictive one) gets the rows' ids [N] (any shape
+    flattening to N) and the token before them (None: none); with no ids it says so itself. Other
+    wires ignore both."""
+    if not getattr(wire, "needs_ids", False):
+        return wire.encode(hidden), prev_id
+    flat = None if ids is None else ids.reshape(-1)
+    frame = wire.encode(hidden, ids=flat, prev_id=prev_id)
+    return frame, int(flat[-1]) if flat is not None and flat.numel() else prev_id
+
+
 _RAW_MAGIC = b"SRAW"
 _RAW_HEADER = struct.Struct("<4sBII")  # magic, dtype code, tokens, hidden
 # bf16 travels as its raw 16-bit patterns (numpy has no bfloat16)

@@ -40,6 +40,7 @@ import torch
 from splitcli.errors import SplitLLMError
 from splitcli.plan.early_exit import Step
 from splitcli.runtime.generate import SamplingConfig, sample_next
+from splitcli.runtime.wire import encode_step
 from splitcli.serve.proto import split_pb2 as pb
 from splitcli.serve.proto import split_pb2_grpc as pb_grpc
 from splitcli.serve.protocol import (CHUNK_HEADROOM, IKV_TO_PB, PROTOCOL_VERSION, WIRE_TO_PB, chunk_frame,
@@ -280,12 +281,10 @@ class _SplitSteps:
         e0 = time.perf_counter()
         if live is not None:
             frame, field = live.encode(hidden.reshape(t, -1), q_bar)
-        elif self.needs_ids:   # no ids here (a path that does not pass them): the wire says so
-            flat = None if ids is None else ids.reshape(-1)
-            frame = self.split.wire.encode(hidden.reshape(t, -1), ids=flat, prev_id=None if position == 0 else self.prev_id)
+        else:   # a token-predictive wire codes against the step's ids (a replay from 0: no token before)
+            frame, prev_id = encode_step(self.split.wire, hidden.reshape(t, -1), ids,
+                                         None if position == 0 else self.prev_id)
             field = 0
-        else:
-            frame, field = self.split.wire.encode(hidden.reshape(t, -1)), 0
         self.encode_s = time.perf_counter() - e0
         messages = chunk_frame(frame, step_id, position, t, self.chunk, q_bar=field)
         lead_msgs, lead_bytes, lead_replies = lead or ((), 0, 0)
@@ -309,8 +308,8 @@ class _SplitSteps:
             self.exchange = Exchange(lead_bytes + len(frame), seconds, (cloud_us + reply.token.cloud_us) / 1e6)
             live.measured(self.exchange)
         self.position, self.step_id = position + t, step_id + 1
-        if ids is not None and ids.numel():
-            self.prev_id = int(ids.reshape(-1)[-1])
+        if live is None:
+            self.prev_id = prev_id
         return token
 
     def _recover(self, first: RemoteError, length: int) -> int:
