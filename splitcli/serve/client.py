@@ -245,7 +245,7 @@ class _SplitSteps:
         self.reopen, self.cloud = reopen, cloud
         self.history: list[torch.Tensor] = []
         # a token-predictive wire codes each step against its tokens: their ids, and the last one sent
-        self.needs_ids = getattr(split.wire, "needs_ids", False)
+        # (other wires ignore both: `encode_step`)
         self.id_history: list[torch.Tensor] = []
         self.prev_id: int | None = None
         self.edge, self.cache = _edge_and_cache(split, cache, capacity)
@@ -321,7 +321,7 @@ class _SplitSteps:
             self.stream.close()
             try:
                 self.stream, self.chunk = self.reopen()
-                ids = torch.cat(self.id_history, dim=1) if self.needs_ids and self.id_history else None
+                ids = torch.cat(self.id_history, dim=1) if self.id_history else None
                 return self._exchange(torch.cat(self.history, dim=1), 0, 0, ids=ids)
             except RemoteError as exc:
                 if exc.code not in RETRYABLE:
