@@ -48,10 +48,17 @@ def test_live_generation_writes_a_trace(tiny_model_dir, tmp_path):
     assert again.exit_code == 2 and "--force" in again.output
 
 
-def test_live_with_local_tokens_hands_off(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("codec", ["none", "predictive"])
+def test_live_with_local_tokens_hands_off(tiny_model_dir, tmp_path, monkeypatch, codec):
     trace = tmp_path / "h.jsonl"
+    extra = []
+    if codec == "predictive":  # fitted on a small text; the handoff's history crosses as one format-4 frame
+        from test_deploy_calibrate import write_wikitext
+
+        monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+        extra = ["--codec", "predictive", "--data-dir", write_wikitext(tmp_path / "data", n_chars=12000), "--i-kv", "0"]
     r = _gen(tiny_model_dir, "-n", "6", "--deadline", "10s", "--link", "100Mbit/s", "--local-tokens", "3",
-             "--trace", trace)
+             "--trace", trace, *extra)
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in trace.read_text().splitlines()]
     stages = [s["stage"] for s in rows if s["kind"] == "step"]
@@ -59,3 +66,5 @@ def test_live_with_local_tokens_hands_off(tiny_model_dir, tmp_path):
     assert stages[0] == "local" and "handoff" in stages and stages[-1] == "split"
     assert stages.index("handoff") == stages.count("local")
     assert rows[-1]["handoff"]["total_bytes"] > 0
+    if codec == "predictive":
+        assert rows[-1]["handoff"]["hidden_bytes"] > 0 and "wire predictive" in r.output

@@ -321,3 +321,34 @@ def test_step_for_error_hits_the_target_and_handles_constant_input():
     zero = BulkError(torch.zeros(10, 8), torch.zeros(10, 8), torch.eye(8))
     assert zero(1.0) == 0.0 and step_for_error(zero, 0.1, 1.0) > 0   # nothing to lose: the largest step
     assert NO_TOKEN == -1
+
+
+def test_expected_frame_bytes_is_the_models_rate_on_fit_like_text():
+    """The live policy's byte model: the codec's own entropy plus header and ids. On held-out text
+    from the fit's source the real frames land near it; the one-symbol models' rate is exact."""
+    from splitcli.codec.predictive import expected_frame_bytes
+
+    emb, wins = _synthetic_windows(9)
+    pc = fit_predictive(emb, wins[:6], target_rel_error=0.05)
+    for ids, h in wins[6:]:
+        got = len(encode(h[1:], ids[1:], pc, emb, int(ids[0])))   # no sink row: all rows coded
+        assert abs(got / expected_frame_bytes(pc, len(ids) - 1, emb.shape[0]) - 1) < 0.1
+    one = _toy()
+    probs = np.full_like(one.sym_probs[:1], 1e-30)
+    probs[..., K] = 1                                              # (nearly) every symbol 0: ~no body bits
+    certain = _toy(W=np.zeros_like(one.W), sym_probs=probs, gain_probs=np.array([1.0]),
+                   gain_edges=np.zeros(0, np.float32), shrink=np.ones((1, one.hidden), np.float32))
+    assert 0 <= certain.row_bits < 1e-9
+    frame = encode(torch.zeros(3, one.hidden), [1, 2, 3], certain, torch.zeros(100, one.hidden))
+    assert abs(expected_frame_bytes(certain, 3, 100) - len(frame)) <= 4     # the coder's one word, at most
+
+
+def test_a_codec_of_one_gain_level_codes_no_levels():
+    """gains = 1 (or tied quantiles): nothing to say per row, so nothing is coded (constriction has no
+    one-symbol categorical); frames round-trip as with several levels."""
+    emb, wins = _synthetic_windows(7)
+    one, many = (fit_predictive(emb, wins[:6], step=0.1, gains=g) for g in (1, 8))
+    assert len(one.gain_probs) == 1
+    ids, h = wins[6]
+    y1, y8 = (decode(encode(h, ids, pc, emb), pc, emb) for pc in (one, many))
+    assert torch.allclose(y1, y8, atol=0.1) and (y1 - h).abs().max() < 0.1

@@ -166,3 +166,81 @@ def test_hostile_frames_get_invalid_argument_and_a_good_session_runs_on(fitted, 
             lambda: codes.extend(raw_call(server, [opened, f], key=KEY)[1] for f in faults)])
         assert good_out == ref
         assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * len(faults)
+
+
+@pytest.mark.parametrize("w,i_kv", [(2, 0), (4, 1)])
+def test_handoff_codes_the_history_against_its_tokens_and_over_the_wire_equals_in_process(fitted, split, w, i_kv):
+    """Fig. 5b with the predictive wire: the edge generates w tokens alone, then the history (I_kv 0:
+    the hidden states of every position, coded against the prompt and local tokens) or the KV rows
+    cross, and the split steps code against the last local token; the networked edge gives the
+    in-process tokens."""
+    from splitcli.deploy import handoff_session, opsc_edge_model
+    from splitcli.runtime.handoff import handoff_generate
+    from splitcli.serve.handoff import generate_remote_handoff
+
+    lm = fitted[0]
+    cfg = SamplingConfig(max_new_tokens=7)
+    session = handoff_session(lm, split)
+    got = handoff_generate(session, torch.tensor([PROMPTS[0]]), None, cfg, local_tokens=w, i_kv=i_kv)
+    assert got.local_tokens == w and got.report.i_kv == i_kv
+    if i_kv:
+        assert got.report.hidden_bytes == 0 and got.report.kv_bytes > 0
+    else:  # one format-4 frame of every position so far: prompt and the local tokens fed
+        positions = len(PROMPTS[0]) + w - 1
+        assert 0 < got.report.hidden_bytes < positions * lm.model.config.hidden_size
+    with serving(split) as server:
+        remote_tokens = list(generate_remote_handoff(split, opsc_edge_model(lm.model, split.spec), PROMPTS[0], cfg,
+                                                     remote(server), local_tokens=w, i_kv=i_kv))
+    assert remote_tokens == got.tokens[0].tolist()
+
+
+def test_algorithm_2_runs_the_predictive_wire_in_process_and_over_the_network(fitted, split):
+    """--deadline with the predictive wire. It has one rate: the policy's byte model is the codec's
+    mean frame whatever q̄, so a step that misses D stops rather than compresses, and a byte model
+    that believes q̄ helps gets a note saying the frame went as coded. A generous deadline keeps
+    every step and gives the plain split's tokens, in process and over the network, handoff included."""
+    from splitcli.deploy import handoff_session, opsc_edge_model
+    from splitcli.plan.early_exit import ExitPolicy
+    from splitcli.runtime.adaptive import adaptive_generate, link_model_for, measured_link_model, session_wire_bytes
+    from splitcli.runtime.handoff import handoff_generate
+    from splitcli.runtime.link import EmulatedLink, parse_link
+    from splitcli.serve.adaptive import LiveRun, RemotePolicy
+    from splitcli.serve.handoff import generate_remote_handoff
+
+    lm = fitted[0]
+    cfg = SamplingConfig(max_new_tokens=6)
+    ids = torch.tensor([PROMPTS[0]])
+    want = reference(split, PROMPTS[0], cfg)
+    session = split.session()
+    model = session_wire_bytes(session, 1)
+    assert model(6, 0, 1) == model(2, 0, 1) == split.wire.expected_frame_bytes(1) > 0
+
+    def run(link, deadline, i_kv=0, session=None, local_tokens=0, **kw):
+        spec = parse_link(link)
+        policy = ExitPolicy(deadline, 6, 2, i_kv, link_model_for(spec, 0.01))
+        return adaptive_generate(session or split.session(), ids, None, cfg, policy, EmulatedLink(spec),
+                                 fixed_compute_s=0.001, local_tokens=local_tokens, **kw)
+
+    fast = run("100Mbit/s,1ms", 1.0)
+    assert fast.tokens[0].tolist() == want and {r.decision for r in fast.rows[1:]} == {"keep"}
+    hopeless = run("500bit/s,20ms", 0.1)
+    assert [r.decision for r in hopeless.rows[1:]] == ["stop"] and hopeless.summary.stopped_early
+    believer = run("0.5Mbit/s,20ms", 0.1, wire_bytes=lambda q_bar, i_kv, w: 900.0 * q_bar)  # q̄ 6 misses D
+    compress = [r for r in believer.rows if r.decision == "compress"]
+    assert compress and all("predictive wire has one rate" in r.note and r.q_bar is None for r in compress)
+    plain_handoff = handoff_generate(handoff_session(lm, split), ids, None, cfg, local_tokens=2, i_kv=1)
+    local = run("100Mbit/s,1ms", 1.0, i_kv=1, session=handoff_session(lm, split), local_tokens=2)
+    assert local.tokens.tolist() == plain_handoff.tokens.tolist() and local.handoff.i_kv == 1
+
+    def live(deadline):
+        return LiveRun(RemotePolicy(ExitPolicy(deadline, 6, 2, 1, measured_link_model(1e-3))), split)
+
+    with serving(split) as server:
+        on_time = live(5.0)
+        assert list(generate_remote(split, PROMPTS[0], cfg, remote(server), live=on_time)) == want
+        assert {r.decision for r in on_time.rows[1:]} == {"keep"}
+        handed = live(5.0)
+        got = list(generate_remote_handoff(split, opsc_edge_model(lm.model, split.spec), PROMPTS[0], cfg,
+                                           remote(server), local_tokens=2, i_kv=1, live=handed))
+        assert got == plain_handoff.tokens[0].tolist()
+        assert [r.stage for r in handed.rows[:3]] == ["local", "local", "handoff"]

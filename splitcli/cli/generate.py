@@ -64,9 +64,9 @@ def generate_cmd(
     plan = Plan.load(config) if config is not None else None
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits,
                       predictive_file=predictive_codec)
-    if spec.wire == "predictive" and (shards is not None or deadline or local_tokens):
-        raise SplitLLMError("--codec predictive does not run with --shards / --deadline / --local-tokens yet: "
-                            "drop them, or use --codec tabq")
+    if spec.wire == "predictive" and shards is not None:
+        raise SplitLLMError("--codec predictive does not run with --shards yet (the edge's 8-bit embeddings are "
+                            "not the codec's): use --model, or --codec tabq")
     live = live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, shards is not None,
                         remote=cloud is not None)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731

@@ -36,7 +36,8 @@ Frame layout (little-endian; prefix as in frame.py so one reader tells the versi
     raw      varint deltas of the raw rows' indices (ascending) | rows f16[n_raw, hidden] (f32 with
              FLAG_RAW32)
     escapes  varint deltas of the flat indices t * hidden + c (ascending) | values f32[n_escapes]
-    body     u32[body_words]: one rANS stack, gain levels of the coded rows first, then the symbols
+    body     u32[body_words]: one rANS stack, gain levels of the coded rows first (none for a codec of
+             one level), then the symbols
              of each (gain level, class) group in that order, token-major within a group
     crc32    u32 over everything above
 """
@@ -211,6 +212,19 @@ class PredictiveCodec:
     def gain_model(self):
         return _Categorical(self.gain_probs / self.gain_probs.sum(), perfect=False)
 
+    @cached_property
+    def row_bits(self) -> float:
+        """Mean bits of one coded row (its gain level and H symbols) on text like the fit text: the fit
+        text's own rate when the fit recorded it, else the models' entropy (which their smoothing
+        inflates when the fit text was short). Escapes and raw rows (rare) are left out."""
+        if isinstance(self.info.get("row_bits_fit"), (int, float)) and math.isfinite(self.info["row_bits_fit"]):
+            return max(0.0, float(self.info["row_bits_fit"]))
+        p = self.sym_probs / self.sym_probs.sum(-1, keepdims=True)                  # [G, C, 2K + 1]
+        bits = -(p * np.log2(np.where(p > 0, p, 1.0))).sum(-1)                     # [G, C]
+        g = self.gain_probs / self.gain_probs.sum()
+        per_class = np.bincount(self.classes, minlength=bits.shape[1])             # components per class
+        return float(g @ bits @ per_class - (g * np.log2(g)).sum())
+
     def sym_model(self, g: int, c: int):
         models = self.__dict__.setdefault("_models", {})
         if (g, c) not in models:
@@ -245,6 +259,16 @@ class PredictiveCodec:
                        emb_crc=int(meta["emb_crc"]), info=dict(meta.get("info") or {}), version=int(meta["version"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise SplitLLMError(f"predictive codec file {path} is invalid: {exc}") from exc
+
+
+def expected_frame_bytes(pc: PredictiveCodec, rows: int, vocab: int) -> float:
+    """What a frame of `rows` hidden states costs on average on text like the fit text: header,
+    token ids, the body at `row_bits` per row (in whole words) and the crc. The live policy's byte
+    model for this wire, which has one rate (no q̄ to trade)."""
+    words = math.ceil(rows * pc.row_bits / 32)
+    counts = (rows, pc.hidden, vocab, 0, 0, words)                          # `_COUNTS`, prev_id at its widest
+    header = _PREFIX_LEN + sum(len(_varint(n)) for n in counts) + 4        # ... and the crc
+    return float(header + rows * (4 if vocab > 0x10000 else 2) + 4 * words)
 
 
 def embedding_crc(emb: torch.Tensor) -> int:
@@ -380,7 +404,7 @@ def encode(hidden: torch.Tensor, ids, pc: PredictiveCodec, emb: torch.Tensor, pr
     coder = _AnsCoder()
     for g, c, rows, cols in reversed(groups):                                 # a stack: last pushed is read first
         coder.encode_reverse(sym[rows, cols].reshape(-1), pc.sym_model(g, c))
-    if lv.size:
+    if lv.size and len(pc.gain_probs) > 1:                                   # one level: nothing to say
         coder.encode_reverse(lv.astype(np.int32), pc.gain_model)
     body = coder.get_compressed().astype("<u4")
     raw32 = bool(rows_raw.size) and float(np.abs(rows_raw).max()) > _FP16_MAX
@@ -474,7 +498,7 @@ def _decode(frame, pc: PredictiveCodec, emb: torch.Tensor, max_tokens: int) -> t
         if not n_words:
             raise FrameError("codec frame has coded rows but an empty body")
         coder = _AnsCoder(words.astype(np.uint32))
-        lv = coder.decode(pc.gain_model, coded.size)
+        lv = coder.decode(pc.gain_model, coded.size) if len(pc.gain_probs) > 1 else np.zeros(coded.size, np.int64)
         if lv.max() >= len(pc.gain_probs):
             raise FrameError("codec frame has a gain level outside the codec's")
         order, groups = _groups(pc, lv)

@@ -168,6 +168,8 @@ def fit_predictive(emb: torch.Tensor, windows: Sequence[Window], *, step: float 
     probs = counts + (2 * K + 1) * parent[None]
     probs = probs / probs.sum(-1, keepdim=True)
     gain_probs = torch.bincount(levels, minlength=G).double() + 1
+    # the rate the fit text codes at under these models (the live policy's byte model, `row_bits`)
+    coded = probs.reshape(-1)[idx.reshape(-1)].log2().sum() + (gain_probs / gain_probs.sum())[levels].log2().sum()
     shrink = fit_shrink(y, torch.where(escaped, 0.0, s * step), levels, G) if shrink_decoder else torch.ones(G, y.shape[1])
     return PredictiveCodec(W=W, U=U, step=float(step), crms=crms.numpy(), classes=cls.to(torch.uint8).numpy(),
                            gain_edges=edges.float().numpy(), gain_max=float(gain.max()),
@@ -175,6 +177,7 @@ def fit_predictive(emb: torch.Tensor, windows: Sequence[Window], *, step: float 
                            shrink=shrink.float().numpy(),
                            emb_crc=embedding_crc(emb), info=dict(info or {}, tokens=int(len(r)),
                                                                   rel_error_fit=bulk_error(step),
+                                                                  row_bits_fit=float(-coded / len(r)),
                                                                   massive_channels=bulk_error.massive))
 
 

@@ -102,8 +102,10 @@ def frame_bytes_model(wire, hidden: int, last_stats: Callable[[], CodecStats | N
     """frame(q_bar, rows) -> bytes of one frame of `rows` hidden states of width `hidden` on `wire`:
     exact for a raw wire (its size does not depend on the values), `codec_frame_bound` for a codec
     wire, with the sparse part per row of `last_stats()` (default: the wire's last frame; None: no
-    sparse part)."""
+    sparse part); the token-predictive wire's mean under its own models, whatever q̄ (it has one rate)."""
     plain = inner_wire(wire)
+    if getattr(plain, "needs_ids", False):
+        return lambda q_bar, rows: plain.expected_frame_bytes(rows)
     stats = last_stats if last_stats is not None else (lambda: getattr(plain, "last_stats", None))
     sizes: dict[int, int] = {}
 
@@ -117,6 +119,13 @@ def frame_bytes_model(wire, hidden: int, last_stats: Callable[[], CodecStats | N
         return float(sizes[rows])
 
     return frame
+
+
+def cannot_compress(wire, q_bar: int) -> str:
+    """The trace note of a step the policy asked to code at q̄ on a wire that has no q̄."""
+    if getattr(inner_wire(wire), "needs_ids", False):
+        return f"the predictive wire has one rate (no q̄): frame sent as coded (policy asked for q̄ {q_bar})"
+    return f"raw wire cannot compress: frame sent uncompressed (policy asked for q̄ {q_bar})"
 
 
 def handoff_wire_bytes(per_step: WireBytes, kv_bytes: float, history_frame: Callable[[int], float]) -> WireBytes:
@@ -390,7 +399,7 @@ def _generate(session, input_ids, attention_mask, cfg, policy, link, wire_bytes,
         note = ""
         q_bar = loop.set_q_bar(decision.q_bar)
         if q_bar is None and decision.q_bar < policy.q_bar:
-            note = f"raw wire cannot compress: frame sent uncompressed (policy asked for q̄ {decision.q_bar})"
+            note = cannot_compress(session.wire, decision.q_bar)
         loop.i_kv = min(loop.i_kv, decision.i_kv)  # sticky: once off, KV stays off
         kv_bytes, handoff_s = 0, 0.0
         if is_handoff:

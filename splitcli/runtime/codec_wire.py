@@ -70,3 +70,9 @@ class PredictiveWire:
         from ..codec import predictive
 
         return predictive.decode(frame, self.pc, self.emb)
+
+    def expected_frame_bytes(self, rows: int) -> float:
+        """A frame of `rows` hidden states on average (`codec.predictive.expected_frame_bytes`)."""
+        from ..codec import predictive
+
+        return predictive.expected_frame_bytes(self.pc, rows, self.emb.shape[0])

@@ -144,7 +144,7 @@ class FastHandoffSession(HandoffMixin, FastSplitSession):
         Session.__init__(self, _context_length(cloud.parts))
         self._attach(edge, cloud, wire)
         self.local_edge: FastLocalEdge | None = local
-        self.local, self.report, self._hidden = True, None, local.hidden
+        self.local, self.report, self._hidden, self._local_ids = True, None, local.hidden, []
 
     def _static_caches(self) -> list:
         return [*self.local_edge.caches, self.cloud_cache] if self.local else super()._static_caches()
@@ -154,6 +154,7 @@ class FastHandoffSession(HandoffMixin, FastSplitSession):
             return super()._run(input_ids, positions, mask, logits_to_keep, stats, top)
         t0 = time.perf_counter()
         logits = self.local_edge(input_ids, positions, mask, logits_to_keep, top)
+        self._local_ids.append(input_ids)
         stats.edge_ms = (time.perf_counter() - t0) * 1e3
         return logits
 
@@ -162,7 +163,7 @@ class FastHandoffSession(HandoffMixin, FastSplitSession):
 
     def _enter_split(self) -> None:
         self.edge_cache = self.local_edge.carry(self.edge)
-        self.local_edge, self.local, self._hidden = None, False, []
+        self.local_edge, self.local, self._hidden, self._local_ids = None, False, [], []
 
 
 class FastUnsplitSession(Session):

@@ -45,7 +45,7 @@ from .generate import SamplingConfig, TokenStream
 from .kv_rows import KVPayload, KVRows, cache_rows, install_rows
 from .link import transfer
 from .session import SplitSession
-from .wire import Wire
+from .wire import Wire, encode_step
 
 _MAGIC = b"SKVC"
 _VERSION = 1
@@ -206,6 +206,7 @@ class HandoffMixin:
     local: bool
     report: HandoffReport | None
     _hidden: list[torch.Tensor]  # hidden states at ℓ of every local forward [B, T, H]
+    _local_ids: list[torch.Tensor]  # the token ids of every local forward [B, T]
 
     @property
     def split_layer(self) -> int:
@@ -226,6 +227,9 @@ class HandoffMixin:
         n = self.cloud.parts.num_layers
         ell = self.split_layer
         count = self.length
+        # a token-predictive wire codes the history against its ids, and the split stage's first step
+        # against the last token fed so far (either I_kv); other wires ignore both (`encode_step`)
+        ids = torch.cat(self._local_ids, dim=1) if self._local_ids else None  # [B, S]
         kv_bytes = hidden_bytes = 0
         t0 = time.perf_counter()
         sent_layers = (0 if edge_layers else ell, n) if i_kv else (ell, ell)
@@ -239,7 +243,7 @@ class HandoffMixin:
         elif count:
             hidden = torch.cat(self._hidden, dim=1)  # [B, S, H]
             b, s, h = hidden.shape
-            frame = self.wire.encode(hidden.reshape(b * s, h))
+            frame, _ = encode_step(self.wire, hidden.reshape(b * s, h), ids, None)
             hidden_bytes = len(frame)
             t1 = time.perf_counter()
             received = self.wire.decode(frame).reshape(b, s, h).to(hidden.dtype)
@@ -249,6 +253,7 @@ class HandoffMixin:
             t1 = t0
         t2 = time.perf_counter()
         self._enter_split()
+        self._prev_id = int(ids.reshape(-1)[-1]) if ids is not None and ids.numel() else None
         self.report = HandoffReport(i_kv, count, sent_layers, kv_bytes, hidden_bytes,
                                     (t1 - t0) * 1e3, (t2 - t1) * 1e3)
         return self.report
@@ -275,7 +280,7 @@ class HandoffSession(HandoffMixin, SplitSession):
         self.edge_cache = new_cache(edge_parts)  # the edge's own cache over all L layers until the handoff
         self.local = True
         self.report = None
-        self._hidden = []
+        self._hidden, self._local_ids = [], []
 
     @torch.inference_mode()
     def _run(self, input_ids, positions, mask, logits_to_keep, stats, top=0):
@@ -287,6 +292,7 @@ class HandoffSession(HandoffMixin, SplitSession):
                               output_hidden_states=True)
         # hidden_states[ℓ] is the input of layer ℓ: exactly what the edge half would send
         self._hidden.append(out.hidden_states[self.split_layer].detach())
+        self._local_ids.append(input_ids)
         stats.edge_ms = (time.perf_counter() - t0) * 1e3
         return out.logits
 
@@ -298,7 +304,7 @@ class HandoffSession(HandoffMixin, SplitSession):
             dtype = rows[0].keys.dtype
             install_rows(self.edge_cache, _as_payload(rows, length), dtype)
         self.local = False
-        self._hidden = []
+        self._hidden, self._local_ids = [], []
 
 
 def _as_payload(rows: list[KVRows], length: int) -> KVPayload:

@@ -376,8 +376,12 @@ class LinkWire:
     def __post_init__(self) -> None:
         self.name = f"{self.inner.name}+link"
 
-    def encode(self, hidden) -> bytes:  # [N, H] -> frame
-        frame = self.inner.encode(hidden)
+    @property
+    def needs_ids(self) -> bool:
+        return getattr(self.inner, "needs_ids", False)
+
+    def encode(self, hidden, **ids) -> bytes:  # [N, H] -> frame; `ids`: a token-predictive inner wire's
+        frame = self.inner.encode(hidden, **ids)
         self.link.transmit(len(frame))
         return frame
 

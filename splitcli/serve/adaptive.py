@@ -39,9 +39,10 @@ import torch
 
 from splitcli.errors import SplitLLMError
 from splitcli.plan.early_exit import ExitPolicy
-from splitcli.runtime.adaptive import (AdaptiveResult, TraceRow, decide_on, frame_bytes_model, handoff_wire_bytes,
-                                       summarize, with_q_bar)
+from splitcli.runtime.adaptive import (AdaptiveResult, TraceRow, cannot_compress, decide_on, frame_bytes_model,
+                                       handoff_wire_bytes, summarize, with_q_bar)
 from splitcli.runtime.codec_wire import CodecWire
+from splitcli.runtime.wire import encode_step
 from splitcli.runtime.link import EmulatedLink, LinkSpec, MeasuredLink
 
 
@@ -144,25 +145,28 @@ class LiveRun:
         """q̄ this step's frame is coded at (None: raw wire) and a note when it is not the decision's."""
         if self.base_cfg is None:
             if decision.q_bar < self.policy.q_bar:
-                return None, f"raw wire cannot compress: frame sent uncompressed (policy asked for q̄ {decision.q_bar})"
+                return None, cannot_compress(self.base_wire, decision.q_bar)
             return None, ""
         if decision.q_bar != self.base_cfg.q_bar and not self.adaptive_server:
             return self.base_cfg.q_bar, f"the cloud cannot decode q̄ {decision.q_bar}: sent at the plan's q̄"
         return min(decision.q_bar, self.base_cfg.q_bar), ""
 
     # -- encoding --------------------------------------------------------------------------
-    def encode(self, hidden: torch.Tensor, q_bar: int | None) -> tuple[bytes, int]:
-        """hidden [N, H] -> (frame, Step.q_bar): 0 names the session's own q̄. Coded with a config of
-        this run's own, never by changing the split's wire (other requests share it)."""
+    def encode(self, hidden: torch.Tensor, q_bar: int | None, ids: torch.Tensor | None = None,
+               prev_id: int | None = None) -> tuple[bytes, int, int | None]:
+        """hidden [N, H] -> (frame, Step.q_bar, prev_id for the next step): 0 names the session's own
+        q̄. Coded with a config of this run's own, never by changing the split's wire (other requests
+        share it). `ids`, `prev_id`: as `runtime.wire.encode_step` (a token-predictive wire's)."""
         if self.base_cfg is None:
-            return self.base_wire.encode(hidden), 0
+            frame, prev_id = encode_step(self.base_wire, hidden, ids, prev_id)
+            return frame, 0, prev_id
         from splitcli.codec import encode_with_stats
 
         q_bar = self.base_cfg.q_bar if q_bar is None else q_bar
         if q_bar not in self.cfgs:
             self.cfgs[q_bar] = self.base_cfg if q_bar == self.base_cfg.q_bar else with_q_bar(self.base_cfg, q_bar)
         frame, self.last_stats = encode_with_stats(hidden.detach(), self.cfgs[q_bar])
-        return frame, 0 if q_bar == self.base_cfg.q_bar else q_bar
+        return frame, 0 if q_bar == self.base_cfg.q_bar else q_bar, prev_id
 
     # -- recording -------------------------------------------------------------------------
     def row(self, stage: str, decision: str, reason: str, q_bar, i_kv: int, rate, predicted_s, compute_s,

@@ -279,12 +279,12 @@ class _SplitSteps:
         t = hidden.shape[1]
         live = self.live
         e0 = time.perf_counter()
+        # a token-predictive wire codes against the step's ids (a replay from 0: no token before)
+        prev_id = None if position == 0 else self.prev_id
         if live is not None:
-            frame, field = live.encode(hidden.reshape(t, -1), q_bar)
-        else:   # a token-predictive wire codes against the step's ids (a replay from 0: no token before)
-            frame, prev_id = encode_step(self.split.wire, hidden.reshape(t, -1), ids,
-                                         None if position == 0 else self.prev_id)
-            field = 0
+            frame, field, prev_id = live.encode(hidden.reshape(t, -1), q_bar, ids, prev_id)
+        else:
+            (frame, prev_id), field = encode_step(self.split.wire, hidden.reshape(t, -1), ids, prev_id), 0
         self.encode_s = time.perf_counter() - e0
         messages = chunk_frame(frame, step_id, position, t, self.chunk, q_bar=field)
         lead_msgs, lead_bytes, lead_replies = lead or ((), 0, 0)
@@ -307,9 +307,7 @@ class _SplitSteps:
 
             self.exchange = Exchange(lead_bytes + len(frame), seconds, (cloud_us + reply.token.cloud_us) / 1e6)
             live.measured(self.exchange)
-        self.position, self.step_id = position + t, step_id + 1
-        if live is None:
-            self.prev_id = prev_id
+        self.position, self.step_id, self.prev_id = position + t, step_id + 1, prev_id
         return token
 
     def _recover(self, first: RemoteError, length: int) -> int:

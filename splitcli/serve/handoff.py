@@ -71,6 +71,7 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
     fast_local = fast_local_edge(split, edge_model) if fast_edge is not None else None
     local_cache = new_cache(decoder_parts(edge_model)) if fast_local is None else None
     hidden_at_l: list[torch.Tensor] = fast_local.hidden if fast_local is not None else []
+    fed: list[torch.Tensor] = []  # the ids of every local forward: a token-predictive wire codes against them
     if fast_local is not None:  # the positions the session can reach, allocated once (as Session.reserve)
         limit = getattr(decoder_parts(edge_model).config, "max_position_embeddings", None)
         for c in fast_local.caches:
@@ -79,6 +80,7 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
     @torch.inference_mode()
     def local_forward(new: torch.Tensor, position: int) -> torch.Tensor:
         t0 = time.perf_counter()
+        fed.append(new)
         positions = torch.arange(position, position + new.shape[1])[None]
         if fast_local is not None:  # keeps the hidden states at ℓ itself
             logits = fast_local(new, positions, None, logits_to_keep=1)
@@ -147,18 +149,20 @@ def generate_remote_handoff(split, edge_model, input_ids, cfg: SamplingConfig, c
         # their hidden states would not rebuild the same cache, so a break there is an error.
         recover = reopen if cloud.retries and use_kv == 0 else None
         steps = _SplitSteps(split, stream, chunk, cfg, cache=edge_cache, reopen=recover, cloud=cloud, live=live)
-        history = torch.cat(hidden_at_l, dim=1)
+        steps.prev_id = int(fed[-1][0, -1])  # the split steps after a KV handoff code against it
+        history, history_ids = torch.cat(hidden_at_l, dim=1), torch.cat(fed, dim=1)
         if use_kv == 1:
             lead = (chunk_frame(kv_frame, 0, 0, count, chunk, kind=pb.PAYLOAD_KV), len(kv_frame), 0)
             steps.position, steps.step_id = count, 1
         elif live is None:
-            steps.send_hidden(history)  # the handoff: its token is already sampled
+            steps.send_hidden(history, ids=history_ids)  # the handoff: its token is already sampled
             lead = ()
         else:  # the history crosses in the handoff step's exchange, at the decided q̄; its reply is known
             q_bar, _ = live.q_bar_for(decided[0])
-            frame, field = live.encode(history.reshape(count, -1), q_bar)
+            frame, field, steps.prev_id = live.encode(history.reshape(count, -1), q_bar, history_ids)
             lead = (chunk_frame(frame, 0, 0, count, chunk, q_bar=field), len(frame), 1)
             steps.history.append(history)
+            steps.id_history.append(history_ids)
             steps.position, steps.step_id = count, 1
         stage, kv_bytes = "handoff", len(kv_frame) if use_kv else 0
         while True:
