@@ -97,7 +97,6 @@ def test_no_server_left_running(bench):
     (["--tokens", "1"], "--tokens must be >= 2"),
     (["--wire", "int3"], "--wire must be none, fp16, tabq or predictive"),
     (["--plot", "out.pdf"], "--plot must name a .png file"),
-    (["--wire", "predictive", "--backend", "ray"], "local backend only"),
     (["-l", "9"], "outside the valid range"),
 ])
 def test_bad_flags_one_line_exit_2(tiny_model_dir, tmp_path, args, pattern):

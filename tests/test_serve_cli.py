@@ -409,7 +409,7 @@ def test_tls_with_a_self_signed_certificate(tiny, tiny_model_dir, tmp_path):
     (["--port", "70000"], {"SPLITLLM_API_KEY": "k"}, "--port must lie in"),
     (["--kv-budget", "lots"], {"SPLITLLM_API_KEY": "k"}, "--kv-budget"),
     (["--max-sessions", "0"], {"SPLITLLM_API_KEY": "k"}, "max_sessions"),
-    (["--predictive-codec", __file__, "--backend", "ray"], {"SPLITLLM_API_KEY": "k"}, "--backend local only"),
+    (["--predictive-codec", "/nonexistent/codec.npz", "--backend", "ray"], {"SPLITLLM_API_KEY": "k"}, "no such file"),
 ])
 def test_serve_cloud_bad_input(monkeypatch, args, env, message):
     monkeypatch.delenv("SPLITLLM_API_KEY", raising=False)

@@ -244,3 +244,16 @@ def test_algorithm_2_runs_the_predictive_wire_in_process_and_over_the_network(fi
                                            remote(server), local_tokens=2, i_kv=1, live=handed))
         assert got == plain_handoff.tokens[0].tolist()
         assert [r.stage for r in handed.rows[:3]] == ["local", "local", "handoff"]
+
+
+def test_a_ray_front_pins_one_codec_file_for_its_replicas(fitted, split):
+    """serve-cloud --backend ray: the front resolves the codec once and names its file in the spec the
+    replicas build from (no calibration text needed there), so their crc is the front's."""
+    from splitcli.deploy import pin_predictive_codec
+
+    lm, data, _ = fitted
+    spec, codec = pin_predictive_codec(lm, SplitSpec(split_layer=2, wire="predictive"), data)
+    assert spec.predictive_file == split.wire.path
+    assert codec == {"path": split.wire.path, "crc": f"{split.wire.pc.crc:08x}"}
+    assert build_split(lm, spec).wire.pc.crc == split.wire.pc.crc
+    assert pin_predictive_codec(lm, SplitSpec(split_layer=2), data) == (SplitSpec(split_layer=2), None)

@@ -92,16 +92,24 @@ def test_bench_serve_ray_flags_are_checked(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_serve_backend_ray_end_to_end(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("wire", ["fp16", "predictive"])
+def test_bench_serve_backend_ray_end_to_end(tiny_model_dir, tmp_path, monkeypatch, wire):
     """The smallest real run: one replica beside the local backend, one client; the JSON has the
-    local backend's columns for each, every replayed token checked, and Ray's overhead ratio."""
+    local backend's columns for each, every replayed token checked, and Ray's overhead ratio. The
+    predictive wire: fitted once by the bench, its cached file read by every server (crc checked at Open)."""
     import json
 
     pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'splitllm[ray]'")
+    extra = []
+    if wire == "predictive":
+        from test_deploy_calibrate import write_wikitext
+
+        monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+        extra = ["--data-dir", str(write_wikitext(tmp_path / "data", n_chars=12000))]
     out = tmp_path / "ray.json"
     r = CliRunner().invoke(app, ["bench", "serve", "-m", str(tiny_model_dir), "-l", "2", "--backend", "ray",
                                  "--replicas", "1", "--clients", "1", "--tokens", "4", "--repeats", "1",
-                                 "--json", str(out)])
+                                 "--wire", wire, "--json", str(out), *extra])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert {x["mode"] for x in data["runs"]} == {"local", "ray x1"}
@@ -145,3 +153,32 @@ def test_the_ray_front_keeps_no_copy_of_the_model(tiny_model_dir, monkeypatch):
     out = CliRunner().invoke(app, ["serve-cloud", "-m", str(tiny_model_dir), "-l", "2", "--api-key", "k",
                                    "--port", "0", "--backend", "ray"])
     assert out.exit_code == 2 and "front model alive: False" in out.output, out.output
+
+
+@pytest.mark.slow
+def test_serve_cloud_backend_ray_serves_the_predictive_wire_from_one_codec_file(tiny_model_dir, tmp_path, monkeypatch):
+    """The front fits the predictive codec once and names its file to the replicas (each checks an
+    edge's codec crc at Open): an edge holding the printed file gets the in-process split's tokens."""
+    import re
+
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install 'splitllm[ray]'")
+    from splitcli.deploy import SplitSpec, build_split
+    from splitcli.model.loader import load_model
+    from test_deploy_calibrate import write_wikitext
+
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    data = write_wikitext(tmp_path / "data", n_chars=12000)
+    args = ["serve-cloud", "-m", str(tiny_model_dir), "-l", "2", "--port", "0", "--backend", "ray", "--replicas", "1",
+            "--codec", "predictive", "--data-dir", str(data)]
+    with launch(args, r" on (127\.0\.0\.1:\d+) ", tmp_path) as (proc, m):
+        log = next(tmp_path.glob("server-*.log")).read_text()
+        found = re.search(r"predictive codec (\S+\.npz) \(crc ([0-9a-f]{8})\)", log)
+        assert found is not None
+        lm = load_model(str(tiny_model_dir))
+        split = build_split(lm, SplitSpec(split_layer=2, wire="predictive", predictive_file=found.group(1)))
+        assert f"{split.wire.pc.crc:08x}" == found.group(2)
+        prompt = [1, 5, 9, 33, 7, 12]
+        got = list(generate_remote(split, prompt, SamplingConfig(max_new_tokens=5), remote(lm, m.group(1))))
+        assert got == reference(split, prompt, 5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0

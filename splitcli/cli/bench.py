@@ -303,8 +303,6 @@ def serve_cmd(
         raise SplitLLMError("--tokens must be >= 2, --repeats >= 1 and --threads >= 0")
     if wire not in ("none", "fp16", "tabq", "predictive"):
         raise SplitLLMError(f"--wire must be none, fp16, tabq or predictive, got {wire!r}")
-    if wire == "predictive" and backend != "local":
-        raise SplitLLMError("--wire predictive is served by the local backend only for now")
     if plot is not None and plot.suffix.lower() != ".png":
         raise SplitLLMError(f"--plot must name a .png file, got {plot}")
     replica_counts = _ray_bench_replicas(backend, replicas, plot)

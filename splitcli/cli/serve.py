@@ -173,7 +173,7 @@ def serve_cloud_cmd(
 ):
     """Serve the cloud half of the split (layers [ℓ, L)) to edge clients over gRPC."""
     from ..configio import overlay
-    from ..deploy import build_split
+    from ..deploy import build_split, pin_predictive_codec
     from ..model.loader import DEFAULT_MODEL
     from ..model.split import decoder_parts
     from ..serve.cloud import CloudServer
@@ -199,8 +199,6 @@ def serve_cloud_cmd(
     key = api_key_from(api_key, c.api_key_env)
     credentials = tls_credentials(c.tls_cert, c.tls_key)
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, predictive_file=predictive_codec)
-    if spec.wire == "predictive" and ray_options is not None:
-        raise SplitLLMError("--codec predictive is served by --backend local only for now")
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     model_ref = model or (plan.model_id if plan else DEFAULT_MODEL)
     lm = load_model_with_status(model_ref)
@@ -211,8 +209,9 @@ def serve_cloud_cmd(
         # keep_stats=False: a server's wire must not keep one record per frame for its lifetime
         split = build_split(lm, spec, data_dir, progress, keep_stats=False)
         layers = (split.spec.split_layer, split.cloud.parts.num_layers)
-    else:  # each replica loads the model and builds the split itself
-        spec = spec.resolve(lm.model)
+        codec = split.info.get("codec")
+    else:  # each replica loads the model and builds the split itself, the predictive codec from one file
+        spec, codec = pin_predictive_codec(lm, spec.resolve(lm.model), data_dir, progress)
         layers = (spec.split_layer, decoder_parts(lm.model).num_layers)
         del lm  # the front needs none of the weights: no copy beside the replicas' for the server's life
     stop = threading.Event()
@@ -238,7 +237,6 @@ def serve_cloud_cmd(
                 settings, kv_budget_bytes=settings.kv_budget_bytes * ray_options.max_replicas)
             httpd = start_metrics_http(c.host, c.metrics_port, server, scope)
         if spec.wire == "predictive":   # before the address line: a script reading it has this too
-            codec = split.info["codec"]
             err_console.print(f"predictive codec {codec['path']} (crc {codec['crc']}): edges on other machines "
                               "need this file (--predictive-codec)", highlight=False, soft_wrap=True)
         metrics = f"; metrics on http://{_join(c.host, httpd.server_address[1])}/metrics" if httpd else ""

@@ -14,8 +14,8 @@ serve or cli (tests/test_layers.py checks).
 
 from splitcli.deploy.split import (
     PlannedEdge, Split, SplitSpec, build_shard_split, build_split, build_wire, handoff_session, opsc_edge_model,
-    planned_edge,
+    pin_predictive_codec, planned_edge,
 )
 
 __all__ = ["PlannedEdge", "Split", "SplitSpec", "build_shard_split", "build_split", "build_wire", "handoff_session",
-           "opsc_edge_model", "planned_edge"]
+           "opsc_edge_model", "pin_predictive_codec", "planned_edge"]

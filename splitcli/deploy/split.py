@@ -217,6 +217,18 @@ def build_split(lm, spec: SplitSpec, data_dir=None, progress: Callable[[str], No
     return Split(spec, edge, CloudHalf(parts, spec.split_layer), wire, info)
 
 
+def pin_predictive_codec(lm, spec: SplitSpec, data_dir=None,
+                         progress: Callable[[str], None] | None = None) -> tuple[SplitSpec, dict | None]:
+    """(spec, codec) for a front whose replicas each build their own split (Ray Serve): the
+    predictive codec is fitted here, or read from the cache or the spec's file, once, and the spec
+    names its file, so every replica holds the same codec (an edge's Open is checked against its
+    crc). codec: {"path", "crc"}; other wires: the spec unchanged and None."""
+    if spec.wire != "predictive":
+        return spec, None
+    wire = build_wire(spec.resolve(lm.model), lm, data_dir, progress, keep_stats=False)
+    return dataclasses.replace(spec, predictive_file=wire.path), {"path": wire.path, "crc": f"{wire.pc.crc:08x}"}
+
+
 def build_shard_split(shard_dir, wire: str = "none", codec: CodecSettings | None = None,
                       split_layer: int | None = None, model_sha256: str | None = None, data_dir=None,
                       progress: Callable[[str], None] | None = None, keep_stats: bool = True,
