@@ -149,14 +149,11 @@ def test_generate_and_bench_with_the_predictive_codec(tiny_model_dir, tmp_path, 
     (["bench", "codec", "--predictive", "--predictive-error", "2"], "--predictive-error"),
     (["bench", "codec", "--fit-windows", "3"], "add it"),
     (["generate", "-p", "Hi", "--codec", "predictive", "--tau", "3"], "need --codec tabq"),
-    (["generate", "-p", "Hi", "--codec", "predictive", "--shards", "/nonexistent/shards"], "does not run with --shards"),
     (["generate", "-p", "Hi", "--predictive-codec", "/nonexistent/codec.npz"], "no such file"),
     (["generate", "-p", "Hi", "--codec", "tabq", "--predictive-codec", __file__], "needs --codec predictive"),
     (["generate", "-p", "Hi", "--target-error", "0.2", "--predictive-codec", __file__], "fixes its step"),
     (["generate", "-p", "Hi", "--codec", "predictive", "--max-bits", "4"], "takes --target-error only"),
-    (["serve-edge", "--codec", "predictive", "--shards", "/nonexistent/shards", "--api-key", "k"], "does not run with"),
 ])
 def test_predictive_codec_bad_options(args, msg, tmp_path, env):
     extra = ["--json", str(tmp_path / "o.json")] if args[0] == "bench" else []
-    model = [] if "--shards" in args else ["-m", "/nonexistent/model"]
-    assert_clean_error(run(*args, *model, "--data-dir", str(env), *extra), msg)
+    assert_clean_error(run(*args, "-m", "/nonexistent/model", "--data-dir", str(env), *extra), msg)

@@ -9,8 +9,9 @@ import torch
 
 from splitcli.deploy import SplitSpec, build_wire
 from splitcli.deploy.calibrate import cache_dir
-from splitcli.deploy.predictive import fit_slices, fitted_predictive
+from splitcli.deploy.predictive import fit_slices, fitted_predictive, input_embeddings
 from splitcli.errors import SplitLLMError
+from splitcli.quant import QuantEmbedding
 from splitcli.runtime.codec_wire import PredictiveWire
 from splitcli.runtime.session import SplitSession
 from splitcli.runtime.wire import RawWire
@@ -86,9 +87,10 @@ def test_predictive_wire_refuses_what_it_cannot_do(llama, tmp_path, monkeypatch)
         wire.encode(torch.zeros(2, 64))
     with pytest.raises(SplitLLMError, match="other input embeddings"):
         PredictiveWire(pc, emb + 1)
-    from splitcli.deploy.split import build_shard_split
-    with pytest.raises(SplitLLMError, match="shards"):
-        build_shard_split(tmp_path, wire="predictive")
+    quantized = SimpleNamespace(model=SimpleNamespace(get_input_embeddings=lambda: QuantEmbedding.from_embedding(
+        llama.get_input_embeddings())))
+    with pytest.raises(SplitLLMError, match="--embed-bits 16"):   # an edge shard's 8-bit table is not the codec's
+        input_embeddings(quantized)
 
 
 def test_fit_slices_never_reach_the_evaluation_text():

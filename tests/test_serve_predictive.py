@@ -257,3 +257,35 @@ def test_a_ray_front_pins_one_codec_file_for_its_replicas(fitted, split):
     assert codec == {"path": split.wire.path, "crc": f"{split.wire.pc.crc:08x}"}
     assert build_split(lm, spec).wire.pc.crc == split.wire.pc.crc
     assert pin_predictive_codec(lm, SplitSpec(split_layer=2), data) == (SplitSpec(split_layer=2), None)
+
+
+def test_shards_that_keep_exact_embeddings_run_the_clouds_codec(tiny_model_dir, tmp_path, monkeypatch):
+    """An edge from shards written with --embed-bits 16 holds the model's exact input embeddings, so it
+    runs the cloud's codec file (fitted on the full model): over the network its tokens equal the
+    in-process split of the same shards. Shards with 8-bit embeddings are refused, saying what to do."""
+    from typer.testing import CliRunner
+
+    from splitcli.cli import app
+    from splitcli.deploy import build_shard_split
+    from splitcli.model.loader import load_model
+
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    data = write_wikitext(tmp_path / "data", n_chars=12000)
+    lm = load_model(str(tiny_model_dir))
+    cloud = build_split(lm, SplitSpec(split_layer=2, wire="predictive"), data, keep_stats=False)
+    shards = {}
+    for bits in (16, 8):
+        shards[bits] = tmp_path / f"q{bits}"
+        r = CliRunner().invoke(app, ["quantize", "-m", str(tiny_model_dir), "-l", "2", "--front-bits", "4",
+                                     "--back-bits", "none", "--group-size", "32", "--embed-bits", str(bits),
+                                     "--out", str(shards[bits])])
+        assert r.exit_code == 0, r.output
+    edge, _, _ = build_shard_split(shards[16], wire="predictive", predictive_file=cloud.wire.path)
+    assert edge.wire.pc.crc == cloud.wire.pc.crc
+    with pytest.raises(SplitLLMError, match="--embed-bits 16"):
+        build_shard_split(shards[8], wire="predictive", predictive_file=cloud.wire.path)
+    cfg = SamplingConfig(max_new_tokens=6)
+    for prompt in PROMPTS:
+        want = reference(edge, prompt, cfg)
+        with serving(cloud) as server:
+            assert list(generate_remote(edge, prompt, cfg, remote(server))) == want

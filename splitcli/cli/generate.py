@@ -64,9 +64,6 @@ def generate_cmd(
     plan = Plan.load(config) if config is not None else None
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits,
                       predictive_file=predictive_codec)
-    if spec.wire == "predictive" and shards is not None:
-        raise SplitLLMError("--codec predictive does not run with --shards yet (the edge's 8-bit embeddings are "
-                            "not the codec's): use --model, or --codec tabq")
     live = live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, shards is not None,
                         remote=cloud is not None)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
@@ -217,6 +214,6 @@ def _shard_split(shards: Path, model: str | None, spec, plan, data_dir, progress
                                 f"write shards for this plan with `splitllm quantize --config`")
     with err_console.status(f"loading shards from {shards} ..."):
         split, tokenizer, m = build_shard_split(shards, spec.wire, spec.codec, spec.split_layer, sha, data_dir, progress,
-                                                edge_act_bits=spec.edge_act_bits)
+                                                edge_act_bits=spec.edge_act_bits, predictive_file=spec.predictive_file)
     model_id = f"{m.model_id} (shards: Qw1={m.front_bits}, ℓw={m.l_w}, {m.method}, G={m.group_size})"
     return split, tokenizer, split.edge.parts.config, model_id

@@ -346,9 +346,6 @@ def serve_edge_cmd(
         raise SplitLLMError("give --shards or --model, not both")
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits,
                       predictive_file=predictive_codec)
-    if spec.wire == "predictive" and shards is not None:
-        raise SplitLLMError("--codec predictive does not run with --shards yet (the edge's 8-bit embeddings are "
-                            "not the codec's): use --model, or --codec tabq")
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     if shards is not None:
         with err_console.status(f"loading the edge shard from {shards} ..."):
@@ -402,7 +399,7 @@ def _edge_shard_split(shards: Path, spec, data_dir, progress):
     m = edge.manifest
     edge_spec = SplitSpec(split_layer=m.split_layer, q_w1=m.front_bits, q_w2=m.back_bits, l_w=m.l_w, method=m.method,
                           group_size=m.group_size, qa=m.kv_bits, embed_bits=m.embed_bits, wire=spec.wire,
-                          codec=spec.codec, edge_act_bits=spec.edge_act_bits)
+                          codec=spec.codec, edge_act_bits=spec.edge_act_bits, predictive_file=spec.predictive_file)
     edge_lm = SimpleNamespace(model=edge.model, tokenizer=tokenizer, sha256=m.files["edge.safetensors"]["sha256"])
     wire = build_wire(edge_spec, edge_lm, data_dir, progress, keep_stats=False)
     return Split(edge_spec, edge.half, None, wire, {"wire": wire.name, "shards": str(shards)}), tokenizer, m

@@ -26,8 +26,14 @@ FIT_SEQLEN = 2048
 
 
 def input_embeddings(lm) -> torch.Tensor:
-    """The model's input embeddings [V, H] float32: what the predictor is fitted with and predicts from."""
-    return lm.model.get_input_embeddings().weight.detach().float()
+    """The model's input embeddings [V, H] float32: what the predictor is fitted with and predicts from.
+    Both ends must hold them exactly, so an edge shard that keeps them quantized is refused."""
+    weight = getattr(lm.model.get_input_embeddings(), "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise SplitLLMError("the predictive codec predicts from the model's exact input embeddings, and this "
+                            "edge holds them quantized: write the shards with `splitllm quantize --embed-bits 16` "
+                            "(or use --codec tabq)")
+    return weight.detach().float()
 
 
 def fit_slices(n_ids: int, seqlen: int, windows: int, reserved: int = 0) -> list[tuple[int, int]]:

@@ -232,21 +232,21 @@ def pin_predictive_codec(lm, spec: SplitSpec, data_dir=None,
 def build_shard_split(shard_dir, wire: str = "none", codec: CodecSettings | None = None,
                       split_layer: int | None = None, model_sha256: str | None = None, data_dir=None,
                       progress: Callable[[str], None] | None = None, keep_stats: bool = True,
-                      edge_act_bits: int = 16):
+                      edge_act_bits: int = 16, predictive_file: str | None = None):
     """(Split, tokenizer, manifest) from a directory written by `splitllm quantize`: the edge half
     from edge.safetensors, the cloud half from cloud.safetensors. With the codec wire, the codec
     is calibrated on the shard's own edge (the only edge there is: its quantized layers produce
-    what crosses the wire), cached under the edge shard's sha256. edge_act_bits: as SplitSpec's
-    (a run-time setting: shards do not store it)."""
+    what crosses the wire), cached under the edge shard's sha256; so is the predictive codec, unless
+    `predictive_file` names one (the cloud's), and it needs shards that keep the input embeddings
+    exact (`--embed-bits 16`). edge_act_bits: as SplitSpec's (a run-time setting: shards do not
+    store it)."""
     from types import SimpleNamespace
 
     from splitcli.model.shard_loader import load_cloud, load_edge, load_tokenizer
     from splitcli.quant import use_int4_act_bits_
 
-    spec = SplitSpec(wire=wire, codec=codec or CodecSettings(), edge_act_bits=edge_act_bits)  # checked first
-    if wire == "predictive":
-        raise SplitLLMError("the predictive wire is fitted on the full model's embeddings; it does not run from "
-                            "shards yet (use --codec tabq)")
+    spec = SplitSpec(wire=wire, codec=codec or CodecSettings(), edge_act_bits=edge_act_bits,  # checked first
+                     predictive_file=predictive_file)
     edge = load_edge(shard_dir, split_layer, model_sha256)
     cloud = load_cloud(shard_dir, split_layer, model_sha256)
     tokenizer = load_tokenizer(shard_dir)
