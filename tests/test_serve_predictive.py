@@ -282,6 +282,9 @@ def test_shards_that_keep_exact_embeddings_run_the_clouds_codec(tiny_model_dir, 
         assert r.exit_code == 0, r.output
     edge, _, _ = build_shard_split(shards[16], wire="predictive", predictive_file=cloud.wire.path)
     assert edge.wire.pc.crc == cloud.wire.pc.crc
+    alone, _, _ = build_shard_split(shards[16], wire="predictive", data_dir=data)   # fitted on the 4-bit edge
+    assert alone.wire.pc.crc != cloud.wire.pc.crc and alone.wire.pc.info["split_layer"] == 2
+    assert len(reference(alone, PROMPTS[0], SamplingConfig(max_new_tokens=3))) == 3
     with pytest.raises(SplitLLMError, match="--embed-bits 16"):
         build_shard_split(shards[8], wire="predictive", predictive_file=cloud.wire.path)
     cfg = SamplingConfig(max_new_tokens=6)
