@@ -130,6 +130,11 @@ def test_generate_and_bench_with_the_predictive_codec(tiny_model_dir, tmp_path, 
     r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hi", "-n", "2", "--codec", "predictive",
             "--target-error", "0.3", "--data-dir", str(env))
     assert r.exit_code == 0 and "relative error 0.3000" in r.output, r.output   # another target: another fit
+    mine = env / "mine.txt"   # the user's own text: --fit-text alone implies the predictive wire, no WikiText needed
+    mine.write_text((env / "wikitext2" / "wiki.test.raw").read_text()[::-1])
+    r = run("generate", "-m", str(tiny_model_dir), "-l", "2", "-p", "Hi", "-n", "2", "--fit-text", str(mine),
+            "--data-dir", str(tmp_path / "nowhere"))
+    assert r.exit_code == 0 and f"tokens of {mine}" in r.output.replace("\n", ""), r.output
     path = next(cache_dir().glob("*.npz"))
     r = run("generate", "-m", str(tiny_model_dir), "-l", "3", "-p", "Hi", "-n", "2", "--predictive-codec", str(path))
     assert_clean_error(r, "fitted at split layer 2, not 3")                   # a file fixes its ℓ
@@ -153,6 +158,9 @@ def test_generate_and_bench_with_the_predictive_codec(tiny_model_dir, tmp_path, 
     (["generate", "-p", "Hi", "--codec", "tabq", "--predictive-codec", __file__], "needs --codec predictive"),
     (["generate", "-p", "Hi", "--target-error", "0.2", "--predictive-codec", __file__], "fixes its step"),
     (["generate", "-p", "Hi", "--codec", "predictive", "--max-bits", "4"], "takes --target-error only"),
+    (["generate", "-p", "Hi", "--fit-text", "/nonexistent/text.txt"], "--fit-text: no such file"),
+    (["generate", "-p", "Hi", "--codec", "tabq", "--fit-text", __file__], "needs --codec predictive"),
+    (["serve-cloud", "--fit-text", __file__, "--predictive-codec", __file__, "--api-key", "k"], "give one"),
 ])
 def test_predictive_codec_bad_options(args, msg, tmp_path, env):
     extra = ["--json", str(tmp_path / "o.json")] if args[0] == "bench" else []

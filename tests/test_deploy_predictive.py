@@ -97,3 +97,33 @@ def test_fit_slices_never_reach_the_evaluation_text():
     assert fit_slices(10_000, 1000, 3, reserved=4000) == [(7000, 8000), (8000, 9000), (9000, 10_000)]
     with pytest.raises(SplitLLMError, match="overlapping"):
         fit_slices(10_000, 1000, 7, reserved=4000)
+
+
+def test_a_users_fit_text_fits_its_own_codec(llama, tmp_path, monkeypatch):
+    """--fit-text: the codec is fitted on the user's file instead of WikiText-2, cached under its
+    content (another text: another codec), and says which text; unreadable, empty or too short
+    texts get one-line errors, and a fit text with a codec file is refused."""
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    data = write_wikitext(tmp_path / "data")
+    lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a mill by the river, and farmers in the valley. " * 120)
+    said = []
+    wiki = build_wire(SplitSpec(split_layer=2, wire="predictive"), lm, data)
+    own = build_wire(SplitSpec(split_layer=2, wire="predictive", predictive_fit_text=str(mine)), lm, data,
+                     progress=said.append)
+    assert own.pc.crc != wiki.pc.crc and own.pc.info["text"] == str(mine) and own.path != wiki.path
+    assert any(str(mine) in m for m in said)
+    again = build_wire(SplitSpec(split_layer=2, wire="predictive", predictive_fit_text=str(mine)), lm, None)
+    assert again.pc.crc == own.pc.crc                          # from the cache, keyed by the text's content
+    (tmp_path / "short.txt").write_text("too short")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
+    for name, msg in (("short.txt", "give a longer text"), ("empty.txt", "is empty"), ("binary.txt", "cannot read"),
+                      ("missing.txt", "cannot read")):
+        with pytest.raises(SplitLLMError, match=msg):
+            build_wire(SplitSpec(split_layer=2, wire="predictive", predictive_fit_text=str(tmp_path / name)), lm, data)
+    with pytest.raises(SplitLLMError, match="no codec file"):
+        SplitSpec(split_layer=2, wire="predictive", predictive_fit_text=str(mine), predictive_file=str(mine))
+    with pytest.raises(SplitLLMError, match="predictive wire"):
+        SplitSpec(split_layer=2, wire="tabq", predictive_fit_text=str(mine))

@@ -246,7 +246,7 @@ def test_algorithm_2_runs_the_predictive_wire_in_process_and_over_the_network(fi
         assert [r.stage for r in handed.rows[:3]] == ["local", "local", "handoff"]
 
 
-def test_a_ray_front_pins_one_codec_file_for_its_replicas(fitted, split):
+def test_a_ray_front_pins_one_codec_file_for_its_replicas(fitted, split, tmp_path):
     """serve-cloud --backend ray: the front resolves the codec once and names its file in the spec the
     replicas build from (no calibration text needed there), so their crc is the front's."""
     from splitcli.deploy import pin_predictive_codec
@@ -257,6 +257,10 @@ def test_a_ray_front_pins_one_codec_file_for_its_replicas(fitted, split):
     assert codec == {"path": split.wire.path, "crc": f"{split.wire.pc.crc:08x}"}
     assert build_split(lm, spec).wire.pc.crc == split.wire.pc.crc
     assert pin_predictive_codec(lm, SplitSpec(split_layer=2), data) == (SplitSpec(split_layer=2), None)
+    text = tmp_path / "mine.txt"                          # a fit text: the replicas get its fitted file instead
+    text.write_text((data / "wikitext2" / "wiki.test.raw").read_text()[::-1])
+    own, codec = pin_predictive_codec(lm, SplitSpec(split_layer=2, wire="predictive", predictive_fit_text=str(text)))
+    assert own.predictive_fit_text is None and own.predictive_file == codec["path"] != split.wire.path
 
 
 def test_shards_that_keep_exact_embeddings_run_the_clouds_codec(tiny_model_dir, tmp_path, monkeypatch):

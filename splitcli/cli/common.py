@@ -20,6 +20,7 @@ MODEL_OPTION = typer.Option("smollm2-135m", "--model", "-m", help="Built-in name
 JSON_OPTION = typer.Option(..., "--json", help="Where to write the results.")
 FORCE_JSON_OPTION = typer.Option(False, "--force", help="Overwrite the --json file if it exists.")
 DATA_DIR_OPTION = typer.Option(None, "--data-dir", help="Data directory (default: $SPLITLLM_DATA, else ../shared/data).")
+PREDICTIVE_FIT_TEXT_OPTION = typer.Option(None, "--fit-text", help="A UTF-8 text file to fit the predictive codec on instead of WikiText-2 (implies --codec predictive; text like your deployment's codes smaller). Networked edges then need the cloud's codec file.")
 PREDICTIVE_CODEC_OPTION = typer.Option(None, "--predictive-codec", help="A fitted predictive codec file (.npz) to use instead of fitting one (implies --codec predictive). Both ends of a networked split need the same codec: serve-cloud prints the path of its file.")
 EDGE_ACT_BITS_OPTION = typer.Option(None, "--edge-act-bits", help="Input width of the edge's 4-bit products at decode on splitllm's AVX2 kernel: 16, or 8 (faster, coarser: +0.2% perplexity measured on SmolLM2) (default: the plan's, else 16).")
 
@@ -210,11 +211,19 @@ def split_spec(plan, wire: str | None, codec_flags: dict, data_dir=None, **flags
         if not Path(flags["predictive_file"]).is_file():
             raise SplitLLMError(f"--predictive-codec: no such file: {flags['predictive_file']}")
         wire, flags["predictive_file"] = "predictive", str(flags["predictive_file"])
+    if flags.get("predictive_fit_text") is not None:
+        if wire not in (None, "predictive"):
+            raise SplitLLMError(f"--fit-text fits the predictive codec: it needs --codec predictive, not --codec {wire}")
+        if flags.get("predictive_file") is not None:
+            raise SplitLLMError("--fit-text and --predictive-codec: the codec file is fitted already; give one")
+        if not Path(flags["predictive_fit_text"]).is_file():
+            raise SplitLLMError(f"--fit-text: no such file: {flags['predictive_fit_text']}")
+        wire, flags["predictive_fit_text"] = "predictive", str(flags["predictive_fit_text"])
     wire = wire or ("tabq" if plan is not None else "none")
     codec_flags_need_tabq(wire, codec_flags)
     base = SplitSpec.from_plan(plan, wire) if plan is not None else SplitSpec(wire=wire)
     spec = base.with_flags(codec=codec_flags, wire=wire, **flags)
-    fits = spec.wire == "predictive" and spec.predictive_file is None
+    fits = spec.wire == "predictive" and spec.predictive_file is None and spec.predictive_fit_text is None
     if (spec.wire == "tabq" and spec.codec.needs_samples) or fits:
         from ..deploy.calibrate import wikitext_path
 

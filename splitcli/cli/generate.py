@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, FORCE_JSON_OPTION, JSON_OPTION, PREDICTIVE_CODEC_OPTION, check_output_path,
+    DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, FORCE_JSON_OPTION, JSON_OPTION, PREDICTIVE_CODEC_OPTION,
+    PREDICTIVE_FIT_TEXT_OPTION, check_output_path,
     check_plan_fits, cli_errors, codec_options, console, err_console, json_safe, load_model_with_status, split_spec,
     write_json,
 )
@@ -24,6 +25,7 @@ def generate_cmd(
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ), the cloud the rest (default: the plan's, else L // 2)."),
     edge_act_bits: int = EDGE_ACT_BITS_OPTION,
     predictive_codec: Path = PREDICTIVE_CODEC_OPTION,
+    fit_text: Path = PREDICTIVE_FIT_TEXT_OPTION,
     config: Path = typer.Option(None, "--config", help="plan.yaml from `splitllm plan`: ℓ, edge weight, embedding and KV bits and the codec (τ, Q̄, Δ); explicit flags win."),
     shards: Path = typer.Option(None, "--shards", help="Run the quantized split from a directory written by `splitllm quantize` (edge from edge.safetensors, cloud from cloud.safetensors)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
@@ -63,7 +65,7 @@ def generate_cmd(
     remote = _remote_options(cloud, cloud_api_key, cloud_ca, {"--prefill-chunk": prefill_chunk}) if cloud else None
     plan = Plan.load(config) if config is not None else None
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits,
-                      predictive_file=predictive_codec)
+                      predictive_file=predictive_codec, predictive_fit_text=fit_text)
     live = live_options(plan, spec, deadline, link, eps, i_kv, local_tokens, trace, force, shards is not None,
                         remote=cloud is not None)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
@@ -214,6 +216,7 @@ def _shard_split(shards: Path, model: str | None, spec, plan, data_dir, progress
                                 f"write shards for this plan with `splitllm quantize --config`")
     with err_console.status(f"loading shards from {shards} ..."):
         split, tokenizer, m = build_shard_split(shards, spec.wire, spec.codec, spec.split_layer, sha, data_dir, progress,
-                                                edge_act_bits=spec.edge_act_bits, predictive_file=spec.predictive_file)
+                                                edge_act_bits=spec.edge_act_bits, predictive_file=spec.predictive_file,
+                                                predictive_fit_text=spec.predictive_fit_text)
     model_id = f"{m.model_id} (shards: Qw1={m.front_bits}, ℓw={m.l_w}, {m.method}, G={m.group_size})"
     return split, tokenizer, split.edge.parts.config, model_id

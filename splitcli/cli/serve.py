@@ -14,7 +14,8 @@ from pathlib import Path
 import typer
 
 from ..errors import SplitLLMError
-from .common import (DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, PREDICTIVE_CODEC_OPTION, check_plan_fits, cli_errors,
+from .common import (DATA_DIR_OPTION, EDGE_ACT_BITS_OPTION, PREDICTIVE_CODEC_OPTION, PREDICTIVE_FIT_TEXT_OPTION,
+                     check_plan_fits, cli_errors,
                      codec_options, err_console, load_model_with_status, split_spec)
 
 from ..serve.config import API_KEY_ENV, api_key_from  # noqa: F401 - generate --cloud reads the key the same way
@@ -151,6 +152,7 @@ def serve_cloud_cmd(
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the cloud runs layers [ℓ, L) (default: the plan's, else L // 2)."),
     predictive_codec: Path = PREDICTIVE_CODEC_OPTION,
+    fit_text: Path = PREDICTIVE_FIT_TEXT_OPTION,
     host: str = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)."),
     port: int = typer.Option(None, "--port", help="gRPC port (default 50051; 0 = pick a free one; the address is printed)."),
     api_key: str = typer.Option(None, "--api-key", help=f"Bearer token every call must carry (default: ${API_KEY_ENV}, or the config's api_key_env; required)."),
@@ -198,7 +200,8 @@ def serve_cloud_cmd(
                 metrics_port=metrics_port, drain_timeout_s=drain_timeout, tls_cert=tls_cert, tls_key=tls_key)
     key = api_key_from(api_key, c.api_key_env)
     credentials = tls_credentials(c.tls_cert, c.tls_key)
-    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, predictive_file=predictive_codec)
+    spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, predictive_file=predictive_codec,
+                      predictive_fit_text=fit_text)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     model_ref = model or (plan.model_id if plan else DEFAULT_MODEL)
     lm = load_model_with_status(model_ref)
@@ -308,6 +311,7 @@ def serve_edge_cmd(
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the edge runs layers [0, ℓ) (default: the plan's or the shards', else L // 2)."),
     edge_act_bits: int = EDGE_ACT_BITS_OPTION,
     predictive_codec: Path = PREDICTIVE_CODEC_OPTION,
+    fit_text: Path = PREDICTIVE_FIT_TEXT_OPTION,
     host: str = typer.Option(None, "--host", help="Address the HTTP API listens on (default 127.0.0.1; 0.0.0.0 for all interfaces)."),
     port: int = typer.Option(None, "--port", help="HTTP port (default 8000; 0 = pick a free one; the address is printed)."),
     api_key: str = typer.Option(None, "--api-key", help=f"Bearer token for the /v1 API, also sent to the cloud unless --cloud-api-key (default: ${API_KEY_ENV}, or the config's api_key_env; required)."),
@@ -345,7 +349,7 @@ def serve_edge_cmd(
     if shards is not None and model is not None:
         raise SplitLLMError("give --shards or --model, not both")
     spec = split_spec(plan, wire, codec_flags, data_dir, split_layer=split_layer, edge_act_bits=edge_act_bits,
-                      predictive_file=predictive_codec)
+                      predictive_file=predictive_codec, predictive_fit_text=fit_text)
     progress = lambda m: err_console.print(m, highlight=False)  # noqa: E731
     if shards is not None:
         with err_console.status(f"loading the edge shard from {shards} ..."):
@@ -399,7 +403,8 @@ def _edge_shard_split(shards: Path, spec, data_dir, progress):
     m = edge.manifest
     edge_spec = SplitSpec(split_layer=m.split_layer, q_w1=m.front_bits, q_w2=m.back_bits, l_w=m.l_w, method=m.method,
                           group_size=m.group_size, qa=m.kv_bits, embed_bits=m.embed_bits, wire=spec.wire,
-                          codec=spec.codec, edge_act_bits=spec.edge_act_bits, predictive_file=spec.predictive_file)
+                          codec=spec.codec, edge_act_bits=spec.edge_act_bits, predictive_file=spec.predictive_file,
+                          predictive_fit_text=spec.predictive_fit_text)
     edge_lm = SimpleNamespace(model=edge.model, tokenizer=tokenizer, sha256=m.files["edge.safetensors"]["sha256"])
     wire = build_wire(edge_spec, edge_lm, data_dir, progress, keep_stats=False)
     return Split(edge_spec, edge.half, None, wire, {"wire": wire.name, "shards": str(shards)}), tokenizer, m

@@ -1,9 +1,10 @@
 """Fitting the token-predictive codec (frame format 4) for one deployment (model, split layer), cached.
 
 Fit text: the last `PREDICTIVE_FIT_WINDOWS` windows of `min(2048, context)` tokens of WikiText-2's
-wiki.test.raw (each window starts at position 0 of its own sequence, as a prompt does, so the
-attention sink is represented). Perplexity benchmarks score the *first* windows of the same file,
-so the two never overlap (checked). The fitted codec (2.7 MB at hidden 576: predictor, KLT,
+wiki.test.raw, or of a user's text file (`fit_text`: text like the deployment's codes smaller);
+each window starts at position 0 of its own sequence, as a prompt does, so the attention sink is
+represented. Perplexity benchmarks score the *first* windows of the same file, so the two never
+overlap (checked). The fitted codec (2.7 MB at hidden 576: predictor, KLT,
 symbol models) is stored as .npz under `cache_root()/codec/`, keyed by everything it depends on,
 so `generate` fits once (about a minute and a half for SmolLM2-135M at ℓ = 15 on 2 cores).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -48,8 +50,10 @@ def fit_slices(n_ids: int, seqlen: int, windows: int, reserved: int = 0) -> list
 
 def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: int, reserved: int = 0,
                  target_rel_error: float = DEFAULT_TARGET_REL_ERROR, step: float | None = None,
-                 tick: Callable[[int], None] | None = None) -> tuple[PredictiveCodec, torch.Tensor]:
-    """(codec, input embeddings [V, H]) fitted on the edge's hidden states of the fit windows of `ids`."""
+                 tick: Callable[[int], None] | None = None,
+                 text_name: str = "wikitext2/wiki.test.raw") -> tuple[PredictiveCodec, torch.Tensor]:
+    """(codec, input embeddings [V, H]) fitted on the edge's hidden states of the fit windows of `ids`
+    (the tokens of the text `text_name`, recorded in the codec's info)."""
     wins = []
     for k, (a, b) in enumerate(fit_slices(len(ids), seqlen, windows, reserved)):
         w = torch.tensor(ids[a:b])
@@ -57,7 +61,7 @@ def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: 
         if tick is not None:
             tick(k + 1)
     emb = input_embeddings(lm)
-    info = dict(text="wikitext2/wiki.test.raw", fit_tokens=[len(ids) - windows * seqlen, len(ids)],
+    info = dict(text=text_name, fit_tokens=[len(ids) - windows * seqlen, len(ids)],
                 windows=windows, seqlen=seqlen, split_layer=split_layer,
                 target_rel_error=None if step is not None else target_rel_error)
     return fit_predictive(emb, wins, step=step, target_rel_error=target_rel_error, info=info), emb
@@ -75,11 +79,26 @@ def predictive_from_file(path, lm, split_layer: int) -> tuple[PredictiveCodec, t
     return pc, emb, dict(path=str(path), cache="file")
 
 
+def read_fit_text(path) -> tuple[str, str]:
+    """(text, sha256) of a user's fit text file (UTF-8), with a clear error when it cannot be read."""
+    try:
+        raw = Path(path).read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SplitLLMError(f"cannot read the fit text {path}: {exc}") from None
+    if not text.strip():
+        raise SplitLLMError(f"the fit text {path} is empty")
+    return text, hashlib.sha256(raw).hexdigest()
+
+
 def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[str], None] | None = None,
-                      target_rel_error: float = DEFAULT_TARGET_REL_ERROR) -> tuple[PredictiveCodec, torch.Tensor, dict]:
-    """(codec, input embeddings, info) for (lm's weights, ℓ), from the cache or fitted now.
+                      target_rel_error: float = DEFAULT_TARGET_REL_ERROR,
+                      fit_text=None) -> tuple[PredictiveCodec, torch.Tensor, dict]:
+    """(codec, input embeddings, info) for (lm's weights, ℓ), from the cache or fitted now, on the
+    last windows of WikiText-2's wiki.test.raw or of the `fit_text` file (keyed by its content).
     A corrupt or mismatched cache file is refitted and replaced, never trusted."""
-    text, text_sha = read_wikitext(data_dir)
+    text, text_sha = read_fit_text(fit_text) if fit_text is not None else read_wikitext(data_dir)
+    source = str(fit_text) if fit_text is not None else "wikitext2/wiki.test.raw"
     context = getattr(lm.model.config, "max_position_embeddings", None) or FIT_SEQLEN
     seqlen = min(FIT_SEQLEN, int(context))
     key = hashlib.sha256(json.dumps(dict(kind="predictive", file=FILE_VERSION, frame=FRAME_VERSION, model=lm.sha256,
@@ -89,17 +108,20 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
     path = cache_dir() / f"{key}.npz"
     emb = input_embeddings(lm)
     info = dict(path=str(path), fit_windows=PREDICTIVE_FIT_WINDOWS, fit_seqlen=seqlen,
-                fit_slice=f"last {PREDICTIVE_FIT_WINDOWS} x {seqlen} tokens of wikitext2/wiki.test.raw")
+                fit_slice=f"last {PREDICTIVE_FIT_WINDOWS} x {seqlen} tokens of {source}")
     if path.is_file():
         try:
             return PredictiveCodec.load(path), emb, dict(info, cache="hit")
         except SplitLLMError:
             pass   # fall through: refit and replace the bad file
     ids = [int(i) for i in lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if len(ids) < seqlen:
+        raise SplitLLMError(f"the fit text {source} has {len(ids)} tokens; the predictive codec fits on windows of "
+                            f"{seqlen}: give a longer text")
     windows = min(PREDICTIVE_FIT_WINDOWS, max(1, len(ids) // (2 * seqlen)))   # tiny texts: half of it at most
     if progress is not None:
         progress(f"fitting the predictive codec at layer {split_layer} on the last {windows} x {seqlen} tokens "
-                 "of wikitext2/wiki.test.raw (cached afterwards)")
+                 f"of {source} (cached afterwards)")
     quarters = {-(-k * windows // 4) for k in range(1, 5)}
 
     def tick(done: int) -> None:   # the edge's forward over the fit text is most of the time
@@ -107,7 +129,7 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
             progress(f"  fit text through the edge: {done}/{windows} windows")
 
     pc, emb = fit_from_ids(lm, split_layer, ids, windows=windows, seqlen=seqlen, target_rel_error=target_rel_error,
-                           tick=tick)
+                           tick=tick, text_name=source)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     pc.save(tmp)

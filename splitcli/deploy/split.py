@@ -41,7 +41,9 @@ class SplitSpec:
     weights as loaded; q_w2 None = layers past l_w are not quantized either (only [0, ℓ) run on
     the edge in a split). wire "none" is the raw fp32 wire (compression off). predictive_file:
     a fitted predictive codec (.npz) to use instead of fitting one (the two ends of a networked
-    split must hold the same codec: the cloud's file, copied to the edge)."""
+    split must hold the same codec: the cloud's file, copied to the edge). predictive_fit_text: a
+    UTF-8 text file to fit the predictive codec on instead of WikiText-2 (text like the deployment's
+    codes smaller: docs/results.md)."""
 
     split_layer: int | None = None
     q_w1: int = KEEP_BITS
@@ -55,6 +57,7 @@ class SplitSpec:
     codec: CodecSettings = field(default_factory=CodecSettings)
     edge_act_bits: int = 16  # the edge's 4-bit products' input width (Int4Linear.act_bits)
     predictive_file: str | None = None
+    predictive_fit_text: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("front", "back"):
@@ -71,6 +74,9 @@ class SplitSpec:
             raise SplitLLMError(f"edge activation bits must be 8 or 16, got {self.edge_act_bits!r}")
         if self.predictive_file is not None and self.wire != "predictive":
             raise SplitLLMError("a predictive codec file needs the predictive wire (--codec predictive)")
+        if self.predictive_fit_text is not None and (self.wire != "predictive" or self.predictive_file is not None):
+            raise SplitLLMError("a fit text is for fitting the predictive codec: it needs the predictive wire and "
+                                "no codec file (the file's codec is fitted already)")
 
     @classmethod
     def from_plan(cls, plan: Plan, wire: str = "tabq") -> "SplitSpec":
@@ -188,7 +194,8 @@ def build_wire(spec: SplitSpec, lm, data_dir=None, progress: Callable[[str], Non
         else:
             target = spec.codec.target_rel_error   # the stated distortion, as for tabq: the step's target
             pc, emb, info = fitted_predictive(lm, spec.split_layer, data_dir, progress,
-                                              **({} if target is None else {"target_rel_error": target}))
+                                              **({} if target is None else {"target_rel_error": target}),
+                                              fit_text=spec.predictive_fit_text)
         wire = PredictiveWire(pc, emb, keep_stats=keep_stats)
         wire.path = info["path"]
         return wire
@@ -226,19 +233,21 @@ def pin_predictive_codec(lm, spec: SplitSpec, data_dir=None,
     if spec.wire != "predictive":
         return spec, None
     wire = build_wire(spec.resolve(lm.model), lm, data_dir, progress, keep_stats=False)
-    return dataclasses.replace(spec, predictive_file=wire.path), {"path": wire.path, "crc": f"{wire.pc.crc:08x}"}
+    pinned = dataclasses.replace(spec, predictive_file=wire.path, predictive_fit_text=None)
+    return pinned, {"path": wire.path, "crc": f"{wire.pc.crc:08x}"}
 
 
 def build_shard_split(shard_dir, wire: str = "none", codec: CodecSettings | None = None,
                       split_layer: int | None = None, model_sha256: str | None = None, data_dir=None,
                       progress: Callable[[str], None] | None = None, keep_stats: bool = True,
-                      edge_act_bits: int = 16, predictive_file: str | None = None):
+                      edge_act_bits: int = 16, predictive_file: str | None = None,
+                      predictive_fit_text: str | None = None):
     """(Split, tokenizer, manifest) from a directory written by `splitllm quantize`: the edge half
     from edge.safetensors, the cloud half from cloud.safetensors. With the codec wire, the codec
     is calibrated on the shard's own edge (the only edge there is: its quantized layers produce
     what crosses the wire), cached under the edge shard's sha256; so is the predictive codec, unless
-    `predictive_file` names one (the cloud's), and it needs shards that keep the input embeddings
-    exact (`--embed-bits 16`). edge_act_bits: as SplitSpec's (a run-time setting: shards do not
+    `predictive_file` names one (the cloud's; `predictive_fit_text`: fitted on that text), and it
+    needs shards that keep the input embeddings exact (`--embed-bits 16`). edge_act_bits: as SplitSpec's (a run-time setting: shards do not
     store it)."""
     from types import SimpleNamespace
 
@@ -246,7 +255,7 @@ def build_shard_split(shard_dir, wire: str = "none", codec: CodecSettings | None
     from splitcli.quant import use_int4_act_bits_
 
     spec = SplitSpec(wire=wire, codec=codec or CodecSettings(), edge_act_bits=edge_act_bits,  # checked first
-                     predictive_file=predictive_file)
+                     predictive_file=predictive_file, predictive_fit_text=predictive_fit_text)
     edge = load_edge(shard_dir, split_layer, model_sha256)
     cloud = load_cloud(shard_dir, split_layer, model_sha256)
     tokenizer = load_tokenizer(shard_dir)
