@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from splitcli.bench.codec import _ppl
 from splitcli.codec import predictive as P
 from splitcli.deploy import SplitSpec, build_split
-from splitcli.deploy.calibrate import edge_hidden, read_wikitext
-from splitcli.deploy.predictive import fitted_predictive
-from splitcli.model.loader import load_model
+
+# run as a script, this directory is on sys.path
+from codec_dq import StoredWire, setup
 
 SEQ, G, C, K = 2048, 8, 16, P.K
 
@@ -60,15 +59,7 @@ def main() -> None:
     ap.add_argument("--fit", type=int, default=8)
     ap.add_argument("--ridge", type=float, default=10.0)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    lm = load_model("smollm2-135m")
-    pc, emb, _ = fitted_predictive(lm, 15)
-    text, _ = read_wikitext(None)
-    ids = [int(i) for i in lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
-    ev = [torch.tensor(ids[w * SEQ:(w + 1) * SEQ]) for w in range(args.windows)]
-    ft = [torch.tensor(ids[len(ids) - (i + 1) * SEQ:len(ids) - i * SEQ]) for i in range(args.fit)]
-    with torch.inference_mode():
-        hid = {id(w): edge_hidden(lm.model, 15, w) for w in ev + ft}
+    lm, pc, emb, ids, ev, ft, hid = setup(args.windows, args.fit)
     H = pc.hidden
     W = torch.from_numpy(pc.W)
 
@@ -134,17 +125,7 @@ def main() -> None:
             total_bits += body + 8 * (40 + 2 * len(w) + 2 * H + 1 + 9 * int((S0 > K).sum()))
             tokens += len(w)
 
-        class Wire:
-            name, needs_ids = "closed", True
-
-            def encode(self, hidden, ids=None, prev_id=None):
-                self.last = recon[tuple(ids[:8].tolist())]
-                return b""
-
-            def decode(self, frame):
-                return self.last
-
-        ppl = _ppl(split, Wire(), ids, SEQ, args.windows)
+        ppl = _ppl(split, StoredWire(recon), ids, SEQ, args.windows)
         print(f"closed loop, step {step}: {2 * H * tokens * 8 / total_bits:.3f}x vs fp16 "
               f"({total_bits / tokens / H:.3f} bits/value), ppl {ppl:.4f} ({100 * (ppl / ppl_fp - 1):+.2f}%), "
               f"{clamped} escapes (sent exactly)", flush=True)

@@ -41,6 +41,39 @@ TR = np.array([[0, 2], [2, 0], [1, 3], [3, 1]])     # next state by (state, k & 
 SEQ = 2048
 
 
+class StoredWire:
+    """A wire for `_ppl` whose reconstructions were computed beforehand: each window's, keyed by
+    its first 8 token ids (the perplexity run sends each window as one prefill frame)."""
+
+    name, needs_ids = "stored", True
+
+    def __init__(self, recon: dict):
+        self.recon, self.last = recon, None
+
+    def encode(self, hidden, ids=None, prev_id=None):
+        self.last = self.recon[tuple(ids[:8].tolist())]
+        return b""
+
+    def decode(self, frame):
+        return self.last
+
+
+def setup(windows: int, fit: int):
+    """(lm, the cached default codec, embeddings, WikiText-2 ids, evaluation windows 0..windows-1, the
+    last `fit` windows, hidden states at ℓ = 15 by id(window)) on 2 threads."""
+    torch.set_num_threads(2)
+    lm = load_model("smollm2-135m")
+    pc, emb, _ = fitted_predictive(lm, 15)
+    text, _ = read_wikitext(None)
+    ids = [int(i) for i in lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert len(ids) // SEQ - fit > windows
+    ev = [torch.tensor(ids[w * SEQ:(w + 1) * SEQ]) for w in range(windows)]
+    ft = [torch.tensor(ids[len(ids) - (i + 1) * SEQ:len(ids) - i * SEQ]) for i in range(fit)]
+    with torch.inference_mode():
+        hid = {id(w): edge_hidden(lm.model, 15, w) for w in ev + ft}
+    return lm, pc, emb, ids, ev, ft, hid
+
+
 def recon_levels(k: np.ndarray, q1: np.ndarray) -> np.ndarray:
     """Reproduction point in units of Δ of index k under Q0 (q1 False) or Q1."""
     return np.where(q1, 2 * k - np.sign(k), 2 * k)
@@ -148,17 +181,7 @@ def main() -> None:
     ap.add_argument("--fit", type=int, default=8)
     ap.add_argument("--no-ppl", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    lm = load_model("smollm2-135m")
-    pc, emb, _ = fitted_predictive(lm, 15)
-    text, _ = read_wikitext(None)
-    ids = [int(i) for i in lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
-    ev = [torch.tensor(ids[w * SEQ:(w + 1) * SEQ]) for w in range(args.windows)]
-    n = len(ids) // SEQ
-    ft = [torch.tensor(ids[len(ids) - (i + 1) * SEQ:len(ids) - i * SEQ]) for i in range(args.fit)]
-    assert n - args.fit > args.windows
-    with torch.inference_mode():
-        hid = {id(w): edge_hidden(lm.model, 15, w) for w in ev + ft}
+    lm, pc, emb, ids, ev, ft, hid = setup(args.windows, args.fit)
     G, C, H = len(pc.gain_probs), pc.sym_probs.shape[1], pc.hidden
     split = build_split(lm, SplitSpec(split_layer=15, wire="none"))
     ppl_fp = None if args.no_ppl else _ppl(split, split.wire, ids, SEQ, args.windows)
@@ -200,17 +223,7 @@ def main() -> None:
             tokens += len(w)
         ratio = 2 * H * tokens * 8 / total_bits
 
-        class Wire:
-            name, needs_ids = "dq", True
-
-            def encode(self, hidden, ids=None, prev_id=None):
-                self.last = recon[tuple(ids[:8].tolist())]
-                return b""
-
-            def decode(self, frame):
-                return self.last
-
-        ppl = None if args.no_ppl else _ppl(split, Wire(), ids, SEQ, args.windows)
+        ppl = None if args.no_ppl else _ppl(split, StoredWire(recon), ids, SEQ, args.windows)
         rel = "" if ppl is None else f", ppl {ppl:.4f} ({100 * (ppl / ppl_fp - 1):+.2f}%)"
         print(f"{kind} {delta}: {ratio:.3f}x vs fp16 ({total_bits / tokens / H:.3f} bits/value){rel}", flush=True)
 
