@@ -139,4 +139,8 @@ def test_codec_wires_replay_honestly(tiny_model_dir, tmp_path, monkeypatch, wire
     assert all(x["replay_tokens_match"] for x in runs.values())
     assert runs["split"]["wire"] == wire and runs["cloud-only"]["wire"] == "fp16"
     assert runs["split"]["decode_bytes_per_token"] > 0 and runs["split"]["tokens"] == 4
-    assert (result["handoff"] is None) == (wire == "predictive")
+    # the Fig. 5b curve: every w̄ handed over (the predictive wire codes the history against its ids)
+    hand = result["handoff"]
+    assert {(h["i_kv"], h["w_bar"]) for h in hand} == {(i, w) for i in (0, 1) for w in (0, 1, 2, 3, 4)}
+    assert all(h["tokens"] == 4 for h in hand)
+    assert all(h["frame_bytes"] > 0 for h in hand if h["w_bar"] < 4)   # the cloud took over

@@ -168,8 +168,8 @@ def bench_serve(lm, model_ref: str, split_layer: int, clients: list[int], n_toke
         real = list(generate_remote(splits["split"], prompt_ids[0], cfg, remote))
         windows = handoff_windows if handoff_windows is not None else sorted(
             {0, n_tokens // 4, n_tokens // 2, (3 * n_tokens) // 4, n_tokens})
-        handoff = None if wire == "predictive" else _handoff_curve(  # handoffs do not pass token ids yet
-            lm, splits["split"], server, prompt_ids[0], n_tokens, recordings["split"][0].tokens, windows)
+        handoff = _handoff_curve(lm, splits["split"], server, prompt_ids[0], n_tokens, recordings["split"][0].tokens,
+                                 windows)
         progress("real edge + handoff curve", 1, 1)
         server_threads = server.threads
 

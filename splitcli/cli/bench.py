@@ -284,7 +284,7 @@ def serve_cmd(
     split_layer: int = typer.Option(15, "--split-layer", "-l", help="ℓ of the split mode (cloud-only runs every layer)."),
     tokens: int = typer.Option(32, "--tokens", help="Tokens each client generates (prefill step included)."),
     repeats: int = typer.Option(3, "--repeats", help="Runs per (mode, clients); medians are reported."),
-    wire: str = typer.Option("fp16", "--wire", help="Split wire: none (fp32), fp16, tabq (calibrated codec) or predictive (token-predictive, frame format 4; no handoff curve); cloud-only sends raw embeddings."),
+    wire: str = typer.Option("fp16", "--wire", help="Split wire: none (fp32), fp16, tabq (calibrated codec) or predictive (token-predictive, frame format 4); cloud-only sends raw embeddings."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads of the server process (0 = torch's default)."),
     plot: Path = typer.Option(None, "--plot", help="Write tokens/s and cloud CPU per token vs clients (and the handoff curve) as a PNG here."),
     backend: str = typer.Option("local", "--backend", help="local: cloud-only vs split on serve-cloud's core; ray: the split on Ray Serve with each --replicas count, beside the local backend (needs the ray extra)."),
