@@ -20,6 +20,7 @@ import torch
 
 from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION, PredictiveCodec
 from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR, fit_predictive
+from splitcli.data import read_text
 from splitcli.deploy.calibrate import cache_dir, edge_hidden, read_wikitext
 from splitcli.errors import SplitLLMError
 
@@ -80,12 +81,16 @@ def predictive_from_file(path, lm, split_layer: int) -> tuple[PredictiveCodec, t
 
 
 def read_fit_text(path) -> tuple[str, str]:
-    """(text, sha256) of a user's fit text file (UTF-8), with a clear error when it cannot be read."""
+    """(text, sha256 of the file's bytes) of a user's fit text, read as `read_wikitext` reads
+    WikiText-2 (UTF-8, LF line ends), with a clear error when it cannot be read."""
     try:
         raw = Path(path).read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise SplitLLMError(f"cannot read the fit text {path}: {exc}") from None
+    try:
+        text = read_text(path)
+    except SplitLLMError as exc:
+        raise SplitLLMError(f"cannot read the fit text: {exc}") from None
     if not text.strip():
         raise SplitLLMError(f"the fit text {path} is empty")
     return text, hashlib.sha256(raw).hexdigest()
