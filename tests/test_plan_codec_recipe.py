@@ -58,21 +58,21 @@ def test_old_profile_loads_as_the_paper_recipe():
     assert point.recipe == PAPER_RECIPE and point.rel_error is None
     assert old.wire_bytes_per_token(6, TAU, True) == 200.0
     assert old.wire_bytes_per_token(6, TAU, True, OURS_RECIPE) == 64 * 6 / 8   # not measured: the estimate
-    assert old.to_dict()["format_version"] == PROFILE_FORMAT_VERSION == 3
+    assert old.to_dict()["format_version"] == PROFILE_FORMAT_VERSION == 4
     # a version-1 point never held a recipe: such a file is not a version-1 profile
     data["codec"]["points"][0]["rotation"] = "hadamard"
     with pytest.raises(SplitLLMError, match="unknown keys rotation"):
         Profile.from_dict(data)
 
 
-@pytest.mark.parametrize("version", [4, 0, "2", None, True])
+@pytest.mark.parametrize("version", [5, 0, "2", None, True])
 def test_unknown_profile_version_is_one_line(version):
     data = _profile(()).to_dict()
     data["format_version"] = version
     with pytest.raises(SplitLLMError) as e:
         Profile.from_dict(data)
-    assert "format_version" in str(e.value) and "reads versions 1, 2, 3" in str(e.value) and "\n" not in str(e.value)
-    assert ("newer splitllm" in str(e.value)) == (version == 4)  # a future file: upgrade, not re-profile
+    assert "format_version" in str(e.value) and "reads versions 1, 2, 3, 4" in str(e.value) and "\n" not in str(e.value)
+    assert ("newer splitllm" in str(e.value)) == (version == 5)  # a future file: upgrade, not re-profile
 
 
 def test_codec_point_without_a_layer_is_the_middle_measured_layer():

@@ -51,7 +51,7 @@ def test_profile_helpers():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(format_version=4), "format_version 4; this splitllm reads versions 1, 2, 3"),
+    (lambda d: d.update(format_version=5), "format_version 5; this splitllm reads versions 1, 2, 3, 4"),
     (lambda d: d.pop("layers"), "missing layers"),
     (lambda d: d.update(bogus=1), "unknown keys bogus"),
     (lambda d: d.update(layers=[]), "at least one layer"),

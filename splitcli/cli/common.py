@@ -197,7 +197,7 @@ def codec_flags_need_tabq(wire: str, codec_flags: dict) -> None:
 
 def split_spec(plan, wire: str | None, codec_flags: dict, data_dir=None, **flags):
     """The split a command runs: the plan's (or the defaults), explicit flags winning. Without
-    --codec the wire is the plan's codec when there is a plan, else the raw fp32 wire. Checked
+    --codec the wire is the plan's (tabq or predictive) when there is a plan, else the raw fp32 wire. Checked
     before any model loads (a missing calibration text too)."""
     from ..deploy import SplitSpec
 
@@ -219,7 +219,7 @@ def split_spec(plan, wire: str | None, codec_flags: dict, data_dir=None, **flags
         if not Path(flags["predictive_fit_text"]).is_file():
             raise SplitLLMError(f"--fit-text: no such file: {flags['predictive_fit_text']}")
         wire, flags["predictive_fit_text"] = "predictive", str(flags["predictive_fit_text"])
-    wire = wire or ("tabq" if plan is not None else "none")
+    wire = wire or (plan.wire if plan is not None else "none")
     codec_flags_need_tabq(wire, codec_flags)
     base = SplitSpec.from_plan(plan, wire) if plan is not None else SplitSpec(wire=wire)
     spec = base.with_flags(codec=codec_flags, wire=wire, **flags)

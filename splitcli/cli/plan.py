@@ -194,7 +194,14 @@ def _describe(candidate, n_layers: int, recipe: bool = False) -> str:
     from ..plan.advise import describe_weights, edge_weight_bits
 
     return (f"ℓ = {candidate.split_layer}, weights {describe_weights(edge_weight_bits(candidate, n_layers))}, "
-            f"Qa {candidate.qa}, q̄ {candidate.q_bar}" + (f", recipe {candidate.recipe.name}" if recipe else ""))
+            f"Qa {candidate.qa}, {_codec_width(candidate)}" + (f", recipe {candidate.recipe.name}" if recipe else ""))
+
+
+def _codec_width(candidate) -> str:
+    """'q̄ 6', or for the predictive codec (which has none) the width Ψ counts it at."""
+    if candidate.recipe.predictive:
+        return f"predictive codec (Ψ counts it as q̄ {candidate.q_bar})"
+    return f"q̄ {candidate.q_bar}"
 
 
 def _print_ranking(search, profile, link, rate, budgets, several_recipes: bool = False, scored: str = "") -> None:
@@ -231,7 +238,7 @@ def _print_ranking(search, profile, link, rate, budgets, several_recipes: bool =
         rate_text = f"; link rate R* {rate / 1e6:.2f} Mbit/s" if rate else ""
         console.print(
             f"plan: ℓ = {w.candidate.split_layer} of {profile.n_layers}, weights "
-            f"{describe_weights(edge_weight_bits(w.candidate, profile.n_layers))}, Qa {w.candidate.qa}, q̄ {w.candidate.q_bar}; "
+            f"{describe_weights(edge_weight_bits(w.candidate, profile.n_layers))}, Qa {w.candidate.qa}, {_codec_width(w.candidate)}; "
             f"edge memory {format_bytes(m.total_bytes)} of {format_bytes(budgets.memory_bytes)} (weights "
             f"{format_bytes(m.weights_bytes)}, KV {format_bytes(m.kv_bytes)}, activations {format_bytes(m.activation_bytes)})"
             f"{rate_text}",

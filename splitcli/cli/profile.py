@@ -26,6 +26,7 @@ def profile_cmd(
     repeats: int = typer.Option(5, "--repeats", help="Timed calls per measurement (median, after one warm-up)."),
     group_size: int = typer.Option(64, "--group-size", help="Weight quantization group size."),
     recipes: str = typer.Option(format_recipes(PROFILE_RECIPES), "--recipes", help="Codec recipes to measure at each q̄, as ROTATION:ALPHA items (none:0 = the paper's, hadamard:0.5 = rotation + channel α 0.5)."),
+    predictive: bool = typer.Option(False, "--predictive", help="Also measure the token-predictive codec at each codec split layer, so `plan` can choose it (fits it per layer unless cached: 1-2 min each for SmolLM2-135M on 2 cores; needs WikiText-2)."),
     threads: int = typer.Option(0, "--threads", help="Torch CPU threads (0 = torch's default); recorded in the profile."),
     data_dir: Path = DATA_DIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
@@ -50,8 +51,8 @@ def profile_cmd(
         raise SplitLLMError(f"--threads must be >= 0, got {threads}")
     if threads:
         torch.set_num_threads(threads)
-    if data_dir is not None:
-        wikitext_path(data_dir)   # a named data directory must hold the text: say so before the model loads
+    if data_dir is not None or predictive:
+        wikitext_path(data_dir)   # a named data directory (or the predictive fit) needs the text: say so first
     lm = load_model_with_status(model)
     codec_ids, why_random = text_codec_ids(lm.tokenizer, profile_tokens(settings), data_dir)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -64,6 +65,8 @@ def profile_cmd(
                 bar.console.print(f"measured {what}", highlight=False)
 
         profile = measure_profile(lm.model, lm.model_id, settings, progress=progress, codec_ids=codec_ids)
+    if predictive:
+        profile = _with_predictive(profile, lm, settings, data_dir)
     write_yaml(out, profile.to_dict(), overwrite=force)
 
     bits_label = "/".join(f"{b}b" for b in settings.bits)
@@ -107,20 +110,48 @@ def profile_cmd(
     console.print(f"wrote {out}", highlight=False)
 
 
+def _with_predictive(profile, lm, settings, data_dir):
+    """The profile with the predictive codec's points (`splitcli.deploy.predictive_profile`)."""
+    import dataclasses
+
+    from ..deploy.measure import SIZE_TOKENS, profile_tokens
+    from ..deploy.predictive_profile import predictive_points
+    from ..errors import SplitLLMError
+
+    if profile.codec is None:
+        raise SplitLLMError("--predictive: this model has no split layer to measure a codec at")
+    points = predictive_points(lm, profile.codec.split_layers, profile_tokens(settings), profile.codec.points,
+                               repeats=settings.repeats, size_tokens=SIZE_TOKENS, data_dir=data_dir,
+                               progress=lambda m: err_console.print(m, highlight=False))
+    codec = dataclasses.replace(profile.codec, points=profile.codec.points + tuple(points))
+    return dataclasses.replace(profile, codec=codec)
+
+
 def _codec_table(codec) -> Table:
     """Bytes of a one-token frame (and the held-out error) per split layer, recipe and q̄."""
-    q_bars = sorted({p.q_bar for p in codec.points})
+    q_bars = sorted({p.q_bar for p in codec.points if not p.recipe.predictive})
     table = Table(title="codec: B/token of a one-token frame (error) by split layer ℓ")
     table.add_column("ℓ", justify="right")
     for recipe in codec.recipes:
+        if recipe.predictive:   # one point per ℓ; its q̄ is the width Ψ counts it at
+            table.add_column("predictive (Ψ q̄)", justify="right")
+            continue
         for q in q_bars:
             table.add_column(f"{recipe.name} q̄{q}", justify="right")
+
+    def cell(p, psi: bool = False) -> str:
+        return "-" if p is None else f"{p.bytes_per_token:.0f}" + (
+            "" if p.rel_error is None else f" ({p.rel_error:.2f})") + (f" q̄{p.q_bar}" if psi else "")
+
     for layer in codec.split_layers or (None,):
         cells = []
         for recipe in codec.recipes:
+            if recipe.predictive:
+                cells.append(cell(next((p for p in codec.points if (p.recipe, p.split_layer) == (recipe, layer)),
+                                       None), psi=True))
+                continue
             for q in q_bars:
-                p = next((p for p in codec.points if (p.recipe, p.q_bar, p.split_layer) == (recipe, q, layer)), None)
-                cells.append("-" if p is None else f"{p.bytes_per_token:.0f}" + (
-                    "" if p.rel_error is None else f" ({p.rel_error:.2f})"))
+                cells.append(cell(next((p for p in codec.points if (p.recipe, p.q_bar, p.split_layer)
+                                        == (recipe, q, layer)), None)))
         table.add_row("?" if layer is None else str(layer), *cells)
     return table

@@ -49,6 +49,17 @@ def fit_slices(n_ids: int, seqlen: int, windows: int, reserved: int = 0) -> list
     return [(start + k * seqlen, start + (k + 1) * seqlen) for k in range(windows)]
 
 
+def fit_windows_for(n_ids: int, seqlen: int) -> int:
+    """How many fit windows a text of `n_ids` tokens gives: PREDICTIVE_FIT_WINDOWS, or half of a tiny text."""
+    return min(PREDICTIVE_FIT_WINDOWS, max(1, n_ids // (2 * seqlen)))
+
+
+def fit_seqlen_for(lm) -> int:
+    """The fit windows' length for `lm`: FIT_SEQLEN, or its context when shorter."""
+    context = getattr(lm.model.config, "max_position_embeddings", None) or FIT_SEQLEN
+    return min(FIT_SEQLEN, int(context))
+
+
 def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: int, reserved: int = 0,
                  target_rel_error: float = DEFAULT_TARGET_REL_ERROR, step: float | None = None,
                  tick: Callable[[int], None] | None = None,
@@ -104,8 +115,7 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
     A corrupt or mismatched cache file is refitted and replaced, never trusted."""
     text, text_sha = read_fit_text(fit_text) if fit_text is not None else read_wikitext(data_dir)
     source = str(fit_text) if fit_text is not None else "wikitext2/wiki.test.raw"
-    context = getattr(lm.model.config, "max_position_embeddings", None) or FIT_SEQLEN
-    seqlen = min(FIT_SEQLEN, int(context))
+    seqlen = fit_seqlen_for(lm)
     key = hashlib.sha256(json.dumps(dict(kind="predictive", file=FILE_VERSION, frame=FRAME_VERSION, model=lm.sha256,
                                          split_layer=split_layer, text=text_sha, windows=PREDICTIVE_FIT_WINDOWS,
                                          seqlen=seqlen, target=target_rel_error, error="bulk, mean per token"),
@@ -123,7 +133,7 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
     if len(ids) < seqlen:
         raise SplitLLMError(f"the fit text {source} has {len(ids)} tokens; the predictive codec fits on windows of "
                             f"{seqlen}: give a longer text")
-    windows = min(PREDICTIVE_FIT_WINDOWS, max(1, len(ids) // (2 * seqlen)))   # tiny texts: half of it at most
+    windows = fit_windows_for(len(ids), seqlen)
     if progress is not None:
         progress(f"fitting the predictive codec at layer {split_layer} on the last {windows} x {seqlen} tokens "
                  f"of {source} (cached afterwards)")

@@ -79,11 +79,12 @@ class SplitSpec:
                                 "no codec file (the file's codec is fitted already)")
 
     @classmethod
-    def from_plan(cls, plan: Plan, wire: str = "tabq") -> "SplitSpec":
-        """The plan's split: its ℓ, OPSC bits, group size, Qa, embedding bits and codec."""
+    def from_plan(cls, plan: Plan, wire: str | None = None) -> "SplitSpec":
+        """The plan's split: its ℓ, OPSC bits, group size, Qa, embedding bits and codec (its wire
+        unless `wire` is given)."""
         return cls(split_layer=plan.split_layer, q_w1=plan.q_w1, q_w2=plan.q_w2, l_w=plan.l_w,
                    method=plan.method, group_size=plan.group_size, qa=plan.qa, embed_bits=plan.embed_bits,
-                   wire=wire, codec=plan.codec, edge_act_bits=plan.edge_act_bits)
+                   wire=plan.wire if wire is None else wire, codec=plan.codec, edge_act_bits=plan.edge_act_bits)
 
     @property
     def compression_off(self) -> bool:

@@ -31,7 +31,8 @@ from splitcli.errors import SplitLLMError
 from splitcli.plan.enumerate import Candidate
 
 TABLE_FORMAT_VERSION = 1
-_CANDIDATE_KEYS = ("split_layer", "l_w", "method", "q_w1", "q_w2", "qa", "q_bar", "tau", "rotation", "channel_alpha")
+_CANDIDATE_KEYS = ("split_layer", "l_w", "method", "q_w1", "q_w2", "qa", "q_bar", "tau", "rotation", "channel_alpha",
+                   "wire")
 _MATCH_KEYS = _CANDIDATE_KEYS + ("edge_bits",)
 
 
@@ -48,8 +49,8 @@ class AccuracyTable:
      "results": [{"split_layer": 15, "l_w": 15, "method": "front", "q_w1": 4, "q_w2": null,
                   "qa": 16, "value": 25.7}, {"q_w1": 8, "drop": 0.002}, ...]}
     Each result gives `value` (turned into a drop against `baseline`) or `drop` directly. Keys it
-    leaves out (any of split_layer, l_w, method, q_w1, q_w2, qa, q_bar, tau, and the codec
-    recipe's rotation and channel_alpha) match every
+    leaves out (any of split_layer, l_w, method, q_w1, q_w2, qa, q_bar, tau, the codec
+    recipe's rotation and channel_alpha, and `wire`: tabq or predictive) match every
     candidate; the first matching result wins. A candidate no result matches counts as not
     measured, which the planner rejects. A result may also give `edge_bits` (the weight bits of
     edge layers [0, l), 16 = unquantized), which matches every (l_w, method, q_w1, q_w2) that puts

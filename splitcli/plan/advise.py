@@ -48,7 +48,7 @@ def measured_codec_points(profile: Profile) -> tuple[float | None, tuple[int, ..
         return None, ()
     by_tau: dict[float, set[int]] = {}
     for point in profile.codec.points:
-        if point.tau_is_quantile:
+        if point.tau_is_quantile and not point.recipe.predictive:   # its q̄ is nominal
             by_tau.setdefault(point.tau, set()).add(point.q_bar)
     if not by_tau:
         return None, ()
@@ -142,7 +142,10 @@ def step_latency(profile: Profile, candidate: Candidate, link: LinkModel | None,
     """Eq. (11) for one decode step of `candidate` (module docstring)."""
     compute = profile.edge_decode_ms_at(edge_weight_bits(candidate, profile.n_layers)) / 1e3
     if profile.codec is not None:
-        compute += profile.codec.encode_ms_per_token / 1e3
+        point = profile.codec.point(candidate.q_bar, candidate.tau, tau_is_quantile, candidate.recipe,
+                                    candidate.split_layer)
+        own = point.encode_ms if point is not None else None   # the predictive codec's, measured apart
+        compute += (profile.codec.encode_ms_per_token if own is None else own) / 1e3
     # the frame of the candidate's own recipe at the measured split layer nearest its ℓ: frames
     # differ by recipe and by layer (the paper's q8 at the middle layer vs at ℓ = 29: 304 vs 391 B)
     hidden = profile.wire_bytes_per_token(candidate.q_bar, candidate.tau, tau_is_quantile, candidate.recipe,

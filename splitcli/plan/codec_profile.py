@@ -5,7 +5,10 @@ states at a few split layers ℓ (the output of layers [0, ℓ)), with every cod
 (`splitcli.plan.recipes`) at each q̄: the bytes of a one-token frame and `rel_error`, the mean
 per-token relative L2 error of the non-massive channels. The planner reads the point at the
 candidate's (q̄, τ, recipe) measured at the nearest ℓ. Format history: 1 = points keyed by
-(q̄, τ) only (the paper's recipe, no error, no layer); 2 = recipe, rel_error and split_layer.
+(q̄, τ) only (the paper's recipe, no error, no layer); 2 = recipe, rel_error and split_layer;
+4 = a point may be the token-predictive codec's (`wire: predictive`, `splitllm profile
+--predictive`, with its own encode time `encode_ms`): its q̄ is the width eq. (8a)'s Ψ counts it at (`splitcli.plan.recipes`), its τ the
+default quantile, both nominal; the planner takes it at the nearest measured ℓ whatever q̄ it asks.
 """
 
 from __future__ import annotations
@@ -15,14 +18,15 @@ from typing import Any
 
 from splitcli.errors import SplitLLMError
 from splitcli.plan._validate import check_int, check_keys, check_number, require_mapping
-from splitcli.plan.recipes import PAPER_RECIPE, Recipe
+from splitcli.plan.recipes import PAPER_RECIPE, PREDICTIVE_RECIPE, Recipe
 
 #: 2: codec points carry their recipe (rotation, channel_alpha), measured rel_error and split layer.
 #: 3: the profile may say which tokens the codec points were measured on (codec_source), so an
 #: older splitllm says "newer format" instead of "unknown key".
-PROFILE_FORMAT_VERSION = 3
+#: 4: codec points may be the predictive codec's (`wire`).
+PROFILE_FORMAT_VERSION = 4
 #: Versions this splitllm reads; a version-1 file's codec points are the paper's recipe.
-READABLE_PROFILE_VERSIONS = (1, 2, 3)
+READABLE_PROFILE_VERSIONS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class CodecPoint:
     channel_alpha: float = 0.0
     rel_error: float | None = None
     split_layer: int | None = None
+    wire: str = "tabq"
+    encode_ms: float | None = None   # this point's own encode ms of a one-token frame (None: the codec's median)
 
     def __post_init__(self) -> None:
         check_int(self.q_bar, "codec q_bar", 2, 16)
@@ -47,24 +53,40 @@ class CodecPoint:
         check_number(self.bytes_per_token, "codec bytes_per_token")
         if not isinstance(self.tau_is_quantile, bool):
             raise SplitLLMError("codec tau_is_quantile must be true or false")
-        object.__setattr__(self, "channel_alpha", Recipe(self.rotation, self.channel_alpha).channel_alpha)
+        object.__setattr__(self, "channel_alpha", Recipe(self.rotation, self.channel_alpha, self.wire).channel_alpha)
         if self.rel_error is not None:
             check_number(self.rel_error, "codec rel_error")
         if self.split_layer is not None:
             check_int(self.split_layer, "codec split_layer", 1)
+        if self.encode_ms is not None:
+            check_number(self.encode_ms, "codec encode_ms")
 
     @property
     def recipe(self) -> Recipe:
-        return Recipe(self.rotation, self.channel_alpha)
+        return Recipe(self.rotation, self.channel_alpha, self.wire)
 
     @property
     def key(self) -> tuple:
         return (self.q_bar, self.tau, self.tau_is_quantile, self.recipe, self.split_layer)
 
     def to_dict(self) -> dict[str, Any]:
+        extra = ({"wire": self.wire} if self.wire != "tabq" else {}) | (   # TAB-Q points read as before
+            {"encode_ms": self.encode_ms} if self.encode_ms is not None else {})
         return {"q_bar": self.q_bar, "tau": self.tau, "bytes_per_token": self.bytes_per_token,
                 "tau_is_quantile": self.tau_is_quantile, "rotation": self.rotation,
-                "channel_alpha": self.channel_alpha, "rel_error": self.rel_error, "split_layer": self.split_layer}
+                "channel_alpha": self.channel_alpha, "rel_error": self.rel_error, "split_layer": self.split_layer,
+                **extra}
+
+
+def _nearest(match: list[CodecPoint], split_layer: int | None) -> CodecPoint | None:
+    """The point of `match` measured nearest `split_layer` (`CodecCost.point`)."""
+    layered = sorted((p for p in match if p.split_layer is not None), key=lambda p: p.split_layer)
+    if not layered:
+        return match[0] if match else None
+    if split_layer is None:
+        layers = sorted({p.split_layer for p in layered})
+        split_layer = layers[(len(layers) - 1) // 2]  # 5..29 measured: 15, not 20
+    return min(layered, key=lambda p: (abs(p.split_layer - split_layer), p.split_layer))
 
 
 @dataclass(frozen=True)
@@ -88,21 +110,26 @@ class CodecCost:
                 raise SplitLLMError(f"duplicate codec point q_bar={point.q_bar}, tau={point.tau}, "
                                     f"{point.recipe.describe()}{at}")
             seen.add(point.key)
+        layers = [p.split_layer for p in self.points if p.recipe.predictive]
+        if len(layers) != len(set(layers)):
+            raise SplitLLMError("the profile holds two predictive codec points at one split layer")
 
     def point(self, q_bar: int, tau: float, tau_is_quantile: bool = False,
               recipe: Recipe = PAPER_RECIPE, split_layer: int | None = None) -> CodecPoint | None:
         """The point measured at (q_bar, tau, recipe) nearest to `split_layer` (the lower layer on
         a tie; a point of no recorded layer only when none has one), or None. split_layer None:
-        the middle one of the measured layers, as when only the middle layer was measured."""
+        the middle one of the measured layers, as when only the middle layer was measured.
+        The predictive codec's point is the one nearest `split_layer` whatever q̄ and τ are asked
+        (its own are nominal: module docstring)."""
+        if recipe.predictive:
+            return _nearest([p for p in self.points if p.recipe == recipe], split_layer)
         key = (q_bar, tau, tau_is_quantile, recipe)
-        match = [p for p in self.points if p.key[:4] == key]
-        layered = sorted((p for p in match if p.split_layer is not None), key=lambda p: p.split_layer)
-        if not layered:
-            return match[0] if match else None
-        if split_layer is None:
-            layers = sorted({p.split_layer for p in layered})
-            split_layer = layers[(len(layers) - 1) // 2]  # 5..29 measured: 15, not 20
-        return min(layered, key=lambda p: (abs(p.split_layer - split_layer), p.split_layer))
+        return _nearest([p for p in self.points if p.key[:4] == key], split_layer)
+
+    def predictive_q_bar(self, split_layer: int | None) -> int | None:
+        """The q̄ eq. (8a) counts the predictive codec at near `split_layer`; None: not measured."""
+        near = _nearest([p for p in self.points if p.recipe == PREDICTIVE_RECIPE], split_layer)
+        return None if near is None else near.q_bar
 
     @property
     def split_layers(self) -> tuple[int, ...]:
@@ -139,7 +166,8 @@ class CodecCost:
         for i, item in enumerate(data["points"]):
             item = require_mapping(item, f"profile codec point {i}")
             optional = {"tau_is_quantile"} | (
-                {"rotation", "channel_alpha", "rel_error", "split_layer"} if version >= 2 else set())
+                {"rotation", "channel_alpha", "rel_error", "split_layer"} if version >= 2 else set()) | (
+                {"wire", "encode_ms"} if version >= 4 else set())
             check_keys(item, {"q_bar", "tau", "bytes_per_token"}, optional, f"profile codec point {i}")
             points.append(CodecPoint(**item))
         return cls(data["encode_ms_per_token"], data["decode_ms_per_token"], tuple(points))

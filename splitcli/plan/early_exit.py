@@ -161,7 +161,7 @@ def wire_bytes_model(profile: Profile, plan: Plan, cloud_kv_bits: int = 16) -> W
     step's payload under that reading; it is accepted for runtimes that model otherwise.
     """
     tau, is_quantile = plan.codec.tau_value, plan.codec.tau_quantile is not None
-    recipe = Recipe(plan.codec.rotation, plan.codec.channel_alpha)
+    recipe = Recipe(plan.codec.rotation, plan.codec.channel_alpha, plan.wire)
     cloud_layers = range(plan.split_layer, plan.n_layers)
     if profile.n_layers != plan.n_layers:
         raise SplitLLMError(

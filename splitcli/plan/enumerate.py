@@ -37,6 +37,10 @@ How eq. (8) was read:
   (lower latency over a link, else fewer wire bytes). On a full tie the paper's recipe goes
   first, and with `measured_recipes_only` another recipe is only enumerated where the profile
   measured it (else it would tie the paper's on the same estimate).
+- The token-predictive codec (`PREDICTIVE_RECIPE`, measured by `splitllm profile --predictive`)
+  is one more recipe, enumerated once per edge at the q̄ its nearest profile point records (the
+  width Ψ counts it at, `splitcli.plan.recipes`); its frame, error and encode time are its own
+  point's, and a chosen one becomes a plan of wire "predictive".
 - The winner's reason names the rule that put it ahead of the runner-up (the best candidate that
   passed every constraint with another edge configuration), e.g. "smaller accuracy drop".
 """
@@ -82,17 +86,18 @@ class Candidate:
     tau: float
     rotation: str = "none"          # the codec recipe (splitcli.plan.recipes); default: the paper's
     channel_alpha: float = 0.0
+    wire: str = "tabq"              # "predictive": the token-predictive codec (q̄, τ nominal)
 
     @property
     def recipe(self) -> Recipe:
-        return Recipe(self.rotation, self.channel_alpha)
+        return Recipe(self.rotation, self.channel_alpha, self.wire)
 
     def sort_key(self) -> tuple:
         """A total order for deterministic ranking (q_w2 None sorts first)."""
         return (self.split_layer, self.l_w, self.method, self.q_w1,
                 -1 if self.q_w2 is None else self.q_w2, self.qa, self.q_bar, self.tau,
                 # the paper's recipe first on a full tie: another recipe must win on a measured rule
-                self.recipe != PAPER_RECIPE, self.rotation, self.channel_alpha)
+                self.recipe != PAPER_RECIPE, self.wire, self.rotation, self.channel_alpha)
 
     def edge_bits(self, n_layers: int) -> tuple[int | None, ...]:
         """Weight bits of the edge layers [0, split_layer) (None: layer not kept)."""
@@ -143,7 +148,8 @@ class SearchSpace:
             if self.split_as_l_w and l not in l_ws:
                 l_ws = tuple(sorted((*l_ws, l)))
             for l_w in l_ws:
-                yield Candidate(l, l_w, method, q_w1, q_w2, qa, q_bar, tau, recipe.rotation, recipe.channel_alpha)
+                yield Candidate(l, l_w, method, q_w1, q_w2, qa, q_bar, tau, recipe.rotation, recipe.channel_alpha,
+                                recipe.wire)
 
 
 Status = Literal["chosen", "lost", "rejected"]
@@ -333,7 +339,7 @@ def search_plans(
     invalid: list[Ranked] = []
     costed: list[Ranked] = []
     wire_cache: dict[tuple, tuple[float, float | None]] = {}
-    for cand in space.candidates(L):
+    for cand in _with_predictive_q_bar(profile, space, space.candidates(L)):
         # Memory does not depend on the codec choice: cost each (l, OPSC, Qa) once.
         memory_key = (cand.split_layer, cand.l_w, cand.method, cand.q_w1, cand.q_w2, cand.qa)
         if memory_key not in memory_cache:
@@ -455,6 +461,19 @@ def search_plans(
                       decision.rule if decision is not None else None, fastest, least_lossy, codec_bound_only)
 
 
+def _with_predictive_q_bar(profile: Profile, space: SearchSpace, candidates: Iterable[Candidate]
+                           ) -> Iterable[Candidate]:
+    """The candidates, each predictive one once per edge (at the space's first q̄ and τ) and at
+    the q̄ its nearest profile point records, the width Ψ counts it at (`splitcli.plan.recipes`)."""
+    for cand in candidates:
+        if cand.recipe.predictive:
+            if cand.q_bar != space.q_bar[0] or cand.tau != space.tau[0]:
+                continue
+            q_bar = profile.codec.predictive_q_bar(cand.split_layer) if profile.codec is not None else None
+            cand = cand if q_bar is None else replace(cand, q_bar=q_bar)
+        yield cand
+
+
 def _memory_key(r: Ranked) -> tuple:
     return (total_memory(r), r.candidate.sort_key())
 
@@ -475,7 +494,17 @@ def to_plan(
 ) -> Plan:
     """The persisted Plan for a chosen candidate, its codec recipe (rotation, channel alpha)
     included. The codec settings the search did not choose (delta, q_bar_min, entropy coding,
-    the rotation seed, ...) are CodecSettings' defaults unless given."""
+    the rotation seed, ...) are CodecSettings' defaults unless given. A predictive candidate
+    becomes a plan of wire "predictive" with default codec settings: no target_rel_error, so
+    deployment fits the codec for its default error, the one `splitllm profile --predictive`
+    measured (its TAB-Q settings are not used)."""
+    if candidate.recipe.predictive:
+        return Plan(
+            model_id=profile.model_id, n_layers=profile.n_layers, split_layer=candidate.split_layer,
+            l_w=candidate.l_w, method=candidate.method, q_w1=candidate.q_w1, q_w2=candidate.q_w2,
+            qa=candidate.qa, codec=CodecSettings(), group_size=group_size, max_tokens=max_tokens,
+            budgets=budgets, i_kv=i_kv, embed_bits=embed_bits, wire="predictive", notes=dict(notes or {}),
+        )
     chosen: dict = {"q_bar": candidate.q_bar, "tau": None if tau_is_quantile else candidate.tau,
                     "tau_quantile": candidate.tau if tau_is_quantile else None,
                     **candidate.recipe.to_dict()}

@@ -9,7 +9,9 @@ headline metrics (acc_norm for HellaSwag/PIQA/ARC, acc for the rest); when every
 perplexity task it is their mean perplexity instead (lower is better). Other pipelines (local,
 baselines), split runs on a raw or fp16 wire, and runs whose codec calibrated itself to a
 `target_rel_error` (--target-error) do not correspond to a plan candidate and are refused, so a
-table never silently mixes in numbers that mean something else.
+table never silently mixes in numbers that mean something else. A split on the predictive wire
+(its default fit: what a plan deploys) is a row keyed by ℓ, edge bits, Qa and `wire: predictive`;
+TAB-Q rows carry `wire: tabq`, so neither stands in for the other.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 from splitcli.errors import SplitLLMError
 from splitcli.plan.accuracy import AccuracyTable, read_json
-from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE
+from splitcli.plan.codec_settings import DEFAULT_TARGET_REL_ERROR, DEFAULT_TAU_QUANTILE
 
 def is_eval_result(data: Any) -> bool:
     """True for the JSON `splitllm eval --json` writes (as opposed to a hand-made accuracy table)."""
@@ -44,23 +46,42 @@ def headline(results: list[Mapping[str, Any]], where: str) -> tuple[float, bool,
 
 def _row(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     pipe = data["pipeline"]
+    if pipe.get("codec") == "predictive":
+        return _predictive_row(data, where)
     if pipe.get("codec") != "tabq":
         raise SplitLLMError(f"{where}: a split on the {pipe.get('codec')!r} wire is not a plan candidate "
-                            "(plans always run the TS + TAB-Q codec)")
+                            "(plans run the TS + TAB-Q codec or the predictive one)")
     if pipe.get("tau") is not None:
         raise SplitLLMError(f"{where}: an absolute --tau is not a plan candidate (plans use a τ quantile)")
     if pipe.get("target_rel_error"):
         raise SplitLLMError(f"{where}: a run with --target-error is not a plan candidate "
                             "(calibration chose its own τ and q̄; plans fix them)")
-    bits = (data.get("info") or {}).get("weight_bits")
-    ell = pipe.get("split_layer")
-    if not isinstance(bits, list) or not isinstance(ell, int) or not 1 <= ell < len(bits):
-        raise SplitLLMError(f"{where}: no per-layer weight bits or split layer recorded")
-    return {"split_layer": ell, "edge_bits": bits[:ell], "qa": pipe.get("qa", 16), "q_bar": pipe.get("q_bar"),
+    ell, bits = _edge(data, where)
+    return {"split_layer": ell, "edge_bits": bits, "qa": pipe.get("qa", 16), "wire": "tabq", "q_bar": pipe.get("q_bar"),
             "tau": pipe.get("tau_quantile") or DEFAULT_TAU_QUANTILE,
             # eval records the codec recipe only when it is on; off is the paper's recipe. Keyed
             # always, so one recipe's accuracy never stands in for another's.
             "rotation": pipe.get("rotation", "none"), "channel_alpha": float(pipe.get("channel_alpha", 0.0))}
+
+
+def _edge(data: Mapping[str, Any], where: str) -> tuple[int, list]:
+    """(ℓ, the weight bits of the edge layers [0, ℓ)) a split run recorded."""
+    bits = (data.get("info") or {}).get("weight_bits")
+    ell = data["pipeline"].get("split_layer")
+    if not isinstance(bits, list) or not isinstance(ell, int) or not 1 <= ell < len(bits):
+        raise SplitLLMError(f"{where}: no per-layer weight bits or split layer recorded")
+    return ell, bits[:ell]
+
+
+def _predictive_row(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A predictive split's row: keyed by ℓ, edge bits, Qa and the wire (its q̄ and τ in a plan
+    are nominal). Only the fit a plan deploys (the default error target) is a plan candidate."""
+    key = str(data["pipeline"].get("predictive", ""))
+    if f"bulk target {DEFAULT_TARGET_REL_ERROR}," not in key:
+        raise SplitLLMError(f"{where}: a predictive run fitted for another error ({key or 'unrecorded'}) is not a "
+                            f"plan candidate (plans deploy the default fit, bulk target {DEFAULT_TARGET_REL_ERROR})")
+    ell, bits = _edge(data, where)
+    return {"split_layer": ell, "edge_bits": bits, "qa": data["pipeline"].get("qa", 16), "wire": "predictive"}
 
 
 def table_from_eval_results(paths: Iterable[str | os.PathLike[str]]) -> AccuracyTable:

@@ -12,6 +12,13 @@ exceeds its codec-error bound, and among those left its objective (eq. 8, then a
 latency, wire bytes) prefers the smaller frame: the accuracy proxy does not see the codec, so two
 recipes that both pass tie on it and the wire bytes decide.
 
+The token-predictive codec (frame format 4, `splitcli.codec.predictive`) is one more recipe,
+`PREDICTIVE_RECIPE` (wire "predictive"), measured by `splitllm profile --predictive`. It has no
+q̄ or τ: its profile point records, as its q̄, the width that eq. (8a)'s Ψ counts it at
+(`splitcli.deploy.predictive_profile`: the widest q̄ at which the paper's recipe measured an
+error no smaller than the predictive codec's, as Ψ counts every recipe at the paper codec's
+width), and the planner enumerates it at that q̄ only.
+
 Torch-free (the planner and the profile schema use it).
 """
 
@@ -23,36 +30,55 @@ from typing import Any
 from splitcli.errors import SplitLLMError
 from splitcli.plan.codec_settings import DEFAULT_TARGET_REL_ERROR, check_transform_bounds
 
+#: Wires a recipe can name: the TS + TAB-Q codec (every transform recipe) or the token-predictive one.
+RECIPE_WIRES = ("tabq", "predictive")
+
 
 @dataclass(frozen=True)
 class Recipe:
-    """The codec's transform choices (module docstring); bounds are CodecSettings'."""
+    """The codec's transform choices (module docstring); bounds are CodecSettings'. wire
+    "predictive" is the token-predictive codec, which has its own transform (no rotation, α 0)."""
 
     rotation: str = "none"
     channel_alpha: float = 0.0
+    wire: str = "tabq"
 
     def __post_init__(self) -> None:
         check_transform_bounds(self.rotation, 0, self.channel_alpha)
         # 0 and 0.0 are one recipe (YAML writes 0.0, a user may type 0): one key, one hash.
         object.__setattr__(self, "channel_alpha", float(self.channel_alpha))
+        if self.wire not in RECIPE_WIRES:
+            raise SplitLLMError(f"codec recipe wire must be one of {', '.join(RECIPE_WIRES)}, got {self.wire!r}")
+        if self.wire == "predictive" and (self.rotation != "none" or self.channel_alpha != 0.0):
+            raise SplitLLMError("the predictive codec takes no rotation or channel alpha (it codes in its own basis)")
+
+    @property
+    def predictive(self) -> bool:
+        return self.wire == "predictive"
 
     @property
     def name(self) -> str:
-        """'paper', 'rot', 'α0.5', 'rot+α0.5' (the names `bench codec --sweep` uses)."""
+        """'paper', 'rot', 'α0.5', 'rot+α0.5' (the names `bench codec --sweep` uses), 'predictive'."""
+        if self.predictive:
+            return "predictive"
         parts = (["rot"] if self.rotation == "hadamard" else []) + (
             [f"α{self.channel_alpha:g}"] if self.channel_alpha > 0 else [])
         return "+".join(parts) or "paper"
 
     def describe(self) -> str:
         """'rotation hadamard, α 0.5' for messages."""
+        if self.predictive:
+            return "token-predictive codec, frame format 4"
         return f"rotation {self.rotation}, α {self.channel_alpha:g}"
 
     def to_dict(self) -> dict[str, Any]:
+        """The TAB-Q settings' transform fields (CodecSettings takes them; the wire is not a setting)."""
         return {"rotation": self.rotation, "channel_alpha": self.channel_alpha}
 
 
 PAPER_RECIPE = Recipe()
 OURS_RECIPE = Recipe("hadamard", 0.5)
+PREDICTIVE_RECIPE = Recipe(wire="predictive")
 #: What `splitllm profile` measures by default: the paper's recipe and ours.
 PROFILE_RECIPES: tuple[Recipe, ...] = (PAPER_RECIPE, OURS_RECIPE)
 #: The planner's default bound on a recipe's measured codec error: the stated distortion target
@@ -96,7 +122,7 @@ def check_max_codec_error(value: Any) -> float:
 def pinned_recipes(measured: tuple[Recipe, ...], rotation: str | None, channel_alpha: float | None
                    ) -> tuple[Recipe, ...]:
     """The recipes the planner may choose from: every measured one (PAPER_RECIPE if none), or,
-    when the user pinned a field (rotation and/or α), the measured ones that agree with it; a
+    when the user pinned a field (rotation and/or α), the measured TAB-Q ones that agree with it; a
     pin nothing measured agrees with is the one recipe (its size then is the rough estimate)."""
     if rotation is None and channel_alpha is None:
         return measured or (PAPER_RECIPE,)
@@ -104,7 +130,7 @@ def pinned_recipes(measured: tuple[Recipe, ...], rotation: str | None, channel_a
         Recipe(rotation, 0.0)                       # a bad value fails here, in one line
     if channel_alpha is not None:
         Recipe("none", channel_alpha)
-    keep = tuple(r for r in measured if (rotation is None or r.rotation == rotation)
+    keep = tuple(r for r in measured if not r.predictive and (rotation is None or r.rotation == rotation)
                  and (channel_alpha is None or r.channel_alpha == channel_alpha))
     return keep or (Recipe(rotation or "none", 0.0 if channel_alpha is None else channel_alpha),)
 
@@ -134,7 +160,12 @@ def explain_recipe(search, profile, max_codec_error: float | None, pinned: bool 
     for r in dict.fromkeys(c.recipe for c in by_candidate):
         if r == w.recipe:
             continue
-        other = by_candidate.get(replace(w, rotation=r.rotation, channel_alpha=r.channel_alpha))
+        other = by_candidate.get(replace(w, rotation=r.rotation, channel_alpha=r.channel_alpha, wire=r.wire))
+        if other is None and (r.predictive or w.recipe.predictive):
+            # the predictive codec is enumerated at its own q̄ only: take it at the winner's edge
+            other = next((x for x in search.ranked if x.candidate.recipe == r and replace(
+                x.candidate, q_bar=w.q_bar, tau=w.tau, rotation=w.rotation, channel_alpha=w.channel_alpha,
+                wire=w.wire) == w), None)
         if other is None:
             continue
         others.append(f"{r.name}: {size_error(other.candidate)} - {other.reason}")

@@ -5,6 +5,11 @@ OPSC (eq. 1): with method "front", layers [0, l_w) hold q_w1-bit weights and the
 "back", the last l_w layers hold q_w1 and the rest q_w2. q_w2 = None means those layers are not
 kept on the edge, which is only valid when every edge layer falls in the q_w1 segment.
 Weight bits of 16 or more mean "not quantized" (kept in the model's float type).
+
+`wire` (format 2) is the codec the split runs: "tabq" (the TS + TAB-Q codec of `codec`) or
+"predictive" (the token-predictive codec, frame format 4, fitted at deployment for
+`codec.target_rel_error`). A TAB-Q plan is still written as format 1, so an older splitllm reads
+it; a predictive plan is format 2, which an older splitllm refuses by its version.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from splitcli.plan.codec_settings import CodecSettings
 from splitcli.cost.memory import MAX_LAYERS, layer_weight_bits
 from splitcli.errors import SplitLLMError
 from splitcli.plan._validate import (
-    check_int, check_keys, check_number, check_version, require_mapping,
+    check_int, check_keys, check_number, require_mapping,
 )
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2
+#: Versions this splitllm reads (1: no `wire`, always TAB-Q).
+READABLE_PLAN_VERSIONS = (1, 2)
+PLAN_WIRES = ("tabq", "predictive")
 
 
 @dataclass(frozen=True)
@@ -70,14 +78,21 @@ class Plan:
     # the input width of the edge's 4-bit products at decode (splitllm's kernel): 16, or 8 (opt-in:
     # ~1.35x faster products, +0.21% WikiText-2 perplexity on SmolLM2-135M's int4 edge at ℓ = 15)
     edge_act_bits: int = 16
-    format_version: int = PLAN_FORMAT_VERSION
+    wire: str = "tabq"
+    format_version: int | None = None   # None: the lowest version that holds this plan (module docstring)
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
             raise SplitLLMError("plan model_id must be a non-empty string")
-        if self.format_version != PLAN_FORMAT_VERSION:
-            raise SplitLLMError(f"plan format_version must be {PLAN_FORMAT_VERSION}")
+        if self.wire not in PLAN_WIRES:
+            raise SplitLLMError(f"plan wire must be one of {', '.join(PLAN_WIRES)}, got {self.wire!r}")
+        if self.format_version is None:
+            object.__setattr__(self, "format_version", 1 if self.wire == "tabq" else PLAN_FORMAT_VERSION)
+        if self.format_version not in READABLE_PLAN_VERSIONS or isinstance(self.format_version, bool):
+            raise SplitLLMError(f"plan format_version must be one of {', '.join(map(str, READABLE_PLAN_VERSIONS))}")
+        if self.wire != "tabq" and self.format_version < 2:
+            raise SplitLLMError("a plan with wire predictive needs format_version 2")
         check_int(self.n_layers, "plan n_layers", 1, MAX_LAYERS)
         check_int(self.split_layer, "plan split_layer", 1, self.n_layers)
         check_int(self.l_w, "plan l_w", 0, self.n_layers)
@@ -119,6 +134,7 @@ class Plan:
             "n_layers": self.n_layers, "split_layer": self.split_layer, "l_w": self.l_w,
             "method": self.method, "q_w1": self.q_w1, "q_w2": self.q_w2, "qa": self.qa,
             "i_kv": self.i_kv, "embed_bits": self.embed_bits, "edge_act_bits": self.edge_act_bits,
+            **({"wire": self.wire} if self.format_version >= 2 else {}),
             "group_size": self.group_size, "max_tokens": self.max_tokens,
             "codec": self.codec.to_dict(), "budgets": self.budgets.to_dict(),
             "notes": dict(self.notes),
@@ -127,10 +143,14 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Any) -> "Plan":
         data = require_mapping(data, "plan")
-        check_version(data, PLAN_FORMAT_VERSION, "plan")
+        version = data.get("format_version")
+        if version not in READABLE_PLAN_VERSIONS or isinstance(version, bool):
+            raise SplitLLMError(f"plan has format_version {version!r}; this splitllm reads versions "
+                                f"{', '.join(map(str, READABLE_PLAN_VERSIONS))}")
         required = {"format_version", "model_id", "n_layers", "split_layer", "l_w", "method",
                     "q_w1", "q_w2", "qa", "group_size", "max_tokens", "codec", "budgets"}
-        check_keys(data, required, {"i_kv", "embed_bits", "edge_act_bits", "notes"}, "plan")
+        optional = {"i_kv", "embed_bits", "edge_act_bits", "notes"} | ({"wire"} if version >= 2 else set())
+        check_keys(data, required, optional, "plan")
         fields = {k: v for k, v in data.items() if k not in ("codec", "budgets")}
         fields["notes"] = dict(require_mapping(fields.get("notes") or {}, "plan notes"))
         return cls(codec=CodecSettings.from_dict(data["codec"], "plan codec"),
