@@ -18,7 +18,7 @@ from .live import live_options, run_live
 
 
 @cli_errors
-@codec_options(("none", "fp16", "bf16", "tabq", "predictive"), "Hidden-state wire: none (raw fp32), fp16, bf16, tabq (threshold + TAB-Q + rANS) or predictive (token-predictive, frame format 4; fitted once) (default: tabq with --config, else none).")
+@codec_options(("none", "fp16", "bf16", "tabq", "predictive"), "Hidden-state wire: none (raw fp32), fp16, bf16, tabq (threshold + TAB-Q + rANS) or predictive (token-predictive, frame format 4; fitted once) (default: the plan's wire with --config, else none).")
 def generate_cmd(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue (or the user message with --chat)."),
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m; with --shards it is only checked against the manifest's hash)."),

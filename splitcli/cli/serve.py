@@ -146,7 +146,7 @@ def load_serve_config(path: Path | None):
 
 
 @cli_errors
-@codec_options(("none", "fp16", "bf16", "tabq", "predictive"), "Hidden-state wire the edges use: none (raw fp32), fp16, bf16, tabq or predictive (token-predictive, frame format 4: fitted once, its file's path printed for the edges) (default: tabq with --config, else none).")
+@codec_options(("none", "fp16", "bf16", "tabq", "predictive"), "Hidden-state wire the edges use: none (raw fp32), fp16, bf16, tabq or predictive (token-predictive, frame format 4: fitted once, its file's path printed for the edges) (default: the plan's wire with --config, else none).")
 def serve_cloud_cmd(
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
@@ -302,7 +302,7 @@ def _join(host: str, port: int) -> str:
 
 
 @cli_errors
-@codec_options(("none", "fp16", "bf16", "tabq", "predictive"), "Hidden-state wire (must match the cloud's): none (raw fp32), fp16, bf16, tabq or predictive (frame format 4; the cloud's codec file: --predictive-codec) (default: tabq with --config, else none).")
+@codec_options(("none", "fp16", "bf16", "tabq", "predictive"), "Hidden-state wire (must match the cloud's): none (raw fp32), fp16, bf16, tabq or predictive (frame format 4; the cloud's codec file: --predictive-codec) (default: the plan's wire with --config, else none).")
 def serve_edge_cmd(
     cloud: str = typer.Option(None, "--cloud", help="HOST:PORT of the `splitllm serve-cloud` running the cloud half (default: the config's, else 127.0.0.1:50051)."),
     model: str = typer.Option(None, "--model", "-m", help="Built-in name, model directory or .gguf file (default: the plan's, else smollm2-135m)."),

@@ -15,12 +15,11 @@ import torch
 
 from splitcli.codec.predictive import K, PredictiveCodec, embedding_crc, gain_of
 from splitcli.errors import SplitLLMError
+from splitcli.plan.codec_settings import DEFAULT_PREDICTIVE_TARGET_REL_ERROR
 
-#: The `BulkError` (of the rounding, on the fit text) the step is chosen for when none is given.
-#: On SmolLM2-135M at ℓ = 15: +0.75% WikiText-2 perplexity on validation windows 8-15 (chosen
-#: there), 7.6x vs fp16 at +0.84% on the evaluation windows 0-7 (docs/results.md, "Token-predictive
-#: coding").
-DEFAULT_TARGET_REL_ERROR = 0.15
+#: The `BulkError` (of the rounding, on the fit text) the step is chosen for when none is given
+#: (its home and its measurements: splitcli.plan.codec_settings).
+DEFAULT_TARGET_REL_ERROR = DEFAULT_PREDICTIVE_TARGET_REL_ERROR
 DEFAULT_CLASSES = 16
 DEFAULT_GAINS = 8
 DEFAULT_RIDGE = 10.0

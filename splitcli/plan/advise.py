@@ -34,6 +34,7 @@ from splitcli.plan.enumerate import (
     DEFAULT_EMBED_BITS, Candidate, PlanSearch, Ranked, SearchSpace, candidate_edge_memory,
 )
 from splitcli.plan.profile import Profile
+from splitcli.plan.schema import PREDICTIVE_EMBED_BITS
 from splitcli.plan.sweep import SweepPoint, sweep_max_tokens
 
 #: q_bar values to consider when the profile measured no codec points (a synthetic or codec-less
@@ -213,9 +214,10 @@ def sweep_rows(profile: Profile, candidate: Candidate, memory_budget: int, total
                                              candidate.split_layer)
     points = sweep_max_tokens(w_bars, total_tokens, per_token, profile.hidden_size * 2.0)
     kv = profile.kv_bytes_per_token(candidate.qa)
+    bits_of_embedding = PREDICTIVE_EMBED_BITS if candidate.recipe.predictive else embed_bits
     rows = []
     for point in points:
         memory = candidate_edge_memory(profile.weight_table(), candidate, kv, point.w_bar, profile.activation_peaks(),
-                                       profile.embedding.weight_bytes_at(embed_bits)).total_bytes
+                                       profile.embedding.weight_bytes_at(bits_of_embedding)).total_bytes
         rows.append(SweepRow(point, memory, memory <= memory_budget))
     return rows

@@ -47,6 +47,11 @@ DEFAULT_DELTA = 0.05
 #: 0.08-0.16 on SmolLM2-135M at ℓ = 1..29, so it never trips there.
 DEFAULT_TARGET_REL_ERROR = 0.15
 GUARD_REL_ERROR = 0.5
+#: The predictive codec's default `BulkError` target (splitcli.codec.predictive_fit): the fit
+#: `profile --predictive` measures and a plan of wire "predictive" deploys. On SmolLM2-135M at
+#: ℓ = 15: +0.75% WikiText-2 perplexity on validation windows 8-15 (chosen there), 7.6x vs fp16
+#: at +0.84% on the evaluation windows 0-7 (docs/results.md, "Token-predictive coding").
+DEFAULT_PREDICTIVE_TARGET_REL_ERROR = 0.15
 #: Orthogonal rotations the codec knows (splitcli.codec.transform).
 ROTATIONS = ("none", "hadamard")
 

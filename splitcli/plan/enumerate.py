@@ -58,7 +58,7 @@ from splitcli.plan.profile import Profile
 from splitcli.plan.codec_settings import CodecSettings
 from splitcli.plan.ranking import Decision, decide, format_ms, total_memory, why_lost
 from splitcli.plan.recipes import PAPER_RECIPE, Recipe
-from splitcli.plan.schema import Budgets, Plan
+from splitcli.plan.schema import PREDICTIVE_EMBED_BITS, Budgets, Plan
 from splitcli.units import format_bytes
 
 #: Weight widths with a fast CPU kernel (4: Int4Linear on the int4 kernel, 8: Int8Linear on the
@@ -299,7 +299,9 @@ def search_plans(
         return cache[cand]
 
     weight_table, activation_peaks = profile.weight_table(), profile.activation_peaks()
-    embedding_bytes = profile.embedding.weight_bytes_at(embed_bits)
+    # The predictive codec predicts from the exact input embeddings: its edge holds them as loaded.
+    embedding_bytes = {False: profile.embedding.weight_bytes_at(embed_bits),
+                       True: profile.embedding.weight_bytes_at(PREDICTIVE_EMBED_BITS)}
     memory_cache: dict[tuple, EdgeMemory | str] = {}
     kv_cache: dict[int, list[float]] = {}
     latency_cache: dict[tuple, float] = {}
@@ -332,7 +334,7 @@ def search_plans(
                     f"slower than fp32); widths with kernels: {', '.join(map(str, KERNEL_BITS))}")
         try:
             return candidate_edge_memory(weight_table, cand, kv_of(cand.qa), max_tokens,
-                                         activation_peaks, embedding_bytes)
+                                         activation_peaks, embedding_bytes[cand.recipe.predictive])
         except SplitLLMError as exc:
             return str(exc)
 
@@ -340,8 +342,9 @@ def search_plans(
     costed: list[Ranked] = []
     wire_cache: dict[tuple, tuple[float, float | None]] = {}
     for cand in _with_predictive_q_bar(profile, space, space.candidates(L)):
-        # Memory does not depend on the codec choice: cost each (l, OPSC, Qa) once.
-        memory_key = (cand.split_layer, cand.l_w, cand.method, cand.q_w1, cand.q_w2, cand.qa)
+        # Memory depends on the codec only through the embedding's width: cost each once.
+        memory_key = (cand.split_layer, cand.l_w, cand.method, cand.q_w1, cand.q_w2, cand.qa,
+                      cand.recipe.predictive)
         if memory_key not in memory_cache:
             memory_cache[memory_key] = cost(cand)
         memory = memory_cache[memory_key]
@@ -464,13 +467,16 @@ def search_plans(
 def _with_predictive_q_bar(profile: Profile, space: SearchSpace, candidates: Iterable[Candidate]
                            ) -> Iterable[Candidate]:
     """The candidates, each predictive one once per edge (at the space's first q̄ and τ) and at
-    the q̄ its nearest profile point records, the width Ψ counts it at (`splitcli.plan.recipes`)."""
+    the q̄ its nearest profile point records, the width Ψ counts it at (`splitcli.plan.recipes`);
+    none where the profile measured no predictive point."""
     for cand in candidates:
         if cand.recipe.predictive:
             if cand.q_bar != space.q_bar[0] or cand.tau != space.tau[0]:
                 continue
             q_bar = profile.codec.predictive_q_bar(cand.split_layer) if profile.codec is not None else None
-            cand = cand if q_bar is None else replace(cand, q_bar=q_bar)
+            if q_bar is None:
+                continue   # never measured: no size or error to plan it with
+            cand = replace(cand, q_bar=q_bar)
         yield cand
 
 
@@ -503,7 +509,8 @@ def to_plan(
             model_id=profile.model_id, n_layers=profile.n_layers, split_layer=candidate.split_layer,
             l_w=candidate.l_w, method=candidate.method, q_w1=candidate.q_w1, q_w2=candidate.q_w2,
             qa=candidate.qa, codec=CodecSettings(), group_size=group_size, max_tokens=max_tokens,
-            budgets=budgets, i_kv=i_kv, embed_bits=embed_bits, wire="predictive", notes=dict(notes or {}),
+            budgets=budgets, i_kv=i_kv, embed_bits=PREDICTIVE_EMBED_BITS, wire="predictive",
+            notes=dict(notes or {}),
         )
     chosen: dict = {"q_bar": candidate.q_bar, "tau": None if tau_is_quantile else candidate.tau,
                     "tau_quantile": candidate.tau if tau_is_quantile else None,

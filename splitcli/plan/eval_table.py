@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 from splitcli.errors import SplitLLMError
 from splitcli.plan.accuracy import AccuracyTable, read_json
-from splitcli.plan.codec_settings import DEFAULT_TARGET_REL_ERROR, DEFAULT_TAU_QUANTILE
+from splitcli.plan.codec_settings import DEFAULT_PREDICTIVE_TARGET_REL_ERROR, DEFAULT_TAU_QUANTILE
 
 def is_eval_result(data: Any) -> bool:
     """True for the JSON `splitllm eval --json` writes (as opposed to a hand-made accuracy table)."""
@@ -77,9 +77,10 @@ def _predictive_row(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """A predictive split's row: keyed by ℓ, edge bits, Qa and the wire (its q̄ and τ in a plan
     are nominal). Only the fit a plan deploys (the default error target) is a plan candidate."""
     key = str(data["pipeline"].get("predictive", ""))
-    if f"bulk target {DEFAULT_TARGET_REL_ERROR}," not in key:
+    if f"bulk target {DEFAULT_PREDICTIVE_TARGET_REL_ERROR}," not in key:
         raise SplitLLMError(f"{where}: a predictive run fitted for another error ({key or 'unrecorded'}) is not a "
-                            f"plan candidate (plans deploy the default fit, bulk target {DEFAULT_TARGET_REL_ERROR})")
+                            f"plan candidate (plans deploy the default fit, bulk target "
+                            f"{DEFAULT_PREDICTIVE_TARGET_REL_ERROR})")
     ell, bits = _edge(data, where)
     return {"split_layer": ell, "edge_bits": bits, "qa": data["pipeline"].get("qa", 16), "wire": "predictive"}
 
