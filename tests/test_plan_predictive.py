@@ -17,21 +17,14 @@ from splitcli.configio import write_yaml
 from splitcli.errors import SplitLLMError
 from splitcli.plan.enumerate import Candidate, SearchSpace, search_plans, to_plan
 from splitcli.plan.ranking import total_memory
-from splitcli.plan.profile import CodecCost, CodecPoint, Profile, profile_from_architecture
+from splitcli.plan.profile import CodecPoint, Profile
 from splitcli.plan.recipes import OURS_RECIPE, PAPER_RECIPE, PREDICTIVE_RECIPE, Recipe, pinned_recipes
 from splitcli.plan.schema import Budgets, Plan
+from tests.test_plan_codec_recipe import _profile   # 4 layers, hidden 64, the given codec points
 
 runner = CliRunner()
 TAU = 0.999
 RECIPES = (PAPER_RECIPE, PREDICTIVE_RECIPE)
-
-
-def _profile(points) -> Profile:
-    base = profile_from_architecture(
-        model_id="synthetic", n_layers=4, hidden_size=64, n_kv_heads=2, head_dim=16, params_per_layer=40_960,
-        embedding_params=64 * 128, weight_bits=(4, 8, 16), kv_bits=(8, 16), group_size=32,
-        activation_peak_bytes=1000.0, decode_ms_per_layer=2.0)
-    return dataclasses.replace(base, codec=CodecCost(0.1, 0.1, tuple(points)))
 
 
 def _tabq(layer=2, bytes_by_q=None, err_by_q=None):
