@@ -31,10 +31,9 @@ from splitcli.cost.memory import io_bytes_per_step
 from splitcli.errors import SplitLLMError
 from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE, MAX_Q_BAR, MIN_Q
 from splitcli.plan.enumerate import (
-    DEFAULT_EMBED_BITS, Candidate, PlanSearch, Ranked, SearchSpace, candidate_edge_memory,
+    DEFAULT_EMBED_BITS, Candidate, PlanSearch, Ranked, SearchSpace, candidate_edge_memory, embedding_bits,
 )
 from splitcli.plan.profile import Profile
-from splitcli.plan.schema import PREDICTIVE_EMBED_BITS
 from splitcli.plan.sweep import SweepPoint, sweep_max_tokens
 
 #: q_bar values to consider when the profile measured no codec points (a synthetic or codec-less
@@ -214,10 +213,10 @@ def sweep_rows(profile: Profile, candidate: Candidate, memory_budget: int, total
                                              candidate.split_layer)
     points = sweep_max_tokens(w_bars, total_tokens, per_token, profile.hidden_size * 2.0)
     kv = profile.kv_bytes_per_token(candidate.qa)
-    bits_of_embedding = PREDICTIVE_EMBED_BITS if candidate.recipe.predictive else embed_bits
+    embedding_bytes = profile.embedding.weight_bytes_at(embedding_bits(candidate, embed_bits))
     rows = []
     for point in points:
         memory = candidate_edge_memory(profile.weight_table(), candidate, kv, point.w_bar, profile.activation_peaks(),
-                                       profile.embedding.weight_bytes_at(bits_of_embedding)).total_bytes
+                                       embedding_bytes).total_bytes
         rows.append(SweepRow(point, memory, memory <= memory_budget))
     return rows

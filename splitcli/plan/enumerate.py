@@ -228,6 +228,12 @@ def candidate_edge_memory(
     return replace(memory, weights_bytes=memory.weights_bytes + beyond)
 
 
+def embedding_bits(candidate: Candidate, embed_bits: int) -> int:
+    """How the candidate's edge stores its embedding: as asked, except that the predictive codec
+    predicts from the exact input embeddings, so its edge keeps them as loaded."""
+    return PREDICTIVE_EMBED_BITS if candidate.recipe.predictive else embed_bits
+
+
 def psi(split_layer: int, n_layers: int, qa: float, q_bar: float) -> float:
     """Psi(Q_a) = sum_k Q_a,k with Q_a,k = qa for k < l and q_bar for k >= l (module docstring)."""
     return split_layer * qa + (n_layers - split_layer) * q_bar
@@ -299,9 +305,7 @@ def search_plans(
         return cache[cand]
 
     weight_table, activation_peaks = profile.weight_table(), profile.activation_peaks()
-    # The predictive codec predicts from the exact input embeddings: its edge holds them as loaded.
-    embedding_bytes = {False: profile.embedding.weight_bytes_at(embed_bits),
-                       True: profile.embedding.weight_bytes_at(PREDICTIVE_EMBED_BITS)}
+    embedding_bytes = {bits: profile.embedding.weight_bytes_at(bits) for bits in {embed_bits, PREDICTIVE_EMBED_BITS}}
     memory_cache: dict[tuple, EdgeMemory | str] = {}
     kv_cache: dict[int, list[float]] = {}
     latency_cache: dict[tuple, float] = {}
@@ -334,7 +338,7 @@ def search_plans(
                     f"slower than fp32); widths with kernels: {', '.join(map(str, KERNEL_BITS))}")
         try:
             return candidate_edge_memory(weight_table, cand, kv_of(cand.qa), max_tokens,
-                                         activation_peaks, embedding_bytes[cand.recipe.predictive])
+                                         activation_peaks, embedding_bytes[embedding_bits(cand, embed_bits)])
         except SplitLLMError as exc:
             return str(exc)
 
@@ -344,7 +348,7 @@ def search_plans(
     for cand in _with_predictive_q_bar(profile, space, space.candidates(L)):
         # Memory depends on the codec only through the embedding's width: cost each once.
         memory_key = (cand.split_layer, cand.l_w, cand.method, cand.q_w1, cand.q_w2, cand.qa,
-                      cand.recipe.predictive)
+                      embedding_bits(cand, embed_bits))
         if memory_key not in memory_cache:
             memory_cache[memory_key] = cost(cand)
         memory = memory_cache[memory_key]
@@ -509,7 +513,7 @@ def to_plan(
             model_id=profile.model_id, n_layers=profile.n_layers, split_layer=candidate.split_layer,
             l_w=candidate.l_w, method=candidate.method, q_w1=candidate.q_w1, q_w2=candidate.q_w2,
             qa=candidate.qa, codec=CodecSettings(), group_size=group_size, max_tokens=max_tokens,
-            budgets=budgets, i_kv=i_kv, embed_bits=PREDICTIVE_EMBED_BITS, wire="predictive",
+            budgets=budgets, i_kv=i_kv, embed_bits=embedding_bits(candidate, embed_bits), wire="predictive",
             notes=dict(notes or {}),
         )
     chosen: dict = {"q_bar": candidate.q_bar, "tau": None if tau_is_quantile else candidate.tau,
