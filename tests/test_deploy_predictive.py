@@ -9,7 +9,7 @@ import torch
 
 from splitcli.deploy import SplitSpec, build_wire
 from splitcli.deploy.calibrate import cache_dir
-from splitcli.deploy.predictive import fit_slices, fitted_predictive, input_embeddings
+from splitcli.deploy.predictive import codec_embeddings, default_table, dense_table, fit_slices, fitted_predictive
 from splitcli.errors import SplitLLMError
 from splitcli.quant import QuantEmbedding
 from splitcli.runtime.codec_wire import PredictiveWire
@@ -86,11 +86,41 @@ def test_predictive_wire_refuses_what_it_cannot_do(llama, tmp_path, monkeypatch)
     with pytest.raises(SplitLLMError, match="token ids"):
         wire.encode(torch.zeros(2, 64))
     with pytest.raises(SplitLLMError, match="other input embeddings"):
-        PredictiveWire(pc, emb + 1)
-    quantized = SimpleNamespace(model=SimpleNamespace(get_input_embeddings=lambda: QuantEmbedding.from_embedding(
-        llama.get_input_embeddings())))
-    with pytest.raises(SplitLLMError, match="--embed-bits 16"):   # an edge shard's 8-bit table is not the codec's
-        input_embeddings(quantized)
+        PredictiveWire(pc, dense_table(emb) + 1)
+    four = SimpleNamespace(model=SimpleNamespace(get_input_embeddings=lambda: QuantEmbedding.from_embedding(
+        llama.get_input_embeddings(), bits=4)))
+    with pytest.raises(SplitLLMError, match="at 4 bits .*8-bit rows of one group per row"):
+        codec_embeddings(four, "rows8")
+    with pytest.raises(SplitLLMError, match="must be one of rows8, exact"):
+        codec_embeddings(lm, "rows4")
+
+
+def test_the_codec_table_is_the_8_bit_rows_an_edge_shard_holds(llama, monkeypatch):
+    """A float model and an edge holding `quantize`'s 8-bit rows give the codec the same table to the
+    bit (so their crc agrees) without the edge making a float copy; "exact" is the float table."""
+    from splitcli.codec.predictive import embedding_crc
+
+    lm = SimpleNamespace(model=llama)
+    rows = QuantEmbedding.from_embedding(llama.get_input_embeddings(), bits=8)
+    edge = SimpleNamespace(model=SimpleNamespace(get_input_embeddings=lambda: rows))
+    assert default_table(lm) == default_table(edge) == "rows8"
+    full, held = codec_embeddings(lm, "rows8"), codec_embeddings(edge, "rows8")
+    assert not isinstance(held, torch.Tensor) and held.shape == (128, 64)
+    assert torch.equal(dense_table(full), dense_table(held)) and embedding_crc(full) == embedding_crc(held)
+    with torch.no_grad():                                 # the rows the edge's own forward embeds with
+        assert torch.equal(dense_table(held), rows(torch.arange(128)))
+    exact = codec_embeddings(lm, "exact")
+    assert torch.equal(exact, llama.get_input_embeddings().weight)
+    assert 0 < (dense_table(full) - exact).abs().max() < 0.01 * exact.abs().max()   # 8-bit rows: close, not equal
+    # the crc reads the table in blocks (here of 5 rows, a last one short): the same as all at once
+    import zlib
+
+    from splitcli.codec import predictive
+    monkeypatch.setattr(predictive, "_CRC_ROWS", 5)
+    assert embedding_crc(exact) == zlib.crc32(exact.numpy().tobytes())
+    assert embedding_crc(held) == zlib.crc32(dense_table(full).numpy().tobytes())
+    with pytest.raises(SplitLLMError, match="exact table .*refit it"):
+        codec_embeddings(edge, "exact")
 
 
 def test_fit_slices_never_reach_the_evaluation_text():

@@ -117,20 +117,25 @@ def test_psi_ranks_a_wider_tabq_first_and_ties_go_to_the_smaller_frame():
     assert pred.rejected_by == "accuracy" and "codec error 0.2 > allowed 0.15" in pred.reason
 
 
-def test_its_edge_holds_the_embedding_as_loaded():
+def test_its_edge_holds_the_8_bit_rows_it_predicts_from():
     profile = _profile(_tabq() + [_pred(q_bar=6)])
-    exact, rows8 = profile.embedding.weight_bytes_at(16), profile.embedding.weight_bytes_at(8)
-    assert exact > rows8
-    search = _search(profile)
-    by_recipe = {r.candidate.recipe: r for r in search.ranked if r.candidate.q_bar == 6}
-    pred, tabq = by_recipe[PREDICTIVE_RECIPE], by_recipe[PAPER_RECIPE]
-    assert total_memory(pred) - total_memory(tabq) == pytest.approx(exact - rows8)
+    rows8, exact = profile.embedding.weight_bytes_at(8), profile.embedding.weight_bytes_at(16)
+
+    def memory(embed_bits):
+        search = _search(profile, embed_bits=embed_bits)
+        by_recipe = {r.candidate.recipe: r for r in search.ranked if r.candidate.q_bar == 6}
+        return total_memory(by_recipe[PREDICTIVE_RECIPE]), total_memory(by_recipe[PAPER_RECIPE])
+
+    pred, tabq = memory(8)
+    assert pred == tabq                                   # the stored 8-bit rows are the codec's table
+    pred, tabq = memory(16)
+    assert pred - tabq == pytest.approx(rows8) and rows8 < exact    # a float table: the rows come on top
     # a budget between the two: TAB-Q fits, the predictive edge does not
-    budget = (total_memory(pred) + total_memory(tabq)) / 2
+    budget = (pred + tabq) / 2
     search = search_plans(profile, SearchSpace(split_layers=(2,), q_w=((8, None),), qa=(16,), q_bar=(4, 6),
                                                tau=(TAU,), tau_is_quantile=True, recipes=RECIPES),
                           Budgets(int(budget), 0.01), 64, lambda c: 0.0, max_codec_error=0.15,
-                          measured_recipes_only=True)
+                          embed_bits=16, measured_recipes_only=True)
     assert search.winner.candidate.recipe == PAPER_RECIPE
     assert any(r.rejected_by == "memory" and r.candidate.recipe.predictive for r in search.ranked)
     # a profile with no predictive point enumerates no predictive candidate, whatever the space says
@@ -195,9 +200,7 @@ def test_a_predictive_plan_is_format_2_and_deploys_the_predictive_wire():
     search = _search(profile)
     plan = to_plan(search.winner.candidate, profile, Budgets(10**8, 0.01), 64, group_size=32, tau_is_quantile=True)
     assert plan.wire == "predictive" and plan.format_version == 2 and plan.codec.target_rel_error is None
-    assert plan.embed_bits == 16        # whatever the search was costed at for TAB-Q
-    with pytest.raises(SplitLLMError, match="wire predictive needs embed_bits 16"):
-        dataclasses.replace(plan, embed_bits=8)
+    assert plan.embed_bits == 8         # the 8-bit rows it predicts from
     back = Plan.from_dict(yaml.safe_load(yaml.safe_dump(plan.to_dict())))
     assert back == plan and back.to_dict()["wire"] == "predictive"
     assert SplitSpec.from_plan(plan).wire == "predictive" and SplitSpec.from_plan(plan, "tabq").wire == "tabq"

@@ -263,10 +263,14 @@ def test_a_ray_front_pins_one_codec_file_for_its_replicas(fitted, split, tmp_pat
     assert own.predictive_fit_text is None and own.predictive_file == codec["path"] != split.wire.path
 
 
-def test_shards_that_keep_exact_embeddings_run_the_clouds_codec(tiny_model_dir, tmp_path, monkeypatch):
-    """An edge from shards written with --embed-bits 16 holds the model's exact input embeddings, so it
-    runs the cloud's codec file (fitted on the full model): over the network its tokens equal the
-    in-process split of the same shards. Shards with 8-bit embeddings are refused, saying what to do."""
+def test_shards_run_the_clouds_codec(tiny_model_dir, tmp_path, monkeypatch):
+    """The codec predicts from 8-bit rows of the input embeddings, which an edge from shards holds
+    (--embed-bits 8, the default) or makes from its float table (16): either runs the cloud's codec
+    file (fitted on the full model), and over the network its tokens equal the in-process split of the
+    same shards. A codec file fitted on the exact table (before 8-bit rows) is refused by an 8-bit
+    edge, saying what to do."""
+    import dataclasses
+
     from typer.testing import CliRunner
 
     from splitcli.cli import app
@@ -284,15 +288,21 @@ def test_shards_that_keep_exact_embeddings_run_the_clouds_codec(tiny_model_dir, 
                                      "--back-bits", "none", "--group-size", "32", "--embed-bits", str(bits),
                                      "--out", str(shards[bits])])
         assert r.exit_code == 0, r.output
-    edge, _, _ = build_shard_split(shards[16], wire="predictive", predictive_file=cloud.wire.path)
-    assert edge.wire.pc.crc == cloud.wire.pc.crc
-    alone, _, _ = build_shard_split(shards[16], wire="predictive", data_dir=data)   # fitted on the 4-bit edge
+    assert cloud.wire.pc.info["table"] == "rows8"
+    edges = {bits: build_shard_split(shards[bits], wire="predictive", predictive_file=cloud.wire.path)[0]
+             for bits in (16, 8)}
+    assert edges[16].wire.pc.crc == edges[8].wire.pc.crc == cloud.wire.pc.crc
+    assert not isinstance(edges[8].wire.emb, torch.Tensor)                 # the shard's own rows, no float copy
+    alone, _, _ = build_shard_split(shards[8], wire="predictive", data_dir=data)   # fitted on the 4-bit edge
     assert alone.wire.pc.crc != cloud.wire.pc.crc and alone.wire.pc.info["split_layer"] == 2
     assert len(reference(alone, PROMPTS[0], SamplingConfig(max_new_tokens=3))) == 3
-    with pytest.raises(SplitLLMError, match="--embed-bits 16"):
-        build_shard_split(shards[8], wire="predictive", predictive_file=cloud.wire.path)
+    old = tmp_path / "exact.npz"
+    dataclasses.replace(cloud.wire.pc, info=dict(cloud.wire.pc.info, table="exact")).save(old)
+    with pytest.raises(SplitLLMError, match="exact table .*refit it"):
+        build_shard_split(shards[8], wire="predictive", predictive_file=str(old))
     cfg = SamplingConfig(max_new_tokens=6)
-    for prompt in PROMPTS:
-        want = reference(edge, prompt, cfg)
-        with serving(cloud) as server:
-            assert list(generate_remote(edge, prompt, cfg, remote(server))) == want
+    for edge in edges.values():
+        for prompt in PROMPTS:
+            want = reference(edge, prompt, cfg)
+            with serving(cloud) as server:
+                assert list(generate_remote(edge, prompt, cfg, remote(server))) == want

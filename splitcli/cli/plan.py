@@ -34,7 +34,7 @@ def plan_cmd(
     rotation: str = typer.Option(None, "--rotation", help="Pin the codec recipe's rotation (none or hadamard) \\[default: choose among the recipes the profile measured]."),
     channel_alpha: float = typer.Option(None, "--channel-alpha", help="Pin the codec recipe's channel α in [0, 1] \\[default: choose among the measured recipes]."),
     codec_error: float = typer.Option(DEFAULT_MAX_CODEC_ERROR, "--codec-error", help="Largest codec error (mean per-token relative error of the non-massive channels, measured per recipe by the profile) a candidate may have."),
-    embed_bits: int = typer.Option(DEFAULT_EMBED_BITS, "--embed-bits", help="How the edge stores its embedding: 8 (quantize's default) or 16 (as loaded); a predictive codec candidate keeps it as loaded."),
+    embed_bits: int = typer.Option(DEFAULT_EMBED_BITS, "--embed-bits", help="How the edge stores its embedding: 8 (quantize's default) or 16 (as loaded; a predictive codec candidate also holds the 8-bit rows it predicts from)."),
     edge_act_bits: int = typer.Option(16, "--edge-act-bits", help="Recorded in the plan: the input width of the edge's 4-bit products at decode, 16 or 8 (faster, coarser; the profile's costs are the 16-bit input's, so the plan's latency stays on the safe side)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the chosen plan here (YAML)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),

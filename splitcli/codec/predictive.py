@@ -27,6 +27,10 @@ component travels exactly (f32) and codes as 0. A row that escapes often or whos
 anything seen in calibration (the attention sink's row, massive activations) travels raw (fp16,
 or f32 when fp16 would overflow).
 
+E is whatever table both ends agree on, checked by its crc32 (`PredictiveCodec.emb_crc`): a tensor
+[V, H], or any object with `.shape` and float32 rows by a LongTensor index, such as an edge's 8-bit
+embedding read a row at a time (`splitcli.deploy.predictive` picks the table).
+
 Frame layout (little-endian; prefix as in frame.py so one reader tells the versions apart):
 
     magic "SLCF" | version u8 = 4 | dtype u8 = 0 | flags u8 | codec crc32 u32
@@ -76,6 +80,7 @@ NO_TOKEN = -1
 DEFAULT_MAX_TOKENS = 1 << 16
 _UNIQUE_FROM = 32        # rows from which `prediction` multiplies distinct tokens only
 _FP16_MAX = 65504.0
+_CRC_ROWS = 4096
 
 _Categorical = constriction.stream.model.Categorical
 _AnsCoder = constriction.stream.stack.AnsCoder
@@ -271,8 +276,15 @@ def expected_frame_bytes(pc: PredictiveCodec, rows: int, vocab: int) -> float:
     return float(header + rows * (4 if vocab > 0x10000 else 2) + 4 * words)
 
 
-def embedding_crc(emb: torch.Tensor) -> int:
-    return zlib.crc32(emb.detach().to(torch.float32).contiguous().numpy().tobytes())
+def embedding_crc(emb) -> int:
+    """crc32 of the float32 table [V, H], read in blocks of rows: `emb` is a tensor or anything
+    with `.shape` and float32 rows by a LongTensor index (an edge's 8-bit table, dequantized a
+    block at a time, so it never holds the float copy)."""
+    crc, V = 0, emb.shape[0]
+    for a in range(0, V, _CRC_ROWS):
+        rows = emb[torch.arange(a, min(a + _CRC_ROWS, V))]
+        crc = zlib.crc32(rows.detach().to(torch.float32).contiguous().numpy().tobytes(), crc)
+    return crc
 
 
 def prediction(pc: PredictiveCodec, emb: torch.Tensor, ids: torch.Tensor, prev_id: int) -> torch.Tensor:

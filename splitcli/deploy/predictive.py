@@ -7,6 +7,8 @@ represented. Perplexity benchmarks score the *first* windows of the same file, s
 overlap (checked). The fitted codec (2.7 MB at hidden 576: predictor, KLT,
 symbol models) is stored as .npz under `cache_root()/codec/`, keyed by everything it depends on,
 so `generate` fits once (about a minute and a half for SmolLM2-135M at ℓ = 15 on 2 cores).
+The predictor reads the input embeddings as the 8-bit rows an edge shard stores (`TABLES`), so an
+edge needs no float copy of them.
 """
 
 from __future__ import annotations
@@ -17,26 +19,82 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION, PredictiveCodec
 from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR, fit_predictive
 from splitcli.data import read_text
 from splitcli.deploy.calibrate import cache_dir, edge_hidden, read_wikitext
 from splitcli.errors import SplitLLMError
+from splitcli.plan.schema import PREDICTIVE_TABLE_BITS
+from splitcli.quant import QuantEmbedding
 
 PREDICTIVE_FIT_WINDOWS = 24
 FIT_SEQLEN = 2048
 
 
-def input_embeddings(lm) -> torch.Tensor:
-    """The model's input embeddings [V, H] float32: what the predictor is fitted with and predicts from.
-    Both ends must hold them exactly, so an edge shard that keeps them quantized is refused."""
-    weight = getattr(lm.model.get_input_embeddings(), "weight", None)
+#: The tables the predictive codec can predict from, recorded in its info as "table": "rows8", the
+#: input embeddings with 8-bit rows exactly as `splitllm quantize --embed-bits 8` stores them (the
+#: default where the embedding can be quantized: an edge holding those rows needs no float copy),
+#: and "exact", the table as loaded (codec files fitted before the choice existed, and embeddings
+#: that cannot be quantized, e.g. Gemma's scaled one).
+TABLES = ("rows8", "exact")
+TABLE_BITS = PREDICTIVE_TABLE_BITS
+
+
+class _Rows:
+    """An 8-bit embedding of one group per row read as the codec's table, a few rows at a time (no
+    float copy). The rows are `QuantEmbedding`'s to the bit: the same codes, scale and offset and
+    the same fused multiply-add as `dequantize_groupwise`, with each row's scale and offset in
+    float32 once (8 bytes a row), so a decode step's lookup is three small ops: 15 us, against 40
+    through the module and 6 from a float copy (SmolLM2-135M, 1 thread)."""
+
+    def __init__(self, module: QuantEmbedding):
+        self.shape = (module.num_embeddings, module.embedding_dim)
+        self.codes = module.codes                                                     # [V, H] uint8
+        self.scale = module.scales.to(torch.float32)                                  # [V, 1]
+        self.offset = module.zeros.to(torch.float32) - 2 ** (TABLE_BITS - 1) * self.scale   # [V, 1]
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:   # ids [n] int64 -> [n, H] float32
+        return torch.addcmul(self.offset[ids], self.codes[ids].to(torch.float32), self.scale[ids])
+
+
+def default_table(lm) -> str:
+    """The table a new fit for `lm` uses: "rows8" unless its embedding cannot be quantized."""
+    module = lm.model.get_input_embeddings()
+    return "rows8" if isinstance(module, QuantEmbedding) or type(module) is nn.Embedding else "exact"
+
+
+def codec_embeddings(lm, table: str):
+    """The codec's table (`TABLES`) as `lm` holds it: rows of its own 8-bit embedding, the same rows
+    made from a float one (exactly as `quantize` makes them, so an edge and a cloud agree to the bit;
+    the codec's crc checks it), or the float table itself for "exact"."""
+    if table not in TABLES:
+        raise SplitLLMError(f"predictive codec table must be one of {', '.join(TABLES)}, got {table!r}")
+    module = lm.model.get_input_embeddings()
+    if isinstance(module, QuantEmbedding):
+        if table == "rows8" and module.bits == TABLE_BITS and module.group_size == module.embedding_dim:
+            return _Rows(module)
+        raise SplitLLMError(f"this edge holds its input embeddings at {module.bits} bits (group {module.group_size}) "
+                            "and the predictive codec predicts from "
+                            + ("the exact table (a codec file fitted before 8-bit rows): refit it, or write the shards "
+                               "with `splitllm quantize --embed-bits 16`" if table == "exact" else
+                               "8-bit rows of one group per row: write the shards with `splitllm quantize`'s default "
+                               "--embed-bits 8") + " (or use --codec tabq)")
+    weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise SplitLLMError("the predictive codec predicts from the model's exact input embeddings, and this "
-                            "edge holds them quantized: write the shards with `splitllm quantize --embed-bits 16` "
-                            "(or use --codec tabq)")
-    return weight.detach().float()
+        raise SplitLLMError(f"the predictive codec cannot read this model's input embeddings ({type(module).__name__})")
+    if table == "exact":
+        return weight.detach().float()
+    if type(module) is not nn.Embedding:
+        raise SplitLLMError(f"this predictive codec predicts from 8-bit rows of the input embeddings, and this model's "
+                            f"embedding ({type(module).__name__}) is not a plain table that can be quantized")
+    return _Rows(QuantEmbedding.from_embedding(module, bits=TABLE_BITS))
+
+
+def dense_table(emb) -> torch.Tensor:
+    """[V, H] float32 of a codec table (the fit reads every row)."""
+    return emb if isinstance(emb, torch.Tensor) else emb[torch.arange(emb.shape[0])]
 
 
 def fit_slices(n_ids: int, seqlen: int, windows: int, reserved: int = 0) -> list[tuple[int, int]]:
@@ -72,11 +130,12 @@ def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: 
         wins.append((w, edge_hidden(lm.model, split_layer, w)))
         if tick is not None:
             tick(k + 1)
-    emb = input_embeddings(lm)
+    table = default_table(lm)
+    emb = codec_embeddings(lm, table)
     info = dict(text=text_name, fit_tokens=[len(ids) - windows * seqlen, len(ids)],
-                windows=windows, seqlen=seqlen, split_layer=split_layer,
+                windows=windows, seqlen=seqlen, split_layer=split_layer, table=table,
                 target_rel_error=None if step is not None else target_rel_error)
-    return fit_predictive(emb, wins, step=step, target_rel_error=target_rel_error, info=info), emb
+    return fit_predictive(dense_table(emb), wins, step=step, target_rel_error=target_rel_error, info=info), emb
 
 
 def predictive_from_file(path, lm, split_layer: int) -> tuple[PredictiveCodec, torch.Tensor, dict]:
@@ -87,7 +146,7 @@ def predictive_from_file(path, lm, split_layer: int) -> tuple[PredictiveCodec, t
     fitted_at = pc.info.get("split_layer")
     if fitted_at is not None and fitted_at != split_layer:
         raise SplitLLMError(f"predictive codec file {path} was fitted at split layer {fitted_at}, not {split_layer}")
-    emb = input_embeddings(lm)
+    emb = codec_embeddings(lm, pc.info.get("table", "exact"))   # files without one predate 8-bit rows
     return pc, emb, dict(path=str(path), cache="file")
 
 
@@ -118,10 +177,11 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
     seqlen = fit_seqlen_for(lm)
     key = hashlib.sha256(json.dumps(dict(kind="predictive", file=FILE_VERSION, frame=FRAME_VERSION, model=lm.sha256,
                                          split_layer=split_layer, text=text_sha, windows=PREDICTIVE_FIT_WINDOWS,
-                                         seqlen=seqlen, target=target_rel_error, error="bulk, mean per token"),
+                                         seqlen=seqlen, target=target_rel_error, error="bulk, mean per token",
+                                         table=default_table(lm)),
                                     sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir() / f"{key}.npz"
-    emb = input_embeddings(lm)
+    emb = codec_embeddings(lm, default_table(lm))
     info = dict(path=str(path), fit_windows=PREDICTIVE_FIT_WINDOWS, fit_seqlen=seqlen,
                 fit_slice=f"last {PREDICTIVE_FIT_WINDOWS} x {seqlen} tokens of {source}")
     if path.is_file():

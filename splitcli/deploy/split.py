@@ -247,9 +247,9 @@ def build_shard_split(shard_dir, wire: str = "none", codec: CodecSettings | None
     from edge.safetensors, the cloud half from cloud.safetensors. With the codec wire, the codec
     is calibrated on the shard's own edge (the only edge there is: its quantized layers produce
     what crosses the wire), cached under the edge shard's sha256; so is the predictive codec, unless
-    `predictive_file` names one (the cloud's; `predictive_fit_text`: fitted on that text), and it
-    needs shards that keep the input embeddings exact (`--embed-bits 16`). edge_act_bits: as SplitSpec's (a run-time setting: shards do not
-    store it)."""
+    `predictive_file` names one (the cloud's; `predictive_fit_text`: fitted on that text), which
+    predicts from the shard's own 8-bit embedding rows (or the same rows made from a float table).
+    edge_act_bits: as SplitSpec's (a run-time setting: shards do not store it)."""
     from types import SimpleNamespace
 
     from splitcli.model.shard_loader import load_cloud, load_edge, load_tokenizer

@@ -31,7 +31,7 @@ from splitcli.cost.memory import io_bytes_per_step
 from splitcli.errors import SplitLLMError
 from splitcli.plan.codec_settings import DEFAULT_TAU_QUANTILE, MAX_Q_BAR, MIN_Q
 from splitcli.plan.enumerate import (
-    DEFAULT_EMBED_BITS, Candidate, PlanSearch, Ranked, SearchSpace, candidate_edge_memory, embedding_bits,
+    DEFAULT_EMBED_BITS, Candidate, PlanSearch, Ranked, SearchSpace, candidate_edge_memory, edge_embedding_bytes,
 )
 from splitcli.plan.profile import Profile
 from splitcli.plan.sweep import SweepPoint, sweep_max_tokens
@@ -213,7 +213,7 @@ def sweep_rows(profile: Profile, candidate: Candidate, memory_budget: int, total
                                              candidate.split_layer)
     points = sweep_max_tokens(w_bars, total_tokens, per_token, profile.hidden_size * 2.0)
     kv = profile.kv_bytes_per_token(candidate.qa)
-    embedding_bytes = profile.embedding.weight_bytes_at(embedding_bits(candidate, embed_bits))
+    embedding_bytes = edge_embedding_bytes(profile, candidate, embed_bits)
     rows = []
     for point in points:
         memory = candidate_edge_memory(profile.weight_table(), candidate, kv, point.w_bar, profile.activation_peaks(),

@@ -58,7 +58,7 @@ from splitcli.plan.profile import Profile
 from splitcli.plan.codec_settings import CodecSettings
 from splitcli.plan.ranking import Decision, decide, format_ms, total_memory, why_lost
 from splitcli.plan.recipes import PAPER_RECIPE, Recipe
-from splitcli.plan.schema import PREDICTIVE_EMBED_BITS, Budgets, Plan
+from splitcli.plan.schema import PREDICTIVE_TABLE_BITS, Budgets, Plan
 from splitcli.units import format_bytes
 
 #: Weight widths with a fast CPU kernel (4: Int4Linear on the int4 kernel, 8: Int8Linear on the
@@ -228,10 +228,13 @@ def candidate_edge_memory(
     return replace(memory, weights_bytes=memory.weights_bytes + beyond)
 
 
-def embedding_bits(candidate: Candidate, embed_bits: int) -> int:
-    """How the candidate's edge stores its embedding: as asked, except that the predictive codec
-    predicts from the exact input embeddings, so its edge keeps them as loaded."""
-    return PREDICTIVE_EMBED_BITS if candidate.recipe.predictive else embed_bits
+def edge_embedding_bytes(profile: Profile, candidate: Candidate, embed_bits: int) -> float:
+    """The edge's embedding stored at `embed_bits`, plus, for the predictive codec, the 8-bit rows it
+    predicts from where those are not the stored table itself."""
+    stored = profile.embedding.weight_bytes_at(embed_bits)
+    if candidate.recipe.predictive and embed_bits != PREDICTIVE_TABLE_BITS:
+        return stored + profile.embedding.weight_bytes_at(PREDICTIVE_TABLE_BITS)
+    return stored
 
 
 def psi(split_layer: int, n_layers: int, qa: float, q_bar: float) -> float:
@@ -305,7 +308,6 @@ def search_plans(
         return cache[cand]
 
     weight_table, activation_peaks = profile.weight_table(), profile.activation_peaks()
-    embedding_bytes = {bits: profile.embedding.weight_bytes_at(bits) for bits in {embed_bits, PREDICTIVE_EMBED_BITS}}
     memory_cache: dict[tuple, EdgeMemory | str] = {}
     kv_cache: dict[int, list[float]] = {}
     latency_cache: dict[tuple, float] = {}
@@ -338,7 +340,7 @@ def search_plans(
                     f"slower than fp32); widths with kernels: {', '.join(map(str, KERNEL_BITS))}")
         try:
             return candidate_edge_memory(weight_table, cand, kv_of(cand.qa), max_tokens,
-                                         activation_peaks, embedding_bytes[embedding_bits(cand, embed_bits)])
+                                         activation_peaks, edge_embedding_bytes(profile, cand, embed_bits))
         except SplitLLMError as exc:
             return str(exc)
 
@@ -346,9 +348,9 @@ def search_plans(
     costed: list[Ranked] = []
     wire_cache: dict[tuple, tuple[float, float | None]] = {}
     for cand in _with_predictive_q_bar(profile, space, space.candidates(L)):
-        # Memory depends on the codec only through the embedding's width: cost each once.
+        # Memory depends on the codec only through the predictive codec's table: cost each once.
         memory_key = (cand.split_layer, cand.l_w, cand.method, cand.q_w1, cand.q_w2, cand.qa,
-                      embedding_bits(cand, embed_bits))
+                      cand.recipe.predictive)
         if memory_key not in memory_cache:
             memory_cache[memory_key] = cost(cand)
         memory = memory_cache[memory_key]
@@ -513,8 +515,7 @@ def to_plan(
             model_id=profile.model_id, n_layers=profile.n_layers, split_layer=candidate.split_layer,
             l_w=candidate.l_w, method=candidate.method, q_w1=candidate.q_w1, q_w2=candidate.q_w2,
             qa=candidate.qa, codec=CodecSettings(), group_size=group_size, max_tokens=max_tokens,
-            budgets=budgets, i_kv=i_kv, embed_bits=embedding_bits(candidate, embed_bits), wire="predictive",
-            notes=dict(notes or {}),
+            budgets=budgets, i_kv=i_kv, embed_bits=embed_bits, wire="predictive", notes=dict(notes or {}),
         )
     chosen: dict = {"q_bar": candidate.q_bar, "tau": None if tau_is_quantile else candidate.tau,
                     "tau_quantile": candidate.tau if tau_is_quantile else None,

@@ -30,8 +30,9 @@ PLAN_FORMAT_VERSION = 2
 #: Versions this splitllm reads (1: no `wire`, always TAB-Q).
 READABLE_PLAN_VERSIONS = (1, 2)
 PLAN_WIRES = ("tabq", "predictive")
-#: The predictive codec predicts from the exact input embeddings, so its edge keeps them as loaded.
-PREDICTIVE_EMBED_BITS = 16
+#: The predictive codec predicts from 8-bit rows of the input embeddings (splitcli.deploy.predictive):
+#: an edge storing its embedding at these bits holds them already, any other also holds them.
+PREDICTIVE_TABLE_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,6 @@ class Plan:
         check_int(self.max_tokens, "plan max_tokens", 1)
         if self.embed_bits not in (8, 16) or isinstance(self.embed_bits, bool):
             raise SplitLLMError(f"plan embed_bits must be 8 or 16, got {self.embed_bits!r}")
-        if self.wire == "predictive" and self.embed_bits < PREDICTIVE_EMBED_BITS:
-            raise SplitLLMError(f"a plan with wire predictive needs embed_bits {PREDICTIVE_EMBED_BITS}: the codec "
-                                f"predicts from the exact input embeddings, got {self.embed_bits}")
         if self.edge_act_bits not in (8, 16) or isinstance(self.edge_act_bits, bool):
             raise SplitLLMError(f"plan edge_act_bits must be 8 or 16, got {self.edge_act_bits!r}")
         if self.i_kv not in (0, 1) or isinstance(self.i_kv, bool):

@@ -48,8 +48,9 @@ class PredictiveWire:
         from ..errors import SplitLLMError
 
         self.pc, self.name, self.keep_stats = pc, name, keep_stats
-        self.emb = emb.detach().to(torch.float32).contiguous()
-        if self.emb.ndim != 2 or self.emb.shape[1] != pc.hidden or embedding_crc(self.emb) != pc.emb_crc:
+        # a tensor, or an edge's 8-bit table read by rows (`splitcli.codec.predictive`)
+        self.emb = emb.detach().to(torch.float32).contiguous() if isinstance(emb, torch.Tensor) else emb
+        if len(self.emb.shape) != 2 or self.emb.shape[1] != pc.hidden or embedding_crc(self.emb) != pc.emb_crc:
             raise SplitLLMError("the predictive codec was fitted with other input embeddings than this model's")
         self.frame_bytes: list[int] = []
 
