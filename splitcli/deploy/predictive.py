@@ -73,14 +73,16 @@ def codec_embeddings(lm, table: str):
         raise SplitLLMError(f"predictive codec table must be one of {', '.join(TABLES)}, got {table!r}")
     module = lm.model.get_input_embeddings()
     if isinstance(module, QuantEmbedding):
-        if table == "rows8" and module.bits == TABLE_BITS and module.group_size == module.embedding_dim:
-            return _Rows(module)
-        raise SplitLLMError(f"this edge holds its input embeddings at {module.bits} bits (group {module.group_size}) "
-                            "and the predictive codec predicts from "
-                            + ("the exact table (a codec file fitted before 8-bit rows): refit it, or write the shards "
-                               "with `splitllm quantize --embed-bits 16`" if table == "exact" else
-                               "8-bit rows of one group per row: write the shards with `splitllm quantize`'s default "
-                               "--embed-bits 8") + " (or use --codec tabq)")
+        held = f"this edge holds its input embeddings at {module.bits} bits (group {module.group_size})"
+        if table == "exact":
+            raise SplitLLMError(f"{held} and this predictive codec file predicts from the exact table (fitted before "
+                                "8-bit rows): refit it, or write the shards with `splitllm quantize --embed-bits 16` "
+                                "(or use --codec tabq)")
+        if module.bits != TABLE_BITS or module.group_size != module.embedding_dim:
+            raise SplitLLMError(f"{held} and the predictive codec predicts from 8-bit rows of one group per row: "
+                                "write the shards with `splitllm quantize`'s default --embed-bits 8 "
+                                "(or use --codec tabq)")
+        return _Rows(module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise SplitLLMError(f"the predictive codec cannot read this model's input embeddings ({type(module).__name__})")
@@ -121,24 +123,24 @@ def fit_seqlen_for(lm) -> int:
 def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: int, reserved: int = 0,
                  target_rel_error: float = DEFAULT_TARGET_REL_ERROR, step: float | None = None,
                  tick: Callable[[int], None] | None = None,
-                 text_name: str = "wikitext2/wiki.test.raw") -> tuple[PredictiveCodec, torch.Tensor]:
-    """(codec, input embeddings [V, H]) fitted on the edge's hidden states of the fit windows of `ids`
-    (the tokens of the text `text_name`, recorded in the codec's info)."""
+                 text_name: str = "wikitext2/wiki.test.raw") -> tuple[PredictiveCodec, torch.Tensor | _Rows]:
+    """(codec, its table of input embeddings: `codec_embeddings`) fitted on the edge's hidden states
+    of the fit windows of `ids` (the tokens of the text `text_name`, recorded in the codec's info)."""
+    table = default_table(lm)
+    emb = codec_embeddings(lm, table)   # first: an edge it cannot read fails before the forwards
     wins = []
     for k, (a, b) in enumerate(fit_slices(len(ids), seqlen, windows, reserved)):
         w = torch.tensor(ids[a:b])
         wins.append((w, edge_hidden(lm.model, split_layer, w)))
         if tick is not None:
             tick(k + 1)
-    table = default_table(lm)
-    emb = codec_embeddings(lm, table)
     info = dict(text=text_name, fit_tokens=[len(ids) - windows * seqlen, len(ids)],
                 windows=windows, seqlen=seqlen, split_layer=split_layer, table=table,
                 target_rel_error=None if step is not None else target_rel_error)
     return fit_predictive(dense_table(emb), wins, step=step, target_rel_error=target_rel_error, info=info), emb
 
 
-def predictive_from_file(path, lm, split_layer: int) -> tuple[PredictiveCodec, torch.Tensor, dict]:
+def predictive_from_file(path, lm, split_layer: int) -> tuple[PredictiveCodec, torch.Tensor | _Rows, dict]:
     """(codec, input embeddings, info) from a codec file (.npz, e.g. the cloud's cache file) for
     (lm, ℓ): refused with a clear error when it was fitted at another layer (the wire checks the
     embeddings)."""
@@ -168,27 +170,30 @@ def read_fit_text(path) -> tuple[str, str]:
 
 def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[str], None] | None = None,
                       target_rel_error: float = DEFAULT_TARGET_REL_ERROR,
-                      fit_text=None) -> tuple[PredictiveCodec, torch.Tensor, dict]:
-    """(codec, input embeddings, info) for (lm's weights, ℓ), from the cache or fitted now, on the
-    last windows of WikiText-2's wiki.test.raw or of the `fit_text` file (keyed by its content).
+                      fit_text=None) -> tuple[PredictiveCodec, torch.Tensor | _Rows, dict]:
+    """(codec, its table of input embeddings, info) for (lm's weights, ℓ), from the cache or fitted
+    now, on the last windows of WikiText-2's wiki.test.raw or of the `fit_text` file (keyed by its
+    content).
     A corrupt or mismatched cache file is refitted and replaced, never trusted."""
     text, text_sha = read_fit_text(fit_text) if fit_text is not None else read_wikitext(data_dir)
     source = str(fit_text) if fit_text is not None else "wikitext2/wiki.test.raw"
     seqlen = fit_seqlen_for(lm)
+    table = default_table(lm)
     key = hashlib.sha256(json.dumps(dict(kind="predictive", file=FILE_VERSION, frame=FRAME_VERSION, model=lm.sha256,
                                          split_layer=split_layer, text=text_sha, windows=PREDICTIVE_FIT_WINDOWS,
                                          seqlen=seqlen, target=target_rel_error, error="bulk, mean per token",
-                                         table=default_table(lm)),
+                                         table=table),
                                     sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir() / f"{key}.npz"
-    emb = codec_embeddings(lm, default_table(lm))
     info = dict(path=str(path), fit_windows=PREDICTIVE_FIT_WINDOWS, fit_seqlen=seqlen,
                 fit_slice=f"last {PREDICTIVE_FIT_WINDOWS} x {seqlen} tokens of {source}")
     if path.is_file():
         try:
-            return PredictiveCodec.load(path), emb, dict(info, cache="hit")
+            pc = PredictiveCodec.load(path)
         except SplitLLMError:
             pass   # fall through: refit and replace the bad file
+        else:
+            return pc, codec_embeddings(lm, table), dict(info, cache="hit")
     ids = [int(i) for i in lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
     if len(ids) < seqlen:
         raise SplitLLMError(f"the fit text {source} has {len(ids)} tokens; the predictive codec fits on windows of "
