@@ -104,6 +104,8 @@ def test_split_with_the_predictive_codec(lm, data_dir, tmp_path, monkeypatch):
     tabq = resolve(PipelineConfig("split", split_layer=2, q_w1=16), lm.model)
     key = cache_key(resolve(cfg, lm.model), "m")
     assert key != cache_key(tabq, "m") and "predictive" in resolve(cfg, lm.model).relevant()
+    # results cached when the codec predicted from the exact table are not today's
+    assert "table rows8" in resolve(cfg, lm.model).relevant()["predictive"]
 
 
 @pytest.mark.parametrize("name", BASELINES)

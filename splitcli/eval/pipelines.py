@@ -225,10 +225,13 @@ def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[s
 def _predictive_key(target: float | None) -> str:
     from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION
     from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
-    from splitcli.deploy.predictive import PREDICTIVE_FIT_WINDOWS
+    from splitcli.deploy.predictive import PREDICTIVE_FIT_WINDOWS, TABLES
 
+    # the table rule (`deploy.predictive.default_table`) is part of the fit: results cached when the
+    # codec predicted from the exact table must not stand for today's
     return (f"file v{FILE_VERSION}, frame v{FRAME_VERSION}, bulk target {target or DEFAULT_TARGET_REL_ERROR}, "
-            f"last {PREDICTIVE_FIT_WINDOWS} windows of wikitext2/wiki.test.raw")
+            f"last {PREDICTIVE_FIT_WINDOWS} windows of wikitext2/wiki.test.raw, "
+            f"table {TABLES[0]} (8-bit embedding rows; {TABLES[1]} where the embedding is not a plain table)")
 
 
 def cache_key(cfg: PipelineConfig, model_sha256: str) -> str:
