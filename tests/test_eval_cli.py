@@ -152,3 +152,21 @@ def test_split_with_the_predictive_codec(tiny_model_dir, spec_file, data_dir, tm
     got = json.loads(out.read_text())
     assert got["info"]["wire"] == "predictive" and got["info"]["codec"]["frame_version"] == 4
     assert 0.0 <= got["results"][0]["metrics"]["acc_norm"] <= 1.0
+    # --fit-text: the user's text instead of WikiText-2 (none needed), its own fit and its own cache key
+    mine = tmp_path / "mine.txt"
+    mine.write_text((both / "wikitext2" / "wiki.test.raw").read_text()[::-1])
+    r = _eval(tiny_model_dir, spec_file, data_dir, tmp_path / "mine.json", tmp_path / "c", "--pipeline", "split",
+              "-l", "2", "--fit-text", str(mine))
+    assert r.exit_code == 0, r.output
+    own = json.loads((tmp_path / "mine.json").read_text())
+    assert own["info"]["wire"] == "predictive" and own["info"]["codec"]["path"] != got["info"]["codec"]["path"]
+    assert own["config_hash"] != got["config_hash"] and "fit text with sha256" in own["pipeline"]["predictive"]
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--fit-text", __file__], "applies to --pipeline split, not fp"),
+    (["--pipeline", "split", "--codec", "tabq", "--fit-text", __file__], "needs --codec predictive"),
+    (["--pipeline", "split", "--fit-text", "/nonexistent/text.txt"], "--fit-text: no such file"),
+])
+def test_fit_text_bad_options(tiny_model_dir, spec_file, data_dir, tmp_path, extra, msg):
+    _one_line_error(_eval(tiny_model_dir, spec_file, data_dir, tmp_path / "o.json", tmp_path / "c", *extra), msg)

@@ -173,7 +173,7 @@ def test_accuracy_tables_key_the_wire():
     assert pred.status == "lost" and pred.accuracy_drop == 0.005
 
 
-def test_eval_results_of_a_predictive_split_are_its_rows():
+def test_eval_results_of_a_predictive_split_are_its_rows(tmp_path):
     from splitcli.eval.pipelines import _predictive_key
     from splitcli.plan.eval_table import _row
 
@@ -184,8 +184,12 @@ def test_eval_results_of_a_predictive_split_are_its_rows():
     row = _row(result("predictive", predictive=_predictive_key(None)), "f.json")
     assert row == {"split_layer": 2, "edge_bits": [4, 4], "qa": 16, "wire": "predictive"}
     assert _row(result("tabq", q_bar=6), "f.json")["wire"] == "tabq"
-    with pytest.raises(SplitLLMError, match="fitted for another error"):
+    with pytest.raises(SplitLLMError, match="fitted for another error or on another text"):
         _row(result("predictive", predictive=_predictive_key(0.1)), "f.json")
+    text = tmp_path / "mine.txt"                  # `eval --fit-text`: not the fit a plan deploys
+    text.write_text("some text of the user's own")
+    with pytest.raises(SplitLLMError, match="on another text"):
+        _row(result("predictive", predictive=_predictive_key(None, str(text))), "f.json")
     with pytest.raises(SplitLLMError, match="'fp16' wire is not a plan candidate"):
         _row(result("fp16"), "f.json")
 

@@ -195,6 +195,17 @@ def codec_flags_need_tabq(wire: str, codec_flags: dict) -> None:
                                                           if wire == "predictive" else ""))
 
 
+def fit_text_wire(wire: str | None, fit_text, predictive_file=None) -> tuple[str, str]:
+    """--fit-text: the wire it implies (predictive) and the file's path, checked before anything loads."""
+    if wire not in (None, "predictive"):
+        raise SplitLLMError(f"--fit-text fits the predictive codec: it needs --codec predictive, not --codec {wire}")
+    if predictive_file is not None:
+        raise SplitLLMError("--fit-text and --predictive-codec: the codec file is fitted already; give one")
+    if not Path(fit_text).is_file():
+        raise SplitLLMError(f"--fit-text: no such file: {fit_text}")
+    return "predictive", str(fit_text)
+
+
 def split_spec(plan, wire: str | None, codec_flags: dict, data_dir=None, **flags):
     """The split a command runs: the plan's (or the defaults), explicit flags winning. Without
     --codec the wire is the plan's (tabq or predictive) when there is a plan, else the raw fp32 wire. Checked
@@ -212,13 +223,8 @@ def split_spec(plan, wire: str | None, codec_flags: dict, data_dir=None, **flags
             raise SplitLLMError(f"--predictive-codec: no such file: {flags['predictive_file']}")
         wire, flags["predictive_file"] = "predictive", str(flags["predictive_file"])
     if flags.get("predictive_fit_text") is not None:
-        if wire not in (None, "predictive"):
-            raise SplitLLMError(f"--fit-text fits the predictive codec: it needs --codec predictive, not --codec {wire}")
-        if flags.get("predictive_file") is not None:
-            raise SplitLLMError("--fit-text and --predictive-codec: the codec file is fitted already; give one")
-        if not Path(flags["predictive_fit_text"]).is_file():
-            raise SplitLLMError(f"--fit-text: no such file: {flags['predictive_fit_text']}")
-        wire, flags["predictive_fit_text"] = "predictive", str(flags["predictive_fit_text"])
+        wire, flags["predictive_fit_text"] = fit_text_wire(wire, flags["predictive_fit_text"],
+                                                           flags.get("predictive_file"))
     wire = wire or (plan.wire if plan is not None else "none")
     codec_flags_need_tabq(wire, codec_flags)
     base = SplitSpec.from_plan(plan, wire) if plan is not None else SplitSpec(wire=wire)

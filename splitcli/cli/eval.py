@@ -10,9 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .common import (
-    CODEC_FLAG_NAMES, DATA_DIR_OPTION, FORCE_JSON_OPTION, JSON_OPTION, MODEL_OPTION, check_output_path,
-    check_plan_fits, cli_errors, codec_flags_need_tabq, codec_options, console, err_console, json_safe,
-    load_model_with_status, write_json,
+    CODEC_FLAG_NAMES, DATA_DIR_OPTION, FORCE_JSON_OPTION, JSON_OPTION, MODEL_OPTION, PREDICTIVE_FIT_TEXT_OPTION,
+    check_output_path, check_plan_fits, cli_errors, codec_flags_need_tabq, codec_options, console, err_console,
+    fit_text_wire, json_safe, load_model_with_status, write_json,
 )
 
 DEFAULT_TASKS = "wikitext2,lambada,hellaswag,piqa,arc_easy,boolq,winogrande"
@@ -72,6 +72,7 @@ def eval_cmd(
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Result cache (default: the splitllm cache's eval/)."),
     use_cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse and resume cached per-example results."),
     batch_size: int = typer.Option(16, "--batch-size", help="Rows per model call."),
+    fit_text: Path = PREDICTIVE_FIT_TEXT_OPTION,
     codec_flags: dict = None,
     wire: str | None = None,
 ):
@@ -92,8 +93,14 @@ def eval_cmd(
     given = dict(split_layer=split_layer, q_w1=q_w1, q_w2=q_w2, l_w=l_w, group_size=group_size)
     plan = Plan.load(config) if config is not None else None
     base = pipeline_from_plan(plan, pipeline) if plan is not None else PipelineConfig(pipeline=pipeline or "fp")
+    if fit_text is not None:
+        if base.pipeline != "split":
+            raise SplitLLMError(f"--fit-text fits the split's predictive codec: it applies to --pipeline split, "
+                                f"not {base.pipeline}")
+        wire, fit_text = fit_text_wire(wire, fit_text)
     codec = overlay(base.codec_settings, **codec_flags)
-    cfg = overlay(base, codec=wire, codec_settings=codec if codec_flags else None, **given)
+    cfg = overlay(base, codec=wire, codec_settings=codec if codec_flags else None, predictive_fit_text=fit_text,
+                  **given)
     if cfg.pipeline not in ("split", "local"):
         stray = [f"--{k.replace('_', '-')}" for k in ("split_layer", "q_w1", "q_w2", "l_w") if given[k] is not None]
         if stray:
@@ -105,7 +112,8 @@ def eval_cmd(
         codec_flags_need_tabq(cfg.codec, codec_flags)
     specs = _task_specs(tasks, task_files)
     needs_calib = (cfg.pipeline == "split" and cfg.codec == "tabq" and cfg.codec_settings.needs_samples) \
-        or (cfg.pipeline == "split" and cfg.codec == "predictive") or cfg.pipeline in BASELINES[1:]
+        or (cfg.pipeline == "split" and cfg.codec == "predictive" and cfg.predictive_fit_text is None) \
+        or cfg.pipeline in BASELINES[1:]
     _check_data(specs, data_dir, needs_calib)
     cache = None
     if use_cache:

@@ -57,7 +57,8 @@ class PipelineConfig:
     group = `default_group_size`, 64 on SmolLM2-135M); `resolve` fills them in.
     qa / embed_bits: the edge's KV-cache bits and embedding bits (16 = as loaded).
     codec: the wire of ``split`` (tabq / none / fp16 / bf16 / predictive); codec_settings: its `CodecSettings`
-    (rANS off by default: it is lossless, so it only costs time here).
+    (rANS off by default: it is lossless, so it only costs time here); predictive_fit_text: a text
+    file the predictive codec is fitted on instead of WikiText-2 (keyed by its content).
     calib_tokens / alpha / keep_channels: the baselines' calibration (see `baselines`).
     """
 
@@ -75,6 +76,7 @@ class PipelineConfig:
     calib_tokens: int = 512
     alpha: float = 0.5
     keep_channels: int | None = None
+    predictive_fit_text: str | None = None
     format_version: int = PIPELINE_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -82,6 +84,8 @@ class PipelineConfig:
             raise SplitLLMError(f"unknown pipeline {self.pipeline!r}; choose one of {', '.join(PIPELINES)}")
         if self.codec not in CODECS:
             raise SplitLLMError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.predictive_fit_text is not None and (self.pipeline != "split" or self.codec != "predictive"):
+            raise SplitLLMError("a fit text fits the predictive codec: it needs --pipeline split --codec predictive")
         if self.method not in ("front", "back"):
             raise SplitLLMError(f"OPSC method must be 'front' or 'back', got {self.method!r}")
         if self.split_layer is not None and self.split_layer < 1:
@@ -111,7 +115,7 @@ class PipelineConfig:
 
         return SplitSpec(split_layer=self.split_layer, q_w1=self.q_w1, q_w2=self.q_w2, l_w=self.l_w,
                          method=self.method, group_size=self.group_size, qa=self.qa, embed_bits=self.embed_bits,
-                         wire=self.codec, codec=self.codec_settings)
+                         wire=self.codec, codec=self.codec_settings, predictive_fit_text=self.predictive_fit_text)
 
     def relevant(self) -> dict[str, Any]:
         """The fields that change this pipeline's numbers (the cache key; other fields are ignored).
@@ -132,7 +136,7 @@ class PipelineConfig:
                 d.update(v3)
                 keep |= set(v3)
             if self.codec == "predictive":   # fitted by deploy.predictive: keyed by what fixes the fit
-                d["predictive"] = _predictive_key(self.codec_settings.target_rel_error)
+                d["predictive"] = _predictive_key(self.codec_settings.target_rel_error, self.predictive_fit_text)
                 keep.add("predictive")
         if self.pipeline in BASELINES:
             keep |= {"group_size"}
@@ -222,16 +226,17 @@ def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[s
     return Pipeline(cfg, _session_logits_fn(lambda: UnsplitSession(model)), info)
 
 
-def _predictive_key(target: float | None) -> str:
+def _predictive_key(target: float | None, fit_text: str | None = None) -> str:
     from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION
     from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
-    from splitcli.deploy.predictive import PREDICTIVE_FIT_WINDOWS, TABLES
+    from splitcli.deploy.predictive import PREDICTIVE_FIT_WINDOWS, TABLES, read_fit_text
 
+    text = (f"last {PREDICTIVE_FIT_WINDOWS} windows of wikitext2/wiki.test.raw" if fit_text is None else
+            f"last windows of a fit text with sha256 {read_fit_text(fit_text)[1]}")   # its content, not its path
     # the table rule (`deploy.predictive.default_table`) is part of the fit: results cached when the
     # codec predicted from the exact table must not stand for today's
     return (f"file v{FILE_VERSION}, frame v{FRAME_VERSION}, bulk target {target or DEFAULT_TARGET_REL_ERROR}, "
-            f"last {PREDICTIVE_FIT_WINDOWS} windows of wikitext2/wiki.test.raw, "
-            f"table {TABLES[0]} (8-bit embedding rows; {TABLES[1]} where the embedding is not a plain table)")
+            f"{text}, table {TABLES[0]} (8-bit embedding rows; {TABLES[1]} where the embedding is not a plain table)")
 
 
 def cache_key(cfg: PipelineConfig, model_sha256: str) -> str:

@@ -77,10 +77,10 @@ def _predictive_row(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """A predictive split's row: keyed by ℓ, edge bits, Qa and the wire (its q̄ and τ in a plan
     are nominal). Only the fit a plan deploys (the default error target) is a plan candidate."""
     key = str(data["pipeline"].get("predictive", ""))
-    if f"bulk target {DEFAULT_PREDICTIVE_TARGET_REL_ERROR}," not in key:
-        raise SplitLLMError(f"{where}: a predictive run fitted for another error ({key or 'unrecorded'}) is not a "
-                            f"plan candidate (plans deploy the default fit, bulk target "
-                            f"{DEFAULT_PREDICTIVE_TARGET_REL_ERROR})")
+    if f"bulk target {DEFAULT_PREDICTIVE_TARGET_REL_ERROR}," not in key or "wikitext2/wiki.test.raw" not in key:
+        raise SplitLLMError(f"{where}: a predictive run fitted for another error or on another text "
+                            f"({key or 'unrecorded'}) is not a plan candidate (plans deploy the default fit: "
+                            f"bulk target {DEFAULT_PREDICTIVE_TARGET_REL_ERROR} on WikiText-2)")
     ell, bits = _edge(data, where)
     return {"split_layer": ell, "edge_bits": bits, "qa": data["pipeline"].get("qa", 16), "wire": "predictive"}
 
