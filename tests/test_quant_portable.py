@@ -108,3 +108,28 @@ def test_shard_written_under_one_capability_loads_under_another(tiny_model_dir, 
         writer = caps[(i + 1) % len(caps)]
         got = json.loads(_run(reader, _READ, str(tiny_model_dir), str(tmp_path / writer)))
         assert got == {"max_abs_diff": 0.0, "greedy_equal": True}, (writer, reader, got)
+
+
+_ROWS8 = """
+import numpy as np, torch
+from types import SimpleNamespace
+from torch import nn
+from splitcli.codec.predictive import embedding_crc
+from splitcli.deploy.predictive import codec_embeddings
+# a table with wide, constant, tiny and huge rows: the predictive codec predicts from its 8-bit rows
+rng = np.random.default_rng(11)
+w = rng.standard_normal((300, 96), dtype=np.float32) * rng.uniform(1e-3, 50, (300, 1)).astype(np.float32)
+w[0], w[1], w[2] = 0.0, 3.25, np.linspace(-6e4, 6e4, 96, dtype=np.float32)
+emb = nn.Embedding(300, 96)
+with torch.no_grad():
+    emb.weight.copy_(torch.from_numpy(w))
+held = SimpleNamespace(model=SimpleNamespace(get_input_embeddings=lambda: emb))
+print(embedding_crc(codec_embeddings(held, "rows8")))
+"""
+
+
+def test_predictive_codec_rows_are_the_same_floats_under_every_capability():
+    """An edge and a cloud on different CPUs build the predictive codec's table from the same 8-bit
+    codes: a different rounding of the rows would change its crc and every session would be refused."""
+    digests = {cap: _run(cap, _ROWS8) for cap in capabilities()}
+    assert len(set(digests.values())) == 1, digests
