@@ -123,6 +123,33 @@ def test_the_codec_table_is_the_8_bit_rows_an_edge_shard_holds(llama, monkeypatc
         codec_embeddings(edge, "exact")
 
 
+def test_a_codec_file_from_before_the_8_bit_rows_runs_on_the_float_table(llama, tmp_path, monkeypatch):
+    """Files written before the choice record no table: they predict from the exact float table, so
+    an edge holding it runs them and an 8-bit edge refuses them with advice."""
+    import dataclasses
+
+    from splitcli.codec.predictive import PredictiveCodec, embedding_crc
+    from splitcli.deploy.predictive import predictive_from_file
+
+    monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
+    lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
+    pc, _, _ = fitted_predictive(lm, 2, write_wikitext(tmp_path / "data"))
+    info = {k: v for k, v in pc.info.items() if k != "table"}
+    exact = llama.get_input_embeddings().weight.detach()
+    path = tmp_path / "old.npz"
+    dataclasses.replace(pc, info=info, emb_crc=embedding_crc(exact)).save(path)
+    assert "table" not in PredictiveCodec.load(path).info
+    old, emb, _ = predictive_from_file(path, lm, 2)
+    assert isinstance(emb, torch.Tensor) and torch.equal(emb, exact)
+    PredictiveWire(old, emb)                                  # the crc of the float table: accepted
+    rows = QuantEmbedding.from_embedding(llama.get_input_embeddings(), bits=8)
+    edge = SimpleNamespace(model=SimpleNamespace(get_input_embeddings=lambda: rows))
+    with pytest.raises(SplitLLMError, match="exact table .*refit it"):
+        predictive_from_file(path, edge, 2)
+    with pytest.raises(SplitLLMError, match="other input embeddings"):   # today's file on the float table
+        PredictiveWire(pc, exact)
+
+
 def test_fit_slices_never_reach_the_evaluation_text():
     assert fit_slices(10_000, 1000, 3, reserved=4000) == [(7000, 8000), (8000, 9000), (9000, 10_000)]
     with pytest.raises(SplitLLMError, match="overlapping"):

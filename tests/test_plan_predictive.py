@@ -190,6 +190,9 @@ def test_eval_results_of_a_predictive_split_are_its_rows(tmp_path):
     text.write_text("some text of the user's own")
     with pytest.raises(SplitLLMError, match="on another text"):
         _row(result("predictive", predictive=_predictive_key(None, str(text))), "f.json")
+    before = _predictive_key(None).split(", table ")[0]   # an eval run from before the 8-bit rows
+    with pytest.raises(SplitLLMError, match="predicted from the exact input embeddings.*re-run"):
+        _row(result("predictive", predictive=before), "f.json")
     with pytest.raises(SplitLLMError, match="'fp16' wire is not a plan candidate"):
         _row(result("fp16"), "f.json")
 

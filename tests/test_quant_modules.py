@@ -97,6 +97,24 @@ def test_quant_embedding():
     assert float((out - emb(ids)).detach().abs().max()) < 0.02
 
 
+@pytest.mark.parametrize("group", [None, 8])
+def test_quant_embedding_is_made_a_block_of_rows_at_a_time_with_the_whole_tables_codes(group, monkeypatch):
+    """Blocks of rows bound the float64 temporaries (SmolLM2's table at once: +873 MB); groups never
+    span rows, so the codes, scales and zeros are the whole table's, a short last block included."""
+    from splitcli.quant import modules
+
+    torch.manual_seed(4)
+    emb = nn.Embedding(23, 16)
+    with torch.no_grad():
+        emb.weight.mul_(torch.logspace(-3, 3, 23).unsqueeze(1))     # rows from tiny to large
+        emb.weight[5] = 2.5                                         # a constant row
+    q, s, z = quantize_groupwise(emb.weight, 8, group or 16, torch.bfloat16)
+    monkeypatch.setattr(modules, "_EMBED_BLOCK_ROWS", 5)
+    qe = QuantEmbedding.from_embedding(emb, bits=8, group_size=group)
+    assert torch.equal(qe.codes, pack_codes(q, 8)) and torch.equal(qe.scales, s) and torch.equal(qe.zeros, z)
+    assert QuantEmbedding.from_embedding(nn.Embedding(0, 16), bits=8).codes.shape[0] == 0
+
+
 def test_opsc_bits():
     assert opsc_bits(5, 2, 4, 16) == [4, 4, 16, 16, 16]
     assert opsc_bits(5, 2, 4, 16, "back") == [16, 16, 16, 4, 4]

@@ -26,7 +26,7 @@ from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR, fit_predicti
 from splitcli.data import read_text
 from splitcli.deploy.calibrate import cache_dir, edge_hidden, read_wikitext
 from splitcli.errors import SplitLLMError
-from splitcli.plan.schema import PREDICTIVE_TABLE_BITS
+from splitcli.plan.schema import PREDICTIVE_TABLE, PREDICTIVE_TABLE_BITS
 from splitcli.quant import QuantEmbedding
 
 PREDICTIVE_FIT_WINDOWS = 24
@@ -38,31 +38,30 @@ FIT_SEQLEN = 2048
 #: default where the embedding can be quantized: an edge holding those rows needs no float copy),
 #: and "exact", the table as loaded (codec files fitted before the choice existed, and embeddings
 #: that cannot be quantized, e.g. Gemma's scaled one).
-TABLES = ("rows8", "exact")
-TABLE_BITS = PREDICTIVE_TABLE_BITS
+TABLES = (PREDICTIVE_TABLE, "exact")
 
 
 class _Rows:
-    """An 8-bit embedding of one group per row read as the codec's table, a few rows at a time (no
-    float copy). The rows are `QuantEmbedding`'s to the bit: the same codes, scale and offset and
-    the same fused multiply-add as `dequantize_groupwise`, with each row's scale and offset in
-    float32 once (8 bytes a row), so a decode step's lookup is three small ops: 15 us, against 40
-    through the module and 6 from a float copy (SmolLM2-135M, 1 thread)."""
+    """An 8-bit embedding of one group per row read as the codec's table, a few rows at a time: no
+    float copy and nothing beyond the module's own codes, scales and zeros (what a profile counts
+    for an 8-bit embedding). The rows are `QuantEmbedding`'s to the bit: the same offset and fused
+    multiply-add as `dequantize_groupwise`, on the looked-up rows only (a decode step's two rows:
+    about 20 us, against 40 through the module's forward and 6 from a float copy; SmolLM2-135M)."""
 
     def __init__(self, module: QuantEmbedding):
         self.shape = (module.num_embeddings, module.embedding_dim)
-        self.codes = module.codes                                                     # [V, H] uint8
-        self.scale = module.scales.to(torch.float32)                                  # [V, 1]
-        self.offset = module.zeros.to(torch.float32) - 2 ** (TABLE_BITS - 1) * self.scale   # [V, 1]
+        self.codes, self.scales, self.zeros = module.codes, module.scales, module.zeros   # [V, H] u8, [V, 1] bf16
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:   # ids [n] int64 -> [n, H] float32
-        return torch.addcmul(self.offset[ids], self.codes[ids].to(torch.float32), self.scale[ids])
+        s = self.scales[ids].to(torch.float32)                                          # [n, 1]
+        offset = self.zeros[ids].to(torch.float32) - 2 ** (PREDICTIVE_TABLE_BITS - 1) * s
+        return torch.addcmul(offset, self.codes[ids].to(torch.float32), s)
 
 
 def default_table(lm) -> str:
     """The table a new fit for `lm` uses: "rows8" unless its embedding cannot be quantized."""
     module = lm.model.get_input_embeddings()
-    return "rows8" if isinstance(module, QuantEmbedding) or type(module) is nn.Embedding else "exact"
+    return PREDICTIVE_TABLE if isinstance(module, QuantEmbedding) or type(module) is nn.Embedding else "exact"
 
 
 def codec_embeddings(lm, table: str):
@@ -78,7 +77,7 @@ def codec_embeddings(lm, table: str):
             raise SplitLLMError(f"{held} and this predictive codec file predicts from the exact table (fitted before "
                                 "8-bit rows): refit it, or write the shards with `splitllm quantize --embed-bits 16` "
                                 "(or use --codec tabq)")
-        if module.bits != TABLE_BITS or module.group_size != module.embedding_dim:
+        if module.bits != PREDICTIVE_TABLE_BITS or module.group_size != module.embedding_dim:
             raise SplitLLMError(f"{held} and the predictive codec predicts from 8-bit rows of one group per row: "
                                 "write the shards with `splitllm quantize`'s default --embed-bits 8 "
                                 "(or use --codec tabq)")
@@ -91,7 +90,7 @@ def codec_embeddings(lm, table: str):
     if type(module) is not nn.Embedding:
         raise SplitLLMError(f"this predictive codec predicts from 8-bit rows of the input embeddings, and this model's "
                             f"embedding ({type(module).__name__}) is not a plain table that can be quantized")
-    return _Rows(QuantEmbedding.from_embedding(module, bits=TABLE_BITS))
+    return _Rows(QuantEmbedding.from_embedding(module, bits=PREDICTIVE_TABLE_BITS))
 
 
 def dense_table(emb) -> torch.Tensor:

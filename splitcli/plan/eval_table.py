@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping
 from splitcli.errors import SplitLLMError
 from splitcli.plan.accuracy import AccuracyTable, read_json
 from splitcli.plan.codec_settings import DEFAULT_PREDICTIVE_TARGET_REL_ERROR, DEFAULT_TAU_QUANTILE
+from splitcli.plan.schema import PREDICTIVE_TABLE
+
 
 def is_eval_result(data: Any) -> bool:
     """True for the JSON `splitllm eval --json` writes (as opposed to a hand-made accuracy table)."""
@@ -81,6 +83,9 @@ def _predictive_row(data: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise SplitLLMError(f"{where}: a predictive run fitted for another error or on another text "
                             f"({key or 'unrecorded'}) is not a plan candidate (plans deploy the default fit: "
                             f"bulk target {DEFAULT_PREDICTIVE_TARGET_REL_ERROR} on WikiText-2)")
+    if f"table {PREDICTIVE_TABLE}" not in key:
+        raise SplitLLMError(f"{where}: this predictive run predicted from the exact input embeddings, and plans "
+                            f"deploy the codec that predicts from their 8-bit rows: re-run `splitllm eval`")
     ell, bits = _edge(data, where)
     return {"split_layer": ell, "edge_bits": bits, "qa": data["pipeline"].get("qa", 16), "wire": "predictive"}
 

@@ -33,6 +33,8 @@ PLAN_WIRES = ("tabq", "predictive")
 #: The predictive codec predicts from 8-bit rows of the input embeddings (splitcli.deploy.predictive):
 #: an edge storing its embedding at these bits holds them already, any other also holds them.
 PREDICTIVE_TABLE_BITS = 8
+#: The name a predictive codec records for that table (its other one, "exact", is the float table).
+PREDICTIVE_TABLE = "rows8"
 
 
 @dataclass(frozen=True)

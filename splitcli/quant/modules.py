@@ -359,6 +359,9 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits=8, per-channel symmetric, kernel={kernel}"
 
 
+_EMBED_BLOCK_ROWS = 512
+
+
 class QuantEmbedding(nn.Module):
     """Embedding table with group-wise quantized rows (8-bit by default).
 
@@ -393,7 +396,12 @@ class QuantEmbedding(nn.Module):
             raise SplitLLMError(f"an embedding quantized to {bits} bits must be a plain nn.Embedding, not "
                                 f"{type(emb).__name__}: keep it at 16 bits")
         g = emb.embedding_dim if group_size is None else group_size
-        q, s, z = quantize_groupwise(emb.weight, bits, g, WEIGHT_SCALE_DTYPE)
+        # a block of rows at a time: groups never span rows, so the codes are the whole table's, and
+        # the float64 temporaries stay a block's (SmolLM2's table: peak memory +132 MB in 0.4 s,
+        # against +873 MB in 2.8 s all at once)
+        blocks = [quantize_groupwise(emb.weight[a:a + _EMBED_BLOCK_ROWS], bits, g, WEIGHT_SCALE_DTYPE)
+                  for a in range(0, max(emb.num_embeddings, 1), _EMBED_BLOCK_ROWS)]
+        q, s, z = (torch.cat(parts) for parts in zip(*blocks))
         return cls(emb.num_embeddings, emb.embedding_dim, bits, g, pack_codes(q, bits), s, z, emb.padding_idx)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
