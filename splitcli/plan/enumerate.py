@@ -510,13 +510,12 @@ def to_plan(
     becomes a plan of wire "predictive" with default codec settings: no target_rel_error, so
     deployment fits the codec for its default error, the one `splitllm profile --predictive`
     measured (its TAB-Q settings are not used)."""
+    fixed = dict(model_id=profile.model_id, n_layers=profile.n_layers, split_layer=candidate.split_layer,
+                 l_w=candidate.l_w, method=candidate.method, q_w1=candidate.q_w1, q_w2=candidate.q_w2,
+                 qa=candidate.qa, group_size=group_size, max_tokens=max_tokens, budgets=budgets, i_kv=i_kv,
+                 embed_bits=embed_bits, notes=dict(notes or {}))
     if candidate.recipe.predictive:
-        return Plan(
-            model_id=profile.model_id, n_layers=profile.n_layers, split_layer=candidate.split_layer,
-            l_w=candidate.l_w, method=candidate.method, q_w1=candidate.q_w1, q_w2=candidate.q_w2,
-            qa=candidate.qa, codec=CodecSettings(), group_size=group_size, max_tokens=max_tokens,
-            budgets=budgets, i_kv=i_kv, embed_bits=embed_bits, wire="predictive", notes=dict(notes or {}),
-        )
+        return Plan(**fixed, codec=CodecSettings(), wire="predictive")
     chosen: dict = {"q_bar": candidate.q_bar, "tau": None if tau_is_quantile else candidate.tau,
                     "tau_quantile": candidate.tau if tau_is_quantile else None,
                     **candidate.recipe.to_dict()}
@@ -524,9 +523,4 @@ def to_plan(
         chosen["delta"] = delta
     if q_bar_min is not None:
         chosen["q_bar_min"] = min(q_bar_min, candidate.q_bar)
-    return Plan(
-        model_id=profile.model_id, n_layers=profile.n_layers, split_layer=candidate.split_layer,
-        l_w=candidate.l_w, method=candidate.method, q_w1=candidate.q_w1, q_w2=candidate.q_w2,
-        qa=candidate.qa, codec=CodecSettings(**chosen), group_size=group_size, max_tokens=max_tokens,
-        budgets=budgets, i_kv=i_kv, embed_bits=embed_bits, notes=dict(notes or {}),
-    )
+    return Plan(**fixed, codec=CodecSettings(**chosen))
