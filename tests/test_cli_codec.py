@@ -148,6 +148,17 @@ def test_generate_and_bench_with_the_predictive_codec(tiny_model_dir, tmp_path, 
     assert p["fit"]["target_rel_error"] == 0.2 and p["prefill_tokens"] == 64
     assert p["encode_ms_decode_step"] > 0 and p["prefill_encode_mb_s"] > 0 and 0 < p["bulk_rel_error_window0"] < 1
     assert "token-predictive codec" in r.output
+    # --text: the whole protocol on the user's text (no WikiText-2 needed): calibration, fit and ppl
+    out = tmp_path / "mine.json"
+    r = run("bench", "codec", "-m", str(tiny_model_dir), "-l", "2", "--windows", "2", "--seqlen", "64", "--no-sweep",
+            "--predictive", "--fit-windows", "4", "--text", str(mine), "--data-dir", str(tmp_path / "nowhere"),
+            "--json", str(out))
+    assert r.exit_code == 0, r.output
+    got = json.loads(out.read_text())
+    assert got["text"] == str(mine) and str(mine) in got["protocol"] and str(mine) in got["calibration"]["calib_slice"]
+    wiki = json.loads((tmp_path / "codec.json").read_text())            # the same protocol on WikiText-2
+    assert got["predictive"]["fit"]["text"] == str(mine) and got["ppl_fp"] != wiki["ppl_fp"]
+    assert got["calibration"]["text_sha256"] != wiki["calibration"]["text_sha256"]
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -159,6 +170,7 @@ def test_generate_and_bench_with_the_predictive_codec(tiny_model_dir, tmp_path, 
     (["generate", "-p", "Hi", "--target-error", "0.2", "--predictive-codec", __file__], "fixes its step"),
     (["generate", "-p", "Hi", "--codec", "predictive", "--max-bits", "4"], "takes --target-error only"),
     (["generate", "-p", "Hi", "--fit-text", "/nonexistent/text.txt"], "--fit-text: no such file"),
+    (["bench", "codec", "--text", "/nonexistent/text.txt"], "cannot read the text"),
     (["generate", "-p", "Hi", "--codec", "tabq", "--fit-text", __file__], "needs --codec predictive"),
     (["serve-cloud", "--fit-text", __file__, "--predictive-codec", __file__, "--api-key", "k"], "give one"),
 ])

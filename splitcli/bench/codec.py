@@ -1,7 +1,8 @@
 """`splitllm bench codec`: the codec on real hidden states at the split, and what it costs in ppl.
 
 Protocol (stated in the JSON under "protocol"):
-- WikiText-2 test text (LF line ends), tokenized once without special tokens.
+- WikiText-2 test text (LF line ends), or the user's `--text` file read the same way, tokenized
+  once without special tokens ("the file" below).
 - Calibration (tau, channel classes, static symbol model) on the LAST calibration window of the
   file (`splitcli.deploy.calibrate`); perplexity on the FIRST `windows` windows of `seqlen` tokens
   (GPTQ convention, `splitcli.eval.perplexity`), so calibration is out of sample.
@@ -32,7 +33,8 @@ from ..codec.calibrate import calibrate_settings
 from ..codec.config import CodecConfig
 from ..codec.measure import measure_codec
 from ..deploy import Split, SplitSpec, build_split
-from ..deploy.calibrate import calib_tokens_for, calibrated_config, calibration_ids, edge_hidden, read_wikitext
+from ..data import WIKITEXT2_TEST
+from ..deploy.calibrate import calib_tokens_for, calibrated_config, calibration_ids, edge_hidden, text_source
 from ..errors import SplitLLMError
 from ..plan.codec_settings import DEFAULT_Q_BAR, DEFAULT_TAU_QUANTILE, CodecSettings
 from ..runtime.codec_wire import CodecWire
@@ -118,20 +120,23 @@ def _frame_summary(wire: CodecWire, probe: _Probe, hidden: int) -> dict:
 def bench_codec(lm, split_layer: int, params: CodecSettings, *, data_dir=None, windows: int = 8,
                 seqlen: int = 2048, sweep: bool = True, sweep_windows: int = 2, sweep_seqlen: int = 512,
                 repeats: int = 200, sweep_layers=None, progress: Progress | None = None,
-                log: Callable[[str], None] | None = None, predictive: dict | None = None) -> dict:
-    """Run the benchmark described in the module docstring; returns the JSON-ready dict."""
+                log: Callable[[str], None] | None = None, predictive: dict | None = None,
+                text_file=None) -> dict:
+    """Run the benchmark described in the module docstring (on `text_file`, else WikiText-2);
+    returns the JSON-ready dict."""
     tick = (lambda stage, total: (lambda done: progress(stage, done, total))) if progress else (lambda s, t: None)
     model = lm.model
-    text, text_sha = read_wikitext(data_dir)
+    source = text_source(text_file, data_dir)
+    text, text_sha, name = source
     ids = [int(i) for i in lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
     n_calib = calib_tokens_for(model)
     if windows * seqlen + n_calib > len(ids):
-        raise SplitLLMError(f"WikiText-2 has {len(ids)} tokens: {windows} windows of {seqlen} plus the "
+        raise SplitLLMError(f"{name} has {len(ids)} tokens: {windows} windows of {seqlen} plus the "
                             f"{n_calib}-token calibration slice do not fit without overlapping")
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and seqlen > context:
         raise SplitLLMError(f"--seqlen {seqlen} exceeds the model's context of {context} tokens")
-    cfg, calib_info = calibrated_config(lm, split_layer, params, data_dir, log)
+    cfg, calib_info = calibrated_config(lm, split_layer, params, data_dir, log, source=source)
     hidden_size = model.config.hidden_size
     split = build_split(lm, SplitSpec(split_layer=split_layer))   # the codec alone: unquantized edge
 
@@ -152,8 +157,8 @@ def bench_codec(lm, split_layer: int, params: CodecSettings, *, data_dir=None, w
     result = dict(
         model=lm.model_id, model_sha256=lm.sha256, split_layer=split_layer, hidden=hidden_size,
         windows=windows, seqlen=seqlen, params=params.to_dict(), codec_config=cfg.to_dict(),
-        calibration=dict(calib_info, text_sha256=text_sha),
-        protocol=("calibration on the last window of wiki.test.raw; ppl on the first windows; one frame per "
+        calibration=dict(calib_info, text_sha256=text_sha), text=name,
+        protocol=(f"calibration on the last window of {name}; ppl on the first windows; one frame per "
                   "window's prefill; timings are medians on a shared machine"),
         ratio_vs_fp16=frames["ratio_vs_fp16"], rel_l2_error=frames["rel_l2"], ppl_fp=ppl_fp, ppl_codec=ppl_codec,
         ppl_ratio=ppl_codec / ppl_fp, bytes_per_token=frames["bytes_per_token"],
@@ -171,10 +176,11 @@ def bench_codec(lm, split_layer: int, params: CodecSettings, *, data_dir=None, w
 
         result["predictive"] = bench_predictive(lm, split, split_layer, ids, windows=windows, seqlen=seqlen,
                                                 ppl_fp=ppl_fp, eval_hidden=raw.hidden, repeats=repeats,
-                                                tick_factory=tick, **predictive)
+                                                tick_factory=tick, text_name=name, **predictive)
     if sweep:
         result["sweep"] = sweep_codec_ppl(lm, params, sweep_layers or (split_layer,), ids, text,
-                                          min(sweep_windows, windows), min(sweep_seqlen, seqlen), tick)
+                                          min(sweep_windows, windows), min(sweep_seqlen, seqlen), tick,
+                                          text_name=name)
     return result
 
 
@@ -222,9 +228,9 @@ def recipe_config(calib, settings: CodecSettings) -> tuple[CodecConfig, dict | N
 
 
 def sweep_codec_ppl(lm, params: CodecSettings, layers, ids, text: str, windows: int, seqlen: int,
-                    tick, repeats: int = 30) -> dict:
+                    tick, repeats: int = 30, text_name: str = WIKITEXT2_TEST) -> dict:
     """Every recipe at every ℓ in `layers`: calibrated (`recipe_config`) on the calibration
-    slice (the last calibration window of wiki.test.raw), then ratio vs fp16, rel_l2, WikiText-2
+    slice (the last calibration window of the text, `text_name`), then ratio vs fp16, rel_l2,
     ppl on the first `windows` x `seqlen` tokens (one frame per window, fewer tokens than the
     headline, said in the output), encode + decode ms of one-token frames (median of `repeats`)
     and prefill encode MB/s (median of 3 encodes of one `seqlen`-token frame)."""
@@ -262,8 +268,8 @@ def sweep_codec_ppl(lm, params: CodecSettings, layers, ids, text: str, windows: 
             out.append(row)
             advance(i + 2)
     return dict(ppl_windows=windows, ppl_seqlen=seqlen, layers=list(layers), rows=out, paper=PAPER, ours=OURS,
-                calibration="last calibration window (2048 tokens, or the context) of wikitext2/wiki.test.raw",
-                evaluation=f"first {windows} windows x {seqlen} tokens of wikitext2/wiki.test.raw",
+                calibration=f"last calibration window (2048 tokens, or the context) of {text_name}",
+                evaluation=f"first {windows} windows x {seqlen} tokens of {text_name}",
                 note=f"sweep ppl uses {windows} windows x {seqlen} tokens (fewer than the headline)")
 
 

@@ -1,6 +1,7 @@
 """`splitllm bench codec --predictive`: the token-predictive codec (frame format 4) on the headline protocol.
 
-Fit text: the last `fit_windows` windows of `seqlen` tokens of wiki.test.raw (predictor, KLT, step,
+Fit text: the last `fit_windows` windows of `seqlen` tokens of the benchmark's text (wiki.test.raw
+unless `--text`; predictor, KLT, step,
 symbol models; `splitcli.codec.predictive_fit`); evaluation: the first `windows` windows, the same
 frames and perplexity protocol as the TAB-Q codec's headline (one frame per window's prefill,
 ppl_fp from the same run). The two texts do not overlap (checked). Timings as `measure_codec`'s:
@@ -16,6 +17,7 @@ from ..codec import predictive
 from ..codec.calibrate import bulk_channels, bulk_rel_error
 from ..codec.measure import _median_ms
 from ..codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
+from ..data import WIKITEXT2_TEST
 from ..deploy.predictive import PREDICTIVE_FIT_WINDOWS, fit_from_ids
 from ..runtime.codec_wire import PredictiveWire
 
@@ -23,13 +25,13 @@ from ..runtime.codec_wire import PredictiveWire
 def bench_predictive(lm, split, split_layer: int, ids: list[int], *, windows: int, seqlen: int, ppl_fp: float,
                      eval_hidden: list[torch.Tensor], fit_windows: int = PREDICTIVE_FIT_WINDOWS,
                      target_rel_error: float = DEFAULT_TARGET_REL_ERROR, step: float | None = None,
-                     repeats: int = 200, tick_factory=None) -> dict:
+                     repeats: int = 200, tick_factory=None, text_name: str = WIKITEXT2_TEST) -> dict:
     """Fit, then measure the format-4 codec on the headline's windows; returns the JSON-ready dict."""
     from .codec import _Probe, _ppl
 
     tick = tick_factory or (lambda stage, total: None)
     pc, emb = fit_from_ids(lm, split_layer, ids, windows=fit_windows, seqlen=seqlen, reserved=windows * seqlen,
-                           target_rel_error=target_rel_error, step=step,
+                           target_rel_error=target_rel_error, step=step, text_name=text_name,
                            tick=tick("predictive codec: edge hidden states of the fit text", fit_windows))
     wire = PredictiveWire(pc, emb)
     probe = _Probe(wire)
@@ -58,6 +60,6 @@ def bench_predictive(lm, split, split_layer: int, ids: list[int], *, windows: in
         decode_step_ratio_vs_fp16=2 * hidden_size / token_bytes,
         prefill_encode_mb_s=hidden.numel() * 4 / 1e6 / (pre / 1e3), prefill_tokens=len(w0),
         step=pc.step, fit=pc.info, frame_version=predictive.FRAME_VERSION,
-        protocol=("fit (predictor, KLT, step, symbol models) on the last fit windows of wiki.test.raw, "
+        protocol=(f"fit (predictor, KLT, step, symbol models) on the last fit windows of {text_name}, "
                   "ppl and sizes on the first windows (no overlap); one frame per window's prefill"),
     )

@@ -117,21 +117,22 @@ def codec_cmd(
     json_out: Path = JSON_OPTION,
     model: str = MODEL_OPTION,
     split_layer: int = typer.Option(None, "--split-layer", "-l", help="ℓ: the hidden state after layer ℓ is coded (default: L // 2)."),
-    windows: int = typer.Option(8, "--windows", help="WikiText-2 perplexity windows (the first ones of the file)."),
+    windows: int = typer.Option(8, "--windows", help="Perplexity windows (the first ones of the text)."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window; each window's prefill is one frame."),
+    text: Path = typer.Option(None, "--text", help="Run the benchmark on this UTF-8 text instead of WikiText-2's test split: the codecs calibrate (and --predictive fits) on its end, perplexity on its first windows."),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="Also sweep the codec recipes (paper's τ/Q̄ points, rotation, channel alpha, targets; ppl on 2 x 512 tokens)."),
     sweep_layers: str = typer.Option(None, "--sweep-layers", help="Comma-separated ℓ values for the sweep, e.g. 5,15,25 (default: --split-layer)."),
     plot: Path = typer.Option(None, "--plot", help="Write the sweep as a PNG plot here."),
     predictive: bool = typer.Option(False, "--predictive", help="Also fit and measure the token-predictive codec (frame format 4) on the same windows."),
-    fit_windows: int = typer.Option(None, "--fit-windows", help="--predictive: windows of --seqlen tokens at the end of wiki.test.raw to fit it on (default 24, as deployment fits)."),
+    fit_windows: int = typer.Option(None, "--fit-windows", help="--predictive: windows of --seqlen tokens at the end of the text to fit it on (default 24, as deployment fits)."),
     predictive_error: float = typer.Option(None, "--predictive-error", help="--predictive: the error its step is chosen for on the fit text: mean per-token relative L2 error of the non-massive channels, as --target-error (default 0.15)."),
     data_dir: Path = DATA_DIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite the --json / --plot files if they exist."),
     codec_flags: dict = None,
 ):
-    """Codec vs fp32/fp16/int8/zstd on real hidden states at ℓ: size, error, WikiText-2 ppl, speed."""
+    """Codec vs fp32/fp16/int8/zstd on real hidden states at ℓ: size, error, ppl (WikiText-2 or --text), speed."""
     from ..configio import overlay
-    from ..deploy.calibrate import wikitext_path
+    from ..deploy.calibrate import read_user_text, wikitext_path
     from ..errors import SplitLLMError
     from ..model.split import decoder_parts, validate_split_layer
     from ..plan.codec_settings import CodecSettings
@@ -161,7 +162,10 @@ def codec_cmd(
     layers = parse_int_list(sweep_layers, "--sweep-layers") if sweep_layers is not None else None
     if layers is not None and not sweep:
         raise SplitLLMError("--sweep-layers sets the sweep's layers: drop --no-sweep")
-    wikitext_path(data_dir)   # the benchmark text (and calibration's), before the model loads
+    if text is None:
+        wikitext_path(data_dir)   # the benchmark text (and calibration's), before the model loads
+    else:
+        read_user_text(text, "text")
     from ..bench.codec import bench_codec, plot_sweep
 
     lm = load_model_with_status(model)
@@ -178,7 +182,7 @@ def codec_cmd(
 
         result = bench_codec(lm, split_layer, params, data_dir=data_dir, windows=windows, seqlen=seqlen,
                              sweep=sweep, sweep_layers=layers, progress=progress,
-                             log=lambda m: bar.console.print(m, highlight=False), predictive=pred)
+                             log=lambda m: bar.console.print(m, highlight=False), predictive=pred, text_file=text)
     write_json(json_out, result, force)
     if plot is not None:
         plot_sweep(result["sweep"], plot)
@@ -188,7 +192,7 @@ def codec_cmd(
 def _print_codec_summary(r: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"hidden state at ℓ={r['split_layer']}: {r['windows']} x {r['seqlen']} WikiText-2 tokens")
+    table = Table(title=f"hidden state at ℓ={r['split_layer']}: {r['windows']} x {r['seqlen']} tokens of {r['text']}")
     for col in ("method", "bytes/token", "x vs fp16", "rel L2"):
         table.add_column(col, justify="right")
     for m in r["methods"]:

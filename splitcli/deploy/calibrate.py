@@ -46,6 +46,29 @@ def read_wikitext(data_dir=None) -> tuple[str, str]:
     return read_text(path), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def read_user_text(path, what: str = "fit text") -> tuple[str, str]:
+    """(text, sha256 of the file's bytes) of a user's UTF-8 text, read as `read_wikitext` reads
+    WikiText-2 (LF line ends), with a clear error naming it `what` when it cannot be read."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise SplitLLMError(f"cannot read the {what} {path}: {exc}") from None
+    try:
+        text = read_text(path)
+    except SplitLLMError as exc:
+        raise SplitLLMError(f"cannot read the {what}: {exc}") from None
+    if not text.strip():
+        raise SplitLLMError(f"the {what} {path} is empty")
+    return text, hashlib.sha256(raw).hexdigest()
+
+
+def text_source(path=None, data_dir=None, what: str = "text") -> tuple[str, str, str]:
+    """(text, sha256, name) of a user's text file, else of WikiText-2's test split."""
+    if path is None:
+        return (*read_wikitext(data_dir), WIKITEXT2_TEST)
+    return (*read_user_text(path, what), str(path))
+
+
 def calibration_ids(tokenizer, text: str, n_tokens: int) -> list[int]:
     """The calibration slice: the last n_tokens tokens of (the tail of) the text."""
     ids = tokenizer(text[-_CALIB_CHARS:], add_special_tokens=False)["input_ids"]
@@ -90,19 +113,21 @@ def _with_report(info: dict, cache: str, report: dict) -> dict:
 
 
 def calibrated_config(lm, split_layer: int, params: CodecSettings, data_dir=None,
-                      progress: Callable[[str], None] | None = None) -> tuple[CodecConfig, dict]:
-    """The CodecConfig for (lm's weights, split layer, params), from the cache or calibrated now.
+                      progress: Callable[[str], None] | None = None,
+                      source: tuple[str, str, str] | None = None) -> tuple[CodecConfig, dict]:
+    """The CodecConfig for (lm's weights, split layer, params), from the cache or calibrated now,
+    on the end of `source` (`text_source`: text, sha256, name; default WikiText-2's test split).
 
     Returns (config, info) with info = {"cache": "hit"|"miss"|"none", "path", "calib_tokens", ...,
     and "chosen" or "check" (see `_with_report`)}.
     A corrupt cache file is recalibrated and overwritten, never trusted."""
     if not params.needs_samples:
         return CodecConfig.from_settings(params), {"cache": "none"}
-    text, text_sha = read_wikitext(data_dir)
+    text, text_sha, name = source if source is not None else text_source(None, data_dir)
     n_tokens = calib_tokens_for(lm.model)
     key = cache_key(lm.sha256, split_layer, params, text_sha, n_tokens)
     path = cache_dir() / f"{key}.json"
-    info = dict(path=str(path), calib_tokens=n_tokens, calib_slice=f"last {n_tokens} tokens of wikitext2/wiki.test.raw")
+    info = dict(path=str(path), calib_tokens=n_tokens, calib_slice=f"last {n_tokens} tokens of {name}")
     if path.is_file():
         try:
             data = json.loads(path.read_text())

@@ -16,15 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION, PredictiveCodec
 from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR, fit_predictive
-from splitcli.data import read_text
-from splitcli.deploy.calibrate import cache_dir, edge_hidden, read_wikitext
+from splitcli.data import WIKITEXT2_TEST
+from splitcli.deploy.calibrate import cache_dir, edge_hidden, text_source
 from splitcli.errors import SplitLLMError
 from splitcli.plan.schema import PREDICTIVE_TABLE, PREDICTIVE_TABLE_BITS
 from splitcli.quant import QuantEmbedding
@@ -122,7 +121,7 @@ def fit_seqlen_for(lm) -> int:
 def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: int, reserved: int = 0,
                  target_rel_error: float = DEFAULT_TARGET_REL_ERROR, step: float | None = None,
                  tick: Callable[[int], None] | None = None,
-                 text_name: str = "wikitext2/wiki.test.raw") -> tuple[PredictiveCodec, torch.Tensor | _Rows]:
+                 text_name: str = WIKITEXT2_TEST) -> tuple[PredictiveCodec, torch.Tensor | _Rows]:
     """(codec, its table of input embeddings: `codec_embeddings`) fitted on the edge's hidden states
     of the fit windows of `ids` (the tokens of the text `text_name`, recorded in the codec's info)."""
     table = default_table(lm)
@@ -151,22 +150,6 @@ def predictive_from_file(path, lm, split_layer: int) -> tuple[PredictiveCodec, t
     return pc, emb, dict(path=str(path), cache="file")
 
 
-def read_fit_text(path) -> tuple[str, str]:
-    """(text, sha256 of the file's bytes) of a user's fit text, read as `read_wikitext` reads
-    WikiText-2 (UTF-8, LF line ends), with a clear error when it cannot be read."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise SplitLLMError(f"cannot read the fit text {path}: {exc}") from None
-    try:
-        text = read_text(path)
-    except SplitLLMError as exc:
-        raise SplitLLMError(f"cannot read the fit text: {exc}") from None
-    if not text.strip():
-        raise SplitLLMError(f"the fit text {path} is empty")
-    return text, hashlib.sha256(raw).hexdigest()
-
-
 def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[str], None] | None = None,
                       target_rel_error: float = DEFAULT_TARGET_REL_ERROR,
                       fit_text=None) -> tuple[PredictiveCodec, torch.Tensor | _Rows, dict]:
@@ -174,8 +157,7 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
     now, on the last windows of WikiText-2's wiki.test.raw or of the `fit_text` file (keyed by its
     content).
     A corrupt or mismatched cache file is refitted and replaced, never trusted."""
-    text, text_sha = read_fit_text(fit_text) if fit_text is not None else read_wikitext(data_dir)
-    source = str(fit_text) if fit_text is not None else "wikitext2/wiki.test.raw"
+    text, text_sha, source = text_source(fit_text, data_dir, "fit text")
     seqlen = fit_seqlen_for(lm)
     table = default_table(lm)
     key = hashlib.sha256(json.dumps(dict(kind="predictive", file=FILE_VERSION, frame=FRAME_VERSION, model=lm.sha256,
