@@ -74,9 +74,14 @@ def test_predictive_points_round_trip_and_are_read_at_the_nearest_layer():
     with pytest.raises(SplitLLMError, match="two predictive codec points at one split layer"):
         _profile([_pred(1, q_bar=4), _pred(1, q_bar=6)])
     old = profile.to_dict()
+    assert old["format_version"] == 4
     old["format_version"] = 3
     with pytest.raises(SplitLLMError, match="unknown keys encode_ms, wire"):
         Profile.from_dict(old)
+    # without predictive points a profile is written as format 3, which a format-3 reader takes
+    tabq_only = _profile(_tabq(1) + _tabq(3))
+    assert tabq_only.to_dict()["format_version"] == 3
+    assert Profile.from_dict(yaml.safe_load(yaml.safe_dump(tabq_only.to_dict()))) == tabq_only
 
 
 def test_psi_width_is_the_widest_q_bar_the_papers_codec_is_as_lossy_at():

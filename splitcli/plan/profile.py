@@ -290,9 +290,16 @@ class Profile:
         stages += [layer.prefill_ms for layer in self.layers[:l]]
         return float(sum(_interpolate_ms(points, n_tokens) for points in stages))
 
+    def written_version(self) -> int:
+        """The oldest format that holds this profile (as plans do): 4 only with predictive codec
+        points, so a profile without them still loads in a splitllm that reads format 3."""
+        points = self.codec.points if self.codec is not None else ()
+        new = any(p.wire != "tabq" or p.encode_ms is not None for p in points)
+        return self.format_version if new else 3
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format_version": self.format_version, "model_id": self.model_id,
+            "format_version": self.written_version(), "model_id": self.model_id,
             "hidden_size": self.hidden_size, "n_kv_heads": self.n_kv_heads,
             "head_dim": self.head_dim, "device": self.device.to_dict(),
             "embedding": self.embedding.to_dict(), "head": self.head.to_dict(),
