@@ -27,6 +27,7 @@ from splitcli.deploy.calibrate import cache_dir, edge_hidden, text_source
 from splitcli.errors import SplitLLMError
 from splitcli.plan.schema import PREDICTIVE_TABLE, PREDICTIVE_TABLE_BITS
 from splitcli.quant import QuantEmbedding
+from splitcli.quant.rtn import dequantize_groupwise
 
 PREDICTIVE_FIT_WINDOWS = 24
 FIT_SEQLEN = 2048
@@ -43,18 +44,16 @@ TABLES = (PREDICTIVE_TABLE, "exact")
 class _Rows:
     """An 8-bit embedding of one group per row read as the codec's table, a few rows at a time: no
     float copy and nothing beyond the module's own codes, scales and zeros (what a profile counts
-    for an 8-bit embedding). The rows are `QuantEmbedding`'s to the bit: the same offset and fused
-    multiply-add as `dequantize_groupwise`, on the looked-up rows only (a decode step's two rows:
-    about 20 us, against 40 through the module's forward and 6 from a float copy; SmolLM2-135M)."""
+    for an 8-bit embedding). The rows are `QuantEmbedding`'s to the bit: `dequantize_groupwise` of
+    the looked-up rows only (8-bit codes are stored unpacked, so no unpacking copy: a decode step's
+    two rows in about 25 us, against 40 through the module's forward; SmolLM2-135M)."""
 
     def __init__(self, module: QuantEmbedding):
         self.shape = (module.num_embeddings, module.embedding_dim)
         self.codes, self.scales, self.zeros = module.codes, module.scales, module.zeros   # [V, H] u8, [V, 1] bf16
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:   # ids [n] int64 -> [n, H] float32
-        s = self.scales[ids].to(torch.float32)                                          # [n, 1]
-        offset = self.zeros[ids].to(torch.float32) - 2 ** (PREDICTIVE_TABLE_BITS - 1) * s
-        return torch.addcmul(offset, self.codes[ids].to(torch.float32), s)
+        return dequantize_groupwise(self.codes[ids], self.scales[ids], self.zeros[ids], PREDICTIVE_TABLE_BITS)
 
 
 def default_table(lm) -> str:

@@ -229,10 +229,11 @@ def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[s
 def _predictive_key(target: float | None, fit_text: str | None = None) -> str:
     from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION
     from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
+    from splitcli.data import WIKITEXT2_TEST
     from splitcli.deploy.calibrate import read_user_text
     from splitcli.deploy.predictive import PREDICTIVE_FIT_WINDOWS, TABLES
 
-    text = (f"last {PREDICTIVE_FIT_WINDOWS} windows of wikitext2/wiki.test.raw" if fit_text is None else
+    text = (f"last {PREDICTIVE_FIT_WINDOWS} windows of {WIKITEXT2_TEST}" if fit_text is None else
             f"last windows of a fit text with sha256 {read_user_text(fit_text)[1]}")   # its content, not its path
     # the table rule (`deploy.predictive.default_table`) is part of the fit: results cached when the
     # codec predicted from the exact table must not stand for today's
