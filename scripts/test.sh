@@ -13,9 +13,11 @@ if [ "$#" -gt 0 ]; then
 fi
 "$PY" -m pytest -q
 # test_quant_portable.py already drives every capability itself, in subprocesses.
-# test_codec_predictive.py: its golden frames must be the same bytes under every capability.
+# test_codec_predictive.py: its golden frames must be the same bytes under every capability;
+# test_codec_predictive_step.py: decode steps on the fp16 kernel where it runs, float32 where not.
 # test_fused.py: the fast path re-packs int4 codes read back through the kernel (CPU-dependent layout)
-quant_tests=$(ls tests/test_quant_*.py tests/test_bench_quant.py tests/test_fused.py tests/test_codec_predictive.py | grep -v test_quant_portable.py)
+quant_tests=$(ls tests/test_quant_*.py tests/test_bench_quant.py tests/test_fused.py tests/test_codec_predictive.py \
+  tests/test_codec_predictive_step.py | grep -v test_quant_portable.py)
 # torch accepts a capability the CPU lacks (and then dies on an illegal instruction), so the list
 # comes from tests/cpu_capabilities.py, which also asks the CPU
 offered=$("$PY" tests/cpu_capabilities.py)

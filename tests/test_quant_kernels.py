@@ -391,3 +391,47 @@ def test_the_thread_count_chooses_between_splitllms_kernels_and_torchs():
     assert Int4Linear.from_linear(nn.Linear(128, 16), 64).layout == "splitllm"  # int4: up to 2 threads
     torch.set_num_threads(3)
     assert Int4Linear.from_linear(nn.Linear(128, 16), 64).layout == "torch"
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 1152, 576), (2, 576, 576), (8, 16, 5), (3, 8, 1), (1, 64, 7)])
+def test_fp16_weight_product_is_the_float_product_of_the_half_weight(m, k, n):
+    # float32 products and sums of the exact half values: as close as float32 sums of k terms get
+    x, w, b = torch.randn(m, k), torch.randn(n, k).half(), torch.randn(n)
+    ref = x.double() @ w.double().t()
+    bound = 1e-6 * (x.double().abs() @ w.double().abs().t()) * k ** 0.5 + 1e-6
+    assert bool(((kernels.mm16(x, w).double() - ref).abs() <= bound).all())
+    assert bool(((kernels.mm16(x, w, b).double() - ref - b.double()).abs() <= bound + 1e-6 * b.double().abs()).all())
+    rows = torch.cat([kernels.mm16(x[i : i + 1], w, b) for i in range(m)])
+    assert torch.equal(rows, kernels.mm16(x, w, b))  # a row alone or among others: the same arithmetic
+    cols = torch.cat([kernels.mm16(x, w[j : j + 1], b[j : j + 1]) for j in range(n)], 1)
+    assert torch.equal(cols, kernels.mm16(x, w, b))  # and whichever block of four rows of W holds it
+
+
+@needs_kernel
+def test_fp16_weight_product_of_zero_empty_nan_and_inf_inputs():
+    w = torch.randn(5, 16).half()
+    assert kernels.mm16(torch.empty(0, 16), w).shape == (0, 5)
+    assert torch.equal(kernels.mm16(torch.zeros(1, 16), w), torch.zeros(1, 5))
+    x = torch.randn(3, 16)
+    x[0, 3], x[1, 10] = float("nan"), float("inf")
+    y = kernels.mm16(x, w)
+    assert bool(torch.isnan(y[0]).all()) and not bool(torch.isfinite(y[1]).any())
+    assert torch.allclose(y[2], x[2] @ w.float().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_operands_that_do_not_fit_never_reach_the_c_code():
+    from splitcli.errors import SplitLLMError
+
+    w = torch.randn(4, 16).half()
+    for x, weight, bias in [
+        (torch.randn(1, 12), w[:, :12].contiguous(), None),  # width not whole runs of 8
+        (torch.randn(1, 16), w[:, :8], None),  # widths disagree
+        (torch.randn(1, 16), w.float(), None),  # not half
+        (torch.randn(1, 16), w.t().contiguous().t(), None),  # not contiguous
+        (torch.randn(1, 16), w, torch.randn(3)),  # bias of another length
+        (torch.randn(1, 16), w, torch.randn(4).double()),  # bias not float32
+        (torch.randn(kernels.GEMV_MAX_TOKENS + 1, 16), w, None),  # too many rows
+    ]:
+        with pytest.raises(SplitLLMError, match="fp16 kernel operands do not fit"):
+            kernels.mm16(x, weight, bias)

@@ -124,7 +124,14 @@ emb = nn.Embedding(300, 96)
 with torch.no_grad():
     emb.weight.copy_(torch.from_numpy(w))
 held = SimpleNamespace(model=SimpleNamespace(get_input_embeddings=lambda: emb))
-print(embedding_crc(codec_embeddings(held, "rows8")))
+rows = codec_embeddings(held, "rows8")
+# the codec reads the rows through numpy: the same floats as torch's dequantizer of the module
+from splitcli.quant import QuantEmbedding
+from splitcli.quant.rtn import dequantize_groupwise
+q = QuantEmbedding.from_embedding(emb, bits=8)
+ref = dequantize_groupwise(q.codes, q.scales, q.zeros, 8)
+assert torch.equal(rows[torch.arange(300)], ref) and torch.equal(rows[torch.tensor([2, 0, 2])], ref[[2, 0, 2]])
+print(embedding_crc(rows))
 """
 
 

@@ -135,14 +135,14 @@ def states_of(k: np.ndarray) -> np.ndarray:
 
 
 def window_y(pc, emb, ids, h):
-    pred = P.prediction(pc, emb, ids, P.NO_TOKEN)
-    return torch.addmm(pred, h, pc.Uw, beta=-1), pred                          # [T, H] working order
+    pred = P.prediction(pc, emb, ids, P.NO_TOKEN)                              # [T, H]: P_t (h domain)
+    return (h - pred) @ pc.Uw, pred                                            # [T, H] working order
 
 
 def side(pc, y):
     """Gain levels, raw rows, escapes as the shipped encoder decides them (round at the shipped step)."""
-    _s, levels, raw, esc = P.quantize(pc, y)
-    return levels.numpy(), raw.numpy(), esc
+    _s, levels, raw, esc = P.quantize(pc, y.numpy())
+    return levels, raw, esc
 
 
 def quantize(kind, y, delta, lam):
@@ -215,7 +215,7 @@ def main() -> None:
             z = np.zeros((len(w), H))
             z[keep] = q * delta * shrink[lv[keep]]
             z[et, ej] = y.numpy()[et, ej]                                    # escapes travel exactly
-            x = (torch.from_numpy(z).float() + pred) @ pc.UwT
+            x = torch.from_numpy(z).float() @ pc.UwT + pred
             x[torch.from_numpy(raw)] = h[torch.from_numpy(raw)].half().float()
             recon[tuple(w[:8].tolist())] = x
             body = bits(pc, probs, k, lv[keep]) - np.log2(gp[lv[keep]]).sum()

@@ -48,26 +48,19 @@ Frame layout (little-endian; prefix as in frame.py so one reader tells the versi
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import zlib
-from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
 
 import constriction
 import numpy as np
 import torch
 
 from splitcli.codec.frame import MAGIC, FrameError, _Reader
+from splitcli.codec.predictive_codec import FILE_VERSION, K, PredictiveCodec  # noqa: F401 (this module's API too)
 from splitcli.errors import SplitLLMError
+from splitcli.quant import kernels
 
-#: Version of the saved codec file (the arrays and their meaning).
-FILE_VERSION = 1
 FRAME_VERSION = 4
-#: Symbols are coded in [-K, K]; larger ones escape.
-K = 255
 #: A row with more escapes than this travels raw.
 RAW_ESCAPES = 8
 #: ... as does a row whose gain exceeds the largest calibration gain by this many octaves.
@@ -78,192 +71,10 @@ _KNOWN_FLAGS = FLAG_IDS32 | FLAG_RAW32
 _PREFIX_LEN = 11
 NO_TOKEN = -1
 DEFAULT_MAX_TOKENS = 1 << 16
-_UNIQUE_FROM = 32        # rows from which `prediction` multiplies distinct tokens only
 _FP16_MAX = 65504.0
 _CRC_ROWS = 4096
 
-_Categorical = constriction.stream.model.Categorical
 _AnsCoder = constriction.stream.stack.AnsCoder
-
-
-@dataclass(frozen=True, eq=False)
-class PredictiveCodec:
-    """Everything both ends hold for format-4 frames of one model at one split layer.
-
-    W [2H + 1, H] float32: the token predictor; U [H, H] float32 orthogonal; step: δ;
-    crms [H]: calibration RMS of each KLT component; classes [H] uint8 in [0, C);
-    gain_edges [G - 1]: the gain levels' inner thresholds; gain_max: the largest calibration gain;
-    gain_probs [G]; sym_probs [G, C, 2K + 1]: the static symbol models; shrink [G, H]: the decoder's
-    gain per (gain level, component), E[y q] / E[q²] on the fit text (ones: none); emb_crc: crc32 of
-    the input-embedding matrix the predictor was fitted with (checked where the codec meets a model).
-    """
-
-    W: np.ndarray
-    U: np.ndarray
-    step: float
-    crms: np.ndarray
-    classes: np.ndarray
-    gain_edges: np.ndarray
-    gain_max: float
-    gain_probs: np.ndarray
-    sym_probs: np.ndarray
-    shrink: np.ndarray
-    emb_crc: int
-    info: dict = field(default_factory=dict)     # how it was fitted (text, windows, targets): not coded
-    version: int = FILE_VERSION
-
-    def __post_init__(self) -> None:
-        if self.version != FILE_VERSION:
-            raise SplitLLMError(f"predictive codec file version {self.version!r} is not supported "
-                                f"(this build reads version {FILE_VERSION})")
-        H = self.U.shape[0] if getattr(self.U, "ndim", 0) == 2 else -1
-        arrays = dict(W=(self.W, (2 * H + 1, H), np.float32), U=(self.U, (H, H), np.float32),
-                      crms=(self.crms, (H,), np.float32), classes=(self.classes, (H,), np.uint8),
-                      gain_edges=(self.gain_edges, None, np.float32), gain_probs=(self.gain_probs, None, np.float64),
-                      sym_probs=(self.sym_probs, None, np.float64), shrink=(self.shrink, None, np.float32))
-        for name, (arr, shape, dtype) in arrays.items():
-            if not isinstance(arr, np.ndarray) or (shape is not None and arr.shape != shape):
-                raise SplitLLMError(f"predictive codec {name} must be an array of shape {shape}")
-            if not np.isfinite(arr.astype(np.float64)).all():
-                raise SplitLLMError(f"predictive codec {name} has NaN or Inf entries")
-            object.__setattr__(self, name, np.ascontiguousarray(arr, dtype=dtype))
-        G, C = len(self.gain_probs), int(self.classes.max()) + 1
-        if H < 1 or G < 1 or self.gain_edges.shape != (G - 1,) or self.sym_probs.shape != (G, C, 2 * K + 1) \
-                or self.shrink.shape != (G, H):
-            raise SplitLLMError("predictive codec tables do not agree on hidden size, gain levels and classes")
-        if not (math.isfinite(self.step) and self.step > 0 and math.isfinite(self.gain_max)):
-            raise SplitLLMError(f"predictive codec step must be finite and > 0, got {self.step!r}")
-        if (self.crms <= 0).any() or (self.gain_probs <= 0).any() or (self.sym_probs < 0).any() \
-                or (self.sym_probs.sum(-1) <= 0).any() or (np.diff(self.gain_edges) < 0).any() \
-                or (self.shrink <= 0).any() or (self.shrink > 4).any():
-            raise SplitLLMError("predictive codec tables hold invalid probabilities, RMS or thresholds")
-
-    @property
-    def hidden(self) -> int:
-        return self.U.shape[0]
-
-    @cached_property
-    def crc(self) -> int:
-        """crc32 of everything that shapes a frame: frames carry it, so a mismatch is a FrameError."""
-        crc = zlib.crc32(np.float64(self.step).tobytes())
-        for arr in (self.W, self.U, self.crms, self.classes, self.gain_edges, self.gain_probs, self.sym_probs,
-                    self.shrink):
-            crc = zlib.crc32(arr.tobytes(), crc)
-        return zlib.crc32(np.float64(self.gain_max).tobytes(), crc)
-
-    @cached_property
-    def A(self) -> torch.Tensor:
-        """The predictor in the KLT domain, W · U [2H + 1, H]: one product gives P_t U."""
-        return torch.from_numpy(self.W.astype(np.float64) @ self.U.astype(np.float64)).float()
-
-    @cached_property
-    def A12(self) -> torch.Tensor:
-        """[H, 2H]: the current and the previous token's blocks of A side by side (one product for both)."""
-        H, cols = self.hidden, torch.from_numpy(self.col_order)
-        return torch.cat([self.A[:H, cols], self.A[H:2 * H, cols]], 1).contiguous()
-
-    @cached_property
-    def bias12(self) -> torch.Tensor:
-        """[2H]: the bias in working order, then zeros (added once per distinct token, to its current half)."""
-        H = self.hidden
-        return torch.cat([self.A[2 * H, torch.from_numpy(self.col_order)], torch.zeros(H)])
-
-    @cached_property
-    def Uw(self) -> torch.Tensor:
-        """U with its columns in working order [H, H]."""
-        return self.Ut[:, torch.from_numpy(self.col_order)].contiguous()
-
-    @cached_property
-    def UwT(self) -> torch.Tensor:
-        return self.Uw.T.contiguous()
-
-    @cached_property
-    def Ut(self) -> torch.Tensor:
-        return torch.from_numpy(self.U)
-
-    # Encoder and decoder work with the KLT components in *working order*, grouped by class
-    # (`col_order`), so each (gain level, class) group of the body is a slice; frames index
-    # components (escapes) in KLT order.
-    @cached_property
-    def shrink_steps(self) -> np.ndarray:
-        """[G, H] float32, working order: the decoded value of symbol 1 per (gain level, component), a · δ."""
-        return (self.shrink[:, self.col_order] * np.float32(self.step)).astype(np.float32)
-
-    @cached_property
-    def inv_crms2(self) -> torch.Tensor:
-        """[H] 1 / rms², working order."""
-        return torch.from_numpy((1.0 / self.crms[self.col_order].astype(np.float64) ** 2).astype(np.float32))
-
-    @cached_property
-    def crms_w(self) -> torch.Tensor:
-        return torch.from_numpy(self.crms[self.col_order])
-
-    @cached_property
-    def col_rank(self) -> np.ndarray:
-        """Inverse of col_order: KLT component -> working position."""
-        return np.argsort(self.col_order)
-
-    @cached_property
-    def col_order(self) -> np.ndarray:
-        """Components grouped by class (ascending index within a class): the body's column order."""
-        return np.argsort(self.classes, kind="stable")
-
-    @cached_property
-    def col_bounds(self) -> np.ndarray:
-        """[C + 1]: class c's columns are col_order[col_bounds[c]:col_bounds[c + 1]]."""
-        return np.searchsorted(self.classes[self.col_order], np.arange(self.sym_probs.shape[1] + 1))
-
-    @cached_property
-    def gain_model(self):
-        return _Categorical(self.gain_probs / self.gain_probs.sum(), perfect=False)
-
-    @cached_property
-    def row_bits(self) -> float:
-        """Mean bits of one coded row (its gain level and H symbols) on text like the fit text: the fit
-        text's own rate when the fit recorded it, else the models' entropy (which their smoothing
-        inflates when the fit text was short). Escapes and raw rows (rare) are left out."""
-        if isinstance(self.info.get("row_bits_fit"), (int, float)) and math.isfinite(self.info["row_bits_fit"]):
-            return max(0.0, float(self.info["row_bits_fit"]))
-        p = self.sym_probs / self.sym_probs.sum(-1, keepdims=True)                  # [G, C, 2K + 1]
-        bits = -(p * np.log2(np.where(p > 0, p, 1.0))).sum(-1)                     # [G, C]
-        g = self.gain_probs / self.gain_probs.sum()
-        per_class = np.bincount(self.classes, minlength=bits.shape[1])             # components per class
-        return float(g @ bits @ per_class - (g * np.log2(g)).sum())
-
-    def sym_model(self, g: int, c: int):
-        models = self.__dict__.setdefault("_models", {})
-        if (g, c) not in models:
-            p = self.sym_probs[g, c]
-            models[g, c] = _Categorical(p / p.sum(), perfect=False)
-        return models[g, c]
-
-    # ---- persistence ----
-    def save(self, path: str | Path) -> None:
-        """Write an .npz (arrays + a JSON meta record); the caller decides about overwriting."""
-        meta = dict(version=self.version, step=self.step, gain_max=self.gain_max, emb_crc=self.emb_crc,
-                    info=self.info, format="splitllm-predictive-codec")
-        buf = io.BytesIO()
-        np.savez(buf, W=self.W, U=self.U, crms=self.crms, classes=self.classes, gain_edges=self.gain_edges,
-                 gain_probs=self.gain_probs, sym_probs=self.sym_probs, shrink=self.shrink,
-                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-        Path(path).write_bytes(buf.getvalue())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PredictiveCodec":
-        try:
-            with np.load(Path(path), allow_pickle=False) as z:
-                meta = json.loads(bytes(z["meta"]).decode())
-                arrays = {k: z[k] for k in ("W", "U", "crms", "classes", "gain_edges", "gain_probs", "sym_probs",
-                                            "shrink")}
-        except (OSError, KeyError, ValueError, UnicodeDecodeError) as exc:
-            raise SplitLLMError(f"cannot read predictive codec file {path}: {exc}") from exc
-        if not isinstance(meta, dict) or meta.get("format") != "splitllm-predictive-codec":
-            raise SplitLLMError(f"{path} is not a splitllm predictive codec file")
-        try:
-            return cls(**arrays, step=float(meta["step"]), gain_max=float(meta["gain_max"]),
-                       emb_crc=int(meta["emb_crc"]), info=dict(meta.get("info") or {}), version=int(meta["version"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SplitLLMError(f"predictive codec file {path} is invalid: {exc}") from exc
 
 
 def expected_frame_bytes(pc: PredictiveCodec, rows: int, vocab: int) -> float:
@@ -287,18 +98,35 @@ def embedding_crc(emb) -> int:
     return crc
 
 
+def _mm(x: torch.Tensor, w: torch.Tensor, w16: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w [K, N] (+ bias [N]) -> [T, N] float32: a decode step's few rows through the fp16
+    kernel where it runs (w16 [N, K]: w's transpose in half precision), since one step streams every
+    weight once and the float32 ones do not fit L2 (docs/results.md "Faster predictive decode
+    steps"); a prefill, or a CPU without the kernels, in float32. The ends of a split that both run
+    the kernel compute the same prediction; otherwise they differ by ~1e-4 of it, which adds to
+    the reconstruction error (see the same section)."""
+    if w16 is not None and len(x) <= kernels.GEMV_MAX_TOKENS and kernels.available() \
+            and kernels.supports16(x.shape[1]):
+        return kernels.mm16(x, w16, bias)
+    return x @ w if bias is None else torch.addmm(bias, x, w)
+
+
 def prediction(pc: PredictiveCodec, emb: torch.Tensor, ids: torch.Tensor, prev_id: int) -> torch.Tensor:
-    """P_t U for every row, working order: ids [T] int64, prev_id the token before ids[0] (NO_TOKEN:
-    none) -> [T, H]."""
-    H = pc.hidden
+    """P_t for every row: ids [T] int64, prev_id the token before ids[0] (NO_TOKEN: none) -> [T, H]."""
+    H, T = pc.hidden, len(ids)
+    if T <= kernels.GEMV_MAX_TOKENS:   # a decode step: few operations (each costs ~5-20 us once the weights evict them)
+        now = ids.tolist()
+        before = ([] if prev_id == NO_TOKEN else [prev_id]) + now[:-1]
+        e = emb[torch.tensor(now + before, dtype=torch.int64)].numpy()        # [T + T', H]
+        rows = np.zeros((T, 2 * H), np.float32)                               # [T, 2H]: [E[x_t], E[x_{t-1}]]
+        rows[:, :H] = e[:T]
+        rows[T - len(before):, H:] = e[T:]
+        return _mm(torch.from_numpy(rows), pc.W2, pc.W16, pc.bias)
     if prev_id != NO_TOKEN:
         ids = torch.cat([torch.tensor([prev_id]), ids])
-    if len(ids) > _UNIQUE_FROM:
-        # a window repeats its tokens (~1/3 distinct in 2048 of WikiText): multiply each distinct one once
-        tokens, inv = torch.unique(ids, return_inverse=True)
-    else:
-        tokens, inv = ids, torch.arange(len(ids))
-    both = torch.addmm(pc.bias12, emb[tokens], pc.A12)                        # [U, 2H]: bias in the first half
+    # a window repeats its tokens (~1/3 distinct in 2048 of WikiText): multiply each distinct one once
+    tokens, inv = torch.unique(ids, return_inverse=True)
+    both = torch.addmm(pc.bias12, emb[tokens], pc.W12)                         # [U, 2H]: bias in the first half
     if prev_id != NO_TOKEN:
         out = both[:, :H][inv[1:]]                                            # [T, H]
         out += both[:, H:][inv[:-1]]
@@ -314,25 +142,26 @@ def gain_of(y: torch.Tensor, crms: torch.Tensor, escaped: torch.Tensor) -> torch
     return 0.5 * torch.log2(r.pow(2).sum(1) / (~escaped).sum(1).clamp_min(1) + 1e-12)
 
 
-def quantize(pc: PredictiveCodec, y: torch.Tensor):
-    """y [T, H] (KLT-domain residual, working order) -> symbols s [T, H] (float, integral; 0 where
-    escaped), gain levels [T], raw rows [T] bool, escapes outside raw rows as (rows, columns) arrays."""
-    s = torch.round(y / pc.step)
-    gain = 0.5 * torch.log2(torch.mv(y.square(), pc.inv_crms2) / y.shape[1] + 1e-12)     # [T]: no masks
-    hit = torch.nonzero(s.abs().amax(1) > K).reshape(-1)                   # rows with escapes: rare
-    n_esc = torch.zeros(len(y), dtype=torch.long)
+def quantize(pc: PredictiveCodec, y: np.ndarray):
+    """y [T, H] float32 (KLT-domain residual, working order) -> symbols s [T, H] (float, integral; 0
+    where escaped), gain levels [T], raw rows [T] bool, escapes outside raw rows as (rows, columns).
+    In numpy: a decode step's row costs a few microseconds per operation less than in torch."""
+    s = np.rint(y / np.float32(pc.step))
+    gain = 0.5 * np.log2((y * y) @ pc.inv_crms2 / np.float32(y.shape[1]) + np.float32(1e-12))   # [T]: no masks
+    hit = np.flatnonzero(np.abs(s).max(1, initial=0) > K)                 # rows with escapes: rare
+    n_esc = np.zeros(len(y), np.int64)
     esc_t = esc_j = np.zeros(0, np.int64)
-    if hit.numel():   # the sink row, massive activations: those rows' gain without their escapes
-        escaped = s[hit].abs() > K                                          # [hits, H]
-        gain[hit] = gain_of(y[hit], pc.crms_w, escaped)
+    if hit.size:   # the sink row, massive activations: those rows' gain without their escapes
+        escaped = np.abs(s[hit]) > K                                        # [hits, H]
+        gain[hit] = gain_of(torch.from_numpy(y[hit]), pc.crms_w, torch.from_numpy(escaped)).numpy()
         n_esc[hit] = escaped.sum(1)
-        s[hit] = s[hit].masked_fill_(escaped, 0)
-    levels = torch.bucketize(gain, torch.from_numpy(pc.gain_edges))
-    raw = (n_esc > RAW_ESCAPES) | (gain > pc.gain_max + RAW_GAIN_MARGIN) | ~torch.isfinite(gain)
-    if hit.numel():
+        s[hit] = np.where(escaped, 0, s[hit])
+    levels = np.searchsorted(pc.gain_edges, gain)                          # as torch.bucketize: edges < gain
+    raw = (n_esc > RAW_ESCAPES) | (gain > pc.gain_max + RAW_GAIN_MARGIN) | ~np.isfinite(gain)
+    if hit.size:
         keep = ~raw[hit]
-        rows, cols = np.nonzero(escaped[keep].numpy())
-        esc_t, esc_j = hit[keep].numpy()[rows], cols
+        rows, cols = np.nonzero(escaped[keep])
+        esc_t, esc_j = hit[keep][rows], cols
     return s, levels, raw, (esc_t, esc_j)
 
 
@@ -378,10 +207,9 @@ def _groups(pc: PredictiveCodec, levels: np.ndarray):
     wire order (gain level, class, row slice, column slice)) over the symbols' rows in that order and
     columns in working order. Wire order: level ascending, class ascending, token-major in a group."""
     order = np.argsort(levels, kind="stable")
-    rb = np.searchsorted(levels[order], np.arange(len(pc.gain_probs) + 1))
-    cb = pc.col_bounds
-    groups = [(g, c, slice(rb[g], rb[g + 1]), slice(cb[c], cb[c + 1]))
-              for g in range(len(rb) - 1) if rb[g + 1] > rb[g] for c in range(len(cb) - 1) if cb[c + 1] > cb[c]]
+    rb = np.searchsorted(levels[order], np.arange(len(pc.gain_probs) + 1)).tolist()
+    groups = [(g, c, slice(rb[g], rb[g + 1]), cols) for g in range(len(rb) - 1) if rb[g + 1] > rb[g]
+              for c, cols in pc.class_cols]
     return order, groups
 
 
@@ -393,26 +221,25 @@ def encode(hidden: torch.Tensor, ids, pc: PredictiveCodec, emb: torch.Tensor, pr
         raise SplitLLMError(f"predictive encode needs hidden [T, {pc.hidden}] and T token ids, got "
                             f"{tuple(x.shape)} and {ids.numel()} ids")
     V = emb.shape[0]
-    if ids.numel() and (ids.min() < 0 or ids.max() >= V) or not (prev_id == NO_TOKEN or 0 <= prev_id < V):
+    lo, hi = (int(v) for v in ids.aminmax()) if ids.numel() else (0, 0)
+    if lo < 0 or hi >= V or not (prev_id == NO_TOKEN or 0 <= prev_id < V):
         raise SplitLLMError(f"predictive encode: token ids must lie in [0, {V})")
     T, H = x.shape
-    pred = prediction(pc, emb, ids, prev_id)                                    # [T, H]
-    y = torch.addmm(pred, x, pc.Uw, beta=-1)                                   # [T, H]: x U - P U, working order
-    s, levels, raw, (esc_t, esc_j) = quantize(pc, y)
-    raw_np = raw.numpy()
+    y = _mm(x - prediction(pc, emb, ids, prev_id), pc.Uw, pc.Uw16T).numpy()     # [T, H]: (x - P) U, working order
+    s, levels, raw_np, (esc_t, esc_j) = quantize(pc, y)
     raw_idx = np.flatnonzero(raw_np)
-    esc_vals = y.numpy()[esc_t, esc_j].astype("<f4")
+    esc_vals = y[esc_t, esc_j].astype("<f4")
     esc_flat = esc_t * H + pc.col_order[esc_j]                                  # KLT order on the wire
     by_index = np.argsort(esc_flat)
     esc_flat, esc_vals = esc_flat[by_index], esc_vals[by_index]
-    rows_raw = x[raw_idx].numpy()
+    rows_raw = x.numpy()[raw_idx]
     # NaN or Inf anywhere in x reaches a row's gain (the row goes raw) or an escape: refuse either
     if not (np.isfinite(rows_raw).all() and np.isfinite(esc_vals).all()):
         raise SplitLLMError("predictive encode: the hidden state contains NaN or Inf")
     coded = np.flatnonzero(~raw_np)
-    lv = levels.numpy()[coded]
+    lv = levels[coded]
     order, groups = _groups(pc, lv)
-    sym = (s[torch.from_numpy(coded[order])] + K).to(torch.int32).numpy()      # [coded, H]
+    sym = (s[coded[order]] + K).astype(np.int32)                                # [coded, H]
     coder = _AnsCoder()
     for g, c, rows, cols in reversed(groups):                                 # a stack: last pushed is read first
         coder.encode_reverse(sym[rows, cols].reshape(-1), pc.sym_model(g, c))
@@ -420,7 +247,7 @@ def encode(hidden: torch.Tensor, ids, pc: PredictiveCodec, emb: torch.Tensor, pr
         coder.encode_reverse(lv.astype(np.int32), pc.gain_model)
     body = coder.get_compressed().astype("<u4")
     raw32 = bool(rows_raw.size) and float(np.abs(rows_raw).max()) > _FP16_MAX
-    ids32 = bool(ids.numel()) and int(ids.max()) > 0xFFFF
+    ids32 = hi > 0xFFFF
     flags = (FLAG_IDS32 if ids32 else 0) | (FLAG_RAW32 if raw32 else 0)
     parts = [MAGIC, bytes([FRAME_VERSION, 0, flags]), pc.crc.to_bytes(4, "little"),
              _varint(T), _varint(H), _varint(prev_id + 1), _varint(raw_idx.size), _varint(esc_flat.size),
@@ -527,8 +354,8 @@ def _decode(frame, pc: PredictiveCodec, emb: torch.Tensor, max_tokens: int) -> t
     if n_esc:
         et, ec = np.divmod(esc_flat, H)
         z[torch.from_numpy(et), torch.from_numpy(pc.col_rank[ec])] = torch.from_numpy(esc_vals)
-    pred = prediction(pc, emb, torch.from_numpy(ids), prev - 1 if prev else NO_TOKEN)
-    out = (z + pred) @ pc.UwT                                                   # [T, H]
+    out = _mm(z, pc.UwT, pc.Uw16)                                               # [T, H]
+    out += prediction(pc, emb, torch.from_numpy(ids), prev - 1 if prev else NO_TOKEN)
     if n_raw:
         out[torch.from_numpy(raw_idx)] = torch.from_numpy(raw_rows)
     return out

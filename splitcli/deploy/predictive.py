@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +28,6 @@ from splitcli.deploy.calibrate import cache_dir, edge_hidden, text_source
 from splitcli.errors import SplitLLMError
 from splitcli.plan.schema import PREDICTIVE_TABLE, PREDICTIVE_TABLE_BITS
 from splitcli.quant import QuantEmbedding
-from splitcli.quant.rtn import dequantize_groupwise
 
 PREDICTIVE_FIT_WINDOWS = 24
 FIT_SEQLEN = 2048
@@ -44,16 +44,29 @@ TABLES = (PREDICTIVE_TABLE, "exact")
 class _Rows:
     """An 8-bit embedding of one group per row read as the codec's table, a few rows at a time: no
     float copy and nothing beyond the module's own codes, scales and zeros (what a profile counts
-    for an 8-bit embedding). The rows are `QuantEmbedding`'s to the bit: `dequantize_groupwise` of
-    the looked-up rows only (8-bit codes are stored unpacked, so no unpacking copy: a decode step's
-    two rows in about 25 us, against 40 through the module's forward; SmolLM2-135M)."""
+    for an 8-bit embedding). The rows are `QuantEmbedding`'s to the bit: `dequantize_groupwise`'s
+    arithmetic (w = q s + (zero - 128 s), each product and sum rounded to float32 on its own), in
+    numpy over the module's tensors (views, no copies): a decode step's two rows in a few numpy
+    operations, where torch's dispatch of each of its ~8 costs 5-10 us once the codec's weights
+    have evicted it from the cache (tests/test_quant_portable.py checks the floats against
+    `dequantize_groupwise` under every CPU capability)."""
 
     def __init__(self, module: QuantEmbedding):
         self.shape = (module.num_embeddings, module.embedding_dim)
-        self.codes, self.scales, self.zeros = module.codes, module.scales, module.zeros   # [V, H] u8, [V, 1] bf16
+        self.codes = module.codes.numpy()                                     # [V, H] uint8
+        # bf16 [V, 1] read as their bit patterns: widening one to float32 is a 16-bit shift, exact
+        self.scales, self.zeros = (t.view(torch.int16).numpy().reshape(-1) for t in (module.scales, module.zeros))
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:   # ids [n] int64 -> [n, H] float32
-        return dequantize_groupwise(self.codes[ids], self.scales[ids], self.zeros[ids], PREDICTIVE_TABLE_BITS)
+        ids = np.asarray(ids)
+        s, z = (_bf16_to_f32(b[ids]) for b in (self.scales, self.zeros))     # [n, 1]
+        offset = z - np.float32(1 << (PREDICTIVE_TABLE_BITS - 1)) * s           # 128 s is exact: one rounding
+        return torch.from_numpy(self.codes[ids].astype(np.float32) * s + offset)
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """int16 bf16 bit patterns [n] -> float32 [n, 1]."""
+    return (bits.astype(np.uint16).astype(np.uint32) << 16).view(np.float32)[:, None]
 
 
 def default_table(lm) -> str:

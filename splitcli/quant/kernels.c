@@ -34,7 +34,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SPLITLLM_ABI 10
+#define SPLITLLM_ABI 11
 /* Rows ahead whose bytes are prefetched: the hardware prefetcher alone left one Zen 3 core reading
  * int8 weights from memory at 7.7 GB/s; asking for the next block's rows gave 14.5 GB/s (1.9x)
  * and the 4-bit kernel 1.14x (49152 x 576, 1 thread, median of 15; 4, 8, 16 and 32 rows ahead
@@ -407,6 +407,35 @@ int64_t splitllm_screen_keep(float *S, const float *a, const float *b, int64_t V
         S[j] = -INFINITY;
     }
     return n;
+}
+
+/* fp16 weights: y [M, N] = x [M, K] @ W.T (+ b [N]) with W [N, K] IEEE half (the predictive codec's
+ * predictor and KLT, which one decode step streams whole: in fp16 an end's 2 MB of them fit this
+ * machine's 2 MB L2 where the float32 4 MB did not). Products and sums in float32; blocks of four
+ * rows of W, each reused from L1 by every row of x. K % 8 == 0; b may be NULL. */
+void splitllm_f16_gemv(const float *x, int64_t M, int64_t K, const uint16_t *W, const float *b, int64_t N,
+                       float *y) {
+    for (int64_t n = 0; n < N; n += 4) {
+        const int64_t r = N - n < 4 ? N - n : 4;
+        const uint16_t *w[4];
+        for (int64_t i = 0; i < 4; i++) w[i] = W + (n + (i < r ? i : 0)) * K;  /* a short block repeats row 0 */
+        if (n + PREFETCH_ROWS + 4 <= N)  /* the next block's rows */
+            for (int64_t o = 0; o < 4 * K; o += 32)
+                _mm_prefetch((const char *)(W + (n + PREFETCH_ROWS) * K + o), _MM_HINT_T0);
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t k = 0; k < K; k += 8) {
+                const __m256 X = _mm256_loadu_ps(xm + k);
+                a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w[0] + k))), X, a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w[1] + k))), X, a1);
+                a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w[2] + k))), X, a2);
+                a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w[3] + k))), X, a3);
+            }
+            const float s[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+            for (int64_t i = 0; i < r; i++) y[m * N + n + i] = b ? s[i] + b[n + i] : s[i];
+        }
+    }
 }
 
 #include "decode_step.c"

@@ -19,6 +19,8 @@ codes per 32 bytes as 16 words of four nibbles (`pack4`); scales_and_zeros [N/4,
 one-token input to int8 instead of int16 (opt-in: faster, coarser; `ACT_BITS`).
 8-bit: Int8Linear's own codes [N, K] int8 and scales [N] bf16, for K % 64 == 0 (`supports8`), one
 token per call (`mm8`); a prefill stays on torch's int8 kernel.
+fp16: float32 inputs against IEEE-half weights [N, K], K % 8 == 0, up to GEMV_MAX_TOKENS rows
+(`mm16`): the predictive codec's decode-step products, whose float32 weights did not fit L2.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ _SOURCE = Path(__file__).with_name("kernels.c")
 _INCLUDED = (Path(__file__).with_name("decode_step.c"),)  # #included by kernels.c: part of the build's key
 # -ffp-contract=off: the KV dequantizer must round as torch's separate mul and add do
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-shared", "-fPIC", "-std=c99")
-_ABI = 10
+_ABI = 11
 #: Tokens per call up to which the 4-bit kernel runs; above, a prefill dequantizes rows in chunks
 #: and multiplies in float (2x torch's int4 kernel at 64+ tokens here; the GEMV is 0.75x there).
 #: The 8-bit kernel runs up to this many tokens too; above, torch's int8 kernel.
@@ -117,6 +119,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.splitllm_q4_dequant.restype = None
     lib.splitllm_q8_gemv.argtypes = [p, i64, i64, p, p, i64, p, p]
     lib.splitllm_q8_gemv.restype = i64
+    lib.splitllm_f16_gemv.argtypes = [p, i64, i64, p, p, i64, p]
+    lib.splitllm_f16_gemv.restype = None
     lib.splitllm_kv8_dequant.argtypes = [p, i64, p, p, i64, i64, i64, i64, i64, p, i64]
     lib.splitllm_kv8_dequant.restype = None
     lib.splitllm_decode_scratch.argtypes = [p, i64, i64, i64, i64]
@@ -408,6 +412,34 @@ def mm8_screen(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> to
     than this one of the dequantized copy. Only when `available()`."""
     _, y, left = _q8_call(x.reshape(1, -1), codes, scales)
     return None if left else y[0]
+
+
+def supports16(in_features: int) -> bool:
+    """Whether `mm16` takes this input width: whole runs of 8 inputs."""
+    return in_features > 0 and in_features % 8 == 0
+
+
+def mm16(x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w16.T (+ bias) -> [M, N] float32, for w16 [N, K] float16 and bias [N] float32,
+    M <= GEMV_MAX_TOKENS, K % 8 == 0 (products and sums in float32). Only when `available()`."""
+    x = _cpu_input(x)
+    m, k = x.shape
+    n = w16.shape[0] if w16.dim() == 2 else -1
+    fits = (m <= GEMV_MAX_TOKENS and supports16(k) and w16.dtype == torch.float16 and tuple(w16.shape) == (n, k)
+            and w16.is_contiguous() and w16.device.type == "cpu"
+            and (bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (n,) and bias.is_contiguous()
+                                  and bias.device.type == "cpu")))
+    if not fits:
+        raise SplitLLMError(
+            f"fp16 kernel operands do not fit: x {tuple(x.shape)}, weight {tuple(w16.shape)} {w16.dtype}, bias "
+            f"{None if bias is None else (tuple(bias.shape), bias.dtype)} (want at most {GEMV_MAX_TOKENS} rows of a "
+            "width divisible by 8, a contiguous [N, K] float16 weight and a [N] float32 bias)")
+    lib = _need()
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m and n:
+        lib.splitllm_f16_gemv(x.data_ptr(), m, k, w16.data_ptr(), None if bias is None else bias.data_ptr(), n,
+                              y.data_ptr())
+    return y
 
 
 def abs_stats(x: torch.Tensor) -> tuple[float, float]:
