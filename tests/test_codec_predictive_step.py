@@ -1,6 +1,8 @@
 """Frame format 4's decode steps: a few rows' products on the fp16 kernel (splitcli.codec.predictive
 `_mm`), the float32 path elsewhere, and frames that cross between the two."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,15 @@ def test_numpy_quantizer_handles_escapes_nan_and_no_rows():
     assert levels.shape == (3,) and levels.dtype.kind == "i"
     s, levels, raw, (et, ej) = predictive.quantize(pc, np.zeros((0, 8), np.float32))
     assert s.shape == (0, 8) and levels.shape == raw.shape == et.shape == (0,)
+
+
+def test_no_rows_after_a_previous_token_and_huge_rows_warn_nothing():
+    pc, emb = _toy(), _emb()
+    frame = encode(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long), pc, emb, prev_id=3)
+    assert decode(frame, pc, emb).shape == (0, 8)
+    x, ids = _rows(2)
+    x[1] = 1e30                                                  # y² overflows float32; every component escapes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame = encode(x, ids, pc, emb, prev_id=3)
+    assert torch.equal(decode(frame, pc, emb)[1], x[1])          # escapes travel exactly

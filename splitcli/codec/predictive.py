@@ -7,7 +7,7 @@ the residual of a prediction from the token instead of the hidden state itself:
     P_t = [E[x_t], E[x_{t-1}], 1] · W              ridge-linear, W [2H + 1, H] fitted offline
     y_t = (h_t − P_t) · U                          U [H, H]: the KLT of the calibration residuals
     s_t = round(y_t / δ)                           one step δ for every component (MSE-optimal)
-    ĥ_t = (a_{g,c} s_t δ + P_t U) · Uᵀ             the cloud's reconstruction, a: the shrink below
+    ĥ_t = P_t + (a_{g,c} s_t δ) · Uᵀ               the cloud's reconstruction, a: the shrink below
 
 The prediction is open loop (from the tokens only, never from earlier reconstructions), so a frame
 decodes alone, prefill frames are one batch of matrix products, and an edge and a cloud whose
@@ -116,7 +116,7 @@ def prediction(pc: PredictiveCodec, emb: torch.Tensor, ids: torch.Tensor, prev_i
     H, T = pc.hidden, len(ids)
     if T <= kernels.GEMV_MAX_TOKENS:   # a decode step: few operations (each costs ~5-20 us once the weights evict them)
         now = ids.tolist()
-        before = ([] if prev_id == NO_TOKEN else [prev_id]) + now[:-1]
+        before = ([] if prev_id == NO_TOKEN or not T else [prev_id]) + now[:-1]
         e = emb[torch.tensor(now + before, dtype=torch.int64)].numpy()        # [T + T', H]
         rows = np.zeros((T, 2 * H), np.float32)                               # [T, 2H]: [E[x_t], E[x_{t-1}]]
         rows[:, :H] = e[:T]
@@ -146,8 +146,9 @@ def quantize(pc: PredictiveCodec, y: np.ndarray):
     """y [T, H] float32 (KLT-domain residual, working order) -> symbols s [T, H] (float, integral; 0
     where escaped), gain levels [T], raw rows [T] bool, escapes outside raw rows as (rows, columns).
     In numpy: a decode step's row costs a few microseconds per operation less than in torch."""
-    s = np.rint(y / np.float32(pc.step))
-    gain = 0.5 * np.log2((y * y) @ pc.inv_crms2 / np.float32(y.shape[1]) + np.float32(1e-12))   # [T]: no masks
+    with np.errstate(over="ignore", invalid="ignore"):   # huge or NaN rows go raw below (or are refused)
+        s = np.rint(y / np.float32(pc.step))
+        gain = 0.5 * np.log2((y * y) @ pc.inv_crms2 / np.float32(y.shape[1]) + np.float32(1e-12))   # [T]: no masks
     hit = np.flatnonzero(np.abs(s).max(1, initial=0) > K)                 # rows with escapes: rare
     n_esc = np.zeros(len(y), np.int64)
     esc_t = esc_j = np.zeros(0, np.int64)
