@@ -53,6 +53,9 @@ class PredictiveWire:
         if len(self.emb.shape) != 2 or self.emb.shape[1] != pc.hidden or embedding_crc(self.emb) != pc.emb_crc:
             raise SplitLLMError("the predictive codec was fitted with other input embeddings than this model's")
         self.frame_bytes: list[int] = []
+        from ..quant import kernels
+
+        kernels.available()   # decode steps run on splitllm's CPU kernels: built now (once), not in the first step
 
     def encode(self, hidden: torch.Tensor, ids=None, prev_id: int | None = None) -> bytes:  # [N, H] -> frame
         from ..codec import predictive
