@@ -106,13 +106,14 @@ class PredictiveCodec:
         return torch.from_numpy(self.W[:2 * self.hidden])
 
     @cached_property
-    def bias12(self) -> torch.Tensor:
-        """[2H]: the bias, then zeros (added once per distinct token, to its current half)."""
-        return torch.cat([torch.from_numpy(self.W[2 * self.hidden].copy()), torch.zeros(self.hidden)])
+    def bias(self) -> torch.Tensor:
+        """[H]: W's last row."""
+        return torch.from_numpy(self.W[2 * self.hidden].copy())
 
     @cached_property
-    def bias(self) -> torch.Tensor:
-        return torch.from_numpy(self.W[2 * self.hidden].copy())
+    def bias12(self) -> torch.Tensor:
+        """[2H]: the bias, then zeros (added once per distinct token, to its current half)."""
+        return torch.cat([self.bias, torch.zeros(self.hidden)])
 
     @cached_property
     def Uw(self) -> torch.Tensor:
