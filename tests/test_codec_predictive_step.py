@@ -63,9 +63,8 @@ def test_toy_frames_are_the_same_bytes_on_every_path():
     pc, emb = _toy(), _emb()
     x, ids = _rows(12)
     whole = decode(encode(x, ids, pc, emb), pc, emb)
-    rows = torch.cat([decode(f, pc, emb) for f in _steps(pc, emb, ids, x)])
-    assert torch.equal(whole, rows)
     steps = _steps(pc, emb, ids, x)
+    assert torch.equal(whole, torch.cat([decode(f, pc, emb) for f in steps]))
     with kernels.disabled():
         assert _steps(pc, emb, ids, x) == steps
 
@@ -73,11 +72,17 @@ def test_toy_frames_are_the_same_bytes_on_every_path():
 def test_a_predictor_past_fp16s_range_stays_in_float32():
     W = _toy().W.copy()
     W[0, 0] = 1e5                                                # one weight fp16 would turn into inf
+    U = _toy().U * 7e4                                           # not a fitted (orthogonal) U: nor this
     pc, emb = _toy(W=W), _emb()
-    assert pc.W16 is None
+    assert pc.W16 is None and _toy(U=U).Uw16 is None and _toy(U=U).Uw16T is None
     x, ids = _rows(3)
-    y = decode(encode(x, ids, pc, emb), pc, emb)
-    assert bool(torch.isfinite(y).all()) and float((y - x).abs().max()) <= pc.step / 2 + 1e-3
+    ref = torch.from_numpy(np.hstack([emb[ids].numpy(), np.vstack([emb[:1].numpy() * 0, emb[ids[:-1]].numpy()]),
+                                      np.ones((3, 1), np.float32)]).astype(np.float64) @ W.astype(np.float64))
+    assert torch.allclose(predictive.prediction(pc, emb, ids, NO_TOKEN).double(), ref, rtol=1e-6, atol=1e-3)
+    frame = encode(x, ids, pc, emb)
+    assert predictive._header(frame)[3][3] == 0                 # no row went raw (an inf prediction sends all)
+    y = decode(frame, pc, emb)
+    assert float((y - x).abs().max()) <= pc.step / 2 + 1e-3
 
 
 def test_numpy_quantizer_handles_escapes_nan_and_no_rows():

@@ -184,3 +184,18 @@ def test_a_users_fit_text_fits_its_own_codec(llama, tmp_path, monkeypatch):
         SplitSpec(split_layer=2, wire="predictive", predictive_fit_text=str(mine), predictive_file=str(mine))
     with pytest.raises(SplitLLMError, match="predictive wire"):
         SplitSpec(split_layer=2, wire="tabq", predictive_fit_text=str(mine))
+
+
+def test_rows_read_any_scale_dtype_as_the_dequantizer_does_and_refuse_other_layouts():
+    from splitcli.deploy.predictive import _Rows
+    from splitcli.quant.rtn import dequantize_groupwise
+
+    emb = torch.nn.Embedding(40, 16)
+    q = QuantEmbedding.from_embedding(emb, bits=8)
+    ids = torch.tensor([3, 0, 39, 3])
+    assert torch.equal(_Rows(q)[ids], dequantize_groupwise(q.codes, q.scales, q.zeros, 8)[ids])   # bf16: bits
+    q.scales, q.zeros = q.scales.float(), q.zeros.half()          # a module cast after it was made
+    assert torch.equal(_Rows(q)[ids], dequantize_groupwise(q.codes, q.scales, q.zeros, 8)[ids])
+    q.scales = q.scales.reshape(40, 1).repeat(1, 2)               # two groups per row: not this table
+    with pytest.raises(SplitLLMError, match="one group per row"):
+        _Rows(q)

@@ -394,7 +394,7 @@ def test_the_thread_count_chooses_between_splitllms_kernels_and_torchs():
 
 
 @needs_kernel
-@pytest.mark.parametrize("m,k,n", [(1, 1152, 576), (2, 576, 576), (8, 16, 5), (3, 8, 1), (1, 64, 7)])
+@pytest.mark.parametrize("m,k,n", [(1, 1152, 576), (2, 576, 576), (8, 16, 5), (3, 8, 1), (1, 64, 7), (2, 64, 11)])
 def test_fp16_weight_product_is_the_float_product_of_the_half_weight(m, k, n):
     # float32 products and sums of the exact half values: as close as float32 sums of k terms get
     x, w, b = torch.randn(m, k), torch.randn(n, k).half(), torch.randn(n)

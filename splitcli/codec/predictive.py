@@ -117,7 +117,7 @@ def prediction(pc: PredictiveCodec, emb: torch.Tensor, ids: torch.Tensor, prev_i
     if T <= kernels.GEMV_MAX_TOKENS:   # a decode step: few operations (each costs ~5-20 us once the weights evict them)
         now = ids.tolist()
         before = ([] if prev_id == NO_TOKEN or not T else [prev_id]) + now[:-1]
-        e = emb[torch.tensor(now + before, dtype=torch.int64)].numpy()        # [T + T', H]
+        e = emb[torch.tensor(now + before, dtype=torch.int64)].detach().to(torch.float32).numpy()   # [T + T', H]
         rows = np.zeros((T, 2 * H), np.float32)                               # [T, 2H]: [E[x_t], E[x_{t-1}]]
         rows[:, :H] = e[:T]
         rows[T - len(before):, H:] = e[T:]

@@ -133,18 +133,17 @@ class PredictiveCodec:
     @cached_property
     def W16(self) -> torch.Tensor | None:
         """[H, 2H] float16: P_t - bias = [E[x_t], E[x_{t-1}]] · W16ᵀ."""
-        w = self.W[:2 * self.hidden]
-        return torch.from_numpy(np.ascontiguousarray(w.T, np.float16)) if float(np.abs(w).max()) <= _FP16_SAFE else None
+        return _half(self.W2.T)
 
     @cached_property
-    def Uw16T(self) -> torch.Tensor:
-        """[H, H] float16, the encoder's: y = r · Uw = r · Uw16Tᵀ (U is orthogonal: |entries| <= 1)."""
-        return self.UwT.to(torch.float16)
+    def Uw16T(self) -> torch.Tensor | None:
+        """[H, H] float16, the encoder's: y = r · Uw = r · Uw16Tᵀ (a fitted U is orthogonal: |entries| <= 1)."""
+        return _half(self.UwT)
 
     @cached_property
-    def Uw16(self) -> torch.Tensor:
+    def Uw16(self) -> torch.Tensor | None:
         """[H, H] float16, the decoder's: z · Uwᵀ = z · Uw16ᵀ."""
-        return self.Uw.to(torch.float16)
+        return _half(self.Uw)
 
     # Encoder and decoder work with the KLT components in *working order*, grouped by class
     # (`col_order`), so each (gain level, class) group of the body is a slice; frames index
@@ -235,3 +234,8 @@ class PredictiveCodec:
                        emb_crc=int(meta["emb_crc"]), info=dict(meta.get("info") or {}), version=int(meta["version"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise SplitLLMError(f"predictive codec file {path} is invalid: {exc}") from exc
+
+
+def _half(w: torch.Tensor) -> torch.Tensor | None:
+    """w as a contiguous float16 copy, or None where fp16 would not hold it (|w| > _FP16_SAFE)."""
+    return w.to(torch.float16).contiguous() if float(w.abs().max()) <= _FP16_SAFE else None

@@ -52,21 +52,29 @@ class _Rows:
     `dequantize_groupwise` under every CPU capability)."""
 
     def __init__(self, module: QuantEmbedding):
-        self.shape = (module.num_embeddings, module.embedding_dim)
+        V, H = self.shape = (module.num_embeddings, module.embedding_dim)
+        if tuple(module.codes.shape) != (V, H) or any(tuple(t.shape) != (V, 1) for t in (module.scales, module.zeros)):
+            raise SplitLLMError("the predictive codec reads 8-bit embeddings of one group per row: codes [V, H], "
+                                f"scales and zeros [V, 1]; this one has {tuple(module.codes.shape)}, "
+                                f"{tuple(module.scales.shape)} and {tuple(module.zeros.shape)}")
         self.codes = module.codes.numpy()                                     # [V, H] uint8
-        # bf16 [V, 1] read as their bit patterns: widening one to float32 is a 16-bit shift, exact
-        self.scales, self.zeros = (t.view(torch.int16).numpy().reshape(-1) for t in (module.scales, module.zeros))
+        self.scales, self.zeros = (_float32_reader(t.reshape(-1)) for t in (module.scales, module.zeros))
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:   # ids [n] int64 -> [n, H] float32
         ids = np.asarray(ids)
-        s, z = (_bf16_to_f32(b[ids]) for b in (self.scales, self.zeros))     # [n, 1]
+        s, z = (read(ids)[:, None] for read in (self.scales, self.zeros))    # [n, 1]
         offset = z - np.float32(1 << (PREDICTIVE_TABLE_BITS - 1)) * s           # 128 s is exact: one rounding
         return torch.from_numpy(self.codes[ids].astype(np.float32) * s + offset)
 
 
-def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """int16 bf16 bit patterns [n] -> float32 [n, 1]."""
-    return (bits.astype(np.uint16).astype(np.uint32) << 16).view(np.float32)[:, None]
+def _float32_reader(t: torch.Tensor) -> Callable[[np.ndarray], np.ndarray]:
+    """ids [n] -> t[ids] as float32 [n], exactly: bf16 (what `quantize` stores) read as bit patterns,
+    widened by a 16-bit shift (no copy of the table); any other dtype widened once, up front."""
+    if t.dtype == torch.bfloat16:
+        bits = t.view(torch.int16).numpy()
+        return lambda ids: (bits[ids].astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    full = t.to(torch.float32).numpy()
+    return lambda ids: full[ids]
 
 
 def default_table(lm) -> str:

@@ -10,7 +10,8 @@ The C source ships with the package and is compiled once per source version with
 compiler into the user cache (`cache_root()/kernels`), then loaded with ctypes (which releases
 the GIL during the call). Where that is impossible (no compiler, not x86-64, a CPU without AVX2,
 `ATEN_CPU_CAPABILITY=default`, or `SPLITLLM_CPU_KERNELS=torch`) `available()` is False and
-`Int4Linear` / `Int8Linear` stay on torch's kernels; `why_unavailable()` says why.
+`Int4Linear` / `Int8Linear` stay on torch's kernels and the predictive codec's decode steps on its
+float32 products; `why_unavailable()` says why.
 
 4-bit layout (portable: the same bytes on every CPU; see kernels.c): packed [N, K/2] uint8, 64
 codes per 32 bytes as 16 words of four nibbles (`pack4`); scales_and_zeros [N/4, K/G, 4, 2] bf16, the
