@@ -35,6 +35,7 @@ def profile_cmd(
     import torch
 
     from ..configio import write_yaml
+    from ..data import WIKITEXT2_TEST
     from ..errors import SplitLLMError
     from ..deploy.calibrate import wikitext_path
     from ..deploy.measure import ProfileSettings, measure_profile, profile_tokens, text_codec_ids
@@ -104,7 +105,7 @@ def profile_cmd(
     )
     if profile.codec is not None:
         err_console.print(_codec_table(profile.codec))
-        source = (f"the last {len(codec_ids)} tokens of wikitext2/wiki.test.raw (the calibration text)"
+        source = (f"the last {len(codec_ids)} tokens of {WIKITEXT2_TEST} (the calibration text)"
                   if codec_ids is not None else f"random tokens ({why_random})")
         err_console.print(f"codec points measured on {source}: codec_source {profile.codec_source}", highlight=False)
     console.print(f"wrote {out}", highlight=False)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from splitcli.cost.memory import KEEP_BITS
+from splitcli.data import WIKITEXT2_TEST
 from splitcli.errors import SplitLLMError
 from splitcli.eval.protocols import LogitsFn
 from splitcli.plan.codec_settings import CodecSettings
@@ -205,7 +206,8 @@ def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[s
         info.update(split.info)
         info["weight_bits"] = info["weight_bits"] + [None] * (n - cfg.split_layer)  # the cloud: full precision
         if cfg.codec == "tabq":
-            info["codec"]["calibration"] = "last 2048 tokens of wikitext2/wiki.test.raw" if cfg.codec_settings.needs_samples else "none"
+            info["codec"]["calibration"] = (f"last 2048 tokens of {WIKITEXT2_TEST}" if cfg.codec_settings.needs_samples
+                                            else "none")
             if math.isinf(info["codec"]["tau"]):
                 info["codec"]["tau"] = "inf"
         return Pipeline(cfg, _session_logits_fn(split.session), info)
@@ -229,7 +231,6 @@ def build_pipeline(lm, cfg: PipelineConfig, data_dir=None, progress: Callable[[s
 def _predictive_key(target: float | None, fit_text: str | None = None) -> str:
     from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION
     from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR
-    from splitcli.data import WIKITEXT2_TEST
     from splitcli.deploy.calibrate import read_user_text
     from splitcli.deploy.predictive import PREDICTIVE_FIT_WINDOWS, TABLES
 

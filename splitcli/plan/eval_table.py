@@ -20,6 +20,7 @@ import math
 import os
 from typing import Any, Iterable, Mapping
 
+from splitcli.data import WIKITEXT2_TEST
 from splitcli.errors import SplitLLMError
 from splitcli.plan.accuracy import AccuracyTable, read_json
 from splitcli.plan.codec_settings import DEFAULT_PREDICTIVE_TARGET_REL_ERROR, DEFAULT_TAU_QUANTILE
@@ -79,7 +80,7 @@ def _predictive_row(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """A predictive split's row: keyed by ℓ, edge bits, Qa and the wire (its q̄ and τ in a plan
     are nominal). Only the fit a plan deploys (the default error target) is a plan candidate."""
     key = str(data["pipeline"].get("predictive", ""))
-    if f"bulk target {DEFAULT_PREDICTIVE_TARGET_REL_ERROR}," not in key or "wikitext2/wiki.test.raw" not in key:
+    if f"bulk target {DEFAULT_PREDICTIVE_TARGET_REL_ERROR}," not in key or WIKITEXT2_TEST not in key:
         raise SplitLLMError(f"{where}: a predictive run fitted for another error or on another text "
                             f"({key or 'unrecorded'}) is not a plan candidate (plans deploy the default fit: "
                             f"bulk target {DEFAULT_PREDICTIVE_TARGET_REL_ERROR} on WikiText-2)")
