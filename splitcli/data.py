@@ -94,8 +94,14 @@ def read_text(path: Path, normalize_newlines: bool = True) -> str:
     computed on the Hugging Face text, whose lines end in LF. Kept as bytes, every line would add
     a "\r" token (304,839 tokens instead of 301,948 with SmolLM2's tokenizer, and a different ppl).
     """
+    return decode_text(Path(path).read_bytes(), path, normalize_newlines)
+
+
+def decode_text(raw: bytes, path, normalize_newlines: bool = True) -> str:
+    """`read_text` of bytes already read (from `path`, named in the error): a caller that also
+    hashes the file reads it once, so the text and the hash are of the same bytes."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SplitLLMError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     if normalize_newlines:

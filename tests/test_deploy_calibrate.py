@@ -3,6 +3,7 @@ and the deployment layer's wire."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from types import SimpleNamespace
@@ -13,7 +14,8 @@ import torch
 from splitcli.codec import CodecConfig, decode
 from splitcli.codec.calibrate import calibrate_from_samples
 from splitcli.deploy import SplitSpec, build_wire
-from splitcli.deploy.calibrate import cache_dir, calibrated_config, calibration_ids, edge_hidden
+from splitcli.deploy.calibrate import (cache_dir, calibrated_config, calibration_ids, edge_hidden, read_user_text,
+                                      read_wikitext)
 from splitcli.errors import SplitLLMError
 from splitcli.plan.codec_settings import CodecSettings
 from splitcli.runtime.codec_wire import CodecWire
@@ -228,3 +230,24 @@ def test_cache_file_holds_one_report_and_a_hit_returns_what_the_miss_did(llama, 
     Path(miss["path"]).write_text(json.dumps(dict(stored, report="target_rel_error")))
     cfg3, info3 = calibrated_config(lm, 2, CodecSettings(target_rel_error=0.05), data)
     assert info3["cache"] == "miss" and cfg3 == cfg and json.loads(Path(miss["path"]).read_text())["report"] == miss["chosen"]
+
+
+def test_user_and_wikitext_texts_are_read_with_the_hash_of_their_bytes(tmp_path):
+    """The text (LF line ends) and the sha256 that keys the caches come from one read of the same bytes;
+    empty and non-UTF-8 files get one clear error naming what they were for."""
+    raw = "één\r\ntwee\rdrie\n".encode()
+    (tmp_path / "mine.txt").write_bytes(raw)
+    assert read_user_text(tmp_path / "mine.txt") == ("één\ntwee\ndrie\n", hashlib.sha256(raw).hexdigest())
+    wiki = tmp_path / "data" / "wikitext2"
+    wiki.mkdir(parents=True)
+    (wiki / "wiki.test.raw").write_bytes(raw)
+    assert read_wikitext(tmp_path / "data") == ("één\ntwee\ndrie\n", hashlib.sha256(raw).hexdigest())
+    (tmp_path / "empty.txt").write_bytes(b" \n")
+    (tmp_path / "binary.txt").write_bytes(b"ok \xff\xfe")
+    with pytest.raises(SplitLLMError, match="the fit text .*empty.txt is empty"):
+        read_user_text(tmp_path / "empty.txt")
+    with pytest.raises(SplitLLMError, match=r"cannot read the text: .*binary.txt is not UTF-8 text \(invalid start "
+                                            r"byte at byte 3\)"):
+        read_user_text(tmp_path / "binary.txt", "text")
+    with pytest.raises(SplitLLMError, match="cannot read the fit text .*missing.txt"):
+        read_user_text(tmp_path / "missing.txt")

@@ -22,7 +22,7 @@ import torch
 
 from splitcli.codec.calibrate import calibrate_settings
 from splitcli.codec.config import FORMAT_VERSION, CodecConfig
-from splitcli.data import WIKITEXT2_TEST, data_file, read_text
+from splitcli.data import WIKITEXT2_TEST, data_file, decode_text
 from splitcli.errors import SplitLLMError
 from splitcli.plan.codec_settings import CodecSettings
 
@@ -43,7 +43,8 @@ def read_wikitext(data_dir=None) -> tuple[str, str]:
     """WikiText-2 test text exactly as the evaluation reads it (LF line ends) and the sha256 of
     the file's bytes (part of the calibration cache key)."""
     path = wikitext_path(data_dir)
-    return read_text(path), hashlib.sha256(path.read_bytes()).hexdigest()
+    raw = path.read_bytes()
+    return decode_text(raw, path), hashlib.sha256(raw).hexdigest()
 
 
 def read_user_text(path, what: str = "fit text") -> tuple[str, str]:
@@ -54,7 +55,7 @@ def read_user_text(path, what: str = "fit text") -> tuple[str, str]:
     except OSError as exc:
         raise SplitLLMError(f"cannot read the {what} {path}: {exc}") from None
     try:
-        text = read_text(path)
+        text = decode_text(raw, path)
     except SplitLLMError as exc:
         raise SplitLLMError(f"cannot read the {what}: {exc}") from None
     if not text.strip():
