@@ -352,3 +352,88 @@ def test_a_codec_of_one_gain_level_codes_no_levels():
     ids, h = wins[6]
     y1, y8 = (decode(encode(h, ids, pc, emb), pc, emb) for pc in (one, many))
     assert torch.allclose(y1, y8, atol=0.1) and (y1 - h).abs().max() < 0.1
+
+
+def _fisher(seed=3, n=16) -> torch.Tensor:
+    """A Fisher-like matrix [n, n]: symmetric positive definite, eigenvalues spread over two decades."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    return (Q * torch.logspace(-5, -3, n, dtype=torch.float64)) @ Q.T
+
+
+def test_fisher_shaping_is_f_to_gamma_with_a_floor_and_unit_geometric_mean():
+    from splitcli.codec.predictive_fit import fisher_shaping
+
+    lam = torch.tensor([0.0, 2e-3, 4e-3, 6e-3], dtype=torch.float64)    # mean 3e-3: floor 0.4 -> 1.2e-3
+    T, Ti = fisher_shaping(torch.diag(lam), gamma=0.5, floor=0.4)
+    d = torch.tensor([1.2e-3, 2e-3, 4e-3, 6e-3], dtype=torch.float64).sqrt()
+    d = d / d.log().mean().exp()
+    assert T.dtype == np.float32 and np.allclose(T, np.diag(d.numpy()), rtol=1e-6, atol=1e-7)
+    assert np.allclose(Ti, np.diag(1 / d.numpy()), rtol=1e-6, atol=1e-7)
+    T, Ti = fisher_shaping(_fisher())                                    # a rotated one: still T = F^γ-like
+    assert np.allclose(T, T.T, atol=1e-6) and np.abs(T.astype(np.float64) @ Ti - np.eye(16)).max() < 1e-5
+    assert abs(np.linalg.slogdet(T.astype(np.float64))[1]) < 1e-4        # geometric mean 1: det 1
+    for bad in (torch.zeros(4, 4), torch.full((4, 4), float("nan")), torch.ones(3, 4)):
+        with pytest.raises(SplitLLMError, match="Fisher"):
+            fisher_shaping(bad)
+
+
+def test_a_shaped_codec_rounds_in_the_shaped_basis_and_decodes_through_the_inverse():
+    """With shaping, the rounding happens on (x - P) T U: decoded without the shrink, the error mapped
+    back into that basis is the rounding (each component within half a step), and the error in h
+    is larger where T is small (the directions the loss is least sensitive to)."""
+    emb, wins = _synthetic_windows(7)
+    F = _fisher()
+    pc = fit_predictive(emb, wins[:6], step=0.3, fisher=F, shrink_decoder=False)
+    assert pc.shape is not None and pc.version == 2
+    ids, h = wins[6]
+    x = decode(encode(h, ids, pc, emb), pc, emb)
+    e = ((x - h)[1:] @ torch.from_numpy(pc.shape) @ torch.from_numpy(pc.U))   # [T - 1, H]: the rounding
+    assert float(e.abs().max()) <= 0.15 + 1e-4 and float(e.abs().max()) > 0.1
+    lam, V = torch.linalg.eigh(F)
+    eh = ((x - h)[1:].double() @ V).pow(2).mean(0)                         # error per eigendirection of F
+    assert float(eh[:4].mean()) > 2 * float(eh[-4:].mean())             # least sensitive get the most
+    one_step = fit_predictive(emb, wins[:6], step=0.3, fisher=F)
+    assert one_step.crc != fit_predictive(emb, wins[:6], step=0.3).crc
+    with pytest.raises(SplitLLMError, match="Fisher matrix is"):
+        fit_predictive(emb, wins[:6], step=0.3, fisher=torch.eye(8))
+
+
+def test_shaped_codecs_save_load_and_refuse_bad_shaping(tmp_path):
+    from splitcli.codec.predictive_fit import fisher_shaping
+
+    T, Ti = fisher_shaping(_fisher(n=H))
+    pc, emb = _toy(shape=T, shape_inv=Ti), _emb()
+    assert pc.crc != _toy().crc
+    pc.save(tmp_path / "pc.npz")
+    back = PredictiveCodec.load(tmp_path / "pc.npz")
+    assert back.crc == pc.crc and np.array_equal(back.shape, T) and np.array_equal(back.shape_inv, Ti)
+    x, ids = _rows()
+    assert torch.equal(decode(encode(x, ids, pc, emb), back, emb), decode(encode(x, ids, pc, emb), pc, emb))
+    assert float((decode(encode(x, ids, pc, emb), pc, emb) - x).abs().max()) < 2.0
+    with pytest.raises(SplitLLMError, match="both T and T"):
+        _toy(shape=T)
+    with pytest.raises(SplitLLMError, match="version-2"):
+        _toy(shape=T, shape_inv=Ti, version=1)
+    with pytest.raises(SplitLLMError, match="not the inverse"):
+        _toy(shape=T, shape_inv=T)
+    with pytest.raises(SplitLLMError, match="NaN"):
+        _toy(shape=np.full((H, H), np.nan, np.float32), shape_inv=Ti)
+    assert _toy(version=1).crc == _toy().crc                         # unshaped: the version-1 crc, frames as before
+
+
+def test_bulk_error_of_a_shaped_codec_maps_the_error_back_through_the_inverse():
+    from splitcli.codec.predictive_fit import BulkError, fisher_shaping
+
+    g = torch.Generator().manual_seed(2)
+    U = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+    T, Ti = (torch.from_numpy(a) for a in fisher_shaping(_fisher(n=8)))
+    h = torch.randn(500, 8, generator=g)
+    h[:, 6] *= 300
+    y = h @ T @ U
+    be = BulkError(y, h, U, Ti)
+    q = torch.round(y / 0.7)
+    e = torch.where(q.abs() > K, 0.0, y - q * 0.7) @ U.T @ Ti         # the rounding error, in h
+    keep = [c for c in range(8) if c != 6]
+    want = float((e[:, keep].norm(dim=1) / h[:, keep].norm(dim=1)).mean())
+    assert be.massive == 1 and abs(be(0.7) - want) < 1e-5

@@ -66,14 +66,15 @@ def test_split_session_over_the_predictive_wire(llama, tmp_path, monkeypatch):
 
 
 def test_the_stated_target_error_reaches_the_fit(llama, tmp_path, monkeypatch):
-    from splitcli.plan.codec_settings import CodecSettings
+    from splitcli.plan.codec_settings import DEFAULT_PREDICTIVE_TARGET_REL_ERROR, CodecSettings
 
     monkeypatch.setenv("SPLITLLM_CACHE", str(tmp_path / "cache"))
     data = write_wikitext(tmp_path / "data")
     lm = SimpleNamespace(model=llama, tokenizer=CharTokenizer(), sha256="ab" * 32)
     default = build_wire(SplitSpec(split_layer=2, wire="predictive"), lm, data)
     coarse = build_wire(SplitSpec(split_layer=2, wire="predictive", codec=CodecSettings(target_rel_error=0.3)), lm, data)
-    assert default.pc.info["target_rel_error"] == 0.15 and coarse.pc.info["target_rel_error"] == 0.3
+    assert default.pc.info["target_rel_error"] == DEFAULT_PREDICTIVE_TARGET_REL_ERROR == 0.175
+    assert coarse.pc.info["target_rel_error"] == 0.3 and default.pc.shape is not None   # shaped by the cloud's Fisher
     assert abs(coarse.pc.info["rel_error_fit"] - 0.3) < 1e-3 and coarse.pc.step > default.pc.step
 
 
@@ -199,3 +200,37 @@ def test_rows_read_any_scale_dtype_as_the_dequantizer_does_and_refuse_other_layo
     q.scales = q.scales.reshape(40, 1).repeat(1, 2)               # two groups per row: not this table
     with pytest.raises(SplitLLMError, match="one group per row"):
         _Rows(q)
+
+
+def test_cloud_fisher_is_the_gauss_newton_matrix_of_the_clouds_loss(llama):
+    """Sampled labels estimate E_t Σ_s J_stᵀ (diag p_s - p_s p_sᵀ) J_st (J_st = d logits_s / d h_t):
+    checked against that matrix computed exactly from the Jacobians on a short window."""
+    from splitcli.deploy.predictive import cloud_fisher
+    from splitcli.model.split import CloudHalf, decoder_parts
+
+    lm = SimpleNamespace(model=llama)
+    g = torch.Generator().manual_seed(0)
+    H = llama.config.hidden_size
+    h = torch.randn(5, H, generator=g)
+    cloud = CloudHalf(decoder_parts(llama), 2)
+
+    def logits(x):   # [5, H] -> [4, V]: positions 0..3 predict the next token
+        out = cloud.layers(x[None], torch.arange(5)[None], None, cloud.new_cache())
+        return cloud.parts.lm_head(cloud.parts.norm(out))[0, :-1]
+
+    with torch.enable_grad():
+        J = torch.autograd.functional.jacobian(logits, h).double()          # [4, V, 5, H]
+        p = logits(h).detach().double().softmax(-1)                            # [4, V]
+    want = torch.zeros(H, H, dtype=torch.float64)
+    for s in range(4):
+        C = torch.diag(p[s]) - p[s, :, None] * p[s][None]                      # [V, V]
+        for t in range(1, 5):                                                  # rows 1..: the sink row is raw
+            want += J[s, :, t].T @ C @ J[s, :, t]
+    want /= 4
+    got = cloud_fisher(lm, 2, [(None, h)], samples=4000, seed=1)
+    assert torch.allclose(got, got.T) and float(torch.linalg.eigvalsh(got).min()) > -1e-9
+    assert float((got - want).norm() / want.norm()) < 0.1                     # Monte Carlo: ~6% at 4000 samples
+    again = cloud_fisher(lm, 2, [(None, h)], samples=3, seed=1)
+    assert torch.equal(again, cloud_fisher(lm, 2, [(None, h)], samples=3, seed=1))   # seeded: the same fit
+    with pytest.raises(SplitLLMError, match="at least 2 tokens"):
+        cloud_fisher(lm, 2, [(None, h[:1])])

@@ -122,6 +122,20 @@ def test_psi_ranks_a_wider_tabq_first_and_ties_go_to_the_smaller_frame():
     assert pred.rejected_by == "accuracy" and "codec error 0.2 > allowed 0.15" in pred.reason
 
 
+def test_the_predictive_codec_is_bounded_by_its_own_target_when_given_one():
+    """`plan` without --codec-error bounds each codec by its own default target: the shaped predictive
+    codec's error in h is larger at equal perplexity, so TAB-Q's 0.15 would reject its default fit."""
+    profile = _profile(_tabq(err_by_q={4: 0.30, 6: 0.17}) + [_pred(q_bar=6, error=0.17)])
+    search = _search(profile, predictive_codec_error=0.175)
+    assert search.winner.candidate.recipe == PREDICTIVE_RECIPE
+    (tabq,) = [r for r in search.ranked if not r.candidate.recipe.predictive and r.candidate.q_bar == 6]
+    assert tabq.rejected_by == "accuracy" and "codec error 0.17 > allowed 0.15" in tabq.reason
+    search = _search(profile, predictive_codec_error=0.16)
+    assert search.winner is None and search.codec_bound_only
+    (pred,) = [r for r in search.ranked if r.candidate.recipe.predictive]
+    assert "codec error 0.17 > allowed 0.16" in pred.reason
+
+
 def test_its_edge_holds_the_8_bit_rows_it_predicts_from():
     profile = _profile(_tabq() + [_pred(q_bar=6)])
     rows8, exact = profile.embedding.weight_bytes_at(8), profile.embedding.weight_bytes_at(16)
@@ -251,6 +265,18 @@ def test_plan_command_chooses_the_predictive_codec_and_says_why(tmp_path):
                             "--rotation", "none", "-o", str(out), "--force"])
     assert r.exit_code == 0, r.output
     assert Plan.load(out).wire == "tabq"
+    # an error between TAB-Q's default target and the predictive codec's: its own bound by default
+    profile = tmp_path / "profile-0.17.yaml"
+    write_yaml(profile, _profile(_tabq() + [_pred(q_bar=6, encode_ms=None, error=0.17)]).to_dict())
+    r = runner.invoke(app, ["plan", "--profile", str(profile), "--mem", "10MB", "--accuracy-table", str(table),
+                            "-o", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    assert "its measured error 0.17 <= 0.175 (--codec-error)" in " ".join(r.output.split())
+    assert Plan.load(out).wire == "predictive" and Plan.load(out).notes["codec_error_bound"] == 0.175
+    r = runner.invoke(app, ["plan", "--profile", str(profile), "--mem", "10MB", "--accuracy-table", str(table),
+                            "--codec-error", "0.15", "-o", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    assert Plan.load(out).wire == "tabq" and Plan.load(out).notes["codec_error_bound"] == 0.15
 
 
 # --- measured on a model -----------------------------------------------------------------------------

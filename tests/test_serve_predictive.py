@@ -295,6 +295,7 @@ def test_shards_run_the_clouds_codec(tiny_model_dir, tmp_path, monkeypatch):
     assert not isinstance(edges[8].wire.emb, torch.Tensor)                 # the shard's own rows, no float copy
     alone, _, _ = build_shard_split(shards[8], wire="predictive", data_dir=data)   # fitted on the 4-bit edge
     assert alone.wire.pc.crc != cloud.wire.pc.crc and alone.wire.pc.info["split_layer"] == 2
+    assert cloud.wire.pc.shape is not None and alone.wire.pc.shape is None   # an edge has no cloud's Fisher
     assert len(reference(alone, PROMPTS[0], SamplingConfig(max_new_tokens=3))) == 3
     old = tmp_path / "exact.npz"
     dataclasses.replace(cloud.wire.pc, info=dict(cloud.wire.pc.info, table="exact")).save(old)

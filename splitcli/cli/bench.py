@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.progress import Progress
 
+from ..plan.codec_settings import DEFAULT_PREDICTIVE_TARGET_REL_ERROR
 from .common import (
     DATA_DIR_OPTION, FORCE_JSON_OPTION, JSON_OPTION, MODEL_OPTION, check_output_path, cli_errors,
     codec_options, console, err_console, load_model_with_status, parse_count_list, write_json,
@@ -125,7 +126,7 @@ def codec_cmd(
     plot: Path = typer.Option(None, "--plot", help="Write the sweep as a PNG plot here."),
     predictive: bool = typer.Option(False, "--predictive", help="Also fit and measure the token-predictive codec (frame format 4) on the same windows."),
     fit_windows: int = typer.Option(None, "--fit-windows", help="--predictive: windows of --seqlen tokens at the end of the text to fit it on (default 24, as deployment fits)."),
-    predictive_error: float = typer.Option(None, "--predictive-error", help="--predictive: the error its step is chosen for on the fit text: mean per-token relative L2 error of the non-massive channels, as --target-error (default 0.15)."),
+    predictive_error: float = typer.Option(None, "--predictive-error", help=f"--predictive: the error its step is chosen for on the fit text: mean per-token relative L2 error of the non-massive channels, as --target-error (default {DEFAULT_PREDICTIVE_TARGET_REL_ERROR:g})."),
     data_dir: Path = DATA_DIR_OPTION,
     force: bool = typer.Option(False, "--force", help="Overwrite the --json / --plot files if they exist."),
     codec_flags: dict = None,

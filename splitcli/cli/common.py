@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..errors import SplitLLMError
+from ..plan.codec_settings import DEFAULT_PREDICTIVE_TARGET_REL_ERROR
 
 console = Console()
 err_console = Console(stderr=True)
@@ -120,7 +121,7 @@ _CODEC_FLAGS = (
     ("rotation", str, "--rotation", "Rotate T_below before TAB-Q: none or hadamard (seeded, known to both ends; default: none)."),
     ("rotation_seed", int, "--rotation-seed", "Seed of the Hadamard rotation's random signs (default: 0)."),
     ("channel_alpha", float, "--channel-alpha", "Divide each channel by its calibrated RMS^alpha before TAB-Q, alpha in [0, 1] (default: 0 = off)."),
-    ("target_rel_error", float, "--target-error", "Let calibration pick τ and Q̄ for this mean per-token relative error of the non-massive channels, e.g. 0.1 (default: the fixed settings, checked; past 0.5 error calibration falls back to 0.15). With --codec predictive: the error its step is fitted for (default 0.15)."),
+    ("target_rel_error", float, "--target-error", f"Let calibration pick τ and Q̄ for this mean per-token relative error of the non-massive channels, e.g. 0.1 (default: the fixed settings, checked; past 0.5 error calibration falls back to 0.15). With --codec predictive: the error its step is fitted for (default {DEFAULT_PREDICTIVE_TARGET_REL_ERROR:g}; it is shaped to put its error where the cloud's loss is least sensitive)."),
 )
 
 

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ..plan.advise import DEFAULT_Q_BARS
+from ..plan.codec_settings import DEFAULT_PREDICTIVE_TARGET_REL_ERROR
 from ..plan.enumerate import DEFAULT_EMBED_BITS
 from ..plan.recipes import DEFAULT_MAX_CODEC_ERROR
 from .common import check_output_path, cli_errors, console, err_console, load_model_with_status, parse_int_list
@@ -33,7 +34,7 @@ def plan_cmd(
     q_bars: str = typer.Option(None, "--q-bar", help=f"Codec q̄ values to consider \\[default: those the profile measured, else {','.join(map(str, DEFAULT_Q_BARS))}]."),
     rotation: str = typer.Option(None, "--rotation", help="Pin the codec recipe's rotation (none or hadamard) \\[default: choose among the recipes the profile measured]."),
     channel_alpha: float = typer.Option(None, "--channel-alpha", help="Pin the codec recipe's channel α in [0, 1] \\[default: choose among the measured recipes]."),
-    codec_error: float = typer.Option(DEFAULT_MAX_CODEC_ERROR, "--codec-error", help="Largest codec error (mean per-token relative error of the non-massive channels, measured per recipe by the profile) a candidate may have."),
+    codec_error: float = typer.Option(None, "--codec-error", help=f"Largest codec error (mean per-token relative error of the non-massive channels, measured per recipe by the profile) a candidate may have \\[default: each codec's default target, {DEFAULT_MAX_CODEC_ERROR:g} for tabq recipes and {DEFAULT_PREDICTIVE_TARGET_REL_ERROR:g} for the predictive codec, shaped to put its larger error where the loss is least sensitive]."),
     embed_bits: int = typer.Option(DEFAULT_EMBED_BITS, "--embed-bits", help="How the edge stores its embedding: 8 (quantize's default) or 16 (as loaded; a predictive codec candidate also holds the 8-bit rows it predicts from)."),
     edge_act_bits: int = typer.Option(16, "--edge-act-bits", help="Recorded in the plan: the input width of the edge's 4-bit products at decode, 16 or 8 (faster, coarser; the profile's costs are the 16-bit input's, so the plan's latency stays on the safe side)."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the chosen plan here (YAML)."),
@@ -73,7 +74,7 @@ def plan_cmd(
     if sweep not in (None, "max-tokens"):
         raise SplitLLMError(f"--sweep supports only 'max-tokens', got {sweep!r}")
     # bad values fail before anything loads, naming the flag
-    for flag, check in (("--codec-error", lambda: check_max_codec_error(codec_error)),
+    for flag, check in (("--codec-error", lambda: codec_error is None or check_max_codec_error(codec_error)),
                         ("--rotation", lambda: pinned_recipes((), rotation, None)),
                         ("--channel-alpha", lambda: pinned_recipes((), None, channel_alpha))):
         try:
@@ -108,15 +109,16 @@ def plan_cmd(
         source = (f"PROXY: WikiText-2 perplexity increase over {proxy_windows} x {proxy_seqlen} tokens "
                   f"(edge weights + KV quantized; codec not modeled), not task accuracy")
     pinned = rotation is not None or channel_alpha is not None
+    bounds = _Bounds(codec_error)
     search = search_plans(profile, space, budgets, max_tokens, accuracy, embed_bits=embed_bits,
-                          latency=latency_model(profile, link, rate), max_codec_error=codec_error,
-                          measured_recipes_only=not pinned)
+                          latency=latency_model(profile, link, rate), max_codec_error=bounds.tabq,
+                          predictive_codec_error=bounds.predictive, measured_recipes_only=not pinned)
     several = len(space.recipes) > 1   # name the recipe in descriptions only when there was a choice
     # Real work: the proxy caches by edge weights and KV bits, so q̄ and recipe cost it no run.
     scored = (f"{proxy.evaluations} proxy evaluations (baseline included)" if proxy is not None
               else f"{search.accuracy_evaluations} accuracy look-ups in the table")
     _print_ranking(search, profile, link, rate, budgets, several, scored)
-    err_console.print(f"accuracy: {source}; codec: {_codec_check(search, codec_error)}", highlight=False)
+    err_console.print(f"accuracy: {source}; codec: {_codec_check(search, bounds)}", highlight=False)
     if search.winner is None:
         from ..units import format_bytes
 
@@ -136,9 +138,9 @@ def plan_cmd(
                     " or drop the --rotation/--channel-alpha pin" if pinned else "")
                 if search.codec_bound_only:
                     raise SplitLLMError(f"every candidate{within} has a codec error above --codec-error "
-                                        f"{codec_error:g} ({best}): {fixes}", exit_code=3)
+                                        f"{bounds} ({best}): {fixes}", exit_code=3)
                 raise SplitLLMError(f"no configuration passes both the accuracy drop of {drop:.4g} and "
-                                    f"--codec-error {codec_error:g} at any memory{within} ({best}): "
+                                    f"--codec-error {bounds} at any memory{within} ({best}): "
                                     f"raise --accuracy-drop, or {fixes}", exit_code=3)
             raise SplitLLMError(f"no configuration passes the accuracy drop of {drop:.4g} at any memory{within}: "
                                 "raise --accuracy-drop", exit_code=3)
@@ -148,7 +150,7 @@ def plan_cmd(
 
     winner = search.winner
     latency = step_latency(profile, winner.candidate, link, rate)
-    recipe_line = explain_recipe(search, profile, codec_error, pinned=pinned)
+    recipe_line = explain_recipe(search, profile, bounds.of(winner.candidate.recipe), pinned=pinned)
     if profile.codec is not None:  # the profile's codec points: text or random tokens (they code differently)
         recipe_line += f" (codec measured on {profile.codec_source})"
     console.print(recipe_line, highlight=False)
@@ -162,7 +164,7 @@ def plan_cmd(
         "predicted_wire_bytes_per_token": latency.wire_bytes,
         "predicted_step_ms": latency.total_s * 1e3 if link is not None else None,
         "rate_bps": rate, "profile": str(profile_path), "profile_device": profile.device.name,
-        "codec_recipe": recipe_line, "codec_error_bound": codec_error,
+        "codec_recipe": recipe_line, "codec_error_bound": bounds.of(winner.candidate.recipe),
     }
     # Saved as costed: another spelling of the same edge could keep more layers in the shard.
     plan = to_plan(winner.candidate, profile, budgets, max_tokens, group_size=group_size,
@@ -173,15 +175,30 @@ def plan_cmd(
         console.print(f"wrote {out}", highlight=False)
 
 
-def _codec_check(search, bound: float) -> str:
+class _Bounds:
+    """The codec-error bounds: --codec-error for every recipe, else each codec's default target."""
+
+    def __init__(self, codec_error: float | None):
+        self.given = codec_error
+        self.tabq = DEFAULT_MAX_CODEC_ERROR if codec_error is None else codec_error
+        self.predictive = DEFAULT_PREDICTIVE_TARGET_REL_ERROR if codec_error is None else codec_error
+
+    def of(self, recipe) -> float:
+        return self.predictive if recipe.predictive else self.tabq
+
+    def __str__(self) -> str:
+        return f"{self.given:g}" if self.given is not None else f"{self.tabq:g} (predictive: {self.predictive:g})"
+
+
+def _codec_check(search, bounds: _Bounds) -> str:
     """What the codec-error bound did for this plan: said as measured only where it was."""
     w = search.winner
     if w is None:
-        return f"candidates whose measured error exceeds {bound:g} rejected (--codec-error)"
+        return f"candidates whose measured error exceeds {bounds} rejected (--codec-error)"
     if w.codec_error is None:
         return ("error not measured (the profile predates it, or did not measure this q̄ or recipe); "
                 "--codec-error not applied")
-    return f"its measured error {w.codec_error:.3g} <= {bound:g} (--codec-error)"
+    return f"its measured error {w.codec_error:.3g} <= {bounds.of(w.candidate.recipe):g} (--codec-error)"
 
 
 def _profile_default_group_size() -> int:

@@ -20,11 +20,14 @@ import torch
 
 from splitcli.errors import SplitLLMError
 
-#: Version of the saved codec file (the arrays and their meaning).
-FILE_VERSION = 1
+#: Version of the saved codec file (the arrays and their meaning). 2 added the optional shaping T
+#: (and T⁻¹); version-1 files (no shaping) still load.
+FILE_VERSION = 2
+_FILE_VERSIONS = (1, 2)
 #: Symbols are coded in [-K, K]; larger ones escape.
 K = 255
 _FP16_SAFE = 60000.0     # predictor weights up to which fp16 holds them (below its max: no inf)
+_SHAPE_TOLERANCE = 1e-3  # |T T⁻¹ - I| past which a file's shaping is refused (float32 rounding is ~1e-6)
 
 _Categorical = constriction.stream.model.Categorical
 
@@ -38,7 +41,10 @@ class PredictiveCodec:
     gain_edges [G - 1]: the gain levels' inner thresholds; gain_max: the largest calibration gain;
     gain_probs [G]; sym_probs [G, C, 2K + 1]: the static symbol models; shrink [G, H]: the decoder's
     gain per (gain level, component), E[y q] / E[q²] on the fit text (ones: none); emb_crc: crc32 of
-    the input-embedding matrix the predictor was fitted with (checked where the codec meets a model).
+    the input-embedding matrix the predictor was fitted with (checked where the codec meets a model);
+    shape, shape_inv [H, H] float32 or None: T and T⁻¹, the shaping by the cloud's Fisher
+    (`predictive_fit.fisher_shaping`): the residual is coded as (x - P) T U and decoded as
+    P + z Uᵀ T⁻¹, so the error lands where the cloud's loss is least sensitive (None: T = I).
     """
 
     W: np.ndarray
@@ -54,16 +60,22 @@ class PredictiveCodec:
     emb_crc: int
     info: dict = field(default_factory=dict)     # how it was fitted (text, windows, targets): not coded
     version: int = FILE_VERSION
+    shape: np.ndarray | None = None
+    shape_inv: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.version != FILE_VERSION:
+        if self.version not in _FILE_VERSIONS:
             raise SplitLLMError(f"predictive codec file version {self.version!r} is not supported "
-                                f"(this build reads version {FILE_VERSION})")
+                                f"(this build reads versions {', '.join(map(str, _FILE_VERSIONS))})")
         H = self.U.shape[0] if getattr(self.U, "ndim", 0) == 2 else -1
         arrays = dict(W=(self.W, (2 * H + 1, H), np.float32), U=(self.U, (H, H), np.float32),
                       crms=(self.crms, (H,), np.float32), classes=(self.classes, (H,), np.uint8),
                       gain_edges=(self.gain_edges, None, np.float32), gain_probs=(self.gain_probs, None, np.float64),
                       sym_probs=(self.sym_probs, None, np.float64), shrink=(self.shrink, None, np.float32))
+        if (self.shape is None) != (self.shape_inv is None) or (self.shape is not None and self.version < 2):
+            raise SplitLLMError("predictive codec shaping needs both T and T⁻¹ (and a version-2 file)")
+        if self.shape is not None:
+            arrays.update(shape=(self.shape, (H, H), np.float32), shape_inv=(self.shape_inv, (H, H), np.float32))
         for name, (arr, shape, dtype) in arrays.items():
             if not isinstance(arr, np.ndarray) or (shape is not None and arr.shape != shape):
                 raise SplitLLMError(f"predictive codec {name} must be an array of shape {shape}")
@@ -80,6 +92,9 @@ class PredictiveCodec:
                 or (self.sym_probs.sum(-1) <= 0).any() or (np.diff(self.gain_edges) < 0).any() \
                 or (self.shrink <= 0).any() or (self.shrink > 4).any():
             raise SplitLLMError("predictive codec tables hold invalid probabilities, RMS or thresholds")
+        if self.shape is not None and \
+                np.abs(self.shape.astype(np.float64) @ self.shape_inv - np.eye(H)).max() > _SHAPE_TOLERANCE:
+            raise SplitLLMError("predictive codec shape_inv is not the inverse of its shape")
 
     @property
     def hidden(self) -> int:
@@ -89,8 +104,9 @@ class PredictiveCodec:
     def crc(self) -> int:
         """crc32 of everything that shapes a frame: frames carry it, so a mismatch is a FrameError."""
         crc = zlib.crc32(np.float64(self.step).tobytes())
+        shaping = () if self.shape is None else (self.shape, self.shape_inv)    # unshaped: the version-1 crc
         for arr in (self.W, self.U, self.crms, self.classes, self.gain_edges, self.gain_probs, self.sym_probs,
-                    self.shrink):
+                    self.shrink, *shaping):
             crc = zlib.crc32(arr.tobytes(), crc)
         return zlib.crc32(np.float64(self.gain_max).tobytes(), crc)
 
@@ -117,12 +133,16 @@ class PredictiveCodec:
 
     @cached_property
     def Uw(self) -> torch.Tensor:
-        """U with its columns in working order [H, H]."""
-        return self.Ut[:, torch.from_numpy(self.col_order)].contiguous()
+        """[H, H] the encoder's rotation, columns in working order: y = (x - P) · Uw (T U with shaping)."""
+        a = self.Ut if self.shape is None else torch.from_numpy(self.shape) @ self.Ut
+        return a[:, torch.from_numpy(self.col_order)].contiguous()
 
     @cached_property
     def UwT(self) -> torch.Tensor:
-        return self.Uw.T.contiguous()
+        """[H, H] the decoder's, rows in working order: x̂ = P + z · UwT (Uwᵀ, or Uᵀ T⁻¹ with shaping)."""
+        if self.shape is None:
+            return self.Uw.T.contiguous()
+        return (self.Ut.T @ torch.from_numpy(self.shape_inv))[torch.from_numpy(self.col_order)].contiguous()
 
     @cached_property
     def Ut(self) -> torch.Tensor:
@@ -137,13 +157,13 @@ class PredictiveCodec:
 
     @cached_property
     def Uw16T(self) -> torch.Tensor | None:
-        """[H, H] float16, the encoder's: y = r · Uw = r · Uw16Tᵀ (a fitted U is orthogonal: |entries| <= 1)."""
-        return _half(self.UwT)
+        """[H, H] float16, the encoder's: y = r · Uw = r · Uw16Tᵀ (None past fp16's range, as W16)."""
+        return _half(self.Uw.T)
 
     @cached_property
     def Uw16(self) -> torch.Tensor | None:
-        """[H, H] float16, the decoder's: z · Uwᵀ = z · Uw16ᵀ."""
-        return _half(self.Uw)
+        """[H, H] float16, the decoder's: z · UwT = z · Uw16ᵀ."""
+        return _half(self.UwT.T)
 
     # Encoder and decoder work with the KLT components in *working order*, grouped by class
     # (`col_order`), so each (gain level, class) group of the body is a slice; frames index
@@ -213,9 +233,10 @@ class PredictiveCodec:
         meta = dict(version=self.version, step=self.step, gain_max=self.gain_max, emb_crc=self.emb_crc,
                     info=self.info, format="splitllm-predictive-codec")
         buf = io.BytesIO()
+        shaping = {} if self.shape is None else dict(shape=self.shape, shape_inv=self.shape_inv)
         np.savez(buf, W=self.W, U=self.U, crms=self.crms, classes=self.classes, gain_edges=self.gain_edges,
                  gain_probs=self.gain_probs, sym_probs=self.sym_probs, shrink=self.shrink,
-                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **shaping)
         Path(path).write_bytes(buf.getvalue())
 
     @classmethod
@@ -225,6 +246,7 @@ class PredictiveCodec:
                 meta = json.loads(bytes(z["meta"]).decode())
                 arrays = {k: z[k] for k in ("W", "U", "crms", "classes", "gain_edges", "gain_probs", "sym_probs",
                                             "shrink")}
+                arrays.update({k: z[k] for k in ("shape", "shape_inv") if k in z.files})
         except (OSError, KeyError, ValueError, UnicodeDecodeError) as exc:
             raise SplitLLMError(f"cannot read predictive codec file {path}: {exc}") from exc
         if not isinstance(meta, dict) or meta.get("format") != "splitllm-predictive-codec":

@@ -25,6 +25,11 @@ DEFAULT_GAINS = 8
 DEFAULT_RIDGE = 10.0
 #: The decoder gains' clamp: a gain outside it would come from a handful of points.
 SHRINK_MIN, SHRINK_MAX = 0.5, 1.5
+#: The shaping by the cloud's Fisher F (`fisher_shaping`): T = F^γ with F's eigenvalues raised to at
+#: least SHAPE_FLOOR × their mean, so the directions the loss is most sensitive to get a finer step
+#: and the rest keep one common step. Chosen on validation windows (docs/results.md, "Shaping the
+#: codec by the cloud's true Fisher"): plain F^½ (no floor) costs perplexity, F^¾ and F^1 gain less.
+SHAPE_GAMMA, SHAPE_FLOOR = 0.5, 0.4
 
 Window = tuple[torch.Tensor, torch.Tensor]   # (ids [T] int64, hidden [T, H] float32)
 
@@ -57,25 +62,45 @@ def _residuals(emb, windows, W: np.ndarray, U: np.ndarray | None) -> torch.Tenso
     return torch.cat(out)
 
 
+def fisher_shaping(fisher: torch.Tensor, gamma: float = SHAPE_GAMMA,
+                   floor: float = SHAPE_FLOOR) -> tuple[np.ndarray, np.ndarray]:
+    """(T, T⁻¹) [H, H] float32 from the Fisher F [H, H] (symmetric, positive semidefinite): F^γ with
+    eigenvalues floored at floor × their mean, scaled to a geometric mean of 1 (the step keeps its
+    scale). With the residual coded as r T, the codec's squared error weighs each direction by its
+    sensitivity^(2γ): at γ = ½, ½ eᵀ F e, the loss's second-order increase."""
+    f = torch.as_tensor(fisher, dtype=torch.float64)
+    if f.ndim != 2 or f.shape[0] != f.shape[1] or not torch.isfinite(f).all():
+        raise SplitLLMError("the Fisher matrix for the codec's shaping must be a finite square matrix")
+    lam, V = torch.linalg.eigh((f + f.T) / 2)
+    mean = float(lam.mean())
+    if not mean > 0:
+        raise SplitLLMError("the Fisher matrix for the codec's shaping is zero: the loss does not depend on h")
+    d = lam.clamp_min(floor * mean).pow(gamma)
+    d = d / d.log().mean().exp()
+    return ((V * d) @ V.T).float().numpy(), ((V / d) @ V.T).float().numpy()
+
+
 class BulkError:
     """The distortion a predictive codec's step is chosen for: the mean over tokens of the rounding
     error's relative L2 norm on the non-massive channels, ||e_t,S|| / ||h_t,S|| with S =
     `codec.calibrate.bulk_channels` (the same figure `target_rel_error` bounds for the TAB-Q codec).
     A few massive channels (here 4 of 576 hold half the energy at ℓ = 15; ~10^4 in Gemma-like models)
-    would otherwise set the step and leave the bulk unbounded. Computed in the KLT domain: the
-    error on S is the whole error less its part on the massive channels, e_y · U[M]ᵀ (M few).
+    would otherwise set the step and leave the bulk unbounded. The error in h is e_y · Uᵀ, or
+    e_y · Uᵀ T⁻¹ with shaping. Unshaped, the error on S is the whole error less its part on the
+    massive channels, e_y · U[M]ᵀ (M few); shaped, e_y · (Uᵀ T⁻¹)[:, S] is computed.
 
-    y [N, H]: KLT-domain residuals; h [N, H]: the hidden states they came from; U [H, H]."""
+    y [N, H]: KLT-domain residuals; h [N, H]: the hidden states they came from; U [H, H];
+    shape_inv [H, H]: T⁻¹, or None."""
 
-    def __init__(self, y: torch.Tensor, h: torch.Tensor, U: torch.Tensor):
+    def __init__(self, y: torch.Tensor, h: torch.Tensor, U: torch.Tensor, shape_inv: torch.Tensor | None = None):
         from splitcli.codec.calibrate import bulk_channels
 
-        self.y = y
+        self.y, self.orthogonal = y, shape_inv is None
         bulk = torch.from_numpy(bulk_channels(h.numpy()))
         massive = torch.ones(h.shape[1], dtype=torch.bool)
         massive[bulk] = False
         self.massive = int(massive.sum())
-        self.Um = U[massive].T.contiguous()                                       # [H, M]
+        self.B = U[massive].T.contiguous() if shape_inv is None else (U.T @ shape_inv)[:, bulk].contiguous()
         ref = h[:, bulk].double().pow(2).sum(1)                                   # [N]
         self.ok = ref > 0
         self.ref = ref[self.ok]
@@ -83,7 +108,10 @@ class BulkError:
     def __call__(self, step: float) -> float:
         q = torch.round(self.y / step)
         e = torch.where(q.abs() > K, 0.0, self.y - q * step)                   # escapes travel exactly
-        err = e.double().pow(2).sum(1) - (e @ self.Um).double().pow(2).sum(1)  # [N]: off the massive channels
+        if self.orthogonal:   # [N]: off the massive channels
+            err = e.double().pow(2).sum(1) - (e @ self.B).double().pow(2).sum(1)
+        else:
+            err = (e @ self.B).double().pow(2).sum(1)
         if not bool(self.ok.any()):
             return 0.0
         return float((err[self.ok].clamp_min(0) / self.ref).sqrt().mean())
@@ -114,11 +142,13 @@ def fit_shrink(y: torch.Tensor, q: torch.Tensor, levels: torch.Tensor, G: int) -
 def fit_predictive(emb: torch.Tensor, windows: Sequence[Window], *, step: float | None = None,
                    target_rel_error: float = DEFAULT_TARGET_REL_ERROR, classes: int = DEFAULT_CLASSES,
                    gains: int = DEFAULT_GAINS, ridge: float = DEFAULT_RIDGE, shrink_decoder: bool = True,
-                   info: dict | None = None,
+                   fisher: torch.Tensor | None = None, info: dict | None = None,
                    progress: Callable[[str], None] | None = None) -> PredictiveCodec:
     """A PredictiveCodec fitted on `windows` (each (ids [T], hidden [T, H]) of one text window).
 
-    step: δ, or None to pick it for `target_rel_error` (the rounding's `BulkError` on the fit text)."""
+    step: δ, or None to pick it for `target_rel_error` (the rounding's `BulkError` on the fit text).
+    fisher: the cloud's Fisher [H, H] w.r.t. h (`deploy.predictive.cloud_fisher`), to shape the
+    codec by (`fisher_shaping`); None: no shaping."""
     say = progress or (lambda _m: None)
     emb = emb.detach().to(torch.float32)
     windows = [(torch.as_tensor(i, dtype=torch.int64).reshape(-1), h.detach().to(torch.float32)) for i, h in windows]
@@ -134,12 +164,19 @@ def fit_predictive(emb: torch.Tensor, windows: Sequence[Window], *, step: float 
     say("fitting the token predictor")
     W = fit_token_predictor(emb, windows, ridge)
     r = _residuals(emb, windows, W, None)                                        # [N, H]
+    shape = shape_inv = None
+    if fisher is not None:
+        if tuple(fisher.shape) != (emb.shape[1],) * 2:
+            raise SplitLLMError(f"the Fisher matrix is {tuple(fisher.shape)}, not [H, H] for H = {emb.shape[1]}")
+        shape, shape_inv = fisher_shaping(fisher)
+        r = r @ torch.from_numpy(shape)                                           # [N, H]: r T
     say("fitting the KLT")
     cen = (r - r.mean(0)).double()
     evals, vecs = torch.linalg.eigh(cen.T @ cen)
     U = vecs.flip(1).float().numpy()                                             # columns by variance, descending
     y = r @ torch.from_numpy(U)                                                  # [N, H]
-    bulk_error = BulkError(y, torch.cat([h[1:] for _, h in windows]), torch.from_numpy(U))
+    bulk_error = BulkError(y, torch.cat([h[1:] for _, h in windows]), torch.from_numpy(U),
+                           None if shape_inv is None else torch.from_numpy(shape_inv))
     if step is None:
         say(f"choosing the step for relative error {target_rel_error} (non-massive channels)")
         step = step_for_error(bulk_error, target_rel_error, float(y.abs().max()) * 4)
@@ -173,11 +210,12 @@ def fit_predictive(emb: torch.Tensor, windows: Sequence[Window], *, step: float 
     return PredictiveCodec(W=W, U=U, step=float(step), crms=crms.numpy(), classes=cls.to(torch.uint8).numpy(),
                            gain_edges=edges.float().numpy(), gain_max=float(gain.max()),
                            gain_probs=(gain_probs / gain_probs.sum()).numpy(), sym_probs=probs.numpy(),
-                           shrink=shrink.float().numpy(),
+                           shrink=shrink.float().numpy(), shape=shape, shape_inv=shape_inv,
                            emb_crc=embedding_crc(emb), info=dict(info or {}, tokens=int(len(r)),
                                                                   rel_error_fit=bulk_error(step),
                                                                   row_bits_fit=float(-coded / len(r)),
                                                                   massive_channels=bulk_error.massive))
 
 
-__all__ = ["BulkError", "DEFAULT_TARGET_REL_ERROR", "fit_predictive", "fit_shrink", "fit_token_predictor", "step_for_error"]
+__all__ = ["BulkError", "DEFAULT_TARGET_REL_ERROR", "fisher_shaping", "fit_predictive", "fit_shrink",
+           "fit_token_predictor", "step_for_error"]

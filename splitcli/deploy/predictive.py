@@ -8,7 +8,8 @@ overlap (checked). The fitted codec (2.7 MB at hidden 576: predictor, KLT,
 symbol models) is stored as .npz under `cache_root()/codec/`, keyed by everything it depends on,
 so `generate` fits once (about a minute and a half for SmolLM2-135M at ℓ = 15 on 2 cores).
 The predictor reads the input embeddings as the 8-bit rows an edge shard stores (`TABLES`), so an
-edge needs no float copy of them.
+edge needs no float copy of them. The codec is shaped by the cloud half's Fisher (`cloud_fisher`,
+on the last `FISHER_WINDOWS` fit windows), which both ends then hold in the codec file.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from splitcli.codec.predictive import FILE_VERSION, FRAME_VERSION, PredictiveCodec
-from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR, fit_predictive
+from splitcli.codec.predictive_fit import DEFAULT_TARGET_REL_ERROR, SHAPE_FLOOR, SHAPE_GAMMA, fit_predictive
 from splitcli.data import WIKITEXT2_TEST
 from splitcli.deploy.calibrate import cache_dir, edge_hidden, text_source
 from splitcli.errors import SplitLLMError
@@ -31,6 +32,9 @@ from splitcli.quant import QuantEmbedding
 
 PREDICTIVE_FIT_WINDOWS = 24
 FIT_SEQLEN = 2048
+#: The cloud's Fisher for the codec's shaping: labels sampled from the model (FISHER_SAMPLES per
+#: position, a fixed seed) on the last FISHER_WINDOWS fit windows (~15 s a window for SmolLM2-135M).
+FISHER_WINDOWS, FISHER_SAMPLES, FISHER_SEED = 8, 2, 0
 
 
 #: The tables the predictive codec can predict from, recorded in its info as "table": "rows8", the
@@ -138,6 +142,44 @@ def fit_seqlen_for(lm) -> int:
     return min(FIT_SEQLEN, int(context))
 
 
+def cloud_fisher(lm, split_layer: int, windows, samples: int = FISHER_SAMPLES,
+                 seed: int = FISHER_SEED) -> torch.Tensor | None:
+    """The Fisher of the cloud half's next-token distribution w.r.t. the hidden state at ℓ, [H, H]
+    float64: E[g gᵀ] over rows 1.. of `windows` ((ids [T], hidden [T, H]) each), g = d(the window's
+    NLL)/dh at labels sampled from the model itself (the Gauss-Newton matrix of the loss; at the
+    text's own labels, the empirical Fisher, it shapes the codec no better than no shaping).
+    None where `lm` holds no cloud half (an edge shard, whose later layers are empty skeletons)."""
+    from splitcli.model.split import CloudHalf, decoder_parts
+
+    cloud = CloudHalf(decoder_parts(lm.model), split_layer)
+    held = [*cloud.parts.layers[split_layer:], cloud.parts.norm, cloud.parts.lm_head]
+    if any(t.is_meta for m in held for t in m.parameters()):
+        return None
+    H = lm.model.config.hidden_size
+    F, n = torch.zeros(H, H, dtype=torch.float64), 0
+    gen = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ids, h in windows:
+            if len(h) < 2:
+                continue
+            hh = h.detach().to(torch.float32).clone().requires_grad_(True)        # [T, H]
+            x = cloud.layers(hh[None], torch.arange(len(hh))[None], None, cloud.new_cache())
+            logits = cloud.parts.lm_head(cloud.parts.norm(x))[0, :-1].float()     # [T - 1, V]
+            cap = cloud.parts.final_logit_softcapping
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
+            probs = logits.detach().softmax(-1)
+            for k in range(samples):
+                y = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+                g = torch.autograd.grad(loss, hh, retain_graph=k + 1 < samples)[0][1:].double()
+                F += g.T @ g / samples
+            n += len(hh) - 1
+    if n == 0:
+        raise SplitLLMError("the cloud's Fisher needs windows of at least 2 tokens")
+    return F / n
+
+
 def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: int, reserved: int = 0,
                  target_rel_error: float = DEFAULT_TARGET_REL_ERROR, step: float | None = None,
                  tick: Callable[[int], None] | None = None,
@@ -152,10 +194,15 @@ def fit_from_ids(lm, split_layer: int, ids: list[int], *, windows: int, seqlen: 
         wins.append((w, edge_hidden(lm.model, split_layer, w)))
         if tick is not None:
             tick(k + 1)
+    shaping = wins[-FISHER_WINDOWS:]
+    fisher = cloud_fisher(lm, split_layer, shaping)   # None on an edge shard: an unshaped codec
     info = dict(text=text_name, fit_tokens=[len(ids) - windows * seqlen, len(ids)],
                 windows=windows, seqlen=seqlen, split_layer=split_layer, table=table,
-                target_rel_error=None if step is not None else target_rel_error)
-    return fit_predictive(dense_table(emb), wins, step=step, target_rel_error=target_rel_error, info=info), emb
+                target_rel_error=None if step is not None else target_rel_error,
+                shaping=None if fisher is None else dict(fisher_windows=len(shaping), samples=FISHER_SAMPLES,
+                                                         seed=FISHER_SEED, gamma=SHAPE_GAMMA, floor=SHAPE_FLOOR))
+    return fit_predictive(dense_table(emb), wins, step=step, target_rel_error=target_rel_error, fisher=fisher,
+                          info=info), emb
 
 
 def predictive_from_file(path, lm, split_layer: int) -> tuple[PredictiveCodec, torch.Tensor | _Rows, dict]:
@@ -183,7 +230,8 @@ def fitted_predictive(lm, split_layer: int, data_dir=None, progress: Callable[[s
     key = hashlib.sha256(json.dumps(dict(kind="predictive", file=FILE_VERSION, frame=FRAME_VERSION, model=lm.sha256,
                                          split_layer=split_layer, text=text_sha, windows=PREDICTIVE_FIT_WINDOWS,
                                          seqlen=seqlen, target=target_rel_error, error="bulk, mean per token",
-                                         table=table),
+                                         table=table, shaping=[FISHER_WINDOWS, FISHER_SAMPLES, FISHER_SEED,
+                                                               SHAPE_GAMMA, SHAPE_FLOOR]),
                                     sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir() / f"{key}.npz"
     info = dict(path=str(path), fit_windows=PREDICTIVE_FIT_WINDOWS, fit_seqlen=seqlen,

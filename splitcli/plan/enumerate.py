@@ -279,6 +279,7 @@ def search_plans(
     latency: Callable[[Candidate], float] | None = None,
     max_codec_error: float | None = None,
     measured_recipes_only: bool = False,
+    predictive_codec_error: float | None = None,
 ) -> PlanSearch:
     """Solve eq. (8) by enumeration (see module docstring for the readings).
 
@@ -290,7 +291,8 @@ def search_plans(
     ties after the accuracy drop and, with `budgets.deadline_s`, rejects what misses it. Without
     it the deadline is only recorded (nothing here could predict a step's time).
     max_codec_error: reject candidates whose recipe's measured codec error exceeds it (module
-    docstring); None: not checked.
+    docstring); None: not checked. predictive_codec_error: the bound for the predictive wire's
+    recipe instead (its fit has its own default target); None: max_codec_error.
     measured_recipes_only: reject (as invalid) a recipe other than the paper's at a (q̄, τ) the
     profile did not measure it at: its size is then the estimate the paper's recipe gets too and
     its error is unknown, so nothing measured could justify switching codec (a caller passes
@@ -376,8 +378,13 @@ def search_plans(
     def misses_deadline(r: Ranked) -> bool:
         return deadline is not None and r.latency_s is not None and r.latency_s > deadline
 
+    def bound_for(r: Ranked) -> float | None:
+        predictive = r.candidate.recipe.predictive and predictive_codec_error is not None
+        return predictive_codec_error if predictive else max_codec_error
+
     def codec_too_lossy(r: Ranked) -> bool:
-        return max_codec_error is not None and r.codec_error is not None and r.codec_error > max_codec_error
+        bound = bound_for(r)
+        return bound is not None and r.codec_error is not None and r.codec_error > bound
 
     fits = sorted((r for r in costed if total_memory(r) <= budget), key=_objective_key)
     over = sorted((r for r in costed if total_memory(r) > budget), key=_memory_key)
@@ -396,7 +403,7 @@ def search_plans(
                 failed.append(replace(r, status="rejected", reason=reason, rejected_by="deadline"))
                 continue
             if codec_too_lossy(r):
-                reason = (f"accuracy: codec error {r.codec_error:.3g} > allowed {max_codec_error:.3g} "
+                reason = (f"accuracy: codec error {r.codec_error:.3g} > allowed {bound_for(r):.3g} "
                           f"({r.candidate.recipe.describe()}, q̄ {r.candidate.q_bar})")
                 failed.append(replace(r, status="rejected", reason=reason, rejected_by="accuracy"))
                 continue
