@@ -4,9 +4,9 @@ Fit text: the last `PREDICTIVE_FIT_WINDOWS` windows of `min(2048, context)` toke
 wiki.test.raw, or of a user's text file (`fit_text`: text like the deployment's codes smaller);
 each window starts at position 0 of its own sequence, as a prompt does, so the attention sink is
 represented. Perplexity benchmarks score the *first* windows of the same file, so the two never
-overlap (checked). The fitted codec (2.7 MB at hidden 576: predictor, KLT,
+overlap (checked). The fitted codec (7.2 MB at hidden 576: predictor, shaping, KLT,
 symbol models) is stored as .npz under `cache_root()/codec/`, keyed by everything it depends on,
-so `generate` fits once (about a minute and a half for SmolLM2-135M at ℓ = 15 on 2 cores).
+so `generate` fits once (about 3 minutes for SmolLM2-135M at ℓ = 15 on 2 cores, 1-2 of them the Fisher).
 The predictor reads the input embeddings as the 8-bit rows an edge shard stores (`TABLES`), so an
 edge needs no float copy of them. The codec is shaped by the cloud half's Fisher (`cloud_fisher`,
 on the last `FISHER_WINDOWS` fit windows), which both ends then hold in the codec file.
