@@ -44,6 +44,7 @@ def _rows(T=6) -> tuple[torch.Tensor, torch.Tensor]:
     return x, ids
 
 
+GOLDEN_SHAPED_SHA256 = "c759e6dc72e421867fc9dfb8df74ed97ec4d85c3e3d85c0b0e7b9b8ba6398c26"
 GOLDEN_SWITCHES_SHA256 = "c491cec29a0f2370813de051a56602df0f5ced8aa1debbd9b327d72dfe8b339d"
 GOLDEN_HEX = ("534c4346040000f4e3e4d0030808000006000005000a0063ecd6359af0bd7794e6a6a56b2c271ca1eaceef23000000"
               "554373e7")
@@ -74,6 +75,27 @@ def test_golden_frame_is_pinned_byte_for_byte():
     frame = encode(x, ids, pc, emb, prev_id=7)
     assert frame.hex() == GOLDEN_HEX, frame.hex()
     assert torch.equal(decode(bytes.fromhex(GOLDEN_HEX), pc, emb), decode(frame, pc, emb))
+
+
+def _shaped_toy() -> PredictiveCodec:
+    """The toy codec with a shaping whose arithmetic is exact too: T a signed permutation scaled by powers of two."""
+    d = np.array([2.0, 0.5, 1.0, 4.0, 0.25, 1.0, 2.0, 0.5], np.float32)
+    perm = np.array([1, 0, 3, 2, 5, 4, 7, 6])
+    T = np.zeros((H, H), np.float32)
+    T[np.arange(H), perm] = d * np.array([1, -1] * (H // 2), np.float32)
+    return _toy(shape=T, shape_inv=np.linalg.inv(T.astype(np.float64)).astype(np.float32))
+
+
+def test_golden_shaped_frame_is_pinned_byte_for_byte():
+    """The shaping switch (codec file version 2): its frames are format 4 and pinned as the unshaped ones."""
+    pc, emb = _shaped_toy(), _emb()
+    x, ids = _rows(3)
+    frame = encode(x, ids, pc, emb, prev_id=7)
+    assert hashlib.sha256(frame).hexdigest() == GOLDEN_SHAPED_SHA256, hashlib.sha256(frame).hexdigest()
+    assert frame != encode(x, ids, _toy(), emb, prev_id=7)             # the shaping moved the rounding
+    y = decode(frame, pc, emb)
+    z = ((x - y) @ torch.from_numpy(pc.shape) @ torch.from_numpy(pc.U))[1:]   # in the shaped basis: the rounding
+    assert float(z.abs().max()) <= pc.step / 2
 
 
 def test_golden_raw32_and_ids32_switches():
@@ -263,17 +285,19 @@ def test_fit_meets_its_target_and_beats_no_prediction():
     assert len(encode(h, ids, flat, torch.zeros_like(emb))) > len(frame)
 
 
-def test_massive_channels_do_not_set_the_step():
+@pytest.mark.parametrize("shaped", [False, True])
+def test_massive_channels_do_not_set_the_step(shaped):
     """Two channels at ~1e4 in every row (as in Gemma-like models): the step is chosen for the error
     of the other channels, so they keep the stated error on held-out text; an error measured over
-    all channels would have let the step grow until the bulk was lost."""
+    all channels would have let the step grow until the bulk was lost. Shaped by a Fisher too (the
+    default fit), the error is mapped back to h before it is measured."""
     emb, wins = _synthetic_windows(7)
     g = torch.Generator().manual_seed(5)
     for _, h in wins:
         h[:, [3, 11]] = 1e4 * (1 + 0.02 * torch.randn(len(h), 2, generator=g))
     fit_rows = torch.cat([w[1:] for _, w in wins[:6]])
-    pc = fit_predictive(emb, wins[:6], target_rel_error=0.1)
-    assert pc.info["massive_channels"] == 2 and abs(pc.info["rel_error_fit"] - 0.1) < 1e-3
+    pc = fit_predictive(emb, wins[:6], target_rel_error=0.1, fisher=_fisher() if shaped else None)
+    assert (pc.shape is not None) == shaped and pc.info["massive_channels"] == 2 and abs(pc.info["rel_error_fit"] - 0.1) < 1e-3
     ids, h = wins[6]
     y = decode(encode(h, ids, pc, emb), pc, emb)
     assert torch.isfinite(y).all() and 0.06 < _bulk(y, h, fit_rows) < 0.15
