@@ -232,5 +232,7 @@ def test_cloud_fisher_is_the_gauss_newton_matrix_of_the_clouds_loss(llama):
     assert float((got - want).norm() / want.norm()) < 0.1                     # Monte Carlo: ~6% at 4000 samples
     again = cloud_fisher(lm, 2, [(None, h)], samples=3, seed=1)
     assert torch.equal(again, cloud_fisher(lm, 2, [(None, h)], samples=3, seed=1))   # seeded: the same fit
+    with torch.inference_mode():                                    # as under eval and the servers
+        assert torch.equal(again, cloud_fisher(lm, 2, [(None, h.clone())], samples=3, seed=1))
     with pytest.raises(SplitLLMError, match="at least 2 tokens"):
         cloud_fisher(lm, 2, [(None, h[:1])])

@@ -155,10 +155,11 @@ def cloud_fisher(lm, split_layer: int, windows, samples: int = FISHER_SAMPLES,
     held = [*cloud.parts.layers[split_layer:], cloud.parts.norm, cloud.parts.lm_head]
     if any(t.is_meta for m in held for t in m.parameters()):
         return None
-    H = lm.model.config.hidden_size
-    F, n = torch.zeros(H, H, dtype=torch.float64), 0
+    H, n = lm.model.config.hidden_size, 0
     gen = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():
+    # the callers' inference mode (eval, serving) would leave the graph empty; enable_grad alone does not lift it
+    with torch.inference_mode(False), torch.enable_grad():
+        F = torch.zeros(H, H, dtype=torch.float64)
         for _ids, h in windows:
             if len(h) < 2:
                 continue
