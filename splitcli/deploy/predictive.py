@@ -164,11 +164,8 @@ def cloud_fisher(lm, split_layer: int, windows, samples: int = FISHER_SAMPLES,
             if len(h) < 2:
                 continue
             hh = h.detach().to(torch.float32).clone().requires_grad_(True)        # [T, H]
-            x = cloud.layers(hh[None], torch.arange(len(hh))[None], None, cloud.new_cache())
-            logits = cloud.parts.lm_head(cloud.parts.norm(x))[0, :-1].float()     # [T - 1, V]
-            cap = cloud.parts.final_logit_softcapping
-            if cap is not None:
-                logits = torch.tanh(logits / cap) * cap
+            logits = cloud.forward(hh[None], torch.arange(len(hh))[None], None, cloud.new_cache())
+            logits = logits[0, :-1].float()                                          # [T - 1, V]
             probs = logits.detach().softmax(-1)
             for k in range(samples):
                 y = torch.multinomial(probs, 1, generator=gen)[:, 0]

@@ -175,6 +175,10 @@ class CloudHalf:
     @torch.inference_mode()
     def __call__(self, hidden, position_ids, attention_mask, cache, logits_to_keep: int = 0, top: int = 0):
         # hidden [B, T, H] -> logits [B, T', V] with T' = logits_to_keep or T; every logit whatever `top`
+        return self.forward(hidden, position_ids, attention_mask, cache, logits_to_keep)
+
+    def forward(self, hidden, position_ids, attention_mask, cache, logits_to_keep: int = 0):
+        """`__call__` outside inference mode: differentiable in `hidden` (the codec fit's Fisher)."""
         hidden = self.layers(hidden, position_ids, attention_mask, cache)
         hidden = self.parts.norm(hidden)
         if logits_to_keep:
